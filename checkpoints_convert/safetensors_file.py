@@ -1,0 +1,58 @@
+"""Lazy, memory-mapped reading of .safetensors files: tensors are read one at a time, never pickled."""
+
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+
+import ml_dtypes
+import numpy as np
+
+_DTYPES = {
+    "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
+    "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_,
+}
+
+
+class SafetensorsFile:
+    """Index of one file's tensors (name -> dtype, shape, byte range) over a read-only memory map."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        size = self.path.stat().st_size
+        with open(self.path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise ValueError(f"{self.path.name}: too short to be a safetensors file")
+            (header_len,) = struct.unpack("<Q", head)
+            if header_len > size - 8:
+                raise ValueError(f"{self.path.name}: header length {header_len} exceeds the file size")
+            try:
+                header = json.loads(f.read(header_len))
+            except (UnicodeDecodeError, json.JSONDecodeError) as err:
+                raise ValueError(f"{self.path.name}: corrupted safetensors header ({err})") from err
+        header.pop("__metadata__", None)
+        self._data_start = 8 + header_len
+        self._entries = header
+        for name, entry in header.items():
+            if entry.get("dtype") not in _DTYPES:
+                raise ValueError(f"{self.path.name}: tensor {name!r} has unsupported dtype {entry.get('dtype')}")
+            begin, end = entry["data_offsets"]
+            expected = int(np.prod(entry["shape"], dtype=np.int64)) * np.dtype(_DTYPES[entry["dtype"]]).itemsize
+            if end - begin != expected or self._data_start + end > size:
+                raise ValueError(f"{self.path.name}: tensor {name!r} is truncated or misdescribed")
+        self._map = np.memmap(self.path, dtype=np.uint8, mode="r") if size > self._data_start else None
+
+    def names(self) -> list[str]:
+        return list(self._entries)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self._entries[name]["shape"])
+
+    def read(self, name: str) -> np.ndarray:
+        """The tensor as a read-only array view over the memory map (no copy until converted)."""
+        entry = self._entries[name]
+        begin, end = entry["data_offsets"]
+        raw = self._map[self._data_start + begin : self._data_start + end]
+        return raw.view(_DTYPES[entry["dtype"]]).reshape(entry["shape"])

@@ -1,0 +1,246 @@
+"""Forward paths: full logits, chunked prefill into a (compressed) KV state, decode, and generate."""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx, struct
+
+from kvjax.kv_state import KVState
+from kvjax.language_model import LanguageModel
+from kvjax.policies import Full, Policy
+from kvjax.sampling import SamplingParams, sample
+
+DEFAULT_CHUNK = 512
+_BUCKET = 64  # prompt lengths are padded up to a multiple of this so nearby lengths share a compile
+
+
+def batch_prompts(tokens) -> tuple[np.ndarray, np.ndarray]:
+    """int32[B, T] right-padded tokens and int32[B] lengths from an array [B, T] / [T] or a ragged list."""
+    if isinstance(tokens, (list, tuple)) and tokens and isinstance(tokens[0], (list, tuple, np.ndarray)):
+        lengths = np.array([len(t) for t in tokens], np.int32)
+        out = np.zeros((len(tokens), max(lengths)), np.int32)
+        for row, t in zip(out, tokens):
+            row[: len(t)] = t
+        tokens = out
+    else:
+        tokens = np.asarray(tokens, np.int32)
+        tokens = tokens[None] if tokens.ndim == 1 else tokens
+        if tokens.ndim != 2:
+            raise ValueError(f"tokens must be int32[B, T] or [T]; got shape {tokens.shape}")
+        lengths = np.full((tokens.shape[0],), tokens.shape[1], np.int32)
+    if lengths.size == 0 or lengths.min() < 1:
+        raise ValueError("every prompt needs at least one token")
+    return tokens, lengths
+
+
+def _chunking(prompt_len: int, chunk_size: int) -> tuple[int, int]:
+    """(chunk, padded prompt length): short prompts run as one bucket-sized chunk."""
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be positive; got {chunk_size}")
+    bucketed = _BUCKET * math.ceil(prompt_len / _BUCKET)
+    chunk = min(chunk_size, bucketed)
+    return chunk, chunk * math.ceil(prompt_len / chunk)
+
+
+def _check_context(m: LanguageModel, total: int):
+    limit = m.config.max_position_embeddings
+    if total > limit:
+        raise ValueError(
+            f"prompt plus new tokens ({total}) is longer than the model's context ({limit} positions)"
+        )
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef",))
+def _logits(graphdef, params, tokens):
+    model = nnx.merge(graphdef, params)
+    b, t = tokens.shape
+    positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+    hidden, _ = model(tokens, positions, jnp.ones((b, t), bool))
+    return model.logits(hidden)
+
+
+def logits(m: LanguageModel, tokens) -> jax.Array:
+    """float32[B, T, V] logits of a full causal forward over int32[B, T] tokens (no cache)."""
+    tokens = jnp.asarray(tokens, jnp.int32)
+    tokens = tokens[None] if tokens.ndim == 1 else tokens
+    _check_context(m, tokens.shape[1])
+    return _logits(m.graphdef, m.params, tokens)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "policy", "chunk", "max_new_tokens"))
+def _prefill(graphdef, params, tokens, lengths, *, policy: Policy, chunk: int, max_new_tokens: int):
+    """Runs the prompt through the model chunk by chunk; returns the state and last-token logits."""
+    model = nnx.merge(graphdef, params)
+    b, t = tokens.shape
+    state = policy.allocate(model.config, b, t, max_new_tokens, model.embed.dtype)
+    last = lengths - 1  # [B] position of each prompt's final token
+    offsets = jnp.arange(chunk, dtype=jnp.int32)  # [S]
+
+    def step(carry, inputs):
+        layers, last_hidden = carry
+        chunk_tokens, start = inputs  # [B, S], scalar
+        positions = jnp.broadcast_to(start + offsets, (b, chunk))  # [B, S]
+        hidden, layers = model(
+            chunk_tokens, positions, positions < lengths[:, None], layers, policy.cache_step,
+            seq_len=jnp.max(lengths),  # the whole prompt's length, as a one-shot forward would see
+        )
+        here = (last >= start) & (last < start + chunk)  # [B] final token falls in this chunk
+        picked = jnp.take_along_axis(hidden, jnp.clip(last - start, 0, chunk - 1)[:, None, None], axis=1)
+        return (layers, jnp.where(here[:, None], picked[:, 0], last_hidden)), None
+
+    chunks = tokens.reshape(b, t // chunk, chunk).swapaxes(0, 1)  # [N, B, S]
+    starts = jnp.arange(0, t, chunk, dtype=jnp.int32)  # [N]
+    init = (state.layers, jnp.zeros((b, model.config.hidden_size), model.embed.dtype))
+    (layers, last_hidden), _ = jax.lax.scan(step, init, (chunks, starts))
+    return state.replace(layers=layers, length=lengths), model.logits(last_hidden)
+
+
+def _prompt_batch(tokens, lengths) -> tuple[np.ndarray, np.ndarray]:
+    """Right-padded int32[B, T] prompts and validated int32[B] lengths."""
+    tokens, given = batch_prompts(tokens)
+    lengths = given if lengths is None else np.asarray(lengths, np.int32)
+    if lengths.shape != (tokens.shape[0],) or lengths.min() < 1 or lengths.max() > tokens.shape[1]:
+        raise ValueError(f"lengths must be int32[B] within [1, {tokens.shape[1]}]; got {lengths}")
+    return tokens, lengths
+
+
+def _run_prefill(m, tokens: np.ndarray, lengths: np.ndarray, policy, chunk_size, max_new_tokens):
+    _check_context(m, int(lengths.max()) + max_new_tokens)
+    chunk, padded = _chunking(tokens.shape[1], chunk_size)
+    tokens = np.pad(tokens, ((0, 0), (0, padded - tokens.shape[1])))
+    return _prefill(
+        m.graphdef, m.params, jnp.asarray(tokens), jnp.asarray(lengths),
+        policy=policy or Full(), chunk=chunk, max_new_tokens=max_new_tokens,
+    )
+
+
+def prefill(
+    m: LanguageModel, tokens, policy: Policy | None = None, *, lengths=None,
+    chunk_size: int = DEFAULT_CHUNK, max_new_tokens: int = 0,
+) -> KVState:
+    """The (compressed) KV state after the prompt, built chunk by chunk.
+
+    `tokens` is int32[B, T] (with optional per-row `lengths` for right-padded rows) or a ragged list.
+    `max_new_tokens` reserves room for that many decode steps in policies whose size grows.
+    """
+    state, _ = _run_prefill(m, *_prompt_batch(tokens, lengths), policy, chunk_size, max_new_tokens)
+    return state
+
+
+def _forward_token(model, policy: Policy, state: KVState, token: jax.Array):
+    """One decode step for every sequence: the new token enters at position `state.length`."""
+    positions = state.length[:, None]  # [B, 1]
+    hidden, layers = model(token[:, None], positions, jnp.ones_like(positions, bool), state.layers, policy.cache_step)
+    return model.logits(hidden[:, 0]), state.replace(layers=layers, length=state.length + 1)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "policy"), donate_argnames=("state",))
+def _decode_step(graphdef, params, state, token, *, policy):
+    return _forward_token(nnx.merge(graphdef, params), policy, state, token)
+
+
+def decode_step(m: LanguageModel, state: KVState, token, policy: Policy | None = None):
+    """(float32[B, V] logits, new state) after feeding int32[B] tokens; the old state is donated."""
+    return _decode_step(m.graphdef, m.params, state, jnp.asarray(token, jnp.int32), policy=policy or Full())
+
+
+@struct.dataclass(frozen=True)
+class DecodeLoop:
+    """Carry of the decode `while_loop`: the output so far, the token to feed next, and the cache."""
+
+    step: jax.Array  # int32 scalar: tokens written so far
+    tokens: jax.Array  # int32[B, N]
+    last: jax.Array  # int32[B]: last written token, not yet fed to the model
+    done: jax.Array  # bool[B]
+    key: jax.Array
+    kv: KVState
+
+
+@functools.partial(jax.jit, donate_argnames=("kv", "tokens"))
+def _start_loop(kv, logits, tokens, step, done, sampling, key, eos_ids, pad_id):
+    """Samples the token after a prefill into column `step` and opens the loop carry."""
+    key, sub = jax.random.split(key)
+    token = jnp.where(done, pad_id, sample(logits, sampling, sub))
+    return DecodeLoop(
+        step=step + 1, tokens=tokens.at[:, step].set(token), last=token,
+        done=done | jnp.isin(token, eos_ids), key=key, kv=kv,
+    )
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "policy"), donate_argnames=("loop",))
+def _decode(graphdef, params, loop: DecodeLoop, sampling, eos_ids, pad_id, stop_length, *, policy):
+    """Decodes until every row is done, the output is full, or the longest row reaches `stop_length`."""
+    model = nnx.merge(graphdef, params)
+    max_new_tokens = loop.tokens.shape[1]
+
+    def keep_going(s: DecodeLoop):
+        return (s.step < max_new_tokens) & ~jnp.all(s.done) & (jnp.max(s.kv.length) < stop_length)
+
+    def body(s: DecodeLoop) -> DecodeLoop:
+        step_logits, kv = _forward_token(model, policy, s.kv, s.last)
+        key, sub = jax.random.split(s.key)
+        token = jnp.where(s.done, pad_id, sample(step_logits, sampling, sub))
+        return DecodeLoop(
+            step=s.step + 1, tokens=s.tokens.at[:, s.step].set(token), last=token,
+            done=s.done | jnp.isin(token, eos_ids), key=key, kv=kv,
+        )
+
+    return jax.lax.while_loop(keep_going, body, loop)
+
+
+def _rope_switch_length(m: LanguageModel) -> int:
+    """Where decoding must re-prefill: transformers recomputes the whole cache with LongRoPE's long
+    factors once a sequence outgrows the original context (Phi-3's `prepare_inputs_for_generation`)."""
+    rope = m.config.rope
+    return rope.original_max_position_embeddings if rope.kind == "longrope" else np.iinfo(np.int32).max
+
+
+def generate(
+    m: LanguageModel, tokens, max_new_tokens: int = 64, policy: Policy | None = None, *,
+    lengths=None, temperature=0.0, top_k=0, top_p=1.0, seed: int = 0,
+    eos_token_id: int | Sequence[int] | None = None, chunk_size: int = DEFAULT_CHUNK,
+) -> jax.Array:
+    """int32[B, max_new_tokens]: new tokens only; after a sequence's EOS its row holds the pad id.
+
+    Prefill in chunks, then a jitted `lax.while_loop` decode over the donated state. Sampling
+    settings and the seed are arrays: changing them (or the prompt contents) does not recompile.
+    `eos_token_id=None` uses the model's EOS ids; `()` disables stopping.
+    """
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1; got {max_new_tokens}")
+    policy = policy or Full()
+    prompts, lengths = _prompt_batch(tokens, lengths)
+    kv, logits = _run_prefill(m, prompts, lengths, policy, chunk_size, max_new_tokens)
+    batch = logits.shape[0]
+    eos = m.config.eos_token_ids if eos_token_id is None else eos_token_id
+    eos = np.atleast_1d(np.asarray(eos if np.size(eos) else [-1], np.int32))
+    pad = m.config.pad_token_id if m.config.pad_token_id is not None else int(eos[0]) if eos[0] >= 0 else 0
+    sampling = SamplingParams.create(batch, temperature, top_k, top_p)
+    eos, pad = jnp.asarray(eos), jnp.int32(pad)
+    switch = _rope_switch_length(m)
+    stop = switch if int(lengths.max()) <= switch else np.iinfo(np.int32).max
+    loop = _start_loop(
+        kv, logits, jnp.full((batch, max_new_tokens), pad, jnp.int32), jnp.int32(0),
+        jnp.zeros((batch,), bool), sampling, jax.random.key(seed), eos, pad,
+    )
+    loop = _decode(m.graphdef, m.params, loop, sampling, eos, pad, jnp.int32(stop), policy=policy)
+    step = int(loop.step)
+    if step < max_new_tokens and not bool(jnp.all(loop.done)):
+        # Crossed LongRoPE's switch: re-prefill prompt + output with long factors, then go on.
+        generated = np.asarray(loop.tokens[:, :step])
+        history = np.zeros((batch, prompts.shape[1] + step), np.int32)
+        for row, prompt, new, n in zip(history, prompts, generated, lengths):
+            row[: n + step] = np.concatenate([prompt[:n], new])
+        kv, logits = _run_prefill(m, history, lengths + step, policy, chunk_size, max_new_tokens - step)
+        loop = _start_loop(
+            kv, logits, loop.tokens, jnp.int32(step), loop.done, sampling, loop.key, eos, pad
+        )
+        no_stop = jnp.int32(np.iinfo(np.int32).max)
+        loop = _decode(m.graphdef, m.params, loop, sampling, eos, pad, no_stop, policy=policy)
+    return loop.tokens

@@ -1,0 +1,5 @@
+"""Model definitions."""
+
+from kvjax.models.llama import Transformer
+
+__all__ = ["Transformer"]

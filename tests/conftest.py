@@ -1,0 +1,49 @@
+"""Shared fixtures: tiny random Hugging Face checkpoints, converted once per test session."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=1")
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+jax.config.update("jax_default_matmul_precision", "highest")
+
+
+@pytest.fixture(scope="session")
+def hf_checkpoints(tmp_path_factory):
+    """variant -> (HF directory, kvjax directory), built lazily."""
+    pytest.importorskip("transformers")
+    from checkpoints_convert import convert
+    from checkpoints_convert.tiny_checkpoints import build
+
+    root = tmp_path_factory.mktemp("tiny")
+    cache: dict = {}
+
+    def get(variant: str):
+        if variant not in cache:
+            hf = build(variant, root / variant)
+            cache[variant] = (hf, convert(hf, root / f"{variant}-kvjax", progress=False))
+        return cache[variant]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def tiny_model():
+    """A small random GQA Llama in float32 (no conversion), for tests of kvjax's own invariants."""
+    from kvjax import ModelConfig, init_model
+
+    config = ModelConfig(
+        family="llama", vocab_size=256, hidden_size=64, intermediate_size=128, num_layers=2,
+        num_heads=4, num_kv_heads=2, head_dim=16, max_position_embeddings=4096,
+    )
+    return init_model(config, seed=0, dtype=jnp.float32)
+
+
+def random_tokens(seed: int, shape, vocab: int, low: int = 3) -> np.ndarray:
+    return np.random.default_rng(seed).integers(low, vocab, shape).astype(np.int32)
