@@ -26,6 +26,7 @@ VARIANTS: dict[str, dict] = {
                          rope_parameters={"rope_type": "linear", "rope_theta": 10000.0, "factor": 4.0}),
     "mistral": dict(family="mistral", sliding_window=48, num_key_value_heads=1),
     "qwen2": dict(family="qwen2", tie_word_embeddings=True, rope_parameters={"rope_type": "default", "rope_theta": 1e6}),
+    "qwen2_sliding": dict(family="qwen2", use_sliding_window=True, sliding_window=40, max_window_layers=1),
     "phi3": dict(family="phi3", num_key_value_heads=4, original_max_position_embeddings=256, rope_parameters={
         "rope_type": "longrope", "rope_theta": 10000.0,
         "short_factor": [1.0 + 0.1 * i for i in range(_LONGROPE_PAIRS)],

@@ -78,7 +78,8 @@ def _prefill(graphdef, params, tokens, lengths, *, policy: Policy, chunk: int, m
     """Runs the prompt through the model chunk by chunk; returns the state and last-token logits."""
     model = nnx.merge(graphdef, params)
     b, t = tokens.shape
-    state = policy.allocate(model.config, b, t, max_new_tokens, model.embed.dtype)
+    state = policy.allocate(model.config, b, t, max_new_tokens, chunk, model.embed.dtype)
+    prefill_step = functools.partial(policy.cache_step, prompt_lengths=lengths)
     last = lengths - 1  # [B] position of each prompt's final token
     offsets = jnp.arange(chunk, dtype=jnp.int32)  # [S]
 
@@ -87,7 +88,7 @@ def _prefill(graphdef, params, tokens, lengths, *, policy: Policy, chunk: int, m
         chunk_tokens, start = inputs  # [B, S], scalar
         positions = jnp.broadcast_to(start + offsets, (b, chunk))  # [B, S]
         hidden, layers = model(
-            chunk_tokens, positions, positions < lengths[:, None], layers, policy.cache_step,
+            chunk_tokens, positions, positions < lengths[:, None], layers, prefill_step,
             seq_len=jnp.max(lengths),  # the whole prompt's length, as a one-shot forward would see
         )
         here = (last >= start) & (last < start + chunk)  # [B] final token falls in this chunk
@@ -98,7 +99,8 @@ def _prefill(graphdef, params, tokens, lengths, *, policy: Policy, chunk: int, m
     starts = jnp.arange(0, t, chunk, dtype=jnp.int32)  # [N]
     init = (state.layers, jnp.zeros((b, model.config.hidden_size), model.embed.dtype))
     (layers, last_hidden), _ = jax.lax.scan(step, init, (chunks, starts))
-    return state.replace(layers=layers, length=lengths), model.logits(last_hidden)
+    state = policy.finalize(model.config, state.replace(layers=layers, length=lengths), t, max_new_tokens)
+    return state, model.logits(last_hidden)
 
 
 def _prompt_batch(tokens, lengths) -> tuple[np.ndarray, np.ndarray]:

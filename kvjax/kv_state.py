@@ -23,6 +23,8 @@ class KVSegment:
     v: jax.Array  # [B, Hs, C, D]
     pos: jax.Array  # int32[B, Hs, C]
     heads: tuple[int, ...] = struct.field(pytree_node=False)  # the layer's KV-head indices stored here
+    score: jax.Array | None = None  # float32[B, Hs, C]: a policy's running per-entry statistic
+    budget: int | None = struct.field(pytree_node=False, default=None)  # entries kept; None = all
 
     @property
     def capacity(self) -> int:
@@ -46,37 +48,88 @@ class KVState:
 
 
 def empty_segment(
-    batch: int, heads: tuple[int, ...], capacity: int, head_dim: int, dtype
+    batch: int, heads: tuple[int, ...], capacity: int, head_dim: int, dtype, scored: bool = False,
+    budget: int | None = None,
 ) -> KVSegment:
-    """A segment with every slot empty."""
+    """A segment with every slot empty (with a zeroed score buffer when the policy keeps one)."""
     shape = (batch, len(heads), capacity, head_dim)
     return KVSegment(
         k=jnp.zeros(shape, dtype),
         v=jnp.zeros(shape, dtype),
         pos=jnp.full(shape[:3], -1, jnp.int32),
         heads=heads,
+        score=jnp.zeros(shape[:3], jnp.float32) if scored else None,
+        budget=budget,
     )
 
 
 def write_entries(
     segment: KVSegment, k: jax.Array, v: jax.Array, pos: jax.Array, start: jax.Array
 ) -> KVSegment:
-    """Writes T new entries per sequence into consecutive slots [start[b], start[b] + T).
+    """Writes T new entries per sequence into consecutive slots [start, start + T) of each head.
 
-    k, v: [B, T, Hs, D]; pos: int32[B, T] (-1 for padding); start: int32[B].
+    k, v: [B, T, Hs, D]; pos: int32[B, T] (-1 for padding); start: int32[B] or int32[B, Hs].
+    New entries start with score 0.
     """
-    def one(seg_k, seg_v, seg_pos, k, v, pos, start):  # one sequence
-        k = jnp.swapaxes(k, 0, 1).astype(seg_k.dtype)  # [Hs, T, D]
-        v = jnp.swapaxes(v, 0, 1).astype(seg_v.dtype)
-        pos = jnp.broadcast_to(pos, (seg_pos.shape[0], pos.shape[0]))  # [Hs, T]
-        return (
-            jax.lax.dynamic_update_slice(seg_k, k, (0, start, 0)),
-            jax.lax.dynamic_update_slice(seg_v, v, (0, start, 0)),
-            jax.lax.dynamic_update_slice(seg_pos, pos, (0, start)),
-        )
+    b, t, hs, _ = k.shape
+    start = jnp.broadcast_to(start[:, None] if start.ndim == 1 else start, (b, hs))  # [B, Hs]
 
-    new_k, new_v, new_pos = jax.vmap(one)(segment.k, segment.v, segment.pos, k, v, pos, start)
-    return segment.replace(k=new_k, v=new_v, pos=new_pos)
+    def one(row, new, s):  # one (sequence, head) row: [C, ...] <- [T, ...] at slot s
+        return jax.lax.dynamic_update_slice_in_dim(row, new.astype(row.dtype), s, axis=0)
+
+    per_row = jax.vmap(jax.vmap(one))
+    pos = jnp.broadcast_to(pos[:, None, :], (b, hs, t))  # [B, Hs, T]
+    return segment.replace(
+        k=per_row(segment.k, k.swapaxes(1, 2), start),
+        v=per_row(segment.v, v.swapaxes(1, 2), start),
+        pos=per_row(segment.pos, pos, start),
+        score=None if segment.score is None else per_row(segment.score, jnp.zeros((b, hs, t)), start),
+    )
+
+
+def write_free_slot(segment: KVSegment, k: jax.Array, v: jax.Array, pos: jax.Array) -> KVSegment:
+    """Writes one new entry per (sequence, head) into that row's first empty slot (decode).
+
+    k, v: [B, 1, Hs, D]; pos: int32[B, 1]. The caller guarantees a free slot exists.
+    """
+    slot = jnp.argmax(segment.pos < 0, axis=-1).astype(jnp.int32)  # [B, Hs]
+    return write_entries(segment, k, v, pos, slot)
+
+
+def count(segment: KVSegment) -> jax.Array:
+    """int32[B, Hs]: entries held per (sequence, head)."""
+    return jnp.sum(segment.pos >= 0, axis=-1, dtype=jnp.int32)
+
+
+def keep_top(segment: KVSegment, priority: jax.Array, keep: int, capacity: int) -> KVSegment:
+    """Keeps the `keep` highest-priority entries of each row, in position order, in a buffer of
+    `capacity` slots; empty slots never win. priority: float32[B, Hs, C] (finite or +inf)."""
+    priority = jnp.where(segment.pos >= 0, priority, -jnp.inf)
+    keep = min(keep, segment.capacity)
+    top_val, top_idx = jax.lax.top_k(priority, keep)  # [B, Hs, keep]
+    top_pos = jnp.where(top_val > -jnp.inf, jnp.take_along_axis(segment.pos, top_idx, axis=-1), -1)
+    order = jnp.argsort(jnp.where(top_pos >= 0, top_pos, jnp.iinfo(jnp.int32).max), axis=-1)
+    idx = jnp.take_along_axis(top_idx, order, axis=-1)  # [B, Hs, keep], position order
+    widths = ((0, 0), (0, 0), (0, capacity - keep))
+
+    def gather(x):  # [B, Hs, C, ...] -> [B, Hs, capacity, ...]
+        picked = jnp.take_along_axis(x, idx.reshape(idx.shape + (1,) * (x.ndim - 3)), axis=2)
+        return jnp.pad(picked, widths + ((0, 0),) * (x.ndim - 3))
+
+    return segment.replace(
+        k=gather(segment.k), v=gather(segment.v),
+        pos=jnp.pad(jnp.take_along_axis(top_pos, order, axis=-1), widths, constant_values=-1),
+        score=None if segment.score is None else gather(segment.score),
+    )
+
+
+def evict_lowest(segment: KVSegment, priority: jax.Array, budget: int) -> KVSegment:
+    """Empties the lowest-priority entry of every row holding more than `budget` entries (decode)."""
+    priority = jnp.where(segment.pos >= 0, priority, jnp.inf)
+    victim = jnp.argmin(priority, axis=-1)  # [B, Hs]
+    over = count(segment) > budget  # [B, Hs]
+    hit = (jnp.arange(segment.capacity) == victim[..., None]) & over[..., None]  # [B, Hs, C]
+    return segment.replace(pos=jnp.where(hit, -1, segment.pos))
 
 
 def kv_bytes(state: Any) -> int:

@@ -1,6 +1,10 @@
 """Compression policies: each a frozen dataclass of hyperparameters with pure functions."""
 
-from kvjax.policies.base import Layout, Policy
+from kvjax.policies.base import Layout, Policy, SegmentSpec
 from kvjax.policies.full import Full
+from kvjax.policies.h2o import H2O
+from kvjax.policies.snapkv import SnapKV
+from kvjax.policies.streaming_llm import StreamingLLM
+from kvjax.policies.token_eviction import TokenEviction
 
-__all__ = ["Full", "Layout", "Policy"]
+__all__ = ["Full", "H2O", "Layout", "Policy", "SegmentSpec", "SnapKV", "StreamingLLM", "TokenEviction"]

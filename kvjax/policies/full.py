@@ -5,17 +5,17 @@ from __future__ import annotations
 import dataclasses
 
 from kvjax.cached_attention import write_then_attend
-from kvjax.policies.base import Layout, Policy
+from kvjax.policies.base import Layout, Policy, SegmentSpec
 
 
 @dataclasses.dataclass(frozen=True)
 class Full(Policy):
     """Keeps everything: the reference every other policy is compared with."""
 
-    def layout(self, config, prompt_len: int, max_new_tokens: int) -> Layout:
+    def layout(self, config, prompt_len: int, max_new_tokens: int, chunk: int) -> Layout:
         heads = tuple(range(config.num_kv_heads))
-        return (((heads, prompt_len + max_new_tokens),),) * config.num_layers
+        return ((SegmentSpec(heads, prompt_len + max_new_tokens),),) * config.num_layers
 
-    def cache_step(self, layer, segments, q, k, v, q_pos, new_pos, window, scale):
+    def cache_step(self, layer, segments, q, k, v, q_pos, new_pos, window, scale, *, prompt_lengths=None):
         # Slot = position, so a chunk lands at its first position; padding carries pos -1.
         return write_then_attend(segments, q, k, v, q_pos, new_pos, q_pos[:, 0], window, scale)

@@ -1,0 +1,254 @@
+"""Benchmark the block-sparse prefill and decode kernels against XLA and cuDNN attention.
+
+Measures, on the default device (numbers only mean something on a GPU or TPU):
+  * full causal prefill: kernel vs cuDNN (and XLA where its T x T scores fit in memory);
+  * DuoAttention prefill, half the KV heads streaming (sink 64, recent 256): kernel vs full
+    causal cuDNN on every head, and vs cuDNN split by head group (full causal for retrieval
+    heads, a sink+recent-sized local window for streaming heads), the honest baseline;
+  * decode visiting 10% of the cache pages (Quest-style top-k): kernel vs full-cache XLA and
+    cuDNN decode; reported with and without the page selection itself.
+Ratios are baseline time / kernel time measured in the same run (> 1: the kernel is faster).
+
+    pip install --no-deps -e .   # or run with PYTHONPATH=. from the repository root
+    python benchmarks/bench_block_sparse.py --out bench_block_sparse.json
+    python benchmarks/bench_block_sparse.py --smoke   # tiny shapes, CPU, kernels interpreted
+
+The decode row "with_selection" includes the top-k over page bounds but not the bounds
+themselves, which a serving cache maintains incrementally as tokens are appended.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import statistics
+import time
+from pathlib import Path
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+
+from pallas_kernels import block_masks as bm
+from pallas_kernels.block_sparse_decode import DecodeConfig, block_sparse_decode
+from pallas_kernels.block_sparse_prefill import PrefillConfig, block_sparse_prefill
+
+
+@dataclasses.dataclass(frozen=True)
+class Shapes:
+    """Problem sizes of one benchmark run."""
+
+    batch: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    lengths: tuple[int, ...]
+    dtype: str
+    sink: int
+    recent: int
+    decode_page: int
+    decode_fraction: float
+
+
+FULL = Shapes(batch=1, num_heads=32, num_kv_heads=8, head_dim=128,
+              lengths=(8192, 32768, 131072), dtype="bfloat16", sink=64, recent=256,
+              decode_page=64, decode_fraction=0.1)
+SMOKE = Shapes(batch=1, num_heads=4, num_kv_heads=2, head_dim=64, lengths=(100,),
+               dtype="bfloat16", sink=4, recent=16, decode_page=16, decode_fraction=0.25)
+
+
+def median_seconds(fn: Callable, *args, repeats: int) -> float:
+    """Median wall time of a jitted call after one warm-up (compile) call."""
+    jax.block_until_ready(fn(*args))
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def try_time(fn: Callable, *args, repeats: int) -> float | str:
+    """Seconds, or the reason the call failed (no cuDNN on this device, out of memory, ...)."""
+    try:
+        return median_seconds(fn, *args, repeats=repeats)
+    except Exception as e:  # a baseline that cannot run here is reported, not fatal
+        return f"failed: {type(e).__name__}: {str(e).splitlines()[0][:200]}"
+
+
+def summarize(name: str, seq_len: int, kernel: float, baselines: dict[str, float | str],
+              **extra) -> dict:
+    """One result row: times in ms and speedups against every baseline that ran."""
+    ok = {k: v for k, v in baselines.items() if isinstance(v, float)}
+    row = {
+        "name": name, "seq_len": seq_len, "kernel_ms": kernel * 1e3,
+        "baselines_ms": {k: (v * 1e3 if isinstance(v, float) else v)
+                         for k, v in baselines.items()},
+        "speedup": {k: v / kernel for k, v in ok.items()},
+        **extra,
+    }
+    print(json.dumps(row), flush=True)
+    return row
+
+
+def cudnn_or_xla(implementation: str, **kwargs) -> Callable:
+    """jax.nn.dot_product_attention in [B, T, N, D] layout with a fixed implementation."""
+    return jax.jit(lambda q, k, v: jax.nn.dot_product_attention(
+        q, k, v, implementation=implementation, **kwargs))
+
+
+def bench_prefill(shapes: Shapes, seq_len: int, kernel_kwargs: dict, repeats: int) -> list[dict]:
+    batch, heads, kv_heads, dim = (shapes.batch, shapes.num_heads, shapes.num_kv_heads,
+                                   shapes.head_dim)
+    dtype = jnp.dtype(shapes.dtype)
+    kq, kk, kv = jax.random.split(jax.random.key(0), 3)
+    q = jax.random.normal(kq, (batch, heads, seq_len, dim), dtype)  # [B, H, T, D]
+    k = jax.random.normal(kk, (batch, kv_heads, seq_len, dim), dtype)  # [B, Hkv, T, D]
+    v = jax.random.normal(kv, (batch, kv_heads, seq_len, dim), dtype)
+    q_t, k_t, v_t = (x.transpose(0, 2, 1, 3) for x in (q, k, v))  # [B, T, N, D] for jax.nn
+
+    full_baselines = {impl: try_time(cudnn_or_xla(impl, is_causal=True), q_t, k_t, v_t,
+                                     repeats=repeats) for impl in ("cudnn", "xla")}
+    dense = jax.jit(lambda q, k, v: block_sparse_prefill(q, k, v, bm.DenseCausal(),
+                                                         **kernel_kwargs))
+    agreement = {}  # same computation: the kernel must agree with the baselines that ran
+    for impl, seconds in full_baselines.items():
+        if isinstance(seconds, float):
+            expected = cudnn_or_xla(impl, is_causal=True)(q_t, k_t, v_t).transpose(0, 2, 1, 3)
+            diff = jnp.abs(dense(q, k, v).astype(jnp.float32) - expected.astype(jnp.float32))
+            agreement[f"max_abs_diff_vs_{impl}"] = float(diff.max())
+    rows = [summarize("prefill_full_causal", seq_len,
+                      median_seconds(dense, q, k, v, repeats=repeats), full_baselines,
+                      **agreement)]
+
+    # DuoAttention: first half of the KV heads retrieval (dense), second half streaming.
+    streaming = bm.SinkLocal(shapes.sink, shapes.recent)
+    half = kv_heads // 2
+    duo = bm.PerHead((bm.DenseCausal(),) * half + (streaming,) * (kv_heads - half))
+    duo_kernel = jax.jit(lambda q, k, v: block_sparse_prefill(q, k, v, duo, **kernel_kwargs))
+    window = shapes.sink + shapes.recent  # cuDNN has no sink: a window of the same size
+
+    def split_by_group(implementation):
+        full = cudnn_or_xla(implementation, is_causal=True)
+        local = cudnn_or_xla(implementation, is_causal=True, local_window_size=(window - 1, 0))
+        g_half = heads // 2
+        return jax.jit(lambda q, k, v: jnp.concatenate(
+            [full(q[:, :, :g_half], k[:, :, :half], v[:, :, :half]),
+             local(q[:, :, g_half:], k[:, :, half:], v[:, :, half:])], axis=2))
+
+    duo_baselines = dict(full_baselines)
+    for impl in ("cudnn", "xla"):
+        duo_baselines[f"{impl}_split_by_head_group"] = try_time(
+            split_by_group(impl), q_t, k_t, v_t, repeats=repeats)
+    rows.append(summarize("prefill_duo_attention_50pct_streaming", seq_len,
+                          median_seconds(duo_kernel, q, k, v, repeats=repeats), duo_baselines,
+                          sink=shapes.sink, recent=shapes.recent))
+    return rows
+
+
+def bench_decode(shapes: Shapes, seq_len: int, kernel_kwargs: dict, num_splits: int,
+                 repeats: int) -> list[dict]:
+    batch, heads, kv_heads, dim = (shapes.batch, shapes.num_heads, shapes.num_kv_heads,
+                                   shapes.head_dim)
+    dtype = jnp.dtype(shapes.dtype)
+    page = shapes.decode_page
+    capacity = -(-seq_len // page) * page  # whole pages; the last one may be partly filled
+    kq, kk, kv = jax.random.split(jax.random.key(1), 3)
+    q = jax.random.normal(kq, (batch, heads, dim), dtype)  # [B, H, D]
+    k = jax.random.normal(kk, (batch, kv_heads, capacity, dim), dtype)  # [B, Hkv, C, D]
+    v = jax.random.normal(kv, (batch, kv_heads, capacity, dim), dtype)
+    lengths = jnp.full((batch,), seq_len, jnp.int32)
+    top_k = max(1, round(shapes.decode_fraction * capacity / page))
+    k_min, k_max = jax.jit(lambda k: bm.page_key_bounds(k, lengths, block_size=page))(k)
+
+    config = DecodeConfig(block_size=page, num_splits=num_splits)
+    select = jax.jit(lambda q, k_min, k_max: bm.decode_table_top_k_pages(
+        q, k_min, k_max, lengths, top_k=top_k, block_size=page))
+    table = select(q, k_min, k_max)
+    kernel = jax.jit(lambda q, k, v, table: block_sparse_decode(
+        q, k, v, lengths, table, config=config, **kernel_kwargs))
+    select_and_kernel = jax.jit(lambda q, k, v, k_min, k_max: block_sparse_decode(
+        q, k, v, lengths, bm.decode_table_top_k_pages(q, k_min, k_max, lengths, top_k=top_k,
+                                                      block_size=page),
+        config=config, **kernel_kwargs))
+
+    group = heads // kv_heads
+
+    @jax.jit
+    def xla_decode(q, k, v):  # full cache, plain einsums
+        qg = q.reshape(batch, kv_heads, group, dim)  # [B, Hkv, g, D]
+        s = jnp.einsum("bhgd,bhcd->bhgc", qg, k, preferred_element_type=jnp.float32)
+        s = jnp.where(jnp.arange(capacity) < seq_len, s * dim**-0.5, -jnp.inf)
+        p = jax.nn.softmax(s, axis=-1)  # [B, Hkv, g, C]
+        out = jnp.einsum("bhgc,bhcd->bhgd", p.astype(v.dtype), v)  # [B, Hkv, g, D]
+        return out.reshape(batch, heads, dim)
+
+    q_t = q[:, None]  # [B, 1, H, D]
+    k_t, v_t = (x.transpose(0, 2, 1, 3) for x in (k, v))  # [B, C, Hkv, D]
+    baselines = {
+        "xla_full_cache": try_time(xla_decode, q, k, v, repeats=repeats),
+        "cudnn_full_cache": try_time(cudnn_or_xla("cudnn", key_value_seq_lengths=lengths),
+                                     q_t, k_t, v_t, repeats=repeats),
+    }
+    kernel_s = median_seconds(kernel, q, k, v, table, repeats=repeats)
+    total_s = median_seconds(select_and_kernel, q, k, v, k_min, k_max, repeats=repeats)
+    extra = dict(page=page, pages_visited=top_k, pages_total=capacity // page,
+                 num_splits=num_splits)
+    return [summarize("decode_top_k_pages_kernel_only", seq_len, kernel_s, baselines, **extra),
+            summarize("decode_top_k_pages_with_selection", seq_len, total_s, baselines,
+                      **extra)]
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--smoke", action="store_true",
+                        help="tiny shapes; on CPU the kernels run interpreted (proves it runs)")
+    parser.add_argument("--out", type=Path, default=Path("bench_block_sparse.json"))
+    parser.add_argument("--lengths", type=int, nargs="*", help="override sequence lengths")
+    parser.add_argument("--batch", type=int, help="override the batch size")
+    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--block-q", type=int, default=128)
+    parser.add_argument("--block-k", type=int, default=128)
+    parser.add_argument("--num-splits", type=int, default=8)
+    parser.add_argument("--implementation", choices=("tpu", "gpu"),
+                        help="force a lowering (default: from jax.default_backend())")
+    args = parser.parse_args(argv)
+
+    shapes = SMOKE if args.smoke else FULL
+    if args.lengths:
+        shapes = dataclasses.replace(shapes, lengths=tuple(args.lengths))
+    if args.batch:
+        shapes = dataclasses.replace(shapes, batch=args.batch)
+    backend = jax.default_backend()
+    interpret = backend == "cpu"
+    if interpret and not args.smoke:
+        parser.error("no accelerator: only --smoke runs on CPU (kernels interpreted)")
+    repeats = 1 if args.smoke else args.repeats
+    blocks = (16, 16) if args.smoke else (args.block_q, args.block_k)
+    kernel_kwargs = dict(implementation=args.implementation, interpret=interpret)
+    prefill_kwargs = dict(kernel_kwargs, config=PrefillConfig(*blocks))
+
+    results = []
+    for seq_len in shapes.lengths:
+        results += bench_prefill(shapes, seq_len, prefill_kwargs, repeats)
+        results += bench_decode(shapes, seq_len, kernel_kwargs, args.num_splits, repeats)
+    report = {
+        "device": jax.devices()[0].device_kind,
+        "backend": backend,
+        "jax_version": jax.__version__,
+        "smoke": args.smoke,
+        "interpreted": interpret,
+        "note": ("interpreted on CPU: times are meaningless" if interpret else
+                 "median wall time after warm-up; speedup = baseline / kernel, same run"),
+        "shapes": dataclasses.asdict(shapes),
+        "prefill_blocks": list(blocks),
+        "results": results,
+    }
+    args.out.write_text(json.dumps(report, indent=2))
+    print(f"wrote {args.out}")
+    return report
+
+
+if __name__ == "__main__":
+    main()

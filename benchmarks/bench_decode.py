@@ -1,0 +1,118 @@
+"""Decode tokens/s of a Llama-3.1-8B-shaped model (random bf16 weights) against the HBM roofline.
+
+Roofline time per token = (weight bytes read + KV bytes read) / bandwidth (3.1 TB/s measured on the
+H100 of DESIGN.md section 6). Writes JSON with the device, shapes, times and the ratio.
+Usage: python benchmarks/bench_decode.py [--contexts 8192 32768] [--smoke] [--out FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import kvjax
+from kvjax import inference
+from kvjax.config import ModelConfig, RopeConfig
+from kvjax.policies import Full
+
+LLAMA31_8B = ModelConfig(
+    family="llama", vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_layers=32,
+    num_heads=32, num_kv_heads=8, head_dim=128, max_position_embeddings=131072,
+    rope=RopeConfig(theta=500000.0, kind="llama3", factor=8.0, original_max_position_embeddings=8192),
+)
+SMOKE = ModelConfig(
+    family="llama", vocab_size=512, hidden_size=128, intermediate_size=256, num_layers=2,
+    num_heads=4, num_kv_heads=2, head_dim=32, max_position_embeddings=4096,
+)
+
+
+def filled_state(config: ModelConfig, batch: int, context: int, room: int, dtype) -> kvjax.KVState:
+    """A Full state holding `context` random entries per sequence (no prefill needed to time decode)."""
+    state = Full().allocate(config, batch, context, room, dtype)
+
+    def fill(seg, layer):
+        k1, k2 = jax.random.split(jax.random.key(layer))
+        shape = seg.k.shape
+        used = jnp.arange(shape[2]) < context
+        pos = jnp.where(used, jnp.arange(shape[2]), -1).astype(jnp.int32)
+        return seg.replace(
+            k=jax.random.normal(k1, shape, dtype), v=jax.random.normal(k2, shape, dtype),
+            pos=jnp.broadcast_to(pos, shape[:3]),
+        )
+
+    layers = tuple(tuple(fill(seg, i) for seg in layer) for i, layer in enumerate(state.layers))
+    return state.replace(layers=layers, length=jnp.full((batch,), context, jnp.int32))
+
+
+def weight_bytes_per_token(m: kvjax.LanguageModel) -> int:
+    """Bytes of parameters a decode step reads: all but the embedding table (one row is gathered)."""
+    total = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(m.params))
+    embed = m.params["embed"][...]
+    return int(total - (0 if m.config.tie_word_embeddings else embed.size * embed.dtype.itemsize))
+
+
+def time_decode(m, batch: int, context: int, steps: int, repeats: int) -> float:
+    """Median seconds per decoded token of the jitted while_loop decode."""
+    sampling = inference.SamplingParams.create(batch)
+    eos, pad = jnp.asarray([-1], jnp.int32), jnp.int32(0)
+    times = []
+    for r in range(repeats + 1):  # the first run compiles
+        state = filled_state(m.config, batch, context, steps, m.dtype)
+        loop = inference.DecodeLoop(
+            step=jnp.int32(0), tokens=jnp.zeros((batch, steps), jnp.int32), last=jnp.ones((batch,), jnp.int32),
+            done=jnp.zeros((batch,), bool), key=jax.random.key(r), kv=state,
+        )
+        jax.block_until_ready(loop)
+        start = time.perf_counter()
+        out = inference._decode(m.graphdef, m.params, loop, sampling, eos, pad, jnp.int32(2**31 - 1), policy=Full())
+        jax.block_until_ready(out.tokens)
+        if r:
+            times.append((time.perf_counter() - start) / steps)
+    return float(np.median(times))
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--contexts", type=int, nargs="+", default=[8192, 32768])
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--steps", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--bandwidth", type=float, default=3.1e12, help="bytes/s of HBM (H100: 3.1e12)")
+    parser.add_argument("--smoke", action="store_true", help="tiny model and contexts (CPU check only)")
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+    config = SMOKE if args.smoke else LLAMA31_8B
+    contexts = [256, 512] if args.smoke else args.contexts
+    m = kvjax.init_model(config, seed=0, dtype=jnp.bfloat16)
+    w_bytes = weight_bytes_per_token(m)
+    rows = []
+    for context in contexts:
+        per_token = time_decode(m, args.batch, context, args.steps, args.repeats)
+        kv_read = kvjax.kv_bytes(filled_state(config, args.batch, context, args.steps, m.dtype))
+        floor = (w_bytes + kv_read) / args.bandwidth
+        rows.append({
+            "context": context, "batch": args.batch, "seconds_per_token": per_token,
+            "tokens_per_second": args.batch / per_token, "weight_bytes": w_bytes, "kv_bytes": kv_read,
+            "roofline_seconds_per_token": floor, "fraction_of_roofline": floor / per_token,
+        })
+        print(f"context {context:>6}: {args.batch / per_token:8.1f} tok/s, {floor / per_token:6.1%} of roofline")
+    report = {
+        "benchmark": "decode", "device": jax.devices()[0].device_kind, "backend": jax.default_backend(),
+        "jax": jax.__version__, "model": "smoke" if args.smoke else "llama-3.1-8b-shaped", "dtype": "bfloat16",
+        "bandwidth_bytes_per_s": args.bandwidth, "steps": args.steps, "results": rows,
+    }
+    text = json.dumps(report, indent=2)
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,187 @@
+"""Decode attention over int4 / int2 / bf16 caches vs XLA and cuDNN attention on the bf16 cache.
+
+On a GPU: batch 1/8/32 x context 8K/32K/128K, 32 query / 8 KV heads, head dim 128. For each
+shape it times the quantized kernel (int4, int2; slab of `context` tokens plus a full
+128-token bf16 window), the plain bf16 kernel, and `jax.nn.dot_product_attention` (XLA and
+cuDNN) on the bf16 cache of the same context, all in the same run; reports median times, bytes
+read / time as a fraction of the HBM bandwidth, and each kernel's time over the faster
+baseline. Writes JSON. `--smoke` runs tiny shapes on any backend (the GPU kernel interpreted off
+GPU) to check the script itself; its times mean nothing.
+
+  python benchmarks/bench_quantized_decode.py --out bench_quantized_decode.json
+  python benchmarks/bench_quantized_decode.py --smoke
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import json
+import statistics
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from pallas_kernels import kv_quant
+from pallas_kernels.kv_quant import QuantizedKV
+from pallas_kernels.quantized_decode_attention import (
+    QuantizedDecodeConfig, decode_attention, quantized_decode_attention)
+
+HBM_BYTES_PER_S = 3.1e12  # H100 read bandwidth measured with an XLA reduction (DESIGN.md)
+GPU_SMS = 132  # H100 SXM
+
+
+@dataclasses.dataclass(frozen=True)
+class Shape:
+    batch: int
+    context: int
+    q_heads: int = 32
+    kv_heads: int = 8
+    head_dim: int = 128
+    window: int = 128  # full-precision residual window next to the quantized slab
+
+
+FULL = tuple(Shape(b, c) for b in (1, 8, 32) for c in (8192, 32768, 131072))
+SMOKE = (Shape(1, 256, 4, 2, 64, 32), Shape(2, 512, 4, 2, 64, 32))
+
+
+def _median_seconds(fn, *args, repeats: int, inner: int) -> float:
+    """Median over `repeats` of the mean time of `inner` back-to-back calls (after a warm-up)."""
+    jax.block_until_ready(fn(*args))
+    samples = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for _ in range(inner):
+            out = fn(*args)
+        jax.block_until_ready(out)
+        samples.append((time.perf_counter() - start) / inner)
+    return statistics.median(samples)
+
+
+def _random_slab(key, shape: Shape, bits: int) -> QuantizedKV:
+    """Random packed codes and statistics (timing does not depend on the values)."""
+    per, g = kv_quant.codes_per_byte(bits), kv_quant.DEFAULT_GROUP_SIZE
+    b, h, c, d = shape.batch, shape.kv_heads, shape.context, shape.head_dim
+    keys = jax.random.split(key, 6)
+    codes = lambda k: jax.random.bits(k, (b, h, c // per, d), jnp.uint8)  # noqa: E731
+    stat = lambda k, s: (0.1 * jax.random.normal(k, s)).astype(jnp.bfloat16)  # noqa: E731
+    return QuantizedKV(
+        k_codes=codes(keys[0]), k_scale=stat(keys[1], (b, h, c // g, d)),
+        k_zero=stat(keys[2], (b, h, c // g, d)), v_codes=codes(keys[3]),
+        v_scale=stat(keys[4], (b, h, d // g, c)), v_zero=stat(keys[5], (b, h, d // g, c)),
+        bits=bits)
+
+
+def _nbytes(*arrays) -> int:
+    return int(sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(arrays)))
+
+
+def _num_splits(shape: Shape, requested: int | None) -> int:
+    """Enough (batch, KV head, split) programs to fill the GPU about twice."""
+    if requested:
+        return requested
+    return max(1, min(32, 2 * GPU_SMS // (shape.batch * shape.kv_heads)))
+
+
+def bench_shape(shape: Shape, args, on_gpu: bool) -> dict:
+    key = jax.random.key(0)
+    kq, kk, kv, kr, ks = jax.random.split(key, 5)
+    b, c, d = shape.batch, shape.context, shape.head_dim
+    q = jax.random.normal(kq, (b, shape.q_heads, d), jnp.bfloat16)  # [B, H, D]
+    config = QuantizedDecodeConfig(block_k=min(args.block_k, c),
+                                   num_splits=_num_splits(shape, args.num_splits))
+    kernel_kw = dict(config=config, implementation="gpu", interpret=not on_gpu)
+    timer = functools.partial(_median_seconds, repeats=args.repeats, inner=args.inner)
+    lengths = jnp.full((b,), c, jnp.int32)
+    times, read = {}, {}
+
+    # bf16 cache [B, Hkv, C, D]: the plain kernel, then XLA / cuDNN on [B, C, Hkv, D].
+    k = jax.random.normal(kk, (b, shape.kv_heads, c, d), jnp.bfloat16)
+    v = jax.random.normal(kv, (b, shape.kv_heads, c, d), jnp.bfloat16)
+    plain = jax.jit(functools.partial(decode_attention, **kernel_kw))
+    times["bf16_kernel"] = timer(plain, q, k, v, lengths)
+    read["bf16_kernel"] = _nbytes(q, k, v)
+    k_bthd, v_bthd = jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2)  # [B, C, Hkv, D]
+    del k, v
+    for name in ("xla", "cudnn"):
+        if name == "cudnn" and not on_gpu:
+            times[name] = None  # cuDNN exists only on NVIDIA GPUs
+            continue
+        sdpa = jax.jit(functools.partial(jax.nn.dot_product_attention, implementation=name))
+        try:
+            times[name] = timer(sdpa, q[:, None], k_bthd, v_bthd)
+        except Exception as e:  # noqa: BLE001  (report why a baseline is missing, keep going)
+            times[name] = None
+            print(f"  {name} baseline failed: {type(e).__name__}: {e}"[:300], file=sys.stderr)
+        read[name] = _nbytes(q, k_bthd, v_bthd)
+    del k_bthd, v_bthd
+
+    # Quantized slab of `context` tokens plus a full bf16 window.
+    window = jax.random.normal(kr, (b, shape.kv_heads, shape.window, d), jnp.bfloat16)
+    res_lengths = jnp.full((b,), shape.window, jnp.int32)
+    quantized = jax.jit(functools.partial(quantized_decode_attention, **kernel_kw))
+    for bits in (4, 2):
+        slab = _random_slab(ks, shape, bits)
+        name = f"int{bits}_kernel"
+        times[name] = timer(quantized, q, slab, lengths, window, window, res_lengths)
+        read[name] = _nbytes(q, slab, window, window)
+        del slab
+
+    baselines = [times[n] for n in ("xla", "cudnn") if times[n] is not None]
+    best = min(baselines) if baselines else None
+    return {
+        **dataclasses.asdict(shape),
+        "config": dataclasses.asdict(config),
+        "median_us": {n: None if t is None else t * 1e6 for n, t in times.items()},
+        "bytes_read": read,
+        "hbm_fraction": {n: read[n] / t / HBM_BYTES_PER_S
+                         for n, t in times.items() if t is not None},
+        "time_over_best_baseline": {n: t / best for n, t in times.items()
+                                    if t is not None and best and n.endswith("_kernel")},
+    }
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--smoke", action="store_true", help="tiny shapes on any backend")
+    parser.add_argument("--out", default="bench_quantized_decode.json")
+    parser.add_argument("--block-k", type=int, default=256)
+    parser.add_argument("--num-splits", type=int, default=None, help="default: fill the GPU")
+    parser.add_argument("--repeats", type=int, default=None)
+    parser.add_argument("--inner", type=int, default=None)
+    args = parser.parse_args(argv)
+    on_gpu = jax.default_backend() == "gpu"
+    if not on_gpu and not args.smoke:
+        print("no GPU: the full benchmark needs one (times off GPU mean nothing); "
+              "use --smoke to check the script", file=sys.stderr)
+        return 2
+    args.repeats = args.repeats or (2 if args.smoke else 7)
+    args.inner = args.inner or (1 if args.smoke else 20)
+    shapes = SMOKE if args.smoke else FULL
+    results = []
+    for shape in shapes:
+        print(f"batch {shape.batch} context {shape.context} ...", flush=True)
+        results.append(bench_shape(shape, args, on_gpu))
+        print("  " + json.dumps(results[-1]["median_us"]), flush=True)
+    report = {
+        "device": jax.devices()[0].device_kind,
+        "backend": jax.default_backend(),
+        "jax_version": jax.__version__,
+        "smoke": args.smoke,
+        "note": "smoke: interpreted kernels, times are meaningless" if args.smoke else
+                "quantized kernels also read a full 128-token bf16 window beyond `context`",
+        "hbm_bytes_per_s": HBM_BYTES_PER_S,
+        "results": results,
+    }
+    with open(args.out, "w") as f:
+        json.dump(report, f, indent=2)
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

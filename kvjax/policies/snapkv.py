@@ -1,0 +1,65 @@
+"""SnapKV (Li et al., 2024): the prompt's last queries vote for the earlier tokens worth keeping."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+from kvjax.policies.token_eviction import TokenEviction, group_mean, newest
+
+
+def pool_1d(x: jax.Array, kernel: int, kind: str) -> jax.Array:
+    """Same-size 1-D pooling along the last axis (stride 1, padding kernel // 2; avg counts padding,
+    as torch's avg_pool1d does)."""
+    pad = kernel // 2
+    window = (1,) * (x.ndim - 1) + (kernel,)
+    padding = ((0, 0),) * (x.ndim - 1) + ((pad, pad),)
+    ones = (1,) * x.ndim
+    if kind == "max":
+        return jax.lax.reduce_window(x, -jnp.inf, jax.lax.max, window, ones, padding)
+    return jax.lax.reduce_window(x, 0.0, jax.lax.add, window, ones, padding) / kernel
+
+
+@dataclasses.dataclass(frozen=True)
+class SnapKV(TokenEviction):
+    """Scores prompt tokens by the attention of the last `window` prompt queries (softmax over the
+    whole prompt, summed over those queries, averaged over the GQA group), smoothed by 1-D pooling;
+    keeps the top `budget - window` plus the window. Compresses the prompt only: decoding appends."""
+
+    budget_tokens: int = 1024
+    window: int = 32
+    kernel: int = 7
+    pooling: str = "avg"
+
+    evict_while_prefilling = False
+    evict_while_decoding = False
+
+    def __post_init__(self):
+        if self.window < 1 or self.budget_tokens <= self.window:
+            raise ValueError(f"SnapKV needs 1 <= window < budget; got window {self.window}, budget {self.budget_tokens}")
+        if self.kernel < 1 or self.kernel % 2 == 0:
+            raise ValueError(f"SnapKV pooling kernel must be odd and positive; got {self.kernel}")
+        if self.pooling not in ("avg", "max"):
+            raise ValueError(f"SnapKV pooling must be 'avg' or 'max'; got {self.pooling!r}")
+
+    def scored(self):
+        return True
+
+    def needs_attention(self, decoding):
+        return not decoding
+
+    def budget(self, config, layer):
+        return self.budget_tokens
+
+    def observe(self, segment, probs, new_pos, prompt_lengths):
+        in_window = new_pos >= (prompt_lengths - self.window)[:, None]  # [B, T] observation queries
+        votes = group_mean(probs, jnp.where(in_window, new_pos, -1))  # [B, K, T, C]
+        return segment.score + jnp.sum(votes, axis=2)
+
+    def priority(self, segment):
+        # Slots hold the prompt in position order here, so pooling runs along positions.
+        window = segment.pos > newest(segment) - self.window
+        votes = jnp.where(window | (segment.pos < 0), 0.0, segment.score)  # the window votes, not is voted for
+        return jnp.where(window, jnp.inf, pool_1d(votes, self.kernel, self.pooling))

@@ -1,0 +1,109 @@
+"""Token eviction by a per-entry priority: the mechanism StreamingLLM, H2O, SnapKV and kin share.
+
+A subclass says how many tokens a layer keeps (`budget`), how attention updates each entry's
+running score (`observe`), and what to keep (`priority`). Budgets are buffer sizes:
+- evicting while prefilling: capacity budget + chunk; after each chunk the top `budget` survive;
+- compressing at the end of the prompt: capacity = prompt, then the top `budget` survive;
+- decoding: capacity budget + 1 (evict one per token) or budget + max_new_tokens (append only).
+A budget at least as large as the prompt keeps the whole prompt (the policy then equals Full
+until decoding fills the budget); it never raises.
+"""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+from kvjax.attention import attend, attend_with_probs
+from kvjax.cached_attention import merge_heads, take_heads
+from kvjax.config import ModelConfig
+from kvjax.kv_state import KVSegment, KVState, count, evict_lowest, keep_top, write_entries, write_free_slot
+from kvjax.policies.base import Layout, Policy, SegmentSpec
+
+
+def group_mean(probs: jax.Array, new_pos: jax.Array) -> jax.Array:
+    """float32[B, K, T, C]: attention averaged over each KV head's query group, padding queries zeroed.
+
+    probs: [B, K, G, T, C]; new_pos: int32[B, T] (-1 for padding).
+    """
+    return jnp.mean(probs, axis=2) * (new_pos >= 0)[:, None, :, None]
+
+
+def newest(segment: KVSegment) -> jax.Array:
+    """int32[B, Hs, 1]: the latest position each row holds."""
+    return jnp.max(segment.pos, axis=-1, keepdims=True)
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenEviction(Policy, abc.ABC):
+    """Keeps, per (layer, sequence, KV head), the `budget` entries of highest priority."""
+
+    evict_while_prefilling = True  # False: score the whole prompt, compress once at its end
+    evict_while_decoding = True  # False: decoding appends without eviction (prompt compression only)
+
+    @abc.abstractmethod
+    def budget(self, config: ModelConfig, layer: int) -> int:
+        """Tokens kept per KV head in `layer`."""
+
+    @abc.abstractmethod
+    def priority(self, segment: KVSegment) -> jax.Array:
+        """float32[B, Hs, C]: higher is kept; +inf is never evicted."""
+
+    def observe(self, segment: KVSegment, probs: jax.Array, new_pos: jax.Array, prompt_lengths) -> jax.Array | None:
+        """The segment's new score buffer after a step whose attention weights are `probs`."""
+        return segment.score
+
+    def needs_attention(self, decoding: bool) -> bool:
+        """Whether `observe` reads attention weights in this phase (else the plain path runs)."""
+        return self.scored()
+
+    def layout(self, config: ModelConfig, prompt_len: int, max_new_tokens: int, chunk: int) -> Layout:
+        heads = tuple(range(config.num_kv_heads))
+        layers = []
+        for layer in range(config.num_layers):
+            budget = self.budget(config, layer)
+            if budget < 1:
+                raise ValueError(f"{type(self).__name__}: layer {layer} budget must be >= 1; got {budget}")
+            evicting = self.evict_while_prefilling and budget < prompt_len
+            layers.append((SegmentSpec(heads, budget + chunk if evicting else prompt_len, budget),))
+        return tuple(layers)
+
+    def cache_step(self, layer, segments, q, k, v, q_pos, new_pos, window, scale, *, prompt_lengths=None):
+        decoding = prompt_lengths is None
+        total = q.shape[2]
+        outs, updated = [], []
+        for seg in segments:
+            k_seg, v_seg = take_heads(k, seg.heads, 2, total), take_heads(v, seg.heads, 2, total)
+            if decoding:
+                seg = write_free_slot(seg, k_seg, v_seg, new_pos)
+            else:
+                seg = write_entries(seg, k_seg, v_seg, new_pos, count(seg))
+            q_seg = take_heads(q, seg.heads, 2, total)
+            if self.needs_attention(decoding):
+                out, probs = attend_with_probs(q_seg, seg.k, seg.v, seg.pos, q_pos, window, scale)
+                seg = seg.replace(score=self.observe(seg, probs, new_pos, prompt_lengths))
+            else:
+                out = attend(q_seg, seg.k, seg.v, seg.pos, q_pos, window, scale)
+            if decoding and self.evict_while_decoding:
+                seg = evict_lowest(seg, self.priority(seg), seg.budget)
+            elif not decoding and self.evict_while_prefilling and seg.budget < seg.capacity:
+                seg = keep_top(seg, self.priority(seg), seg.budget, seg.capacity)
+            outs.append(out)
+            updated.append(seg)
+        return merge_heads(outs, segments, axis=2), tuple(updated)
+
+    def finalize(self, config: ModelConfig, state: KVState, prompt_len: int, max_new_tokens: int) -> KVState:
+        """Compresses the prompt to each segment's budget and resizes buffers for decoding."""
+
+        def resize(seg: KVSegment) -> KVSegment:
+            if self.evict_while_decoding:  # one spare slot for each arriving token
+                capacity = min(seg.budget, prompt_len + max_new_tokens) + 1
+            else:  # prompt compressed once; decoding appends
+                capacity = min(seg.budget, prompt_len) + max_new_tokens
+            return keep_top(seg, self.priority(seg), seg.budget, capacity)
+
+        layers = tuple(tuple(resize(seg) for seg in layer) for layer in state.layers)
+        return state.replace(layers=layers)

@@ -1,0 +1,426 @@
+"""Mask descriptions and compact block tables for block-sparse attention.
+
+A *mask description* is a small frozen dataclass saying which (query, key) token pairs may
+attend: dense causal, sink + local window, or one such pattern per head (so a DuoAttention
+prefill, with dense retrieval heads and sink+local streaming heads, is one kernel launch).
+
+A *block table* is what the kernels consume: for every (head pattern, query block) the number
+of KV blocks to visit and their indices, padded to a common length, plus a flag telling
+whether a visited block is fully visible or needs the element-wise mask. Tables are built
+with numpy at trace time from static descriptions, or given directly as arrays (random
+tables in tests, Quest-style page selection at decode time).
+
+Conventions shared by every kernel and reference in `pallas_kernels/`:
+  * token (q, k) is visible iff `k <= q and (k < sink or q - k < window)`; dense causal is
+    `sink = 0, window = DENSE_WINDOW`. The window counts the query itself, so `window = 1`
+    is "attend to yourself only" (plus the sink).
+  * a query row that sees no key outputs zeros (never NaN).
+  * padded table entries repeat the row's last valid entry (or 0 for an empty row), so a
+    pipelined TPU kernel sees an unchanged block index and issues no copy for them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import TypeAlias
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+# A window so large that it never excludes a key: dense causal attention.
+DENSE_WINDOW = 2**30
+
+
+def _check_int(name: str, value: object, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise ValueError(f"{name} must be an int, got {value!r}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+
+
+@dataclasses.dataclass(frozen=True)
+class DenseCausal:
+    """Every query attends to itself and to all earlier tokens."""
+
+    @property
+    def sink_window(self) -> tuple[int, int]:
+        return 0, DENSE_WINDOW
+
+
+@dataclasses.dataclass(frozen=True)
+class SinkLocal:
+    """Causal attention to the first `sink` tokens plus the last `window` tokens (self included)."""
+
+    sink: int
+    window: int
+
+    def __post_init__(self):
+        _check_int("SinkLocal.sink", self.sink, 0)
+        _check_int("SinkLocal.window", self.window, 1)
+
+    @property
+    def sink_window(self) -> tuple[int, int]:
+        return int(self.sink), int(self.window)
+
+
+HeadMask: TypeAlias = DenseCausal | SinkLocal
+
+
+@dataclasses.dataclass(frozen=True)
+class PerHead:
+    """One `HeadMask` per query head or per KV head (a GQA group then shares its KV head's)."""
+
+    patterns: tuple[HeadMask, ...]
+
+    def __post_init__(self):
+        if not isinstance(self.patterns, tuple) or not self.patterns:
+            raise ValueError(f"PerHead.patterns must be a non-empty tuple, got {self.patterns!r}")
+        for i, p in enumerate(self.patterns):
+            if not isinstance(p, (DenseCausal, SinkLocal)):
+                raise ValueError(
+                    f"PerHead.patterns[{i}] must be DenseCausal or SinkLocal, got {p!r}")
+
+
+MaskDescription: TypeAlias = DenseCausal | SinkLocal | PerHead
+
+
+def head_sink_window(
+    mask: MaskDescription, num_heads: int, num_kv_heads: int | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Expands a description to per-query-head (sink int32[H], window int32[H])."""
+    num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
+    if num_kv_heads < 1 or num_heads % num_kv_heads:
+        raise ValueError(f"num_heads={num_heads} is not a multiple of num_kv_heads={num_kv_heads}")
+    if isinstance(mask, (DenseCausal, SinkLocal)):
+        patterns = (mask,) * num_heads
+    elif isinstance(mask, PerHead):
+        if len(mask.patterns) == num_heads:
+            patterns = mask.patterns
+        elif len(mask.patterns) == num_kv_heads:
+            group = num_heads // num_kv_heads
+            patterns = tuple(p for p in mask.patterns for _ in range(group))
+        else:
+            raise ValueError(
+                f"PerHead has {len(mask.patterns)} patterns; expected one per query head "
+                f"({num_heads}) or per KV head ({num_kv_heads})")
+    else:
+        raise ValueError(f"not a mask description: {mask!r}")
+    sink_window = np.asarray([p.sink_window for p in patterns], np.int32)  # [H, 2]
+    return sink_window[:, 0], sink_window[:, 1]
+
+
+def token_visible(q_pos, k_pos, sink, window):
+    """Element-wise visibility of key position `k_pos` from query position `q_pos` (broadcasts)."""
+    return (k_pos <= q_pos) & ((k_pos < sink) | (q_pos - k_pos < window))
+
+
+def dense_mask(
+    mask: MaskDescription, num_heads: int, num_kv_heads: int | None, seq_len: int
+) -> jax.Array:
+    """bool[H, T, T] visibility of a description, for references and tests (O(T^2) memory)."""
+    sink, window = head_sink_window(mask, num_heads, num_kv_heads)  # int32[H], int32[H]
+    pos = jnp.arange(seq_len, dtype=jnp.int32)
+    return token_visible(pos[None, :, None], pos[None, None, :],
+                         sink[:, None, None], window[:, None, None])  # [H, T, T]
+
+
+# ----------------------------------------------------------------------------------------
+# Prefill tables.
+# ----------------------------------------------------------------------------------------
+
+
+@functools.partial(
+    jax.tree_util.register_dataclass,
+    data_fields=["kv_blocks", "counts", "partial", "head_pattern", "sink", "window"],
+    meta_fields=["block_q", "block_k", "seq_len"],
+)
+@dataclasses.dataclass(frozen=True)
+class PrefillBlockTable:
+    """Per (pattern, query block): which KV blocks a block-sparse prefill visits.
+
+    Heads that share a pattern share table rows (`head_pattern`), so a DuoAttention layer
+    stores two rows per query block, not one per head.
+    """
+
+    kv_blocks: jax.Array  # int32[P, nq, n_max]  KV block indices, ascending, padded
+    counts: jax.Array  # int32[P, nq]  valid entries per row
+    partial: jax.Array  # int32[P, nq, n_max]  1: apply the element-wise mask in this block
+    head_pattern: jax.Array  # int32[H]  query head -> pattern row
+    sink: jax.Array  # int32[P]
+    window: jax.Array  # int32[P]
+    block_q: int
+    block_k: int
+    seq_len: int  # padded length covered; a multiple of block_q and block_k
+
+    @property
+    def num_q_blocks(self) -> int:
+        return self.seq_len // self.block_q
+
+    @property
+    def max_blocks(self) -> int:
+        return self.kv_blocks.shape[-1]
+
+
+def padded_length(seq_len: int, block_q: int, block_k: int) -> int:
+    """Smallest length >= seq_len that both block sizes divide."""
+    step = np.lcm(block_q, block_k)
+    return int(-(-seq_len // step) * step)
+
+
+def _block_visibility(sink: int, window: int, block_q: int, block_k: int,
+                      seq_len: int) -> tuple[np.ndarray, np.ndarray]:
+    """(any visible, all visible) bool[nq, nk] for one pattern, in closed form per block."""
+    q0 = np.arange(0, seq_len, block_q, dtype=np.int64)[:, None]  # [nq, 1] first query
+    q1 = q0 + block_q - 1  # last query
+    k0 = np.arange(0, seq_len, block_k, dtype=np.int64)[None, :]  # [1, nk] first key
+    k1 = k0 + block_k - 1  # last key
+    # Some pair is visible: a causal pair exists and it is in the sink or the closest causal
+    # pair is inside the window.
+    any_visible = (k0 <= q1) & ((k0 < sink) | (np.maximum(q0 - k1, 0) < window))
+    # Every pair is visible: the block is under the diagonal and the farthest non-sink pair is
+    # inside the window.
+    all_visible = (k1 <= q0) & ((k1 < sink) | (q1 - np.maximum(k0, sink) < window))
+    return any_visible, all_visible
+
+
+def _compact_rows(selected: np.ndarray, n_max: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """bool[..., n] -> (ascending selected indices int32[..., n_max] padded, counts int32[...])."""
+    counts = selected.sum(-1).astype(np.int32)
+    n_max = max(int(counts.max(initial=0)), 1) if n_max is None else n_max
+    order = np.argsort(~selected, axis=-1, kind="stable")[..., :n_max]  # selected first
+    last = np.take_along_axis(order, np.maximum(counts - 1, 0)[..., None], axis=-1)
+    last = np.where(counts[..., None] > 0, last, 0)
+    slot = np.arange(n_max)
+    return np.where(slot < counts[..., None], order, last).astype(np.int32), counts
+
+
+def prefill_block_table(
+    mask: MaskDescription,
+    *,
+    num_heads: int,
+    num_kv_heads: int | None = None,
+    seq_len: int,
+    block_q: int,
+    block_k: int,
+) -> PrefillBlockTable:
+    """Builds the compact table of a static description (numpy, at trace time)."""
+    _check_int("seq_len", seq_len, 1)
+    _check_int("block_q", block_q, 1)
+    _check_int("block_k", block_k, 1)
+    sink, window = head_sink_window(mask, num_heads, num_kv_heads)  # int32[H] each
+    pairs, head_pattern = np.unique(np.stack([sink, window], -1), axis=0, return_inverse=True)
+    length = padded_length(seq_len, block_q, block_k)
+    any_vis, all_vis = zip(*(_block_visibility(int(s), int(w), block_q, block_k, length)
+                             for s, w in pairs), strict=True)
+    any_vis, all_vis = np.stack(any_vis), np.stack(all_vis)  # bool[P, nq, nk]
+    kv_blocks, counts = _compact_rows(any_vis)  # int32[P, nq, n_max], int32[P, nq]
+    partial = ~np.take_along_axis(all_vis, kv_blocks, axis=-1)  # bool[P, nq, n_max]
+    return PrefillBlockTable(
+        kv_blocks=kv_blocks,
+        counts=counts,
+        partial=partial.astype(np.int32),
+        head_pattern=head_pattern.reshape(-1).astype(np.int32),
+        sink=pairs[:, 0].astype(np.int32),
+        window=pairs[:, 1].astype(np.int32),
+        block_q=block_q,
+        block_k=block_k,
+        seq_len=length,
+    )
+
+
+def prefill_table_from_blocks(
+    kv_blocks: jax.Array, counts: jax.Array, *, block_q: int, block_k: int
+) -> PrefillBlockTable:
+    """Wraps a given table (one row per query head, causal element mask) for the prefill kernel.
+
+    kv_blocks: int32[H, nq, n_max], entries in [0, nk) (unchecked: they may be traced);
+    entries past counts[h, qi] are ignored; counts: int32[H, nq].
+    Visited blocks that cross the diagonal are flagged partial so causality still holds.
+    """
+    if kv_blocks.ndim != 3 or counts.shape != kv_blocks.shape[:2]:
+        raise ValueError(f"expected kv_blocks [H, nq, n_max] and counts [H, nq], got "
+                         f"{kv_blocks.shape} and {counts.shape}")
+    num_heads, num_q_blocks, _ = kv_blocks.shape
+    seq_len = num_q_blocks * block_q
+    if seq_len % block_k:
+        raise ValueError(f"nq * block_q = {seq_len} is not a multiple of block_k={block_k}")
+    kv_blocks = jnp.asarray(kv_blocks, jnp.int32)
+    q_first = jnp.arange(num_q_blocks, dtype=jnp.int32)[None, :, None] * block_q  # [1, nq, 1]
+    partial = (kv_blocks + 1) * block_k - 1 > q_first  # [H, nq, n_max]
+    return PrefillBlockTable(
+        kv_blocks=kv_blocks,
+        counts=jnp.asarray(counts, jnp.int32),
+        partial=partial.astype(jnp.int32),
+        head_pattern=jnp.arange(num_heads, dtype=jnp.int32),
+        sink=jnp.zeros((num_heads,), jnp.int32),
+        window=jnp.full((num_heads,), DENSE_WINDOW, jnp.int32),
+        block_q=block_q,
+        block_k=block_k,
+        seq_len=seq_len,
+    )
+
+
+def prefill_table_mask(table: PrefillBlockTable) -> jax.Array:
+    """bool[H, T, T] token visibility a table encodes (listed blocks AND element mask)."""
+    num_q_blocks, num_k_blocks = table.num_q_blocks, table.seq_len // table.block_k
+    slot = jnp.arange(table.max_blocks)
+    valid = slot[None, None, :] < table.counts[..., None]  # [P, nq, n_max]
+    listed = jnp.zeros(table.counts.shape + (num_k_blocks,), bool)  # [P, nq, nk]
+    p_idx, q_idx = jnp.meshgrid(jnp.arange(table.counts.shape[0]), jnp.arange(num_q_blocks),
+                                indexing="ij")
+    listed = listed.at[p_idx[..., None], q_idx[..., None], table.kv_blocks].max(valid)
+    listed = jnp.repeat(jnp.repeat(listed, table.block_q, 1), table.block_k, 2)  # [P, T, T]
+    pos = jnp.arange(table.seq_len, dtype=jnp.int32)
+    element = token_visible(pos[None, :, None], pos[None, None, :],
+                            table.sink[:, None, None], table.window[:, None, None])  # [P, T, T]
+    return (listed & element)[table.head_pattern]  # [H, T, T]
+
+
+# ----------------------------------------------------------------------------------------
+# Decode tables.
+# ----------------------------------------------------------------------------------------
+
+
+@functools.partial(
+    jax.tree_util.register_dataclass,
+    data_fields=["kv_blocks", "counts"],
+    meta_fields=["block_size"],
+)
+@dataclasses.dataclass(frozen=True)
+class DecodeBlockTable:
+    """Per (sequence, KV head): which cache blocks (pages) one decode step visits.
+
+    Entries must lie in [0, C // block_size); they are traced, so the kernels cannot check.
+    """
+
+    kv_blocks: jax.Array  # int32[B, Hkv, n_max]  block indices into the cache, padded
+    counts: jax.Array  # int32[B, Hkv]  valid entries
+    block_size: int  # tokens per block (page)
+
+    @property
+    def max_blocks(self) -> int:
+        return self.kv_blocks.shape[-1]
+
+
+def _compact_rows_jnp(selected: jax.Array, n_max: int) -> tuple[jax.Array, jax.Array]:
+    """Traced `_compact_rows`: bool[..., n] -> (int32[..., n_max] padded, int32[...])."""
+    counts = jnp.minimum(selected.sum(-1), n_max).astype(jnp.int32)
+    order = jnp.argsort(~selected, axis=-1, stable=True)[..., :n_max].astype(jnp.int32)
+    last = jnp.take_along_axis(order, jnp.maximum(counts - 1, 0)[..., None], axis=-1)
+    last = jnp.where(counts[..., None] > 0, last, 0)
+    slot = jnp.arange(n_max)
+    return jnp.where(slot < counts[..., None], order, last), counts
+
+
+def decode_lengths(lengths: jax.Array, batch: int, num_kv_heads: int) -> jax.Array:
+    """int32[B] or int32[B, Hkv] -> int32[B, Hkv]."""
+    lengths = jnp.asarray(lengths, jnp.int32)
+    if lengths.shape == (batch,):
+        return jnp.broadcast_to(lengths[:, None], (batch, num_kv_heads))
+    if lengths.shape == (batch, num_kv_heads):
+        return lengths
+    raise ValueError(f"lengths must be int32[B]={batch} or [B, Hkv]={batch, num_kv_heads}, "
+                     f"got shape {lengths.shape}")
+
+
+def _check_capacity(capacity: int, block_size: int) -> int:
+    _check_int("block_size", block_size, 1)
+    if capacity % block_size:
+        raise ValueError(f"cache capacity {capacity} is not a multiple of block_size {block_size}; "
+                         "allocate the cache in whole blocks")
+    return capacity // block_size
+
+
+def decode_table_from_mask(
+    mask: MaskDescription,
+    lengths: jax.Array,
+    *,
+    num_kv_heads: int,
+    capacity: int,
+    block_size: int,
+) -> DecodeBlockTable:
+    """Blocks a decode query at position length-1 can see under a per-KV-head description.
+
+    Dense heads visit every block below the length; sink+local (streaming) heads visit only
+    the sink blocks and the blocks of the recent window, so n_max stays small when every head
+    streams. lengths: int32[B] or int32[B, Hkv].
+    """
+    num_blocks = _check_capacity(capacity, block_size)
+    batch = jnp.shape(lengths)[0]
+    lengths = decode_lengths(lengths, batch, num_kv_heads)  # [B, Hkv]
+    sink, window = head_sink_window(mask, num_kv_heads)  # int32[Hkv] each
+    local_blocks = [-(-int(s) // block_size) + -(-int(w) // block_size) + 1
+                    for s, w in zip(sink, window, strict=True)]
+    n_max = min(num_blocks, max(local_blocks))
+    start = jnp.arange(num_blocks, dtype=jnp.int32) * block_size  # [nb] first slot per block
+    end = start + block_size - 1
+    last = lengths[..., None] - 1  # [B, Hkv, 1] query position
+    selected = ((start <= last)
+                & ((start < sink[:, None]) | (last - end < window[:, None])))  # [B, Hkv, nb]
+    kv_blocks, counts = _compact_rows_jnp(selected, n_max)
+    return DecodeBlockTable(kv_blocks=kv_blocks, counts=counts, block_size=block_size)
+
+
+def page_key_bounds(
+    k: jax.Array, lengths: jax.Array, *, block_size: int
+) -> tuple[jax.Array, jax.Array]:
+    """Per-page channel min and max of the valid keys (Quest metadata).
+
+    k: [B, Hkv, C, D]; lengths int32[B] or [B, Hkv]. Returns (k_min, k_max), each
+    float32[B, Hkv, C // block_size, D]; pages with no valid key get (+inf, -inf).
+    """
+    batch, num_kv_heads, capacity, head_dim = k.shape
+    num_blocks = _check_capacity(capacity, block_size)
+    lengths = decode_lengths(lengths, batch, num_kv_heads)  # [B, Hkv]
+    valid = jnp.arange(capacity)[None, None, :, None] < lengths[..., None, None]  # [B,Hkv,C,1]
+    pages = k.astype(jnp.float32).reshape(batch, num_kv_heads, num_blocks, block_size, head_dim)
+    valid = valid.reshape(batch, num_kv_heads, num_blocks, block_size, 1)
+    k_min = jnp.where(valid, pages, jnp.inf).min(axis=3)  # [B, Hkv, nb, D]
+    k_max = jnp.where(valid, pages, -jnp.inf).max(axis=3)  # [B, Hkv, nb, D]
+    return k_min, k_max
+
+
+def decode_table_top_k_pages(
+    q: jax.Array,
+    k_min: jax.Array,
+    k_max: jax.Array,
+    lengths: jax.Array,
+    *,
+    top_k: int,
+    block_size: int,
+) -> DecodeBlockTable:
+    """Quest-style page selection: the top_k pages by an upper bound of q.k, per KV head.
+
+    Page score = sum over channels of max(q * k_max, q * k_min), averaged over the query heads
+    of a GQA group. Pages past the length never count. q: [B, H, D]; k_min, k_max from
+    `page_key_bounds`. Selected pages are returned in ascending order.
+    """
+    _check_int("top_k", top_k, 1)
+    batch, num_heads, head_dim = q.shape
+    _, num_kv_heads, num_blocks, _ = k_max.shape
+    if num_heads % num_kv_heads:
+        raise ValueError(f"query heads {num_heads} not a multiple of KV heads {num_kv_heads}")
+    lengths = decode_lengths(lengths, batch, num_kv_heads)  # [B, Hkv]
+    top_k = min(top_k, num_blocks)
+    qg = q.astype(jnp.float32).reshape(batch, num_kv_heads, -1, 1, head_dim)  # [B, Hkv, g, 1, D]
+    bound = jnp.maximum(qg * k_max[:, :, None], qg * k_min[:, :, None])  # [B, Hkv, g, nb, D]
+    score = bound.sum(-1).mean(2)  # [B, Hkv, nb]
+    page_valid = jnp.arange(num_blocks) * block_size < lengths[..., None]  # [B, Hkv, nb]
+    score = jnp.where(page_valid, score, -jnp.inf)
+    _, best = jax.lax.top_k(score, top_k)  # [B, Hkv, top_k]
+    chosen = jnp.zeros(score.shape, bool)
+    chosen = jnp.put_along_axis(chosen, best, True, axis=-1, inplace=False) & page_valid
+    kv_blocks, counts = _compact_rows_jnp(chosen, top_k)
+    return DecodeBlockTable(kv_blocks=kv_blocks, counts=counts, block_size=block_size)
+
+
+def decode_table_mask(table: DecodeBlockTable, capacity: int) -> jax.Array:
+    """bool[B, Hkv, C]: the cache slots a decode table lists (before length masking)."""
+    num_blocks = _check_capacity(capacity, table.block_size)
+    slot = jnp.arange(table.max_blocks)
+    valid = slot < table.counts[..., None]  # [B, Hkv, n_max]
+    hit = (table.kv_blocks[..., None] == jnp.arange(num_blocks)) & valid[..., None]
+    listed = hit.any(axis=2)  # [B, Hkv, nb]
+    return jnp.repeat(listed, table.block_size, axis=-1)  # [B, Hkv, C]

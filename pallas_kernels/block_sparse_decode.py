@@ -1,0 +1,401 @@
+"""Block-sparse decode attention: one query token per sequence over a KV cache.
+
+Each (batch, KV head) visits only the cache blocks (pages) its row of a `DecodeBlockTable`
+lists: sink + recent blocks for streaming heads, the top-k pages of a Quest-style selection,
+or every block below the length for dense heads. The g query heads of a GQA group are
+computed together from one load of each block. The table can be split over `num_splits`
+independent programs whose partial results are merged with a log-sum-exp combine, which
+keeps a GPU busy at batch 1 with long caches.
+
+Lowerings:
+  * "tpu": Mosaic TPU. Grid (B, Hkv, splits, blocks per split); table, counts, lengths and
+    per-head sink/window arrive through scalar prefetch and drive the K/V index maps, so the
+    pipeline DMAs only listed blocks (entries past a row's count repeat its last block).
+  * "gpu": a generic Pallas kernel (only `pl` primitives) compiled with the Triton backend.
+    Grid (B, Hkv, splits); each program loops over its share of the row's count. The group
+    is padded to at least 16 query rows for Triton's matmul. The Triton backend is chosen
+    explicitly (`pltriton.CompilerParams`): it is deprecated from JAX 0.11 but works. Mosaic
+    GPU, JAX's recommended Hopper backend, has no variant here: none could be run on a GPU
+    in this project's CPU-only environment.
+  * "reference": `block_sparse_decode_reference`, dense masked attention in jnp.
+
+Neither kernel has run on a TPU or GPU: both are tested in interpret mode on CPU and checked
+to lower (to Mosaic TPU MLIR and to Triton IR) with cross-platform lowering.
+
+Layout: q [B, H, D], k and v [B, Hkv, C, D] (H = Hkv * g, C a multiple of the block size);
+lengths int32[B] or [B, Hkv]: slots [0, length) of a row are valid and the query sits at
+position length - 1 (what sink/window masks are measured from). Output [B, H, D].
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import tpu as pltpu
+from jax.experimental.pallas import triton as pltriton
+
+from pallas_kernels import block_masks
+from pallas_kernels.block_masks import DecodeBlockTable, MaskDescription
+from pallas_kernels.lowering import pick_implementation
+from pallas_kernels.online_softmax import MASK_VALUE, attend_block, initial_state
+
+_TRITON_MIN_ROWS = 16  # Triton's tl.dot needs at least 16 rows
+
+
+def _positive_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodeConfig:
+    """Tuning knobs. block_size: page size of the tables the kernel builds (a given table's
+    block size must equal it)."""
+
+    block_size: int = 128
+    num_splits: int = 1
+    num_warps: int = 4  # GPU only
+    num_stages: int = 2  # GPU only
+
+    def __post_init__(self):
+        if not _positive_int(self.block_size) or self.block_size & (self.block_size - 1):
+            raise ValueError(
+                f"DecodeConfig.block_size must be a power of two, got {self.block_size!r}")
+        for name in ("num_splits", "num_warps", "num_stages"):
+            if not _positive_int(getattr(self, name)):
+                raise ValueError(f"DecodeConfig.{name} must be a positive int, "
+                                 f"got {getattr(self, name)!r}")
+
+
+def _block_visible(kv_block, block_size, rows, sink, window, length):
+    """bool[rows, block_size]: slots before the length, in the sink or the recent window."""
+    k_pos = kv_block * block_size + jax.lax.broadcasted_iota(jnp.int32, (rows, block_size), 1)
+    return block_masks.token_visible(length - 1, k_pos, sink, window)
+
+
+def _split_result(acc, l, m):
+    """Normalised partial output and its log-sum-exp (MASK_VALUE when the split saw nothing)."""
+    seen = l > 0.0
+    out = jnp.where(seen, acc / jnp.where(seen, l, 1.0), 0.0)  # [rows, D]
+    lse = jnp.where(seen, m + jnp.log(jnp.where(seen, l, 1.0)), MASK_VALUE)  # [rows, 1]
+    return out, lse
+
+
+# ----------------------------------------------------------------------------------------
+# Mosaic TPU lowering.
+# ----------------------------------------------------------------------------------------
+
+
+def _decode_kernel_tpu(
+    # Scalar prefetch (SMEM).
+    kv_blocks_ref,  # int32[B * Hkv * n_max]
+    counts_ref,  # int32[B * Hkv]
+    lengths_ref,  # int32[B * Hkv]
+    sink_ref,  # int32[Hkv]
+    window_ref,  # int32[Hkv]
+    # Blocks (VMEM).
+    q_ref,  # [g, D]
+    k_ref,  # [bs, D]
+    v_ref,  # [bs, D]
+    o_ref,  # f32[g, D]  this split's normalised output
+    lse_ref,  # f32[g, 1]  this split's log-sum-exp
+    # Scratch (VMEM), carried over the innermost grid axis.
+    m_ref,  # f32[g, 1]
+    l_ref,  # f32[g, 1]
+    acc_ref,  # f32[g, D]
+    *,
+    sm_scale: float,
+    block_size: int,
+    num_kv_heads: int,
+    max_blocks: int,
+    per_split: int,
+):
+    b, h, split, step = (pl.program_id(i) for i in range(4))
+    row = b * num_kv_heads + h
+    entry = split * per_split + step
+    kv_block = kv_blocks_ref[row * max_blocks + jnp.minimum(entry, max_blocks - 1)]
+    length = lengths_ref[row]
+
+    @pl.when(step == 0)
+    def _init():
+        m_ref[...], l_ref[...], acc_ref[...] = initial_state(*acc_ref.shape)
+
+    @pl.when((entry < counts_ref[row]) & (kv_block * block_size < length))
+    def _update():
+        q = q_ref[...]  # [g, D]
+        visible = _block_visible(kv_block, block_size, q.shape[0], sink_ref[h], window_ref[h],
+                                 length)
+        m_ref[...], l_ref[...], acc_ref[...] = attend_block(
+            q, k_ref[...], v_ref[...], m_ref[...], l_ref[...], acc_ref[...], visible, sm_scale)
+
+    @pl.when(step == per_split - 1)
+    def _store():
+        o_ref[...], lse_ref[...] = _split_result(acc_ref[...], l_ref[...], m_ref[...])
+
+
+def _decode_tpu(qg, k, v, lengths, table, sink, window, sm_scale, num_splits, interpret):
+    batch, num_kv_heads, group, head_dim = qg.shape
+    block_size, max_blocks = table.block_size, table.max_blocks
+    per_split = pl.cdiv(max_blocks, num_splits)
+
+    def q_map(b, h, split, step, *_):
+        return b, h, 0, 0
+
+    def kv_map(b, h, split, step, kv_blocks, counts, lengths, sink, window):
+        del lengths, sink, window
+        row = b * num_kv_heads + h
+        # Steps past the row's count revisit its last listed block: no new copy.
+        entry = jnp.minimum(split * per_split + step, jnp.maximum(counts[row] - 1, 0))
+        return b, h, kv_blocks[row * max_blocks + entry], 0
+
+    def out_map(b, h, split, step, *_):
+        return b, h, split, 0, 0
+
+    squeezed = pl.Squeezed()
+    kv_spec = pl.BlockSpec((squeezed, squeezed, block_size, head_dim), kv_map)
+    kernel = functools.partial(
+        _decode_kernel_tpu, sm_scale=sm_scale, block_size=block_size, num_kv_heads=num_kv_heads,
+        max_blocks=max_blocks, per_split=per_split)
+    grid_spec = pltpu.PrefetchScalarGridSpec(
+        num_scalar_prefetch=5,
+        grid=(batch, num_kv_heads, num_splits, per_split),
+        in_specs=[pl.BlockSpec((squeezed, squeezed, group, head_dim), q_map), kv_spec, kv_spec],
+        out_specs=[pl.BlockSpec((squeezed, squeezed, squeezed, group, head_dim), out_map),
+                   pl.BlockSpec((squeezed, squeezed, squeezed, group, 1), out_map)],
+        scratch_shapes=[pltpu.VMEM((group, 1), jnp.float32),
+                        pltpu.VMEM((group, 1), jnp.float32),
+                        pltpu.VMEM((group, head_dim), jnp.float32)],
+    )
+    split_shape = (batch, num_kv_heads, num_splits, group)
+    return pl.pallas_call(
+        kernel,
+        grid_spec=grid_spec,
+        out_shape=[jax.ShapeDtypeStruct(split_shape + (head_dim,), jnp.float32),
+                   jax.ShapeDtypeStruct(split_shape + (1,), jnp.float32)],
+        compiler_params=pltpu.CompilerParams(
+            dimension_semantics=("parallel", "parallel", "parallel", "arbitrary")),
+        interpret=pltpu.InterpretParams() if interpret else False,
+        name="block_sparse_decode_tpu",
+    )(
+        table.kv_blocks.reshape(-1), table.counts.reshape(-1), lengths.reshape(-1),
+        jnp.asarray(sink), jnp.asarray(window),
+        qg, k, v,
+    )
+
+
+# ----------------------------------------------------------------------------------------
+# GPU lowering (generic Pallas, Triton backend).
+# ----------------------------------------------------------------------------------------
+
+
+def _decode_kernel_gpu(
+    kv_blocks_ref,  # int32[B, Hkv, n_max]
+    counts_ref,  # int32[B, Hkv]
+    lengths_ref,  # int32[B, Hkv]
+    sink_ref,  # int32[Hkv]
+    window_ref,  # int32[Hkv]
+    q_ref,  # [g_pad, D]
+    k_ref,  # [C, D]  this (batch, KV head)'s cache; only listed blocks are read
+    v_ref,  # [C, D]
+    o_ref,  # f32[g_pad, D]
+    lse_ref,  # f32[g_pad, 1]
+    *,
+    sm_scale: float,
+    block_size: int,
+    per_split: int,
+):
+    b, h, split = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    length, sink, window = lengths_ref[b, h], sink_ref[h], window_ref[h]
+    q = q_ref[...]  # [g_pad, D]
+    rows, head_dim = q.shape
+
+    def body(entry, carry):
+        kv_block = kv_blocks_ref[b, h, entry]
+        start = pl.multiple_of(kv_block * block_size, block_size)
+
+        def attend():
+            k = k_ref[pl.ds(start, block_size), :]  # [bs, D]
+            v = v_ref[pl.ds(start, block_size), :]  # [bs, D]
+            visible = _block_visible(kv_block, block_size, rows, sink, window, length)
+            return attend_block(q, k, v, *carry, visible, sm_scale)
+
+        return jax.lax.cond(start < length, attend, lambda: carry)
+
+    first = split * per_split
+    last = jnp.minimum(first + per_split, counts_ref[b, h])
+    m, l, acc = jax.lax.fori_loop(first, last, body, initial_state(rows, head_dim))
+    o_ref[...], lse_ref[...] = _split_result(acc, l, m)
+
+
+def _decode_gpu(qg, k, v, lengths, table, sink, window, sm_scale, num_splits, interpret,
+                config):
+    batch, num_kv_heads, group, head_dim = qg.shape
+    capacity = k.shape[2]
+    rows = max(_TRITON_MIN_ROWS, pl.next_power_of_2(group))
+    qg = jnp.pad(qg, ((0, 0), (0, 0), (0, rows - group), (0, 0)))  # [B, Hkv, g_pad, D]
+    per_split = pl.cdiv(table.max_blocks, num_splits)
+    squeezed = pl.Squeezed()
+    scalars = (table.kv_blocks, table.counts, lengths, jnp.asarray(sink), jnp.asarray(window))
+    whole = lambda x: pl.BlockSpec(x.shape, lambda b, h, s: (0,) * x.ndim)  # noqa: E731
+    split_map = lambda b, h, s: (b, h, s, 0, 0)  # noqa: E731
+    kernel = functools.partial(_decode_kernel_gpu, sm_scale=sm_scale,
+                               block_size=table.block_size, per_split=per_split)
+    split_shape = (batch, num_kv_heads, num_splits, rows)
+    out, lse = pl.pallas_call(
+        kernel,
+        grid=(batch, num_kv_heads, num_splits),
+        in_specs=[
+            *(whole(x) for x in scalars),
+            pl.BlockSpec((squeezed, squeezed, rows, head_dim), lambda b, h, s: (b, h, 0, 0)),
+            pl.BlockSpec((squeezed, squeezed, capacity, head_dim), lambda b, h, s: (b, h, 0, 0)),
+            pl.BlockSpec((squeezed, squeezed, capacity, head_dim), lambda b, h, s: (b, h, 0, 0)),
+        ],
+        out_specs=[pl.BlockSpec((squeezed, squeezed, squeezed, rows, head_dim), split_map),
+                   pl.BlockSpec((squeezed, squeezed, squeezed, rows, 1), split_map)],
+        out_shape=[jax.ShapeDtypeStruct(split_shape + (head_dim,), jnp.float32),
+                   jax.ShapeDtypeStruct(split_shape + (1,), jnp.float32)],
+        compiler_params=pltriton.CompilerParams(num_warps=config.num_warps,
+                                                num_stages=config.num_stages),
+        interpret=interpret,
+        name="block_sparse_decode_gpu",
+    )(*scalars, qg, k, v)
+    return out[:, :, :, :group], lse[:, :, :, :group]
+
+
+# ----------------------------------------------------------------------------------------
+# Combine, reference and public entry.
+# ----------------------------------------------------------------------------------------
+
+
+def combine_splits(out: jax.Array, lse: jax.Array) -> jax.Array:
+    """Merges per-split partial results with their log-sum-exps (flash-decoding combine).
+
+    out f32[B, Hkv, S, g, D], lse f32[B, Hkv, S, g, 1] -> f32[B, Hkv, g, D].
+    """
+    weight = jnp.exp(lse - jnp.max(lse, axis=2, keepdims=True))  # [B, Hkv, S, g, 1]
+    return jnp.sum(weight * out, axis=2) / jnp.sum(weight, axis=2)  # [B, Hkv, g, D]
+
+
+def _check_inputs(q, k, v):
+    if q.ndim != 3 or k.ndim != 4 or k.shape != v.shape:
+        raise ValueError(f"expected q [B, H, D] and k, v [B, Hkv, C, D], got q {q.shape}, "
+                         f"k {k.shape}, v {v.shape}")
+    batch, num_heads, head_dim = q.shape
+    if k.shape[0] != batch or k.shape[3] != head_dim:
+        raise ValueError(f"k/v {k.shape} do not match q {q.shape} in batch or head dim")
+    if num_heads % k.shape[1]:
+        raise ValueError(f"query heads {num_heads} not a multiple of KV heads {k.shape[1]}")
+
+
+def _check_table(table: DecodeBlockTable, batch: int, num_kv_heads: int, capacity: int):
+    if not isinstance(table, DecodeBlockTable):
+        raise ValueError(f"table must be a DecodeBlockTable or None, got {type(table).__name__}")
+    if table.kv_blocks.ndim != 3 or table.kv_blocks.shape[:2] != (batch, num_kv_heads):
+        raise ValueError(f"table.kv_blocks must be int32[B={batch}, Hkv={num_kv_heads}, n_max], "
+                         f"got {table.kv_blocks.shape}")
+    if table.counts.shape != (batch, num_kv_heads):
+        raise ValueError(f"table.counts must be int32[{batch}, {num_kv_heads}], "
+                         f"got {table.counts.shape}")
+    if capacity % table.block_size:
+        raise ValueError(f"cache capacity {capacity} is not a multiple of the table's block size "
+                         f"{table.block_size}; allocate the cache in whole blocks")
+
+
+def _resolve(k, lengths, table, mask, block_size):
+    """(lengths int32[B, Hkv], table, sink int32[Hkv], window int32[Hkv]) for a call."""
+    batch, num_kv_heads, capacity, _ = k.shape
+    lengths = jnp.clip(block_masks.decode_lengths(lengths, batch, num_kv_heads), 0, capacity)
+    mask = block_masks.DenseCausal() if mask is None else mask
+    sink, window = block_masks.head_sink_window(mask, num_kv_heads)
+    if table is None:
+        table = block_masks.decode_table_from_mask(
+            mask, lengths, num_kv_heads=num_kv_heads, capacity=capacity, block_size=block_size)
+    _check_table(table, batch, num_kv_heads, capacity)
+    table = DecodeBlockTable(kv_blocks=jnp.asarray(table.kv_blocks, jnp.int32),
+                             counts=jnp.asarray(table.counts, jnp.int32),
+                             block_size=table.block_size)
+    return lengths, table, sink, window
+
+
+def block_sparse_decode_reference(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    lengths: jax.Array,
+    table: DecodeBlockTable | None = None,
+    *,
+    mask: MaskDescription | None = None,
+    sm_scale: float | None = None,
+) -> jax.Array:
+    """Dense masked decode attention with the kernel's semantics (the ground truth).
+
+    Visible slots: listed by the table (all blocks when None), below the length, and inside
+    the per-KV-head mask (dense when None). A head that sees nothing outputs zeros.
+    """
+    _check_inputs(q, k, v)
+    batch, num_heads, head_dim = q.shape
+    _, num_kv_heads, capacity, _ = k.shape
+    sm_scale = head_dim**-0.5 if sm_scale is None else sm_scale
+    block_size = capacity if table is None else table.block_size
+    lengths, table, sink, window = _resolve(k, lengths, table, mask, block_size)
+    pos = jnp.arange(capacity, dtype=jnp.int32)
+    visible = (block_masks.decode_table_mask(table, capacity)
+               & block_masks.token_visible(lengths[..., None] - 1, pos, sink[:, None],
+                                           window[:, None]))  # [B, Hkv, C]
+    qg = q.reshape(batch, num_kv_heads, -1, head_dim)  # [B, Hkv, g, D]
+    s = jnp.einsum("bhgd,bhkd->bhgk", qg, k, preferred_element_type=jnp.float32) * sm_scale
+    s = jnp.where(visible[:, :, None], s, -jnp.inf)  # [B, Hkv, g, C]
+    m = jnp.max(s, axis=-1, keepdims=True)
+    p = jnp.where(visible[:, :, None], jnp.exp(s - jnp.where(jnp.isfinite(m), m, 0.0)), 0.0)
+    l = jnp.sum(p, axis=-1, keepdims=True)  # [B, Hkv, g, 1]
+    o = jnp.einsum("bhgk,bhkd->bhgd", p, v.astype(jnp.float32))  # [B, Hkv, g, D]
+    o = jnp.where(l > 0, o / jnp.where(l > 0, l, 1.0), 0.0)
+    return o.reshape(q.shape).astype(q.dtype)
+
+
+def block_sparse_decode(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    lengths: jax.Array,
+    table: DecodeBlockTable | None = None,
+    *,
+    mask: MaskDescription | None = None,
+    sm_scale: float | None = None,
+    config: DecodeConfig = DecodeConfig(),
+    implementation: str | None = None,
+    interpret: bool = False,
+) -> jax.Array:
+    """Decode attention over listed cache blocks: q [B, H, D], k, v [B, Hkv, C, D] -> [B, H, D].
+
+    table: blocks to visit per (batch, KV head); None visits what `mask` allows (every block
+    below the length when mask is None too), built at config.block_size. mask: optional
+    per-KV-head description applied element-wise (e.g. SinkLocal for streaming heads).
+    implementation: "tpu", "gpu", "reference", or None to follow `jax.default_backend()`
+    (on CPU: the reference, or the TPU kernel interpreted when interpret=True).
+    """
+    _check_inputs(q, k, v)
+    if not isinstance(config, DecodeConfig):
+        raise ValueError(f"config must be a DecodeConfig, got {config!r}")
+    if table is not None and table.block_size != config.block_size:
+        raise ValueError(f"table.block_size {table.block_size} differs from "
+                         f"config.block_size {config.block_size}")
+    implementation = pick_implementation(implementation, interpret)
+    if implementation == "reference":
+        return block_sparse_decode_reference(q, k, v, lengths, table, mask=mask, sm_scale=sm_scale)
+    batch, num_heads, head_dim = q.shape
+    num_kv_heads = k.shape[1]
+    sm_scale = head_dim**-0.5 if sm_scale is None else sm_scale
+    lengths, table, sink, window = _resolve(k, lengths, table, mask, config.block_size)
+    num_splits = min(config.num_splits, table.max_blocks)
+    qg = q.reshape(batch, num_kv_heads, num_heads // num_kv_heads, head_dim)  # [B, Hkv, g, D]
+    if implementation == "tpu":
+        out, lse = _decode_tpu(qg, k, v, lengths, table, sink, window, sm_scale, num_splits,
+                               interpret)
+    else:
+        out, lse = _decode_gpu(qg, k, v, lengths, table, sink, window, sm_scale, num_splits,
+                               interpret, config)
+    return combine_splits(out, lse).reshape(q.shape).astype(q.dtype)  # [B, H, D]

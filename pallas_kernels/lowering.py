@@ -1,0 +1,21 @@
+"""Which lowering a kernel entry point runs: Mosaic TPU, GPU (Triton), or the jnp reference."""
+
+from __future__ import annotations
+
+import jax
+
+IMPLEMENTATIONS = ("tpu", "gpu", "reference")
+
+
+def pick_implementation(implementation: str | None, interpret: bool) -> str:
+    """An explicit choice, else `jax.default_backend()`: tpu and gpu get their kernel; cpu gets
+    the reference, or the TPU kernel in interpret mode when interpret=True."""
+    if implementation is None:
+        backend = jax.default_backend()
+        if backend in ("tpu", "gpu"):
+            return backend
+        return "tpu" if interpret else "reference"
+    if implementation not in IMPLEMENTATIONS:
+        raise ValueError(f"implementation must be one of {IMPLEMENTATIONS} or None, "
+                         f"got {implementation!r}")
+    return implementation

@@ -1,0 +1,172 @@
+"""Block-sparse decode (both lowerings, interpret mode) against dense attention written here."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pallas_kernels import block_masks as bm
+from pallas_kernels.block_sparse_decode import (
+    DecodeConfig, block_sparse_decode, block_sparse_decode_reference)
+
+IMPLEMENTATIONS = ("tpu", "gpu")
+
+
+def _dense_decode(q, k, v, visible):
+    """float64 numpy decode attention; visible bool[B, Hkv, C]; zeros where nothing is visible."""
+    q, k, v = (np.asarray(x, np.float64) for x in (q, k, v))
+    batch, num_heads, head_dim = q.shape
+    group = num_heads // k.shape[1]
+    k, v = np.repeat(k, group, axis=1), np.repeat(v, group, axis=1)  # [B, H, C, D]
+    mask = np.repeat(visible, group, axis=1)  # [B, H, C]
+    s = np.where(mask, np.einsum("bhd,bhcd->bhc", q, k) / np.sqrt(head_dim), -np.inf)
+    m = s.max(-1, keepdims=True)
+    p = np.where(mask, np.exp(s - np.where(np.isfinite(m), m, 0.0)), 0.0)
+    l = p.sum(-1, keepdims=True)
+    return np.einsum("bhc,bhcd->bhd", p, v) / np.where(l > 0, l, 1.0)
+
+
+def _inputs(key, batch, num_heads, num_kv_heads, capacity, head_dim, dtype=jnp.float32):
+    kq, kk, kv = jax.random.split(key, 3)
+    q = jax.random.normal(kq, (batch, num_heads, head_dim), jnp.float32)
+    k = jax.random.normal(kk, (batch, num_kv_heads, capacity, head_dim), jnp.float32)
+    v = jax.random.normal(kv, (batch, num_kv_heads, capacity, head_dim), jnp.float32)
+    return q.astype(dtype), k.astype(dtype), v.astype(dtype)
+
+
+def _listed(kv_blocks, counts, capacity, block_size):
+    """bool[B, Hkv, C]: slots of the blocks a table lists."""
+    listed = np.zeros(counts.shape + (capacity // block_size,), bool)
+    for b, h in np.ndindex(counts.shape):
+        listed[b, h, kv_blocks[b, h, :counts[b, h]]] = True
+    return np.repeat(listed, block_size, axis=-1)
+
+
+def _poison_unlisted(k, v, listed):
+    """NaN in every slot no table entry lists: a kernel that reads them returns NaN."""
+    bad = ~listed[..., None]
+    return jnp.where(bad, jnp.nan, k), jnp.where(bad, jnp.nan, v)
+
+
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+def test_dense_decode_with_short_and_empty_sequences(implementation):
+    batch, heads, kv_heads, capacity, head_dim, block = 3, 2, 2, 128, 64, 32  # GQA 1
+    q, k, v = _inputs(jax.random.key(0), batch, heads, kv_heads, capacity, head_dim)
+    lengths = np.array([128, 45, 0])
+    slots = np.arange(capacity)
+    visible = np.broadcast_to((slots < lengths[:, None])[:, None], (batch, kv_heads, capacity))
+    expected = _dense_decode(q, k, v, visible)
+    # Slots past each length are never read, except the tail of the last partial block.
+    past = slots >= -(-lengths[:, None, None] // block) * block  # [B, 1, C]
+    k_bad, v_bad = _poison_unlisted(k, v, ~past)
+    out = block_sparse_decode(q, k_bad, v_bad, jnp.asarray(lengths, jnp.int32),
+                              config=DecodeConfig(block_size=block), implementation=implementation,
+                              interpret=True)
+    np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(out[2], 0.0)
+
+
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+def test_duo_attention_streaming_heads(implementation):
+    """Dense KV head 0, sink+local KV head 1 (GQA 4); blocks outside sink+window are unread."""
+    batch, heads, kv_heads, capacity, head_dim, block = 2, 8, 2, 256, 128, 16
+    desc = bm.PerHead((bm.DenseCausal(), bm.SinkLocal(4, 40)))
+    q, k, v = _inputs(jax.random.key(1), batch, heads, kv_heads, capacity, head_dim)
+    lengths = np.array([250, 61])
+    slots = np.arange(capacity)
+    n = lengths[:, None]
+    visible = np.stack([slots < n, (slots < n) & ((slots < 4) | (n - 1 - slots < 40))], axis=1)
+    expected = _dense_decode(q, k, v, visible)
+    table = bm.decode_table_from_mask(desc, jnp.asarray(lengths), num_kv_heads=kv_heads,
+                                      capacity=capacity, block_size=block)
+    assert int(table.counts[:, 1].max()) <= 1 + 3 + 1  # sink block + window blocks + 1
+    listed = _listed(np.asarray(table.kv_blocks), np.asarray(table.counts), capacity, block)
+    k_bad, v_bad = _poison_unlisted(k, v, listed)
+    out = block_sparse_decode(q, k_bad, v_bad, jnp.asarray(lengths), mask=desc,
+                              config=DecodeConfig(block_size=block, num_splits=3),
+                              implementation=implementation, interpret=True)
+    np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5)
+    reference = block_sparse_decode_reference(q, k, v, jnp.asarray(lengths), mask=desc)
+    np.testing.assert_allclose(reference, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+@pytest.mark.parametrize("num_splits", [1, 2])
+def test_random_table_gqa8_per_head_lengths(implementation, num_splits):
+    batch, heads, kv_heads, capacity, head_dim, block = 2, 16, 2, 192, 64, 32
+    q, k, v = _inputs(jax.random.key(2), batch, heads, kv_heads, capacity, head_dim)
+    lengths = np.array([[192, 100], [33, 170]])  # int32[B, Hkv]
+    rng = np.random.default_rng(0)
+    kv_blocks = np.zeros((batch, kv_heads, 4), np.int32)
+    counts = np.zeros((batch, kv_heads), np.int32)
+    for b, h in np.ndindex(batch, kv_heads):
+        chosen = rng.permutation(6)[:rng.integers(1, 5)]  # unordered; may list blocks past length
+        counts[b, h] = len(chosen)
+        kv_blocks[b, h, :len(chosen)] = chosen
+        kv_blocks[b, h, len(chosen):] = chosen[-1]
+    table = bm.DecodeBlockTable(jnp.asarray(kv_blocks), jnp.asarray(counts), block_size=block)
+    listed = _listed(kv_blocks, counts, capacity, block)
+    visible = listed & (np.arange(capacity) < lengths[..., None])
+    expected = _dense_decode(q, k, v, visible)
+    k_bad, v_bad = _poison_unlisted(k, v, listed)
+    out = block_sparse_decode(q, k_bad, v_bad, jnp.asarray(lengths), table,
+                              config=DecodeConfig(block_size=block, num_splits=num_splits),
+                              implementation=implementation, interpret=True)
+    np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5)
+    reference = block_sparse_decode_reference(q, k, v, jnp.asarray(lengths), table)
+    np.testing.assert_allclose(reference, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+def test_top_k_page_selection_end_to_end_bfloat16(implementation):
+    """Quest-style: bounds -> top-k pages -> kernel equals dense attention over those pages."""
+    batch, heads, kv_heads, capacity, head_dim, page, top_k = 2, 8, 2, 160, 128, 16, 3
+    q, k, v = _inputs(jax.random.key(3), batch, heads, kv_heads, capacity, head_dim,
+                      jnp.bfloat16)
+    lengths = jnp.array([160, 70], jnp.int32)
+    k_min, k_max = bm.page_key_bounds(k, lengths, block_size=page)
+    table = bm.decode_table_top_k_pages(q, k_min, k_max, lengths, top_k=top_k, block_size=page)
+    np.testing.assert_array_equal(table.counts, top_k)
+    listed = _listed(np.asarray(table.kv_blocks), np.asarray(table.counts), capacity, page)
+    visible = listed & (np.arange(capacity) < np.asarray(lengths)[:, None, None])
+    expected = _dense_decode(q, k, v, visible)
+    out = block_sparse_decode(q, k, v, lengths, table,
+                              config=DecodeConfig(block_size=page, num_splits=2),
+                              implementation=implementation, interpret=True)
+    assert out.dtype == jnp.bfloat16
+    np.testing.assert_allclose(np.asarray(out, np.float32), expected, rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("implementation,platform", [("tpu", "tpu"), ("gpu", "cuda")])
+def test_lowers_for_hardware(implementation, platform):
+    """The kernel lowers to Mosaic TPU / Triton on this CPU-only machine (not run there)."""
+    q = jax.ShapeDtypeStruct((2, 32, 128), jnp.bfloat16)
+    k = jax.ShapeDtypeStruct((2, 8, 4096, 128), jnp.bfloat16)
+    lengths = jax.ShapeDtypeStruct((2,), jnp.int32)
+    desc = bm.PerHead((bm.DenseCausal(),) * 4 + (bm.SinkLocal(64, 256),) * 4)
+
+    def run(q, k, v, lengths):
+        return block_sparse_decode(q, k, v, lengths, mask=desc,
+                                   config=DecodeConfig(block_size=128, num_splits=4),
+                                   implementation=implementation)
+
+    lowered = jax.jit(run).trace(q, k, k, lengths).lower(lowering_platforms=(platform,))
+    assert ("tpu_custom_call" if platform == "tpu" else "triton") in lowered.as_text()
+
+
+def test_default_on_cpu_is_the_reference_and_errors_are_clear():
+    q, k, v = _inputs(jax.random.key(4), 2, 4, 2, 64, 64)
+    lengths = jnp.array([64, 10], jnp.int32)
+    np.testing.assert_array_equal(block_sparse_decode(q, k, v, lengths),
+                                  block_sparse_decode_reference(q, k, v, lengths))
+    with pytest.raises(ValueError, match="multiple of the block size|multiple of block_size"):
+        block_sparse_decode(q, k[:, :, :60], v[:, :, :60], lengths, implementation="gpu",
+                            config=DecodeConfig(block_size=16), interpret=True)
+    with pytest.raises(ValueError, match="lengths"):
+        block_sparse_decode(q, k, v, jnp.array([1, 2, 3]), implementation="gpu", interpret=True)
+    with pytest.raises(ValueError, match="differs"):
+        table = bm.decode_table_from_mask(bm.DenseCausal(), lengths, num_kv_heads=2,
+                                          capacity=64, block_size=16)
+        block_sparse_decode(q, k, v, lengths, table, config=DecodeConfig(block_size=32))
+    with pytest.raises(ValueError, match="expected q"):
+        block_sparse_decode(q[:, None], k, v, lengths)

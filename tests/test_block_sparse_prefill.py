@@ -1,0 +1,161 @@
+"""Block-sparse prefill (both lowerings, interpret mode) against dense attention written here."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pallas_kernels import block_masks as bm
+from pallas_kernels.block_sparse_prefill import (
+    PrefillConfig, block_sparse_prefill, block_sparse_prefill_reference)
+
+IMPLEMENTATIONS = ("tpu", "gpu")
+
+
+def _dense_attention(q, k, v, visible, lengths):
+    """float64 numpy attention; visible bool[H, T, T]; zero rows where nothing is visible."""
+    q, k, v = (np.asarray(x, np.float64) for x in (q, k, v))
+    batch, num_heads, seq_len, head_dim = q.shape
+    group = num_heads // k.shape[1]
+    k, v = np.repeat(k, group, axis=1), np.repeat(v, group, axis=1)  # [B, H, T, D]
+    pos = np.arange(seq_len)
+    mask = visible[None] & (pos < lengths[:, None])[:, None, None, :]  # [B, H, T, T]
+    s = np.einsum("bhqd,bhkd->bhqk", q, k) / np.sqrt(head_dim)
+    s = np.where(mask, s, -np.inf)
+    m = s.max(-1, keepdims=True)
+    p = np.where(mask, np.exp(s - np.where(np.isfinite(m), m, 0.0)), 0.0)
+    l = p.sum(-1, keepdims=True)
+    out = np.einsum("bhqk,bhkd->bhqd", p, v) / np.where(l > 0, l, 1.0)
+    return np.where((pos < lengths[:, None])[:, None, :, None], out, 0.0)
+
+
+def _visible(patterns, seq_len):
+    """bool[H, T, T] from per-head (sink, window), written out directly."""
+    i, j = np.arange(seq_len)[:, None], np.arange(seq_len)[None, :]
+    return np.stack([(j <= i) & ((j < s) | (i - j < w)) for s, w in patterns])
+
+
+def _inputs(key, batch, num_heads, num_kv_heads, seq_len, head_dim, dtype):
+    kq, kk, kv = jax.random.split(key, 3)
+    q = jax.random.normal(kq, (batch, num_heads, seq_len, head_dim), jnp.float32)
+    k = jax.random.normal(kk, (batch, num_kv_heads, seq_len, head_dim), jnp.float32)
+    v = jax.random.normal(kv, (batch, num_kv_heads, seq_len, head_dim), jnp.float32)
+    return q.astype(dtype), k.astype(dtype), v.astype(dtype)
+
+
+DENSE = (0, bm.DENSE_WINDOW)
+# (batch, H, Hkv, T, D, block_q, block_k, description, per-query-head (sink, window), lengths)
+CASES = {
+    "dense_mha": (2, 2, 2, 100, 64, 32, 32, bm.DenseCausal(), [DENSE] * 2, [100, 61]),
+    "streaming_gqa4": (1, 4, 1, 77, 128, 16, 32, bm.SinkLocal(4, 24), [(4, 24)] * 4, None),
+    "duo_per_kv_head_gqa2": (
+        2, 4, 2, 100, 64, 32, 32, bm.PerHead((bm.DenseCausal(), bm.SinkLocal(5, 20))),
+        [DENSE] * 2 + [(5, 20)] * 2, [100, 37]),
+    "duo_per_query_head_gqa8": (
+        1, 8, 1, 45, 64, 16, 16,
+        bm.PerHead((bm.DenseCausal(), bm.SinkLocal(2, 9)) * 4), [DENSE, (2, 9)] * 4, [41]),
+}
+
+
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+@pytest.mark.parametrize("case", list(CASES))
+def test_prefill_matches_dense_attention(case, implementation):
+    batch, heads, kv_heads, seq_len, head_dim, bq, bk, desc, patterns, lengths = CASES[case]
+    q, k, v = _inputs(jax.random.key(len(case)), batch, heads, kv_heads, seq_len, head_dim,
+                      jnp.float32)
+    lengths = np.full(batch, seq_len) if lengths is None else np.asarray(lengths)
+    expected = _dense_attention(q, k, v, _visible(patterns, seq_len), lengths)
+    out = block_sparse_prefill(q, k, v, desc, lengths=jnp.asarray(lengths, jnp.int32),
+                               config=PrefillConfig(block_q=bq, block_k=bk),
+                               implementation=implementation, interpret=True)
+    assert out.shape == q.shape and out.dtype == q.dtype
+    np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5)
+    reference = block_sparse_prefill_reference(q, k, v, desc, lengths=jnp.asarray(lengths))
+    np.testing.assert_allclose(reference, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+def test_random_table_never_touches_unlisted_blocks(implementation):
+    """Blocks no row lists, and blocks past a sequence's length, hold NaN: output stays exact."""
+    batch, heads, kv_heads, seq_len, head_dim, block = 2, 2, 1, 110, 64, 16
+    num_blocks, lengths = 7, np.array([110, 50])  # T padded to 112; sequence 1 ends in block 3
+    rng = np.random.default_rng(0)
+    dead = {2, 5}  # never listed, by any head
+    live = np.array([b for b in range(num_blocks) if b not in dead])
+    kv_blocks = np.zeros((heads, num_blocks, 4), np.int32)
+    counts = np.zeros((heads, num_blocks), np.int32)
+    for h in range(heads):
+        for qi in range(num_blocks):
+            chosen = rng.permutation(live)[:rng.integers(0, 5)]  # unordered, may be empty
+            counts[h, qi] = len(chosen)
+            kv_blocks[h, qi, :len(chosen)] = chosen
+            kv_blocks[h, qi, len(chosen):] = chosen[-1] if len(chosen) else live[0]
+    table = bm.prefill_table_from_blocks(kv_blocks, counts, block_q=block, block_k=block)
+    q, k, v = _inputs(jax.random.key(1), batch, heads, kv_heads, seq_len, head_dim, jnp.float32)
+    listed = np.zeros((heads, num_blocks, num_blocks), bool)
+    for h, qi in np.ndindex(heads, num_blocks):
+        listed[h, qi, kv_blocks[h, qi, :counts[h, qi]]] = True
+    listed = np.kron(listed, np.ones((block, block), bool))[:, :seq_len, :seq_len]
+    visible = listed & _visible([DENSE] * heads, seq_len)
+    expected = _dense_attention(q, k, v, visible, lengths)
+
+    poison = np.zeros((batch, 1, seq_len, 1), bool)
+    for b in dead:
+        poison[:, :, b * block:(b + 1) * block] = True
+    poison[1, :, 4 * block:] = True  # whole blocks past sequence 1's length
+    k_bad, v_bad = (jnp.where(poison, jnp.nan, x) for x in (k, v))
+    config = PrefillConfig(block_q=block, block_k=block)
+    out = block_sparse_prefill(q, k_bad, v_bad, table, lengths=jnp.asarray(lengths),
+                               config=config, implementation=implementation, interpret=True)
+    np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5)
+    reference = block_sparse_prefill_reference(q, k, v, table, lengths=jnp.asarray(lengths))
+    np.testing.assert_allclose(reference, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+def test_bfloat16(implementation):
+    batch, heads, kv_heads, seq_len, head_dim = 2, 8, 1, 150, 128
+    desc = bm.PerHead((bm.SinkLocal(16, 40),) + (bm.DenseCausal(),) * 7)
+    q, k, v = _inputs(jax.random.key(2), batch, heads, kv_heads, seq_len, head_dim, jnp.bfloat16)
+    lengths = np.array([150, 99])
+    expected = _dense_attention(q, k, v, _visible([(16, 40)] + [DENSE] * 7, seq_len), lengths)
+    out = block_sparse_prefill(q, k, v, desc, lengths=jnp.asarray(lengths),
+                               config=PrefillConfig(block_q=64, block_k=32),
+                               implementation=implementation, interpret=True)
+    assert out.dtype == jnp.bfloat16
+    np.testing.assert_allclose(np.asarray(out, np.float32), expected, rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("implementation,platform", [("tpu", "tpu"), ("gpu", "cuda")])
+def test_lowers_for_hardware(implementation, platform):
+    """The kernel lowers to Mosaic TPU / Triton on this CPU-only machine (not run there)."""
+    q = jax.ShapeDtypeStruct((1, 8, 1000, 128), jnp.bfloat16)
+    k = jax.ShapeDtypeStruct((1, 2, 1000, 128), jnp.bfloat16)
+    desc = bm.PerHead((bm.DenseCausal(), bm.SinkLocal(64, 256)))
+
+    def run(q, k, v):
+        return block_sparse_prefill(q, k, v, desc, config=PrefillConfig(128, 128),
+                                    implementation=implementation)
+
+    lowered = jax.jit(run).trace(q, k, k).lower(lowering_platforms=(platform,))
+    assert ("tpu_custom_call" if platform == "tpu" else "triton") in lowered.as_text()
+
+
+def test_default_on_cpu_is_the_reference_and_errors_are_clear():
+    q, k, v = _inputs(jax.random.key(3), 1, 2, 1, 20, 64, jnp.float32)
+    desc = bm.SinkLocal(2, 5)
+    np.testing.assert_array_equal(block_sparse_prefill(q, k, v, desc),
+                                  block_sparse_prefill_reference(q, k, v, desc))
+    with pytest.raises(ValueError, match="multiple of KV heads"):
+        block_sparse_prefill(q, k[:, :1].repeat(3, 1), v[:, :1].repeat(3, 1), desc)
+    with pytest.raises(ValueError, match="lengths"):
+        block_sparse_prefill(q, k, v, desc, lengths=jnp.array([3, 4]))
+    with pytest.raises(ValueError, match="implementation"):
+        block_sparse_prefill(q, k, v, desc, implementation="cuda")
+    table = bm.prefill_block_table(desc, num_heads=2, seq_len=20, block_q=16, block_k=16)
+    with pytest.raises(ValueError, match="differ"):
+        block_sparse_prefill(q, k, v, table, config=PrefillConfig(32, 32),
+                             implementation="gpu", interpret=True)
+    with pytest.raises(ValueError, match="covers"):
+        block_sparse_prefill(q[:, :, :10], k[:, :, :10], v[:, :, :10], table,
+                             config=PrefillConfig(16, 16), implementation="gpu", interpret=True)

@@ -1,0 +1,147 @@
+"""Token-eviction policies keep exactly what their papers' formulas rank highest, within budget."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import kvjax
+from kvjax.kv_state import count, empty_segment, keep_top
+from kvjax.policies import H2O, SnapKV, StreamingLLM
+from kvjax.policies.snapkv import pool_1d
+from tests.conftest import random_tokens
+from tests.policy_reference import causal_probs, layer_queries_keys
+
+
+def kept_positions(state, layer: int) -> list[list[set[int]]]:
+    """Per sequence, per KV head, the set of original positions the state holds."""
+    pos = np.asarray(state.layers[layer][0].pos)
+    return [[set(row[row >= 0].tolist()) for row in seq] for seq in pos]
+
+
+def test_streaming_llm_keeps_sinks_and_recent_window(tiny_model):
+    m = tiny_model
+    tokens = random_tokens(0, (2, 300), m.config.vocab_size)
+    state = kvjax.prefill(m, tokens, StreamingLLM(sink=4, window=60), chunk_size=64, lengths=[300, 171])
+    for layer in range(m.config.num_layers):
+        for seq, n in zip(kept_positions(state, layer), (300, 171)):
+            for head in seq:
+                assert head == set(range(4)) | set(range(n - 60, n))
+
+
+def _reference_h2o(m, tokens, heavy, window, layer):
+    """Heavy hitters by attention summed over all prompt queries (one chunk = the H2O paper)."""
+    q, k, _ = layer_queries_keys(m, tokens)[layer]
+    scores = causal_probs(q, k, m.config.group_size).mean(axis=2).sum(axis=2)  # [B, K, T]
+    t = tokens.shape[1]
+    kept = []
+    for seq in scores:
+        heads = []
+        for s in seq:
+            s = s[: t - window]
+            heads.append(set(np.argsort(-s, kind="stable")[:heavy].tolist()) | set(range(t - window, t)))
+        kept.append(heads)
+    return kept, scores
+
+
+def test_h2o_keeps_exactly_the_heavy_hitters(tiny_model):
+    m = tiny_model
+    tokens = random_tokens(1, (2, 192), m.config.vocab_size)
+    state = kvjax.prefill(m, tokens, H2O(heavy=40, window=24), chunk_size=256)  # one chunk
+    for layer in range(m.config.num_layers):
+        expected, scores = _reference_h2o(m, tokens, 40, 24, layer)
+        assert kept_positions(state, layer) == expected
+        seg = state.layers[layer][0]  # the stored scores are the accumulated attention
+        held = np.asarray(seg.pos)
+        np.testing.assert_allclose(
+            np.asarray(seg.score)[held >= 0],
+            np.take_along_axis(scores, np.maximum(held, 0), axis=-1)[held >= 0], rtol=1e-4, atol=1e-6,
+        )
+
+
+def _reference_snapkv(m, tokens, budget, window, kernel, layer):
+    q, k, _ = layer_queries_keys(m, tokens)[layer]
+    t = tokens.shape[1]
+    probs = causal_probs(q, k, m.config.group_size).mean(axis=2)  # [B, K, T, T]
+    votes = probs[:, :, t - window :, : t - window].sum(axis=2)  # [B, K, T - window]
+    padded = np.pad(votes, ((0, 0), (0, 0), (kernel // 2, kernel // 2)))
+    pooled = np.stack([padded[..., i : i + t - window] for i in range(kernel)]).mean(0)
+    keep = budget - window
+    return [[set(np.argsort(-p, kind="stable")[:keep].tolist()) | set(range(t - window, t)) for p in seq] for seq in pooled]
+
+
+@pytest.mark.parametrize("chunk", [256, 64])
+def test_snapkv_keeps_exactly_the_observation_windows_choice(tiny_model, chunk):
+    """Chunked prefill gives the same choice: the window's votes are softmax over the whole prompt."""
+    m = tiny_model
+    tokens = random_tokens(2, (2, 256), m.config.vocab_size)
+    state = kvjax.prefill(m, tokens, SnapKV(budget_tokens=72, window=16, kernel=5), chunk_size=chunk)
+    for layer in range(m.config.num_layers):
+        assert kept_positions(state, layer) == _reference_snapkv(m, tokens, 72, 16, 5, layer)
+
+
+def test_keep_top_on_a_hand_built_pattern():
+    seg = empty_segment(1, (0, 1), 8, 2, jnp.float32, scored=True)
+    seg = seg.replace(pos=jnp.array([[[0, 1, 2, 3, 4, 5, -1, -1], [5, 3, 1, 0, 2, 4, -1, -1]]], jnp.int32))
+    priority = jnp.array([[[0.1, 0.9, 0.3, jnp.inf, 0.2, 0.5, 9.0, 9.0], [1, 2, 3, 4, 5, 6, 7, 8]]], jnp.float32)
+    out = keep_top(seg, priority, keep=3, capacity=5)
+    assert np.asarray(out.pos).tolist() == [[[1, 3, 5, -1, -1], [0, 2, 4, -1, -1]]]  # position order
+
+
+def test_pooling_matches_torch_semantics():
+    x = jnp.array([[1.0, 5.0, 2.0, 0.0, 3.0]])
+    np.testing.assert_allclose(pool_1d(x, 3, "avg"), [[6 / 3, 8 / 3, 7 / 3, 5 / 3, 3 / 3]], rtol=1e-6)
+    np.testing.assert_allclose(pool_1d(x, 3, "max"), [[5, 5, 5, 3, 3]])
+
+
+@pytest.mark.parametrize("policy", [StreamingLLM(sink=4, window=28), H2O(heavy=16, window=16)])
+def test_budget_holds_through_a_long_decode(tiny_model, policy):
+    m = tiny_model
+    tokens = random_tokens(3, (2, 100), m.config.vocab_size)
+    state = kvjax.prefill(m, tokens, policy, max_new_tokens=150, chunk_size=32)
+    shapes = jax.tree.map(jnp.shape, state)
+    token = jnp.asarray(tokens[:, -1])
+    for step in range(150):
+        logits, state = kvjax.decode_step(m, state, token, policy)
+        token = jnp.argmax(logits, -1).astype(jnp.int32)
+        assert jax.tree.map(jnp.shape, state) == shapes  # static capacity
+        assert int(jnp.max(count(state.layers[0][0]))) <= 32
+    newest = np.asarray(state.layers[1][0].pos).max(-1)
+    assert (newest == 249).all()  # the latest token is always held
+    if isinstance(policy, StreamingLLM):
+        assert all(head == set(range(4)) | set(range(222, 250)) for seq in kept_positions(state, 1) for head in seq)
+
+
+@pytest.mark.parametrize("policy", [
+    StreamingLLM(sink=4, window=1000), H2O(heavy=500, window=500), SnapKV(budget_tokens=1000, window=32),
+])
+def test_budget_covering_the_context_equals_full(tiny_model, policy):
+    """A budget at least as large as prompt + decode keeps everything: Full's logits to 1e-5."""
+    m = tiny_model
+    tokens = random_tokens(4, (2, 150), m.config.vocab_size)
+    ref = kvjax.prefill(m, tokens[:, :120], max_new_tokens=30, chunk_size=32)
+    got = kvjax.prefill(m, tokens[:, :120], policy, max_new_tokens=30, chunk_size=32)
+    for t in range(120, 150):
+        ref_logits, ref = kvjax.decode_step(m, ref, tokens[:, t])
+        got_logits, got = kvjax.decode_step(m, got, tokens[:, t], policy)
+        np.testing.assert_allclose(np.asarray(got_logits), np.asarray(ref_logits), atol=1e-5, rtol=0)
+
+
+def test_compressed_states_hold_fewer_bytes(tiny_model):
+    m = tiny_model
+    tokens = random_tokens(5, (1, 1024), m.config.vocab_size)
+    full = kvjax.kv_bytes(kvjax.prefill(m, tokens, chunk_size=256))
+    snap = kvjax.kv_bytes(kvjax.prefill(m, tokens, SnapKV(budget_tokens=128), chunk_size=256))
+    streaming = kvjax.kv_bytes(kvjax.prefill(m, tokens, StreamingLLM(sink=4, window=124), chunk_size=256))
+    assert snap < full / 6 and streaming < full / 6
+
+
+def test_bad_policy_arguments_raise():
+    with pytest.raises(ValueError, match="window < budget"):
+        SnapKV(budget_tokens=16, window=32)
+    with pytest.raises(ValueError, match="odd"):
+        SnapKV(kernel=4)
+    with pytest.raises(ValueError, match="window >= 1"):
+        StreamingLLM(window=0)
