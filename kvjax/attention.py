@@ -5,6 +5,14 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels.block_sparse_decode import DecodeConfig, block_sparse_decode
+
+# How attention runs. "auto": the Pallas kernel where one applies on GPU and TPU, the jnp
+# reference on CPU; "reference": always jnp; "tpu-interpret" / "gpu-interpret": the kernels'
+# interpreters on CPU (how tests exercise the kernel paths without an accelerator).
+ATTENTION_IMPLS = ("auto", "reference", "tpu-interpret", "gpu-interpret")
+_KERNEL_BLOCKS = (128, 64, 32, 16)
+
 _MASKED = float(jnp.finfo(jnp.float32).min)  # finite, so a row with nothing visible stays NaN-free
 
 
@@ -45,12 +53,37 @@ def reference_attention(
     return jnp.einsum("bkgtc,bkcd->btkgd", probs.astype(v.dtype), v)
 
 
+def _kernel_lowering(impl: str) -> tuple[str, bool] | None:
+    """(lowering, interpret) for the decode kernel, or None for the jnp reference."""
+    if impl not in ATTENTION_IMPLS:
+        raise ValueError(f"attention implementation must be one of {ATTENTION_IMPLS}; got {impl!r}")
+    if impl == "auto":
+        backend = jax.default_backend()
+        return (backend, False) if backend in ("gpu", "tpu") else None
+    return None if impl == "reference" else (impl.split("-")[0], True)
+
+
 def attend(
     q: jax.Array, k: jax.Array, v: jax.Array, k_pos: jax.Array, q_pos: jax.Array,
-    window: int | None, scale: float,
+    window: int | None, scale: float, impl: str = "auto",
 ) -> jax.Array:
-    """Dispatches attention for the given layout; today every backend runs the jnp reference."""
-    return reference_attention(q, k, v, k_pos, q_pos, window, scale)
+    """The one dispatch point: single-token decode over a segment runs the Pallas decode kernel
+    (GQA groups share each block load) where `impl` allows it; everything else runs the reference.
+
+    The kernel relies on the segment invariant that, when attention runs, each row's entries fill
+    slots [0, count): Full writes slot = position, eviction policies fill the first hole.
+    """
+    lowering = _kernel_lowering(impl)
+    block = next((b for b in _KERNEL_BLOCKS if k.shape[2] % b == 0), None)
+    if lowering is None or q.shape[1] != 1 or window is not None or block is None:
+        return reference_attention(q, k, v, k_pos, q_pos, window, scale)
+    b, _, kv_heads, group, d = q.shape
+    lengths = jnp.sum(k_pos >= 0, axis=-1, dtype=jnp.int32)  # [B, K]
+    out = block_sparse_decode(
+        q.reshape(b, kv_heads * group, d), k, v, lengths, sm_scale=scale,
+        config=DecodeConfig(block_size=block), implementation=lowering[0], interpret=lowering[1],
+    )  # [B, H, D]
+    return out.reshape(q.shape).astype(v.dtype)
 
 
 def attend_with_probs(

@@ -29,7 +29,7 @@ def merge_heads(outs: list[jax.Array], segments: tuple[KVSegment, ...], axis: in
 
 def write_then_attend(
     segments: tuple[KVSegment, ...], q: jax.Array, k: jax.Array, v: jax.Array, q_pos: jax.Array,
-    new_pos: jax.Array, start: jax.Array, window: int | None, scale: float,
+    new_pos: jax.Array, start: jax.Array, window: int | None, scale: float, impl: str = "auto",
 ) -> tuple[jax.Array, tuple[KVSegment, ...]]:
     """Writes new entries at slots [start, start + T) of every segment and attends over each.
 
@@ -43,6 +43,6 @@ def write_then_attend(
             seg, take_heads(k, seg.heads, 2, total), take_heads(v, seg.heads, 2, total), new_pos, start
         )
         q_seg = take_heads(q, seg.heads, 2, total)  # [B, T, Hs, G, D]
-        outs.append(attend(q_seg, seg.k, seg.v, seg.pos, q_pos, window, scale))
+        outs.append(attend(q_seg, seg.k, seg.v, seg.pos, q_pos, window, scale, impl))
         written.append(seg)
     return merge_heads(outs, segments, axis=2), tuple(written)

@@ -9,6 +9,13 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
+SLOT_MULTIPLE = 16  # capacities are rounded up to this so the decode kernel can tile them
+
+
+def round_capacity(n: int) -> int:
+    """`n` slots rounded up to a multiple of SLOT_MULTIPLE (at most 15 extra per head)."""
+    return -(-n // SLOT_MULTIPLE) * SLOT_MULTIPLE
+
 
 @struct.dataclass(frozen=True)
 class KVSegment:

@@ -28,8 +28,11 @@ class Policy(abc.ABC):
     """A frozen, hashable set of hyperparameters plus pure functions; static under jit.
 
     Subclasses decide capacities at trace time (`layout`) and how each layer's segments change when
-    a prefill chunk or a decode token arrives (`cache_step`).
+    a prefill chunk or a decode token arrives (`cache_step`). `attention_impl` picks how attention
+    runs (kvjax.attention.ATTENTION_IMPLS); keyword-only so subclasses keep positional fields.
     """
+
+    attention_impl: str = dataclasses.field(default="auto", kw_only=True)
 
     @abc.abstractmethod
     def layout(self, config: ModelConfig, prompt_len: int, max_new_tokens: int, chunk: int) -> Layout:

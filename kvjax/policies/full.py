@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 
 from kvjax.cached_attention import write_then_attend
+from kvjax.kv_state import round_capacity
 from kvjax.policies.base import Layout, Policy, SegmentSpec
 
 
@@ -14,8 +15,10 @@ class Full(Policy):
 
     def layout(self, config, prompt_len: int, max_new_tokens: int, chunk: int) -> Layout:
         heads = tuple(range(config.num_kv_heads))
-        return ((SegmentSpec(heads, prompt_len + max_new_tokens),),) * config.num_layers
+        return ((SegmentSpec(heads, round_capacity(prompt_len + max_new_tokens)),),) * config.num_layers
 
     def cache_step(self, layer, segments, q, k, v, q_pos, new_pos, window, scale, *, prompt_lengths=None):
         # Slot = position, so a chunk lands at its first position; padding carries pos -1.
-        return write_then_attend(segments, q, k, v, q_pos, new_pos, q_pos[:, 0], window, scale)
+        return write_then_attend(
+            segments, q, k, v, q_pos, new_pos, q_pos[:, 0], window, scale, self.attention_impl
+        )

@@ -4,7 +4,8 @@ A subclass says how many tokens a layer keeps (`budget`), how attention updates 
 running score (`observe`), and what to keep (`priority`). Budgets are buffer sizes:
 - evicting while prefilling: capacity budget + chunk; after each chunk the top `budget` survive;
 - compressing at the end of the prompt: capacity = prompt, then the top `budget` survive;
-- decoding: capacity budget + 1 (evict one per token) or budget + max_new_tokens (append only).
+- decoding: capacity budget + 1 (evict one per token) or budget + max_new_tokens (append only),
+  rounded up to a multiple of 16 slots so the Pallas decode kernel can tile it.
 A budget at least as large as the prompt keeps the whole prompt (the policy then equals Full
 until decoding fills the budget); it never raises.
 """
@@ -20,7 +21,9 @@ import jax.numpy as jnp
 from kvjax.attention import attend, attend_with_probs
 from kvjax.cached_attention import merge_heads, take_heads
 from kvjax.config import ModelConfig
-from kvjax.kv_state import KVSegment, KVState, count, evict_lowest, keep_top, write_entries, write_free_slot
+from kvjax.kv_state import (
+    KVSegment, KVState, count, evict_lowest, keep_top, round_capacity, write_entries, write_free_slot,
+)
 from kvjax.policies.base import Layout, Policy, SegmentSpec
 
 
@@ -86,7 +89,7 @@ class TokenEviction(Policy, abc.ABC):
                 out, probs = attend_with_probs(q_seg, seg.k, seg.v, seg.pos, q_pos, window, scale)
                 seg = seg.replace(score=self.observe(seg, probs, new_pos, prompt_lengths))
             else:
-                out = attend(q_seg, seg.k, seg.v, seg.pos, q_pos, window, scale)
+                out = attend(q_seg, seg.k, seg.v, seg.pos, q_pos, window, scale, self.attention_impl)
             if decoding and self.evict_while_decoding:
                 seg = evict_lowest(seg, self.priority(seg), seg.budget)
             elif not decoding and self.evict_while_prefilling and seg.budget < seg.capacity:
@@ -103,7 +106,7 @@ class TokenEviction(Policy, abc.ABC):
                 capacity = min(seg.budget, prompt_len + max_new_tokens) + 1
             else:  # prompt compressed once; decoding appends
                 capacity = min(seg.budget, prompt_len) + max_new_tokens
-            return keep_top(seg, self.priority(seg), seg.budget, capacity)
+            return keep_top(seg, self.priority(seg), seg.budget, round_capacity(capacity))
 
         layers = tuple(tuple(resize(seg) for seg in layer) for layer in state.layers)
         return state.replace(layers=layers)
