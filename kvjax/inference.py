@@ -40,11 +40,13 @@ def batch_prompts(tokens) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _chunking(prompt_len: int, chunk_size: int) -> tuple[int, int]:
-    """(chunk, padded prompt length): short prompts run as one bucket-sized chunk."""
+    """(chunk, padded prompt length): the fewest chunks of at most `chunk_size` tokens, balanced so
+    padding stays under one bucket per chunk (600 tokens at 512 run as 2 x 320, not 2 x 512)."""
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be positive; got {chunk_size}")
-    bucketed = _BUCKET * math.ceil(prompt_len / _BUCKET)
-    chunk = min(chunk_size, bucketed)
+    buckets = math.ceil(prompt_len / _BUCKET)
+    chunks = math.ceil(buckets * _BUCKET / chunk_size)
+    chunk = min(chunk_size, _BUCKET * math.ceil(buckets / chunks))
     return chunk, chunk * math.ceil(prompt_len / chunk)
 
 
