@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels import kv_quant
 from pallas_kernels.block_sparse_decode import DecodeConfig, block_sparse_decode
+from pallas_kernels.kv_quant import QuantizedKV
+from pallas_kernels.quantized_decode_attention import QuantizedDecodeConfig, quantized_decode_attention
 
 # How attention runs. "auto": the Pallas kernel where one applies on GPU and TPU, the jnp
 # reference on CPU; "reference": always jnp; "tpu-interpret" / "gpu-interpret": the kernels'
@@ -93,3 +98,52 @@ def attend_with_probs(
     """Attention output [B, T, K, G, D] and the weights [B, K, G, T, C] that scoring policies read."""
     probs = attention_probs(q, k, k_pos, q_pos, window, scale)
     return jnp.einsum("bkgtc,bkcd->btkgd", probs.astype(v.dtype), v), probs
+
+_QUANTIZED_DECODE = QuantizedDecodeConfig()
+
+
+def attend_quantized(
+    q: jax.Array, slab: QuantizedKV, slab_length: jax.Array, k_win: jax.Array, v_win: jax.Array,
+    win_pos: jax.Array, q_pos: jax.Array, window: int | None, scale: float, impl: str = "auto",
+) -> jax.Array:
+    """Attention over a quantized slab (slot i = position i, for i < slab_length[b]) and a window.
+
+    q: [B, T, K, G, D]; slab: logical [B, K, C, D]; slab_length: int32[B]; k_win, v_win: [B, K, W, D]
+    with win_pos int32[B, K, W] (-1 empty), valid entries a prefix. A decode token (T = 1, no sliding
+    window), whose own entry must be the window's last valid one, goes to the Pallas
+    `quantized_decode_attention` entry (lowering picked by `impl` as for `attend`); anything else
+    (prefill chunks, sliding windows) runs exact attention over the dequantized slab.
+    """
+    if q.shape[1] == 1 and window is None:
+        return _quantized_decode(q, slab, slab_length, k_win, v_win, win_pos, scale, impl)
+    b, _, kh, _, _ = q.shape
+    k_slab, v_slab = kv_quant.dequantize_kv(slab, k_win.dtype)  # [B, K, C, D] each
+    slots = jnp.arange(slab.capacity, dtype=jnp.int32)  # [C]
+    slab_pos = jnp.where(slots < slab_length[:, None], slots, -1)  # [B, C]
+    slab_pos = jnp.broadcast_to(slab_pos[:, None], (b, kh, slab.capacity))  # [B, K, C]
+    k = jnp.concatenate([k_slab, k_win], axis=2)  # [B, K, C + W, D]
+    v = jnp.concatenate([v_slab, v_win], axis=2)  # [B, K, C + W, D]
+    k_pos = jnp.concatenate([slab_pos, win_pos], axis=2)  # [B, K, C + W]
+    return reference_attention(q, k, v, k_pos, q_pos, window, scale)
+
+
+def _quantized_decode(q, slab, slab_length, k_win, v_win, win_pos, scale, impl) -> jax.Array:
+    """One decode token per sequence through the quantized decode kernel entry; [B, 1, K, G, D]."""
+    b, t, kh, g, d = q.shape
+    win_length = jnp.sum(win_pos[:, 0] >= 0, axis=-1, dtype=jnp.int32)  # [B]
+    config, lowering = _QUANTIZED_DECODE, _kernel_lowering(impl)
+    if lowering is not None:
+        # The kernels tile both caches with one power-of-two block: the largest that divides the
+        # slab (KIVI sizes it in multiples of 128 tokens); the window is padded to a multiple of it.
+        block = config.block_k
+        while slab.capacity % block:
+            block //= 2
+        config = dataclasses.replace(config, block_k=block)
+        pad = (0, 0), (0, 0), (0, -k_win.shape[2] % block), (0, 0)
+        k_win, v_win = jnp.pad(k_win, pad), jnp.pad(v_win, pad)
+    implementation, interpret = lowering or ("reference", False)
+    out = quantized_decode_attention(
+        q.reshape(b, t, kh * g, d), slab, slab_length, k_win, v_win, win_length,  # [B, 1, H, D]
+        sm_scale=scale, config=config, implementation=implementation, interpret=interpret,
+    )
+    return out.reshape(b, t, kh, g, d)

@@ -8,3 +8,7 @@ from kvjax.policies.streaming_llm import StreamingLLM
 from kvjax.policies.token_eviction import TokenEviction
 
 __all__ = ["Full", "H2O", "Layout", "Policy", "SegmentSpec", "SnapKV", "StreamingLLM", "TokenEviction"]
+
+from kvjax.policies.kivi import KIVI  # noqa: E402
+
+__all__ += ["KIVI"]
