@@ -12,3 +12,8 @@ __all__ = ["Full", "H2O", "Layout", "Policy", "SegmentSpec", "SnapKV", "Streamin
 from kvjax.policies.kivi import KIVI  # noqa: E402
 
 __all__ += ["KIVI"]
+
+from kvjax.policies.duo_attention import DuoAttention  # noqa: E402
+from kvjax.policies.razor_attention import RazorAttention  # noqa: E402
+
+__all__ += ["DuoAttention", "RazorAttention"]

@@ -1,0 +1,180 @@
+"""DuoAttention (Xiao et al., 2024) at deployment: retrieval heads keep everything, streaming heads
+keep an attention sink plus a recent window, each head class in its own, really smaller, buffer.
+
+Gates (one alpha per layer and KV head, learned offline) become the head split by DuoAttention's
+rule: `threshold = quantile(all alphas, sparsity)`, retrieval iff `alpha >= threshold`. Gates are
+exchanged as DuoAttention's `full_attention_heads.tsv` (numpy `savetxt`, L rows x Hkv columns, tab
+separated); kvjax's own gate files are that same format (`write_gates_tsv` / `read_gates_tsv`).
+
+Retrieval heads follow Full (slot = position), streaming heads follow StreamingLLM(sink, recent)
+exactly (same step, same finalize), each on its own heads via take_heads/merge_heads, so the
+shared attention dispatch (`attention_impl`) sends single-token decode over either buffer to the
+Pallas `block_sparse_decode` kernel on GPU/TPU and to the jnp reference on CPU.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from kvjax.cached_attention import merge_heads, write_then_attend
+from kvjax.config import ModelConfig
+from kvjax.kv_state import KVSegment, KVState
+from kvjax.policies.base import Layout, Policy, SegmentSpec
+from kvjax.policies.full import Full
+from kvjax.policies.streaming_llm import StreamingLLM
+
+HeadSets = tuple[tuple[int, ...], ...]  # per layer, sorted KV-head indices
+
+
+# ------------------------------------------------------------------------------------------------
+# Gate files and the quantile rule.
+# ------------------------------------------------------------------------------------------------
+
+
+def read_gates_tsv(path: str | os.PathLike) -> np.ndarray:
+    """float64[L, Hkv] gates from a `full_attention_heads.tsv` (DuoAttention's or kvjax's own)."""
+    gates = np.loadtxt(path, dtype=np.float64, delimiter="\t", ndmin=2)
+    if gates.size == 0 or not np.all(np.isfinite(gates)):
+        raise ValueError(f"gate file {path} must hold a finite, non-empty L x Hkv matrix")
+    return gates
+
+
+def write_gates_tsv(path: str | os.PathLike, gates) -> None:
+    """Writes gates float[L, Hkv] exactly as DuoAttention does (numpy savetxt, tab separated)."""
+    gates = np.asarray(gates, np.float64)
+    if gates.ndim != 2:
+        raise ValueError(f"gates must be float[L, Hkv]; got shape {gates.shape}")
+    np.savetxt(path, gates, delimiter="\t")
+
+
+def quantile_head_sets(gates, sparsity: float, break_ties: bool = False) -> HeadSets:
+    """Per layer, the retrieval KV heads by DuoAttention's deployment rule.
+
+    Gates are clipped to [0, 1] (as `load_attn_pattern`); `threshold = np.quantile(gates, sparsity)`
+    with numpy's default linear interpolation; retrieval iff `gate >= threshold`; sparsity >= 1 ->
+    none, <= 0 -> all. The authors break ties by adding U(0, 1e-6) noise first (random); kvjax is
+    deterministic: by default every head tied at the threshold stays a retrieval head (never fewer
+    than the authors' count); `break_ties=True` keeps exactly the authors' count,
+    `N - ceil(sparsity * (N - 1))` heads, preferring the earlier (layer, head) among equal gates.
+    """
+    gates = np.clip(np.asarray(gates, np.float64), 0.0, 1.0)
+    if gates.ndim != 2:
+        raise ValueError(f"gates must be float[L, Hkv]; got shape {gates.shape}")
+    if not np.isfinite(sparsity):
+        raise ValueError(f"sparsity must be a finite number; got {sparsity}")
+    if sparsity >= 1:
+        keep = np.zeros(gates.shape, bool)
+    elif sparsity <= 0:
+        keep = np.ones(gates.shape, bool)
+    elif break_ties:
+        n = gates.size - math.ceil(sparsity * (gates.size - 1))
+        order = np.argsort(-gates.reshape(-1), kind="stable")[:n]  # highest first, ties by index
+        keep = np.zeros(gates.size, bool)
+        keep[order] = True
+        keep = keep.reshape(gates.shape)
+    else:
+        keep = gates >= np.quantile(gates, sparsity)
+    return tuple(tuple(int(h) for h in np.flatnonzero(row)) for row in keep)
+
+
+# ------------------------------------------------------------------------------------------------
+# The head-split layout shared by DuoAttention and RazorAttention.
+# ------------------------------------------------------------------------------------------------
+
+
+def sink_recent_priority(segment: KVSegment, sink: int) -> jax.Array:
+    """float32[B, Hs, C]: sinks never leave (+inf), otherwise newer wins (StreamingLLM's ranking)."""
+    return jnp.where(segment.pos < sink, jnp.inf, segment.pos.astype(jnp.float32))
+
+
+def split_layout(
+    config: ModelConfig, retrieval: HeadSets, keep: int, prompt_len: int, max_new_tokens: int, chunk: int,
+) -> Layout:
+    """Per layer: retrieval heads (if any) in one buffer sized as Full's, the other heads (if any) in
+    a `keep`-entry buffer sized as StreamingLLM's (never more than keep + one chunk while prefilling)."""
+    if len(retrieval) != config.num_layers:
+        raise ValueError(f"retrieval heads given for {len(retrieval)} layers; the model has {config.num_layers}")
+    full = Full().layout(config, prompt_len, max_new_tokens, chunk)[0][0].capacity
+    streaming = StreamingLLM(sink=0, window=keep).layout(config, prompt_len, max_new_tokens, chunk)[0][0].capacity
+    layers = []
+    for layer, heads in enumerate(retrieval):
+        if any(h < 0 or h >= config.num_kv_heads for h in heads):
+            raise ValueError(f"layer {layer}: retrieval heads {heads} outside [0, {config.num_kv_heads})")
+        others = tuple(h for h in range(config.num_kv_heads) if h not in heads)
+        specs = [SegmentSpec(heads, full)] if heads else []
+        if others:
+            specs.append(SegmentSpec(others, streaming, keep))
+        layers.append(tuple(specs))
+    return tuple(layers)
+
+
+def _normalise(retrieval) -> HeadSets:
+    return tuple(tuple(sorted({int(h) for h in layer})) for layer in retrieval)
+
+
+@dataclasses.dataclass(frozen=True)
+class DuoAttention(Policy):
+    """Retrieval KV heads keep every token; streaming KV heads keep `sink` + `recent` tokens."""
+
+    retrieval_heads: HeadSets  # per layer, the KV heads that keep everything
+    sink: int = 64
+    recent: int = 256
+
+    def __post_init__(self):
+        if self.sink < 0 or self.recent < 1:
+            raise ValueError(f"DuoAttention needs sink >= 0 and recent >= 1; got {self.sink}, {self.recent}")
+        object.__setattr__(self, "retrieval_heads", _normalise(self.retrieval_heads))
+
+    @classmethod
+    def from_gates(cls, gates, sparsity: float = 0.5, sink: int = 64, recent: int = 256,
+                   break_ties: bool = False) -> "DuoAttention":
+        """Head split from gates float[L, Hkv] by the quantile rule (sparsity 0.5 GQA, 0.75 MHA)."""
+        return cls(quantile_head_sets(gates, sparsity, break_ties), sink, recent)
+
+    @classmethod
+    def from_tsv(cls, path: str | os.PathLike, sparsity: float = 0.5, sink: int = 64, recent: int = 256,
+                 break_ties: bool = False) -> "DuoAttention":
+        """Head split from a `full_attention_heads.tsv` (DuoAttention's release or kvjax's gate file)."""
+        return cls.from_gates(read_gates_tsv(path), sparsity, sink, recent, break_ties)
+
+    def retrieval_fraction(self, num_kv_heads: int) -> float:
+        return sum(map(len, self.retrieval_heads)) / (num_kv_heads * len(self.retrieval_heads))
+
+    def layout(self, config, prompt_len, max_new_tokens, chunk) -> Layout:
+        return split_layout(config, self.retrieval_heads, self.sink + self.recent, prompt_len, max_new_tokens, chunk)
+
+    def streaming(self) -> StreamingLLM:
+        """The policy streaming heads follow: same sink, recent window and attention implementation."""
+        return StreamingLLM(sink=self.sink, window=self.recent, attention_impl=self.attention_impl)
+
+    def cache_step(self, layer, segments, q, k, v, q_pos, new_pos, window, scale, *, prompt_lengths=None):
+        outs, updated = [], []
+        for seg in segments:
+            if seg.budget is None:  # retrieval heads: slot = position, as Full
+                out, (seg,) = write_then_attend(
+                    (seg,), q, k, v, q_pos, new_pos, q_pos[:, 0], window, scale, self.attention_impl
+                )
+            else:  # streaming heads: exactly StreamingLLM's step on this segment's heads
+                out, (seg,) = self.streaming().cache_step(
+                    layer, (seg,), q, k, v, q_pos, new_pos, window, scale, prompt_lengths=prompt_lengths
+                )
+            outs.append(out)
+            updated.append(seg)
+        return merge_heads(outs, segments, axis=2), tuple(updated)
+
+    def finalize(self, config, state: KVState, prompt_len, max_new_tokens) -> KVState:
+        """Streaming buffers shrink as StreamingLLM's (sink + recent + a spare slot); retrieval ones stay."""
+
+        def resize(seg: KVSegment) -> KVSegment:
+            if seg.budget is None:
+                return seg
+            alone = state.replace(layers=((seg,),))
+            return self.streaming().finalize(config, alone, prompt_len, max_new_tokens).layers[0][0]
+
+        return state.replace(layers=tuple(tuple(resize(s) for s in layer) for layer in state.layers))

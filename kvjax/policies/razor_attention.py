@@ -1,0 +1,168 @@
+"""RazorAttention (Tang et al., 2024): retrieval heads keep everything; every other head keeps a sink
+and a recent window plus one compensation token standing for all the tokens it dropped.
+
+The compensation token of a head is (mean of dropped keys, mean of dropped values) and enters the
+softmax with weight n_d, the number of tokens it replaces:
+    out = (n_d e^{s(q, k_hat)} v_hat + sum_kept e^{s(q, k)} v) / (n_d e^{s(q, k_hat)} + sum_kept e^{s(q, k)})
+with s(q, k) = scale * q.k, i.e. one extra logit s(q, k_hat) + log(n_d). It is kept as running sums
+(float32) and a count, updated whenever entries are evicted: after each prefill chunk, at the end of
+the prompt, and at every decode step. Retrieval heads come from `kvjax.heads.razor_heads`.
+Retrieval segments attend through `kvjax.attention.attend` (the Pallas decode kernel on GPU/TPU);
+compensated segments run the jnp path: `block_sparse_decode` returns no log-sum-exp to merge the
+extra token with, and its buffer is only sink + recent + 1 slots.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from flax import struct
+
+from kvjax.attention import visibility_mask
+from kvjax.cached_attention import merge_heads, take_heads, write_then_attend
+from kvjax.config import ModelConfig
+from kvjax.kv_state import (
+    KVSegment, KVState, count, evict_lowest, keep_top, round_capacity, write_entries, write_free_slot,
+)
+from kvjax.policies.base import Layout, Policy
+from kvjax.policies.duo_attention import HeadSets, _normalise, sink_recent_priority, split_layout
+
+_MASKED = float(jnp.finfo(jnp.float32).min)
+
+
+@struct.dataclass(frozen=True)
+class CompensatedSegment(KVSegment):
+    """A sink+recent segment plus, per (sequence, head), the running sums of what it evicted."""
+
+    k_dropped: jax.Array | None = None  # float32[B, Hs, D]: sum of evicted keys
+    v_dropped: jax.Array | None = None  # float32[B, Hs, D]: sum of evicted values
+    n_dropped: jax.Array | None = None  # float32[B, Hs]: how many were evicted
+
+
+def compensated(segment: KVSegment) -> CompensatedSegment:
+    """The segment with empty compensation sums."""
+    b, hs, _, d = segment.k.shape
+    fields = {f.name: getattr(segment, f.name) for f in dataclasses.fields(KVSegment)}
+    return CompensatedSegment(
+        **fields, k_dropped=jnp.zeros((b, hs, d), jnp.float32), v_dropped=jnp.zeros((b, hs, d), jnp.float32),
+        n_dropped=jnp.zeros((b, hs), jnp.float32),
+    )
+
+
+def absorb(segment: CompensatedSegment, dropped: jax.Array) -> CompensatedSegment:
+    """Adds the entries flagged in `dropped` bool[B, Hs, C] (valid ones only) to the running sums."""
+    dropped = (dropped & (segment.pos >= 0)).astype(jnp.float32)  # [B, Hs, C]
+    return segment.replace(
+        k_dropped=segment.k_dropped + jnp.einsum("bhc,bhcd->bhd", dropped, segment.k.astype(jnp.float32)),
+        v_dropped=segment.v_dropped + jnp.einsum("bhc,bhcd->bhd", dropped, segment.v.astype(jnp.float32)),
+        n_dropped=segment.n_dropped + jnp.sum(dropped, axis=-1),
+    )
+
+
+def compress(segment: CompensatedSegment, priority: jax.Array, keep: int, capacity: int) -> CompensatedSegment:
+    """`keep_top`, with every entry it discards folded into the compensation token first."""
+    held = jnp.where(segment.pos >= 0, priority, -jnp.inf)  # [B, Hs, C]
+    top_val, top_idx = jax.lax.top_k(held, min(keep, segment.capacity))  # [B, Hs, keep]
+    picked = (top_idx[..., None] == jnp.arange(segment.capacity)) & (top_val > -jnp.inf)[..., None]
+    segment = absorb(segment, ~jnp.any(picked, axis=-2))  # [B, Hs, C] not picked
+    return keep_top(segment, priority, keep, capacity)
+
+
+def evict_one(segment: CompensatedSegment, priority: jax.Array) -> CompensatedSegment:
+    """`evict_lowest` (one entry per over-budget row), folding the victim into the compensation."""
+    victim = jnp.argmin(jnp.where(segment.pos >= 0, priority, jnp.inf), axis=-1)  # [B, Hs]
+    over = count(segment) > segment.budget  # [B, Hs]
+    segment = absorb(segment, (jnp.arange(segment.capacity) == victim[..., None]) & over[..., None])
+    return evict_lowest(segment, priority, segment.budget)
+
+
+def compensated_attention(
+    q: jax.Array, segment: CompensatedSegment, q_pos: jax.Array, window: int | None, scale: float,
+) -> jax.Array:
+    """Softmax attention over the held entries plus the compensation token: [B, T, Hs, G, D].
+
+    q: [B, T, Hs, G, D]. The token's logit is scale * q.k_hat + log(n_d); it is visible to every
+    query once n_d > 0 (what it stands for was evicted before these queries' chunk arrived).
+    """
+    n = segment.n_dropped  # [B, Hs]
+    safe_n = jnp.maximum(n, 1.0)
+    k_hat = segment.k_dropped / safe_n[..., None]  # [B, Hs, D]
+    v_hat = segment.v_dropped / safe_n[..., None]  # [B, Hs, D]
+    logits = jnp.einsum("btkgd,bkcd->bkgtc", q, segment.k, preferred_element_type=jnp.float32) * scale
+    logits = jnp.where(visibility_mask(segment.pos, q_pos, window)[:, :, None], logits, _MASKED)  # [B, Hs, G, T, C]
+    comp = jnp.einsum("btkgd,bkd->bkgt", q.astype(jnp.float32), k_hat) * scale + jnp.log(safe_n)[:, :, None, None]
+    comp = jnp.where((n > 0)[:, :, None, None], comp, _MASKED)  # [B, Hs, G, T]
+    probs = jax.nn.softmax(jnp.concatenate([logits, comp[..., None]], axis=-1), axis=-1)  # [B, Hs, G, T, C + 1]
+    out = jnp.einsum("bkgtc,bkcd->btkgd", probs[..., :-1].astype(segment.v.dtype), segment.v)  # [B, T, Hs, G, D]
+    out_hat = jnp.einsum("bkgt,bkd->btkgd", probs[..., -1], v_hat)  # [B, T, Hs, G, D]
+    return (out.astype(jnp.float32) + out_hat).astype(segment.v.dtype)
+
+
+@dataclasses.dataclass(frozen=True)
+class RazorAttention(Policy):
+    """Retrieval KV heads keep everything; the rest keep `sink` + `recent` + one compensation token."""
+
+    retrieval_heads: HeadSets  # per layer, the KV heads that keep everything
+    sink: int = 4
+    recent: int = 256
+    compensate: bool = True  # False: plain sink + recent for non-retrieval heads (ablation)
+
+    def __post_init__(self):
+        if self.sink < 0 or self.recent < 1:
+            raise ValueError(f"RazorAttention needs sink >= 0 and recent >= 1; got {self.sink}, {self.recent}")
+        object.__setattr__(self, "retrieval_heads", _normalise(self.retrieval_heads))
+
+    def layout(self, config: ModelConfig, prompt_len, max_new_tokens, chunk) -> Layout:
+        return split_layout(config, self.retrieval_heads, self.sink + self.recent, prompt_len, max_new_tokens, chunk)
+
+    def allocate(self, config, batch, prompt_len, max_new_tokens, chunk, dtype) -> KVState:
+        state = super().allocate(config, batch, prompt_len, max_new_tokens, chunk, dtype)
+        layers = tuple(tuple(s if s.budget is None else compensated(s) for s in layer) for layer in state.layers)
+        return state.replace(layers=layers)
+
+    def _priority(self, segment):
+        return sink_recent_priority(segment, self.sink)
+
+    def cache_step(self, layer, segments, q, k, v, q_pos, new_pos, window, scale, *, prompt_lengths=None):
+        total = q.shape[2]
+        outs, updated = [], []
+        for seg in segments:
+            if seg.budget is None:  # retrieval heads: slot = position, as Full
+                out, (seg,) = write_then_attend(
+                    (seg,), q, k, v, q_pos, new_pos, q_pos[:, 0], window, scale, self.attention_impl
+                )
+                outs.append(out)
+                updated.append(seg)
+                continue
+            k_seg, v_seg = take_heads(k, seg.heads, 2, total), take_heads(v, seg.heads, 2, total)
+            q_seg = take_heads(q, seg.heads, 2, total)
+            if prompt_lengths is None:  # decode: fill a free slot, attend, evict one
+                seg = write_free_slot(seg, k_seg, v_seg, new_pos)
+                outs.append(self._attend(q_seg, seg, q_pos, window, scale))
+                seg = evict_one(seg, self._priority(seg)) if self.compensate else evict_lowest(
+                    seg, self._priority(seg), seg.budget)
+            else:  # prefill chunk: append, attend, keep sink + recent
+                seg = write_entries(seg, k_seg, v_seg, new_pos, count(seg))
+                outs.append(self._attend(q_seg, seg, q_pos, window, scale))
+                if seg.budget < seg.capacity:
+                    seg = compress(seg, self._priority(seg), seg.budget, seg.capacity)
+            updated.append(seg)
+        return merge_heads(outs, segments, axis=2), tuple(updated)
+
+    def _attend(self, q, seg, q_pos, window, scale):
+        if not self.compensate:
+            seg = seg.replace(n_dropped=jnp.zeros_like(seg.n_dropped))
+        return compensated_attention(q, seg, q_pos, window, scale)
+
+    def finalize(self, config, state: KVState, prompt_len, max_new_tokens) -> KVState:
+        """Non-retrieval buffers shrink to sink + recent + one spare slot; what leaves is compensated."""
+
+        def resize(seg):
+            if seg.budget is None:
+                return seg
+            capacity = round_capacity(min(seg.budget, prompt_len + max_new_tokens) + 1)  # as StreamingLLM
+            return compress(seg, self._priority(seg), seg.budget, capacity)
+
+        return state.replace(layers=tuple(tuple(resize(s) for s in layer) for layer in state.layers))
