@@ -13,6 +13,15 @@ from kvjax.policies.kivi import KIVI  # noqa: E402
 
 __all__ += ["KIVI"]
 
+from kvjax.policies.a2sf import A2SF  # noqa: E402
+from kvjax.policies.adakv import AdaKV  # noqa: E402
+from kvjax.policies.knorm import Knorm  # noqa: E402
+from kvjax.policies.pyramidkv import PyramidKV  # noqa: E402
+from kvjax.policies.tova import TOVA  # noqa: E402
+from kvjax.policies.vatp import VATP  # noqa: E402
+
+__all__ += ["A2SF", "AdaKV", "Knorm", "PyramidKV", "TOVA", "VATP"]
+
 from kvjax.policies.duo_attention import DuoAttention  # noqa: E402
 from kvjax.policies.razor_attention import RazorAttention  # noqa: E402
 

@@ -1,0 +1,97 @@
+"""KV-state bytes of every policy on a Llama-3.1-8B-shaped config, from abstract shapes only.
+
+`jax.eval_shape` of allocate (the prefill state) and finalize (the state decoding starts from): no
+weights, no compute. Prints a markdown table (batch 1, bf16, prompt chunk 512) with the ratio to
+Full at 4K and 32K prompts, plus room for `MAX_NEW` decode tokens.
+Usage: python benchmarks/kv_bytes_table.py [--out benchmarks/kv_bytes_table.md]
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+
+import kvjax
+from kvjax.config import ModelConfig, RopeConfig
+from kvjax.policies import (
+    A2SF, H2O, KIVI, TOVA, VATP, AdaKV, DuoAttention, Full, Knorm, PyramidKV, RazorAttention, SnapKV,
+    StreamingLLM,
+)
+
+LLAMA31_8B = ModelConfig(
+    family="llama", vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_layers=32,
+    num_heads=32, num_kv_heads=8, head_dim=128, max_position_embeddings=131072,
+    rope=RopeConfig(theta=500000.0, kind="llama3", factor=8.0, original_max_position_embeddings=8192),
+)
+PROMPTS = (4096, 32768)
+MAX_NEW = 256
+CHUNK = 512
+# Head splits for the head-wise policies: half of each layer's KV heads (DuoAttention's GQA
+# deployment sparsity) and every 7th of the 256 heads (37, ~15%: RazorAttention's echo + induction share).
+HALF = tuple(tuple(range(4)) for _ in range(32))
+RAZOR = tuple(tuple(h for h in range(8) if (layer * 8 + h) % 7 == 0) for layer in range(32))
+
+# (label, policy): append new policies here; every entry is measured the same way.
+POLICIES = [
+    ("Full", Full()),
+    ("StreamingLLM(sink=4, window=1020)", StreamingLLM()),
+    ("H2O(heavy=512, window=512)", H2O()),
+    ("A2SF(heavy=512, window=512, forgetting=0.95)", A2SF()),
+    ("VATP(heavy=512, window=512)", VATP()),
+    ("TOVA(budget_tokens=512)", TOVA()),
+    ("SnapKV(budget_tokens=1024)", SnapKV()),
+    ("PyramidKV(budget_tokens=1024, beta=20)", PyramidKV()),
+    ("AdaKV(SnapKV(budget_tokens=1024), alpha=0.2)", AdaKV(SnapKV())),
+    ("Knorm(budget_tokens=1024)", Knorm()),
+    ("DuoAttention(50% retrieval heads, sink=64, recent=256)", DuoAttention(HALF)),
+    ("RazorAttention(~15% retrieval heads, sink=4, recent=256)", RazorAttention(RAZOR)),
+    ("KIVI(bits=4)", KIVI(bits=4)),
+    ("KIVI(bits=2)", KIVI(bits=2)),
+]
+
+
+def state_bytes(policy, config: ModelConfig, prompt_len: int) -> tuple[int, int]:
+    """(prefill-state bytes, decode-ready bytes) for one prompt of `prompt_len` tokens, batch 1."""
+
+    def build():
+        state = policy.allocate(config, 1, prompt_len, MAX_NEW, CHUNK, jnp.bfloat16)
+        return state, policy.finalize(config, state, prompt_len, MAX_NEW)
+
+    prefill, final = jax.eval_shape(build)
+    return kvjax.kv_bytes(prefill), kvjax.kv_bytes(final)
+
+
+def table(config: ModelConfig = LLAMA31_8B) -> str:
+    full = {t: state_bytes(Full(), config, t)[1] for t in PROMPTS}
+    head = "| policy | " + " | ".join(f"{t // 1024}K: state (MiB) | ratio | prefill state (MiB)" for t in PROMPTS)
+    lines = [head + " |", "|---" * (1 + 3 * len(PROMPTS)) + "|"]
+    for label, policy in POLICIES:
+        cells = []
+        for t in PROMPTS:
+            prefill, final = state_bytes(policy, config, t)
+            cells += [f"{final / 2**20:,.1f}", f"{final / full[t]:.4f}", f"{prefill / 2**20:,.1f}"]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--out", type=Path, default=None, help="also write the table (markdown) here")
+    args = parser.parse_args()
+    intro = (
+        f"KV-state bytes (`kvjax.kv_bytes`) on a Llama-3.1-8B shape (32 layers, 8 KV heads, D 128, bf16), "
+        f"batch 1, room for {MAX_NEW} decode tokens, prefill chunk {CHUNK}; abstract shapes only. "
+        f"'state' = after the prompt (what decoding holds); 'prefill state' = the buffers while prefilling; "
+        f"ratio = state / Full's state at the same prompt length.\n\n"
+    )
+    text = intro + table() + "\n"
+    print(text)
+    if args.out:
+        args.out.write_text(text)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,163 @@
+"""AdaKV (Feng et al., 2024): head-wise budgets, chosen jointly over a layer's KV heads.
+
+A wrapper over a prompt-compressing scoring policy (SnapKV, PyramidKV, Knorm): the base policy
+prefills and scores exactly as it would alone; at the end of the prompt, per layer, every head
+keeps its protected entries (priority +inf, e.g. SnapKV's observation window) plus its top
+floor(alpha * (budget - protected)) entries (the paper's safeguard), and the rest of the layer's
+budget * Hkv slots go to the highest priorities of all heads pooled. Heads thus keep different
+counts, and the layer's storage is one `PooledSegment` sized by the layer total, budget * Hkv
+(+ Hkv per decode token), never budget * max(count): each slot records its owning head. Entries
+are ordered by (head, position) after the prompt, so each head's entries are a contiguous range a
+ragged kernel can read on its own; the jnp reference attends over the pool with the other heads'
+entries masked (exact, memory-exact, compute x Hkv). Decoding appends one entry per head.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from flax import struct
+
+from kvjax.attention import reference_attention
+from kvjax.config import ModelConfig
+from kvjax.kv_state import KVState
+from kvjax.policies.base import Layout, Policy
+from kvjax.policies.token_eviction import TokenEviction
+
+
+@struct.dataclass(frozen=True)
+class PooledSegment:
+    """All KV heads of a layer in one buffer of `capacity` slots; slot c belongs to head[b, c]."""
+
+    k: jax.Array  # [B, C, D]
+    v: jax.Array  # [B, C, D]
+    pos: jax.Array  # int32[B, C]: original token position, -1 = empty
+    head: jax.Array  # int32[B, C]: owning KV head (index into `heads`)
+    heads: tuple[int, ...] = struct.field(pytree_node=False)  # the layer's KV heads
+
+    @property
+    def capacity(self) -> int:
+        return self.k.shape[1]
+
+    def head_positions(self) -> jax.Array:
+        """int32[B, Hkv, C]: each head's view of the pool, other heads' slots marked empty."""
+        mine = self.head[:, None, :] == jnp.arange(len(self.heads))[None, :, None]  # [B, K, C]
+        return jnp.where(mine, self.pos[:, None, :], -1)
+
+    def counts(self) -> jax.Array:
+        """int32[B, Hkv]: entries held per head."""
+        return jnp.sum(self.head_positions() >= 0, axis=-1, dtype=jnp.int32)
+
+
+def _ranks(priority: jax.Array) -> jax.Array:
+    """int32[..., C]: 0 for the highest priority of each row, 1 for the next, ..."""
+    order = jnp.argsort(-priority, axis=-1, stable=True)
+    return jnp.argsort(order, axis=-1, stable=True).astype(jnp.int32)
+
+
+@dataclasses.dataclass(frozen=True)
+class AdaKV(Policy):
+    """Scores entries with `base`'s priority; each layer keeps its top budget x Hkv over all heads
+    pooled, with at least alpha x (budget - protected) per head. Prompt compression; decode appends."""
+
+    base: TokenEviction = dataclasses.field(default_factory=lambda: _default_base())
+    alpha: float = 0.2  # the paper's safeguard floor
+
+    def __post_init__(self):
+        if not isinstance(self.base, TokenEviction):
+            raise ValueError(f"AdaKV needs a TokenEviction base policy; got {type(self.base).__name__}")
+        if self.base.evict_while_prefilling or self.base.evict_while_decoding:
+            raise ValueError(
+                f"AdaKV needs a base that compresses the prompt once (no eviction while prefilling "
+                f"or decoding); {type(self.base).__name__} evicts as it goes"
+            )
+        if not 0.0 <= self.alpha <= 1.0:
+            raise ValueError(f"AdaKV alpha must be in [0, 1]; got {self.alpha}")
+
+    def layout(self, config: ModelConfig, prompt_len: int, max_new_tokens: int, chunk: int) -> Layout:
+        return self.base.layout(config, prompt_len, max_new_tokens, chunk)
+
+    def scored(self) -> bool:
+        return self.base.scored()
+
+    def cache_step(self, layer, segments, q, k, v, q_pos, new_pos, window, scale, *, prompt_lengths=None):
+        if not isinstance(segments[0], PooledSegment):  # prefill: the base policy, unchanged
+            return self.base.cache_step(
+                layer, segments, q, k, v, q_pos, new_pos, window, scale, prompt_lengths=prompt_lengths
+            )
+        (pool,) = segments
+        pool = _append(pool, k, v, new_pos)
+        k_all = jnp.broadcast_to(pool.k[:, None], (pool.k.shape[0], len(pool.heads)) + pool.k.shape[1:])
+        v_all = jnp.broadcast_to(pool.v[:, None], k_all.shape)  # [B, K, C, D] views of one buffer
+        # The reference, not `attend`: the decode kernels assume each row's entries fill a prefix of
+        # its slots, which a head's masked view of the pool does not.
+        out = reference_attention(q, k_all, v_all, pool.head_positions(), q_pos, window, scale)
+        return out, (pool,)
+
+    def finalize(self, config: ModelConfig, state: KVState, prompt_len: int, max_new_tokens: int) -> KVState:
+        layers = []
+        for layer, segments in enumerate(state.layers):
+            if len(segments) != 1 or len(segments[0].heads) != config.num_kv_heads:
+                raise ValueError("AdaKV needs a base layout with one segment holding every KV head")
+            budget = self.base.budget(config, layer)
+            layers.append((self._pool(segments[0], budget, prompt_len, max_new_tokens),))
+        return state.replace(layers=tuple(layers))
+
+    def _pool(self, seg, budget: int, prompt_len: int, max_new_tokens: int) -> PooledSegment:
+        """The layer's top min(budget, prompt) x Hkv entries, floors respected, in (head, pos) order."""
+        b, kh, c, d = seg.k.shape
+        total = min(budget, prompt_len) * kh
+        priority = jnp.where(seg.pos >= 0, self.base.priority(seg), -jnp.inf)  # [B, K, C]
+        protected = jnp.sum(priority == jnp.inf, axis=-1, dtype=jnp.int32)  # [B, K]
+        floor = jnp.floor(self.alpha * jnp.maximum(budget - protected, 0)).astype(jnp.int32)  # [B, K]
+        forced = (_ranks(priority) < (protected + floor)[..., None]) & (priority > -jnp.inf)
+        pooled = jnp.where(forced, jnp.inf, priority).reshape(b, kh * c)  # [B, K*C]
+        top_val, idx = jax.lax.top_k(pooled, total)  # [B, total]
+        held = top_val > -jnp.inf
+        owner = idx // c  # [B, total]
+        pos = jnp.where(held, jnp.take_along_axis(seg.pos.reshape(b, kh * c), idx, axis=-1), -1)
+        key = jnp.where(held, owner * prompt_len + pos, jnp.iinfo(jnp.int32).max)  # (head, position)
+        order = jnp.argsort(key, axis=-1)
+        idx, owner, pos = (jnp.take_along_axis(x, order, axis=-1) for x in (idx, owner, pos))
+        pad = kh * max_new_tokens  # one slot per head per decode token
+
+        def gather(x):  # [B, K, C, D] -> [B, total + pad, D]
+            picked = jnp.take_along_axis(x.reshape(b, kh * c, d), idx[..., None], axis=1)
+            return jnp.pad(picked, ((0, 0), (0, pad), (0, 0)))
+
+        return PooledSegment(
+            k=gather(seg.k), v=gather(seg.v),
+            pos=jnp.pad(pos, ((0, 0), (0, pad)), constant_values=-1),
+            head=jnp.pad(jnp.where(pos >= 0, owner, 0), ((0, 0), (0, pad))).astype(jnp.int32),
+            heads=seg.heads,
+        )
+
+
+def _append(pool: PooledSegment, k: jax.Array, v: jax.Array, new_pos: jax.Array) -> PooledSegment:
+    """Writes each new token's entry for every head after the pool's last held entry.
+
+    k, v: [B, T, K, D]; new_pos: int32[B, T]. Entries stay a prefix (decoding never evicts).
+    """
+    b, t, kh, d = k.shape
+    start = jnp.sum(pool.pos >= 0, axis=-1, dtype=jnp.int32)  # [B] first free slot
+    heads = jnp.broadcast_to(jnp.tile(jnp.arange(kh, dtype=jnp.int32), t), (b, t * kh))  # [B, T*K]
+    pos = jnp.repeat(new_pos, kh, axis=1)  # [B, T*K], t-major like the reshape below
+
+    def one(row, new, s):  # one sequence: [C, ...] <- [T*K, ...] at slot s
+        return jax.lax.dynamic_update_slice_in_dim(row, new.astype(row.dtype), s, axis=0)
+
+    write = jax.vmap(one)
+    return pool.replace(
+        k=write(pool.k, k.reshape(b, t * kh, d), start),
+        v=write(pool.v, v.reshape(b, t * kh, d), start),
+        pos=write(pool.pos, pos, start),
+        head=write(pool.head, heads, start),
+    )
+
+
+def _default_base() -> TokenEviction:
+    from kvjax.policies.snapkv import SnapKV  # the paper's main integration (Ada-SnapKV)
+
+    return SnapKV()

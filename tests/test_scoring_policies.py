@@ -1,0 +1,308 @@
+"""Scoring policies (A2SF, TOVA, Knorm, VATP, PyramidKV, AdaKV) keep exactly what their papers'
+formulas rank highest, recomputed independently in numpy from each layer's queries and keys."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import kvjax
+from kvjax.kv_state import count, round_capacity
+from kvjax.policies import A2SF, H2O, TOVA, VATP, AdaKV, Knorm, PyramidKV, SnapKV
+from kvjax.policies.adakv import PooledSegment
+from tests.conftest import random_tokens
+from tests.policy_reference import causal_probs, layer_queries_keys
+
+
+def kept(state, layer: int) -> list[list[set[int]]]:
+    """Per sequence, per KV head, the set of original positions a layer holds (any segment type)."""
+    seg = state.layers[layer][0]
+    pos = np.asarray(seg.head_positions() if isinstance(seg, PooledSegment) else seg.pos)
+    return [[set(row[row >= 0].tolist()) for row in seq] for seq in pos]
+
+
+def top(scores: np.ndarray, n: int) -> set[int]:
+    return set(np.argsort(-scores, kind="stable")[:n].tolist())
+
+
+_LAYERS: dict = {}
+
+
+def _layers(m, seed: int, b: int, t: int):
+    """Random prompts and their per-layer (q, k, v), computed once per test session."""
+    if (id(m), seed, b, t) not in _LAYERS:
+        tokens = random_tokens(seed, (b, t), m.config.vocab_size)
+        _LAYERS[id(m), seed, b, t] = tokens, layer_queries_keys(m, tokens)
+    return _LAYERS[id(m), seed, b, t]
+
+
+def heavy_plus_window(scores: np.ndarray, heavy: int, window: int) -> list[list[set[int]]]:
+    """scores [B, K, T] over one whole prompt: top `heavy` of the older tokens plus the last `window`."""
+    t = scores.shape[-1]
+    return [[top(s[: t - window], heavy) | set(range(t - window, t)) for s in seq] for seq in scores]
+
+
+# ------------------------------------------------------------------------------------------------
+# One chunk = the papers' formulas over the whole prompt (every layer's q/k is then exact).
+# ------------------------------------------------------------------------------------------------
+
+
+def test_a2sf_one_chunk_keeps_the_decayed_heavy_hitters(tiny_model):
+    m, lam = tiny_model, 0.9
+    tokens, qkv = _layers(m, 1, 2, 192)
+    state = kvjax.prefill(m, tokens, A2SF(heavy=40, window=24, forgetting=lam), chunk_size=256)
+    for layer, (q, k, _) in enumerate(qkv):
+        probs = causal_probs(q, k, m.config.group_size).mean(axis=2)  # [B, K, T, T]
+        weights = lam ** np.arange(191, -1, -1.0)  # query t weighs lambda^(T-1-t)
+        scores = np.einsum("bkts,t->bks", probs, weights)
+        assert kept(state, layer) == heavy_plus_window(scores, 40, 24)
+        seg = state.layers[layer][0]
+        held = np.asarray(seg.pos)
+        np.testing.assert_allclose(
+            np.asarray(seg.score)[held >= 0], np.take_along_axis(scores, np.maximum(held, 0), -1)[held >= 0],
+            rtol=1e-4, atol=1e-7,
+        )
+
+
+def test_vatp_one_chunk_weighs_attention_by_value_norm(tiny_model):
+    m = tiny_model
+    tokens, qkv = _layers(m, 1, 2, 192)
+    state = kvjax.prefill(m, tokens, VATP(heavy=40, window=24), chunk_size=256)
+    for layer, (q, k, v) in enumerate(qkv):
+        attention = causal_probs(q, k, m.config.group_size).mean(axis=2).sum(axis=2)  # [B, K, T]
+        v_l1 = np.abs(v.astype(np.float64)).sum(-1).transpose(0, 2, 1)  # [B, K, T]
+        assert kept(state, layer) == heavy_plus_window(attention * v_l1, 40, 24)
+
+
+def test_tova_one_chunk_keeps_the_last_querys_choice_for_every_head(tiny_model):
+    m = tiny_model
+    tokens, qkv = _layers(m, 1, 2, 192)
+    state = kvjax.prefill(m, tokens, TOVA(budget_tokens=50), chunk_size=256)
+    for layer, (q, k, _) in enumerate(qkv):
+        last = causal_probs(q, k, m.config.group_size)[:, :, :, -1].mean(axis=(1, 2))  # [B, T]
+        expected = [[top(s, 50)] * m.config.num_kv_heads for s in last]
+        assert kept(state, layer) == expected
+
+
+@pytest.mark.parametrize("chunk", [256, 64])
+def test_knorm_keeps_the_lowest_key_norms(tiny_model, chunk):
+    """Prompt-only compression: the prompt runs exactly, so chunking changes nothing."""
+    m = tiny_model
+    tokens, qkv = _layers(m, 3, 2, 192)
+    state = kvjax.prefill(m, tokens, Knorm(budget_tokens=50), chunk_size=chunk)
+    for layer, (_, k, _) in enumerate(qkv):
+        norms = np.linalg.norm(k.astype(np.float64), axis=-1).transpose(0, 2, 1)  # [B, K, T]
+        assert kept(state, layer) == [[top(-n, 50) for n in seq] for seq in norms]
+
+
+def _snapkv_votes(q, k, group, window, kernel):
+    """[B, K, T - window]: the observation window's pooled votes (SnapKV / PyramidKV / AdaKV)."""
+    t = q.shape[1]
+    probs = causal_probs(q, k, group).mean(axis=2)
+    votes = probs[:, :, t - window :, : t - window].sum(axis=2)
+    padded = np.pad(votes, ((0, 0), (0, 0), (kernel // 2, kernel // 2)))
+    return np.stack([padded[..., i : i + t - window] for i in range(kernel)]).mean(0)
+
+
+def test_pyramidkv_layer_budgets_selection_and_bytes(tiny_model):
+    m = tiny_model
+    # The authors' schedule on Llama-3.1-8B's 32 layers, budget 128 with window 8 (S = 120):
+    # top = 120 // 20 = 6, bottom = 240 - 6 = 234, step = 228 // 31 = 7.
+    budgets = PyramidKV(budget_tokens=128, window=8).layer_budgets(32)
+    assert budgets[0] == 242 and budgets[-1] == 25 and all(a - b == 7 for a, b in zip(budgets, budgets[1:]))
+    policy = PyramidKV(budget_tokens=72, window=16, kernel=5, beta=4)  # S = 56: 98 + 16, 14 + 16
+    assert policy.layer_budgets(2) == (114, 30)
+    tokens, qkv = _layers(m, 2, 2, 256)
+    state = kvjax.prefill(m, tokens, policy, chunk_size=64)
+    for layer, (q, k, _) in enumerate(qkv):
+        pooled = _snapkv_votes(q, k, m.config.group_size, 16, 5)
+        keep = policy.layer_budgets(2)[layer] - 16
+        assert kept(state, layer) == [[top(p, keep) | set(range(240, 256)) for p in seq] for seq in pooled]
+    c = m.config
+    held = [int(jnp.sum(count(layer[0]))) for layer in state.layers]
+    assert held == [2 * c.num_kv_heads * b for b in (114, 30)]  # exactly the layer budgets
+    # Buffers are the budgets rounded up to the decode kernel's 16-slot tiles (114 -> 128, 30 -> 32):
+    # k, v float32 + pos int32 + score float32 per slot, plus length int32[B].
+    per_slot = 2 * c.head_dim * 4 + 4 + 4
+    slots = sum(2 * c.num_kv_heads * round_capacity(b) for b in (114, 30))
+    assert kvjax.kv_bytes(state) == slots * per_slot + 2 * 4
+
+
+def test_adakv_pools_heads_with_floors(tiny_model):
+    m, budget, window, alpha = tiny_model, 40, 8, 0.2
+    tokens, qkv = _layers(m, 2, 2, 256)
+    policy = AdaKV(SnapKV(budget_tokens=budget, window=window, kernel=5), alpha=alpha)
+    state = kvjax.prefill(m, tokens, policy, chunk_size=64)
+    kh, floor = m.config.num_kv_heads, int(alpha * (budget - window))
+    for layer, (q, k, _) in enumerate(qkv):
+        pooled = _snapkv_votes(q, k, m.config.group_size, window, 5)  # [B, K, T - W]
+        expected = []
+        for seq in pooled:
+            forced = [top(p, floor) for p in seq]
+            rest = [(-p[i], h, i) for h, p in enumerate(seq) for i in range(len(p)) if i not in forced[h]]
+            chosen = sorted(rest)[: (budget - window - floor) * kh]
+            expected.append([forced[h] | {i for _, g, i in chosen if g == h} | set(range(256 - window, 256))
+                             for h in range(kh)])
+        got = kept(state, layer)
+        assert got == expected
+        for seq in got:
+            assert all(len(h) >= window + floor for h in seq) and sum(map(len, seq)) == budget * kh
+        assert len({len(h) for seq in got for h in seq}) > 1  # budgets really differ between heads
+    c = m.config  # one pool per layer: k, v float32 + pos, head int32 per slot, plus length int32[B]
+    assert kvjax.kv_bytes(state) == c.num_layers * 2 * budget * kh * (2 * c.head_dim * 4 + 8) + 2 * 4
+
+
+# ------------------------------------------------------------------------------------------------
+# Chunked prefill: eviction at chunk ends changes later layers' inputs, so layer 0 (whose q/k do
+# not depend on the cache) is checked against a numpy replay of the stated chunk semantics, with a
+# ragged batch so the last chunk of the short row is partly padding.
+# ------------------------------------------------------------------------------------------------
+
+
+def _replay_layer0(m, tokens, lengths, chunk, budget, update, priority):
+    """Per sequence, per head, the positions layer 0 holds after chunked prefill with eviction.
+
+    update(score[K, T], probs[K, G, T] of one query, is_last_real_query) -> score, called per real
+    query in order; priority(score[K, T], held[K, T], v_l1[K, T]) -> [K, T].
+    """
+    q, k, v = layer_queries_keys(m, tokens)[0]
+    b, t, h, d = q.shape
+    kh, g = k.shape[2], h // k.shape[2]
+    q = q.reshape(b, t, kh, g, d).astype(np.float64)
+    out = []
+    for row in range(b):
+        held = np.zeros((kh, t), bool)
+        score = np.zeros((kh, t))
+        logits = np.einsum("tkgd,skd->kgts", q[row], k[row].astype(np.float64)) / np.sqrt(d)
+        v_l1 = np.abs(v[row].astype(np.float64)).sum(-1).T  # [K, T]
+        for start in range(0, t, chunk):
+            real = range(start, min(start + chunk, lengths[row]))
+            for i, qt in enumerate(real):
+                visible = held.copy()
+                visible[:, start : qt + 1] = True
+                x = np.where(visible[:, None], logits[:, :, qt], -np.inf)
+                p = np.exp(x - x.max(-1, keepdims=True))
+                score = update(score, p / p.sum(-1, keepdims=True), i == len(real) - 1)
+            held[:, list(real)] = True
+            prio = np.where(held, priority(score, held, v_l1), -np.inf)
+            for hh in range(kh):
+                keep = np.argsort(-prio[hh], kind="stable")[: min(budget, held[hh].sum())]
+                held[hh] = False
+                held[hh, keep] = True
+        out.append([set(np.flatnonzero(hh).tolist()) for hh in held])
+    return out
+
+
+def _window_priority(window):
+    def priority(score, held, v_l1):
+        newest = np.max(np.where(held, np.arange(held.shape[1]), -1), axis=-1, keepdims=True)
+        return np.where(np.arange(held.shape[1]) > newest - window, np.inf, score)
+    return priority
+
+
+def test_a2sf_chunked_replays_the_per_query_recurrence(tiny_model):
+    m, lam, lengths = tiny_model, 0.8, [192, 150]
+    tokens = random_tokens(6, (2, 192), m.config.vocab_size)
+    state = kvjax.prefill(m, tokens, A2SF(heavy=24, window=16, forgetting=lam), chunk_size=64, lengths=lengths)
+    expected = _replay_layer0(
+        m, tokens, lengths, 64, 40, lambda s, p, last: lam * s + p.mean(1), _window_priority(16)
+    )
+    assert kept(state, 0) == expected
+
+
+def test_tova_chunked_scores_by_each_chunks_last_real_query(tiny_model):
+    m, lengths = tiny_model, [192, 150]
+    tokens = random_tokens(6, (2, 192), m.config.vocab_size)
+    state = kvjax.prefill(m, tokens, TOVA(budget_tokens=40), chunk_size=64, lengths=lengths)
+
+    def update(score, p, last):
+        return np.broadcast_to(p.mean((0, 1)), score.shape) if last else score
+
+    assert kept(state, 0) == _replay_layer0(m, tokens, lengths, 64, 40, update, lambda s, h, v: s)
+
+
+def test_a2sf_with_lambda_one_is_h2o(tiny_model):
+    m = tiny_model
+    tokens = random_tokens(7, (2, 192), m.config.vocab_size)
+    got = kvjax.prefill(m, tokens, A2SF(heavy=24, window=16, forgetting=1.0), chunk_size=64, lengths=[192, 131])
+    ref = kvjax.prefill(m, tokens, H2O(heavy=24, window=16), chunk_size=64, lengths=[192, 131])
+    for g, r in zip(jax.tree.leaves(got), jax.tree.leaves(ref)):
+        np.testing.assert_array_equal(np.asarray(g), np.asarray(r))
+
+
+# ------------------------------------------------------------------------------------------------
+# Decoding: budgets hold; budgets that cover the context are Full.
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("policy", [A2SF(heavy=16, window=16), TOVA(budget_tokens=32), VATP(heavy=16, window=16)])
+def test_evicting_budgets_hold_through_a_long_decode(tiny_model, policy):
+    m = tiny_model
+    tokens = random_tokens(3, (2, 100), m.config.vocab_size)
+    state = kvjax.prefill(m, tokens, policy, max_new_tokens=40, chunk_size=32)
+    shapes = jax.tree.map(jnp.shape, state)
+    token = jnp.asarray(tokens[:, -1])
+    for _ in range(40):
+        logits, state = kvjax.decode_step(m, state, token, policy)
+        token = jnp.argmax(logits, -1).astype(jnp.int32)
+        assert jax.tree.map(jnp.shape, state) == shapes  # static capacity
+        for layer in state.layers:
+            assert (np.asarray(count(layer[0])) == 32).all()
+    if not isinstance(policy, TOVA):  # the recent window always holds the newest token
+        assert (np.asarray(state.layers[1][0].pos).max(-1) == 139).all()
+
+
+def test_adakv_over_pyramidkv_appends_one_entry_per_head(tiny_model):
+    m = tiny_model
+    tokens = random_tokens(8, (2, 128), m.config.vocab_size)
+    policy = AdaKV(PyramidKV(budget_tokens=40, window=8, kernel=5, beta=4))
+    state = kvjax.prefill(m, tokens, policy, max_new_tokens=5, chunk_size=64)
+    assert policy.base.layer_budgets(2) == (64, 16)  # S = 32: bottom 56 + 8, top 8 + 8
+    # Sized by the layer total (budget x Hkv) plus one slot per head per decode token.
+    assert [layer[0].capacity for layer in state.layers] == [64 * 2 + 2 * 5, 16 * 2 + 2 * 5]
+    before = [np.asarray(layer[0].counts()) for layer in state.layers]
+    assert [int(n.sum()) for n in before] == [2 * 64 * 2, 2 * 16 * 2]
+    _, state = kvjax.decode_step(m, state, tokens[:, 0], policy)
+    for layer, n in zip(state.layers, before):
+        np.testing.assert_array_equal(np.asarray(layer[0].counts()), n + 1)
+
+
+@pytest.mark.parametrize("policy", [
+    A2SF(heavy=500, window=500), TOVA(budget_tokens=1000), VATP(heavy=500, window=500),
+    Knorm(budget_tokens=1000), PyramidKV(budget_tokens=4000, window=32),
+    AdaKV(SnapKV(budget_tokens=1000, window=32)),
+])
+def test_budget_covering_the_context_equals_full(tiny_model, policy):
+    m = tiny_model
+    tokens = random_tokens(4, (2, 130), m.config.vocab_size)
+    ref = kvjax.prefill(m, tokens[:, :120], max_new_tokens=10, chunk_size=32)
+    got = kvjax.prefill(m, tokens[:, :120], policy, max_new_tokens=10, chunk_size=32)
+    for t in range(120, 130):
+        ref_logits, ref = kvjax.decode_step(m, ref, tokens[:, t])
+        got_logits, got = kvjax.decode_step(m, got, tokens[:, t], policy)
+        np.testing.assert_allclose(np.asarray(got_logits), np.asarray(ref_logits), atol=1e-5, rtol=0)
+
+
+def test_bad_arguments_raise():
+    with pytest.raises(ValueError, match="forgetting"):
+        A2SF(forgetting=0.0)
+    with pytest.raises(ValueError, match="forgetting"):
+        A2SF(forgetting=1.5)
+    with pytest.raises(ValueError, match="budget_tokens"):
+        TOVA(budget_tokens=0)
+    with pytest.raises(ValueError, match="budget_tokens"):
+        Knorm(budget_tokens=-1)
+    with pytest.raises(ValueError, match="window >= 1"):
+        VATP(window=0)
+    with pytest.raises(ValueError, match="beta"):
+        PyramidKV(beta=0)
+    with pytest.raises(ValueError, match="window < budget"):
+        PyramidKV(budget_tokens=64, window=64)
+    with pytest.raises(ValueError, match="alpha"):
+        AdaKV(alpha=1.5)
+    with pytest.raises(ValueError, match="evicts as it goes"):
+        AdaKV(H2O())
+    with pytest.raises(ValueError, match="TokenEviction"):
+        AdaKV(base="snapkv")
