@@ -1,4 +1,4 @@
-"""The `kvjax` command line: convert checkpoints and generate text."""
+"""The `kvjax` command line: convert checkpoints, generate text, evaluate policies, train a model."""
 
 from __future__ import annotations
 
@@ -47,6 +47,82 @@ def _generate(args) -> None:
     print(m.tokenizer.decode(out[:stop]))
 
 
+def _eval(args) -> None:
+    import jax.numpy as jnp
+
+    from kvjax.checkpoint import load
+    from kvjax.eval.harness import (
+        EvalConfig, format_table, parse_length, resolve_policies, run_eval, write_results,
+    )
+
+    if args.model is None and not bundled_models():
+        raise CheckpointError(
+            "no --model given and no bundled model is installed (kvjax's own long-context model has not "
+            "shipped in this install yet); pass --model NAME_OR_DIR, e.g. a `kvjax convert` or `kvjax train-lm` output"
+        )
+    names = [n for n in args.policies.split(",") if n.strip()]
+    budgets = [parse_length(b) for b in args.budgets.split(",") if b.strip()] if args.budgets else []
+    config = EvalConfig(
+        tasks=tuple(t.strip() for t in args.tasks.split(",") if t.strip()),
+        lengths=tuple(parse_length(x) for x in args.lengths.split(",") if x.strip()),
+        samples=args.samples, seed=args.seed, haystack=args.haystack, max_new_tokens=args.max_new_tokens,
+        batch_size=args.batch_size, chunk_size=args.chunk_size, timing=not args.no_timing,
+    )
+    runs = resolve_policies(names, budgets)
+    m = load(args.model or _default_model(), dtype=jnp.dtype(args.dtype))
+    rows, samples = run_eval(m, runs, config, progress=not args.no_progress)
+    print(format_table(rows))
+    for path in write_results(rows, samples, args.out):
+        print(f"wrote {path}")
+
+
+def _train_command(args) -> str:
+    """The full `kvjax train-lm` command with every option spelled out (defaults included), to reproduce a model."""
+    import shlex
+
+    parts = ["kvjax", "train-lm"]
+    for key, value in vars(args).items():
+        flag = "--" + key.replace("_", "-")
+        if key in ("run", "command") or value is None or value is False or value == []:
+            continue
+        if value is True:
+            parts.append(flag)
+        elif isinstance(value, list):
+            parts += [item for v in value for item in (flag, str(v))]
+        else:
+            parts += [flag, str(value)]
+    return shlex.join(parts)
+
+
+def _train_lm(args) -> None:
+    from kvjax.train.lm import DataConfig, ModelSize, history_summary, train_lm
+    from kvjax.train.loop import NonFiniteLossError
+
+    size = ModelSize(
+        layers=args.layers, hidden=args.hidden, heads=args.heads, kv_heads=args.kv_heads, head_dim=args.head_dim,
+        intermediate=args.intermediate, rope_theta=args.rope_theta, max_positions=args.max_positions,
+    )
+    data_kwargs = dict(
+        seq_len=args.seq_len, batch_size=args.batch_size, min_len=args.min_len,
+        text_fraction=args.text_fraction, prompt_loss_weight=args.prompt_loss_weight,
+    )
+    if args.tasks is not None:
+        data_kwargs["tasks"] = tuple(t.strip() for t in args.tasks.split(",") if t.strip())
+    if args.text:
+        data_kwargs["text"] = tuple(args.text)
+    try:
+        out = train_lm(
+            args.out, size, DataConfig(**data_kwargs), steps=args.steps, lr=args.lr, warmup=args.warmup,
+            seed=args.seed, checkpoint_every=args.checkpoint_every,
+            tokenizer_dir=None if args.tokenizer == "byte" else args.tokenizer, work_dir=args.work_dir,
+            save_dtype=args.save_dtype, progress=not args.no_progress,
+            command=_train_command(args),
+        )
+    except NonFiniteLossError as err:
+        raise ValueError(str(err)) from err
+    print(f"wrote {out} ({history_summary(out)})")
+
+
 def parser() -> argparse.ArgumentParser:
     root = argparse.ArgumentParser(prog="kvjax", description="KV-cache compression for long-context LLMs in JAX")
     sub = root.add_subparsers(dest="command", required=True)
@@ -70,6 +146,58 @@ def parser() -> argparse.ArgumentParser:
     generate.add_argument("--chunk-size", type=int, default=512)
     generate.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     generate.set_defaults(run=_generate)
+
+    ev = sub.add_parser("eval", help="RULER-style accuracy and KV memory of compression policies")
+    ev.add_argument("--model", help="checkpoint directory or bundled model name (default: bundled)")
+    ev.add_argument("--policies", default="full,streaming,h2o,snapkv",
+                    help="comma-separated lower-case kvjax.policies names (plus 'streaming' for StreamingLLM)")
+    ev.add_argument("--budgets", default="",
+                    help="comma-separated token budgets per KV head (e.g. 128,256,1k), mapped onto each "
+                         "policy's budget fields; policies without one run at their defaults")
+    ev.add_argument("--lengths", default="2k,4k", help="prompt lengths in tokens, e.g. 2k,4k,8k")
+    ev.add_argument("--tasks", default="niah_single,niah_multikey,niah_multivalue,niah_multiquery,passkey,vt")
+    ev.add_argument("--samples", type=int, default=10, help="prompts per (task, length), depths spread over 0-100%%")
+    ev.add_argument("--haystack", default=None,
+                    help="noise, prose or a folder of .txt files (default: each task's own, as RULER)")
+    ev.add_argument("--max-new-tokens", type=int, default=None, help="default: each task's own")
+    ev.add_argument("--batch-size", type=int, default=16)
+    ev.add_argument("--chunk-size", type=int, default=512)
+    ev.add_argument("--seed", type=int, default=0)
+    ev.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    ev.add_argument("--out", default="kvjax-eval", help="folder for results.json, results.csv and plots")
+    ev.add_argument("--no-timing", action="store_true", help="skip the separate prefill/decode timing runs")
+    ev.add_argument("--no-progress", action="store_true")
+    ev.set_defaults(run=_eval)
+
+    tr = sub.add_parser("train-lm", help="train a small long-context model on the tasks plus plain text")
+    tr.add_argument("--out", required=True, help="where the kvjax checkpoint is written (must not exist)")
+    tr.add_argument("--steps", type=int, default=1000)
+    tr.add_argument("--seq-len", type=int, default=1024)
+    tr.add_argument("--min-len", type=int, default=0, help="shortest row (default: seq-len / 4)")
+    tr.add_argument("--batch-size", type=int, default=8)
+    tr.add_argument("--layers", type=int, default=6)
+    tr.add_argument("--hidden", type=int, default=256)
+    tr.add_argument("--heads", type=int, default=8)
+    tr.add_argument("--kv-heads", type=int, default=2)
+    tr.add_argument("--head-dim", type=int, default=32)
+    tr.add_argument("--intermediate", type=int, default=768)
+    tr.add_argument("--rope-theta", type=float, default=100_000.0)
+    tr.add_argument("--max-positions", type=int, default=32_768)
+    tr.add_argument("--lr", type=float, default=1e-3)
+    tr.add_argument("--warmup", type=int, default=100)
+    tr.add_argument("--seed", type=int, default=0)
+    tr.add_argument("--checkpoint-every", type=int, default=200)
+    tr.add_argument("--tasks", default=None, help="comma-separated task names (default: all)")
+    tr.add_argument("--text", action="append", default=[],
+                    help="plain-text source: prose, noise or a folder of .txt files (repeatable; default prose)")
+    tr.add_argument("--text-fraction", type=float, default=0.25, help="share of rows that are plain text")
+    tr.add_argument("--prompt-loss-weight", type=float, default=0.0,
+                    help="loss weight of task prompt tokens (answers weigh 1)")
+    tr.add_argument("--tokenizer", default="byte", help="'byte' (built-in) or a folder with tokenizer.json")
+    tr.add_argument("--work-dir", default=None, help="training state for resume (default: OUT.train)")
+    tr.add_argument("--save-dtype", default="float32", choices=["float32", "bfloat16"])
+    tr.add_argument("--no-progress", action="store_true")
+    tr.set_defaults(run=_train_lm)
     return root
 
 

@@ -1,0 +1,1 @@
+"""Long-context evaluation: RULER-style tasks, haystacks and the `kvjax eval` harness."""

@@ -1,0 +1,383 @@
+"""The evaluation harness behind `kvjax eval`: every policy x budget on every task x length, scored as RULER does.
+
+Budgets map onto each policy's own fields (`with_budget`): `budget_tokens` (SnapKV, PyramidKV, TOVA,
+Knorm) is set to B (an observation `window` >= B shrinks to B // 2); `heavy` + `window` (H2O, A2SF,
+VATP) split B evenly, as H2O's paper does; `sink` + `window` (StreamingLLM) and `sink` + `recent`
+(DuoAttention, RazorAttention streaming heads) keep the sink and give the rest to the window; a
+policy held in a field (AdaKV's `base`) is mapped recursively. Policies with none of these (Full,
+KIVI) have no token budget: they run once at their defaults.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import inspect
+import json
+import math
+import re
+import time
+from pathlib import Path
+from typing import Callable, Iterable, Mapping, Sequence
+
+import jax
+import numpy as np
+from tqdm.auto import tqdm
+
+import kvjax
+from kvjax.eval.haystack import haystack_from_name
+from kvjax.eval.tasks import Sample, default_tasks, get_task, make_samples, string_match_all
+from kvjax.language_model import LanguageModel
+from kvjax.policies import Policy
+
+
+def policy_classes() -> dict[str, type]:
+    """Lower-case names of every concrete policy in kvjax.policies.__all__, plus `streaming`."""
+    out = {}
+    for name in kvjax.policies.__all__:
+        obj = getattr(kvjax.policies, name)
+        if isinstance(obj, type) and issubclass(obj, Policy) and not inspect.isabstract(obj):
+            out[name.lower()] = obj
+    if "streamingllm" in out:
+        out["streaming"] = out["streamingllm"]
+    return out
+
+
+def make_policy(name: str) -> Policy:
+    """A policy with its default hyperparameters, by lower-case class name (or `streaming`)."""
+    classes = policy_classes()
+    key = name.strip().lower()
+    if key not in classes:
+        raise ValueError(f"unknown policy {name!r}; known: {', '.join(sorted(classes))}")
+    try:
+        return classes[key]()
+    except TypeError as err:
+        raise ValueError(
+            f"policy {name!r} has required arguments ({err}); build it in Python and pass it to run_eval"
+        ) from err
+
+
+def with_budget(policy: Policy, budget: int) -> Policy | None:
+    """`policy` keeping about `budget` tokens per KV head (see the module docstring), or None when it
+    has no token budget."""
+    if budget < 1:
+        raise ValueError(f"budget must be positive; got {budget}")
+    fields = {f.name for f in dataclasses.fields(policy)}
+    if "budget_tokens" in fields:
+        changes = {"budget_tokens": budget}
+        if "window" in fields and policy.window >= budget:
+            changes["window"] = max(1, budget // 2)
+        return dataclasses.replace(policy, **changes)
+    if {"heavy", "window"} <= fields:
+        return dataclasses.replace(policy, heavy=budget // 2, window=budget - budget // 2)
+    for recent in ("window", "recent"):
+        if {"sink", recent} <= fields:
+            if budget <= policy.sink:
+                raise ValueError(f"budget {budget} must exceed {type(policy).__name__}'s sink ({policy.sink})")
+            return dataclasses.replace(policy, **{recent: budget - policy.sink})
+    for f in dataclasses.fields(policy):  # a wrapped policy (AdaKV's base) carries the budget
+        inner = getattr(policy, f.name)
+        if isinstance(inner, Policy):
+            mapped = with_budget(inner, budget)
+            if mapped is not None:
+                return dataclasses.replace(policy, **{f.name: mapped})
+    return None
+
+
+@dataclasses.dataclass(frozen=True)
+class PolicyRun:
+    """One column of the evaluation: a label, the policy name and budget it came from, the policy."""
+
+    label: str
+    name: str
+    budget: int | None
+    policy: Policy
+
+
+def resolve_policies(
+    names: Iterable[str], budgets: Sequence[int] = (), log: Callable[[str], None] = print
+) -> list[PolicyRun]:
+    """Policy runs from names: one per budget for policies with a token budget, one at defaults otherwise;
+    policies that cannot be built from defaults alone are skipped with a message."""
+    runs = []
+    for name in names:
+        key = name.strip().lower()
+        if key in policy_classes():
+            try:
+                base = make_policy(name)
+            except ValueError as err:  # e.g. DuoAttention needs its head split: skip, say why
+                log(f"{key}: skipped; {err}")
+                continue
+        else:
+            base = make_policy(name)  # raises: unknown name
+        if not budgets:
+            runs.append(PolicyRun(key, key, None, base))
+            continue
+        mapped = [(b, with_budget(base, b)) for b in budgets]
+        if mapped[0][1] is None:
+            if key != "full":
+                log(f"{key}: no token budget to set; --budgets ignored, running its defaults")
+            runs.append(PolicyRun(key, key, None, base))
+        else:
+            runs += [PolicyRun(f"{key}@{b}", key, b, p) for b, p in mapped]
+    if not runs:
+        raise ValueError(f"none of the policies {list(names)} can run from the command line")
+    return runs
+
+
+def as_runs(policies) -> list[PolicyRun]:
+    """PolicyRuns from a list of PolicyRun / Policy objects or a {label: Policy} mapping (Python API)."""
+    if isinstance(policies, Mapping):
+        return [PolicyRun(str(k), type(p).__name__.lower(), None, p) for k, p in policies.items()]
+    runs = []
+    for p in policies:
+        if isinstance(p, PolicyRun):
+            runs.append(p)
+        elif isinstance(p, Policy):
+            runs.append(PolicyRun(type(p).__name__.lower(), type(p).__name__.lower(), None, p))
+        else:
+            raise ValueError(f"expected kvjax.policies objects or PolicyRun; got {type(p).__name__}")
+    labels = [r.label for r in runs]
+    if len(set(labels)) != len(labels):
+        raise ValueError(f"policy labels must be unique; got {labels} (pass a {{label: policy}} mapping)")
+    return runs
+
+
+def parse_length(text: str) -> int:
+    """'4k' -> 4096, '1.5k' -> 1536, '3000' -> 3000."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kK]?)\s*", text)
+    if not match:
+        raise ValueError(f"bad length {text!r}: expected e.g. 2048, 2k or 1.5k")
+    value = float(match.group(1)) * (1024 if match.group(2) else 1)
+    if value < 1 or value != int(value):
+        raise ValueError(f"bad length {text!r}: must be a positive whole number of tokens")
+    return int(value)
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalConfig:
+    """What to run: tasks, prompt lengths in tokens, samples per (task, length), and how."""
+
+    tasks: tuple[str, ...] = tuple(default_tasks())
+    lengths: tuple[int, ...] = (2048, 4096)
+    samples: int = 10
+    seed: int = 0
+    haystack: str | None = None  # None: each task's RULER default; else noise / prose / a folder
+    max_new_tokens: int | None = None  # None: each task's default
+    batch_size: int = 16
+    chunk_size: int = 512
+    timing: bool = True  # time prefill and decode separately (runs each batch again after compiling)
+
+    def __post_init__(self):
+        if self.samples < 1 or self.batch_size < 1 or not self.lengths or not self.tasks:
+            raise ValueError("need samples >= 1, batch_size >= 1, and at least one task and one length")
+
+
+def _predictions(m: LanguageModel, out: np.ndarray) -> list[str]:
+    eos = set(m.config.eos_token_ids)
+    texts = []
+    for row in out:
+        stop = next((i for i, t in enumerate(row) if int(t) in eos), len(row))
+        texts.append(m.tokenizer.decode(row[:stop]))
+    return texts
+
+
+def _bytes_per_sequence(m: LanguageModel, ids: list[list[int]], policy: Policy, chunk: int, new: int) -> float:
+    """Device bytes of the state after the prompt, from abstract shapes (nothing is allocated)."""
+    state = jax.eval_shape(lambda: kvjax.prefill(m, ids, policy, chunk_size=chunk, max_new_tokens=new))
+    return kvjax.kv_bytes(state) / len(ids)
+
+
+def _timed(fn):
+    start = time.perf_counter()
+    out = jax.block_until_ready(fn())
+    return out, time.perf_counter() - start
+
+
+def run_eval(
+    m: LanguageModel, policies, config: EvalConfig = EvalConfig(), progress: bool = True,
+    log: Callable[[str], None] = print,
+) -> tuple[list[dict], list[dict]]:
+    """(rows, sample rows): one row per (task, length, policy) with accuracy, kv_bytes, compression vs
+    Full and times; one sample row per prompt with its prediction and score. Greedy decoding."""
+    if m.tokenizer is None:
+        raise ValueError(f"model {m.name or ''} has no tokenizer; the tasks are text and need one")
+    runs = as_runs(policies)
+    haystack = haystack_from_name(config.haystack) if config.haystack else None
+    tasks = [get_task(name, haystack) for name in config.tasks]
+    for length in config.lengths:
+        longest = length + max(config.max_new_tokens or t.max_new_tokens for t in tasks)
+        if longest > m.config.max_position_embeddings:
+            raise ValueError(f"length {length} plus the answer ({longest} tokens) exceeds the model's "
+                             f"context of {m.config.max_position_embeddings}")
+    n_batches = math.ceil(config.samples / config.batch_size)
+    bar = tqdm(total=len(tasks) * len(config.lengths) * len(runs) * n_batches, desc="eval", disable=not progress,
+               dynamic_ncols=True)
+    rows, sample_rows = [], []
+    try:
+        for task in tasks:
+            new = config.max_new_tokens or task.max_new_tokens
+            for length in config.lengths:
+                samples = make_samples(task, m.tokenizer, length, config.samples, config.seed)
+                batches = [samples[i: i + config.batch_size] for i in range(0, len(samples), config.batch_size)]
+                encoded = [[m.tokenizer.encode(s.prompt) for s in batch] for batch in batches]
+                full_bytes = np.mean([_bytes_per_sequence(m, ids, kvjax.policies.Full(), config.chunk_size, new)
+                                      for ids in encoded])
+                for run in runs:
+                    bar.set_description(f"{task.name} {length} {run.label}")
+                    try:
+                        row, per_sample = _evaluate(m, run, task.name, length, batches, encoded, new, config, bar)
+                    except ValueError as err:  # a policy that cannot run on this model: say so, go on
+                        log(f"{run.label} on {task.name} at {length}: skipped; {err}")
+                        bar.update(len(batches))
+                        continue
+                    row["full_kv_bytes"] = int(full_bytes)
+                    row["compression_ratio"] = float(full_bytes / row["kv_bytes"]) if row["kv_bytes"] else float("nan")
+                    rows.append(row)
+                    sample_rows += per_sample
+    finally:
+        bar.close()
+    return rows, sample_rows
+
+
+def _evaluate(m, run: PolicyRun, task: str, length: int, batches: list[list[Sample]], encoded, new: int,
+              config: EvalConfig, bar) -> tuple[dict, list[dict]]:
+    scores, per_sample, bytes_, prefill_s, decode_s = [], [], [], [], []
+    for batch, ids in zip(batches, encoded):
+        gen = lambda eos=None: kvjax.generate(  # noqa: E731
+            m, ids, new, policy=run.policy, chunk_size=config.chunk_size, eos_token_id=eos)
+        out = np.asarray(gen())
+        bytes_.append(_bytes_per_sequence(m, ids, run.policy, config.chunk_size, new))
+        if config.timing:  # compiled by now: time the prompt alone, then a full run without early stop
+            _, t_prefill = _timed(lambda: kvjax.prefill(
+                m, ids, run.policy, chunk_size=config.chunk_size, max_new_tokens=new))
+            _, t_total = _timed(lambda: gen(()))
+            prefill_s.append(t_prefill)
+            decode_s.append(max(t_total - t_prefill, 0.0) / new)
+        for sample, prediction in zip(batch, _predictions(m, out)):
+            score = string_match_all(prediction, sample.answers)
+            scores.append(score)
+            per_sample.append({
+                "policy": run.label, "task": task, "length": length, "seed": sample.seed,
+                "depth": sample.depth, "num_tokens": sample.num_tokens, "answers": list(sample.answers),
+                "prediction": prediction, "score": score,
+            })
+        bar.update(1)
+    row = {
+        "policy": run.label, "policy_name": run.name, "budget": run.budget, "policy_repr": repr(run.policy),
+        "task": task, "length": length, "samples": len(scores), "accuracy": float(np.mean(scores)),
+        "kv_bytes": int(np.mean(bytes_)), "batch_size": len(batches[0]),
+        "prefill_ms": float(np.mean(prefill_s) * 1e3) if prefill_s else None,
+        "decode_ms_per_token": float(np.mean(decode_s) * 1e3) if decode_s else None,
+    }
+    return row, per_sample
+
+
+TABLE_COLUMNS = ("task", "length", "policy", "accuracy", "kv_bytes", "compression_ratio", "prefill_ms",
+                 "decode_ms_per_token")
+
+
+def format_table(rows: list[dict]) -> str:
+    """A plain-text table of the rows (accuracy, memory, compression and times)."""
+    def cell(value):
+        if value is None:
+            return "-"
+        if isinstance(value, float):
+            return f"{value:.3f}" if abs(value) < 100 else f"{value:.0f}"
+        return str(value)
+
+    header = ["task", "length", "policy", "accuracy", "kv_bytes/seq", "compression", "prefill_ms", "decode_ms/tok"]
+    body = [[cell(r.get(c)) for c in TABLE_COLUMNS] for r in rows]
+    widths = [max(len(h), *(len(b[i]) for b in body)) if body else len(h) for i, h in enumerate(header)]
+    line = lambda cells: "  ".join(c.rjust(w) if i >= 3 else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths)))  # noqa: E731
+    return "\n".join([line(header), line(["-" * w for w in widths])] + [line(b) for b in body])
+
+
+def _safe(label: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.@-]+", "_", label).replace("@", "_")
+
+
+def plot_heatmaps(sample_rows: list[dict], out_dir: Path, bins: int = 10) -> list[Path]:
+    """Per policy, mean score by needle depth (rows, binned) and length (columns): heatmap_<policy>.png."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    paths = []
+    for label in dict.fromkeys(r["policy"] for r in sample_rows):
+        mine = [r for r in sample_rows if r["policy"] == label]
+        lengths = sorted({r["length"] for r in mine})
+        per_cell = max(sum(r["length"] == n and r["task"] == mine[0]["task"] for r in mine) for n in lengths)
+        n_bins = max(1, min(bins, per_cell))  # samples spread their depths evenly: one bin each, at most `bins`
+        total, count = np.zeros((n_bins, len(lengths))), np.zeros((n_bins, len(lengths)))
+        for r in mine:
+            b = min(int(r["depth"] * n_bins), n_bins - 1)
+            total[b, lengths.index(r["length"])] += r["score"]
+            count[b, lengths.index(r["length"])] += 1
+        grid = np.where(count > 0, total / np.maximum(count, 1), np.nan)
+        fig, ax = plt.subplots(figsize=(3.2 + 0.9 * len(lengths), 1.8 + 0.35 * n_bins))
+        image = ax.imshow(grid, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto", origin="upper")
+        ax.set_xticks(range(len(lengths)), [str(n) for n in lengths])
+        ax.set_yticks(range(n_bins), [f"{100 * (i + 0.5) / n_bins:.0f}%" for i in range(n_bins)])
+        ax.set_xlabel("prompt length (tokens)")
+        ax.set_ylabel("needle depth")
+        ax.set_title(f"{label}\naccuracy by needle depth and length", fontsize=10)
+        for (i, j), v in np.ndenumerate(grid):
+            if not np.isnan(v):
+                ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=7)
+        fig.colorbar(image, ax=ax, fraction=0.046)
+        fig.tight_layout()
+        path = out_dir / f"heatmap_{_safe(label)}.png"
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        paths.append(path)
+    return paths
+
+
+def plot_accuracy_vs_compression(rows: list[dict], path: Path) -> Path:
+    """Mean accuracy (over tasks and lengths) against compression ratio, one line per policy over budgets."""
+    import matplotlib
+    import matplotlib.ticker
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name in dict.fromkeys(r["policy_name"] for r in rows):
+        points = {}
+        for r in rows:
+            if r["policy_name"] == name:
+                points.setdefault(r["policy"], []).append((r["compression_ratio"], r["accuracy"]))
+        xy = sorted((float(np.mean([p[0] for p in v])), float(np.mean([p[1] for p in v]))) for v in points.values())
+        ax.plot([p[0] for p in xy], [p[1] for p in xy], marker="o", label=name)
+    ax.set_xscale("log")
+    ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda x, _: f"{x:g}x"))
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+    ax.set_xlabel("KV compression ratio vs Full (x)")
+    ax.set_ylabel("accuracy")
+    ax.set_ylim(-0.05, 1.05)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return Path(path)
+
+
+def write_results(rows: list[dict], sample_rows: list[dict], out_dir: str | Path, plots: bool = True) -> list[Path]:
+    """results.json (rows), results.csv, samples.json (per-prompt predictions) and the PNG plots."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(rows, indent=1))
+    (out / "samples.json").write_text(json.dumps(sample_rows, indent=1))
+    columns = list(dict.fromkeys(k for r in rows for k in r))
+    with open(out / "results.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(rows)
+    paths = [out / "results.json", out / "results.csv", out / "samples.json"]
+    if plots and rows:
+        paths += plot_heatmaps(sample_rows, out)
+        paths.append(plot_accuracy_vs_compression(rows, out / "accuracy_vs_compression.png"))
+    return paths

@@ -1,0 +1,1 @@
+"""Training: a generic optax loop and language-model training of kvjax models."""

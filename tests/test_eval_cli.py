@@ -1,0 +1,125 @@
+"""`kvjax eval` on a tiny random model: policy discovery, budget mapping, and the files it writes."""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+
+import jax.numpy as jnp
+import pytest
+from flax import nnx
+
+import kvjax
+from kvjax.eval.harness import (
+    EvalConfig, make_policy, parse_length, policy_classes, resolve_policies, run_eval, with_budget,
+)
+from kvjax.policies import Policy
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory):
+    """A random 1-layer GQA Llama over the byte tokenizer, saved as a kvjax checkpoint."""
+    from kvjax.checkpoint import save_checkpoint
+    from kvjax.train.byte_tokenizer import BOS_ID, EOS_ID, PAD_ID, write_byte_tokenizer
+    from kvjax.train.lm import ModelSize, model_config
+
+    root = tmp_path_factory.mktemp("eval-model")
+    files = write_byte_tokenizer(root / "tok")
+    size = ModelSize(layers=1, hidden=64, heads=4, kv_heads=2, head_dim=32, intermediate=128, max_positions=4096)
+    m = kvjax.init_model(model_config(size, 259, BOS_ID, EOS_ID, PAD_ID), seed=0, dtype=jnp.float32)
+    return save_checkpoint(root / "model", m.config, nnx.to_pure_dict(m.params), files, {"note": "random"})
+
+
+def test_every_exported_policy_is_discovered():
+    classes = policy_classes()
+    for name in kvjax.policies.__all__:
+        obj = getattr(kvjax.policies, name)
+        if isinstance(obj, type) and issubclass(obj, Policy) and obj not in (Policy,):
+            if not getattr(obj, "__abstractmethods__", None):
+                assert classes[name.lower()] is obj
+    assert classes["streaming"] is kvjax.policies.StreamingLLM
+    assert isinstance(make_policy("SnapKV"), kvjax.policies.SnapKV)
+    with pytest.raises(ValueError, match="unknown policy"):
+        make_policy("magic")
+
+
+def test_budgets_map_onto_each_policy():
+    P = kvjax.policies
+    assert with_budget(P.StreamingLLM(), 256) == P.StreamingLLM(sink=4, window=252)
+    assert with_budget(P.H2O(), 256) == P.H2O(heavy=128, window=128)
+    assert with_budget(P.SnapKV(), 256) == P.SnapKV(budget_tokens=256)
+    assert with_budget(P.SnapKV(), 16) == P.SnapKV(budget_tokens=16, window=8)  # window must stay < budget
+    assert with_budget(P.Full(), 256) is None
+    for name, cls in policy_classes().items():  # every policy either maps or says it has no budget
+        try:
+            policy = cls()
+        except TypeError:
+            continue
+        mapped = with_budget(policy, 200)
+        assert mapped is None or (isinstance(mapped, cls) and mapped != policy), name
+    with pytest.raises(ValueError, match="sink"):
+        with_budget(P.StreamingLLM(), 4)
+    messages = []
+    optional = [n for n in ("kivi", "duoattention") if n in policy_classes()]  # being added by others
+    runs = resolve_policies(["full", "streaming", *optional], [64, 128], log=messages.append)
+    assert [r.label for r in runs][:3] == ["full", "streaming@64", "streaming@128"]
+    assert [r.budget for r in runs][:3] == [None, 64, 128]
+    assert not any(m.startswith("full") for m in messages)
+    assert len(messages) == len(optional)  # KIVI: no token budget; DuoAttention: needs its head split
+    assert parse_length("2k") == 2048 and parse_length("1.5k") == 1536 and parse_length("300") == 300
+    with pytest.raises(ValueError, match="bad length"):
+        parse_length("lots")
+
+
+def test_kvjax_eval_writes_results_csv_and_plots(tiny_checkpoint, tmp_path, capsys):
+    import matplotlib.image
+
+    from kvjax.cli import main
+
+    out = tmp_path / "eval"
+    rc = main(["eval", "--model", str(tiny_checkpoint), "--policies", "full,streaming", "--budgets", "96",
+               "--lengths", "512", "--tasks", "niah_single", "--samples", "2", "--dtype", "float32",
+               "--out", str(out), "--no-progress"])
+    printed = capsys.readouterr().out
+    assert rc == 0, printed
+    assert "streaming@96" in printed and "compression" in printed
+    rows = json.loads((out / "results.json").read_text())
+    assert [r["policy"] for r in rows] == ["full", "streaming@96"]
+    for r in rows:
+        assert {"policy", "task", "length", "accuracy", "kv_bytes"} <= set(r)
+        assert r["task"] == "niah_single" and r["length"] == 512 and 0.0 <= r["accuracy"] <= 1.0
+        assert r["prefill_ms"] > 0 and r["decode_ms_per_token"] >= 0
+    full, streaming = rows
+    assert full["compression_ratio"] == 1.0 and streaming["kv_bytes"] < full["kv_bytes"]
+    assert streaming["compression_ratio"] > 3  # 96 slots (+ spare, rounding) instead of ~512 + answer
+    with open(out / "results.csv") as f:
+        table = list(csv.DictReader(f))
+    assert [t["policy"] for t in table] == ["full", "streaming@96"] and float(table[1]["kv_bytes"]) > 0
+    samples = json.loads((out / "samples.json").read_text())
+    assert len(samples) == 4 and all("prediction" in s for s in samples)
+    pngs = sorted(p.name for p in out.glob("*.png"))
+    assert pngs == ["accuracy_vs_compression.png", "heatmap_full.png", "heatmap_streaming_96.png"]
+    for name in pngs:
+        assert matplotlib.image.imread(out / name).ndim == 3
+
+
+def test_python_api_takes_policy_objects(tiny_checkpoint):
+    from kvjax.checkpoint import load
+
+    m = load(tiny_checkpoint, dtype=jnp.float32)
+    policies = {"tight": kvjax.policies.StreamingLLM(sink=4, window=60)}
+    config = EvalConfig(tasks=("passkey",), lengths=(400,), samples=1, timing=False)
+    rows, samples = run_eval(m, policies, config, progress=False)
+    assert rows[0]["policy"] == "tight" and rows[0]["samples"] == 1 and rows[0]["prefill_ms"] is None
+    assert samples[0]["answers"] and isinstance(samples[0]["prediction"], str)
+    with pytest.raises(ValueError, match="context"):
+        run_eval(m, policies, dataclasses.replace(config, lengths=(5000,)), progress=False)
+
+
+def test_eval_without_a_model_fails_clearly(monkeypatch, capsys):
+    import kvjax.cli
+
+    monkeypatch.setattr(kvjax.cli, "bundled_models", lambda: [])
+    assert kvjax.cli.main(["eval", "--out", "unused"]) == 2
+    assert "no bundled model" in capsys.readouterr().err

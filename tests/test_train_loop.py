@@ -1,0 +1,126 @@
+"""The generic training loop: it learns, resumes exactly, stops on NaN keeping the last good checkpoint."""
+
+from __future__ import annotations
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+import pytest
+
+from kvjax.train.loop import NonFiniteLossError, LoopConfig, train
+
+TRUE_W = np.array([1.5, -2.0, 0.5, 3.0], np.float32)
+
+
+def regression_batch(seed: int, step: int, poison_from: int | None = None) -> dict:
+    rng = np.random.default_rng([seed, step])
+    x = rng.normal(size=(16, 4)).astype(np.float32)
+    y = x @ TRUE_W + 0.7 + 0.01 * rng.normal(size=16).astype(np.float32)
+    if poison_from is not None and step >= poison_from:
+        y[0] = np.nan
+    return {"x": x, "y": y}
+
+
+def regression_loss(params, batch, rng):
+    noise = 1e-3 * jax.random.normal(rng, ())  # uses the step key, so resume must reproduce it too
+    pred = jnp.einsum("bi,i->b", batch["x"], params["w"]) + params["b"]
+    loss = jnp.mean((pred - batch["y"]) ** 2) + noise
+    return loss, {"bias": params["b"]}
+
+
+def init_params():
+    return {"w": jnp.zeros(4), "b": jnp.zeros(())}
+
+
+def optimizer():
+    schedule = optax.warmup_cosine_decay_schedule(0.0, 0.5, 3, 12, 0.05)
+    return optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(schedule))
+
+
+def config(steps, **kw):
+    return LoopConfig(steps=steps, seed=3, checkpoint_every=3, progress=False, plot=False, **kw)
+
+
+def test_resume_after_interruption_equals_an_uninterrupted_run(tmp_path):
+    straight = train(init_params(), regression_loss, optimizer(), regression_batch, config(12), tmp_path / "a")
+    first = train(init_params(), regression_loss, optimizer(), regression_batch, config(6), tmp_path / "b")
+    assert first.step == 6 and first.resumed_from is None
+    resumed = train(init_params(), regression_loss, optimizer(), regression_batch, config(12), tmp_path / "b")
+    assert resumed.resumed_from == 6 and resumed.step == 12
+    for a, b in zip(jax.tree.leaves(straight.params), jax.tree.leaves(resumed.params)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert [h["loss"] for h in straight.history] == [h["loss"] for h in resumed.history]
+    curve = json.loads((tmp_path / "b" / "loss_curve.json").read_text())
+    assert [h["step"] for h in curve] == list(range(1, 13))
+    assert straight.history[-1]["loss"] < 0.1 * straight.history[0]["loss"]  # and it learned
+
+
+def test_nan_guard_stops_and_keeps_the_last_good_checkpoint(tmp_path):
+    poisoned = lambda seed, step: regression_batch(seed, step, poison_from=7)  # noqa: E731
+    with pytest.raises(NonFiniteLossError, match=r"step 7.*checkpoint 6"):
+        train(init_params(), regression_loss, optimizer(), poisoned, config(12), tmp_path)
+    manager = ocp.CheckpointManager(tmp_path / "checkpoints")
+    assert manager.latest_step() == 6
+    restored = manager.restore(6)
+    assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(restored))
+    curve = json.loads((tmp_path / "loss_curve.json").read_text())
+    assert [h["step"] for h in curve] == list(range(1, 8)) and all(np.isfinite(h["loss"]) for h in curve)
+    # the same run resumes from the good checkpoint once the data is fixed
+    resumed = train(init_params(), regression_loss, optimizer(), regression_batch, config(9), tmp_path)
+    assert resumed.resumed_from == 6 and np.isfinite(resumed.history[-1]["loss"])
+
+
+def test_loss_curve_png_and_validation(tmp_path):
+    import matplotlib.image
+
+    train(init_params(), regression_loss, optimizer(), regression_batch,
+          LoopConfig(steps=4, checkpoint_every=10, progress=False), tmp_path)
+    assert matplotlib.image.imread(tmp_path / "loss_curve.png").shape[-1] in (3, 4)
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["4"]  # the last step is saved
+    with pytest.raises(ValueError, match="steps"):
+        LoopConfig(steps=0)
+
+
+def test_language_model_loss_falls_on_a_tiny_transformer(tmp_path):
+    from flax import nnx
+
+    from kvjax.language_model import init_model
+    from kvjax.tokenizer import Tokenizer
+    from kvjax.train.byte_tokenizer import EOS_ID, PAD_ID, write_byte_tokenizer
+    from kvjax.train.lm import DataConfig, ModelSize, make_batch, make_loss_fn, make_optimizer, model_config
+
+    write_byte_tokenizer(tmp_path / "tok")
+    tok = Tokenizer(tmp_path / "tok")
+    size = ModelSize(layers=1, hidden=32, heads=2, kv_heads=1, head_dim=16, intermediate=64, max_positions=512)
+    m = init_model(model_config(size, tok.vocab_size, 257, EOS_ID, PAD_ID), seed=0, dtype=jnp.float32)
+    data = DataConfig(seq_len=96, batch_size=4, tasks=(), text_fraction=1.0, answer_reserve=8)
+    batch_fn = lambda seed, step: make_batch(tok, data, PAD_ID, EOS_ID, seed, step)  # noqa: E731
+    assert (batch_fn(0, 1)["tokens"] == batch_fn(0, 1)["tokens"]).all()
+    result = train(nnx.to_pure_dict(m.params), make_loss_fn(m.graphdef), make_optimizer(1e-2, 12, 2), batch_fn,
+                   LoopConfig(steps=12, progress=False, plot=False))
+    losses = [h["loss"] for h in result.history]
+    assert np.mean(losses[-3:]) < 0.8 * np.mean(losses[:2])
+
+
+def test_train_lm_cli_writes_a_loadable_checkpoint(tmp_path):
+    import kvjax
+    from kvjax.checkpoint import load
+    from kvjax.cli import main
+
+    out = tmp_path / "model"
+    argv = ["train-lm", "--out", str(out), "--steps", "2", "--seq-len", "448", "--batch-size", "2", "--layers", "1",
+            "--hidden", "32", "--heads", "2", "--kv-heads", "1", "--head-dim", "16", "--intermediate", "64",
+            "--max-positions", "1024", "--tasks", "niah_single,passkey", "--no-progress"]
+    assert main(argv) == 0
+    m = load(out, dtype=jnp.float32)
+    assert m.tokenizer is not None and m.config.vocab_size == 259
+    info = json.loads((out / "kvjax.json").read_text())
+    assert info["steps"] == 2 and "train-lm" in info["command"]
+    assert (out / "loss_curve.json").is_file() and (out / "loss_curve.png").is_file()
+    ids = m.tokenizer.encode("The pass key is")
+    assert kvjax.generate(m, [ids], 4).shape == (1, 4)
+    assert main(argv) == 2  # refuses to overwrite
