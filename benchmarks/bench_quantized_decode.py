@@ -24,7 +24,6 @@ import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from pallas_kernels import kv_quant
 from pallas_kernels.kv_quant import QuantizedKV

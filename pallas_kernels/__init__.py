@@ -14,3 +14,14 @@ from pallas_kernels.kv_quant import (
 from pallas_kernels.quantized_decode_attention import (
     QuantizedDecodeConfig, decode_attention, decode_attention_reference,
     quantized_decode_attention, quantized_decode_attention_reference)
+
+__all__ = [
+    "DecodeBlockTable", "DecodeConfig", "DenseCausal", "PerHead", "PrefillBlockTable", "PrefillConfig",
+    "QuantizedDecodeConfig", "QuantizedKV", "SinkLocal", "block_sparse_decode",
+    "block_sparse_decode_reference", "block_sparse_prefill", "block_sparse_prefill_reference",
+    "check_quantized_kv", "decode_attention", "decode_attention_reference", "decode_table_from_mask",
+    "decode_table_top_k_pages", "dequantize_keys", "dequantize_kv", "dequantize_values", "device_bytes",
+    "empty_quantized_kv", "pack", "page_key_bounds", "prefill_block_table", "prefill_table_from_blocks",
+    "quantize_keys", "quantize_kv", "quantize_values", "quantized_decode_attention",
+    "quantized_decode_attention_reference", "unpack", "write_quantized",
+]
