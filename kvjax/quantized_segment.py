@@ -1,9 +1,10 @@
 """A layer's quantized KV cache (KIVI): a packed slab of the oldest tokens beside a full-precision window.
 
-Slab slot i holds the token at position i, for i < slab_length[b] (so the slab stores no positions:
-they are implicit); the window holds the following tokens in position order as a valid prefix of
-its slots (pos -1 after). Tokens move from the window to the slab in whole groups of G, which then
-own whole packed bytes and whole key-statistic rows (see `pallas_kernels.kv_quant`).
+Slab slot i holds the token at position i, for i < slab_length[b] (KIVI: the slab stores no
+positions, they are implicit), unless `slab_pos` records them (quantized pruning: the kept,
+non-contiguous positions in order). The window holds the following tokens in position order as a
+valid prefix of its slots (pos -1 after). Tokens move from the window to the slab in whole groups
+of G, which then own whole packed bytes and whole key-statistic rows (see `pallas_kernels.kv_quant`).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ class QuantizedSegment:
     slab: QuantizedKV  # logical [B, Hs, Cq, D]: packed codes + per-group scale and zero
     slab_length: jax.Array  # int32[B]: tokens held by the slab, always a multiple of G
     window: KVSegment  # k, v [B, Hs, W, D] in the model dtype; pos int32[B, Hs, W] (-1 empty)
+    slab_pos: jax.Array | None = None  # int32[B, Hs, Cq] (-1 empty) when slot != position; else None
 
     @property
     def heads(self) -> tuple[int, ...]:
@@ -41,6 +43,8 @@ class QuantizedSegment:
 
     def slab_positions(self) -> jax.Array:
         """int32[B, Hs, Cq]: position of each slab slot (-1 empty), for inspection and masks."""
+        if self.slab_pos is not None:
+            return self.slab_pos
         batch, heads, capacity, _ = self.slab.shape
         slots = jnp.arange(capacity, dtype=jnp.int32)  # [Cq]
         pos = jnp.where(slots < self.slab_length[:, None], slots, -1)  # [B, Cq]
@@ -114,6 +118,20 @@ def write_slab_groups(
     })
 
 
+def write_slab_positions(
+    slab_pos: jax.Array, pos: jax.Array, start: jax.Array, count: jax.Array
+) -> jax.Array:
+    """slab_pos int32[B, Hs, Cq] with pos[b, :, :count[b]] (int32[B, Hs, F]) stored at slots
+    [start[b], start[b] + count[b]); a dropping scatter like `write_slab_groups`."""
+    idx = jnp.arange(pos.shape[-1], dtype=jnp.int32)  # [F]
+
+    def one(dst, src, first, n):  # one sequence: [Hs, Cq] <- [Hs, F]
+        target = jnp.where(idx < n, first + idx, dst.shape[-1])  # [F]
+        return dst.at[:, target].set(src, mode="drop")
+
+    return jax.vmap(one)(slab_pos, pos, start, count)
+
+
 def flush_window(segment: QuantizedSegment, residual: int, capacity: int) -> QuantizedSegment:
     """Moves the window's oldest whole groups into the slab until it holds fewer than residual + G
     tokens (but at least `residual` when it had as many); the window returns to `capacity` slots.
@@ -128,10 +146,15 @@ def flush_window(segment: QuantizedSegment, residual: int, capacity: int) -> Qua
     slab = write_slab_groups(
         segment.slab, w.k[:, :, :span], w.v[:, :, :span], segment.slab_length, moved
     )
+    slab_pos = segment.slab_pos
+    if slab_pos is not None:  # recorded positions move with their entries
+        slab_pos = write_slab_positions(slab_pos, w.pos[:, :, :span], segment.slab_length, moved)
     w = grow_window(segment, span + capacity - w.capacity).window  # slicing below stays in range
 
     def shift(x):  # [B, Hs, W', ...] -> [B, Hs, capacity, ...] from slot moved[b]
         return jax.vmap(lambda row, m: jax.lax.dynamic_slice_in_dim(row, m, capacity, axis=1))(x, moved)
 
     window = w.replace(k=shift(w.k), v=shift(w.v), pos=shift(w.pos))
-    return segment.replace(slab=slab, slab_length=segment.slab_length + moved, window=window)
+    return segment.replace(
+        slab=slab, slab_length=segment.slab_length + moved, window=window, slab_pos=slab_pos
+    )
