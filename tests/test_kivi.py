@@ -15,6 +15,7 @@ from kvjax import ModelConfig, init_model
 from kvjax.policies import KIVI, Full
 from pallas_kernels import kv_quant
 from tests.conftest import random_tokens
+from tests.quantized_fixtures import head_dim_32_config, rms, teacher_forced
 
 G, R = 32, 128
 LENGTHS = (250, 100)  # row 0 quantizes (and flushes 3 groups in one chunk); row 1 never leaves R + G
@@ -22,19 +23,9 @@ NEW = 30  # teacher-forced decode steps: row 0 crosses a flush at length 256
 CHUNK = 128
 
 
-def _config(**kw) -> ModelConfig:
-    # head_dim 32: values are quantized over groups of G = 32 channels (the conftest model has 16).
-    # One layer keeps compiles short; its keys and values are the ones checked exactly below.
-    base = dict(
-        family="llama", vocab_size=256, hidden_size=64, intermediate_size=128, num_layers=1,
-        num_heads=4, num_kv_heads=2, head_dim=32, max_position_embeddings=4096,
-    )
-    return ModelConfig(**{**base, **kw})
-
-
 @pytest.fixture(scope="module")
 def model():
-    return init_model(_config(), seed=0, dtype=jnp.float32)
+    return init_model(head_dim_32_config(), seed=0, dtype=jnp.float32)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,16 +50,7 @@ class _ScaledSlab(KIVI):
 
 
 def _run(m, policy, tokens):
-    """Prefill LENGTHS, then NEW teacher-forced decode steps: (logits [B, NEW, V], prefill state, state)."""
-    lengths = np.asarray(LENGTHS, np.int32)
-    prompts = tokens[:, : max(LENGTHS)]
-    state = kvjax.prefill(m, prompts, policy, lengths=lengths, max_new_tokens=NEW, chunk_size=CHUNK)
-    prefilled = jax.tree.map(jnp.copy, state)  # decode_step donates its input
-    steps = []
-    for i in range(NEW):
-        logits, state = kvjax.decode_step(m, state, tokens[np.arange(2), lengths + i], policy)
-        steps.append(np.asarray(logits))
-    return np.stack(steps, axis=1), prefilled, state
+    return teacher_forced(m, policy, tokens, LENGTHS, NEW, CHUNK)
 
 
 @pytest.fixture(scope="module")
@@ -80,10 +62,6 @@ def runs(model):
         "scale": _ScaledSlab(4, factor=16 / 15),  # bug: scale = range / 2^b instead of / (2^b - 1)
     }
     return tokens, {name: _run(model, p, tokens) for name, p in policies.items()}
-
-
-def _rms(a, b) -> float:
-    return float(np.sqrt(np.mean((a - b) ** 2)))
 
 
 # Tolerances on the RMS logit error over the decode steps of row 0 (logits have std ~1 here). The
@@ -99,11 +77,11 @@ def test_logits_close_to_full_and_tolerance_catches_bugs(runs):
     full = out["full"][0][0]
 
     assert np.std(full) > 0.5  # the tolerances are relative to logits of this scale
-    assert _rms(out["kivi4"][0][0], full) < TOL4
-    assert _rms(out["kivi2"][0][0], full) < TOL2
-    assert _rms(out["kivi4"][0][0], full) < _rms(out["kivi2"][0][0], full) / 2
-    assert _rms(out["no_window"][0][0], full) > TOL4
-    assert _rms(out["scale"][0][0], full) > TOL4
+    assert rms(out["kivi4"][0][0], full) < TOL4
+    assert rms(out["kivi2"][0][0], full) < TOL2
+    assert rms(out["kivi4"][0][0], full) < rms(out["kivi2"][0][0], full) / 2
+    assert rms(out["no_window"][0][0], full) > TOL4
+    assert rms(out["scale"][0][0], full) > TOL4
 
 
 def test_short_prompt_equals_full(runs):
@@ -191,7 +169,7 @@ def test_kv_bytes(runs, model):
     assert kvjax.kv_bytes(out["kivi4"][1]) == _kivi_bytes(KIVI(4), model.config, 2, padded, NEW, 4)
     assert kvjax.kv_bytes(out["kivi2"][1]) == _kivi_bytes(KIVI(2), model.config, 2, padded, NEW, 4)
     # A 4K prompt on a Llama-3-8B-shaped cache in bf16 (abstract shapes, nothing allocated).
-    cfg = _config(num_layers=32, num_heads=32, num_kv_heads=8, head_dim=128, hidden_size=4096)
+    cfg = head_dim_32_config(num_layers=32, num_heads=32, num_kv_heads=8, head_dim=128, hidden_size=4096)
     kivi = jax.eval_shape(lambda: KIVI(4).allocate(cfg, 1, 4096, 0, 512, jnp.bfloat16))
     full = jax.eval_shape(lambda: Full().allocate(cfg, 1, 4096, 0, 512, jnp.bfloat16))
     assert kvjax.kv_bytes(kivi) == _kivi_bytes(KIVI(4), cfg, 1, 4096, 0, 2)
@@ -220,7 +198,7 @@ def test_generate_ragged_batch_is_the_greedy_chain(model, runs):
 def test_sliding_window_masks_the_slab():
     # With a 16-token sliding window and R = 32 the slab is never visible: exactly Full, although
     # 32 of the 64 tokens are quantized (attending to them would move the outputs by ~1e-2).
-    cfg = _config()
+    cfg = head_dim_32_config()
     rng = np.random.default_rng(0)
     q = jnp.asarray(rng.normal(size=(1, 70, 2, 2, 32)), jnp.float32)  # [B, T, K, G, D]
     k = jnp.asarray(rng.normal(size=(1, 70, 2, 32)), jnp.float32)
@@ -251,4 +229,4 @@ def test_bad_arguments_raise(kwargs):
 
 def test_head_dim_not_a_multiple_of_the_group_raises():
     with pytest.raises(ValueError, match="head dim"):
-        KIVI(4, group=64).allocate(_config(), 1, 64, 0, 64, jnp.float32)
+        KIVI(4, group=64).allocate(head_dim_32_config(), 1, 64, 0, 64, jnp.float32)

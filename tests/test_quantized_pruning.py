@@ -19,6 +19,7 @@ from kvjax.policies.quantized_pruning import (
 )
 from pallas_kernels import kv_quant
 from tests.conftest import random_tokens
+from tests.quantized_fixtures import head_dim_32_config, rms, teacher_forced
 
 G, R = 32, 128
 BUDGET = 320  # SnapKV keeps 320 per head: row 0 quantizes 192 of them, row 1 (shorter) 64 of its 200
@@ -27,23 +28,13 @@ NEW = 40  # teacher-forced decode steps: both rows flush one more group while de
 CHUNK = 128
 
 
-def _config(**kw) -> ModelConfig:
-    # head_dim 32: values are quantized over groups of G = 32 channels. One layer keeps compiles
-    # short; prefill runs the base unchanged, so its kept entries are checked exactly below.
-    base = dict(
-        family="llama", vocab_size=256, hidden_size=64, intermediate_size=128, num_layers=1,
-        num_heads=4, num_kv_heads=2, head_dim=32, max_position_embeddings=4096,
-    )
-    return ModelConfig(**{**base, **kw})
-
-
 def _base(budget: int = BUDGET) -> SnapKV:
     return SnapKV(budget, window=32, kernel=7)
 
 
 @pytest.fixture(scope="module")
 def model():
-    return init_model(_config(), seed=0, dtype=jnp.float32)
+    return init_model(head_dim_32_config(), seed=0, dtype=jnp.float32)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,17 +55,7 @@ class _ScaledSlab(QuantizedPruning):
 
 
 def _run(m, policy, tokens):
-    """Prefill LENGTHS, then NEW teacher-forced decode steps: (logits [B, NEW, V], prefill state, state)."""
-    lengths = np.asarray(LENGTHS, np.int32)
-    state = kvjax.prefill(
-        m, tokens[:, : max(LENGTHS)], policy, lengths=lengths, max_new_tokens=NEW, chunk_size=CHUNK
-    )
-    prefilled = jax.tree.map(jnp.copy, state)  # decode_step donates its input
-    steps = []
-    for i in range(NEW):
-        logits, state = kvjax.decode_step(m, state, tokens[np.arange(2), lengths + i], policy)
-        steps.append(np.asarray(logits))
-    return np.stack(steps, axis=1), prefilled, state
+    return teacher_forced(m, policy, tokens, LENGTHS, NEW, CHUNK)
 
 
 @pytest.fixture(scope="module")
@@ -144,10 +125,6 @@ def test_slab_is_the_base_entries_quantized(runs, name, phase):
         np.testing.assert_array_equal(np.asarray(seg.window.v[b, :, : n - q]), np.asarray(base.v[b, :, q:n]))
 
 
-def _rms(a, b) -> float:
-    return float(np.sqrt(np.mean((a - b) ** 2)))
-
-
 # (c) Tolerance on the RMS logit error against the base over the decode steps (logits have std ~1).
 # Min/max quantization error is proportional to its step, range / (2^b - 1), so 2 bits' bound is
 # 4 bits' times 15 / 3. Measured (JAX 0.10.2, CPU), rows 0 / 1: 4 bits 0.0090 / 0.0087, 2 bits
@@ -162,10 +139,10 @@ def test_logits_close_to_the_base_and_tolerance_catches_a_wrong_scale(runs):
     base = out["snapkv"][0]
     assert np.std(base) > 0.5  # the tolerances are relative to logits of this scale
     for b in range(2):
-        assert _rms(out["qp4"][0][b], base[b]) < TOL4
-        assert _rms(out["qp2"][0][b], base[b]) < TOL2
-        assert _rms(out["qp4"][0][b], base[b]) < _rms(out["qp2"][0][b], base[b]) / 2
-        assert _rms(out["scale"][0][b], base[b]) > 2 * TOL4
+        assert rms(out["qp4"][0][b], base[b]) < TOL4
+        assert rms(out["qp2"][0][b], base[b]) < TOL2
+        assert rms(out["qp4"][0][b], base[b]) < rms(out["qp2"][0][b], base[b]) / 2
+        assert rms(out["scale"][0][b], base[b]) > 2 * TOL4
 
 
 def test_sliding_window_path_masks_by_recorded_positions(runs):
@@ -213,7 +190,7 @@ def test_byte_formula_is_what_kv_bytes_measures(runs, model):
 
 def _llama8b(**kw) -> ModelConfig:
     # Llama-3-8B's cache shapes (2 of its 32 layers: bytes are per layer, tracing stays short).
-    return _config(num_layers=2, num_heads=32, num_kv_heads=8, head_dim=128, hidden_size=4096, **kw)
+    return head_dim_32_config(num_layers=2, num_heads=32, num_kv_heads=8, head_dim=128, hidden_size=4096, **kw)
 
 
 @pytest.mark.parametrize("fraction", [0.1, 0.25])
@@ -289,7 +266,7 @@ def test_bad_arguments_raise(kwargs):
 
 
 def test_memory_api_errors():
-    cfg = _config()
+    cfg = head_dim_32_config()
     with pytest.raises(ValueError, match="head dim"):
         QuantizedPruning(_base(), 4, group=64).allocate(cfg, 1, 64, 0, 64, jnp.float32)
     with pytest.raises(ValueError, match="exactly one"):
