@@ -123,6 +123,39 @@ def _train_lm(args) -> None:
     print(f"wrote {out} ({history_summary(out)})")
 
 
+def _gate_method(value: str) -> str:
+    """argparse type of --method: names the methods that exist and those that are not implemented yet."""
+    if value == "locret":
+        raise argparse.ArgumentTypeError("method 'locret' is not implemented yet; available: duo")
+    return value
+
+
+def _train_gates(args) -> None:
+    import jax.numpy as jnp
+
+    from kvjax.checkpoint import load
+    from kvjax.train.duo_gates import GATES_TSV, DuoGateConfig, train_duo_gates
+    from kvjax.train.loop import NonFiniteLossError
+
+    if args.model is None and not bundled_models():
+        raise CheckpointError(
+            "no --model given and no bundled model is installed (kvjax's own long-context model has not "
+            "shipped in this install yet); pass --model NAME_OR_DIR, e.g. a `kvjax convert` or `kvjax train-lm` output"
+        )
+    config = DuoGateConfig(
+        steps=args.steps, lr=args.lr, sink=args.sink, recent=args.recent, min_len=args.min_len, max_len=args.max_len,
+        num_passkeys=args.passkeys, passkey_words=args.passkey_words, haystack=args.haystack,
+        pad_multiple=args.pad_multiple, chunk=args.chunk, seed=args.seed, checkpoint_every=args.checkpoint_every,
+    )
+    m = load(args.model or _default_model(), dtype=jnp.dtype(args.dtype))
+    try:
+        _, result = train_duo_gates(m, args.out, config, progress=not args.no_progress)
+    except NonFiniteLossError as err:
+        raise ValueError(str(err)) from err
+    last = result.history[-1]["loss"] if result.history else float("nan")
+    print(f"wrote {args.out}/{GATES_TSV} (step {result.step}, loss {last:.6f})")
+
+
 def parser() -> argparse.ArgumentParser:
     root = argparse.ArgumentParser(prog="kvjax", description="KV-cache compression for long-context LLMs in JAX")
     sub = root.add_subparsers(dest="command", required=True)
@@ -198,6 +231,29 @@ def parser() -> argparse.ArgumentParser:
     tr.add_argument("--save-dtype", default="float32", choices=["float32", "bfloat16"])
     tr.add_argument("--no-progress", action="store_true")
     tr.set_defaults(run=_train_lm)
+
+    tg = sub.add_parser("train-gates", help="train a learned policy's gates on a frozen model (DuoAttention)")
+    tg.add_argument("--method", required=True, type=_gate_method, choices=["duo"],
+                    help="duo: DuoAttention's per-KV-head gates (locret is not implemented yet)")
+    tg.add_argument("--model", help="checkpoint directory or bundled model name (default: bundled)")
+    tg.add_argument("--out", required=True, help="folder for full_attention_heads.tsv, checkpoints and the loss "
+                                                 "curve; rerunning with the same folder resumes")
+    tg.add_argument("--steps", type=int, default=2000)
+    tg.add_argument("--min-len", type=int, default=1024, help="shortest prompt in tokens")
+    tg.add_argument("--max-len", type=int, default=32_768, help="longest prompt in tokens")
+    tg.add_argument("--sink", type=int, default=128, help="streaming heads' sink tokens during training")
+    tg.add_argument("--recent", type=int, default=256, help="streaming heads' recent tokens during training")
+    tg.add_argument("--lr", type=float, default=0.02)
+    tg.add_argument("--seed", type=int, default=0)
+    tg.add_argument("--passkeys", type=int, default=10, help="passkeys per prompt")
+    tg.add_argument("--passkey-words", type=int, default=32, help="NATO-alphabet words per passkey")
+    tg.add_argument("--haystack", default="prose", help="noise, prose or a folder of .txt files")
+    tg.add_argument("--pad-multiple", type=int, default=1024, help="prompts are padded to a multiple of this")
+    tg.add_argument("--chunk", type=int, default=512, help="query chunk of the training attention (memory)")
+    tg.add_argument("--checkpoint-every", type=int, default=100)
+    tg.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    tg.add_argument("--no-progress", action="store_true")
+    tg.set_defaults(run=_train_gates)
     return root
 
 
