@@ -1,12 +1,14 @@
 """kvjax: KV-cache compression for long-context LLM inference in JAX."""
 
 from kvjax import policies
+from kvjax.checkpoint import CheckpointError, bundled_models, load
 from kvjax.config import ModelConfig, RopeConfig, UnsupportedModelError
 from kvjax.inference import decode_step, generate, logits, prefill
 from kvjax.kv_state import KVSegment, KVState, kv_bytes
 from kvjax.language_model import LanguageModel, init_model
 
 __all__ = [
-    "KVSegment", "KVState", "LanguageModel", "ModelConfig", "RopeConfig", "UnsupportedModelError",
-    "decode_step", "generate", "init_model", "kv_bytes", "logits", "policies", "prefill",
+    "CheckpointError", "KVSegment", "KVState", "LanguageModel", "ModelConfig", "RopeConfig",
+    "UnsupportedModelError", "bundled_models", "decode_step", "generate", "init_model", "kv_bytes",
+    "load", "logits", "policies", "prefill",
 ]
