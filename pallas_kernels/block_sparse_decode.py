@@ -41,7 +41,7 @@ from jax.experimental.pallas import triton as pltriton
 from pallas_kernels import block_masks
 from pallas_kernels.block_masks import DecodeBlockTable, MaskDescription
 from pallas_kernels.lowering import pick_implementation
-from pallas_kernels.online_softmax import MASK_VALUE, attend_block, initial_state
+from pallas_kernels.online_softmax import MASK_VALUE, attend_block, initial_state, masked_attention
 
 _TRITON_MIN_ROWS = 16  # Triton's tl.dot needs at least 16 rows
 
@@ -345,14 +345,8 @@ def block_sparse_decode_reference(
     visible = (block_masks.decode_table_mask(table, capacity)
                & block_masks.token_visible(lengths[..., None] - 1, pos, sink[:, None],
                                            window[:, None]))  # [B, Hkv, C]
-    qg = q.reshape(batch, num_kv_heads, -1, head_dim)  # [B, Hkv, g, D]
-    s = jnp.einsum("bhgd,bhkd->bhgk", qg, k, preferred_element_type=jnp.float32) * sm_scale
-    s = jnp.where(visible[:, :, None], s, -jnp.inf)  # [B, Hkv, g, C]
-    m = jnp.max(s, axis=-1, keepdims=True)
-    p = jnp.where(visible[:, :, None], jnp.exp(s - jnp.where(jnp.isfinite(m), m, 0.0)), 0.0)
-    l = jnp.sum(p, axis=-1, keepdims=True)  # [B, Hkv, g, 1]
-    o = jnp.einsum("bhgk,bhkd->bhgd", p, v.astype(jnp.float32))  # [B, Hkv, g, D]
-    o = jnp.where(l > 0, o / jnp.where(l > 0, l, 1.0), 0.0)
+    qg = q.reshape(batch, num_kv_heads, -1, 1, head_dim)  # [B, Hkv, g, 1, D]
+    o = masked_attention(qg, k, v, visible[:, :, None, None], sm_scale)  # [B, Hkv, g, 1, D]
     return o.reshape(q.shape).astype(q.dtype)
 
 

@@ -43,7 +43,7 @@ from jax.experimental.pallas import triton as pltriton
 from pallas_kernels import block_masks
 from pallas_kernels.block_masks import MaskDescription, PrefillBlockTable
 from pallas_kernels.lowering import pick_implementation
-from pallas_kernels.online_softmax import MASK_VALUE, attend_block, initial_state
+from pallas_kernels.online_softmax import MASK_VALUE, attend_block, initial_state, masked_attention
 
 _TPU_LANES = 128  # m and l scratch are replicated over the lanes of one vreg row
 
@@ -356,13 +356,7 @@ def block_sparse_prefill_reference(
     visible = visible[None] & in_length[:, None, None, :]  # [B, H, T, T]
     visible = visible.reshape(batch, num_kv_heads, -1, seq_len, seq_len)  # [B, Hkv, g, T, T]
     qg = q.reshape(batch, num_kv_heads, -1, seq_len, head_dim)  # [B, Hkv, g, T, D]
-    s = jnp.einsum("bhgqd,bhkd->bhgqk", qg, k, preferred_element_type=jnp.float32) * sm_scale
-    s = jnp.where(visible, s, -jnp.inf)  # [B, Hkv, g, T, T]
-    m = jnp.max(s, axis=-1, keepdims=True)
-    p = jnp.where(visible, jnp.exp(s - jnp.where(jnp.isfinite(m), m, 0.0)), 0.0)
-    l = jnp.sum(p, axis=-1, keepdims=True)  # [B, Hkv, g, T, 1]
-    o = jnp.einsum("bhgqk,bhkd->bhgqd", p, v.astype(jnp.float32))  # [B, Hkv, g, T, D]
-    o = jnp.where(l > 0, o / jnp.where(l > 0, l, 1.0), 0.0)
+    o = masked_attention(qg, k, v, visible, sm_scale)  # [B, Hkv, g, T, D]
     o = jnp.where(in_length[:, None, None, :, None], o, 0.0)
     return o.reshape(q.shape).astype(q.dtype)
 

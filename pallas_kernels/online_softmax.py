@@ -34,3 +34,19 @@ def initial_state(rows: int, head_dim: int) -> tuple[jax.Array, jax.Array, jax.A
     """(m, l, acc) before any block: [rows, 1], [rows, 1], [rows, head_dim] float32."""
     return (jnp.full((rows, 1), MASK_VALUE, jnp.float32), jnp.zeros((rows, 1), jnp.float32),
             jnp.zeros((rows, head_dim), jnp.float32))
+
+
+def masked_attention(qg, k, v, visible, sm_scale):
+    """Dense softmax attention over the visible keys, with the kernels' semantics: a query row that
+    sees no key outputs zeros. The ground truth the block-sparse references share.
+
+    qg [B, Hkv, g, Q, D]; k, v [B, Hkv, C, D]; visible bool broadcastable to [B, Hkv, g, Q, C].
+    Returns float32 [B, Hkv, g, Q, D].
+    """
+    s = jnp.einsum("bhgqd,bhkd->bhgqk", qg, k, preferred_element_type=jnp.float32) * sm_scale
+    s = jnp.where(visible, s, -jnp.inf)  # [B, Hkv, g, Q, C]
+    m = jnp.max(s, axis=-1, keepdims=True)
+    p = jnp.where(visible, jnp.exp(s - jnp.where(jnp.isfinite(m), m, 0.0)), 0.0)
+    l = jnp.sum(p, axis=-1, keepdims=True)  # [B, Hkv, g, Q, 1]
+    o = jnp.einsum("bhgqk,bhkd->bhgqd", p, v.astype(jnp.float32))
+    return jnp.where(l > 0, o / jnp.where(l > 0, l, 1.0), 0.0)

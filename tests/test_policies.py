@@ -9,7 +9,7 @@ import pytest
 
 import kvjax
 from kvjax.kv_state import count, empty_segment, keep_top
-from kvjax.policies import A2SF, H2O, TOVA, VATP, SnapKV, StreamingLLM
+from kvjax.policies import A2SF, H2O, TOVA, VATP, AdaKV, Knorm, PyramidKV, SnapKV, StreamingLLM
 from kvjax.policies.snapkv import pool_1d
 from tests.conftest import random_tokens
 from tests.policy_reference import causal_probs, layer_queries_keys
@@ -120,6 +120,9 @@ def test_evicting_budgets_hold_through_a_long_decode(tiny_model, policy):
 
 @pytest.mark.parametrize("policy", [
     StreamingLLM(sink=4, window=1000), H2O(heavy=500, window=500), SnapKV(budget_tokens=1000, window=32),
+    A2SF(heavy=500, window=500), TOVA(budget_tokens=1000), VATP(heavy=500, window=500),
+    Knorm(budget_tokens=1000), PyramidKV(budget_tokens=4000, window=32),
+    AdaKV(SnapKV(budget_tokens=1000, window=32)),
 ])
 def test_budget_covering_the_context_equals_full(tiny_model, policy):
     """A budget at least as large as prompt + decode keeps everything: Full's logits to 1e-5."""
