@@ -6,7 +6,10 @@ Measures, on the default device (numbers only mean something on a GPU or TPU):
     causal cuDNN on every head, and vs cuDNN split by head group (full causal for retrieval
     heads, a sink+recent-sized local window for streaming heads), the honest baseline;
   * decode visiting 10% of the cache pages (Quest-style top-k): kernel vs full-cache XLA and
-    cuDNN decode; reported with and without the page selection itself.
+    cuDNN decode; reported with and without the page selection itself;
+  * chunked prefill attention as `kvjax.prefill` dispatches it (`kvjax.attention.attend` over a
+    slot = position cache, one chunk after another in a `lax.scan`): the prefill kernel in chunk
+    mode vs the jnp reference dispatch, and vs one-shot full causal cuDNN as a bound.
 Ratios are baseline time / kernel time measured in the same run (> 1: the kernel is faster).
 
     pip install --no-deps -e .   # or run with PYTHONPATH=. from the repository root
@@ -30,6 +33,7 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
+from kvjax.attention import attend
 from pallas_kernels import block_masks as bm
 from pallas_kernels.block_sparse_decode import DecodeConfig, block_sparse_decode
 from pallas_kernels.block_sparse_prefill import PrefillConfig, block_sparse_prefill
@@ -200,6 +204,53 @@ def bench_decode(shapes: Shapes, seq_len: int, kernel_kwargs: dict, num_splits: 
                       **extra)]
 
 
+def bench_chunked_prefill(shapes: Shapes, seq_len: int, chunk: int, kernel_impl: str,
+                          repeats: int) -> list[dict]:
+    """Attention of a whole prompt, chunk by chunk, through kvjax's dispatch (`attend` with
+    slot_is_position=True, what Full's prefill calls) at kernel_impl and at "reference"."""
+    batch, heads, kv_heads, dim = (shapes.batch, shapes.num_heads, shapes.num_kv_heads,
+                                   shapes.head_dim)
+    group, dtype = heads // kv_heads, jnp.dtype(shapes.dtype)
+    num_chunks = -(-seq_len // chunk)
+    capacity = -(-num_chunks * chunk // 128) * 128  # as kvjax rounds a Full cache; 128-blocks here
+    kq, kk, kv = jax.random.split(jax.random.key(2), 3)
+    q = jax.random.normal(kq, (num_chunks, batch, chunk, kv_heads, group, dim), dtype)  # [N, B, S, K, G, D]
+    k = jax.random.normal(kk, (batch, kv_heads, capacity, dim), dtype)  # [B, K, C, D] slot = position
+    v = jax.random.normal(kv, (batch, kv_heads, capacity, dim), dtype)
+    slots = jnp.arange(capacity, dtype=jnp.int32)
+
+    def prompt_attention(impl: str) -> Callable:
+        def step(carry, inputs):
+            q_chunk, start = inputs  # [B, S, K, G, D], scalar
+            q_pos = jnp.broadcast_to(start + jnp.arange(chunk, dtype=jnp.int32), (batch, chunk))
+            written = jnp.where(slots < jnp.minimum(start + chunk, seq_len), slots, -1)  # [C]
+            k_pos = jnp.broadcast_to(written, (batch, kv_heads, capacity))  # [B, K, C]
+            out = attend(q_chunk, k, v, k_pos, q_pos, None, dim**-0.5, impl, slot_is_position=True)
+            return carry, out
+
+        starts = jnp.arange(num_chunks, dtype=jnp.int32) * chunk
+        return jax.jit(lambda q: jax.lax.scan(step, None, (q, starts))[1])  # [N, B, S, K, G, D]
+
+    kernel = prompt_attention(kernel_impl)
+    reference = prompt_attention("reference")
+    q_t = q.transpose(1, 0, 2, 3, 4, 5).reshape(batch, num_chunks * chunk, heads, dim)[:, :seq_len]
+    k_t, v_t = (x.transpose(0, 2, 1, 3)[:, :seq_len] for x in (k, v))  # [B, T, Hkv, D]
+    baselines = {
+        "reference_dispatch": try_time(reference, q, repeats=repeats),
+        "cudnn_one_shot_full_causal": try_time(cudnn_or_xla("cudnn", is_causal=True), q_t, k_t,
+                                               v_t, repeats=repeats),
+    }
+    extra = dict(chunk=chunk, num_chunks=num_chunks, capacity=capacity, impl=kernel_impl)
+    if isinstance(baselines["reference_dispatch"], float):  # both ran: they must agree
+        diff = jnp.abs(kernel(q).astype(jnp.float32) - reference(q).astype(jnp.float32))
+        # Rows past the prompt are padding: the kernel zeroes them, the reference attends them.
+        real = jnp.arange(num_chunks)[:, None] * chunk + jnp.arange(chunk) < seq_len  # [N, S]
+        extra["max_abs_diff_vs_reference"] = float(
+            jnp.where(real[:, None, :, None, None, None], diff, 0.0).max())
+    return [summarize("chunked_prefill_dispatch_full_causal", seq_len,
+                      median_seconds(kernel, q, repeats=repeats), baselines, **extra)]
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--smoke", action="store_true",
@@ -211,6 +262,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--block-q", type=int, default=128)
     parser.add_argument("--block-k", type=int, default=128)
     parser.add_argument("--num-splits", type=int, default=8)
+    parser.add_argument("--chunk", type=int, default=512, help="kvjax prefill chunk (dispatch row)")
     parser.add_argument("--implementation", choices=("tpu", "gpu"),
                         help="force a lowering (default: from jax.default_backend())")
     args = parser.parse_args(argv)
@@ -228,11 +280,19 @@ def main(argv: list[str] | None = None) -> dict:
     blocks = (16, 16) if args.smoke else (args.block_q, args.block_k)
     kernel_kwargs = dict(implementation=args.implementation, interpret=interpret)
     prefill_kwargs = dict(kernel_kwargs, config=PrefillConfig(*blocks))
+    # kvjax's attention_impl for the dispatch row: "auto" on an accelerator (its own lowering),
+    # an interpreter on CPU (the TPU one unless --implementation gpu).
+    dispatch_impl = (f"{args.implementation or 'tpu'}-interpret" if interpret
+                     else "auto" if args.implementation in (None, backend) else None)
+    if dispatch_impl is None:
+        parser.error("kvjax's dispatch picks the device's own lowering: drop --implementation")
+    chunk = 32 if args.smoke else args.chunk
 
     results = []
     for seq_len in shapes.lengths:
         results += bench_prefill(shapes, seq_len, prefill_kwargs, repeats)
         results += bench_decode(shapes, seq_len, kernel_kwargs, args.num_splits, repeats)
+        results += bench_chunked_prefill(shapes, seq_len, chunk, dispatch_impl, repeats)
     report = {
         "device": jax.devices()[0].device_kind,
         "backend": backend,

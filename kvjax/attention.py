@@ -8,7 +8,9 @@ import jax
 import jax.numpy as jnp
 
 from pallas_kernels import kv_quant
+from pallas_kernels.block_masks import DenseCausal, SinkLocal
 from pallas_kernels.block_sparse_decode import DecodeConfig, block_sparse_decode
+from pallas_kernels.block_sparse_prefill import PrefillConfig, block_sparse_prefill
 from pallas_kernels.kv_quant import QuantizedKV
 from pallas_kernels.quantized_decode_attention import QuantizedDecodeConfig, quantized_decode_attention
 
@@ -59,7 +61,7 @@ def reference_attention(
 
 
 def _kernel_lowering(impl: str) -> tuple[str, bool] | None:
-    """(lowering, interpret) for the decode kernel, or None for the jnp reference."""
+    """(lowering, interpret) for the Pallas kernels, or None for the jnp reference."""
     if impl not in ATTENTION_IMPLS:
         raise ValueError(f"attention implementation must be one of {ATTENTION_IMPLS}; got {impl!r}")
     if impl == "auto":
@@ -70,16 +72,27 @@ def _kernel_lowering(impl: str) -> tuple[str, bool] | None:
 
 def attend(
     q: jax.Array, k: jax.Array, v: jax.Array, k_pos: jax.Array, q_pos: jax.Array,
-    window: int | None, scale: float, impl: str = "auto",
+    window: int | None, scale: float, impl: str = "auto", *, slot_is_position: bool = False,
 ) -> jax.Array:
-    """The one dispatch point: single-token decode over a segment runs the Pallas decode kernel
-    (GQA groups share each block load) where `impl` allows it; everything else runs the reference.
+    """The one dispatch point between the jnp reference and the Pallas kernels.
 
-    The kernel relies on the segment invariant that, when attention runs, each row's entries fill
-    slots [0, count): Full writes slot = position, eviction policies fill the first hole.
+    Where `impl` allows a kernel (GPU/TPU under "auto", or an interpret impl):
+      * single-token decode (T = 1, no sliding window) runs the block-sparse decode kernel (GQA
+        groups share each block load). It relies on the segment invariant that, when attention
+        runs, each row's entries fill slots [0, count): Full writes slot = position, eviction
+        policies fill the first hole.
+      * a multi-token chunk (T > 1) runs the block-sparse prefill kernel in chunk mode when the
+        caller passes `slot_is_position=True`, asserting the Full layout: every entry sits at
+        slot = its position, so valid entries are slots [0, count) and the chunk's queries are the
+        contiguous positions q_pos[b, 0] + t. The kernel then skips every key block the causal
+        mask (or a sliding window, through its local mask) hides. Only the policy knows its
+        layout (after eviction a slot says nothing about a position), so the default is False.
+    Everything else runs the reference.
     """
     lowering = _kernel_lowering(impl)
     block = next((b for b in _KERNEL_BLOCKS if k.shape[2] % b == 0), None)
+    if lowering is not None and block is not None and q.shape[1] > 1 and slot_is_position:
+        return _prefill_chunk(q, k, v, k_pos, q_pos, window, scale, block, lowering)
     if lowering is None or q.shape[1] != 1 or window is not None or block is None:
         return reference_attention(q, k, v, k_pos, q_pos, window, scale)
     b, _, kv_heads, group, d = q.shape
@@ -89,6 +102,31 @@ def attend(
         config=DecodeConfig(block_size=block), implementation=lowering[0], interpret=lowering[1],
     )  # [B, H, D]
     return out.reshape(q.shape).astype(v.dtype)
+
+
+def _prefill_chunk(
+    q: jax.Array, k: jax.Array, v: jax.Array, k_pos: jax.Array, q_pos: jax.Array,
+    window: int | None, scale: float, block_k: int, lowering: tuple[str, bool],
+) -> jax.Array:
+    """A chunk of queries over a slot = position segment through the block-sparse prefill kernel.
+
+    q: [B, T, K, G, D]; k, v: [B, K, C, D] with block_k dividing C (no copy of the cache). The
+    keys' length is each row's count of valid slots, and the chunk starts at q_pos[:, 0]. A
+    sliding window (Mistral) is the kernel's local mask, SinkLocal(0, window): the same rule as
+    `visibility_mask`, k > q - window. Query rows past a row's length (right padding) come out
+    as zeros where the reference attends them anyway; both are discarded by the caller.
+    """
+    b, t, kv_heads, group, d = q.shape
+    lengths = jnp.sum(k_pos[:, 0] >= 0, axis=-1, dtype=jnp.int32)  # [B]: heads share positions
+    block_q = next((bq for bq in _KERNEL_BLOCKS if t % bq == 0), _KERNEL_BLOCKS[-1])
+    mask = DenseCausal() if window is None else SinkLocal(0, window)
+    q_heads = q.reshape(b, t, kv_heads * group, d).swapaxes(1, 2)  # [B, H, T, D]
+    out = block_sparse_prefill(
+        q_heads, k, v, mask, lengths=lengths, q_offset=q_pos[:, 0], sm_scale=scale,
+        config=PrefillConfig(block_q=block_q, block_k=block_k),
+        implementation=lowering[0], interpret=lowering[1],
+    )  # [B, H, T, D]
+    return out.swapaxes(1, 2).reshape(q.shape).astype(v.dtype)
 
 
 def attend_with_probs(

@@ -30,11 +30,15 @@ def merge_heads(outs: list[jax.Array], segments: tuple[KVSegment, ...], axis: in
 def write_then_attend(
     segments: tuple[KVSegment, ...], q: jax.Array, k: jax.Array, v: jax.Array, q_pos: jax.Array,
     new_pos: jax.Array, start: jax.Array, window: int | None, scale: float, impl: str = "auto",
+    *, slot_is_position: bool = False,
 ) -> tuple[jax.Array, tuple[KVSegment, ...]]:
     """Writes new entries at slots [start, start + T) of every segment and attends over each.
 
     q: [B, T, K, G, D]; k, v: [B, T, K, D]; q_pos, new_pos: int32[B, T]; start: int32[B].
-    Returns the output [B, T, K, G, D] and the updated segments.
+    Returns the output [B, T, K, G, D] and the updated segments. `slot_is_position=True` is the
+    caller's promise that the segments are in the Full layout (every write at start = q_pos[:, 0],
+    entries never moved or evicted), which lets prefill chunks run the block-sparse prefill kernel
+    (see `attend`).
     """
     total = q.shape[2]
     outs, written = [], []
@@ -43,6 +47,7 @@ def write_then_attend(
             seg, take_heads(k, seg.heads, 2, total), take_heads(v, seg.heads, 2, total), new_pos, start
         )
         q_seg = take_heads(q, seg.heads, 2, total)  # [B, T, Hs, G, D]
-        outs.append(attend(q_seg, seg.k, seg.v, seg.pos, q_pos, window, scale, impl))
+        outs.append(attend(q_seg, seg.k, seg.v, seg.pos, q_pos, window, scale, impl,
+                           slot_is_position=slot_is_position))
         written.append(seg)
     return merge_heads(outs, segments, axis=2), tuple(written)

@@ -7,8 +7,9 @@ prefill, with dense retrieval heads and sink+local streaming heads, is one kerne
 A *block table* is what the kernels consume: for every (head pattern, query block) the number
 of KV blocks to visit and their indices, padded to a common length, plus a flag telling
 whether a visited block is fully visible or needs the element-wise mask. Tables are built
-with numpy at trace time from static descriptions, or given directly as arrays (random
-tables in tests, Quest-style page selection at decode time).
+with numpy at trace time from static descriptions, with jnp for a chunk of queries at traced
+offsets (`prefill_chunk_block_table`: chunked prefill over a cache where slot = position), or
+given directly as arrays (random tables in tests, Quest-style page selection at decode time).
 
 Conventions shared by every kernel and reference in `pallas_kernels/`:
   * token (q, k) is visible iff `k <= q and (k < sink or q - k < window)`; dense causal is
@@ -133,8 +134,8 @@ def dense_mask(
 
 @functools.partial(
     jax.tree_util.register_dataclass,
-    data_fields=["kv_blocks", "counts", "partial", "head_pattern", "sink", "window"],
-    meta_fields=["block_q", "block_k", "seq_len"],
+    data_fields=["kv_blocks", "counts", "partial", "head_pattern", "sink", "window", "q_offset"],
+    meta_fields=["block_q", "block_k", "seq_len", "kv_len"],
 )
 @dataclasses.dataclass(frozen=True)
 class PrefillBlockTable:
@@ -142,21 +143,42 @@ class PrefillBlockTable:
 
     Heads that share a pattern share table rows (`head_pattern`), so a DuoAttention layer
     stores two rows per query block, not one per head.
+
+    Two kinds, one kernel:
+      * whole-sequence tables (`q_offset` None): queries and keys both cover [0, seq_len);
+        rows are shared by every sequence of the batch and built with numpy at trace time.
+      * chunk tables (`prefill_chunk_block_table`): sequence b's queries sit at absolute
+        positions [q_offset[b], q_offset[b] + seq_len) over keys [0, kv_len) (key slot =
+        position). The offsets may be traced, so the rows are per sequence and traced too.
     """
 
-    kv_blocks: jax.Array  # int32[P, nq, n_max]  KV block indices, ascending, padded
-    counts: jax.Array  # int32[P, nq]  valid entries per row
-    partial: jax.Array  # int32[P, nq, n_max]  1: apply the element-wise mask in this block
+    kv_blocks: jax.Array  # int32[P, nq, n_max] (chunk tables: [B, P, nq, n_max])  ascending, padded
+    counts: jax.Array  # int32[P, nq] (chunk tables: [B, P, nq])  valid entries per row
+    partial: jax.Array  # int32 like kv_blocks  1: apply the element-wise mask in this block
     head_pattern: jax.Array  # int32[H]  query head -> pattern row
     sink: jax.Array  # int32[P]
     window: jax.Array  # int32[P]
     block_q: int
     block_k: int
-    seq_len: int  # padded length covered; a multiple of block_q and block_k
+    seq_len: int  # padded query length covered; a multiple of block_q (and of block_k unless kv_len)
+    q_offset: jax.Array | None = None  # chunk tables: int32[B] position of each sequence's first query
+    kv_len: int | None = None  # chunk tables: padded key length covered, a multiple of block_k
+
+    @property
+    def is_chunk(self) -> bool:
+        return self.q_offset is not None
 
     @property
     def num_q_blocks(self) -> int:
         return self.seq_len // self.block_q
+
+    @property
+    def num_kv_blocks(self) -> int:
+        return (self.seq_len if self.kv_len is None else self.kv_len) // self.block_k
+
+    @property
+    def num_patterns(self) -> int:
+        return self.sink.shape[0]
 
     @property
     def max_blocks(self) -> int:
@@ -169,20 +191,26 @@ def padded_length(seq_len: int, block_q: int, block_k: int) -> int:
     return int(-(-seq_len // step) * step)
 
 
+def _block_bounds_visibility(xp, q0, q1, k0, k1, sink, window):
+    """(any visible, all visible) per block from its first/last query and key positions.
+
+    Closed form, broadcasting, with numpy (static tables) or jnp (tables at traced offsets).
+    """
+    # Some pair is visible: a causal pair exists and it is in the sink or the closest causal
+    # pair is inside the window.
+    any_visible = (k0 <= q1) & ((k0 < sink) | (xp.maximum(q0 - k1, 0) < window))
+    # Every pair is visible: the block is under the diagonal and the farthest non-sink pair is
+    # inside the window.
+    all_visible = (k1 <= q0) & ((k1 < sink) | (q1 - xp.maximum(k0, sink) < window))
+    return any_visible, all_visible
+
+
 def _block_visibility(sink: int, window: int, block_q: int, block_k: int,
                       seq_len: int) -> tuple[np.ndarray, np.ndarray]:
     """(any visible, all visible) bool[nq, nk] for one pattern, in closed form per block."""
     q0 = np.arange(0, seq_len, block_q, dtype=np.int64)[:, None]  # [nq, 1] first query
-    q1 = q0 + block_q - 1  # last query
     k0 = np.arange(0, seq_len, block_k, dtype=np.int64)[None, :]  # [1, nk] first key
-    k1 = k0 + block_k - 1  # last key
-    # Some pair is visible: a causal pair exists and it is in the sink or the closest causal
-    # pair is inside the window.
-    any_visible = (k0 <= q1) & ((k0 < sink) | (np.maximum(q0 - k1, 0) < window))
-    # Every pair is visible: the block is under the diagonal and the farthest non-sink pair is
-    # inside the window.
-    all_visible = (k1 <= q0) & ((k1 < sink) | (q1 - np.maximum(k0, sink) < window))
-    return any_visible, all_visible
+    return _block_bounds_visibility(np, q0, q0 + block_q - 1, k0, k0 + block_k - 1, sink, window)
 
 
 def _compact_rows(selected: np.ndarray, n_max: int | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -262,20 +290,81 @@ def prefill_table_from_blocks(
     )
 
 
+def prefill_chunk_block_table(
+    mask: MaskDescription,
+    q_offset: jax.Array,
+    *,
+    num_heads: int,
+    num_kv_heads: int | None = None,
+    chunk_len: int,
+    kv_len: int,
+    block_q: int,
+    block_k: int,
+) -> PrefillBlockTable:
+    """The table of a chunk of queries at (possibly traced) offsets over keys where slot = position.
+
+    Sequence b's queries are the tokens at positions [q_offset[b], q_offset[b] + chunk_len);
+    the keys are slots [0, kv_len), slot c holding position c (kvjax's Full layout, which
+    chunked prefill fills chunk by chunk). q_offset: int32[B], traced or concrete; the rows
+    are computed with jnp, per sequence. n_max is a static bound, whatever the offsets: every
+    key block when a pattern is dense; otherwise the sink blocks plus the blocks one query
+    block's window can reach, so a sink + local (or sliding window) chunk visits a handful of
+    blocks even deep into a long prompt.
+    """
+    for name, value in (("chunk_len", chunk_len), ("kv_len", kv_len), ("block_q", block_q),
+                        ("block_k", block_k)):
+        _check_int(name, value, 1)
+    q_offset = jnp.asarray(q_offset, jnp.int32)
+    if q_offset.ndim != 1:
+        raise ValueError(f"q_offset must be int32[B], got shape {q_offset.shape}")
+    sink, window = head_sink_window(mask, num_heads, num_kv_heads)  # int32[H] each
+    pairs, head_pattern = np.unique(np.stack([sink, window], -1), axis=0, return_inverse=True)
+    num_q_blocks, num_kv_blocks = -(-chunk_len // block_q), -(-kv_len // block_k)
+    reach = max(-(-int(s) // block_k) + -(-(int(w) + block_q - 1) // block_k) + 1 for s, w in pairs)
+    n_max = min(num_kv_blocks, reach)
+
+    first = jnp.arange(num_q_blocks, dtype=jnp.int32) * block_q  # [nq] first query of each block
+    last = jnp.minimum(first + block_q, chunk_len) - 1  # [nq] last real query (padding excluded)
+    offset = q_offset[:, None, None, None]  # [B, 1, 1, 1]
+    q0, q1 = offset + first[:, None], offset + last[:, None]  # [B, 1, nq, 1]
+    k0 = jnp.arange(num_kv_blocks, dtype=jnp.int32) * block_k  # [nk]
+    p_sink = jnp.asarray(pairs[:, 0], jnp.int32)[:, None, None]  # [P, 1, 1]
+    p_window = jnp.asarray(pairs[:, 1], jnp.int32)[:, None, None]  # [P, 1, 1]
+    any_vis, all_vis = _block_bounds_visibility(
+        jnp, q0, q1, k0, k0 + block_k - 1, p_sink, p_window)  # bool[B, P, nq, nk] each
+    kv_blocks, counts = _compact_rows_jnp(any_vis, n_max)  # int32[B, P, nq, n_max], int32[B, P, nq]
+    partial = ~jnp.take_along_axis(all_vis, kv_blocks, axis=-1)  # bool[B, P, nq, n_max]
+    return PrefillBlockTable(
+        kv_blocks=kv_blocks,
+        counts=counts,
+        partial=partial.astype(jnp.int32),
+        head_pattern=jnp.asarray(head_pattern.reshape(-1), jnp.int32),
+        sink=jnp.asarray(pairs[:, 0], jnp.int32),
+        window=jnp.asarray(pairs[:, 1], jnp.int32),
+        block_q=block_q,
+        block_k=block_k,
+        seq_len=num_q_blocks * block_q,
+        q_offset=q_offset,
+        kv_len=num_kv_blocks * block_k,
+    )
+
+
 def prefill_table_mask(table: PrefillBlockTable) -> jax.Array:
-    """bool[H, T, T] token visibility a table encodes (listed blocks AND element mask)."""
-    num_q_blocks, num_k_blocks = table.num_q_blocks, table.seq_len // table.block_k
+    """Token visibility a table encodes (listed blocks AND element mask): bool[H, T, T], or for
+    a chunk table bool[B, H, Tq, Tk] with each sequence's queries at their absolute positions."""
+    num_k_blocks = table.num_kv_blocks
     slot = jnp.arange(table.max_blocks)
-    valid = slot[None, None, :] < table.counts[..., None]  # [P, nq, n_max]
-    listed = jnp.zeros(table.counts.shape + (num_k_blocks,), bool)  # [P, nq, nk]
-    p_idx, q_idx = jnp.meshgrid(jnp.arange(table.counts.shape[0]), jnp.arange(num_q_blocks),
-                                indexing="ij")
-    listed = listed.at[p_idx[..., None], q_idx[..., None], table.kv_blocks].max(valid)
-    listed = jnp.repeat(jnp.repeat(listed, table.block_q, 1), table.block_k, 2)  # [P, T, T]
-    pos = jnp.arange(table.seq_len, dtype=jnp.int32)
-    element = token_visible(pos[None, :, None], pos[None, None, :],
-                            table.sink[:, None, None], table.window[:, None, None])  # [P, T, T]
-    return (listed & element)[table.head_pattern]  # [H, T, T]
+    valid = slot < table.counts[..., None]  # [..., P, nq, n_max]
+    hit = (table.kv_blocks[..., None] == jnp.arange(num_k_blocks)) & valid[..., None]
+    listed = hit.any(axis=-2)  # [..., P, nq, nk]
+    listed = jnp.repeat(jnp.repeat(listed, table.block_q, -2), table.block_k, -1)  # [..., P, Tq, Tk]
+    q_pos = jnp.arange(table.seq_len, dtype=jnp.int32)  # [Tq]
+    if table.is_chunk:
+        q_pos = table.q_offset[:, None, None] + q_pos  # [B, 1, Tq]
+    k_pos = jnp.arange(num_k_blocks * table.block_k, dtype=jnp.int32)  # [Tk]
+    element = token_visible(q_pos[..., :, None], k_pos, table.sink[:, None, None],
+                            table.window[:, None, None])  # [..., P, Tq, Tk]
+    return jnp.take(listed & element, table.head_pattern, axis=-3)  # [..., H, Tq, Tk]
 
 
 # ----------------------------------------------------------------------------------------

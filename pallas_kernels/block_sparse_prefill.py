@@ -26,6 +26,14 @@ to lower (to Mosaic TPU MLIR and to Triton IR) with cross-platform lowering.
 Layout: q [B, H, T, D], k and v [B, Hkv, T, D] (H = Hkv * g); output [B, H, T, D]. Query
 head h reads KV head h // g. Batches are right-padded: sequence b holds tokens [0, lengths[b]).
 T need not be a multiple of the blocks: inputs are zero-padded and the padding masked.
+
+Chunk mode (`q_offset`), for chunked prefill over a cache: q [B, H, S, D] is a chunk whose
+row t of sequence b sits at absolute position q_offset[b] + t, and k, v [B, Hkv, C, D] hold
+position c at slot c (kvjax's Full layout; C >= the chunk's end). Masks compare absolute
+positions; the table is built per sequence for the (possibly traced) offsets, with a static
+bound on its width (every key block for dense heads, a handful for sink + local ones). On
+TPU a dense chunk's grid therefore has C / block_k steps per query block, of which only the
+blocks up to the diagonal copy or compute; the GPU kernel loops over exactly those blocks.
 """
 
 from __future__ import annotations
@@ -41,7 +49,7 @@ from jax.experimental.pallas import tpu as pltpu
 from jax.experimental.pallas import triton as pltriton
 
 from pallas_kernels import block_masks
-from pallas_kernels.block_masks import MaskDescription, PrefillBlockTable
+from pallas_kernels.block_masks import MaskDescription, PrefillBlockTable, padded_length
 from pallas_kernels.lowering import pick_implementation
 from pallas_kernels.online_softmax import MASK_VALUE, attend_block, initial_state, masked_attention
 
@@ -77,18 +85,38 @@ class PrefillConfig:
 # ----------------------------------------------------------------------------------------
 
 
-def _block_visible(q_block, kv_block, block_q, block_k, sink, window, length):
-    """bool[bq, bk] element mask: causal, sink + window, and keys before the sequence length."""
-    q_pos = q_block * block_q + jax.lax.broadcasted_iota(jnp.int32, (block_q, block_k), 0)
+def _block_visible(q_first, kv_block, block_q, block_k, sink, window, length):
+    """bool[bq, bk] element mask: causal, sink + window, and keys before the sequence length.
+
+    q_first: absolute position of the block's first query (its offset in chunk mode)."""
+    q_pos = q_first + jax.lax.broadcasted_iota(jnp.int32, (block_q, block_k), 0)
     k_pos = kv_block * block_k + jax.lax.broadcasted_iota(jnp.int32, (block_q, block_k), 1)
     return block_masks.token_visible(q_pos, k_pos, sink, window) & (k_pos < length)
 
 
-def _finalize(acc, l, q_block, block_q, length):
+def _finalize(acc, l, q_first, length):
     """acc / l, with zeros for rows that saw no key and for rows at or past the length."""
-    q_pos = q_block * block_q + jax.lax.broadcasted_iota(jnp.int32, l.shape, 0)  # [bq, 1]
+    q_pos = q_first + jax.lax.broadcasted_iota(jnp.int32, l.shape, 0)  # [bq, 1]
     keep = (l > 0.0) & (q_pos < length)
     return jnp.where(keep, acc / jnp.where(keep, l, 1.0), 0.0)  # [bq, D]
+
+
+def _flat_tables(table: PrefillBlockTable, q_offset: jax.Array):
+    """The table as the kernels read it: rows flattened to R = P (shared by the batch) or B * P
+    (chunk tables), then head patterns, sink, window, and the per-sequence query offsets."""
+    rows = -1, table.num_q_blocks
+    return (jnp.asarray(table.kv_blocks, jnp.int32).reshape(*rows, table.max_blocks),  # [R, nq, n]
+            jnp.asarray(table.counts, jnp.int32).reshape(rows),  # [R, nq]
+            jnp.asarray(table.partial, jnp.int32).reshape(*rows, table.max_blocks),  # [R, nq, n]
+            jnp.asarray(table.head_pattern, jnp.int32),  # [H]
+            jnp.asarray(table.sink, jnp.int32),  # [P]
+            jnp.asarray(table.window, jnp.int32),  # [P]
+            q_offset)  # [B]
+
+
+def _batch_stride(table: PrefillBlockTable) -> int:
+    """Rows between consecutive sequences: 0 when every sequence shares them."""
+    return table.num_patterns if table.is_chunk else 0
 
 
 # ----------------------------------------------------------------------------------------
@@ -98,12 +126,13 @@ def _finalize(acc, l, q_block, block_q, length):
 
 def _prefill_kernel_tpu(
     # Scalar prefetch (SMEM).
-    kv_blocks_ref,  # int32[P * nq * n_max]
-    counts_ref,  # int32[P * nq]
-    partial_ref,  # int32[P * nq * n_max]
+    kv_blocks_ref,  # int32[R * nq * n_max]
+    counts_ref,  # int32[R * nq]
+    partial_ref,  # int32[R * nq * n_max]
     head_pattern_ref,  # int32[H]
     sink_ref,  # int32[P]
     window_ref,  # int32[P]
+    q_offset_ref,  # int32[B]
     lengths_ref,  # int32[B]
     # Blocks (VMEM).
     q_ref,  # [bq, D]
@@ -120,13 +149,15 @@ def _prefill_kernel_tpu(
     block_k: int,
     num_q_blocks: int,
     max_blocks: int,
+    batch_stride: int,
 ):
     b, h, q_block, step = (pl.program_id(i) for i in range(4))
     pattern = head_pattern_ref[h]
-    row = pattern * num_q_blocks + q_block
+    row = (b * batch_stride + pattern) * num_q_blocks + q_block
     entry = row * max_blocks + step
     kv_block = kv_blocks_ref[entry]
     length = lengths_ref[b]
+    q_first = q_offset_ref[b] + q_block * block_q
 
     @pl.when(step == 0)
     def _init():
@@ -137,7 +168,7 @@ def _prefill_kernel_tpu(
     def update(masked: bool):
         visible = None
         if masked:
-            visible = _block_visible(q_block, kv_block, block_q, block_k,
+            visible = _block_visible(q_first, kv_block, block_q, block_k,
                                      sink_ref[pattern], window_ref[pattern], length)
         m, l, acc = attend_block(q_ref[...], k_ref[...], v_ref[...], m_ref[...][:, :1],
                                   l_ref[...][:, :1], acc_ref[...], visible, sm_scale)
@@ -145,31 +176,31 @@ def _prefill_kernel_tpu(
         l_ref[...] = jnp.broadcast_to(l, l_ref.shape)
         acc_ref[...] = acc
 
-    visit = ((step < counts_ref[row]) & (kv_block * block_k < length)
-             & (q_block * block_q < length))
+    visit = (step < counts_ref[row]) & (kv_block * block_k < length) & (q_first < length)
     needs_mask = (partial_ref[entry] != 0) | ((kv_block + 1) * block_k > length)
     pl.when(visit & needs_mask)(lambda: update(masked=True))
     pl.when(visit & jnp.logical_not(needs_mask))(lambda: update(masked=False))
 
     @pl.when(step == max_blocks - 1)
     def _store():
-        out = _finalize(acc_ref[...], l_ref[...][:, :1], q_block, block_q, length)
+        out = _finalize(acc_ref[...], l_ref[...][:, :1], q_first, length)
         o_ref[...] = out.astype(o_ref.dtype)
 
 
-def _prefill_tpu(q, k, v, table: PrefillBlockTable, lengths, sm_scale, interpret):
-    batch, num_heads, seq_len, head_dim = q.shape
+def _prefill_tpu(q, k, v, table: PrefillBlockTable, q_offset, lengths, sm_scale, interpret):
+    batch, num_heads, _, head_dim = q.shape
     group = num_heads // k.shape[1]
     block_q, block_k = table.block_q, table.block_k
     num_q_blocks, max_blocks = table.num_q_blocks, table.max_blocks
+    stride = _batch_stride(table)
 
     def q_map(b, h, q_block, step, *_):
         return b, h, q_block, 0
 
     def kv_map(b, h, q_block, step, kv_blocks, counts, partial, head_pattern, sink, window,
-               lengths):
-        del counts, partial, sink, window
-        entry = (head_pattern[h] * num_q_blocks + q_block) * max_blocks + step
+               q_offset, lengths):
+        del counts, partial, sink, window, q_offset
+        entry = ((b * stride + head_pattern[h]) * num_q_blocks + q_block) * max_blocks + step
         # Never fetch past the sequence: later entries resolve to the last block with data.
         last_block = jax.lax.div(jnp.maximum(lengths[b] - 1, 0), block_k)
         return b, jax.lax.div(h, group), jnp.minimum(kv_blocks[entry], last_block), 0
@@ -179,9 +210,9 @@ def _prefill_tpu(q, k, v, table: PrefillBlockTable, lengths, sm_scale, interpret
     kv_spec = pl.BlockSpec((squeezed, squeezed, block_k, head_dim), kv_map)
     kernel = functools.partial(
         _prefill_kernel_tpu, sm_scale=sm_scale, block_q=block_q, block_k=block_k,
-        num_q_blocks=num_q_blocks, max_blocks=max_blocks)
+        num_q_blocks=num_q_blocks, max_blocks=max_blocks, batch_stride=stride)
     grid_spec = pltpu.PrefetchScalarGridSpec(
-        num_scalar_prefetch=7,
+        num_scalar_prefetch=8,
         grid=(batch, num_heads, num_q_blocks, max_blocks),
         in_specs=[q_spec, kv_spec, kv_spec],
         out_specs=q_spec,
@@ -191,6 +222,7 @@ def _prefill_tpu(q, k, v, table: PrefillBlockTable, lengths, sm_scale, interpret
             pltpu.VMEM((block_q, head_dim), jnp.float32),
         ],
     )
+    scalars = [x.reshape(-1) for x in _flat_tables(table, q_offset)]  # SMEM wants flat arrays
     return pl.pallas_call(
         kernel,
         grid_spec=grid_spec,
@@ -199,16 +231,7 @@ def _prefill_tpu(q, k, v, table: PrefillBlockTable, lengths, sm_scale, interpret
             dimension_semantics=("parallel", "parallel", "parallel", "arbitrary")),
         interpret=pltpu.InterpretParams() if interpret else False,
         name="block_sparse_prefill_tpu",
-    )(
-        jnp.asarray(table.kv_blocks, jnp.int32).reshape(-1),
-        jnp.asarray(table.counts, jnp.int32).reshape(-1),
-        jnp.asarray(table.partial, jnp.int32).reshape(-1),
-        jnp.asarray(table.head_pattern, jnp.int32),
-        jnp.asarray(table.sink, jnp.int32),
-        jnp.asarray(table.window, jnp.int32),
-        lengths,
-        q, k, v,
-    )
+    )(*scalars, lengths, q, k, v)
 
 
 # ----------------------------------------------------------------------------------------
@@ -217,30 +240,34 @@ def _prefill_tpu(q, k, v, table: PrefillBlockTable, lengths, sm_scale, interpret
 
 
 def _prefill_kernel_gpu(
-    kv_blocks_ref,  # int32[P, nq, n_max]
-    counts_ref,  # int32[P, nq]
-    partial_ref,  # int32[P, nq, n_max]
+    kv_blocks_ref,  # int32[R, nq, n_max]
+    counts_ref,  # int32[R, nq]
+    partial_ref,  # int32[R, nq, n_max]
     head_pattern_ref,  # int32[H]
     sink_ref,  # int32[P]
     window_ref,  # int32[P]
+    q_offset_ref,  # int32[B]
     lengths_ref,  # int32[B]
     q_ref,  # [bq, D]
-    k_ref,  # [T, D]  the whole sequence of this (batch, KV head); only listed blocks are read
-    v_ref,  # [T, D]
+    k_ref,  # [C, D]  every key of this (batch, KV head); only listed blocks are read
+    v_ref,  # [C, D]
     o_ref,  # [bq, D]
     *,
     sm_scale: float,
     block_q: int,
     block_k: int,
+    batch_stride: int,
 ):
     b, h, q_block = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     pattern = head_pattern_ref[h]
+    row = b * batch_stride + pattern
     sink, window, length = sink_ref[pattern], window_ref[pattern], lengths_ref[b]
+    q_first = q_offset_ref[b] + q_block * block_q
     q = q_ref[...]  # [bq, D]
     head_dim = q.shape[-1]
 
     def body(step, carry):
-        kv_block = kv_blocks_ref[pattern, q_block, step]
+        kv_block = kv_blocks_ref[row, q_block, step]
         start = pl.multiple_of(kv_block * block_k, block_k)
 
         def attend(masked: bool):
@@ -248,35 +275,34 @@ def _prefill_kernel_gpu(
             v = v_ref[pl.ds(start, block_k), :]  # [bk, D]
             visible = None
             if masked:
-                visible = _block_visible(q_block, kv_block, block_q, block_k, sink, window, length)
+                visible = _block_visible(q_first, kv_block, block_q, block_k, sink, window, length)
             return attend_block(q, k, v, *carry, visible, sm_scale)
 
-        needs_mask = (partial_ref[pattern, q_block, step] != 0) | (start + block_k > length)
+        needs_mask = (partial_ref[row, q_block, step] != 0) | (start + block_k > length)
         return jax.lax.cond(
             start < length,
             lambda: jax.lax.cond(needs_mask, lambda: attend(True), lambda: attend(False)),
             lambda: carry)
 
     init = initial_state(block_q, head_dim)
-    count = jnp.where(q_block * block_q < length, counts_ref[pattern, q_block], 0)
+    count = jnp.where(q_first < length, counts_ref[row, q_block], 0)
     _, l, acc = jax.lax.fori_loop(0, count, body, init)
-    o_ref[...] = _finalize(acc, l, q_block, block_q, length).astype(o_ref.dtype)
+    o_ref[...] = _finalize(acc, l, q_first, length).astype(o_ref.dtype)
 
 
-def _prefill_gpu(q, k, v, table: PrefillBlockTable, lengths, sm_scale, interpret, config):
-    batch, num_heads, seq_len, head_dim = q.shape
-    group = num_heads // k.shape[1]
+def _prefill_gpu(q, k, v, table: PrefillBlockTable, q_offset, lengths, sm_scale, interpret,
+                 config):
+    batch, num_heads, _, head_dim = q.shape
+    kv_len, group = k.shape[2], num_heads // k.shape[1]
     block_q, block_k = table.block_q, table.block_k
     squeezed = pl.Squeezed()
     whole = lambda x: pl.BlockSpec(x.shape, lambda b, h, i: (0,) * x.ndim)  # noqa: E731
-    tables = (jnp.asarray(table.kv_blocks, jnp.int32), jnp.asarray(table.counts, jnp.int32),
-              jnp.asarray(table.partial, jnp.int32), jnp.asarray(table.head_pattern, jnp.int32),
-              jnp.asarray(table.sink, jnp.int32), jnp.asarray(table.window, jnp.int32), lengths)
+    tables = (*_flat_tables(table, q_offset), lengths)
     q_spec = pl.BlockSpec((squeezed, squeezed, block_q, head_dim), lambda b, h, i: (b, h, i, 0))
-    kv_spec = pl.BlockSpec((squeezed, squeezed, seq_len, head_dim),
+    kv_spec = pl.BlockSpec((squeezed, squeezed, kv_len, head_dim),
                            lambda b, h, i: (b, jax.lax.div(h, group), 0, 0))
     kernel = functools.partial(_prefill_kernel_gpu, sm_scale=sm_scale, block_q=block_q,
-                               block_k=block_k)
+                               block_k=block_k, batch_stride=_batch_stride(table))
     return pl.pallas_call(
         kernel,
         grid=(batch, num_heads, table.num_q_blocks),
@@ -295,13 +321,19 @@ def _prefill_gpu(q, k, v, table: PrefillBlockTable, lengths, sm_scale, interpret
 # ----------------------------------------------------------------------------------------
 
 
-def _check_inputs(q, k, v, lengths):
+def _is_chunk(mask, q_offset) -> bool:
+    """Chunk mode: queries at offsets over keys where slot = position (given offsets or table)."""
+    return q_offset is not None or (isinstance(mask, PrefillBlockTable) and mask.is_chunk)
+
+
+def _check_inputs(q, k, v, lengths, chunk: bool):
     if q.ndim != 4 or k.ndim != 4 or k.shape != v.shape:
         raise ValueError(f"expected q [B, H, T, D] and k, v [B, Hkv, T, D], got q {q.shape}, "
                          f"k {k.shape}, v {v.shape}")
     batch, num_heads, seq_len, head_dim = q.shape
-    if k.shape[0] != batch or k.shape[2:] != (seq_len, head_dim):
-        raise ValueError(f"k/v {k.shape} do not match q {q.shape} in batch, length or head dim")
+    if k.shape[0] != batch or k.shape[3] != head_dim or (not chunk and k.shape[2] != seq_len):
+        raise ValueError(f"k/v {k.shape} do not match q {q.shape} in batch, length or head dim "
+                         "(keys of another length need q_offset: chunk mode)")
     if num_heads % k.shape[1]:
         raise ValueError(f"query heads {num_heads} not a multiple of KV heads {k.shape[1]}")
     if lengths is not None and jnp.shape(lengths) != (batch,):
@@ -314,16 +346,43 @@ def _sequence_lengths(lengths, batch: int, seq_len: int) -> jax.Array:
     return jnp.clip(jnp.asarray(lengths, jnp.int32), 0, seq_len)
 
 
-def _resolve_table(mask, num_heads, num_kv_heads, seq_len, block_q, block_k):
-    """A description becomes a table at (block_q, block_k); a given table must cover seq_len."""
+def _query_offsets(q_offset, batch: int) -> jax.Array:
+    """int32[B] from a scalar (every sequence's chunk starts there) or int32[B]."""
+    q_offset = jnp.asarray(q_offset, jnp.int32)
+    if q_offset.ndim == 0:
+        return jnp.broadcast_to(q_offset, (batch,))
+    if q_offset.shape != (batch,):
+        raise ValueError(f"q_offset must be a scalar or int32[B={batch}], got {q_offset.shape}")
+    return q_offset
+
+
+def _resolve_table(mask, q_offset, num_heads, num_kv_heads, q_len, kv_len, block_q, block_k):
+    """A description becomes a table at (block_q, block_k) (a chunk table when q_offset is
+    given); a given table must cover the queries (and keys) and match the mode."""
     if isinstance(mask, PrefillBlockTable):
-        if mask.seq_len < seq_len or mask.seq_len >= seq_len + np.lcm(mask.block_q, mask.block_k):
-            raise ValueError(f"table covers {mask.seq_len} tokens, sequence has {seq_len}")
         if jnp.shape(mask.head_pattern) != (num_heads,):
             raise ValueError(f"table maps {jnp.shape(mask.head_pattern)} heads, q has {num_heads}")
+        if mask.is_chunk:
+            if q_offset is not None:
+                raise ValueError("a chunk table carries its own q_offset; do not pass another")
+            covered = (mask.seq_len, mask.kv_len)
+            needed = (padded_length(q_len, mask.block_q, 1), padded_length(kv_len, mask.block_k, 1))
+            if covered != needed:
+                raise ValueError(f"chunk table covers (queries, keys) {covered}, inputs pad to "
+                                 f"{needed}")
+            return mask
+        if q_offset is not None:
+            raise ValueError("q_offset needs a description or a chunk table "
+                             "(block_masks.prefill_chunk_block_table)")
+        if mask.seq_len < q_len or mask.seq_len >= q_len + np.lcm(mask.block_q, mask.block_k):
+            raise ValueError(f"table covers {mask.seq_len} tokens, sequence has {q_len}")
         return mask
+    if q_offset is not None:
+        return block_masks.prefill_chunk_block_table(
+            mask, q_offset, num_heads=num_heads, num_kv_heads=num_kv_heads, chunk_len=q_len,
+            kv_len=kv_len, block_q=block_q, block_k=block_k)
     return block_masks.prefill_block_table(
-        mask, num_heads=num_heads, num_kv_heads=num_kv_heads, seq_len=seq_len,
+        mask, num_heads=num_heads, num_kv_heads=num_kv_heads, seq_len=q_len,
         block_q=block_q, block_k=block_k)
 
 
@@ -334,30 +393,46 @@ def block_sparse_prefill_reference(
     mask: MaskDescription | PrefillBlockTable,
     *,
     lengths: jax.Array | None = None,
+    q_offset: jax.Array | int | None = None,
     sm_scale: float | None = None,
 ) -> jax.Array:
-    """Dense masked attention with the kernel's semantics (O(T^2) memory; the ground truth).
+    """Dense masked attention with the kernel's semantics (O(S * C) memory; the ground truth).
 
-    q [B, H, T, D], k and v [B, Hkv, T, D] -> [B, H, T, D]. Rows that see no key, and rows
-    at or past `lengths[b]`, are zero.
+    q [B, H, S, D], k and v [B, Hkv, C, D] -> [B, H, S, D]; C = S unless in chunk mode
+    (`q_offset`, or a chunk table), where query row t of sequence b sits at position
+    q_offset[b] + t and key slot c at position c. Keys at or past `lengths[b]` are masked;
+    rows that see no key, and rows at or past `lengths[b]`, are zero.
     """
-    _check_inputs(q, k, v, lengths)
-    batch, num_heads, seq_len, head_dim = q.shape
-    num_kv_heads = k.shape[1]
+    chunk = _is_chunk(mask, q_offset)
+    _check_inputs(q, k, v, lengths, chunk)
+    batch, num_heads, q_len, head_dim = q.shape
+    num_kv_heads, kv_len = k.shape[1], k.shape[2]
     sm_scale = head_dim**-0.5 if sm_scale is None else sm_scale
-    lengths = _sequence_lengths(lengths, batch, seq_len)
+    lengths = _sequence_lengths(lengths, batch, kv_len)
+    offsets = None if q_offset is None else _query_offsets(q_offset, batch)
     if isinstance(mask, PrefillBlockTable):
-        _resolve_table(mask, num_heads, num_kv_heads, seq_len, mask.block_q, mask.block_k)
-        visible = block_masks.prefill_table_mask(mask)[:, :seq_len, :seq_len]  # [H, T, T]
+        _resolve_table(mask, offsets, num_heads, num_kv_heads, q_len, kv_len, mask.block_q,
+                       mask.block_k)
+        offsets = mask.q_offset if chunk else None
+        visible = block_masks.prefill_table_mask(mask)[..., :q_len, :kv_len]  # [(B,) H, S, C]
+    elif chunk:
+        sink, window = block_masks.head_sink_window(mask, num_heads, num_kv_heads)  # int32[H]
+        q_abs = offsets[:, None] + jnp.arange(q_len, dtype=jnp.int32)  # [B, S]
+        visible = block_masks.token_visible(
+            q_abs[:, None, :, None], jnp.arange(kv_len, dtype=jnp.int32),
+            sink[None, :, None, None], window[None, :, None, None])  # [B, H, S, C]
     else:
-        visible = block_masks.dense_mask(mask, num_heads, num_kv_heads, seq_len)  # [H, T, T]
-    pos = jnp.arange(seq_len)
-    in_length = pos[None, :] < lengths[:, None]  # [B, T]
-    visible = visible[None] & in_length[:, None, None, :]  # [B, H, T, T]
-    visible = visible.reshape(batch, num_kv_heads, -1, seq_len, seq_len)  # [B, Hkv, g, T, T]
-    qg = q.reshape(batch, num_kv_heads, -1, seq_len, head_dim)  # [B, Hkv, g, T, D]
-    o = masked_attention(qg, k, v, visible, sm_scale)  # [B, Hkv, g, T, D]
-    o = jnp.where(in_length[:, None, None, :, None], o, 0.0)
+        visible = block_masks.dense_mask(mask, num_heads, num_kv_heads, q_len)  # [H, T, T]
+    q_pos = jnp.arange(q_len, dtype=jnp.int32)[None]  # [1, S]
+    if offsets is not None:
+        q_pos = offsets[:, None] + q_pos  # [B, S]
+    key_in = jnp.arange(kv_len)[None, :] < lengths[:, None]  # [B, C]
+    query_in = q_pos < lengths[:, None]  # [B, S]
+    visible = visible & key_in[:, None, None, :]  # [B, H, S, C]
+    visible = visible.reshape(batch, num_kv_heads, -1, q_len, kv_len)  # [B, Hkv, g, S, C]
+    qg = q.reshape(batch, num_kv_heads, -1, q_len, head_dim)  # [B, Hkv, g, S, D]
+    o = masked_attention(qg, k, v, visible, sm_scale)  # [B, Hkv, g, S, D]
+    o = jnp.where(query_in[:, None, None, :, None], o, 0.0)
     return o.reshape(q.shape).astype(q.dtype)
 
 
@@ -368,21 +443,33 @@ def block_sparse_prefill(
     mask: MaskDescription | PrefillBlockTable,
     *,
     lengths: jax.Array | None = None,
+    q_offset: jax.Array | int | None = None,
     sm_scale: float | None = None,
     config: PrefillConfig = PrefillConfig(),
     implementation: str | None = None,
     interpret: bool = False,
 ) -> jax.Array:
-    """Block-sparse causal attention: q [B, H, T, D], k, v [B, Hkv, T, D] -> [B, H, T, D].
+    """Block-sparse causal attention: q [B, H, S, D], k, v [B, Hkv, C, D] -> [B, H, S, D].
+
+    Whole-sequence mode (no q_offset): C = S, queries and keys both at positions [0, S).
+    Chunk mode (q_offset: an int32 scalar or int32[B], traced or not): query row t of
+    sequence b sits at absolute position q_offset[b] + t; key slot c holds position c (a
+    cache written at slot = position, as kvjax's Full layout); C may exceed S. The causal,
+    sink and window masks compare absolute positions, and the block table is built for the
+    offsets at run time (`block_masks.prefill_chunk_block_table`), so blocks no query of a
+    block can see are never loaded.
 
     mask: a static description (its table is built at config's block sizes) or a
-    `PrefillBlockTable` built at config's block sizes. lengths: optional int32[B] for
-    right-padded batches; keys at or past lengths[b] are masked and those query rows are
-    zero. implementation: "tpu", "gpu", "reference", or None to follow
-    `jax.default_backend()` (on CPU: the reference, or the TPU kernel interpreted when
-    interpret=True). interpret runs the chosen kernel on CPU.
+    `PrefillBlockTable` built at config's block sizes (a chunk table carries its offsets:
+    pass no q_offset with it). lengths: optional int32[B], each sequence's valid keys
+    (slots [0, lengths[b])); query rows at or past lengths[b] are zero. implementation:
+    "tpu", "gpu", "reference", or None to follow `jax.default_backend()` (on CPU: the
+    reference, or the TPU kernel interpreted when interpret=True). interpret runs the chosen
+    kernel on CPU. S and C need not be multiples of the blocks: inputs are zero-padded (pick
+    a block_k dividing C to avoid copying the keys) and the padding masked.
     """
-    _check_inputs(q, k, v, lengths)
+    chunk = _is_chunk(mask, q_offset)
+    _check_inputs(q, k, v, lengths, chunk)
     if not isinstance(config, PrefillConfig):
         raise ValueError(f"config must be a PrefillConfig, got {config!r}")
     if isinstance(mask, PrefillBlockTable) and (
@@ -391,15 +478,33 @@ def block_sparse_prefill(
                          f"config's {(config.block_q, config.block_k)}")
     implementation = pick_implementation(implementation, interpret)
     if implementation == "reference":
-        return block_sparse_prefill_reference(q, k, v, mask, lengths=lengths, sm_scale=sm_scale)
-    batch, num_heads, seq_len, head_dim = q.shape
+        return block_sparse_prefill_reference(q, k, v, mask, lengths=lengths, q_offset=q_offset,
+                                              sm_scale=sm_scale)
+    batch, num_heads, q_len, head_dim = q.shape
+    kv_len = k.shape[2]
     sm_scale = head_dim**-0.5 if sm_scale is None else sm_scale
-    table = _resolve_table(mask, num_heads, k.shape[1], seq_len, config.block_q, config.block_k)
-    lengths = _sequence_lengths(lengths, batch, seq_len)
-    pad = [(0, 0), (0, 0), (0, table.seq_len - seq_len), (0, 0)]
-    q_p, k_p, v_p = (jnp.pad(x, pad) for x in (q, k, v))  # [B, *, T_pad, D]
-    if implementation == "tpu":
-        out = _prefill_tpu(q_p, k_p, v_p, table, lengths, sm_scale, interpret)
+    offsets = None if q_offset is None else _query_offsets(q_offset, batch)
+    table = _resolve_table(mask, offsets, num_heads, k.shape[1], q_len, kv_len, config.block_q,
+                           config.block_k)
+    if table.is_chunk:
+        offsets = table.q_offset
+        if jnp.shape(offsets) != (batch,):
+            raise ValueError(f"chunk table holds {jnp.shape(offsets)} offsets, batch is {batch}")
     else:
-        out = _prefill_gpu(q_p, k_p, v_p, table, lengths, sm_scale, interpret, config)
-    return out[:, :, :seq_len]
+        offsets = jnp.zeros((batch,), jnp.int32)
+    lengths = _sequence_lengths(lengths, batch, kv_len)
+    kv_padded = table.num_kv_blocks * table.block_k
+    q_p = _pad_length(q, table.seq_len)  # [B, H, S_pad, D]
+    k_p, v_p = _pad_length(k, kv_padded), _pad_length(v, kv_padded)  # [B, Hkv, C_pad, D]
+    if implementation == "tpu":
+        out = _prefill_tpu(q_p, k_p, v_p, table, offsets, lengths, sm_scale, interpret)
+    else:
+        out = _prefill_gpu(q_p, k_p, v_p, table, offsets, lengths, sm_scale, interpret, config)
+    return out[:, :, :q_len]
+
+
+def _pad_length(x: jax.Array, length: int) -> jax.Array:
+    """[B, N, T, D] zero-padded along T to `length` (no copy when it already fits)."""
+    if x.shape[2] == length:
+        return x
+    return jnp.pad(x, [(0, 0), (0, 0), (0, length - x.shape[2]), (0, 0)])

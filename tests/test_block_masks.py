@@ -53,6 +53,42 @@ def test_prefill_table_matches_token_mask(sink, window, block_q, block_k, seq_le
                                   _token_mask(length, sink, window))
 
 
+@pytest.mark.parametrize("sink,window,block_q,block_k,chunk_len,kv_len,offsets", [
+    (0, bm.DENSE_WINDOW, 16, 16, 32, 96, [0, 37, 64]),  # offsets on and off the block grid
+    (4, 24, 16, 8, 40, 136, [1, 90, 96]),
+    (0, 7, 8, 32, 24, 128, [100, 13, 0]),  # a sliding window smaller than a key block
+    (40, 16, 32, 16, 50, 208, [150, 41, 7]),
+])
+def test_chunk_table_matches_token_mask_at_traced_offsets(sink, window, block_q, block_k, chunk_len,
+                                                          kv_len, offsets):
+    """A chunk at offset o lists exactly the key blocks its queries o..o+S-1 see, per sequence,
+    with offsets traced (as inside kvjax's scan over chunks) and a width that does not depend on them."""
+    desc = bm.DenseCausal() if window == bm.DENSE_WINDOW else bm.SinkLocal(sink, window)
+    build = jax.jit(lambda off: bm.prefill_chunk_block_table(
+        desc, off, num_heads=2, chunk_len=chunk_len, kv_len=kv_len, block_q=block_q, block_k=block_k))
+    table = build(jnp.asarray(offsets, jnp.int32))
+    nq, nk = -(-chunk_len // block_q), -(-kv_len // block_k)
+    assert (table.seq_len, table.kv_len) == (nq * block_q, nk * block_k)
+    assert table.kv_blocks.shape[:3] == (len(offsets), 1, nq)  # both heads share one row per sequence
+    if window != bm.DENSE_WINDOW:  # a streaming chunk's width is bounded by sink and window alone
+        assert table.max_blocks <= -(-sink // block_k) + -(-(window + block_q - 1) // block_k) + 1
+    k_pos = np.arange(nk * block_k)
+    for b, offset in enumerate(offsets):
+        q_pos = offset + np.arange(nq * block_q)[:, None]  # [Tq, 1]
+        real = np.arange(nq * block_q)[:, None] < chunk_len  # padded queries see nothing
+        mask = (k_pos <= q_pos) & ((k_pos < sink) | (q_pos - k_pos < window)) & real  # [Tq, Tk]
+        any_vis, _ = _blocks_of(mask, block_q, block_k)
+        for qi in range(nq):
+            count = int(table.counts[b, 0, qi])
+            listed = np.asarray(table.kv_blocks[b, 0, qi, :count])
+            np.testing.assert_array_equal(listed, np.flatnonzero(any_vis[qi]))
+            real_rows = mask[qi * block_q:(qi + 1) * block_q][real[qi * block_q:(qi + 1) * block_q, 0]]
+            full = real_rows.reshape(len(real_rows), nk, block_k).all((0, 2))  # [nk] over real rows
+            np.testing.assert_array_equal(np.asarray(table.partial[b, 0, qi, :count]), ~full[listed])
+        element = np.asarray(bm.prefill_table_mask(table))[b, 0]  # [Tq, Tk], queries at their offset
+        np.testing.assert_array_equal(element[:chunk_len], mask[:chunk_len])
+
+
 def test_duo_attention_pattern_is_one_table_with_two_rows():
     retrieval, streaming = bm.DenseCausal(), bm.SinkLocal(8, 32)
     desc = bm.PerHead((retrieval, streaming, streaming, retrieval))  # per KV head

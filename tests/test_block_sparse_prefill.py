@@ -159,3 +159,147 @@ def test_default_on_cpu_is_the_reference_and_errors_are_clear():
     with pytest.raises(ValueError, match="covers"):
         block_sparse_prefill(q[:, :, :10], k[:, :, :10], v[:, :, :10], table,
                              config=PrefillConfig(16, 16), implementation="gpu", interpret=True)
+
+
+# ----------------------------------------------------------------------------------------
+# Chunk mode: queries at absolute positions [q_offset, q_offset + S) over keys at slot = position.
+# ----------------------------------------------------------------------------------------
+
+
+def _dense_chunk_attention(q, k, v, patterns, offsets, lengths):
+    """float64 numpy attention of a chunk: query t of sequence b at offsets[b] + t, key slot c at
+    position c; per-query-head (sink, window); keys and query rows at or past lengths[b] masked."""
+    q, k, v = (np.asarray(x, np.float64) for x in (q, k, v))
+    batch, num_heads, chunk_len, head_dim = q.shape
+    group = num_heads // k.shape[1]
+    k, v = np.repeat(k, group, axis=1), np.repeat(v, group, axis=1)  # [B, H, C, D]
+    q_pos = np.asarray(offsets)[:, None] + np.arange(chunk_len)  # [B, S]
+    k_pos = np.arange(k.shape[2])  # [C]
+    sink = np.array([s for s, _ in patterns])[None, :, None, None]  # [1, H, 1, 1]
+    window = np.array([w for _, w in patterns])[None, :, None, None]
+    qp, kp = q_pos[:, None, :, None], k_pos[None, None, None, :]
+    mask = (kp <= qp) & ((kp < sink) | (qp - kp < window))  # [B, H, S, C]
+    mask &= kp < np.asarray(lengths)[:, None, None, None]
+    s = np.einsum("bhqd,bhkd->bhqk", q, k) / np.sqrt(head_dim)
+    s = np.where(mask, s, -np.inf)
+    m = s.max(-1, keepdims=True)
+    p = np.where(mask, np.exp(s - np.where(np.isfinite(m), m, 0.0)), 0.0)
+    l = p.sum(-1, keepdims=True)
+    out = np.einsum("bhqk,bhkd->bhqd", p, v) / np.where(l > 0, l, 1.0)
+    return np.where((q_pos < np.asarray(lengths)[:, None])[:, None, :, None], out, 0.0), mask
+
+
+def _chunk_inputs(key, batch, num_heads, num_kv_heads, chunk_len, kv_len, head_dim, dtype):
+    kq, kk, kv = jax.random.split(key, 3)
+    q = jax.random.normal(kq, (batch, num_heads, chunk_len, head_dim), jnp.float32)
+    k = jax.random.normal(kk, (batch, num_kv_heads, kv_len, head_dim), jnp.float32)
+    v = jax.random.normal(kv, (batch, num_kv_heads, kv_len, head_dim), jnp.float32)
+    return q.astype(dtype), k.astype(dtype), v.astype(dtype)
+
+
+# (batch, H, Hkv, S, C, D, block_q, block_k, description, per-query-head (sink, window),
+#  offsets, lengths). Offsets are off the block grid; lengths are ragged, some end inside the
+# chunk (right-padded rows), one row's chunk is all padding.
+CHUNK_CASES = {
+    "dense_gqa2_d64": (3, 2, 1, 40, 112, 64, 16, 16, bm.DenseCausal(), [DENSE] * 2,
+                       [37, 0, 50], [77, 30, 41]),
+    "dense_mha_d128": (1, 2, 2, 50, 96, 128, 32, 16, bm.DenseCausal(), [DENSE] * 2, [23], [73]),
+    "sliding_gqa4_d64": (2, 4, 1, 33, 128, 64, 16, 32, bm.SinkLocal(0, 20), [(0, 20)] * 4,
+                         [70, 5], [103, 30]),
+    "streaming_mha_d64_bk64": (2, 2, 2, 20, 128, 64, 16, 64, bm.SinkLocal(5, 17), [(5, 17)] * 2,
+                               [100, 61], [120, 75]),
+    "duo_gqa8_d128": (1, 8, 1, 24, 80, 128, 8, 16, bm.PerHead((bm.DenseCausal(), bm.SinkLocal(3, 9)) * 4),
+                      [DENSE, (3, 9)] * 4, [45], [69]),
+}
+
+
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+@pytest.mark.parametrize("case", list(CHUNK_CASES))
+def test_chunk_mode_matches_dense_attention(case, implementation):
+    batch, heads, kv_heads, chunk_len, kv_len, head_dim, bq, bk, desc, patterns, offsets, lengths = (
+        CHUNK_CASES[case])
+    q, k, v = _chunk_inputs(jax.random.key(len(case)), batch, heads, kv_heads, chunk_len, kv_len,
+                            head_dim, jnp.float32)
+    expected, _ = _dense_chunk_attention(q, k, v, patterns, offsets, lengths)
+    run = jax.jit(lambda q, k, v, off, lengths: block_sparse_prefill(  # offsets traced, as in a scan
+        q, k, v, desc, lengths=lengths, q_offset=off, config=PrefillConfig(block_q=bq, block_k=bk),
+        implementation=implementation, interpret=True))
+    out = run(q, k, v, jnp.asarray(offsets, jnp.int32), jnp.asarray(lengths, jnp.int32))
+    assert out.shape == q.shape and out.dtype == q.dtype
+    np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5)
+    reference = block_sparse_prefill_reference(q, k, v, desc, lengths=jnp.asarray(lengths),
+                                               q_offset=jnp.asarray(offsets))
+    np.testing.assert_allclose(reference, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+@pytest.mark.parametrize("desc,patterns", [(bm.DenseCausal(), [DENSE] * 2),
+                                           (bm.SinkLocal(4, 20), [(4, 20)] * 2)])
+def test_chunk_mode_never_touches_hidden_blocks(desc, patterns, implementation):
+    """Key blocks no query of the chunk sees (the future, the gap between sink and window, whole
+    blocks past a sequence's length) hold NaN: the output stays exact, so they were never used."""
+    batch, heads, kv_heads, chunk_len, kv_len, head_dim, block = 2, 2, 1, 32, 160, 64, 16
+    offsets, lengths = [90, 60], [160, 100]
+    q, k, v = _chunk_inputs(jax.random.key(4), batch, heads, kv_heads, chunk_len, kv_len, head_dim,
+                            jnp.float32)
+    expected, mask = _dense_chunk_attention(q, k, v, patterns, offsets, lengths)  # mask [B, H, S, C]
+    seen = mask.any(axis=(1, 2)).reshape(batch, kv_len // block, block).any(-1)  # [B, nk]
+    assert (~seen).sum() >= 4  # the test poisons something in every configuration
+    poison = np.repeat(~seen, block, axis=1)[:, None, :, None]  # [B, 1, C, 1]
+    k_bad, v_bad = (jnp.where(poison, jnp.nan, x) for x in (k, v))
+    out = block_sparse_prefill(q, k_bad, v_bad, desc, lengths=jnp.asarray(lengths),
+                               q_offset=jnp.asarray(offsets),
+                               config=PrefillConfig(block_q=block, block_k=block),
+                               implementation=implementation, interpret=True)
+    np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_chunk_mode_offset_zero_is_whole_sequence_mode_and_errors_are_clear():
+    q, k, v = _inputs(jax.random.key(5), 2, 2, 1, 48, 64, jnp.float32)
+    desc, lengths = bm.SinkLocal(3, 10), jnp.array([48, 29])
+    config = PrefillConfig(16, 16)
+    whole = block_sparse_prefill(q, k, v, desc, lengths=lengths, config=config,
+                                 implementation="gpu", interpret=True)
+    chunk = block_sparse_prefill(q, k, v, desc, lengths=lengths, q_offset=0, config=config,
+                                 implementation="gpu", interpret=True)  # a scalar offset: every row
+    np.testing.assert_allclose(chunk, whole, rtol=1e-6, atol=1e-6)
+    # Default on CPU: the reference, in chunk mode too.
+    np.testing.assert_array_equal(
+        block_sparse_prefill(q[:, :, 16:], k, v, desc, q_offset=16, lengths=lengths),
+        block_sparse_prefill_reference(q[:, :, 16:], k, v, desc, q_offset=16, lengths=lengths))
+    with pytest.raises(ValueError, match="q_offset: chunk mode"):
+        block_sparse_prefill(q[:, :, :16], k, v, desc)
+    with pytest.raises(ValueError, match="q_offset must be"):
+        block_sparse_prefill(q, k, v, desc, q_offset=jnp.array([1, 2, 3]))
+    whole_table = bm.prefill_block_table(desc, num_heads=2, seq_len=48, block_q=16, block_k=16)
+    with pytest.raises(ValueError, match="needs a description or a chunk table"):
+        block_sparse_prefill(q, k, v, whole_table, q_offset=0, config=config,
+                             implementation="gpu", interpret=True)
+    chunk_table = bm.prefill_chunk_block_table(desc, jnp.array([16, 16]), num_heads=2, chunk_len=32,
+                                               kv_len=48, block_q=16, block_k=16)
+    with pytest.raises(ValueError, match="carries its own q_offset"):
+        block_sparse_prefill(q[:, :, 16:], k, v, chunk_table, q_offset=16, config=config,
+                             implementation="gpu", interpret=True)
+    np.testing.assert_allclose(  # a chunk table given directly is the same as its description
+        block_sparse_prefill(q[:, :, 16:], k, v, chunk_table, lengths=lengths, config=config,
+                             implementation="gpu", interpret=True),
+        block_sparse_prefill_reference(q[:, :, 16:], k, v, chunk_table, lengths=lengths),
+        rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(chunk[:, :, 16:], block_sparse_prefill_reference(
+        q[:, :, 16:], k, v, chunk_table, lengths=lengths), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("implementation,platform", [("tpu", "tpu"), ("gpu", "cuda")])
+def test_chunk_mode_lowers_for_hardware(implementation, platform):
+    """A 512-token chunk at a traced offset over a 4160-slot cache (kvjax rounds capacities to 16,
+    not to powers of two) lowers to Mosaic TPU / Triton."""
+    q = jax.ShapeDtypeStruct((1, 8, 512, 128), jnp.bfloat16)
+    k = jax.ShapeDtypeStruct((1, 2, 4160, 128), jnp.bfloat16)
+    offset = jax.ShapeDtypeStruct((1,), jnp.int32)
+
+    def run(q, k, v, offset):
+        return block_sparse_prefill(q, k, v, bm.DenseCausal(), q_offset=offset,
+                                    config=PrefillConfig(128, 64), implementation=implementation)
+
+    lowered = jax.jit(run).trace(q, k, k, offset).lower(lowering_platforms=(platform,))
+    assert ("tpu_custom_call" if platform == "tpu" else "triton") in lowered.as_text()

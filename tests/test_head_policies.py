@@ -69,6 +69,30 @@ def test_duo_all_streaming_equals_streaming_llm(tiny_model):
         assert kept_positions(state, layer)[0] == [set(range(4)) | set(range(112, 140))] * 2
 
 
+def test_duo_retrieval_heads_prefill_through_the_pallas_kernel(tiny_model):
+    """Retrieval heads (slot = position) prefill through the block-sparse prefill kernel, streaming
+    heads through the reference; the last logits and every kept entry equal the reference path's."""
+    m = tiny_model
+    heads = ((0,), (1,))
+    policy = DuoAttention(heads, sink=4, recent=16, attention_impl="gpu-interpret")
+    reference = DuoAttention(heads, sink=4, recent=16, attention_impl="reference")
+    tokens, lengths = random_tokens(12, (2, 60), m.config.vocab_size), np.array([60, 33], np.int32)
+    run = lambda t, n: kvjax.inference._prefill(  # noqa: E731
+        m.graphdef, m.params, t, n, policy=policy, chunk=24, max_new_tokens=4)
+    padded = np.pad(tokens, ((0, 0), (0, 12)))  # three chunks of 24
+    traced = str(jax.make_jaxpr(run)(jnp.asarray(padded), jnp.asarray(lengths)))
+    assert traced.count("pallas_call") == m.config.num_layers  # one retrieval segment per layer
+    fast, fast_logits = kvjax.inference._run_prefill(m, tokens, lengths, policy, 24, 4)
+    slow, slow_logits = kvjax.inference._run_prefill(m, tokens, lengths, reference, 24, 4)
+    np.testing.assert_allclose(np.asarray(fast_logits), np.asarray(slow_logits), atol=2e-5, rtol=0)
+    for fast_layer, slow_layer in zip(fast.layers, slow.layers):
+        for fast_seg, slow_seg in zip(fast_layer, slow_layer):
+            held = np.asarray(slow_seg.pos) >= 0
+            np.testing.assert_array_equal(np.asarray(fast_seg.pos), np.asarray(slow_seg.pos))
+            for a, b in ((fast_seg.k, slow_seg.k), (fast_seg.v, slow_seg.v)):
+                np.testing.assert_allclose(np.asarray(a)[held], np.asarray(b)[held], atol=2e-5, rtol=0)
+
+
 def test_duo_mixed_heads_keep_what_their_class_keeps(tiny_model):
     """Retrieval heads hold every position, streaming heads sink + recent; prefill never holds more
     than sink + recent + one chunk for streaming heads; shapes stay static while decoding."""

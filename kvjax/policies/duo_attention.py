@@ -9,7 +9,10 @@ separated); kvjax's own gate files are that same format (`write_gates_tsv` / `re
 Retrieval heads follow Full (slot = position), streaming heads follow StreamingLLM(sink, recent)
 exactly (same step, same finalize), each on its own heads via take_heads/merge_heads, so the
 shared attention dispatch (`attention_impl`) sends single-token decode over either buffer to the
-Pallas `block_sparse_decode` kernel on GPU/TPU and to the jnp reference on CPU.
+Pallas `block_sparse_decode` kernel on GPU/TPU and to the jnp reference on CPU. Prefill chunks over
+the retrieval buffer (slot = position, declared with `slot_is_position=True`) go to the
+`block_sparse_prefill` kernel in chunk mode; streaming buffers hold no such layout while
+prefilling (sink + recent, compressed after each chunk) and keep the reference there.
 """
 
 from __future__ import annotations
@@ -158,7 +161,8 @@ class DuoAttention(Policy):
         for seg in segments:
             if seg.budget is None:  # retrieval heads: slot = position, as Full
                 out, (seg,) = write_then_attend(
-                    (seg,), q, k, v, q_pos, new_pos, q_pos[:, 0], window, scale, self.attention_impl
+                    (seg,), q, k, v, q_pos, new_pos, q_pos[:, 0], window, scale, self.attention_impl,
+                    slot_is_position=True,
                 )
             else:  # streaming heads: exactly StreamingLLM's step on this segment's heads
                 out, (seg,) = self.streaming().cache_step(

@@ -18,7 +18,9 @@ class Full(Policy):
         return ((SegmentSpec(heads, round_capacity(prompt_len + max_new_tokens)),),) * config.num_layers
 
     def cache_step(self, layer, segments, q, k, v, q_pos, new_pos, window, scale, *, prompt_lengths=None):
-        # Slot = position, so a chunk lands at its first position; padding carries pos -1.
+        # Slot = position, so a chunk lands at its first position; padding carries pos -1. Saying so
+        # (slot_is_position) lets prefill chunks run the block-sparse prefill kernel on GPU/TPU.
         return write_then_attend(
-            segments, q, k, v, q_pos, new_pos, q_pos[:, 0], window, scale, self.attention_impl
+            segments, q, k, v, q_pos, new_pos, q_pos[:, 0], window, scale, self.attention_impl,
+            slot_is_position=True,
         )

@@ -131,7 +131,8 @@ class RazorAttention(Policy):
         for seg in segments:
             if seg.budget is None:  # retrieval heads: slot = position, as Full
                 out, (seg,) = write_then_attend(
-                    (seg,), q, k, v, q_pos, new_pos, q_pos[:, 0], window, scale, self.attention_impl
+                    (seg,), q, k, v, q_pos, new_pos, q_pos[:, 0], window, scale, self.attention_impl,
+                    slot_is_position=True,
                 )
                 outs.append(out)
                 updated.append(seg)
