@@ -70,6 +70,13 @@ def _eval(args) -> None:
     )
     runs = resolve_policies(names, budgets)
     m = load(args.model or _default_model(), dtype=jnp.dtype(args.dtype))
+    if args.locret_heads:
+        from kvjax.policies.locret import with_retaining_heads
+
+        m = with_retaining_heads(m, args.locret_heads)
+    elif m.config.retaining_hidden is None and any(r.name == "locret" for r in runs):
+        raise ValueError("policy locret needs trained retaining heads: pass --locret-heads DIR (the --out folder of "
+                         "`kvjax train-gates --method locret`)")
     rows, samples = run_eval(m, runs, config, progress=not args.no_progress)
     print(format_table(rows))
     for path in write_results(rows, samples, args.out):
@@ -95,7 +102,7 @@ def _train_command(args) -> str:
 
 
 def _train_lm(args) -> None:
-    from kvjax.train.lm import DataConfig, ModelSize, history_summary, train_lm
+    from kvjax.train.lm import DataConfig, ModelSize, history_summary, parse_curriculum, train_lm
     from kvjax.train.loop import NonFiniteLossError
 
     size = ModelSize(
@@ -104,7 +111,7 @@ def _train_lm(args) -> None:
     )
     data_kwargs = dict(
         seq_len=args.seq_len, batch_size=args.batch_size, min_len=args.min_len,
-        text_fraction=args.text_fraction, prompt_loss_weight=args.prompt_loss_weight,
+        text_fraction=args.text_fraction, copy_fraction=args.copy_fraction, prompt_loss_weight=args.prompt_loss_weight,
     )
     if args.tasks is not None:
         data_kwargs["tasks"] = tuple(t.strip() for t in args.tasks.split(",") if t.strip())
@@ -116,25 +123,22 @@ def _train_lm(args) -> None:
             seed=args.seed, checkpoint_every=args.checkpoint_every,
             tokenizer_dir=None if args.tokenizer == "byte" else args.tokenizer, work_dir=args.work_dir,
             save_dtype=args.save_dtype, progress=not args.no_progress,
-            command=_train_command(args),
+            command=_train_command(args), curriculum=parse_curriculum(args.curriculum) if args.curriculum else (),
         )
     except NonFiniteLossError as err:
         raise ValueError(str(err)) from err
     print(f"wrote {out} ({history_summary(out)})")
 
 
-def _gate_method(value: str) -> str:
-    """argparse type of --method: names the methods that exist and those that are not implemented yet."""
-    if value == "locret":
-        raise argparse.ArgumentTypeError("method 'locret' is not implemented yet; available: duo")
-    return value
+def _given(**options) -> dict:
+    """The options the user set (argparse default None), so each method's config keeps its own defaults."""
+    return {k: v for k, v in options.items() if v is not None}
 
 
 def _train_gates(args) -> None:
     import jax.numpy as jnp
 
     from kvjax.checkpoint import load
-    from kvjax.train.duo_gates import GATES_TSV, DuoGateConfig, train_duo_gates
     from kvjax.train.loop import NonFiniteLossError
 
     if args.model is None and not bundled_models():
@@ -142,18 +146,33 @@ def _train_gates(args) -> None:
             "no --model given and no bundled model is installed (kvjax's own long-context model has not "
             "shipped in this install yet); pass --model NAME_OR_DIR, e.g. a `kvjax convert` or `kvjax train-lm` output"
         )
-    config = DuoGateConfig(
-        steps=args.steps, lr=args.lr, sink=args.sink, recent=args.recent, min_len=args.min_len, max_len=args.max_len,
-        num_passkeys=args.passkeys, passkey_words=args.passkey_words, haystack=args.haystack,
-        pad_multiple=args.pad_multiple, chunk=args.chunk, seed=args.seed, checkpoint_every=args.checkpoint_every,
-    )
+    shared = _given(steps=args.steps, lr=args.lr, min_len=args.min_len, max_len=args.max_len)
+    shared.update(pad_multiple=args.pad_multiple, chunk=args.chunk, seed=args.seed,
+                  checkpoint_every=args.checkpoint_every)
+    locret_only = _given(warmup=args.warmup, hidden=args.hidden, tasks=args.tasks)
+    if args.method == "duo":
+        from kvjax.train.duo_gates import GATES_TSV, DuoGateConfig, train_duo_gates
+
+        if locret_only:
+            raise ValueError(f"--{', --'.join(locret_only)} apply to --method locret only")
+        config = DuoGateConfig(**shared, sink=args.sink, recent=args.recent, num_passkeys=args.passkeys,
+                               passkey_words=args.passkey_words, haystack=args.haystack)
+        train_fn, written = train_duo_gates, GATES_TSV
+    else:
+        from kvjax.policies.locret import HEADS_DIR
+        from kvjax.train.locret_heads import LocretHeadConfig, train_locret_heads
+
+        if "tasks" in locret_only:
+            locret_only["tasks"] = tuple(t.strip() for t in locret_only["tasks"].split(",") if t.strip())
+        config = LocretHeadConfig(**shared, **locret_only)
+        train_fn, written = train_locret_heads, HEADS_DIR
     m = load(args.model or _default_model(), dtype=jnp.dtype(args.dtype))
     try:
-        _, result = train_duo_gates(m, args.out, config, progress=not args.no_progress)
+        _, result = train_fn(m, args.out, config, progress=not args.no_progress)
     except NonFiniteLossError as err:
         raise ValueError(str(err)) from err
     last = result.history[-1]["loss"] if result.history else float("nan")
-    print(f"wrote {args.out}/{GATES_TSV} (step {result.step}, loss {last:.6f})")
+    print(f"wrote {args.out}/{written} (step {result.step}, loss {last:.6f})")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -198,6 +217,9 @@ def parser() -> argparse.ArgumentParser:
     ev.add_argument("--seed", type=int, default=0)
     ev.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     ev.add_argument("--out", default="kvjax-eval", help="folder for results.json, results.csv and plots")
+    ev.add_argument("--locret-heads", default=None,
+                    help="folder of Locret retaining heads (`kvjax train-gates --method locret --out DIR`) that "
+                         "the locret policy ranks tokens with")
     ev.add_argument("--no-timing", action="store_true", help="skip the separate prefill/decode timing runs")
     ev.add_argument("--no-progress", action="store_true")
     ev.set_defaults(run=_eval)
@@ -206,6 +228,8 @@ def parser() -> argparse.ArgumentParser:
     tr.add_argument("--out", required=True, help="where the kvjax checkpoint is written (must not exist)")
     tr.add_argument("--steps", type=int, default=1000)
     tr.add_argument("--seq-len", type=int, default=1024)
+    tr.add_argument("--curriculum", default=None,
+                    help="length phases SEQxBATCH:STEPS,... (e.g. 640x12:300,1024x8:300); replaces --seq-len/--batch-size/--steps")
     tr.add_argument("--min-len", type=int, default=0, help="shortest row (default: seq-len / 4)")
     tr.add_argument("--batch-size", type=int, default=8)
     tr.add_argument("--layers", type=int, default=6)
@@ -224,6 +248,8 @@ def parser() -> argparse.ArgumentParser:
     tr.add_argument("--text", action="append", default=[],
                     help="plain-text source: prose, noise or a folder of .txt files (repeatable; default prose)")
     tr.add_argument("--text-fraction", type=float, default=0.25, help="share of rows that are plain text")
+    tr.add_argument("--copy-fraction", type=float, default=0.0,
+                    help="share of rows of random words with repeated spans (dense training signal for copying)")
     tr.add_argument("--prompt-loss-weight", type=float, default=0.0,
                     help="loss weight of task prompt tokens (answers weigh 1)")
     tr.add_argument("--tokenizer", default="byte", help="'byte' (built-in) or a folder with tokenizer.json")
@@ -232,22 +258,29 @@ def parser() -> argparse.ArgumentParser:
     tr.add_argument("--no-progress", action="store_true")
     tr.set_defaults(run=_train_lm)
 
-    tg = sub.add_parser("train-gates", help="train a learned policy's gates on a frozen model (DuoAttention)")
-    tg.add_argument("--method", required=True, type=_gate_method, choices=["duo"],
-                    help="duo: DuoAttention's per-KV-head gates (locret is not implemented yet)")
+    tg = sub.add_parser("train-gates", help="train a learned policy on a frozen model (DuoAttention gates, "
+                                            "Locret retaining heads)")
+    tg.add_argument("--method", required=True, choices=["duo", "locret"],
+                    help="duo: DuoAttention's per-KV-head gates; locret: Locret's per-layer retaining heads")
     tg.add_argument("--model", help="checkpoint directory or bundled model name (default: bundled)")
-    tg.add_argument("--out", required=True, help="folder for full_attention_heads.tsv, checkpoints and the loss "
-                                                 "curve; rerunning with the same folder resumes")
-    tg.add_argument("--steps", type=int, default=2000)
-    tg.add_argument("--min-len", type=int, default=1024, help="shortest prompt in tokens")
-    tg.add_argument("--max-len", type=int, default=32_768, help="longest prompt in tokens")
-    tg.add_argument("--sink", type=int, default=128, help="streaming heads' sink tokens during training")
-    tg.add_argument("--recent", type=int, default=256, help="streaming heads' recent tokens during training")
-    tg.add_argument("--lr", type=float, default=0.02)
+    tg.add_argument("--out", required=True, help="folder for the result (duo: full_attention_heads.tsv; locret: "
+                                                 "retaining_heads/ + .json), checkpoints and the loss curve; "
+                                                 "rerunning with the same folder resumes")
+    tg.add_argument("--steps", type=int, default=None, help="optimizer steps (default: duo 2000, locret 3000)")
+    tg.add_argument("--min-len", type=int, default=None, help="shortest sequence in tokens (default 1024)")
+    tg.add_argument("--max-len", type=int, default=None,
+                    help="longest sequence in tokens (default: duo 32768, locret 8192)")
+    tg.add_argument("--lr", type=float, default=None, help="peak learning rate (default: duo 0.02, locret 5e-4)")
+    tg.add_argument("--warmup", type=int, default=None, help="locret: linear warm-up steps (default 2000)")
+    tg.add_argument("--hidden", type=int, default=None, help="locret: retaining head hidden size (default 1024)")
+    tg.add_argument("--tasks", default=None,
+                    help="locret: comma-separated evaluation tasks to train on (default: the whole suite)")
+    tg.add_argument("--sink", type=int, default=128, help="duo: streaming heads' sink tokens during training")
+    tg.add_argument("--recent", type=int, default=256, help="duo: streaming heads' recent tokens during training")
     tg.add_argument("--seed", type=int, default=0)
-    tg.add_argument("--passkeys", type=int, default=10, help="passkeys per prompt")
-    tg.add_argument("--passkey-words", type=int, default=32, help="NATO-alphabet words per passkey")
-    tg.add_argument("--haystack", default="prose", help="noise, prose or a folder of .txt files")
+    tg.add_argument("--passkeys", type=int, default=10, help="duo: passkeys per prompt")
+    tg.add_argument("--passkey-words", type=int, default=32, help="duo: NATO-alphabet words per passkey")
+    tg.add_argument("--haystack", default="prose", help="duo: noise, prose or a folder of .txt files")
     tg.add_argument("--pad-multiple", type=int, default=1024, help="prompts are padded to a multiple of this")
     tg.add_argument("--chunk", type=int, default=512, help="query chunk of the training attention (memory)")
     tg.add_argument("--checkpoint-every", type=int, default=100)

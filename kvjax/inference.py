@@ -92,6 +92,7 @@ def _prefill(graphdef, params, tokens, lengths, *, policy: Policy, chunk: int, m
         hidden, layers = model(
             chunk_tokens, positions, positions < lengths[:, None], layers, prefill_step,
             seq_len=jnp.max(lengths),  # the whole prompt's length, as a one-shot forward would see
+            retaining_scores=policy.reads_retaining_scores(),
         )
         here = (last >= start) & (last < start + chunk)  # [B] final token falls in this chunk
         picked = jnp.take_along_axis(hidden, jnp.clip(last - start, 0, chunk - 1)[:, None, None], axis=1)
@@ -140,7 +141,10 @@ def prefill(
 def _forward_token(model, policy: Policy, state: KVState, token: jax.Array):
     """One decode step for every sequence: the new token enters at position `state.length`."""
     positions = state.length[:, None]  # [B, 1]
-    hidden, layers = model(token[:, None], positions, jnp.ones_like(positions, bool), state.layers, policy.cache_step)
+    hidden, layers = model(
+        token[:, None], positions, jnp.ones_like(positions, bool), state.layers, policy.cache_step,
+        retaining_scores=policy.reads_retaining_scores(),
+    )
     return model.logits(hidden[:, 0]), state.replace(layers=layers, length=state.length + 1)
 
 

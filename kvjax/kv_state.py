@@ -71,12 +71,13 @@ def empty_segment(
 
 
 def write_entries(
-    segment: KVSegment, k: jax.Array, v: jax.Array, pos: jax.Array, start: jax.Array
+    segment: KVSegment, k: jax.Array, v: jax.Array, pos: jax.Array, start: jax.Array,
+    score: jax.Array | None = None,
 ) -> KVSegment:
     """Writes T new entries per sequence into consecutive slots [start, start + T) of each head.
 
     k, v: [B, T, Hs, D]; pos: int32[B, T] (-1 for padding); start: int32[B] or int32[B, Hs].
-    New entries start with score 0.
+    New entries start with score 0, or with `score` float32[B, T, Hs] (e.g. Locret's predicted scores).
     """
     b, t, hs, _ = k.shape
     start = jnp.broadcast_to(start[:, None] if start.ndim == 1 else start, (b, hs))  # [B, Hs]
@@ -90,17 +91,22 @@ def write_entries(
         k=per_row(segment.k, k.swapaxes(1, 2), start),
         v=per_row(segment.v, v.swapaxes(1, 2), start),
         pos=per_row(segment.pos, pos, start),
-        score=None if segment.score is None else per_row(segment.score, jnp.zeros((b, hs, t)), start),
+        score=None if segment.score is None else per_row(
+            segment.score, jnp.zeros((b, hs, t)) if score is None else score.swapaxes(1, 2), start
+        ),
     )
 
 
-def write_free_slot(segment: KVSegment, k: jax.Array, v: jax.Array, pos: jax.Array) -> KVSegment:
+def write_free_slot(
+    segment: KVSegment, k: jax.Array, v: jax.Array, pos: jax.Array, score: jax.Array | None = None
+) -> KVSegment:
     """Writes one new entry per (sequence, head) into that row's first empty slot (decode).
 
-    k, v: [B, 1, Hs, D]; pos: int32[B, 1]. The caller guarantees a free slot exists.
+    k, v: [B, 1, Hs, D]; pos: int32[B, 1]; score: optional float32[B, 1, Hs] (else 0). The caller
+    guarantees a free slot exists.
     """
     slot = jnp.argmax(segment.pos < 0, axis=-1).astype(jnp.int32)  # [B, Hs]
-    return write_entries(segment, k, v, pos, slot)
+    return write_entries(segment, k, v, pos, slot, score)
 
 
 def count(segment: KVSegment) -> jax.Array:

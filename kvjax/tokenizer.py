@@ -44,6 +44,14 @@ class Tokenizer:
     def token_id(self, token: str) -> int | None:
         return self._tok.token_to_id(token)
 
+    def padding_id(self) -> int:
+        """The pad token's id, else EOS's, else 0: what batches pad with (padding is masked anyway)."""
+        for key in ("pad_token", "eos_token"):
+            name = self._special(key)
+            if name and self.token_id(name) is not None:
+                return self.token_id(name)
+        return 0
+
     def apply_chat_template(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
         """The prompt text for a conversation, rendered in a sandbox as transformers does."""
         if not self.chat_template:

@@ -124,3 +124,30 @@ def test_train_lm_cli_writes_a_loadable_checkpoint(tmp_path):
     ids = m.tokenizer.encode("The pass key is")
     assert kvjax.generate(m, [ids], 4).shape == (1, 4)
     assert main(argv) == 2  # refuses to overwrite
+
+
+def test_curriculum_phases_parse_and_reject_bad_specs():
+    from kvjax.train.lm import Phase, parse_curriculum
+
+    assert parse_curriculum("512x16:350, 1024X8:200") == (Phase(512, 16, 350), Phase(1024, 8, 200))
+    for bad in ("", "512x16", "512:3", "axb:1", "512x0:3"):
+        with pytest.raises(ValueError):
+            parse_curriculum(bad)
+
+
+def test_copy_rows_train_only_on_tokens_an_earlier_occurrence_predicts(tmp_path):
+    from kvjax.tokenizer import Tokenizer
+    from kvjax.train.byte_tokenizer import write_byte_tokenizer
+    from kvjax.train.lm import _copy_row
+
+    write_byte_tokenizer(tmp_path / "tok")
+    tok = Tokenizer(tmp_path / "tok")
+    for seed in range(5):
+        ids, weights = _copy_row(tok, np.random.default_rng(seed), 700)
+        assert len(ids) == len(weights) == 700
+        trained = [i for i, w in enumerate(weights) if w > 0]
+        assert len(trained) > 50  # dense: a retrieval row trains ~10 tokens
+        text = bytes(ids[1:]).decode()  # after <bos>, every id is a byte
+        for i in trained:  # the 4 tokens ending at i occurred earlier, followed by the same token
+            gram = ids[i - 3 : i + 1]
+            assert any(ids[j - 3 : j + 1] == gram for j in range(3, i - 3)), (seed, i, text[max(0, i - 20) : i])

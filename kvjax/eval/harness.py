@@ -1,11 +1,12 @@
 """The evaluation harness behind `kvjax eval`: every policy x budget on every task x length, scored as RULER does.
 
 Budgets map onto each policy's own fields (`with_budget`): `budget_tokens` (SnapKV, PyramidKV, TOVA,
-Knorm) is set to B (an observation `window` >= B shrinks to B // 2); `heavy` + `window` (H2O, A2SF,
-VATP) split B evenly, as H2O's paper does; `sink` + `window` (StreamingLLM) and `sink` + `recent`
-(DuoAttention, RazorAttention streaming heads) keep the sink and give the rest to the window; a
-policy held in a field (AdaKV's `base`) is mapped recursively. Policies with none of these (Full,
-KIVI) have no token budget: they run once at their defaults.
+Knorm) is set to B (an observation `window` >= B shrinks to B // 2); Locret keeps `budget_tokens` +
+`local_len`, so they split B (local_len at most B // 2) with `stabilizers` capped at half the scored
+budget; `heavy` + `window` (H2O, A2SF, VATP) split B evenly, as H2O's paper does; `sink` + `window`
+(StreamingLLM) and `sink` + `recent` (DuoAttention, RazorAttention streaming heads) keep the sink
+and give the rest to the window; a policy held in a field (AdaKV's `base`) is mapped recursively.
+Policies with none of these (Full, KIVI) have no token budget: they run once at their defaults.
 """
 
 from __future__ import annotations
@@ -63,6 +64,11 @@ def with_budget(policy: Policy, budget: int) -> Policy | None:
     if budget < 1:
         raise ValueError(f"budget must be positive; got {budget}")
     fields = {f.name for f in dataclasses.fields(policy)}
+    if {"budget_tokens", "stabilizers", "local_len"} <= fields:  # Locret: scored budget + local tokens = B
+        local = min(policy.local_len, budget // 2)
+        scored = budget - local
+        return dataclasses.replace(policy, budget_tokens=scored, local_len=local,
+                                   stabilizers=min(policy.stabilizers, scored // 2))
     if "budget_tokens" in fields:
         changes = {"budget_tokens": budget}
         if "window" in fields and policy.window >= budget:

@@ -25,7 +25,8 @@ _ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
 }
 
 # Signature of the cache step a policy supplies: (layer, segments, q, k, v, q_pos, new_pos, window,
-# scale) -> (attention output [B, T, K, G, D], updated segments).
+# scale) -> (attention output [B, T, K, G, D], updated segments). A policy that reads Locret's
+# retaining heads (`Policy.reads_retaining_scores`) also takes `retain_scores=` float32[B, T, K].
 CacheStep = Callable[..., tuple[jax.Array, tuple[KVSegment, ...]]]
 
 
@@ -46,6 +47,42 @@ class RMSNorm(nnx.Module):
         return self.weight[...] * x32.astype(x.dtype)
 
 
+def retaining_features(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+    """[B, T, (H + 2K) * D]: a retaining head's input, q, k and v of each token flattened and concatenated.
+
+    q [B, T, H, D], k and v [B, T, K, D] straight from the projections, before rotary embedding, so the
+    score of a token depends on what it is, not on where it sits.
+    """
+    b, t = q.shape[:2]
+    return jnp.concatenate([q.reshape(b, t, -1), k.reshape(b, t, -1), v.reshape(b, t, -1)], axis=-1)
+
+
+def retaining_head_scores(features: jax.Array, fc1: jax.Array, fc2: jax.Array, act: str) -> jax.Array:
+    """float32[..., K]: Locret's retaining head, fc2(act(fc1(features))), both layers without bias.
+
+    features [..., C] with C = (H + 2K) * D; fc1 [C, F]; fc2 [F, K]. The one implementation both
+    inference (RetainingHead) and training (kvjax.train.locret_heads) run.
+    """
+    hidden = _ACTIVATIONS[act](jnp.einsum("...c,cf->...f", features, fc1, preferred_element_type=jnp.float32))
+    return jnp.einsum("...f,fk->...k", hidden.astype(fc2.dtype), fc2, preferred_element_type=jnp.float32)
+
+
+class RetainingHead(nnx.Module):
+    """Locret's retaining head of one layer: an importance score per token and KV head, predicted from
+    that token's pre-RoPE q, k, v (Huang et al., 2024). Present only when config.retaining_hidden is set."""
+
+    def __init__(self, config: ModelConfig, dtype, rngs: nnx.Rngs):
+        c = (config.num_heads + 2 * config.num_kv_heads) * config.head_dim
+        f, k = config.retaining_hidden, config.num_kv_heads
+        self.act = config.hidden_act
+        self.fc1 = _param(rngs, (c, f), dtype, c)  # [C, F]
+        self.fc2 = _param(rngs, (f, k), dtype, f)  # [F, K]
+
+    def __call__(self, q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+        """float32[B, T, K] from q [B, T, H, D], k and v [B, T, K, D] before rotary embedding."""
+        return retaining_head_scores(retaining_features(q, k, v), self.fc1[...], self.fc2[...], self.act)
+
+
 class Attention(nnx.Module):
     """Grouped-query attention with rotary embeddings and optional q/k/v and output biases."""
 
@@ -62,6 +99,8 @@ class Attention(nnx.Module):
             self.v_bias = nnx.Param(jnp.zeros((k, d), dtype))
         if config.o_bias:
             self.o_bias = nnx.Param(jnp.zeros((e,), dtype))
+        if config.retaining_hidden is not None:
+            self.retain = RetainingHead(config, dtype, rngs)
 
     def project(self, x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
         """q [B, T, H, D], k and v [B, T, K, D], before rotary embedding."""
@@ -74,11 +113,17 @@ class Attention(nnx.Module):
 
     def __call__(
         self, x: jax.Array, positions: jax.Array, valid: jax.Array, rope: tuple[jax.Array, jax.Array],
-        segments: tuple[KVSegment, ...] | None, cache_step: CacheStep | None,
+        segments: tuple[KVSegment, ...] | None, cache_step: CacheStep | None, retaining_scores: bool = False,
     ) -> tuple[jax.Array, tuple[KVSegment, ...] | None]:
         cfg = self.config
         b, t, _ = x.shape
         q, k, v = self.project(x)
+        step_kwargs = {}
+        if retaining_scores:  # Locret: scores from the projections, before RoPE, handed to its cache step
+            if cfg.retaining_hidden is None:
+                raise ValueError("the policy reads Locret retaining-head scores but this model carries no retaining "
+                                 "heads; attach them with kvjax.policies.locret.with_retaining_heads(model, DIR)")
+            step_kwargs["retain_scores"] = self.retain(q, k, v)  # float32[B, T, K]
         q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         q = q.reshape(b, t, cfg.num_kv_heads, cfg.group_size, cfg.head_dim)  # [B, T, K, G, D]
         new_pos = jnp.where(valid, positions, -1)  # [B, T]
@@ -87,7 +132,7 @@ class Attention(nnx.Module):
             k_pos = jnp.broadcast_to(new_pos[:, None, :], (b, cfg.num_kv_heads, t))  # [B, K, T]
             out = attend(q, k.swapaxes(1, 2), v.swapaxes(1, 2), k_pos, positions, window, scale)
         else:
-            out, segments = cache_step(self.layer, segments, q, k, v, positions, new_pos, window, scale)
+            out, segments = cache_step(self.layer, segments, q, k, v, positions, new_pos, window, scale, **step_kwargs)
         out = jnp.einsum("bthd,hde->bte", out.reshape(b, t, cfg.num_heads, cfg.head_dim), self.o_proj[...])
         if cfg.o_bias:
             out = out + self.o_bias[...]
@@ -127,8 +172,10 @@ class Block(nnx.Module):
         self.post_attention_norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
         self.mlp = MLP(config, dtype, rngs)
 
-    def __call__(self, x, positions, valid, rope, segments, cache_step):
-        attn_out, segments = self.attn(self.input_norm(x), positions, valid, rope, segments, cache_step)
+    def __call__(self, x, positions, valid, rope, segments, cache_step, retaining_scores: bool = False):
+        attn_out, segments = self.attn(
+            self.input_norm(x), positions, valid, rope, segments, cache_step, retaining_scores
+        )
         x = x + attn_out
         return x + self.mlp(self.post_attention_norm(x)), segments
 
@@ -149,7 +196,7 @@ class Transformer(nnx.Module):
     def __call__(
         self, tokens: jax.Array, positions: jax.Array, valid: jax.Array,
         cache: tuple[tuple[KVSegment, ...], ...] | None = None, cache_step: CacheStep | None = None,
-        seq_len: jax.Array | None = None,
+        seq_len: jax.Array | None = None, retaining_scores: bool = False,
     ) -> tuple[jax.Array, tuple[tuple[KVSegment, ...], ...] | None]:
         """Final-normed hidden states [B, T, E] for tokens int32[B, T] at positions int32[B, T].
 
@@ -157,6 +204,7 @@ class Transformer(nnx.Module):
         With a cache, `cache_step` (from the policy) writes and attends; the new cache is returned.
         `seq_len` is the sequence length this call belongs to (it picks LongRoPE's factors); by
         default the largest real position plus one, which is right for a single forward.
+        `retaining_scores` (static) hands each layer's Locret retaining-head scores to `cache_step`.
         """
         x = self.embed[...][tokens]  # [B, T, E]
         if seq_len is None:
@@ -164,7 +212,9 @@ class Transformer(nnx.Module):
         rope = rope_tables(self.config.rope, self.config.head_dim, positions, seq_len)
         new_cache = []
         for i, block in enumerate(self.blocks):
-            x, segments = block(x, positions, valid, rope, None if cache is None else cache[i], cache_step)
+            x, segments = block(
+                x, positions, valid, rope, None if cache is None else cache[i], cache_step, retaining_scores
+            )
             new_cache.append(segments)
         return self.final_norm(x), None if cache is None else tuple(new_cache)
 

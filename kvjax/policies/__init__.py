@@ -8,6 +8,7 @@ from kvjax.policies.full import Full
 from kvjax.policies.h2o import H2O
 from kvjax.policies.kivi import KIVI
 from kvjax.policies.knorm import Knorm
+from kvjax.policies.locret import Locret
 from kvjax.policies.pyramidkv import PyramidKV
 from kvjax.policies.quantized_pruning import QuantizedPruning
 from kvjax.policies.razor_attention import RazorAttention
@@ -18,7 +19,7 @@ from kvjax.policies.tova import TOVA
 from kvjax.policies.vatp import VATP
 
 __all__ = [
-    "A2SF", "AdaKV", "DuoAttention", "Full", "H2O", "KIVI", "Knorm", "Layout", "Policy", "PyramidKV",
+    "A2SF", "AdaKV", "DuoAttention", "Full", "H2O", "KIVI", "Knorm", "Layout", "Locret", "Policy", "PyramidKV",
     "QuantizedPruning", "RazorAttention", "SegmentSpec", "SnapKV", "StreamingLLM", "TOVA", "TokenEviction",
     "VATP",
 ]

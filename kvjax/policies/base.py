@@ -59,6 +59,11 @@ class Policy(abc.ABC):
         """Whether segments carry a per-entry score buffer."""
         return False
 
+    def reads_retaining_scores(self) -> bool:
+        """Whether `cache_step` takes the model's Locret retaining-head scores (`retain_scores=`
+        float32[B, T, K], computed from pre-RoPE q, k, v); only then does the model compute them."""
+        return False
+
     def allocate(
         self, config: ModelConfig, batch: int, prompt_len: int, max_new_tokens: int, chunk: int, dtype
     ) -> KVState:

@@ -8,10 +8,14 @@ tokens plus the `recent` most recent ones). Loss = mean squared difference of th
 hidden states at the answer tokens + `reg_weight` x mean |alpha|, on multi-passkey retrieval prompts.
 
 Memory: gradients exist only for the L x Hkv gates; the frozen weights travel in the batch (jit
-arguments, never baked-in constants); each mixed layer is rematerialised (jax.checkpoint), so only
-its input [T, E] is kept for the backward pass; attention runs in query chunks, each rematerialised,
-so no T x T matrix is ever stored; in the mixed layer one logits matrix per chunk serves both the
-full and the streaming softmax; the full-attention pass keeps only the current layer's activations.
+arguments, never baked-in constants). Each pass is one `lax.scan` over the layers (one compiled block,
+its buffers reused layer after layer): the full-attention pass runs first, outside the gradient, and
+keeps only its carry; the mixed pass keeps each layer's input [T, E] and nothing else for the backward
+pass, which recomputes the layer from it. Attention runs in query chunks, each rematerialised, so no
+T x T matrix is ever stored; in the mixed layer one logits matrix per chunk serves both the full and
+the streaming softmax. Temporary memory so grows by one [T, E] per layer: for Llama-3-8B at 32K tokens
+XLA assigns 25.5 GB of temporaries at 32 layers, 256 MiB more per layer, beside 16 GB of bf16 weights
+(benchmarks/duo_gates_memory.py; its peak is the attention chunk's [Hkv, G, chunk, T] f32 scratch).
 """
 
 from __future__ import annotations
@@ -162,7 +166,9 @@ def make_batch(tokenizer, config: DuoGateConfig, pad_id: int, seed: int, step: i
 # ------------------------------------------------------------------------------------------------
 
 
-def streaming_mask(k_pos: jax.Array, q_pos: jax.Array, window: int | None, sink: int, recent: int) -> jax.Array:
+def streaming_mask(
+    k_pos: jax.Array, q_pos: jax.Array, window: int | jax.Array | None, sink: int, recent: int
+) -> jax.Array:
     """bool[B, K, T, C]: causal visibility limited to the first `sink` positions and the last `recent`
     (the query's own position included)."""
     kp, qp = k_pos[:, :, None, :], q_pos[:, None, :, None]  # [B, K, 1, C], [B, 1, T, 1]
@@ -177,13 +183,13 @@ def _softmax_out(logits: jax.Array, mask: jax.Array, v: jax.Array) -> jax.Array:
 
 def mixed_attention(
     q: jax.Array, k: jax.Array, v: jax.Array, q_pos: jax.Array, k_pos: jax.Array, alpha: jax.Array | None, *,
-    sink: int, recent: int, window: int | None, scale: float, chunk: int = 512,
+    sink: int, recent: int, window: int | jax.Array | None, scale: float, chunk: int = 512,
 ) -> jax.Array:
     """alpha * full + (1 - alpha) * streaming attention per KV head (its whole query group); alpha None:
     full attention only. Queries run in rematerialised chunks, one logits matrix serving both softmaxes.
 
     q: [B, T, K, G, D]; k, v: [B, K, C, D]; q_pos int32[B, T]; k_pos int32[B, K, C] (-1 empty);
-    alpha float[K]; returns [B, T, K, G, D] in v's dtype.
+    alpha float[K]; window None, an int or an int32 scalar; returns [B, T, K, G, D] in v's dtype.
     """
     b, t, kh, g, d = q.shape
     c = min(chunk, t)
@@ -215,8 +221,12 @@ class _Spec:
     chunk: int
 
 
-def _block_forward(graphdef, state, x, alpha, positions, k_pos, rope, layer: int, spec: _Spec):
-    """One decoder block with mixed attention (alpha float[K]) or full attention (alpha None); x [B, T, E]."""
+_NO_WINDOW = 2**30  # a sliding window wider than any sequence: the same mask as no window
+
+
+def _block_forward(graphdef, state, x, alpha, positions, k_pos, rope, window, spec: _Spec):
+    """One decoder block with mixed attention (alpha float[K]) or full attention (alpha None); x [B, T, E];
+    window None, an int or an int32 scalar (traced under scan)."""
     block = nnx.merge(graphdef, state)
     cfg = block.attn.config
     b, t, _ = x.shape
@@ -225,7 +235,7 @@ def _block_forward(graphdef, state, x, alpha, positions, k_pos, rope, layer: int
     q = q.reshape(b, t, cfg.num_kv_heads, cfg.group_size, cfg.head_dim)  # [B, T, K, G, D]
     out = mixed_attention(
         q, k.swapaxes(1, 2), v.swapaxes(1, 2), positions, k_pos, alpha, sink=spec.sink, recent=spec.recent,
-        window=cfg.sliding_window(layer), scale=cfg.head_dim**-0.5, chunk=spec.chunk,
+        window=window, scale=cfg.head_dim**-0.5, chunk=spec.chunk,
     )  # [B, T, K, G, D]
     out = jnp.einsum("bthd,hde->bte", out.reshape(b, t, cfg.num_heads, cfg.head_dim), block.attn.o_proj[...])
     if cfg.o_bias:
@@ -235,23 +245,74 @@ def _block_forward(graphdef, state, x, alpha, positions, k_pos, rope, layer: int
 
 
 def duo_forward(graphdef, params, gates: jax.Array, tokens: jax.Array, valid: jax.Array, spec: _Spec):
-    """(full, mixed) final-normed hidden states [B, T, E], computed layer by layer in one pass; the full
-    one under stop_gradient, each mixed layer rematerialised. gates float[L, K]."""
+    """(full, mixed) final-normed hidden states [B, T, E]; gates float[L, K].
+
+    Each pass is one `lax.scan` over the layers, so one compiled block serves them all and its buffers
+    are reused from layer to layer. The full pass runs first, outside the gradient (it does not depend
+    on the gates), and keeps nothing but its carry; the mixed pass stores only each layer's input for
+    the backward pass (_rematerialised_layers). Layer i's weights are picked with `lax.switch` over the
+    unstacked parameters (a copy of one layer, where stacking them would copy the whole model);
+    per-layer sliding windows enter as data.
+    """
     model = nnx.merge(graphdef, params)
+    cfg = model.config
     b, t = tokens.shape
     positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))  # [B, T]
-    k_pos = jnp.broadcast_to(jnp.where(valid, positions, -1)[:, None, :], (b, model.config.num_kv_heads, t))
-    rope = rope_tables(model.config.rope, model.config.head_dim, positions, jnp.sum(valid, axis=-1).max())
-    x_full = x_mix = model.embed[...][tokens]  # [B, T, E]
-    for layer, block in enumerate(model.blocks):
-        bdef, bstate = nnx.split(block)
+    k_pos = jnp.broadcast_to(jnp.where(valid, positions, -1)[:, None, :], (b, cfg.num_kv_heads, t))
+    rope = rope_tables(cfg.rope, cfg.head_dim, positions, jnp.sum(valid, axis=-1).max())
+    splits = [nnx.split(block) for block in model.blocks]
+    block_def, states = splits[0][0], [state for _, state in splits]
+    if any(jax.tree.structure(s) != jax.tree.structure(states[0]) for s in states):
+        raise ValueError("DuoAttention gate training needs decoder blocks with identical parameter structure")
+    windows = [cfg.sliding_window(layer) for layer in range(cfg.num_layers)]
+    if all(w is None for w in windows):
+        windows = None  # static: no sliding-window term in the masks
+    else:
+        windows = jnp.asarray([_NO_WINDOW if w is None else w for w in windows], jnp.int32)  # [L]
+    branches = [lambda s=s: s for s in states]
 
-        def step(state, x, alpha, bdef=bdef, layer=layer):
-            return _block_forward(bdef, state, x, alpha, positions, k_pos, rope, layer, spec)
+    def layer(x, i, alpha):
+        state = jax.lax.switch(i, branches)  # layer i's weights
+        window = None if windows is None else windows[i]
+        return _block_forward(block_def, state, x, alpha, positions, k_pos, rope, window, spec)
 
-        x_full = jax.lax.stop_gradient(step(bstate, x_full, None))
-        x_mix = jax.checkpoint(step)(bstate, x_mix, gates[layer])
-    return model.final_norm(x_full), model.final_norm(x_mix)
+    x = model.embed[...][tokens]  # [B, T, E]
+    layers = jnp.arange(cfg.num_layers, dtype=jnp.int32)
+    x_full, _ = jax.lax.scan(lambda x, i: (layer(x, i, None), None), x, layers)
+    x_mix = _rematerialised_layers(layer, x, gates)
+    return model.final_norm(jax.lax.stop_gradient(x_full)), model.final_norm(x_mix)
+
+
+def _rematerialised_layers(layer, x: jax.Array, gates: jax.Array) -> jax.Array:
+    """x through layer(x, i, gates[i]) for i = 0 .. L-1, differentiable in x and gates (float[L, K]).
+
+    What jax.checkpoint under lax.scan does, made explicit: the forward scan keeps only each layer's
+    input, and the backward scan (in reverse) recomputes layer i from it and applies its VJP. The inputs
+    are kept as their raw bits ([L, B, T, E] unsigned integers of x's width), so no backend widens them
+    (XLA's CPU backend turns a bf16 scan residual into an f32 copy, doubling it).
+    """
+    layers = jnp.arange(gates.shape[0], dtype=jnp.int32)
+    dtype, bits = x.dtype, jnp.dtype(f"uint{8 * x.dtype.itemsize}")
+
+    @jax.custom_vjp
+    def run(x, gates):
+        return run_forward(x, gates)[0]
+
+    def run_forward(x, gates):
+        body = lambda x, xs: (layer(x, *xs), jax.lax.bitcast_convert_type(x, bits))  # noqa: E731
+        out, inputs = jax.lax.scan(body, x, (layers, gates))  # inputs: uint[L, B, T, E]
+        return out, (gates, inputs)
+
+    def run_backward(residuals, g):
+        def step(g, xs):
+            i, alpha, x_bits = xs
+            _, vjp = jax.vjp(lambda x, a: layer(x, i, a), jax.lax.bitcast_convert_type(x_bits, dtype), alpha)
+            return vjp(g)  # (cotangent of layer i's input, of its gate row)
+
+        return jax.lax.scan(step, g, (layers, *residuals), reverse=True)  # (d x, d gates)
+
+    run.defvjp(run_forward, run_backward)
+    return run(x, gates)
 
 
 def make_loss_fn(graphdef, config: DuoGateConfig):
@@ -302,15 +363,6 @@ def make_optimizer(lr: float, steps: int) -> optax.GradientTransformation:
     )
 
 
-def _pad_id(tokenizer) -> int:
-    for key in ("pad_token", "eos_token"):
-        name = tokenizer.config.get(key)
-        name = name.get("content") if isinstance(name, dict) else name
-        if name and tokenizer.token_id(name) is not None:
-            return tokenizer.token_id(name)
-    return 0  # padding is masked out of attention and loss; any id works
-
-
 def train_duo_gates(
     model: LanguageModel, out: str | os.PathLike, config: DuoGateConfig = DuoGateConfig(), *,
     progress: bool = True, plot: bool = True,
@@ -331,7 +383,7 @@ def train_duo_gates(
     run_file.write_text(json.dumps(record, indent=1))
     layers, kv_heads = model.config.num_layers, model.config.num_kv_heads
     gates = {"gates": jnp.full((layers, kv_heads), config.init_gate, jnp.float32)}
-    pad = _pad_id(model.tokenizer)
+    pad = model.tokenizer.padding_id()
     params = model.params
 
     def batch_fn(seed: int, step: int) -> dict:

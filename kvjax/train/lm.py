@@ -56,16 +56,57 @@ class DataConfig:
     tasks: tuple[str, ...] = tuple(default_tasks())
     text: tuple[str, ...] = ("prose",)  # haystack names / folders for plain-text rows
     text_fraction: float = 0.25
+    copy_fraction: float = 0.0  # share of rows of random words whose earlier spans recur (see _copy_row)
     prompt_loss_weight: float = 0.0
     answer_reserve: int = 64  # tokens kept free after a task prompt for its answer and EOS
 
     def __post_init__(self):
-        if not 0.0 <= self.text_fraction <= 1.0:
-            raise ValueError(f"text_fraction must be in [0, 1]; got {self.text_fraction}")
+        if not (0.0 <= self.text_fraction and 0.0 <= self.copy_fraction and self.text_fraction + self.copy_fraction <= 1.0):
+            raise ValueError(
+                f"text_fraction ({self.text_fraction}) and copy_fraction ({self.copy_fraction}) must be >= 0 "
+                f"with a sum <= 1"
+            )
         if self.seq_len <= self.answer_reserve + 16:
             raise ValueError(f"seq_len {self.seq_len} leaves no room for a prompt (answer_reserve {self.answer_reserve})")
-        if not self.tasks and self.text_fraction < 1.0:
-            raise ValueError("no tasks given: set text_fraction to 1 for plain text only")
+        if not self.tasks and self.text_fraction + self.copy_fraction < 1.0:
+            raise ValueError("no tasks given: set text_fraction + copy_fraction to 1")
+
+
+@dataclasses.dataclass(frozen=True)
+class Phase:
+    """One stage of a length curriculum: `steps` optimizer steps of `batch_size` rows of up to `seq_len` tokens."""
+
+    seq_len: int
+    batch_size: int
+    steps: int
+
+    def __post_init__(self):
+        if min(self.seq_len, self.batch_size, self.steps) < 1:
+            raise ValueError(f"curriculum phase needs positive seq_len, batch_size and steps; got {self}")
+
+
+def parse_curriculum(spec: str) -> tuple[Phase, ...]:
+    """'640x12:300,1024x8:300' -> phases (SEQxBATCH:STEPS, in training order)."""
+    phases = []
+    for part in (p.strip() for p in spec.split(",") if p.strip()):
+        try:
+            shape, steps = part.split(":")
+            seq_len, batch = shape.lower().split("x")
+            phases.append(Phase(int(seq_len), int(batch), int(steps)))
+        except ValueError as err:
+            raise ValueError(f"curriculum phase {part!r} is not SEQxBATCH:STEPS (e.g. 1024x8:300): {err}") from err
+    if not phases:
+        raise ValueError("empty curriculum")
+    return tuple(phases)
+
+
+def phase_data(data: DataConfig, phase: Phase, tokenizer: Tokenizer) -> DataConfig:
+    """`data` at a phase's shape, keeping only the tasks whose prompts fit its seq_len."""
+    data = dataclasses.replace(data, seq_len=phase.seq_len, batch_size=phase.batch_size)
+    fitting = tuple(t for t in data.tasks if _fits(tokenizer, data, t))
+    if data.tasks and not fitting:
+        raise ValueError(f"no task fits a {phase.seq_len}-token curriculum phase; lengthen it")
+    return dataclasses.replace(data, tasks=fitting)
 
 
 def model_config(size: ModelSize, vocab_size: int, bos: int | None, eos: int, pad: int | None) -> ModelConfig:
@@ -91,12 +132,41 @@ def special_ids(tokenizer: Tokenizer) -> tuple[int | None, int, int]:
     return bos, eos, pad if pad is not None else eos
 
 
+_COPY_CHARS = np.array(list("abcdefghijklmnopqrstuvwxyz0123456789"))
+
+
+def _copy_row(tokenizer: Tokenizer, rng: np.random.Generator, length: int) -> tuple[list[int], list[float]]:
+    """Random words in segments of 4-16 words, where about half the segments repeat an earlier one.
+
+    Only a repeat's tokens after its first three are trained on: they are predictable exactly when
+    the model finds the earlier occurrence and copies from it (an induction head), at any distance.
+    Retrieval rows carry ~10 answer tokens each; these carry hundreds, so the copying mechanism
+    that retrieval needs forms in far fewer steps.
+    """
+    ids, weights = tokenizer.encode(""), []
+    weights = [0.0] * len(ids)
+    segments: list[list[int]] = []
+    while len(ids) < length:
+        if len(segments) >= 2 and rng.uniform() < 0.5:
+            seg, trained = segments[int(rng.integers(len(segments)))], True
+        else:
+            words = ["".join(rng.choice(_COPY_CHARS, size=int(rng.integers(2, 8)))) for _ in range(int(rng.integers(4, 17)))]
+            seg, trained = tokenizer.encode(" " + " ".join(words) + ".", add_special_tokens=False), False
+            segments.append(seg)
+        ids += seg
+        weights += [0.0] * min(3, len(seg)) + [1.0 if trained else 0.0] * max(0, len(seg) - 3)
+    return ids[:length], weights[:length]
+
+
 def _row(tokenizer: Tokenizer, data: DataConfig, rng: np.random.Generator, eos: int) -> tuple[list[int], list[float]]:
     """One training row: (ids, per-token loss weights) of at most seq_len tokens."""
     min_len = data.min_len or data.seq_len // 4
     length = int(rng.integers(min(min_len, data.seq_len), data.seq_len + 1))
     seed = int(rng.integers(2**31))
-    if rng.uniform() < data.text_fraction or not data.tasks:
+    kind = rng.uniform()
+    if kind < data.copy_fraction:
+        return _copy_row(tokenizer, rng, length)
+    if kind < data.copy_fraction + data.text_fraction or not data.tasks:
         haystack = haystack_from_name(data.text[int(rng.integers(len(data.text)))])
         units = 16
         ids = tokenizer.encode(plain_text(haystack, seed, units))
@@ -104,17 +174,33 @@ def _row(tokenizer: Tokenizer, data: DataConfig, rng: np.random.Generator, eos: 
             units *= 2
             ids = tokenizer.encode(plain_text(haystack, seed, units))
         return ids[:length], [1.0] * length
-    task = get_task(data.tasks[int(rng.integers(len(data.tasks)))])
     depth = float(rng.uniform())
-    try:
-        sample = make_sample(task, tokenizer, max(length - data.answer_reserve, 1), seed, depth)
-    except ValueError:  # too short for this task's fixed text: use the longest row (checked in check_data)
-        sample = make_sample(task, tokenizer, data.seq_len - data.answer_reserve, seed, depth)
+    for _ in range(8 * len(data.tasks)):
+        task = get_task(data.tasks[int(rng.integers(len(data.tasks)))])
+        try:
+            sample = make_sample(task, tokenizer, max(length - data.answer_reserve, 1), seed, depth)
+            break
+        except ValueError:  # too short for this task's fixed text: the longest row, else another task
+            try:
+                sample = make_sample(task, tokenizer, data.seq_len - data.answer_reserve, seed, depth)
+                break
+            except ValueError:
+                seed = int(rng.integers(2**31))
+    else:
+        raise ValueError(f"no task of {data.tasks} fits {data.seq_len} tokens")
     prompt = tokenizer.encode(sample.prompt)
     answer = tokenizer.encode(sample.target, add_special_tokens=False) + [eos]
     if len(prompt) + len(answer) > data.seq_len:
         raise ValueError(f"{task.name}: answer of {len(answer)} tokens exceeds answer_reserve {data.answer_reserve}")
     return prompt + answer, [data.prompt_loss_weight] * len(prompt) + [1.0] * len(answer)
+
+
+def _fits(tokenizer: Tokenizer, data: DataConfig, name: str) -> bool:
+    try:
+        make_sample(get_task(name), tokenizer, data.seq_len - data.answer_reserve, 0, 0.5)
+    except ValueError:
+        return False
+    return True
 
 
 def check_data(tokenizer: Tokenizer, data: DataConfig) -> None:
@@ -174,12 +260,14 @@ def train_lm(
     out: str | Path, size: ModelSize = ModelSize(), data: DataConfig = DataConfig(), *, steps: int = 1000,
     lr: float = 1e-3, warmup: int = 100, seed: int = 0, checkpoint_every: int = 200, tokenizer_dir: str | None = None,
     work_dir: str | Path | None = None, save_dtype: str = "float32", progress: bool = True,
-    command: str | None = None,
+    command: str | None = None, curriculum: tuple[Phase, ...] = (),
 ) -> Path:
     """Trains a model from scratch and writes it as a kvjax checkpoint at `out` (with its loss curve).
 
     Training state (orbax checkpoints, loss curve) lives in `work_dir` (default `<out>.train`), so an
     interrupted run resumes by rerunning the same command. `tokenizer_dir=None` builds the byte tokenizer.
+    A `curriculum` replaces (data.seq_len, data.batch_size, steps) by its phases: short rows first learn
+    the retrieval mechanism cheaply, longer ones then teach it over distance (attention cost grows as T^2).
     """
     out = Path(out).absolute()
     if out.exists():
@@ -195,14 +283,27 @@ def train_lm(
     tokenizer = Tokenizer(tok_dir)
     bos, eos, pad = special_ids(tokenizer)
     config = model_config(size, tokenizer.vocab_size, bos, eos, pad)
-    if data.seq_len > config.max_position_embeddings:
-        raise ValueError(f"seq_len {data.seq_len} exceeds max_positions {config.max_position_embeddings}")
-    check_data(tokenizer, data)
+    phases = curriculum or (Phase(data.seq_len, data.batch_size, steps),)
+    steps = sum(p.steps for p in phases)
+    longest = max(p.seq_len for p in phases)
+    if longest > config.max_position_embeddings:
+        raise ValueError(f"seq_len {longest} exceeds max_positions {config.max_position_embeddings}")
+    if curriculum:
+        phase_configs = [phase_data(data, p, tokenizer) for p in phases]
+    else:
+        check_data(tokenizer, data)
+        phase_configs = [data]
+    ends = np.cumsum([p.steps for p in phases])
+
+    def batch_fn(seed: int, step: int) -> dict:
+        phase = int(np.searchsorted(ends, step, side="right"))
+        return make_batch(tokenizer, phase_configs[min(phase, len(phases) - 1)], pad, eos, seed, step)
+
     model = init_model(config, seed=seed, dtype=jnp.float32)
     params = nnx.to_pure_dict(model.params)
     result = train(
         params, make_loss_fn(model.graphdef), make_optimizer(lr, steps, warmup),
-        lambda s, i: make_batch(tokenizer, data, pad, eos, s, i),
+        batch_fn,
         LoopConfig(steps=steps, seed=seed, checkpoint_every=checkpoint_every, progress=progress, description="train-lm"),
         work,
     )
@@ -212,6 +313,7 @@ def train_lm(
         "trained_by": "kvjax train-lm", "command": command or " ".join(sys.argv), "steps": steps, "seed": seed,
         "parameters": n_params, "final_loss": result.history[-1]["loss"] if result.history else None,
         "model_size": dataclasses.asdict(size), "data": dataclasses.asdict(data), "lr": lr, "warmup": warmup,
+        "curriculum": [dataclasses.asdict(p) for p in curriculum],
         "tokenizer": "bytes" if tokenizer_dir is None else str(tokenizer_dir),
     }
     save_checkpoint(out, config, saved, files, metadata)

@@ -179,9 +179,11 @@ def train(
             bar.update(1)
             bar.set_postfix(loss=f"{loss_value:.4f}")
             if manager is not None and (done % config.checkpoint_every == 0 or done == config.steps):
+                # The curve first: a kill between the two leaves entries past the newest checkpoint, which
+                # resume drops; the other order could lose the entries up to a checkpoint that exists.
+                _write_json(out / CURVE_JSON, history)
                 manager.save(done, args=ocp.args.StandardSave({"params": params, "opt_state": opt_state}))
                 manager.wait_until_finished()
-                _write_json(out / CURVE_JSON, history)
     finally:
         bar.close()
         if manager is not None:

@@ -1,0 +1,297 @@
+"""Locret retaining-head training (Huang et al., 2024): each layer learns which tokens later queries need.
+
+The model is frozen; only the retaining heads train (fc1 float32[L, C, F], fc2 float32[L, F, Hkv],
+C = (H + 2 Hkv) D, the layout kvjax.policies.locret saves and attaches). Each step:
+- data: one prompt of the evaluation suite (kvjax.eval.tasks.make_sample, a task drawn per step)
+  followed by its answer tokens; the answer tokens are the "later queries";
+- labels: the model's own full causal forward, computed exactly in jnp (post-RoPE attention in
+  query chunks); for each token, the largest attention any answer query gives it, max over the
+  query heads of its KV group;
+- features: each layer's q, k, v straight from the projections, before RoPE (what the head reads
+  at inference, through the same `retaining_head_scores`);
+- loss: SmoothL1(pred, label) over the prompt tokens + `smoothness` (0.0025) x the mean squared
+  difference of neighbouring prompt tokens' predictions, averaged over layers and KV heads.
+AdamW (lr 5e-4, betas 0.9/0.95), linear warm-up over `warmup` steps (2000 of 3000, the paper's),
+then linear decay to 0 (the paper does not say what follows the warm-up; this is transformers'
+default `linear` schedule), global-norm clip 0.5, batch 1. The one generic loop
+(kvjax.train.loop.train) runs it: checkpoints, exact resume, NaN guard, progress bar, loss curve.
+
+Memory: the frozen weights travel in the batch (jit arguments, never constants); no gradient flows
+through the model, so the backward pass keeps only each layer's head input [T, C] and hidden
+activations [T, F]; attention runs in query chunks, so no T x T matrix exists at once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from kvjax.attention import attention_probs
+from kvjax.eval.tasks import default_tasks, get_task, make_sample
+from kvjax.language_model import LanguageModel
+from kvjax.models.llama import retaining_features, retaining_head_scores
+from kvjax.policies.locret import random_retaining_heads, save_retaining_heads
+from kvjax.rope import rope_tables
+from kvjax.train.loop import LoopConfig, TrainResult, train
+
+RUN_JSON = "locret_run.json"
+
+
+@dataclasses.dataclass(frozen=True)
+class LocretHeadConfig:
+    """Locret's training recipe (defaults = the paper's) plus the data and memory knobs."""
+
+    steps: int = 3000
+    warmup: int = 2000
+    lr: float = 5e-4
+    b1: float = 0.9
+    b2: float = 0.95
+    weight_decay: float = 0.0
+    clip: float = 0.5  # global gradient norm
+    smoothness: float = 0.0025  # weight of the neighbouring-prediction MSE
+    hidden: int = 1024  # retaining head hidden size
+    tasks: tuple[str, ...] = tuple(default_tasks())  # kvjax.eval.tasks names, one drawn per step
+    min_len: int = 1024  # sequence lengths (prompt + answer, tokens) drawn uniformly in [min_len, max_len]
+    max_len: int = 8192
+    answer_reserve: int = 64  # tokens of each sequence left for the answer
+    pad_multiple: int = 1024  # sequences are right-padded to a multiple of this (fewer compiled shapes)
+    chunk: int = 512  # query chunk of the label attention (memory ~ chunk x T weights per head)
+    seed: int = 0
+    checkpoint_every: int = 100
+
+    def __post_init__(self):
+        if self.steps < 1 or not 0 <= self.warmup <= self.steps:
+            raise ValueError(f"need steps >= 1 and 0 <= warmup <= steps; got steps {self.steps}, warmup {self.warmup}")
+        if self.lr <= 0 or self.clip <= 0 or self.smoothness < 0 or self.weight_decay < 0:
+            raise ValueError(f"need lr > 0, clip > 0, smoothness >= 0, weight_decay >= 0; got {self.lr}, {self.clip}, "
+                             f"{self.smoothness}, {self.weight_decay}")
+        if self.hidden < 1:
+            raise ValueError(f"hidden must be >= 1; got {self.hidden}")
+        if not self.tasks:
+            raise ValueError("need at least one task")
+        for name in self.tasks:
+            get_task(name)  # raises on an unknown name
+        if not 1 <= self.min_len <= self.max_len or self.answer_reserve < 1 or self.answer_reserve >= self.min_len:
+            raise ValueError(f"need 1 <= answer_reserve < min_len <= max_len; got {self.answer_reserve}, "
+                             f"{self.min_len}, {self.max_len}")
+        if self.chunk < 1 or self.pad_multiple < 1 or self.pad_multiple % min(self.chunk, self.pad_multiple):
+            raise ValueError(f"chunk {self.chunk} must divide pad_multiple {self.pad_multiple}")
+
+
+# ------------------------------------------------------------------------------------------------
+# Data: task prompts with their answers, a pure function of (seed, step).
+# ------------------------------------------------------------------------------------------------
+
+
+def locret_sample(tokenizer, config: LocretHeadConfig, seed: int, step: int) -> tuple[np.ndarray, np.ndarray]:
+    """ids int32[N] and answer bool[N] of a step: a task prompt of at most (drawn length - answer_reserve)
+    tokens, then its answer (the sample's target text), whose tokens are the supervising queries."""
+    rng = np.random.default_rng([seed, step])
+    length = int(rng.integers(config.min_len, config.max_len + 1))
+    task = get_task(config.tasks[int(rng.integers(len(config.tasks)))])
+    sample_seed, depth = int(rng.integers(2**31)), float(rng.uniform())
+    sample = make_sample(task, tokenizer, length - config.answer_reserve, sample_seed, depth)
+    prompt = tokenizer.encode(sample.prompt)
+    answer = tokenizer.encode(sample.target, add_special_tokens=False)
+    if len(answer) > config.answer_reserve:
+        raise ValueError(
+            f"{task.name}: an answer of {len(answer)} tokens exceeds answer_reserve {config.answer_reserve}"
+        )
+    ids = np.asarray(prompt + answer, np.int32)
+    return ids, np.arange(len(ids)) >= len(prompt)
+
+
+def check_tasks(tokenizer, config: LocretHeadConfig) -> None:
+    """Raises ValueError naming the first task whose prompt cannot fit in the shortest sequence."""
+    for name in config.tasks:
+        try:
+            make_sample(get_task(name), tokenizer, config.min_len - config.answer_reserve, 0, 0.5)
+        except ValueError as err:
+            raise ValueError(f"min_len {config.min_len} is too short for task {name}: {err}") from err
+
+
+def make_batch(tokenizer, config: LocretHeadConfig, pad_id: int, seed: int, step: int) -> dict:
+    """Batch of one row, right-padded to a multiple of pad_multiple: tokens int32[1, T], valid bool[1, T],
+    answer bool[1, T]."""
+    ids, answer = locret_sample(tokenizer, config, seed, step)
+    n = len(ids)
+    t = -(-n // config.pad_multiple) * config.pad_multiple
+    tokens = np.full((1, t), pad_id, np.int32)
+    valid, answer_row = np.zeros((1, t), bool), np.zeros((1, t), bool)
+    tokens[0, :n], valid[0, :n], answer_row[0, :n] = ids, True, answer
+    return {"tokens": tokens, "valid": valid, "answer": answer_row}
+
+
+# ------------------------------------------------------------------------------------------------
+# Labels and features from the frozen model.
+# ------------------------------------------------------------------------------------------------
+
+
+def attention_and_targets(
+    q: jax.Array, k: jax.Array, v: jax.Array, q_pos: jax.Array, k_pos: jax.Array, answer: jax.Array,
+    window: int | None, scale: float, chunk: int = 512,
+) -> tuple[jax.Array, jax.Array]:
+    """Exact causal attention in query chunks, and Locret's labels.
+
+    q: [B, T, K, G, D] after RoPE; k, v: [B, K, C, D]; q_pos int32[B, T]; k_pos int32[B, K, C] (-1 empty);
+    answer bool[B, T] marks the supervising queries. Returns the output [B, T, K, G, D] (v's dtype) and
+    float32[B, K, C]: per entry, the largest weight any answer query gives it, max over the group.
+    """
+    b, t, kh, g, d = q.shape
+    c = min(chunk, t)
+    if t % c:
+        raise ValueError(f"query length {t} is not a multiple of the attention chunk {c}; pad the sequence")
+    qs = q.reshape(b, t // c, c, kh, g, d).swapaxes(0, 1)  # [N, B, S, K, G, D]
+    ps = q_pos.reshape(b, t // c, c).swapaxes(0, 1)  # [N, B, S]
+    ans = answer.reshape(b, t // c, c).swapaxes(0, 1)  # [N, B, S]
+
+    def one_chunk(best, inputs):
+        qc, pc, ac = inputs  # [B, S, K, G, D], [B, S], [B, S]
+        probs = attention_probs(qc, k, k_pos, pc, window, scale)  # [B, K, G, S, C]
+        out = jnp.einsum("bkgsc,bkcd->bskgd", probs.astype(v.dtype), v)  # [B, S, K, G, D]
+        votes = jnp.max(jnp.where(ac[:, None, None, :, None], probs, 0.0), axis=(2, 3))  # [B, K, C]
+        return jnp.maximum(best, votes), out
+
+    best, outs = jax.lax.scan(one_chunk, jnp.zeros(k.shape[:3], jnp.float32), (qs, ps, ans))
+    return outs.swapaxes(0, 1).reshape(b, t, kh, g, d), best
+
+
+def features_and_targets(
+    graphdef, params, tokens: jax.Array, valid: jax.Array, answer: jax.Array, chunk: int = 512
+) -> tuple[jax.Array, jax.Array]:
+    """(features [L, B, T, C], targets float32[L, B, T, K]) of a full causal forward of the frozen model.
+
+    Features are each layer's retaining-head input (pre-RoPE q, k, v); targets are Locret's labels from
+    the answer queries (`answer` bool[B, T]). Each layer runs the model's own block; its cache-step hook
+    computes exact chunked attention over the whole sequence and hands the layer's labels back where a
+    policy would return its segments.
+    """
+    model = nnx.merge(graphdef, params)
+    cfg = model.config
+    b, t = tokens.shape
+    positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))  # [B, T]
+    rope = rope_tables(cfg.rope, cfg.head_dim, positions, jnp.sum(valid, axis=-1).max())
+    answer = answer & valid
+
+    def label_step(layer, segments, q, k, v, q_pos, new_pos, window, scale):
+        k_pos = jnp.broadcast_to(new_pos[:, None, :], (b, cfg.num_kv_heads, t))  # [B, K, T]
+        out, target = attention_and_targets(
+            q, k.swapaxes(1, 2), v.swapaxes(1, 2), q_pos, k_pos, answer, window, scale, chunk
+        )
+        return out, target.swapaxes(1, 2)  # [B, T, K]
+
+    x = model.embed[...][tokens]  # [B, T, E]
+    features, targets = [], []
+    for block in model.blocks:
+        features.append(retaining_features(*block.attn.project(block.input_norm(x))))  # [B, T, C]
+        x, target = block(x, positions, valid, rope, (), label_step)
+        targets.append(target)
+    return jax.lax.stop_gradient(jnp.stack(features)), jax.lax.stop_gradient(jnp.stack(targets))
+
+
+def locret_loss(pred: jax.Array, target: jax.Array, prefix: jax.Array, smoothness: float) -> tuple[jax.Array, dict]:
+    """SmoothL1(pred, target) over prefix tokens + smoothness x MSE of neighbouring prefix predictions.
+
+    pred, target: float32[L, B, T, K]; prefix: bool[B, T] (real prompt tokens, the ones that get labels).
+    """
+    w = prefix[None, :, :, None].astype(jnp.float32)  # [1, B, T, 1]
+    diff = jnp.abs(pred - target)
+    huber = jnp.where(diff < 1.0, 0.5 * diff * diff, diff - 0.5)  # torch's SmoothL1Loss, beta 1
+    per_entry = pred.shape[0] * pred.shape[-1]
+    fit = jnp.sum(huber * w) / jnp.maximum(jnp.sum(w) * per_entry, 1.0)
+    pair = (prefix[:, 1:] & prefix[:, :-1])[None, :, :, None].astype(jnp.float32)  # [1, B, T-1, 1]
+    step = jnp.square(pred[:, :, 1:] - pred[:, :, :-1])
+    smooth = jnp.sum(step * pair) / jnp.maximum(jnp.sum(pair) * per_entry, 1.0)
+    return fit + smoothness * smooth, {"smooth_l1": fit, "smoothness": smooth}
+
+
+def make_loss_fn(graphdef, config: LocretHeadConfig, activation: str):
+    """loss_fn({"fc1", "fc2"}, batch, rng) -> (loss, aux); the frozen model params ride in batch["model"]."""
+
+    def loss_fn(heads, batch, rng):
+        del rng
+        features, targets = features_and_targets(
+            graphdef, batch["model"], batch["tokens"], batch["valid"], batch["answer"], config.chunk
+        )
+        pred = jax.vmap(lambda f, w1, w2: retaining_head_scores(f, w1, w2, activation))(
+            features, heads["fc1"], heads["fc2"]
+        )  # [L, B, T, K]
+        return locret_loss(pred, targets, batch["valid"] & ~batch["answer"], config.smoothness)
+
+    return loss_fn
+
+
+# ------------------------------------------------------------------------------------------------
+# Optimizer and the run.
+# ------------------------------------------------------------------------------------------------
+
+
+def lr_schedule(config: LocretHeadConfig):
+    """Linear warm-up to lr over `warmup` steps, then linear decay to 0 at `steps`."""
+    warm, decay = max(config.warmup, 1), max(config.steps - config.warmup, 1)
+
+    def schedule(step):
+        up = (step + 1) / warm
+        down = (config.steps - step) / decay
+        return config.lr * jnp.clip(jnp.minimum(up, down), 0.0, 1.0)
+
+    return schedule
+
+
+def make_optimizer(config: LocretHeadConfig) -> optax.GradientTransformation:
+    """Global-norm clipping, then AdamW on the warm-up schedule."""
+    return optax.chain(
+        optax.clip_by_global_norm(config.clip),
+        optax.adamw(lr_schedule(config), b1=config.b1, b2=config.b2, weight_decay=config.weight_decay),
+    )
+
+
+def train_locret_heads(
+    model: LanguageModel, out: str | os.PathLike, config: LocretHeadConfig = LocretHeadConfig(), *,
+    progress: bool = True, plot: bool = True,
+) -> tuple[dict[str, np.ndarray], TrainResult]:
+    """Trains retaining heads for `model` and writes them to `out` (`retaining_heads/` and
+    `retaining_heads.json`, for kvjax.policies.locret.with_retaining_heads) with the loop's orbax
+    checkpoints and loss curve; rerunning with the same `out` resumes the run exactly."""
+    if model.tokenizer is None:
+        raise ValueError(f"model {model.name or ''} has no tokenizer; the task prompts need one")
+    if config.max_len > model.config.max_position_embeddings:
+        raise ValueError(
+            f"max_len {config.max_len} exceeds the model's {model.config.max_position_embeddings} positions"
+        )
+    check_tasks(model.tokenizer, config)
+    out = Path(out).absolute()
+    out.mkdir(parents=True, exist_ok=True)
+    record = {"method": "locret", "model": model.name, **dataclasses.asdict(config)}
+    record["tasks"] = list(config.tasks)
+    run_file = out / RUN_JSON
+    if run_file.is_file() and json.loads(run_file.read_text()) != record:
+        raise ValueError(f"{out} holds a Locret run with other settings ({run_file}); use another --out")
+    run_file.write_text(json.dumps(record, indent=1))
+    heads = random_retaining_heads(model.config, config.hidden, config.seed)
+    pad = model.tokenizer.padding_id()
+    params = model.params
+
+    def batch_fn(seed: int, step: int) -> dict:
+        return {**make_batch(model.tokenizer, config, pad, seed, step), "model": params}
+
+    result = train(
+        heads, make_loss_fn(model.graphdef, config, model.config.hidden_act), make_optimizer(config), batch_fn,
+        LoopConfig(steps=config.steps, seed=config.seed, checkpoint_every=config.checkpoint_every,
+                   progress=progress, plot=plot, description="train-gates locret"),
+        out,
+    )
+    trained = {k: np.asarray(v, np.float32) for k, v in result.params.items()}
+    last = result.history[-1]["loss"] if result.history else None
+    save_retaining_heads(out, trained, model.config,
+                         {"model": model.name, "step": result.step, "final_loss": last, "training": record})
+    return trained, result
+
