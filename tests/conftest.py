@@ -47,3 +47,26 @@ def tiny_model():
 
 def random_tokens(seed: int, shape, vocab: int, low: int = 3) -> np.ndarray:
     return np.random.default_rng(seed).integers(low, vocab, shape).astype(np.int32)
+
+
+@pytest.fixture(scope="module")
+def byte_model(tmp_path_factory):
+    """A tiny random GQA Llama over the byte tokenizer, in memory and saved as a kvjax checkpoint
+    (for the trainers, which load models from disk in their CLI tests)."""
+    from flax import nnx
+
+    from kvjax import ModelConfig, init_model
+    from kvjax.checkpoint import save_checkpoint
+    from kvjax.tokenizer import Tokenizer
+    from kvjax.train.byte_tokenizer import write_byte_tokenizer
+
+    root = tmp_path_factory.mktemp("byte-model")
+    files = write_byte_tokenizer(root / "tokenizer")
+    tokenizer = Tokenizer(root / "tokenizer")
+    config = ModelConfig(
+        family="llama", vocab_size=tokenizer.vocab_size, hidden_size=64, intermediate_size=128, num_layers=2,
+        num_heads=4, num_kv_heads=2, head_dim=16, max_position_embeddings=2048,
+    )
+    model = init_model(config, seed=0, dtype=jnp.float32, tokenizer=tokenizer)
+    path = save_checkpoint(root / "model", config, nnx.to_pure_dict(model.params), files)
+    return model, path

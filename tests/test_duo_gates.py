@@ -14,9 +14,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from kvjax import ModelConfig, init_model
+from kvjax import ModelConfig
 from kvjax.attention import reference_attention
-from kvjax.checkpoint import save_checkpoint
 from kvjax.language_model import abstract_model
 from kvjax.policies.duo_attention import DuoAttention, read_gates_tsv
 from kvjax.tokenizer import Tokenizer
@@ -32,21 +31,6 @@ SMALL = dict(sink=SINK, recent=RECENT, min_len=300, max_len=600, num_passkeys=2,
              pad_multiple=640, chunk=128)
 CLI_ARGS = ["--sink", str(SINK), "--recent", str(RECENT), "--min-len", "300", "--max-len", "600", "--passkeys", "2",
             "--passkey-words", "4", "--pad-multiple", "640", "--chunk", "128", "--dtype", "float32", "--no-progress"]
-
-
-@pytest.fixture(scope="module")
-def byte_model(tmp_path_factory):
-    """A tiny random GQA Llama over the byte tokenizer, in memory and saved as a kvjax checkpoint."""
-    root = tmp_path_factory.mktemp("duo")
-    files = write_byte_tokenizer(root / "tokenizer")
-    tokenizer = Tokenizer(root / "tokenizer")
-    config = ModelConfig(
-        family="llama", vocab_size=tokenizer.vocab_size, hidden_size=64, intermediate_size=128, num_layers=2,
-        num_heads=4, num_kv_heads=2, head_dim=16, max_position_embeddings=2048,
-    )
-    model = init_model(config, seed=0, dtype=jnp.float32, tokenizer=tokenizer)
-    path = save_checkpoint(root / "model", config, nnx.to_pure_dict(model.params), files)
-    return model, path
 
 
 def _qkv(seed: int, t: int = 48, kh: int = 2, g: int = 2, d: int = 8, n_valid: int = 41):

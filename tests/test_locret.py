@@ -15,8 +15,8 @@ import pytest
 from flax import nnx
 
 import kvjax
-from kvjax import ModelConfig, init_model
-from kvjax.checkpoint import CheckpointError, save_checkpoint
+from kvjax import ModelConfig
+from kvjax.checkpoint import CheckpointError
 from kvjax.eval.harness import with_budget
 from kvjax.kv_state import count, round_capacity
 from kvjax.models.llama import retaining_head_scores
@@ -25,8 +25,6 @@ from kvjax.policies.locret import (
     HEADS_DIR, HEADS_JSON, attach_retaining_heads, load_retaining_heads, random_retaining_heads,
     retaining_heads_of, retaining_scores, save_retaining_heads, with_retaining_heads,
 )
-from kvjax.tokenizer import Tokenizer
-from kvjax.train.byte_tokenizer import write_byte_tokenizer
 from kvjax.train.locret_heads import LocretHeadConfig, features_and_targets, make_batch, train_locret_heads
 from tests.conftest import random_tokens
 from tests.interrupted_run import straight_and_resumed
@@ -38,21 +36,6 @@ SMALL = dict(hidden=HIDDEN, tasks=("niah_single", "passkey"), min_len=400, max_l
 CLI_ARGS = ["--hidden", str(HIDDEN), "--tasks", "niah_single,passkey", "--min-len", "400", "--max-len", "600",
             "--pad-multiple", "640", "--chunk", "128", "--warmup", "2", "--lr", "3e-3", "--dtype", "float32",
             "--no-progress"]
-
-
-@pytest.fixture(scope="module")
-def byte_model(tmp_path_factory):
-    """A tiny random GQA Llama over the byte tokenizer, in memory and saved as a kvjax checkpoint."""
-    root = tmp_path_factory.mktemp("locret")
-    files = write_byte_tokenizer(root / "tokenizer")
-    tokenizer = Tokenizer(root / "tokenizer")
-    config = ModelConfig(
-        family="llama", vocab_size=tokenizer.vocab_size, hidden_size=64, intermediate_size=128, num_layers=2,
-        num_heads=4, num_kv_heads=2, head_dim=16, max_position_embeddings=2048,
-    )
-    model = init_model(config, seed=0, dtype=jnp.float32, tokenizer=tokenizer)
-    path = save_checkpoint(root / "model", config, nnx.to_pure_dict(model.params), files)
-    return model, path
 
 
 @pytest.fixture(scope="module")
