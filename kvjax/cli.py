@@ -112,6 +112,7 @@ def _train_lm(args) -> None:
     data_kwargs = dict(
         seq_len=args.seq_len, batch_size=args.batch_size, min_len=args.min_len,
         text_fraction=args.text_fraction, copy_fraction=args.copy_fraction, prompt_loss_weight=args.prompt_loss_weight,
+        drill_fraction=args.drill_fraction, position_span=args.position_span,
     )
     if args.tasks is not None:
         data_kwargs["tasks"] = tuple(t.strip() for t in args.tasks.split(",") if t.strip())
@@ -121,7 +122,7 @@ def _train_lm(args) -> None:
         out = train_lm(
             args.out, size, DataConfig(**data_kwargs), steps=args.steps, lr=args.lr, warmup=args.warmup,
             seed=args.seed, checkpoint_every=args.checkpoint_every,
-            tokenizer_dir=None if args.tokenizer == "byte" else args.tokenizer, work_dir=args.work_dir,
+            tokenizer=args.tokenizer, work_dir=args.work_dir,
             save_dtype=args.save_dtype, progress=not args.no_progress,
             command=_train_command(args), curriculum=parse_curriculum(args.curriculum) if args.curriculum else (),
         )
@@ -229,7 +230,8 @@ def parser() -> argparse.ArgumentParser:
     tr.add_argument("--steps", type=int, default=1000)
     tr.add_argument("--seq-len", type=int, default=1024)
     tr.add_argument("--curriculum", default=None,
-                    help="length phases SEQxBATCH:STEPS,... (e.g. 640x12:300,1024x8:300); replaces --seq-len/--batch-size/--steps")
+                    help="length phases SEQxBATCH:STEPS[@POSITION_SPAN],... (e.g. 256x32:300,1024x8:300@8192); "
+                         "replaces --seq-len/--batch-size/--steps")
     tr.add_argument("--min-len", type=int, default=0, help="shortest row (default: seq-len / 4)")
     tr.add_argument("--batch-size", type=int, default=8)
     tr.add_argument("--layers", type=int, default=6)
@@ -250,9 +252,14 @@ def parser() -> argparse.ArgumentParser:
     tr.add_argument("--text-fraction", type=float, default=0.25, help="share of rows that are plain text")
     tr.add_argument("--copy-fraction", type=float, default=0.0,
                     help="share of rows of random words with repeated spans (dense training signal for copying)")
+    tr.add_argument("--drill-fraction", type=float, default=0.0,
+                    help="share of rows holding many needles and answered questions (dense retrieval signal)")
+    tr.add_argument("--position-span", type=int, default=0,
+                    help="spread each row's position ids over [0, SPAN) with skips (PoSE) to teach longer distances")
     tr.add_argument("--prompt-loss-weight", type=float, default=0.0,
                     help="loss weight of task prompt tokens (answers weigh 1)")
-    tr.add_argument("--tokenizer", default="byte", help="'byte' (built-in) or a folder with tokenizer.json")
+    tr.add_argument("--tokenizer", default="byte", help="'byte', 'bpe' or 'bpe:VOCAB' (BPE learned from kvjax's synthetic text, single digits) "
+                    "or a folder with tokenizer.json")
     tr.add_argument("--work-dir", default=None, help="training state for resume (default: OUT.train)")
     tr.add_argument("--save-dtype", default="float32", choices=["float32", "bfloat16"])
     tr.add_argument("--no-progress", action="store_true")

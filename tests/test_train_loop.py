@@ -129,25 +129,79 @@ def test_train_lm_cli_writes_a_loadable_checkpoint(tmp_path):
 def test_curriculum_phases_parse_and_reject_bad_specs():
     from kvjax.train.lm import Phase, parse_curriculum
 
-    assert parse_curriculum("512x16:350, 1024X8:200") == (Phase(512, 16, 350), Phase(1024, 8, 200))
-    for bad in ("", "512x16", "512:3", "axb:1", "512x0:3"):
+    assert parse_curriculum("512x16:350, 1024X8:200@8192") == (Phase(512, 16, 350), Phase(1024, 8, 200, 8192))
+    for bad in ("", "512x16", "512:3", "axb:1", "512x0:3", "512x16:3@x"):
         with pytest.raises(ValueError):
             parse_curriculum(bad)
 
 
 def test_copy_rows_train_only_on_tokens_an_earlier_occurrence_predicts(tmp_path):
     from kvjax.tokenizer import Tokenizer
-    from kvjax.train.byte_tokenizer import write_byte_tokenizer
+    from kvjax.train.byte_tokenizer import BOS_ID, EOS_ID, PAD_ID, write_byte_tokenizer
     from kvjax.train.lm import _copy_row
 
     write_byte_tokenizer(tmp_path / "tok")
     tok = Tokenizer(tmp_path / "tok")
     for seed in range(5):
         ids, weights = _copy_row(tok, np.random.default_rng(seed), 700)
-        assert len(ids) == len(weights) == 700
+        assert len(ids) == len(weights) == 700 and ids[0] == BOS_ID
+        assert not {PAD_ID, BOS_ID, EOS_ID} & set(ids[1:])
         trained = [i for i, w in enumerate(weights) if w > 0]
-        assert len(trained) > 50  # dense: a retrieval row trains ~10 tokens
-        text = bytes(ids[1:]).decode()  # after <bos>, every id is a byte
-        for i in trained:  # the 4 tokens ending at i occurred earlier, followed by the same token
-            gram = ids[i - 3 : i + 1]
-            assert any(ids[j - 3 : j + 1] == gram for j in range(3, i - 3)), (seed, i, text[max(0, i - 20) : i])
+        assert len(trained) > 150  # dense: a retrieval row trains ~10 tokens
+        for i in trained:  # the bigram ending at i occurred earlier (the previous token, then this one)
+            assert any(ids[j - 1 : j + 1] == ids[i - 1 : i + 1] for j in range(1, i)), (seed, i)
+
+
+def test_drill_rows_ask_about_needles_of_the_same_row_and_train_only_the_answers(tmp_path):
+    import re
+
+    from kvjax.tokenizer import Tokenizer
+    from kvjax.train.byte_tokenizer import write_byte_tokenizer
+    from kvjax.train.lm import DataConfig, _drill_row
+
+    write_byte_tokenizer(tmp_path / "tok")
+    tok = Tokenizer(tmp_path / "tok")
+    data = DataConfig(seq_len=1200, drill_fraction=1.0, text_fraction=0.0)
+    for seed in range(4):
+        ids, weights = _drill_row(tok, data, np.random.default_rng(seed), 1200)
+        assert len(ids) == len(weights) <= 1200
+        text = bytes(ids[1:]).decode()
+        context, _, questions = text.partition("\n")
+        asked = re.findall(r"The special magic (\w+) for (\S+) in the text above is ([^ ]+)\.", questions)
+        assert len(asked) >= 5
+        for noun, key, value in asked:  # each answer is the value its key's needle holds, in this row
+            assert f"One special magic {noun} for {key} is: {value}." in context
+        trained = bytes(i for i, w in zip(ids, weights) if w > 0).decode()
+        assert trained == "".join(f" {value}." for _, _, value in asked)
+
+
+def test_pose_positions_rise_inside_chunks_and_stay_in_the_span():
+    from kvjax.train.lm import pose_positions
+
+    for seed in range(20):
+        pos = pose_positions(np.random.default_rng(seed), 300, 4096)
+        steps = np.diff(pos)
+        assert pos[0] == 0 and pos[-1] < 4096 and (steps >= 1).all()
+        assert (steps > 1).sum() <= 2  # three chunks: at most two jumps
+    assert (pose_positions(np.random.default_rng(0), 300, 300) == np.arange(300)).all()
+    spans = [pose_positions(np.random.default_rng(s), 300, 4096)[-1] for s in range(50)]
+    assert max(spans) > 2000  # the long distances are actually reached
+
+
+
+def test_word_tokenizer_is_reproducible_keeps_keys_short_splits_digits_and_encodes_any_text(tmp_path):
+    from kvjax.tokenizer import Tokenizer
+    from kvjax.train.word_tokenizer import DEFAULT_VOCAB, build_word_tokenizer, write_word_tokenizer
+
+    write_word_tokenizer(tmp_path / "tok")
+    built_again = json.loads(build_word_tokenizer().to_str())  # same merges from the same synthetic corpus
+    assert json.loads((tmp_path / "tok" / "tokenizer.json").read_text()) == built_again
+    tok = Tokenizer(tmp_path / "tok")
+    assert tok.vocab_size == DEFAULT_VOCAB
+    assert tok.encode("x")[0] == tok.token_id("<bos>") and tok.padding_id() == tok.token_id("<pad>")
+    digits = tok.encode(" 7258439", add_special_tokens=False)
+    assert [tok.decode([i]) for i in digits] == [" ", "7", "2", "5", "8", "4", "3", "9"]
+    for key in (" brave-falcon", " lazy-castle", " zealous-window"):  # bytes would need 12-15 tokens
+        assert len(tok.encode(key, add_special_tokens=False)) <= 3, key
+    for text in ("Any text: café, 東京, emoji 🙂, tabs\tand\nnewlines.", "The pass key is 12345. Remember it."):
+        assert tok.decode(tok.encode(text)) == text

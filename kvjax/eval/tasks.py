@@ -67,7 +67,7 @@ class Draft:
     first_needle: int  # index in `needles` of the first answer's needle (its depth is reported)
 
 
-def _random_value(rng: np.random.Generator, kind: str) -> str:
+def random_value(rng: np.random.Generator, kind: str) -> str:
     if kind == "numbers":
         return str(int(rng.integers(1_000_000, 10_000_000)))  # 7 digits, as RULER
     if kind == "words":
@@ -77,11 +77,11 @@ def _random_value(rng: np.random.Generator, kind: str) -> str:
     raise ValueError(f"unknown needle kind {kind!r}: expected numbers, words or uuids")
 
 
-def _distinct(rng: np.random.Generator, kind: str, count: int) -> list[str]:
+def distinct_values(rng: np.random.Generator, kind: str, count: int) -> list[str]:
     """`count` different random values (no value a substring of another, so each matches once)."""
     out: list[str] = []
     while len(out) < count:
-        value = _random_value(rng, kind)
+        value = random_value(rng, kind)
         if not any(value in o or o in value for o in out):
             out.append(value)
     return out
@@ -109,8 +109,8 @@ class NeedleTask:
             raise ValueError(f"{self.name}: need 1 <= num_queries <= num_keys and num_values >= 1")
 
     def draft(self, rng: np.random.Generator, depth: float) -> Draft:
-        keys = _distinct(rng, self.key_kind, self.num_keys)
-        values = _distinct(rng, self.value_kind, self.num_keys * self.num_values)
+        keys = distinct_values(rng, self.key_kind, self.num_keys)
+        values = distinct_values(rng, self.value_kind, self.num_keys * self.num_values)
         kind = {"numbers": "number", "words": "word", "uuids": "uuid"}[self.value_kind]
         queried = [int(i) for i in rng.permutation(self.num_keys)[: self.num_queries]]
         needles, answers = [], []

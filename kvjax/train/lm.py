@@ -24,11 +24,12 @@ from flax import nnx
 
 from kvjax.checkpoint import save_checkpoint
 from kvjax.config import ModelConfig, RopeConfig
-from kvjax.eval.haystack import haystack_from_name, plain_text
-from kvjax.eval.tasks import default_tasks, get_task, make_sample
+from kvjax.eval.haystack import NOISE, NoiseHaystack, ProseHaystack, haystack_from_name, plain_text
+from kvjax.eval.tasks import default_tasks, distinct_values, get_task, make_sample
 from kvjax.language_model import init_model
 from kvjax.tokenizer import Tokenizer
 from kvjax.train.byte_tokenizer import write_byte_tokenizer
+from kvjax.train.word_tokenizer import DEFAULT_VOCAB, write_word_tokenizer
 from kvjax.train.loop import CURVE_JSON, CURVE_PNG, LoopConfig, train
 
 
@@ -57,19 +58,24 @@ class DataConfig:
     text: tuple[str, ...] = ("prose",)  # haystack names / folders for plain-text rows
     text_fraction: float = 0.25
     copy_fraction: float = 0.0  # share of rows of random words whose earlier spans recur (see _copy_row)
+    drill_fraction: float = 0.0  # share of rows of many needles then many answered questions (see _drill_row)
+    position_span: int = 0  # > seq_len: rows get position ids spread over [0, span) with skips (PoSE)
     prompt_loss_weight: float = 0.0
     answer_reserve: int = 64  # tokens kept free after a task prompt for its answer and EOS
 
     def __post_init__(self):
-        if not (0.0 <= self.text_fraction and 0.0 <= self.copy_fraction and self.text_fraction + self.copy_fraction <= 1.0):
+        shares = (self.text_fraction, self.copy_fraction, self.drill_fraction)
+        if min(shares) < 0.0 or sum(shares) > 1.0:
             raise ValueError(
-                f"text_fraction ({self.text_fraction}) and copy_fraction ({self.copy_fraction}) must be >= 0 "
-                f"with a sum <= 1"
+                f"text_fraction ({self.text_fraction}), copy_fraction ({self.copy_fraction}) and drill_fraction "
+                f"({self.drill_fraction}) must be >= 0 with a sum <= 1"
             )
+        if self.position_span and self.position_span < self.seq_len:
+            raise ValueError(f"position_span {self.position_span} is shorter than seq_len {self.seq_len}")
         if self.seq_len <= self.answer_reserve + 16:
             raise ValueError(f"seq_len {self.seq_len} leaves no room for a prompt (answer_reserve {self.answer_reserve})")
-        if not self.tasks and self.text_fraction + self.copy_fraction < 1.0:
-            raise ValueError("no tasks given: set text_fraction + copy_fraction to 1")
+        if not self.tasks and sum(shares) < 1.0:
+            raise ValueError("no tasks given: set text_fraction + copy_fraction + drill_fraction to 1")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,6 +85,7 @@ class Phase:
     seq_len: int
     batch_size: int
     steps: int
+    position_span: int | None = None  # PoSE span of this phase (0: none); None keeps DataConfig's
 
     def __post_init__(self):
         if min(self.seq_len, self.batch_size, self.steps) < 1:
@@ -86,15 +93,18 @@ class Phase:
 
 
 def parse_curriculum(spec: str) -> tuple[Phase, ...]:
-    """'640x12:300,1024x8:300' -> phases (SEQxBATCH:STEPS, in training order)."""
+    """'640x12:300,1024x8:300@8192' -> phases (SEQxBATCH:STEPS[@POSITION_SPAN], in training order)."""
     phases = []
     for part in (p.strip() for p in spec.split(",") if p.strip()):
         try:
-            shape, steps = part.split(":")
+            shape, rest = part.split(":")
+            steps, _, span = rest.partition("@")
             seq_len, batch = shape.lower().split("x")
-            phases.append(Phase(int(seq_len), int(batch), int(steps)))
+            phases.append(Phase(int(seq_len), int(batch), int(steps), int(span) if span else None))
         except ValueError as err:
-            raise ValueError(f"curriculum phase {part!r} is not SEQxBATCH:STEPS (e.g. 1024x8:300): {err}") from err
+            raise ValueError(
+                f"curriculum phase {part!r} is not SEQxBATCH:STEPS[@SPAN] (e.g. 1024x8:300@8192): {err}"
+            ) from err
     if not phases:
         raise ValueError("empty curriculum")
     return tuple(phases)
@@ -102,7 +112,8 @@ def parse_curriculum(spec: str) -> tuple[Phase, ...]:
 
 def phase_data(data: DataConfig, phase: Phase, tokenizer: Tokenizer) -> DataConfig:
     """`data` at a phase's shape, keeping only the tasks whose prompts fit its seq_len."""
-    data = dataclasses.replace(data, seq_len=phase.seq_len, batch_size=phase.batch_size)
+    span = data.position_span if phase.position_span is None else phase.position_span
+    data = dataclasses.replace(data, seq_len=phase.seq_len, batch_size=phase.batch_size, position_span=span)
     fitting = tuple(t for t in data.tasks if _fits(tokenizer, data, t))
     if data.tasks and not fitting:
         raise ValueError(f"no task fits a {phase.seq_len}-token curriculum phase; lengthen it")
@@ -132,30 +143,103 @@ def special_ids(tokenizer: Tokenizer) -> tuple[int | None, int, int]:
     return bos, eos, pad if pad is not None else eos
 
 
-_COPY_CHARS = np.array(list("abcdefghijklmnopqrstuvwxyz0123456789"))
+def _copy_pool(tokenizer: Tokenizer) -> np.ndarray:
+    """The distinct ids of kvjax's synthetic prose, RULER's noise and the digits (no special tokens)."""
+    text = " ".join([plain_text(ProseHaystack(), 0, 200), NOISE, " ".join("0123456789")])
+    return np.unique(tokenizer.encode(text, add_special_tokens=False))
 
 
 def _copy_row(tokenizer: Tokenizer, rng: np.random.Generator, length: int) -> tuple[list[int], list[float]]:
-    """Random words in segments of 4-16 words, where about half the segments repeat an earlier one.
+    """Random common token ids in segments of 4-16, where about half the segments repeat an earlier one.
 
-    Only a repeat's tokens after its first three are trained on: they are predictable exactly when
-    the model finds the earlier occurrence and copies from it (an induction head), at any distance.
-    Retrieval rows carry ~10 answer tokens each; these carry hundreds, so the copying mechanism
-    that retrieval needs forms in far fewer steps.
+    A repeat's tokens after its first are trained on: they are predictable exactly when the model
+    finds the earlier occurrence of the previous token and copies what followed it (an induction
+    head), at any distance. The ids are the ~200 of kvjax's prose, noise and digits rather than the
+    whole vocabulary, so every id's embedding trains often (copying random ids was learned in ~100
+    steps over 200-500 distinct ids, not within 150 over 2048). Retrieval rows carry ~10 answer
+    tokens each; these carry hundreds.
     """
-    ids, weights = tokenizer.encode(""), []
+    ids = tokenizer.encode("")
     weights = [0.0] * len(ids)
+    pool = _copy_pool(tokenizer)
     segments: list[list[int]] = []
     while len(ids) < length:
         if len(segments) >= 2 and rng.uniform() < 0.5:
             seg, trained = segments[int(rng.integers(len(segments)))], True
         else:
-            words = ["".join(rng.choice(_COPY_CHARS, size=int(rng.integers(2, 8)))) for _ in range(int(rng.integers(4, 17)))]
-            seg, trained = tokenizer.encode(" " + " ".join(words) + ".", add_special_tokens=False), False
+            seg, trained = [int(i) for i in rng.choice(pool, size=int(rng.integers(4, 17)))], False
             segments.append(seg)
         ids += seg
-        weights += [0.0] * min(3, len(seg)) + [1.0 if trained else 0.0] * max(0, len(seg) - 3)
+        weights += [0.0] + [1.0 if trained else 0.0] * (len(seg) - 1)
     return ids[:length], weights[:length]
+
+
+def _drill_row(tokenizer: Tokenizer, data: DataConfig, rng: np.random.Generator, length: int) -> tuple[list[int], list[float]]:
+    """Needles "One special magic number for K is: V." spread through a haystack, then questions "The special
+    magic number for K in the text above is V." for most keys in random order, trained on the values only.
+
+    About one retrieval per 80 tokens instead of one per row, with the other keys as distractors: the
+    key-matching copy that every needle task needs gets a dense signal at every distance in the row.
+    """
+    kind = "numbers" if rng.uniform() < 0.8 else "words"
+    noun = {"numbers": "number", "words": "word"}[kind]
+    n_queries = max(1, length // 80)
+    n_keys = n_queries + int(rng.integers(0, n_queries // 2 + 1))
+    keys, values = distinct_values(rng, "words", n_keys), distinct_values(rng, kind, n_keys)
+
+    def encode(text: str) -> list[int]:
+        return tokenizer.encode(text, add_special_tokens=False)
+
+    needles = [encode(f" One special magic {noun} for {k} is: {v}.") for k, v in zip(keys, values)]
+    questions = [(encode(f" The special magic {noun} for {k} in the text above is"), encode(f" {v}."))
+                 for k, v in zip(keys, values)]
+    asked = [int(i) for i in rng.permutation(n_keys)[:n_queries]]
+
+    def fixed_cost(n: int) -> int:  # tokens of the first n needles and of the questions about them
+        return sum(map(len, needles[:n])) + sum(len(questions[i][0]) + len(questions[i][1]) for i in asked if i < n)
+
+    while n_keys > 1 and fixed_cost(n_keys) > 0.7 * length:  # long tokens (bytes): fewer needles, some haystack
+        n_keys -= 1
+    asked = [i for i in asked if i < n_keys] or [0]
+    ids = tokenizer.encode("")
+    room = length - len(ids) - fixed_cost(n_keys) - 1
+    names = ("noise",) + data.text
+    haystack = NoiseHaystack() if rng.uniform() < 0.3 else haystack_from_name(names[int(rng.integers(1, len(names)))])
+    units, used = [], 0
+    for unit in haystack.units(int(rng.integers(2**31)), max(1, room // 4)):
+        unit_ids = encode(" " + unit)
+        if used + len(unit_ids) > room:
+            break
+        units.append(unit_ids)
+        used += len(unit_ids)
+    slots = np.sort(rng.integers(0, len(units) + 1, size=n_keys))  # needle i goes before unit slots[i]
+    context, n = [], 0
+    for s in range(len(units) + 1):
+        while n < n_keys and slots[n] == s:
+            context += needles[n]
+            n += 1
+        if s < len(units):
+            context += units[s]
+    ids += context + encode("\n")
+    weights = [0.0] * len(ids)
+    for question, answer in (questions[i] for i in asked):
+        ids += question + answer
+        weights += [0.0] * len(question) + [1.0] * len(answer)
+    return ids[:length], weights[:length]
+
+
+def pose_positions(rng: np.random.Generator, length: int, span: int, chunks: int = 3) -> np.ndarray:
+    """Position ids int32[length] that rise by 1 inside `chunks` pieces and jump between them, ending
+    below `span` (PoSE, Zhu et al. 2024): short rows teach the relative distances of long contexts."""
+    if span <= length:
+        return np.arange(length, dtype=np.int32)
+    cuts = np.sort(rng.choice(np.arange(1, length), size=min(chunks - 1, length - 1), replace=False))
+    extra = int(rng.integers(0, span - length + 1))
+    jumps = np.diff(np.concatenate([[0], np.sort(rng.integers(0, extra + 1, size=len(cuts))), [extra]]))[:-1]
+    shift = np.zeros(length, np.int64)
+    for cut, jump in zip(cuts, jumps):
+        shift[cut:] += jump
+    return (np.arange(length) + shift).astype(np.int32)
 
 
 def _row(tokenizer: Tokenizer, data: DataConfig, rng: np.random.Generator, eos: int) -> tuple[list[int], list[float]]:
@@ -166,7 +250,9 @@ def _row(tokenizer: Tokenizer, data: DataConfig, rng: np.random.Generator, eos: 
     kind = rng.uniform()
     if kind < data.copy_fraction:
         return _copy_row(tokenizer, rng, length)
-    if kind < data.copy_fraction + data.text_fraction or not data.tasks:
+    if kind < data.copy_fraction + data.drill_fraction:
+        return _drill_row(tokenizer, data, rng, length)
+    if kind < data.copy_fraction + data.drill_fraction + data.text_fraction or not data.tasks:
         haystack = haystack_from_name(data.text[int(rng.integers(len(data.text)))])
         units = 16
         ids = tokenizer.encode(plain_text(haystack, seed, units))
@@ -214,14 +300,18 @@ def check_data(tokenizer: Tokenizer, data: DataConfig) -> None:
 
 def make_batch(tokenizer: Tokenizer, data: DataConfig, pad: int, eos: int, seed: int, step: int) -> dict:
     """The batch of a step: a pure function of (seed, step). tokens int32[B, T], weights float32[B, T],
-    valid bool[B, T] (right padding is neither attended nor trained on)."""
+    valid bool[B, T] (right padding is neither attended nor trained on), positions int32[B, T]."""
     tokens = np.full((data.batch_size, data.seq_len), pad, np.int32)
+    positions = np.broadcast_to(np.arange(data.seq_len, dtype=np.int32), tokens.shape).copy()
     weights = np.zeros((data.batch_size, data.seq_len), np.float32)
     valid = np.zeros((data.batch_size, data.seq_len), bool)
     for r in range(data.batch_size):
-        ids, w = _row(tokenizer, data, np.random.default_rng([seed, step, r]), eos)
+        rng = np.random.default_rng([seed, step, r])
+        ids, w = _row(tokenizer, data, rng, eos)
         tokens[r, : len(ids)], weights[r, : len(w)], valid[r, : len(ids)] = ids, w, True
-    return {"tokens": tokens, "weights": weights, "valid": valid}
+        if data.position_span:
+            positions[r] = pose_positions(rng, data.seq_len, data.position_span)
+    return {"tokens": tokens, "weights": weights, "valid": valid, "positions": positions}
 
 
 def make_loss_fn(graphdef: nnx.GraphDef):
@@ -230,9 +320,7 @@ def make_loss_fn(graphdef: nnx.GraphDef):
     def loss_fn(params, batch, rng):
         del rng  # no dropout
         model = nnx.merge(graphdef, params)
-        tokens, valid = batch["tokens"], batch["valid"]
-        b, t = tokens.shape
-        positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+        tokens, valid, positions = batch["tokens"], batch["valid"], batch["positions"]
         hidden, _ = model(tokens, positions, valid)  # [B, T, E]
         logits = model.logits(hidden[:, :-1])  # [B, T-1, V]: position t predicts token t+1
         targets = tokens[:, 1:]  # [B, T-1]
@@ -256,16 +344,33 @@ def make_optimizer(lr: float, steps: int, warmup: int, clip: float = 1.0, weight
     return optax.chain(optax.clip_by_global_norm(clip), optax.adamw(schedule, b1=0.9, b2=0.95, weight_decay=weight_decay))
 
 
+def _tokenizer_files(spec: str, build_dir: Path) -> tuple[Path, dict[str, Path]]:
+    """(folder, {file name: path}) of the tokenizer `spec` names: "byte", "bpe[:VOCAB]" (written to
+    `build_dir`, or reused from there on resume) or a folder with tokenizer.json."""
+    if spec == "byte":
+        return build_dir, write_byte_tokenizer(build_dir)
+    if spec == "bpe" or spec.startswith("bpe:"):
+        vocab = int(spec.split(":")[1]) if ":" in spec else DEFAULT_VOCAB
+        if not (build_dir / "tokenizer.json").is_file():  # learning the merges takes a while; resume reuses them
+            write_word_tokenizer(build_dir, vocab)
+        return build_dir, {name: build_dir / name for name in ("tokenizer.json", "tokenizer_config.json")}
+    folder = Path(spec)
+    if not (folder / "tokenizer.json").is_file():
+        raise ValueError(f"tokenizer {spec!r} is not 'byte', 'bpe', 'bpe:VOCAB' or a folder with a tokenizer.json")
+    return folder, {p.name: p for p in folder.iterdir() if p.name in ("tokenizer.json", "tokenizer_config.json")}
+
+
 def train_lm(
     out: str | Path, size: ModelSize = ModelSize(), data: DataConfig = DataConfig(), *, steps: int = 1000,
-    lr: float = 1e-3, warmup: int = 100, seed: int = 0, checkpoint_every: int = 200, tokenizer_dir: str | None = None,
+    lr: float = 1e-3, warmup: int = 100, seed: int = 0, checkpoint_every: int = 200, tokenizer: str = "byte",
     work_dir: str | Path | None = None, save_dtype: str = "float32", progress: bool = True,
     command: str | None = None, curriculum: tuple[Phase, ...] = (),
 ) -> Path:
     """Trains a model from scratch and writes it as a kvjax checkpoint at `out` (with its loss curve).
 
     Training state (orbax checkpoints, loss curve) lives in `work_dir` (default `<out>.train`), so an
-    interrupted run resumes by rerunning the same command. `tokenizer_dir=None` builds the byte tokenizer.
+    interrupted run resumes by rerunning the same command. `tokenizer` is "byte", "bpe" or "bpe:VOCAB" (built
+    here, see word_tokenizer) or a folder holding a tokenizer.json.
     A `curriculum` replaces (data.seq_len, data.batch_size, steps) by its phases: short rows first learn
     the retrieval mechanism cheaply, longer ones then teach it over distance (attention cost grows as T^2).
     """
@@ -273,14 +378,8 @@ def train_lm(
     if out.exists():
         raise FileExistsError(f"{out} already exists; choose a new --out (training state resumes from the work dir)")
     work = Path(work_dir).absolute() if work_dir else out.with_name(out.name + ".train")
-    tok_dir = Path(tokenizer_dir) if tokenizer_dir else work / "tokenizer"
-    if tokenizer_dir is None:
-        files = write_byte_tokenizer(tok_dir)
-    else:
-        if not (tok_dir / "tokenizer.json").is_file():
-            raise ValueError(f"{tok_dir} has no tokenizer.json")
-        files = {p.name: p for p in tok_dir.iterdir() if p.name in ("tokenizer.json", "tokenizer_config.json")}
-    tokenizer = Tokenizer(tok_dir)
+    tok_dir, files = _tokenizer_files(tokenizer, work / "tokenizer")
+    tokenizer_name, tokenizer = tokenizer, Tokenizer(tok_dir)
     bos, eos, pad = special_ids(tokenizer)
     config = model_config(size, tokenizer.vocab_size, bos, eos, pad)
     phases = curriculum or (Phase(data.seq_len, data.batch_size, steps),)
@@ -314,7 +413,7 @@ def train_lm(
         "parameters": n_params, "final_loss": result.history[-1]["loss"] if result.history else None,
         "model_size": dataclasses.asdict(size), "data": dataclasses.asdict(data), "lr": lr, "warmup": warmup,
         "curriculum": [dataclasses.asdict(p) for p in curriculum],
-        "tokenizer": "bytes" if tokenizer_dir is None else str(tokenizer_dir),
+        "tokenizer": tokenizer_name,
     }
     save_checkpoint(out, config, saved, files, metadata)
     for name in (CURVE_JSON, CURVE_PNG):
