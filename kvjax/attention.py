@@ -60,6 +60,22 @@ def reference_attention(
     return jnp.einsum("bkgtc,bkcd->btkgd", probs.astype(v.dtype), v)
 
 
+def split_query_chunks(chunk: int, *xs: jax.Array) -> tuple[jax.Array, ...]:
+    """Each x [B, T, ...] as [N, B, C, ...]: N chunks of C = min(chunk, T) queries, for lax.map/scan
+    over query chunks (memory ~ C x keys per head instead of T x keys)."""
+    b, t = xs[0].shape[:2]
+    c = min(chunk, t)
+    if t % c:
+        raise ValueError(f"query length {t} is not a multiple of the attention chunk {c}; pad the sequence")
+    return tuple(x.reshape(b, t // c, c, *x.shape[2:]).swapaxes(0, 1) for x in xs)
+
+
+def join_query_chunks(x: jax.Array) -> jax.Array:
+    """[N, B, C, ...] chunks back to [B, N * C, ...]."""
+    n, b, c = x.shape[:3]
+    return x.swapaxes(0, 1).reshape(b, n * c, *x.shape[3:])
+
+
 def _kernel_lowering(impl: str) -> tuple[str, bool] | None:
     """(lowering, interpret) for the Pallas kernels, or None for the jnp reference."""
     if impl not in ATTENTION_IMPLS:

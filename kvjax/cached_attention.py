@@ -27,27 +27,24 @@ def merge_heads(outs: list[jax.Array], segments: tuple[KVSegment, ...], axis: in
     return jnp.take(jnp.concatenate(outs, axis=axis), order, axis=axis)
 
 
-def write_then_attend(
+def write_in_place_then_attend(
     segments: tuple[KVSegment, ...], q: jax.Array, k: jax.Array, v: jax.Array, q_pos: jax.Array,
-    new_pos: jax.Array, start: jax.Array, window: int | None, scale: float, impl: str = "auto",
-    *, slot_is_position: bool = False,
+    new_pos: jax.Array, window: int | None, scale: float, impl: str = "auto",
 ) -> tuple[jax.Array, tuple[KVSegment, ...]]:
-    """Writes new entries at slots [start, start + T) of every segment and attends over each.
+    """Writes a chunk in the Full layout (slot = position: the chunk lands at slots [q_pos[:, 0],
+    + T), padding carrying pos -1) into every segment and attends over each.
 
-    q: [B, T, K, G, D]; k, v: [B, T, K, D]; q_pos, new_pos: int32[B, T]; start: int32[B].
-    Returns the output [B, T, K, G, D] and the updated segments. `slot_is_position=True` is the
-    caller's promise that the segments are in the Full layout (every write at start = q_pos[:, 0],
-    entries never moved or evicted), which lets prefill chunks run the block-sparse prefill kernel
-    (see `attend`).
+    q: [B, T, K, G, D]; k, v: [B, T, K, D]; q_pos, new_pos: int32[B, T]. Returns the output
+    [B, T, K, G, D] and the updated segments. Because entries are never moved or evicted, prefill
+    chunks may run the block-sparse prefill kernel (`attend(..., slot_is_position=True)`).
     """
     total = q.shape[2]
     outs, written = [], []
     for seg in segments:
         seg = write_entries(
-            seg, take_heads(k, seg.heads, 2, total), take_heads(v, seg.heads, 2, total), new_pos, start
+            seg, take_heads(k, seg.heads, 2, total), take_heads(v, seg.heads, 2, total), new_pos, q_pos[:, 0]
         )
         q_seg = take_heads(q, seg.heads, 2, total)  # [B, T, Hs, G, D]
-        outs.append(attend(q_seg, seg.k, seg.v, seg.pos, q_pos, window, scale, impl,
-                           slot_is_position=slot_is_position))
+        outs.append(attend(q_seg, seg.k, seg.v, seg.pos, q_pos, window, scale, impl, slot_is_position=True))
         written.append(seg)
     return merge_heads(outs, segments, axis=2), tuple(written)

@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kvjax.cached_attention import merge_heads, write_then_attend
+from kvjax.cached_attention import merge_heads, write_in_place_then_attend
 from kvjax.config import ModelConfig
 from kvjax.kv_state import KVSegment, KVState
 from kvjax.policies.base import Layout, Policy, SegmentSpec
@@ -160,9 +160,8 @@ class DuoAttention(Policy):
         outs, updated = [], []
         for seg in segments:
             if seg.budget is None:  # retrieval heads: slot = position, as Full
-                out, (seg,) = write_then_attend(
-                    (seg,), q, k, v, q_pos, new_pos, q_pos[:, 0], window, scale, self.attention_impl,
-                    slot_is_position=True,
+                out, (seg,) = write_in_place_then_attend(
+                    (seg,), q, k, v, q_pos, new_pos, window, scale, self.attention_impl
                 )
             else:  # streaming heads: exactly StreamingLLM's step on this segment's heads
                 out, (seg,) = self.streaming().cache_step(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from kvjax.cached_attention import write_then_attend
+from kvjax.cached_attention import write_in_place_then_attend
 from kvjax.kv_state import round_capacity
 from kvjax.policies.base import Layout, Policy, SegmentSpec
 
@@ -18,9 +18,4 @@ class Full(Policy):
         return ((SegmentSpec(heads, round_capacity(prompt_len + max_new_tokens)),),) * config.num_layers
 
     def cache_step(self, layer, segments, q, k, v, q_pos, new_pos, window, scale, *, prompt_lengths=None):
-        # Slot = position, so a chunk lands at its first position; padding carries pos -1. Saying so
-        # (slot_is_position) lets prefill chunks run the block-sparse prefill kernel on GPU/TPU.
-        return write_then_attend(
-            segments, q, k, v, q_pos, new_pos, q_pos[:, 0], window, scale, self.attention_impl,
-            slot_is_position=True,
-        )
+        return write_in_place_then_attend(segments, q, k, v, q_pos, new_pos, window, scale, self.attention_impl)

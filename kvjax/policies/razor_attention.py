@@ -21,7 +21,7 @@ import jax.numpy as jnp
 from flax import struct
 
 from kvjax.attention import visibility_mask
-from kvjax.cached_attention import merge_heads, take_heads, write_then_attend
+from kvjax.cached_attention import merge_heads, take_heads, write_in_place_then_attend
 from kvjax.config import ModelConfig
 from kvjax.kv_state import (
     KVSegment, KVState, count, evict_lowest, keep_top, round_capacity, write_entries, write_free_slot,
@@ -130,9 +130,8 @@ class RazorAttention(Policy):
         outs, updated = [], []
         for seg in segments:
             if seg.budget is None:  # retrieval heads: slot = position, as Full
-                out, (seg,) = write_then_attend(
-                    (seg,), q, k, v, q_pos, new_pos, q_pos[:, 0], window, scale, self.attention_impl,
-                    slot_is_position=True,
+                out, (seg,) = write_in_place_then_attend(
+                    (seg,), q, k, v, q_pos, new_pos, window, scale, self.attention_impl
                 )
                 outs.append(out)
                 updated.append(seg)

@@ -31,7 +31,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from kvjax.attention import visibility_mask
+from kvjax.attention import join_query_chunks, split_query_chunks, visibility_mask
 from kvjax.eval.haystack import haystack_from_name
 from kvjax.language_model import LanguageModel
 from kvjax.policies.duo_attention import write_gates_tsv
@@ -191,12 +191,7 @@ def mixed_attention(
     q: [B, T, K, G, D]; k, v: [B, K, C, D]; q_pos int32[B, T]; k_pos int32[B, K, C] (-1 empty);
     alpha float[K]; window None, an int or an int32 scalar; returns [B, T, K, G, D] in v's dtype.
     """
-    b, t, kh, g, d = q.shape
-    c = min(chunk, t)
-    if t % c:
-        raise ValueError(f"query length {t} is not a multiple of the attention chunk {c}; pad the sequence")
-    qs = q.reshape(b, t // c, c, kh, g, d).swapaxes(0, 1)  # [N, B, C, K, G, D]
-    ps = q_pos.reshape(b, t // c, c).swapaxes(0, 1)  # [N, B, C]
+    qs, ps = split_query_chunks(chunk, q, q_pos)  # [N, B, C, K, G, D], [N, B, C]
 
     def one_chunk(args):
         qc, pc = args  # [B, C, K, G, D], [B, C]
@@ -209,7 +204,7 @@ def mixed_attention(
         return a * full + (1.0 - a) * stream
 
     out = jax.lax.map(jax.checkpoint(one_chunk), (qs, ps))  # [N, B, C, K, G, D]
-    return out.swapaxes(0, 1).reshape(b, t, kh, g, d).astype(v.dtype)
+    return join_query_chunks(out).astype(v.dtype)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -34,7 +34,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from kvjax.attention import attention_probs
+from kvjax.attention import attention_probs, join_query_chunks, split_query_chunks
 from kvjax.eval.tasks import default_tasks, get_task, make_sample
 from kvjax.language_model import LanguageModel
 from kvjax.models.llama import retaining_features, retaining_head_scores
@@ -145,13 +145,7 @@ def attention_and_targets(
     answer bool[B, T] marks the supervising queries. Returns the output [B, T, K, G, D] (v's dtype) and
     float32[B, K, C]: per entry, the largest weight any answer query gives it, max over the group.
     """
-    b, t, kh, g, d = q.shape
-    c = min(chunk, t)
-    if t % c:
-        raise ValueError(f"query length {t} is not a multiple of the attention chunk {c}; pad the sequence")
-    qs = q.reshape(b, t // c, c, kh, g, d).swapaxes(0, 1)  # [N, B, S, K, G, D]
-    ps = q_pos.reshape(b, t // c, c).swapaxes(0, 1)  # [N, B, S]
-    ans = answer.reshape(b, t // c, c).swapaxes(0, 1)  # [N, B, S]
+    qs, ps, ans = split_query_chunks(chunk, q, q_pos, answer)  # [N, B, S, K, G, D], [N, B, S], [N, B, S]
 
     def one_chunk(best, inputs):
         qc, pc, ac = inputs  # [B, S, K, G, D], [B, S], [B, S]
@@ -161,7 +155,7 @@ def attention_and_targets(
         return jnp.maximum(best, votes), out
 
     best, outs = jax.lax.scan(one_chunk, jnp.zeros(k.shape[:3], jnp.float32), (qs, ps, ans))
-    return outs.swapaxes(0, 1).reshape(b, t, kh, g, d), best
+    return join_query_chunks(outs), best
 
 
 def features_and_targets(
