@@ -205,3 +205,15 @@ def test_word_tokenizer_is_reproducible_keeps_keys_short_splits_digits_and_encod
         assert len(tok.encode(key, add_special_tokens=False)) <= 3, key
     for text in ("Any text: café, 東京, emoji 🙂, tabs\tand\nnewlines.", "The pass key is 12345. Remember it."):
         assert tok.decode(tok.encode(text)) == text
+
+
+def test_tokenizer_specs_are_checked_and_a_resumed_work_dir_keeps_its_vocabulary(tmp_path):
+    from kvjax.train.byte_tokenizer import write_byte_tokenizer
+    from kvjax.train.lm import _tokenizer_files
+
+    for bad in ("bpe:x", "bpe:", "no-such-folder"):
+        with pytest.raises(ValueError, match="tokenizer"):
+            _tokenizer_files(bad, tmp_path / "build")
+    write_byte_tokenizer(tmp_path / "old")  # a work dir left by a run with another tokenizer (259 ids)
+    with pytest.raises(ValueError, match="another vocabulary size"):
+        _tokenizer_files("bpe", tmp_path / "old")

@@ -203,8 +203,7 @@ def _drill_row(tokenizer: Tokenizer, data: DataConfig, rng: np.random.Generator,
     asked = [i for i in asked if i < n_keys] or [0]
     ids = tokenizer.encode("")
     room = length - len(ids) - fixed_cost(n_keys) - 1
-    names = ("noise",) + data.text
-    haystack = NoiseHaystack() if rng.uniform() < 0.3 else haystack_from_name(names[int(rng.integers(1, len(names)))])
+    haystack = NoiseHaystack() if rng.uniform() < 0.3 else haystack_from_name(data.text[int(rng.integers(len(data.text)))])
     units, used = [], 0
     for unit in haystack.units(int(rng.integers(2**31)), max(1, room // 4)):
         unit_ids = encode(" " + unit)
@@ -350,9 +349,14 @@ def _tokenizer_files(spec: str, build_dir: Path) -> tuple[Path, dict[str, Path]]
     if spec == "byte":
         return build_dir, write_byte_tokenizer(build_dir)
     if spec == "bpe" or spec.startswith("bpe:"):
-        vocab = int(spec.split(":")[1]) if ":" in spec else DEFAULT_VOCAB
+        vocab = str(DEFAULT_VOCAB) if spec == "bpe" else spec.partition(":")[2]
+        if not vocab.isdigit():
+            raise ValueError(f"tokenizer {spec!r}: the vocabulary size after 'bpe:' must be an integer")
         if not (build_dir / "tokenizer.json").is_file():  # learning the merges takes a while; resume reuses them
-            write_word_tokenizer(build_dir, vocab)
+            write_word_tokenizer(build_dir, int(vocab))
+        elif Tokenizer(build_dir).vocab_size != int(vocab):
+            raise ValueError(f"{build_dir} holds a tokenizer of another vocabulary size than {spec!r} (a previous run "
+                             f"with this work dir); choose a new --work-dir or --out")
         return build_dir, {name: build_dir / name for name in ("tokenizer.json", "tokenizer_config.json")}
     folder = Path(spec)
     if not (folder / "tokenizer.json").is_file():
