@@ -12,20 +12,25 @@ from pallas_kernels.block_sparse_prefill import (
 IMPLEMENTATIONS = ("tpu", "gpu")
 
 
-def _dense_attention(q, k, v, visible, lengths):
-    """float64 numpy attention; visible bool[H, T, T]; zero rows where nothing is visible."""
-    q, k, v = (np.asarray(x, np.float64) for x in (q, k, v))
-    batch, num_heads, seq_len, head_dim = q.shape
-    group = num_heads // k.shape[1]
-    k, v = np.repeat(k, group, axis=1), np.repeat(v, group, axis=1)  # [B, H, T, D]
-    pos = np.arange(seq_len)
-    mask = visible[None] & (pos < lengths[:, None])[:, None, None, :]  # [B, H, T, T]
-    s = np.einsum("bhqd,bhkd->bhqk", q, k) / np.sqrt(head_dim)
+def _masked_softmax_attention(q, k, v, mask):
+    """float64 softmax(q k^T / sqrt(D)) v over bool mask[B, H, S, C]; rows with nothing visible are 0."""
+    s = np.einsum("bhqd,bhkd->bhqk", q, k) / np.sqrt(q.shape[-1])
     s = np.where(mask, s, -np.inf)
     m = s.max(-1, keepdims=True)
     p = np.where(mask, np.exp(s - np.where(np.isfinite(m), m, 0.0)), 0.0)
     l = p.sum(-1, keepdims=True)
-    out = np.einsum("bhqk,bhkd->bhqd", p, v) / np.where(l > 0, l, 1.0)
+    return np.einsum("bhqk,bhkd->bhqd", p, v) / np.where(l > 0, l, 1.0)
+
+
+def _dense_attention(q, k, v, visible, lengths):
+    """float64 numpy attention; visible bool[H, T, T]; zero rows where nothing is visible."""
+    q, k, v = (np.asarray(x, np.float64) for x in (q, k, v))
+    batch, num_heads, seq_len, _ = q.shape
+    group = num_heads // k.shape[1]
+    k, v = np.repeat(k, group, axis=1), np.repeat(v, group, axis=1)  # [B, H, T, D]
+    pos = np.arange(seq_len)
+    mask = visible[None] & (pos < lengths[:, None])[:, None, None, :]  # [B, H, T, T]
+    out = _masked_softmax_attention(q, k, v, mask)
     return np.where((pos < lengths[:, None])[:, None, :, None], out, 0.0)
 
 
@@ -170,7 +175,7 @@ def _dense_chunk_attention(q, k, v, patterns, offsets, lengths):
     """float64 numpy attention of a chunk: query t of sequence b at offsets[b] + t, key slot c at
     position c; per-query-head (sink, window); keys and query rows at or past lengths[b] masked."""
     q, k, v = (np.asarray(x, np.float64) for x in (q, k, v))
-    batch, num_heads, chunk_len, head_dim = q.shape
+    batch, num_heads, chunk_len, _ = q.shape
     group = num_heads // k.shape[1]
     k, v = np.repeat(k, group, axis=1), np.repeat(v, group, axis=1)  # [B, H, C, D]
     q_pos = np.asarray(offsets)[:, None] + np.arange(chunk_len)  # [B, S]
@@ -180,12 +185,7 @@ def _dense_chunk_attention(q, k, v, patterns, offsets, lengths):
     qp, kp = q_pos[:, None, :, None], k_pos[None, None, None, :]
     mask = (kp <= qp) & ((kp < sink) | (qp - kp < window))  # [B, H, S, C]
     mask &= kp < np.asarray(lengths)[:, None, None, None]
-    s = np.einsum("bhqd,bhkd->bhqk", q, k) / np.sqrt(head_dim)
-    s = np.where(mask, s, -np.inf)
-    m = s.max(-1, keepdims=True)
-    p = np.where(mask, np.exp(s - np.where(np.isfinite(m), m, 0.0)), 0.0)
-    l = p.sum(-1, keepdims=True)
-    out = np.einsum("bhqk,bhkd->bhqd", p, v) / np.where(l > 0, l, 1.0)
+    out = _masked_softmax_attention(q, k, v, mask)
     return np.where((q_pos < np.asarray(lengths)[:, None])[:, None, :, None], out, 0.0), mask
 
 
