@@ -129,10 +129,40 @@ def test_train_lm_cli_writes_a_loadable_checkpoint(tmp_path):
 def test_curriculum_phases_parse_and_reject_bad_specs():
     from kvjax.train.lm import Phase, parse_curriculum
 
-    assert parse_curriculum("512x16:350, 1024X8:200@8192") == (Phase(512, 16, 350), Phase(1024, 8, 200, 8192))
-    for bad in ("", "512x16", "512:3", "axb:1", "512x0:3", "512x16:3@x"):
+    assert parse_curriculum("128x32:900=copy, 512x16:350, 1024X8:200@8192") == (
+        Phase(128, 32, 900, None, copy_only=True), Phase(512, 16, 350), Phase(1024, 8, 200, 8192))
+    for bad in ("", "512x16", "512:3", "axb:1", "512x0:3", "512x16:3@x", "512x16:3=text"):
         with pytest.raises(ValueError):
             parse_curriculum(bad)
+
+
+def test_a_copy_phase_draws_only_copy_rows(tmp_path):
+    from kvjax.tokenizer import Tokenizer
+    from kvjax.train.byte_tokenizer import EOS_ID, PAD_ID, write_byte_tokenizer
+    from kvjax.train.lm import DataConfig, Phase, _copy_row, make_batch, phase_data
+
+    write_byte_tokenizer(tmp_path / "tok")
+    tok = Tokenizer(tmp_path / "tok")
+    data = phase_data(DataConfig(drill_fraction=0.5, text_fraction=0.2), Phase(128, 6, 10, copy_only=True), tok)
+    assert (data.seq_len, data.tasks, data.copy_fraction) == (128, (), 1.0)
+    batch = make_batch(tok, data, PAD_ID, EOS_ID, seed=3, step=7)
+    for r in range(6):  # each row is exactly the copy row its generator state draws
+        rng = np.random.default_rng([3, 7, r])
+        length = int(rng.integers(32, 129))
+        rng.integers(2**31), rng.uniform()  # the row's seed and kind draws
+        ids, weights = _copy_row(tok, rng, length)
+        np.testing.assert_array_equal(batch["tokens"][r, :length], ids)
+        np.testing.assert_array_equal(batch["weights"][r, :length], weights)
+        assert not batch["valid"][r, length:].any()
+
+
+def test_learning_rate_warms_up_holds_then_decays_to_a_tenth():
+    from kvjax.train.lm import lr_schedule
+
+    f = lr_schedule(2e-3, steps=1000, warmup=100)
+    lrs = np.array([float(f(i)) for i in range(1001)])
+    np.testing.assert_allclose(lrs[[0, 50, 100, 500, 800, 900, 1000]], [0, 1e-3, 2e-3, 2e-3, 2e-3, 1.1e-3, 2e-4], rtol=1e-5, atol=1e-9)
+    assert (np.diff(lrs[:100]) > 0).all() and (np.diff(lrs[800:]) < 0).all()
 
 
 def test_copy_rows_train_only_on_tokens_an_earlier_occurrence_predicts(tmp_path):

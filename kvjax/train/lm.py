@@ -10,6 +10,7 @@ mean, and the batch loss the mean over rows, so long text rows do not drown shor
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import shutil
@@ -86,6 +87,7 @@ class Phase:
     batch_size: int
     steps: int
     position_span: int | None = None  # PoSE span of this phase (0: none); None keeps DataConfig's
+    copy_only: bool = False  # every row a copy row: induction heads form before the tasks need them
 
     def __post_init__(self):
         if min(self.seq_len, self.batch_size, self.steps) < 1:
@@ -93,17 +95,21 @@ class Phase:
 
 
 def parse_curriculum(spec: str) -> tuple[Phase, ...]:
-    """'640x12:300,1024x8:300@8192' -> phases (SEQxBATCH:STEPS[@POSITION_SPAN], in training order)."""
+    """'128x32:900=copy,1024x8:300@8192' -> phases (SEQxBATCH:STEPS[@POSITION_SPAN][=copy], in training
+    order); '=copy' makes every row of the phase a copy row."""
     phases = []
     for part in (p.strip() for p in spec.split(",") if p.strip()):
         try:
-            shape, rest = part.split(":")
+            body, _, rows = part.partition("=")
+            if rows not in ("", "copy"):
+                raise ValueError(f"unknown row kind {rows!r} (only '=copy')")
+            shape, rest = body.split(":")
             steps, _, span = rest.partition("@")
             seq_len, batch = shape.lower().split("x")
-            phases.append(Phase(int(seq_len), int(batch), int(steps), int(span) if span else None))
+            phases.append(Phase(int(seq_len), int(batch), int(steps), int(span) if span else None, rows == "copy"))
         except ValueError as err:
             raise ValueError(
-                f"curriculum phase {part!r} is not SEQxBATCH:STEPS[@SPAN] (e.g. 1024x8:300@8192): {err}"
+                f"curriculum phase {part!r} is not SEQxBATCH:STEPS[@SPAN][=copy] (e.g. 1024x8:300@8192): {err}"
             ) from err
     if not phases:
         raise ValueError("empty curriculum")
@@ -114,6 +120,8 @@ def phase_data(data: DataConfig, phase: Phase, tokenizer: Tokenizer) -> DataConf
     """`data` at a phase's shape, keeping only the tasks whose prompts fit its seq_len."""
     span = data.position_span if phase.position_span is None else phase.position_span
     data = dataclasses.replace(data, seq_len=phase.seq_len, batch_size=phase.batch_size, position_span=span)
+    if phase.copy_only:
+        return dataclasses.replace(data, tasks=(), copy_fraction=1.0, drill_fraction=0.0, text_fraction=0.0)
     fitting = tuple(t for t in data.tasks if _fits(tokenizer, data, t))
     if data.tasks and not fitting:
         raise ValueError(f"no task fits a {phase.seq_len}-token curriculum phase; lengthen it")
@@ -143,8 +151,10 @@ def special_ids(tokenizer: Tokenizer) -> tuple[int | None, int, int]:
     return bos, eos, pad if pad is not None else eos
 
 
+@functools.lru_cache(maxsize=4)
 def _copy_pool(tokenizer: Tokenizer) -> np.ndarray:
-    """The distinct ids of kvjax's synthetic prose, RULER's noise and the digits (no special tokens)."""
+    """The distinct ids of kvjax's synthetic prose, RULER's noise and the digits (no special tokens);
+    memoized per tokenizer, as building it costs ~70 ms and every copy row needs it."""
     text = " ".join([plain_text(ProseHaystack(), 0, 200), NOISE, " ".join("0123456789")])
     return np.unique(tokenizer.encode(text, add_special_tokens=False))
 
@@ -337,9 +347,22 @@ def make_loss_fn(graphdef: nnx.GraphDef):
     return loss_fn
 
 
+def lr_schedule(lr: float, steps: int, warmup: int, decay_fraction: float = 0.2) -> optax.Schedule:
+    """Warmup-stable-decay: linear warmup to `lr`, constant, then linear decay to lr/10 over the last
+    `decay_fraction` of the steps. Held at its peak until the end is near, because induction heads
+    form after a plateau whose escape a decaying rate delays (kvjax's copy probes escaped it only
+    while the rate stayed near its peak; under cosine decay over 600 steps they never did)."""
+    warmup = max(1, min(warmup, steps - 1))
+    decay = max(1, min(int(steps * decay_fraction), steps - warmup))
+    return optax.join_schedules(
+        [optax.linear_schedule(0.0, lr, warmup), optax.constant_schedule(lr), optax.linear_schedule(lr, lr / 10, decay)],
+        [warmup, steps - decay],
+    )
+
+
 def make_optimizer(lr: float, steps: int, warmup: int, clip: float = 1.0, weight_decay: float = 0.01):
-    """AdamW with linear warmup and cosine decay to lr/10, after global-norm clipping."""
-    schedule = optax.warmup_cosine_decay_schedule(0.0, lr, max(1, min(warmup, steps - 1)), steps, lr / 10)
+    """AdamW on the warmup-stable-decay schedule, after global-norm clipping."""
+    schedule = lr_schedule(lr, steps, warmup)
     return optax.chain(optax.clip_by_global_norm(clip), optax.adamw(schedule, b1=0.9, b2=0.95, weight_decay=weight_decay))
 
 
