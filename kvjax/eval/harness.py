@@ -254,9 +254,12 @@ def _evaluate(m, run: PolicyRun, task: str, length: int, batches: list[list[Samp
             m, ids, new, policy=run.policy, chunk_size=config.chunk_size, eos_token_id=eos)
         out = np.asarray(gen())
         bytes_.append(_bytes_per_sequence(m, ids, run.policy, config.chunk_size, new))
-        if config.timing:  # compiled by now: time the prompt alone, then a full run without early stop
-            _, t_prefill = _timed(lambda: kvjax.prefill(
-                m, ids, run.policy, chunk_size=config.chunk_size, max_new_tokens=new))
+        if config.timing:  # time the prompt alone, then a full run without early stop, both compiled first
+            prefill = lambda: kvjax.prefill(  # noqa: E731
+                m, ids, run.policy, chunk_size=config.chunk_size, max_new_tokens=new)
+            jax.block_until_ready(prefill())  # its own jit: a first call would time the compilation
+            _, t_prefill = _timed(prefill)
+            jax.block_until_ready(gen(()))  # no early stop: another trace than gen()
             _, t_total = _timed(lambda: gen(()))
             prefill_s.append(t_prefill)
             decode_s.append(max(t_total - t_prefill, 0.0) / new)
