@@ -230,8 +230,9 @@ def parser() -> argparse.ArgumentParser:
     tr.add_argument("--steps", type=int, default=1000)
     tr.add_argument("--seq-len", type=int, default=1024)
     tr.add_argument("--curriculum", default=None,
-                    help="length phases SEQxBATCH:STEPS[@POSITION_SPAN],... (e.g. 256x32:300,1024x8:300@8192); "
-                         "replaces --seq-len/--batch-size/--steps")
+                    help="length phases SEQxBATCH:STEPS[@POSITION_SPAN][=copy],... (e.g. "
+                         "128x48:1200=copy,1024x8:300@8192; '=copy': copy rows only); replaces "
+                         "--seq-len/--batch-size/--steps")
     tr.add_argument("--min-len", type=int, default=0, help="shortest row (default: seq-len / 4)")
     tr.add_argument("--batch-size", type=int, default=8)
     tr.add_argument("--layers", type=int, default=6)
