@@ -68,7 +68,12 @@ def _eval(args) -> None:
         samples=args.samples, seed=args.seed, haystack=args.haystack, max_new_tokens=args.max_new_tokens,
         batch_size=args.batch_size, chunk_size=args.chunk_size, timing=not args.no_timing,
     )
-    runs = resolve_policies(names, budgets)
+    bases = {}
+    if args.duo_gates:
+        from kvjax.policies import DuoAttention
+
+        bases["duoattention"] = DuoAttention.from_tsv(args.duo_gates, sparsity=args.duo_sparsity)
+    runs = resolve_policies(names, budgets, bases=bases)
     m = load(args.model or _default_model(), dtype=jnp.dtype(args.dtype))
     if args.locret_heads:
         from kvjax.policies.locret import with_retaining_heads
@@ -221,6 +226,11 @@ def parser() -> argparse.ArgumentParser:
     ev.add_argument("--locret-heads", default=None,
                     help="folder of Locret retaining heads (`kvjax train-gates --method locret --out DIR`) that "
                          "the locret policy ranks tokens with")
+    ev.add_argument("--duo-gates", default=None,
+                    help="full_attention_heads.tsv (`kvjax train-gates --method duo` or DuoAttention's release) "
+                         "that the duoattention policy splits its heads by")
+    ev.add_argument("--duo-sparsity", type=float, default=0.5,
+                    help="fraction of KV heads made streaming heads from --duo-gates (default 0.5)")
     ev.add_argument("--no-timing", action="store_true", help="skip the separate prefill/decode timing runs")
     ev.add_argument("--no-progress", action="store_true")
     ev.set_defaults(run=_eval)

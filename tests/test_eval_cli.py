@@ -77,29 +77,36 @@ def test_kvjax_eval_writes_results_csv_and_plots(tiny_checkpoint, tmp_path, caps
 
     from kvjax.cli import main
 
-    out = tmp_path / "eval"
-    rc = main(["eval", "--model", str(tiny_checkpoint), "--policies", "full,streaming", "--budgets", "96",
-               "--lengths", "512", "--tasks", "niah_single", "--samples", "2", "--dtype", "float32",
-               "--out", str(out), "--no-progress"])
+    from kvjax.policies.duo_attention import write_gates_tsv
+
+    out, gates = tmp_path / "eval", tmp_path / "full_attention_heads.tsv"
+    write_gates_tsv(gates, [[0.9, 0.1]])  # 1 layer, 2 KV heads: head 0 retrieves, head 1 streams
+    rc = main(["eval", "--model", str(tiny_checkpoint), "--policies", "full,streaming,duoattention", "--budgets",
+               "96", "--duo-gates", str(gates), "--lengths", "512", "--tasks", "niah_single", "--samples", "2",
+               "--dtype", "float32", "--out", str(out), "--no-progress"])
     printed = capsys.readouterr().out
     assert rc == 0, printed
     assert "streaming@96" in printed and "compression" in printed
     rows = json.loads((out / "results.json").read_text())
-    assert [r["policy"] for r in rows] == ["full", "streaming@96"]
+    assert [r["policy"] for r in rows] == ["full", "streaming@96", "duoattention@96"]
     for r in rows:
         assert {"policy", "task", "length", "accuracy", "kv_bytes"} <= set(r)
         assert r["task"] == "niah_single" and r["length"] == 512 and 0.0 <= r["accuracy"] <= 1.0
-        assert r["prefill_ms"] > 0 and r["decode_ms_per_token"] >= 0
-    full, streaming = rows
+        assert r["prefill_ms"] > 0 and r["decode_ms_per_token"] > 0
+    full, streaming, duo = rows
     assert full["compression_ratio"] == 1.0 and streaming["kv_bytes"] < full["kv_bytes"]
     assert streaming["compression_ratio"] > 3  # 96 slots (+ spare, rounding) instead of ~512 + answer
+    assert "retrieval_heads=((0,),), sink=64, recent=32" in duo["policy_repr"]  # the gates' split, the budget
+    assert 1.3 < duo["compression_ratio"] < 2  # one head of two keeps everything, the other 96 slots
     with open(out / "results.csv") as f:
         table = list(csv.DictReader(f))
-    assert [t["policy"] for t in table] == ["full", "streaming@96"] and float(table[1]["kv_bytes"]) > 0
+    assert [t["policy"] for t in table] == ["full", "streaming@96", "duoattention@96"]
+    assert float(table[1]["kv_bytes"]) > 0
     samples = json.loads((out / "samples.json").read_text())
-    assert len(samples) == 4 and all("prediction" in s for s in samples)
+    assert len(samples) == 6 and all("prediction" in s for s in samples)
     pngs = sorted(p.name for p in out.glob("*.png"))
-    assert pngs == ["accuracy_vs_compression.png", "heatmap_full.png", "heatmap_streaming_96.png"]
+    assert pngs == ["accuracy_vs_compression.png", "heatmap_duoattention_96.png", "heatmap_full.png",
+                    "heatmap_streaming_96.png"]
     for name in pngs:
         assert matplotlib.image.imread(out / name).ndim == 3
 

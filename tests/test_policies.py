@@ -14,7 +14,7 @@ from kvjax.kv_state import count, empty_segment, keep_top
 from kvjax.policies import A2SF, H2O, TOVA, VATP, AdaKV, Full, Knorm, PyramidKV, SnapKV, StreamingLLM
 from kvjax.policies.snapkv import pool_1d
 from tests.conftest import random_tokens
-from tests.policy_reference import causal_probs, layer_queries_keys
+from tests.policy_reference import causal_probs, layer_queries_keys, masked_forward_logits
 
 
 def kept_positions(state, layer: int) -> list[list[set[int]]]:
@@ -82,6 +82,24 @@ def test_snapkv_keeps_exactly_the_observation_windows_choice(tiny_model, chunk):
     state = kvjax.prefill(m, tokens, SnapKV(budget_tokens=72, window=16, kernel=5), chunk_size=chunk)
     for layer in range(m.config.num_layers):
         assert kept_positions(state, layer) == _reference_snapkv(m, tokens, 72, 16, 5, layer)
+
+
+def test_decoding_over_a_compressed_prompt_sees_exactly_the_kept_tokens(tiny_model):
+    """After a real eviction, each decode step's logits equal dense attention masked to the kept prompt
+    positions (per layer and KV head) plus the decoded tokens: eviction drops those tokens and no others."""
+    m, policy = tiny_model, SnapKV(budget_tokens=40, window=8, kernel=5)
+    tokens = random_tokens(5, (2, 140), m.config.vocab_size)
+    prompt = 128
+    state = kvjax.prefill(m, tokens[:, :prompt], policy, max_new_tokens=12, chunk_size=64)
+    kept = []
+    for layer in range(m.config.num_layers):
+        pos = np.asarray(state.layers[layer][0].pos)  # [B, K, C]
+        assert ((pos >= 0).sum(-1) < prompt).all()  # something was evicted in every head
+        kept.append((pos[..., None] == np.arange(prompt)).any(-2))  # [B, K, prompt]
+    ref = masked_forward_logits(m, tokens, prompt, kept)  # [B, 12, V]
+    for i in range(12):
+        logits, state = kvjax.decode_step(m, state, tokens[:, prompt + i], policy)
+        np.testing.assert_allclose(np.asarray(logits), ref[:, i], atol=2e-4, rtol=0)
 
 
 def test_keep_top_on_a_hand_built_pattern():

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Callable, Iterable, Mapping, Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
@@ -101,14 +102,18 @@ class PolicyRun:
 
 
 def resolve_policies(
-    names: Iterable[str], budgets: Sequence[int] = (), log: Callable[[str], None] = print
+    names: Iterable[str], budgets: Sequence[int] = (), log: Callable[[str], None] = print,
+    bases: Mapping[str, Policy] | None = None,
 ) -> list[PolicyRun]:
-    """Policy runs from names: one per budget for policies with a token budget, one at defaults otherwise;
+    """Policy runs from names: one per budget for policies with a token budget, one at defaults otherwise.
+    `bases` gives the starting policy for names that need arguments (DuoAttention's head split); other
     policies that cannot be built from defaults alone are skipped with a message."""
     runs = []
     for name in names:
         key = name.strip().lower()
-        if key in policy_classes():
+        if bases and key in bases:
+            base = bases[key]
+        elif key in policy_classes():
             try:
                 base = make_policy(name)
             except ValueError as err:  # e.g. DuoAttention needs its head split: skip, say why
@@ -172,7 +177,7 @@ class EvalConfig:
     max_new_tokens: int | None = None  # None: each task's default
     batch_size: int = 16
     chunk_size: int = 512
-    timing: bool = True  # time prefill and decode separately (runs each batch again after compiling)
+    timing: bool = True  # time the prompt and the decode steps separately (each batch again, compiled first)
 
     def __post_init__(self):
         if self.samples < 1 or self.batch_size < 1 or not self.lengths or not self.tasks:
@@ -198,6 +203,22 @@ def _timed(fn):
     start = time.perf_counter()
     out = jax.block_until_ready(fn())
     return out, time.perf_counter() - start
+
+
+def _time_prefill_and_decode(m: LanguageModel, ids: list[list[int]], policy: Policy, chunk: int, out: np.ndarray):
+    """(seconds for the prompt, seconds per decoded token), compiled before timing: `generate` just ran
+    this prefill; the decode steps feed the tokens `out` int32[B, N] it produced, so they do its work."""
+    new = out.shape[1]
+    state, t_prefill = _timed(lambda: kvjax.prefill(m, ids, policy, chunk_size=chunk, max_new_tokens=new))
+    tokens = jnp.asarray(out)
+    _, state = jax.block_until_ready(kvjax.decode_step(m, state, tokens[:, 0], policy))  # compiles
+    if new < 2:
+        return t_prefill, None
+    start = time.perf_counter()
+    for i in range(1, new):
+        logits, state = kvjax.decode_step(m, state, tokens[:, i], policy)
+    jax.block_until_ready(logits)
+    return t_prefill, (time.perf_counter() - start) / (new - 1)
 
 
 def run_eval(
@@ -254,15 +275,10 @@ def _evaluate(m, run: PolicyRun, task: str, length: int, batches: list[list[Samp
             m, ids, new, policy=run.policy, chunk_size=config.chunk_size, eos_token_id=eos)
         out = np.asarray(gen())
         bytes_.append(_bytes_per_sequence(m, ids, run.policy, config.chunk_size, new))
-        if config.timing:  # time the prompt alone, then a full run without early stop, both compiled first
-            prefill = lambda: kvjax.prefill(  # noqa: E731
-                m, ids, run.policy, chunk_size=config.chunk_size, max_new_tokens=new)
-            jax.block_until_ready(prefill())  # its own jit: a first call would time the compilation
-            _, t_prefill = _timed(prefill)
-            jax.block_until_ready(gen(()))  # no early stop: another trace than gen()
-            _, t_total = _timed(lambda: gen(()))
+        if config.timing:
+            t_prefill, t_token = _time_prefill_and_decode(m, ids, run.policy, config.chunk_size, out)
             prefill_s.append(t_prefill)
-            decode_s.append(max(t_total - t_prefill, 0.0) / new)
+            decode_s += [] if t_token is None else [t_token]
         for sample, prediction in zip(batch, _predictions(m, out)):
             score = string_match_all(prediction, sample.answers)
             scores.append(score)
