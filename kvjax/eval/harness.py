@@ -377,6 +377,7 @@ def plot_accuracy_vs_compression(rows: list[dict], path: Path) -> Path:
         xy = sorted((float(np.mean([p[0] for p in v])), float(np.mean([p[1] for p in v]))) for v in points.values())
         ax.plot([p[0] for p in xy], [p[1] for p in xy], marker="o", label=name)
     ax.set_xscale("log")
+    ax.xaxis.set_major_locator(matplotlib.ticker.LogLocator(base=10, subs=(1, 2, 5)))  # 1x 2x 5x 10x ...
     ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda x, _: f"{x:g}x"))
     ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     ax.set_xlabel("KV compression ratio vs Full (x)")
