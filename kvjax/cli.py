@@ -73,6 +73,9 @@ def _eval(args) -> None:
         from kvjax.policies import DuoAttention
 
         bases["duoattention"] = DuoAttention.from_tsv(args.duo_gates, sparsity=args.duo_sparsity)
+    elif any(n.strip().lower() == "duoattention" for n in names):
+        raise ValueError("policy duoattention needs its head split: pass --duo-gates FILE (the "
+                         "full_attention_heads.tsv of `kvjax train-gates --method duo` or of DuoAttention's release)")
     runs = resolve_policies(names, budgets, bases=bases)
     m = load(args.model or _default_model(), dtype=jnp.dtype(args.dtype))
     if args.locret_heads:

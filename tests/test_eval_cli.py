@@ -130,3 +130,10 @@ def test_eval_without_a_model_fails_clearly(monkeypatch, capsys):
     monkeypatch.setattr(kvjax.cli, "bundled_models", lambda: [])
     assert kvjax.cli.main(["eval", "--out", "unused"]) == 2
     assert "no bundled model" in capsys.readouterr().err
+
+
+def test_duoattention_without_gates_fails_clearly(tiny_checkpoint, capsys):
+    from kvjax.cli import main
+
+    assert main(["eval", "--model", str(tiny_checkpoint), "--policies", "full,duoattention", "--out", "unused"]) == 2
+    assert "--duo-gates" in capsys.readouterr().err
