@@ -76,7 +76,6 @@ def test_kvjax_eval_writes_results_csv_and_plots(tiny_checkpoint, tmp_path, caps
     import matplotlib.image
 
     from kvjax.cli import main
-
     from kvjax.policies.duo_attention import write_gates_tsv
 
     out, gates = tmp_path / "eval", tmp_path / "full_attention_heads.tsv"

@@ -278,7 +278,8 @@ def _evaluate(m, run: PolicyRun, task: str, length: int, batches: list[list[Samp
         if config.timing:
             t_prefill, t_token = _time_prefill_and_decode(m, ids, run.policy, config.chunk_size, out)
             prefill_s.append(t_prefill)
-            decode_s += [] if t_token is None else [t_token]
+            if t_token is not None:
+                decode_s.append(t_token)
         for sample, prediction in zip(batch, _predictions(m, out)):
             score = string_match_all(prediction, sample.answers)
             scores.append(score)
