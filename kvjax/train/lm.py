@@ -154,9 +154,11 @@ def special_ids(tokenizer: Tokenizer) -> tuple[int | None, int, int]:
 @functools.lru_cache(maxsize=4)
 def _copy_pool(tokenizer: Tokenizer) -> np.ndarray:
     """The distinct ids of kvjax's synthetic prose, RULER's noise and the digits (no special tokens);
-    memoized per tokenizer, as building it costs ~70 ms and every copy row needs it."""
+    memoized per tokenizer, as building it costs ~70 ms and every copy row needs it (read-only: shared)."""
     text = " ".join([plain_text(ProseHaystack(), 0, 200), NOISE, " ".join("0123456789")])
-    return np.unique(tokenizer.encode(text, add_special_tokens=False))
+    pool = np.unique(tokenizer.encode(text, add_special_tokens=False))
+    pool.setflags(write=False)
+    return pool
 
 
 def _copy_row(tokenizer: Tokenizer, rng: np.random.Generator, length: int) -> tuple[list[int], list[float]]:
