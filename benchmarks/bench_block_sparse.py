@@ -35,8 +35,10 @@ import jax.numpy as jnp
 
 from kvjax.attention import attend
 from pallas_kernels import block_masks as bm
-from pallas_kernels.block_sparse_decode import DecodeConfig, block_sparse_decode
-from pallas_kernels.block_sparse_prefill import PrefillConfig, block_sparse_prefill
+from pallas_kernels.block_sparse_decode import (
+    DecodeConfig, block_sparse_decode, block_sparse_decode_reference)
+from pallas_kernels.block_sparse_prefill import (
+    PrefillConfig, block_sparse_prefill, block_sparse_prefill_reference)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,6 +60,7 @@ class Shapes:
 FULL = Shapes(batch=1, num_heads=32, num_kv_heads=8, head_dim=128,
               lengths=(8192, 32768, 131072), dtype="bfloat16", sink=64, recent=256,
               decode_page=64, decode_fraction=0.1)
+REFERENCE_MAX_LEN = 8192  # DuoAttention prefill checked against the dense reference up to here
 SMOKE = Shapes(batch=1, num_heads=4, num_kv_heads=2, head_dim=64, lengths=(100,),
                dtype="bfloat16", sink=4, recent=16, decode_page=16, decode_fraction=0.25)
 
@@ -145,9 +148,14 @@ def bench_prefill(shapes: Shapes, seq_len: int, kernel_kwargs: dict, repeats: in
     for impl in ("cudnn", "xla"):
         duo_baselines[f"{impl}_split_by_head_group"] = try_time(
             split_by_group(impl), q_t, k_t, v_t, repeats=repeats)
+    duo_agreement = {}
+    if seq_len <= REFERENCE_MAX_LEN:  # the dense reference holds H x T x T float32 scores
+        diff = jnp.abs(duo_kernel(q, k, v).astype(jnp.float32)
+                       - block_sparse_prefill_reference(q, k, v, duo).astype(jnp.float32))
+        duo_agreement["max_abs_diff_vs_reference"] = float(diff.max())
     rows.append(summarize("prefill_duo_attention_50pct_streaming", seq_len,
                           median_seconds(duo_kernel, q, k, v, repeats=repeats), duo_baselines,
-                          sink=shapes.sink, recent=shapes.recent))
+                          sink=shapes.sink, recent=shapes.recent, **duo_agreement))
     return rows
 
 
@@ -197,8 +205,10 @@ def bench_decode(shapes: Shapes, seq_len: int, kernel_kwargs: dict, num_splits: 
     }
     kernel_s = median_seconds(kernel, q, k, v, table, repeats=repeats)
     total_s = median_seconds(select_and_kernel, q, k, v, k_min, k_max, repeats=repeats)
+    diff = jnp.abs(kernel(q, k, v, table).astype(jnp.float32) - block_sparse_decode_reference(
+        q, k, v, lengths, table).astype(jnp.float32))
     extra = dict(page=page, pages_visited=top_k, pages_total=capacity // page,
-                 num_splits=num_splits)
+                 num_splits=num_splits, max_abs_diff_vs_reference=float(diff.max()))
     return [summarize("decode_top_k_pages_kernel_only", seq_len, kernel_s, baselines, **extra),
             summarize("decode_top_k_pages_with_selection", seq_len, total_s, baselines,
                       **extra)]
@@ -263,8 +273,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--block-k", type=int, default=128)
     parser.add_argument("--num-splits", type=int, default=8)
     parser.add_argument("--chunk", type=int, default=512, help="kvjax prefill chunk (dispatch row)")
-    parser.add_argument("--implementation", choices=("tpu", "gpu"),
-                        help="force a lowering (default: from jax.default_backend())")
+    parser.add_argument("--implementation", choices=("tpu", "gpu", "mosaic_gpu"),
+                        help="force a lowering (default: from jax.default_backend()); "
+                             "mosaic_gpu: the Hopper kernels (prefill block_q 64)")
     args = parser.parse_args(argv)
 
     shapes = SMOKE if args.smoke else FULL
@@ -277,13 +288,17 @@ def main(argv: list[str] | None = None) -> dict:
     if interpret and not args.smoke:
         parser.error("no accelerator: only --smoke runs on CPU (kernels interpreted)")
     repeats = 1 if args.smoke else args.repeats
-    blocks = (16, 16) if args.smoke else (args.block_q, args.block_k)
+    mosaic = args.implementation == "mosaic_gpu"
+    if mosaic and interpret:
+        parser.error("the Mosaic GPU kernels need a GPU (no interpreter runs them)")
+    blocks = (16, 16) if args.smoke else (64 if mosaic else args.block_q, args.block_k)
     kernel_kwargs = dict(implementation=args.implementation, interpret=interpret)
     prefill_kwargs = dict(kernel_kwargs, config=PrefillConfig(*blocks))
-    # kvjax's attention_impl for the dispatch row: "auto" on an accelerator (its own lowering),
-    # an interpreter on CPU (the TPU one unless --implementation gpu).
-    dispatch_impl = (f"{args.implementation or 'tpu'}-interpret" if interpret
-                     else "auto" if args.implementation in (None, backend) else None)
+    # kvjax's attention_impl for the dispatch row: "auto" on an accelerator (its own lowering,
+    # Triton on GPU), an interpreter on CPU (the TPU one unless --implementation gpu).
+    dispatch = "gpu" if mosaic else args.implementation
+    dispatch_impl = (f"{dispatch or 'tpu'}-interpret" if interpret
+                     else "auto" if dispatch in (None, backend) else None)
     if dispatch_impl is None:
         parser.error("kvjax's dispatch picks the device's own lowering: drop --implementation")
     chunk = 32 if args.smoke else args.chunk
@@ -302,6 +317,7 @@ def main(argv: list[str] | None = None) -> dict:
         "note": ("interpreted on CPU: times are meaningless" if interpret else
                  "median wall time after warm-up; speedup = baseline / kernel, same run"),
         "shapes": dataclasses.asdict(shapes),
+        "kernel_implementation": args.implementation or ("tpu" if interpret else backend),
         "prefill_blocks": list(blocks),
         "results": results,
     }

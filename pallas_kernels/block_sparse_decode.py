@@ -14,13 +14,15 @@ Lowerings:
   * "gpu": a generic Pallas kernel (only `pl` primitives) compiled with the Triton backend.
     Grid (B, Hkv, splits); each program loops over its share of the row's count. The group
     is padded to at least 16 query rows for Triton's matmul. The Triton backend is chosen
-    explicitly (`pltriton.CompilerParams`): it is deprecated from JAX 0.11 but works. Mosaic
-    GPU, JAX's recommended Hopper backend, has no variant here: none could be run on a GPU
-    in this project's CPU-only environment.
+    explicitly (`pltriton.CompilerParams`): it is deprecated from JAX 0.11 but works, and
+    JAX's interpreter checks it numerically on CPU, so it stays the GPU default.
+  * "mosaic_gpu": the Hopper kernel in `block_sparse_mosaic_gpu` (TMA, wgmma), opt-in: it
+    lowers, but no interpreter here can run it, so it has not yet computed a number.
   * "reference": `block_sparse_decode_reference`, dense masked attention in jnp.
 
-Neither kernel has run on a TPU or GPU: both are tested in interpret mode on CPU and checked
-to lower (to Mosaic TPU MLIR and to Triton IR) with cross-platform lowering.
+No kernel here has run on a TPU or GPU: the TPU and Triton ones are tested in interpret mode
+on CPU, and all three are checked to lower (to Mosaic TPU MLIR, Triton IR and Mosaic GPU MLIR)
+with cross-platform lowering.
 
 Layout: q [B, H, D], k and v [B, Hkv, C, D] (H = Hkv * g, C a multiple of the block size);
 lengths int32[B] or [B, Hkv]: slots [0, length) of a row are valid and the query sits at
@@ -40,7 +42,8 @@ from jax.experimental.pallas import triton as pltriton
 
 from pallas_kernels import block_masks
 from pallas_kernels.block_masks import DecodeBlockTable, MaskDescription
-from pallas_kernels.lowering import pick_implementation
+from pallas_kernels.block_sparse_mosaic_gpu import decode_mosaic_gpu
+from pallas_kernels.lowering import IMPLEMENTATIONS, pick_implementation
 from pallas_kernels.online_softmax import MASK_VALUE, attend_block, initial_state, masked_attention
 
 _TRITON_MIN_ROWS = 16  # Triton's tl.dot needs at least 16 rows
@@ -368,8 +371,9 @@ def block_sparse_decode(
     table: blocks to visit per (batch, KV head); None visits what `mask` allows (every block
     below the length when mask is None too), built at config.block_size. mask: optional
     per-KV-head description applied element-wise (e.g. SinkLocal for streaming heads).
-    implementation: "tpu", "gpu", "reference", or None to follow `jax.default_backend()`
-    (on CPU: the reference, or the TPU kernel interpreted when interpret=True).
+    implementation: "tpu", "gpu" (Triton), "mosaic_gpu" (Hopper, opt-in: see its module),
+    "reference", or None to follow `jax.default_backend()` (on CPU: the reference, or the TPU
+    kernel interpreted when interpret=True; "mosaic_gpu" cannot be interpreted).
     """
     _check_inputs(q, k, v)
     if not isinstance(config, DecodeConfig):
@@ -377,7 +381,11 @@ def block_sparse_decode(
     if table is not None and table.block_size != config.block_size:
         raise ValueError(f"table.block_size {table.block_size} differs from "
                          f"config.block_size {config.block_size}")
-    implementation = pick_implementation(implementation, interpret)
+    implementation = pick_implementation(implementation, interpret,
+                                         choices=(*IMPLEMENTATIONS, "mosaic_gpu"))
+    if implementation == "mosaic_gpu" and interpret:
+        raise ValueError("the Mosaic GPU decode cannot run interpreted: JAX's GPU interpreter "
+                         "lacks its transposed and register-operand wgmma")
     if implementation == "reference":
         return block_sparse_decode_reference(q, k, v, lengths, table, mask=mask, sm_scale=sm_scale)
     batch, num_heads, head_dim = q.shape
@@ -389,6 +397,8 @@ def block_sparse_decode(
     if implementation == "tpu":
         out, lse = _decode_tpu(qg, k, v, lengths, table, sink, window, sm_scale, num_splits,
                                interpret)
+    elif implementation == "mosaic_gpu":
+        out, lse = decode_mosaic_gpu(qg, k, v, lengths, table, sink, window, sm_scale, num_splits)
     else:
         out, lse = _decode_gpu(qg, k, v, lengths, table, sink, window, sm_scale, num_splits,
                                interpret, config)

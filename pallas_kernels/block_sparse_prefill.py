@@ -15,13 +15,15 @@ Lowerings:
   * "gpu": a generic Pallas kernel (only `pl` primitives) compiled with the Triton backend.
     Grid (B, H, nq); each program loops over exactly its row's count of blocks, so a
     streaming head costs a few blocks even when dense heads share the launch. The Triton backend
-    is chosen explicitly (`pltriton.CompilerParams`): it is deprecated from JAX 0.11 but works.
-    Mosaic GPU, JAX's recommended Hopper backend, has no variant here: none could be run on
-    a GPU in this project's CPU-only environment.
+    is chosen explicitly (`pltriton.CompilerParams`): it is deprecated from JAX 0.11 but works,
+    and JAX's interpreter checks it numerically on CPU, so it stays the GPU default.
+  * "mosaic_gpu": the Hopper kernel in `block_sparse_mosaic_gpu` (TMA, wgmma), opt-in:
+    it lowers, but no interpreter here can run it, so it has not yet computed a number.
   * "reference": `block_sparse_prefill_reference`, dense masked attention in jnp.
 
-Neither kernel has run on a TPU or GPU: both are tested in interpret mode on CPU and checked
-to lower (to Mosaic TPU MLIR and to Triton IR) with cross-platform lowering.
+No kernel here has run on a TPU or GPU: the TPU and Triton ones are tested in interpret mode
+on CPU, and all three are checked to lower (to Mosaic TPU MLIR, Triton IR and Mosaic GPU MLIR)
+with cross-platform lowering.
 
 Layout: q [B, H, T, D], k and v [B, Hkv, T, D] (H = Hkv * g); output [B, H, T, D]. Query
 head h reads KV head h // g. Batches are right-padded: sequence b holds tokens [0, lengths[b]).
@@ -50,7 +52,8 @@ from jax.experimental.pallas import triton as pltriton
 
 from pallas_kernels import block_masks
 from pallas_kernels.block_masks import MaskDescription, PrefillBlockTable, padded_length
-from pallas_kernels.lowering import pick_implementation
+from pallas_kernels.block_sparse_mosaic_gpu import prefill_mosaic_gpu
+from pallas_kernels.lowering import IMPLEMENTATIONS, pick_implementation
 from pallas_kernels.online_softmax import MASK_VALUE, attend_block, initial_state, masked_attention
 
 _TPU_LANES = 128  # m and l scratch are replicated over the lanes of one vreg row
@@ -463,9 +466,9 @@ def block_sparse_prefill(
     `PrefillBlockTable` built at config's block sizes (a chunk table carries its offsets:
     pass no q_offset with it). lengths: optional int32[B], each sequence's valid keys
     (slots [0, lengths[b])); query rows at or past lengths[b] are zero. implementation:
-    "tpu", "gpu", "reference", or None to follow `jax.default_backend()` (on CPU: the
-    reference, or the TPU kernel interpreted when interpret=True). interpret runs the chosen
-    kernel on CPU. S and C need not be multiples of the blocks: inputs are zero-padded (pick
+    "tpu", "gpu" (Triton), "mosaic_gpu" (Hopper, opt-in: see its module), "reference", or None
+    to follow `jax.default_backend()` (on CPU: the reference, or the TPU kernel interpreted
+    when interpret=True). interpret runs the chosen kernel on CPU (not "mosaic_gpu"). S and C need not be multiples of the blocks: inputs are zero-padded (pick
     a block_k dividing C to avoid copying the keys) and the padding masked.
     """
     chunk = _is_chunk(mask, q_offset)
@@ -476,7 +479,11 @@ def block_sparse_prefill(
             (mask.block_q, mask.block_k) != (config.block_q, config.block_k)):
         raise ValueError(f"table block sizes {(mask.block_q, mask.block_k)} differ from "
                          f"config's {(config.block_q, config.block_k)}")
-    implementation = pick_implementation(implementation, interpret)
+    implementation = pick_implementation(implementation, interpret,
+                                         choices=(*IMPLEMENTATIONS, "mosaic_gpu"))
+    if implementation == "mosaic_gpu" and interpret:
+        raise ValueError("the Mosaic GPU prefill cannot run interpreted: JAX's GPU interpreter "
+                         "lacks its transposed and register-operand wgmma")
     if implementation == "reference":
         return block_sparse_prefill_reference(q, k, v, mask, lengths=lengths, q_offset=q_offset,
                                               sm_scale=sm_scale)
@@ -498,6 +505,9 @@ def block_sparse_prefill(
     k_p, v_p = _pad_length(k, kv_padded), _pad_length(v, kv_padded)  # [B, Hkv, C_pad, D]
     if implementation == "tpu":
         out = _prefill_tpu(q_p, k_p, v_p, table, offsets, lengths, sm_scale, interpret)
+    elif implementation == "mosaic_gpu":
+        tables = (*_flat_tables(table, offsets), lengths)
+        out = prefill_mosaic_gpu(q_p, k_p, v_p, tables, table, _batch_stride(table), sm_scale)
     else:
         out = _prefill_gpu(q_p, k_p, v_p, table, offsets, lengths, sm_scale, interpret, config)
     return out[:, :, :q_len]

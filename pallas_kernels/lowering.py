@@ -7,15 +7,16 @@ import jax
 IMPLEMENTATIONS = ("tpu", "gpu", "reference")
 
 
-def pick_implementation(implementation: str | None, interpret: bool) -> str:
-    """An explicit choice, else `jax.default_backend()`: tpu and gpu get their kernel; cpu gets
-    the reference, or the TPU kernel in interpret mode when interpret=True."""
+def pick_implementation(implementation: str | None, interpret: bool,
+                        choices: tuple[str, ...] = IMPLEMENTATIONS) -> str:
+    """An explicit choice among `choices`, else `jax.default_backend()`: tpu and gpu get their
+    kernel; cpu gets the reference, or the TPU kernel in interpret mode when interpret=True."""
     if implementation is None:
         backend = jax.default_backend()
         if backend in ("tpu", "gpu"):
             return backend
         return "tpu" if interpret else "reference"
-    if implementation not in IMPLEMENTATIONS:
-        raise ValueError(f"implementation must be one of {IMPLEMENTATIONS} or None, "
+    if implementation not in choices:
+        raise ValueError(f"implementation must be one of {choices} or None, "
                          f"got {implementation!r}")
     return implementation

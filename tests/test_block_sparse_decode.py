@@ -137,21 +137,47 @@ def test_top_k_page_selection_end_to_end_bfloat16(implementation):
     np.testing.assert_allclose(np.asarray(out, np.float32), expected, rtol=2e-2, atol=2e-2)
 
 
-@pytest.mark.parametrize("implementation,platform", [("tpu", "tpu"), ("gpu", "cuda")])
-def test_lowers_for_hardware(implementation, platform):
-    """The kernel lowers to Mosaic TPU / Triton on this CPU-only machine (not run there)."""
-    q = jax.ShapeDtypeStruct((2, 32, 128), jnp.bfloat16)
-    k = jax.ShapeDtypeStruct((2, 8, 4096, 128), jnp.bfloat16)
+@pytest.mark.parametrize("head_dim,block_size,top_k", [(128, 128, False), (64, 64, True)])
+@pytest.mark.parametrize("implementation,platform,call", [
+    ("tpu", "tpu", "tpu_custom_call"), ("gpu", "cuda", "triton"),
+    ("mosaic_gpu", "cuda", "mosaic_gpu")])
+def test_lowers_for_hardware(implementation, platform, call, head_dim, block_size, top_k):
+    """The kernel lowers to Mosaic TPU / Triton / Mosaic GPU on this CPU-only machine (not run
+    there): GQA 4 with dense and streaming KV heads, or a traced top-k page table, 4 splits."""
+    q = jax.ShapeDtypeStruct((2, 32, head_dim), jnp.bfloat16)
+    k = jax.ShapeDtypeStruct((2, 8, 4096, head_dim), jnp.bfloat16)
     lengths = jax.ShapeDtypeStruct((2,), jnp.int32)
     desc = bm.PerHead((bm.DenseCausal(),) * 4 + (bm.SinkLocal(64, 256),) * 4)
+    config = DecodeConfig(block_size=block_size, num_splits=4)
 
     def run(q, k, v, lengths):
-        return block_sparse_decode(q, k, v, lengths, mask=desc,
-                                   config=DecodeConfig(block_size=128, num_splits=4),
+        if not top_k:
+            return block_sparse_decode(q, k, v, lengths, mask=desc, config=config,
+                                       implementation=implementation)
+        lower, upper = bm.page_key_bounds(k, lengths, block_size=block_size)
+        table = bm.decode_table_top_k_pages(q, lower, upper, lengths, top_k=8,
+                                            block_size=block_size)
+        return block_sparse_decode(q, k, v, lengths, table, config=config,
                                    implementation=implementation)
 
     lowered = jax.jit(run).trace(q, k, k, lengths).lower(lowering_platforms=(platform,))
-    assert ("tpu_custom_call" if platform == "tpu" else "triton") in lowered.as_text()
+    assert call in lowered.as_text()
+
+
+def test_mosaic_gpu_names_what_it_cannot_take():
+    q = jnp.zeros((1, 4, 64), jnp.bfloat16)
+    k = jnp.zeros((1, 1, 128, 64), jnp.bfloat16)
+    lengths, config = jnp.array([100], jnp.int32), DecodeConfig(block_size=64)
+    cases = [((q.astype(jnp.float32), k.astype(jnp.float32), config), "bfloat16 or float16"),
+             ((q[..., :32], k[..., :32], config), "head_dim a multiple of 64"),
+             ((q, k, DecodeConfig(block_size=32)), "block_k 32"),
+             ((jnp.zeros((1, 65, 64), jnp.bfloat16), k, config), "groups of at most 64")]
+    for (q_, k_, cfg), message in cases:
+        with pytest.raises(ValueError, match=message):
+            block_sparse_decode(q_, k_, k_, lengths, config=cfg, implementation="mosaic_gpu")
+    with pytest.raises(ValueError, match="cannot run interpreted"):
+        block_sparse_decode(q, k, k, lengths, config=config, implementation="mosaic_gpu",
+                            interpret=True)
 
 
 def test_default_on_cpu_is_the_reference_and_errors_are_clear():

@@ -131,19 +131,42 @@ def test_bfloat16(implementation):
     np.testing.assert_allclose(np.asarray(out, np.float32), expected, rtol=2e-2, atol=2e-2)
 
 
-@pytest.mark.parametrize("implementation,platform", [("tpu", "tpu"), ("gpu", "cuda")])
-def test_lowers_for_hardware(implementation, platform):
-    """The kernel lowers to Mosaic TPU / Triton on this CPU-only machine (not run there)."""
-    q = jax.ShapeDtypeStruct((1, 8, 1000, 128), jnp.bfloat16)
-    k = jax.ShapeDtypeStruct((1, 2, 1000, 128), jnp.bfloat16)
+# (implementation, platform, block_q, what the lowered module calls)
+LOWERINGS = [("tpu", "tpu", 128, "tpu_custom_call"), ("gpu", "cuda", 128, "triton"),
+             ("mosaic_gpu", "cuda", 64, "mosaic_gpu")]
+
+
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("implementation,platform,block_q,call", LOWERINGS)
+def test_lowers_for_hardware(implementation, platform, block_q, call, head_dim):
+    """The kernel lowers to Mosaic TPU / Triton / Mosaic GPU on this CPU-only machine (not run
+    there): per-head DuoAttention patterns, GQA 4, a length that is not a multiple of the blocks."""
+    q = jax.ShapeDtypeStruct((1, 8, 1000, head_dim), jnp.bfloat16)
+    k = jax.ShapeDtypeStruct((1, 2, 1000, head_dim), jnp.bfloat16)
     desc = bm.PerHead((bm.DenseCausal(), bm.SinkLocal(64, 256)))
 
     def run(q, k, v):
-        return block_sparse_prefill(q, k, v, desc, config=PrefillConfig(128, 128),
+        return block_sparse_prefill(q, k, v, desc, lengths=jnp.array([900]),
+                                    config=PrefillConfig(block_q, 128),
                                     implementation=implementation)
 
     lowered = jax.jit(run).trace(q, k, k).lower(lowering_platforms=(platform,))
-    assert ("tpu_custom_call" if platform == "tpu" else "triton") in lowered.as_text()
+    assert call in lowered.as_text()
+
+
+def test_mosaic_gpu_names_what_it_cannot_take():
+    q = jnp.zeros((1, 2, 64, 64), jnp.bfloat16)
+    desc, config = bm.DenseCausal(), PrefillConfig(64, 64)
+    cases = [((q.astype(jnp.float32), config), "bfloat16 or float16"),
+             ((q[..., :32], config), "head_dim a multiple of 64"),
+             ((q, PrefillConfig(128, 64)), "got block_q 128"),
+             ((q, PrefillConfig(64, 32)), "block_k 32")]
+    for (x, cfg), message in cases:
+        with pytest.raises(ValueError, match=message):
+            block_sparse_prefill(x, x, x, desc, config=cfg, implementation="mosaic_gpu")
+    with pytest.raises(ValueError, match="cannot run interpreted"):
+        block_sparse_prefill(q, q, q, desc, config=config, implementation="mosaic_gpu",
+                             interpret=True)
 
 
 def test_default_on_cpu_is_the_reference_and_errors_are_clear():
@@ -295,17 +318,18 @@ def test_chunk_mode_offset_zero_is_whole_sequence_mode_and_errors_are_clear():
         q[:, :, 16:], k, v, chunk_table, lengths=lengths), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("implementation,platform", [("tpu", "tpu"), ("gpu", "cuda")])
-def test_chunk_mode_lowers_for_hardware(implementation, platform):
+@pytest.mark.parametrize("implementation,platform,block_q,call", LOWERINGS)
+def test_chunk_mode_lowers_for_hardware(implementation, platform, block_q, call):
     """A 512-token chunk at a traced offset over a 4160-slot cache (kvjax rounds capacities to 16,
-    not to powers of two) lowers to Mosaic TPU / Triton."""
+    not to powers of two) lowers to Mosaic TPU / Triton / Mosaic GPU."""
     q = jax.ShapeDtypeStruct((1, 8, 512, 128), jnp.bfloat16)
     k = jax.ShapeDtypeStruct((1, 2, 4160, 128), jnp.bfloat16)
     offset = jax.ShapeDtypeStruct((1,), jnp.int32)
 
     def run(q, k, v, offset):
         return block_sparse_prefill(q, k, v, bm.DenseCausal(), q_offset=offset,
-                                    config=PrefillConfig(128, 64), implementation=implementation)
+                                    config=PrefillConfig(block_q, 64),
+                                    implementation=implementation)
 
     lowered = jax.jit(run).trace(q, k, k, offset).lower(lowering_platforms=(platform,))
-    assert ("tpu_custom_call" if platform == "tpu" else "triton") in lowered.as_text()
+    assert call in lowered.as_text()
