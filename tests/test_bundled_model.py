@@ -1,9 +1,6 @@
-"""The bundled model really retrieves: full attention finds single needles at 1K, a StreamingLLM
+"""The bundled model really retrieves: full attention finds single needles at 2K, a StreamingLLM
 window far shorter than the needle's distance loses them (the answers come from the context, not
-guesses), and its tokenizer is exactly what kvjax's builder makes (the model is reproducible).
-
-1K, not the 2K the evaluation issue asks for: on these 10 fixed cases the CPU-trained model finds
-8 of 10 at 2K (it drops a repeated digit), so 2K is not yet a claim it keeps."""
+guesses), and its tokenizer is exactly what kvjax's builder makes (the model is reproducible)."""
 
 from __future__ import annotations
 
@@ -18,7 +15,7 @@ import kvjax
 from kvjax.checkpoint import BUNDLED_DIR, bundled_models
 from kvjax.eval.tasks import get_task, make_sample, string_match_all
 
-LENGTH = 1024
+LENGTH = 2048
 SEEDS = range(10)
 
 
@@ -50,14 +47,14 @@ def test_bundled_model_is_a_small_gqa_llama_with_long_positions(bundled):
     assert size < 25 * 2**20
 
 
-def test_full_attention_finds_at_least_9_of_10_single_needles_at_1k(bundled):
+def test_full_attention_finds_at_least_9_of_10_single_needles_at_2k(bundled):
     samples = _samples(bundled, np.linspace(0.0, 1.0, len(SEEDS)))
     accuracy, texts = _accuracy(bundled, samples, None)
     assert accuracy >= 0.9, list(zip([s.answers[0] for s in samples], texts))
 
 
 def test_streaming_window_shorter_than_the_needle_distance_loses_the_needles(bundled):
-    # needles in the first 60% of a 1K prompt sit >= ~400 tokens before the question; the window keeps 132
+    # needles in the first 60% of a 2K prompt sit >= ~800 tokens before the question; the window keeps 132
     samples = _samples(bundled, np.linspace(0.0, 0.6, len(SEEDS)))
     full, _ = _accuracy(bundled, samples, None)
     streaming, texts = _accuracy(bundled, samples, kvjax.policies.StreamingLLM(sink=4, window=128))
