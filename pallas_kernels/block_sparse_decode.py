@@ -43,7 +43,7 @@ from jax.experimental.pallas import triton as pltriton
 from pallas_kernels import block_masks
 from pallas_kernels.block_masks import DecodeBlockTable, MaskDescription
 from pallas_kernels.block_sparse_mosaic_gpu import decode_mosaic_gpu
-from pallas_kernels.lowering import IMPLEMENTATIONS, pick_implementation
+from pallas_kernels.lowering import WITH_MOSAIC_GPU, pick_implementation
 from pallas_kernels.online_softmax import MASK_VALUE, attend_block, initial_state, masked_attention
 
 _TRITON_MIN_ROWS = 16  # Triton's tl.dot needs at least 16 rows
@@ -381,11 +381,7 @@ def block_sparse_decode(
     if table is not None and table.block_size != config.block_size:
         raise ValueError(f"table.block_size {table.block_size} differs from "
                          f"config.block_size {config.block_size}")
-    implementation = pick_implementation(implementation, interpret,
-                                         choices=(*IMPLEMENTATIONS, "mosaic_gpu"))
-    if implementation == "mosaic_gpu" and interpret:
-        raise ValueError("the Mosaic GPU decode cannot run interpreted: JAX's GPU interpreter "
-                         "lacks its transposed and register-operand wgmma")
+    implementation = pick_implementation(implementation, interpret, choices=WITH_MOSAIC_GPU)
     if implementation == "reference":
         return block_sparse_decode_reference(q, k, v, lengths, table, mask=mask, sm_scale=sm_scale)
     batch, num_heads, head_dim = q.shape

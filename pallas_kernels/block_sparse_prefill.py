@@ -53,7 +53,7 @@ from jax.experimental.pallas import triton as pltriton
 from pallas_kernels import block_masks
 from pallas_kernels.block_masks import MaskDescription, PrefillBlockTable, padded_length
 from pallas_kernels.block_sparse_mosaic_gpu import prefill_mosaic_gpu
-from pallas_kernels.lowering import IMPLEMENTATIONS, pick_implementation
+from pallas_kernels.lowering import WITH_MOSAIC_GPU, pick_implementation
 from pallas_kernels.online_softmax import MASK_VALUE, attend_block, initial_state, masked_attention
 
 _TPU_LANES = 128  # m and l scratch are replicated over the lanes of one vreg row
@@ -468,8 +468,9 @@ def block_sparse_prefill(
     (slots [0, lengths[b])); query rows at or past lengths[b] are zero. implementation:
     "tpu", "gpu" (Triton), "mosaic_gpu" (Hopper, opt-in: see its module), "reference", or None
     to follow `jax.default_backend()` (on CPU: the reference, or the TPU kernel interpreted
-    when interpret=True). interpret runs the chosen kernel on CPU (not "mosaic_gpu"). S and C need not be multiples of the blocks: inputs are zero-padded (pick
-    a block_k dividing C to avoid copying the keys) and the padding masked.
+    when interpret=True). interpret runs the chosen kernel on CPU (not "mosaic_gpu"). S and C
+    need not be multiples of the blocks: inputs are zero-padded (pick a block_k dividing C to
+    avoid copying the keys) and the padding masked.
     """
     chunk = _is_chunk(mask, q_offset)
     _check_inputs(q, k, v, lengths, chunk)
@@ -479,11 +480,7 @@ def block_sparse_prefill(
             (mask.block_q, mask.block_k) != (config.block_q, config.block_k)):
         raise ValueError(f"table block sizes {(mask.block_q, mask.block_k)} differ from "
                          f"config's {(config.block_q, config.block_k)}")
-    implementation = pick_implementation(implementation, interpret,
-                                         choices=(*IMPLEMENTATIONS, "mosaic_gpu"))
-    if implementation == "mosaic_gpu" and interpret:
-        raise ValueError("the Mosaic GPU prefill cannot run interpreted: JAX's GPU interpreter "
-                         "lacks its transposed and register-operand wgmma")
+    implementation = pick_implementation(implementation, interpret, choices=WITH_MOSAIC_GPU)
     if implementation == "reference":
         return block_sparse_prefill_reference(q, k, v, mask, lengths=lengths, q_offset=q_offset,
                                               sm_scale=sm_scale)

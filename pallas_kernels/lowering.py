@@ -1,10 +1,12 @@
-"""Which lowering a kernel entry point runs: Mosaic TPU, GPU (Triton), or the jnp reference."""
+"""Which lowering a kernel entry point runs: Mosaic TPU, GPU (Triton or Mosaic GPU), or the jnp
+reference."""
 
 from __future__ import annotations
 
 import jax
 
 IMPLEMENTATIONS = ("tpu", "gpu", "reference")
+WITH_MOSAIC_GPU = (*IMPLEMENTATIONS, "mosaic_gpu")  # kernels that also have a Hopper lowering
 
 
 def pick_implementation(implementation: str | None, interpret: bool,
@@ -19,4 +21,7 @@ def pick_implementation(implementation: str | None, interpret: bool,
     if implementation not in choices:
         raise ValueError(f"implementation must be one of {choices} or None, "
                          f"got {implementation!r}")
+    if implementation == "mosaic_gpu" and interpret:
+        raise ValueError("the Mosaic GPU kernels cannot run interpreted: JAX's GPU interpreter "
+                         "lacks their transposed and register-operand wgmma")
     return implementation
