@@ -60,7 +60,7 @@ def _eval(args) -> None:
             "no --model given and no bundled model is installed (kvjax's own long-context model has not "
             "shipped in this install yet); pass --model NAME_OR_DIR, e.g. a `kvjax convert` or `kvjax train-lm` output"
         )
-    names = [n for n in args.policies.split(",") if n.strip()]
+    names = [n.strip().lower() for n in args.policies.split(",") if n.strip()]
     budgets = [parse_length(b) for b in args.budgets.split(",") if b.strip()] if args.budgets else []
     config = EvalConfig(
         tasks=tuple(t.strip() for t in args.tasks.split(",") if t.strip()),
@@ -73,7 +73,7 @@ def _eval(args) -> None:
         from kvjax.policies import DuoAttention
 
         bases["duoattention"] = DuoAttention.from_tsv(args.duo_gates, sparsity=args.duo_sparsity)
-    elif any(n.strip().lower() == "duoattention" for n in names):
+    elif "duoattention" in names:
         raise ValueError("policy duoattention needs its head split: pass --duo-gates FILE (the "
                          "full_attention_heads.tsv of `kvjax train-gates --method duo` or of DuoAttention's release)")
     runs = resolve_policies(names, budgets, bases=bases)
