@@ -16,13 +16,13 @@ Lowerings:
     is padded to at least 16 query rows for Triton's matmul. The Triton backend is chosen
     explicitly (`pltriton.CompilerParams`): it is deprecated from JAX 0.11 but works, and
     JAX's interpreter checks it numerically on CPU, so it stays the GPU default.
-  * "mosaic_gpu": the Hopper kernel in `block_sparse_mosaic_gpu` (TMA, wgmma), opt-in: it
-    lowers, but no interpreter here can run it, so it has not yet computed a number.
+  * "mosaic_gpu": the Hopper kernel in `block_sparse_mosaic_gpu` (TMA, wgmma), opt-in
+    until it has compiled and been timed on a GPU (see its module).
   * "reference": `block_sparse_decode_reference`, dense masked attention in jnp.
 
-No kernel here has run on a TPU or GPU: the TPU and Triton ones are tested in interpret mode
-on CPU, and all three are checked to lower (to Mosaic TPU MLIR, Triton IR and Mosaic GPU MLIR)
-with cross-platform lowering.
+No kernel here has run on a TPU or GPU: all three are tested in interpret mode on CPU (Mosaic
+GPU on JAX's GPU interpreter as the tests extend it) and checked to lower (to Mosaic TPU MLIR,
+Triton IR and Mosaic GPU MLIR) with cross-platform lowering.
 
 Layout: q [B, H, D], k and v [B, Hkv, C, D] (H = Hkv * g, C a multiple of the block size);
 lengths int32[B] or [B, Hkv]: slots [0, length) of a row are valid and the query sits at

@@ -13,11 +13,13 @@ Constraints (checked): bfloat16 or float16, head_dim a multiple of 64 (the 128-b
 of a 64-element row); prefill block_q = 64 (one warpgroup's wgmma rows), block_k and the
 decode block size 64 or 128; a GQA group of at most 64 heads.
 
-Status: both lower to Mosaic GPU MLIR on CPU (the tests); JAX 0.10's GPU interpreter cannot
-run them (it lacks transposed and register-operand wgmma), so they have not yet computed a
-number. Opt-in (`implementation="mosaic_gpu"`) until a GPU checks them:
-`benchmarks/bench_block_sparse.py --implementation mosaic_gpu` compares them with cuDNN and
-the dense references before timing.
+Status: both lower to Mosaic GPU MLIR on CPU, and compute the dense references' numbers on
+JAX's GPU interpreter (TMA copies, barriers with race detection, wgmma on the host), which the
+tests extend by the transposed and register-operand wgmma it lacks in JAX 0.10
+(tests/mosaic_gpu_interpreter.py). They have not been compiled for or timed on a GPU, so they
+are opt-in (`implementation="mosaic_gpu"`) until `benchmarks/bench_block_sparse.py
+--implementation mosaic_gpu` (which checks against cuDNN and the references before timing)
+has run on an H100.
 """
 
 from __future__ import annotations

@@ -17,13 +17,13 @@ Lowerings:
     streaming head costs a few blocks even when dense heads share the launch. The Triton backend
     is chosen explicitly (`pltriton.CompilerParams`): it is deprecated from JAX 0.11 but works,
     and JAX's interpreter checks it numerically on CPU, so it stays the GPU default.
-  * "mosaic_gpu": the Hopper kernel in `block_sparse_mosaic_gpu` (TMA, wgmma), opt-in:
-    it lowers, but no interpreter here can run it, so it has not yet computed a number.
+  * "mosaic_gpu": the Hopper kernel in `block_sparse_mosaic_gpu` (TMA, wgmma), opt-in
+    until it has compiled and been timed on a GPU (see its module).
   * "reference": `block_sparse_prefill_reference`, dense masked attention in jnp.
 
-No kernel here has run on a TPU or GPU: the TPU and Triton ones are tested in interpret mode
-on CPU, and all three are checked to lower (to Mosaic TPU MLIR, Triton IR and Mosaic GPU MLIR)
-with cross-platform lowering.
+No kernel here has run on a TPU or GPU: all three are tested in interpret mode on CPU (Mosaic
+GPU on JAX's GPU interpreter as the tests extend it) and checked to lower (to Mosaic TPU MLIR,
+Triton IR and Mosaic GPU MLIR) with cross-platform lowering.
 
 Layout: q [B, H, T, D], k and v [B, Hkv, T, D] (H = Hkv * g); output [B, H, T, D]. Query
 head h reads KV head h // g. Batches are right-padded: sequence b holds tokens [0, lengths[b]).

@@ -22,6 +22,7 @@ def pick_implementation(implementation: str | None, interpret: bool,
         raise ValueError(f"implementation must be one of {choices} or None, "
                          f"got {implementation!r}")
     if implementation == "mosaic_gpu" and interpret:
-        raise ValueError("the Mosaic GPU kernels cannot run interpreted: JAX's GPU interpreter "
-                         "lacks their transposed and register-operand wgmma")
+        raise ValueError("the Mosaic GPU kernels cannot run interpreted here: JAX 0.10's GPU "
+                         "interpreter lacks their transposed and register-operand wgmma "
+                         "(the test suite adds them: tests/mosaic_gpu_interpreter.py)")
     return implementation

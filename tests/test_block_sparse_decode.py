@@ -8,6 +8,7 @@ import pytest
 from pallas_kernels import block_masks as bm
 from pallas_kernels.block_sparse_decode import (
     DecodeConfig, block_sparse_decode, block_sparse_decode_reference)
+from tests.mosaic_gpu_interpreter import interpreted
 
 IMPLEMENTATIONS = ("tpu", "gpu")
 
@@ -196,3 +197,54 @@ def test_default_on_cpu_is_the_reference_and_errors_are_clear():
         block_sparse_decode(q, k, v, lengths, table, config=DecodeConfig(block_size=32))
     with pytest.raises(ValueError, match="expected q"):
         block_sparse_decode(q[:, None], k, v, lengths)
+
+
+# ----------------------------------------------------------------------------------------
+# The Hopper kernel (Mosaic GPU), run by JAX's GPU interpreter as extended in
+# tests/mosaic_gpu_interpreter.py: TMA copies, barriers and wgmma included.
+# ----------------------------------------------------------------------------------------
+
+
+def test_mosaic_gpu_streaming_heads_on_the_gpu_interpreter():
+    """Dense KV head 0, sink + local KV head 1, GQA 4, head_dim 128, two splits, a partial
+    last block; unlisted blocks hold NaN."""
+    batch, heads, kv_heads, capacity, head_dim, block = 2, 8, 2, 320, 128, 64
+    desc = bm.PerHead((bm.DenseCausal(), bm.SinkLocal(8, 70)))
+    q, k, v = _inputs(jax.random.key(5), batch, heads, kv_heads, capacity, head_dim, jnp.bfloat16)
+    lengths = np.array([300, 100])
+    slots, n = np.arange(capacity), lengths[:, None]
+    visible = np.stack([slots < n, (slots < n) & ((slots < 8) | (n - 1 - slots < 70))], axis=1)
+    expected = _dense_decode(q, k, v, visible)
+    table = bm.decode_table_from_mask(desc, jnp.asarray(lengths), num_kv_heads=kv_heads,
+                                      capacity=capacity, block_size=block)
+    listed = _listed(np.asarray(table.kv_blocks), np.asarray(table.counts), capacity, block)
+    assert (~listed).sum() >= 4 * block  # something is poisoned in both sequences
+    k_bad, v_bad = _poison_unlisted(k, v, listed)
+    run = jax.jit(lambda q, k, v, lengths: block_sparse_decode(
+        q, k, v, lengths, mask=desc, config=DecodeConfig(block_size=block, num_splits=2),
+        implementation="mosaic_gpu"))
+    with interpreted() as found_race:
+        out = np.asarray(run(q, k_bad, v_bad, jnp.asarray(lengths, jnp.int32)), np.float32)
+        assert not found_race()
+    np.testing.assert_allclose(out, expected, rtol=2e-2, atol=2e-2)
+
+
+def test_mosaic_gpu_top_k_pages_on_the_gpu_interpreter():
+    """Quest-style top-2 pages per KV head, GQA 8, head_dim 64, one sequence ending inside a
+    page; pages not chosen hold NaN."""
+    batch, heads, kv_heads, capacity, head_dim, page = 2, 16, 2, 256, 64, 64
+    q, k, v = _inputs(jax.random.key(6), batch, heads, kv_heads, capacity, head_dim, jnp.bfloat16)
+    lengths = jnp.array([256, 150], jnp.int32)
+    lower, upper = bm.page_key_bounds(k, lengths, block_size=page)
+    table = bm.decode_table_top_k_pages(q, lower, upper, lengths, top_k=2, block_size=page)
+    listed = _listed(np.asarray(table.kv_blocks), np.asarray(table.counts), capacity, page)
+    expected = _dense_decode(q, k, v, listed & (np.arange(capacity) < np.asarray(lengths)[:, None,
+                                                                                           None]))
+    k_bad, v_bad = _poison_unlisted(k, v, listed)
+    run = jax.jit(lambda q, k, v, lengths, table: block_sparse_decode(
+        q, k, v, lengths, table, config=DecodeConfig(block_size=page),
+        implementation="mosaic_gpu"))
+    with interpreted() as found_race:
+        out = np.asarray(run(q, k_bad, v_bad, lengths, table), np.float32)
+        assert not found_race()
+    np.testing.assert_allclose(out, expected, rtol=2e-2, atol=2e-2)

@@ -8,6 +8,7 @@ import pytest
 from pallas_kernels import block_masks as bm
 from pallas_kernels.block_sparse_prefill import (
     PrefillConfig, block_sparse_prefill, block_sparse_prefill_reference)
+from tests.mosaic_gpu_interpreter import interpreted
 
 IMPLEMENTATIONS = ("tpu", "gpu")
 
@@ -333,3 +334,49 @@ def test_chunk_mode_lowers_for_hardware(implementation, platform, block_q, call)
 
     lowered = jax.jit(run).trace(q, k, k, offset).lower(lowering_platforms=(platform,))
     assert call in lowered.as_text()
+
+
+# ----------------------------------------------------------------------------------------
+# The Hopper kernel (Mosaic GPU), run by JAX's GPU interpreter as extended in
+# tests/mosaic_gpu_interpreter.py: TMA copies, barriers and wgmma included.
+# ----------------------------------------------------------------------------------------
+
+
+def test_mosaic_gpu_whole_sequence_on_the_gpu_interpreter():
+    """Per-query-head Duo patterns (a dense and a streaming head share the KV head), GQA 2,
+    head_dim 64, a length off the block grid; the key block wholly past it holds NaN."""
+    batch, heads, kv_heads, seq_len, head_dim, length = 1, 2, 1, 200, 64, 131
+    desc = bm.PerHead((bm.DenseCausal(), bm.SinkLocal(8, 40)))
+    q, k, v = _inputs(jax.random.key(6), batch, heads, kv_heads, seq_len, head_dim, jnp.bfloat16)
+    expected = _dense_attention(q, k, v, _visible([DENSE, (8, 40)], seq_len), np.array([length]))
+    past = (np.arange(seq_len) >= 192)[:, None]  # [T, 1]: block 3
+    k_bad, v_bad = (jnp.where(past, jnp.nan, x) for x in (k, v))
+    run = jax.jit(lambda q, k, v: block_sparse_prefill(
+        q, k, v, desc, lengths=jnp.array([length]), config=PrefillConfig(64, 64),
+        implementation="mosaic_gpu"))
+    with interpreted() as found_race:
+        out = np.asarray(run(q, k_bad, v_bad), np.float32)
+        assert not found_race()
+    np.testing.assert_allclose(out, expected, rtol=2e-2, atol=2e-2)
+
+
+def test_mosaic_gpu_chunk_mode_on_the_gpu_interpreter():
+    """A 64-query chunk at traced offsets over a 512-slot cache, sink + local, head_dim 128,
+    block_k 128; key blocks no query of the chunk sees hold NaN."""
+    batch, heads, kv_heads, chunk_len, kv_len, head_dim, block_k = 2, 2, 1, 64, 512, 128, 128
+    desc, offsets, lengths = bm.SinkLocal(16, 100), [400, 37], [512, 80]
+    q, k, v = _chunk_inputs(jax.random.key(7), batch, heads, kv_heads, chunk_len, kv_len,
+                            head_dim, jnp.bfloat16)
+    expected, mask = _dense_chunk_attention(q, k, v, [(16, 100)] * heads, offsets, lengths)
+    seen = mask.any(axis=(1, 2)).reshape(batch, kv_len // block_k, block_k).any(-1)  # [B, nk]
+    assert (~seen).sum() == 4  # block 1 of b 0 (between sink and window), 1-3 of b 1
+    poison = np.repeat(~seen, block_k, axis=1)[:, None, :, None]  # [B, 1, C, 1]
+    k_bad, v_bad = (jnp.where(poison, jnp.nan, x) for x in (k, v))
+    run = jax.jit(lambda q, k, v, offsets, lengths: block_sparse_prefill(
+        q, k, v, desc, lengths=lengths, q_offset=offsets, config=PrefillConfig(64, block_k),
+        implementation="mosaic_gpu"))
+    with interpreted() as found_race:
+        out = np.asarray(run(q, k_bad, v_bad, jnp.asarray(offsets, jnp.int32),
+                             jnp.asarray(lengths, jnp.int32)), np.float32)
+        assert not found_race()
+    np.testing.assert_allclose(out, expected, rtol=2e-2, atol=2e-2)
