@@ -160,7 +160,7 @@ def bench_prefill(shapes: Shapes, seq_len: int, kernel_kwargs: dict, repeats: in
 
 
 def bench_decode(shapes: Shapes, seq_len: int, kernel_kwargs: dict, num_splits: int,
-                 repeats: int) -> list[dict]:
+                 num_stages: int, repeats: int) -> list[dict]:
     batch, heads, kv_heads, dim = (shapes.batch, shapes.num_heads, shapes.num_kv_heads,
                                    shapes.head_dim)
     dtype = jnp.dtype(shapes.dtype)
@@ -174,7 +174,7 @@ def bench_decode(shapes: Shapes, seq_len: int, kernel_kwargs: dict, num_splits: 
     top_k = max(1, round(shapes.decode_fraction * capacity / page))
     k_min, k_max = jax.jit(lambda k: bm.page_key_bounds(k, lengths, block_size=page))(k)
 
-    config = DecodeConfig(block_size=page, num_splits=num_splits)
+    config = DecodeConfig(block_size=page, num_splits=num_splits, num_stages=num_stages)
     select = jax.jit(lambda q, k_min, k_max: bm.decode_table_top_k_pages(
         q, k_min, k_max, lengths, top_k=top_k, block_size=page))
     table = select(q, k_min, k_max)
@@ -272,10 +272,12 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--block-q", type=int, default=128)
     parser.add_argument("--block-k", type=int, default=128)
     parser.add_argument("--num-splits", type=int, default=8)
+    parser.add_argument("--num-stages", type=int, default=2,
+                        help="K/V blocks in flight (Triton pipelining; Mosaic GPU stage ring)")
     parser.add_argument("--chunk", type=int, default=512, help="kvjax prefill chunk (dispatch row)")
     parser.add_argument("--implementation", choices=("tpu", "gpu", "mosaic_gpu"),
                         help="force a lowering (default: from jax.default_backend()); "
-                             "mosaic_gpu: the Hopper kernels (prefill block_q 64)")
+                             "mosaic_gpu: the Hopper kernels (prefill block_q 128)")
     args = parser.parse_args(argv)
 
     shapes = SMOKE if args.smoke else FULL
@@ -291,9 +293,9 @@ def main(argv: list[str] | None = None) -> dict:
     mosaic = args.implementation == "mosaic_gpu"
     if mosaic and interpret:
         parser.error("the Mosaic GPU kernels need a GPU (no interpreter runs them)")
-    blocks = (16, 16) if args.smoke else (64 if mosaic else args.block_q, args.block_k)
+    blocks = (16, 16) if args.smoke else (args.block_q, args.block_k)
     kernel_kwargs = dict(implementation=args.implementation, interpret=interpret)
-    prefill_kwargs = dict(kernel_kwargs, config=PrefillConfig(*blocks))
+    prefill_kwargs = dict(kernel_kwargs, config=PrefillConfig(*blocks, num_stages=args.num_stages))
     # kvjax's attention_impl for the dispatch row: "auto" on an accelerator (its own lowering,
     # Triton on GPU), an interpreter on CPU (the TPU one unless --implementation gpu).
     dispatch = "gpu" if mosaic else args.implementation
@@ -306,7 +308,8 @@ def main(argv: list[str] | None = None) -> dict:
     results = []
     for seq_len in shapes.lengths:
         results += bench_prefill(shapes, seq_len, prefill_kwargs, repeats)
-        results += bench_decode(shapes, seq_len, kernel_kwargs, args.num_splits, repeats)
+        results += bench_decode(shapes, seq_len, kernel_kwargs, args.num_splits, args.num_stages,
+                                repeats)
         results += bench_chunked_prefill(shapes, seq_len, chunk, dispatch_impl, repeats)
     report = {
         "device": jax.devices()[0].device_kind,
@@ -319,6 +322,7 @@ def main(argv: list[str] | None = None) -> dict:
         "shapes": dataclasses.asdict(shapes),
         "kernel_implementation": args.implementation or ("tpu" if interpret else backend),
         "prefill_blocks": list(blocks),
+        "num_stages": args.num_stages,
         "results": results,
     }
     args.out.write_text(json.dumps(report, indent=2))

@@ -61,7 +61,7 @@ class DecodeConfig:
     block_size: int = 128
     num_splits: int = 1
     num_warps: int = 4  # GPU only
-    num_stages: int = 2  # GPU only
+    num_stages: int = 2  # GPU only (Mosaic GPU: K/V blocks in flight)
 
     def __post_init__(self):
         if not _positive_int(self.block_size) or self.block_size & (self.block_size - 1):
@@ -394,7 +394,8 @@ def block_sparse_decode(
         out, lse = _decode_tpu(qg, k, v, lengths, table, sink, window, sm_scale, num_splits,
                                interpret)
     elif implementation == "mosaic_gpu":
-        out, lse = decode_mosaic_gpu(qg, k, v, lengths, table, sink, window, sm_scale, num_splits)
+        out, lse = decode_mosaic_gpu(qg, k, v, lengths, table, sink, window, sm_scale, num_splits,
+                                     config.num_stages)
     else:
         out, lse = _decode_gpu(qg, k, v, lengths, table, sink, window, sm_scale, num_splits,
                                interpret, config)

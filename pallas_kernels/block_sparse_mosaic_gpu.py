@@ -1,31 +1,36 @@
 """Block-sparse prefill and decode for Hopper GPUs, lowered with Mosaic GPU (TMA, wgmma).
 
 The same computations as the Triton and Mosaic TPU lowerings in `block_sparse_prefill` and
-`block_sparse_decode`: one thread block per (sequence, head, query block) or (sequence, KV
-head, split), looping over exactly the KV blocks its table row lists. One warpgroup per thread
-block; the next listed K/V block is copied by TMA into the other of two shared-memory slots
-while the current one is multiplied, so skipped blocks are never loaded and listed ones load
-under the math. S = Q K^T and P V run on the tensor cores (wgmma: bf16/f16 in, float32 out);
-the online softmax runs in registers in base 2 (scores pre-scaled by log2 e). Decode puts the
-g query heads of a GQA group in the rows of one wgmma (padded to 64), so they share each load.
+`block_sparse_decode`: one thread block per (sequence, head, query tile) or (sequence, KV
+head, split), visiting exactly the KV blocks its table row lists, so skipped blocks are
+never loaded. Warp-specialized in the manner of FlashAttention-3: a producer warpgroup walks
+the table row and TMA-copies each listed K/V block into a ring of shared-memory stages,
+waiting for a stage to be freed before refilling it; consumer warpgroups (64 query rows
+each) run S = Q K^T and P V on the tensor cores (wgmma: bf16/f16 in, float32 out) and the
+online softmax in registers, in base 2 (scores pre-scaled by log2 e). Prefill has two
+consumers over a 128-row query tile that share every K/V load; a schedule barrier staggers
+them so one's softmax overlaps the other's matmuls. Decode has one consumer whose 64 wgmma
+rows hold the g query heads of a GQA group (zero-padded), so the group shares each load.
 
 Constraints (checked): bfloat16 or float16, head_dim a multiple of 64 (the 128-byte swizzle
-of a 64-element row); prefill block_q = 64 (one warpgroup's wgmma rows), block_k and the
-decode block size 64 or 128; a GQA group of at most 64 heads.
+of a 64-element row), prefill block_q 128 (two consumers of 64 rows), block_k and the decode
+block size 64 or 128, a GQA group of at most 64 heads, and two K/V stages fitting in shared
+memory beside the query tile (`num_stages` of the configs: 2 by default).
 
 Status: both lower to Mosaic GPU MLIR on CPU, and compute the dense references' numbers on
-JAX's GPU interpreter (TMA copies, barriers with race detection, wgmma on the host), which the
-tests extend by the transposed and register-operand wgmma it lacks in JAX 0.10
-(tests/mosaic_gpu_interpreter.py). They have not been compiled for or timed on a GPU, so they
-are opt-in (`implementation="mosaic_gpu"`) until `benchmarks/bench_block_sparse.py
---implementation mosaic_gpu` (which checks against cuDNN and the references before timing)
-has run on an H100.
+JAX's GPU interpreter (warpgroups as threads, TMA copies, barriers with race detection,
+wgmma on the host), which the tests extend by the transposed and register-operand wgmma it
+lacks in JAX 0.10 (tests/mosaic_gpu_interpreter.py). They have not been compiled for or
+timed on a GPU, so they are opt-in (`implementation="mosaic_gpu"`) until
+`benchmarks/bench_block_sparse.py --implementation mosaic_gpu` (which checks against cuDNN
+and the references before timing) has run on an H100.
 """
 
 from __future__ import annotations
 
 import functools
 import math
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -36,36 +41,111 @@ from pallas_kernels import block_masks
 from pallas_kernels.block_masks import DecodeBlockTable, PrefillBlockTable
 from pallas_kernels.online_softmax import MASK_VALUE
 
-ROWS = 64  # wgmma rows of one warpgroup: the prefill query block, the padded decode group
+ROWS = 64  # wgmma rows of one consumer warpgroup
+PREFILL_CONSUMERS = 2  # prefill query tile = 2 * ROWS rows
 BLOCK_K = (64, 128)
-_SLOTS = 2  # K/V double buffer: TMA fills one slot while wgmma reads the other
+SMEM_BYTES = 227 * 1024  # an H100 thread block's shared memory
 _LOG2E = math.log2(math.e)
 _SWIZZLED = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
+_WG = "wg"  # the warpgroup axis: consumers 0 .. n-1, then the producer
 
 
-def check_supported(dtype, head_dim: int, block_k: int, block_q: int = ROWS,
-                    group: int = 1) -> None:
-    """Raises ValueError naming the first thing these kernels cannot take."""
+def check_supported(dtype, head_dim: int, block_k: int, stages: int, other_bytes: int,
+                    block_q: int | None = None, group: int = 1) -> None:
+    """Raises ValueError naming the first thing these kernels cannot take. other_bytes: the
+    shared memory the kernel needs besides its K/V stages; block_q: prefill's query tile."""
     if dtype not in (jnp.bfloat16, jnp.float16):
         raise ValueError(f"the Mosaic GPU kernels take bfloat16 or float16 (wgmma), got {dtype}")
     if head_dim % 64:
         raise ValueError(f"the Mosaic GPU kernels need head_dim a multiple of 64, got {head_dim}")
-    if block_q != ROWS or block_k not in BLOCK_K:
-        raise ValueError(f"the Mosaic GPU kernels need block_q {ROWS} and block_k (decode: "
-                         f"block_size) in {BLOCK_K}, got block_q {block_q}, block_k {block_k}")
+    if block_q not in (None, PREFILL_CONSUMERS * ROWS):
+        raise ValueError(f"the Mosaic GPU prefill needs block_q {PREFILL_CONSUMERS * ROWS} "
+                         f"({PREFILL_CONSUMERS} consumer warpgroups of {ROWS} rows), got "
+                         f"block_q {block_q}")
+    if block_k not in BLOCK_K:
+        raise ValueError(f"the Mosaic GPU kernels need block_k (decode: block_size) in "
+                         f"{BLOCK_K}, got block_k {block_k}")
     if group > ROWS:
         raise ValueError(f"the Mosaic GPU decode takes GQA groups of at most {ROWS}, got {group}")
+    needed = other_bytes + stages * 2 * block_k * head_dim * jnp.dtype(dtype).itemsize
+    if stages < 2 or needed > SMEM_BYTES:
+        raise ValueError(f"the Mosaic GPU kernels need 2 or more K/V stages (num_stages) "
+                         f"within {SMEM_BYTES} bytes of shared memory: {stages} stages of "
+                         f"block {block_k} x head_dim {head_dim} take {needed}")
 
 
-def _attend_listed_blocks(q_smem, k_smem, v_smem, k_barriers, v_barriers, fetch, first, last,
-                          block_visible, needs_mask, sm_scale):
-    """Online softmax over table entries [first, last): (acc [rows, D], m, l [rows]), m in
-    log2 units. fetch(entry, slot) starts the TMA copies of an entry's K/V block into a slot
-    (the caller has started `first`'s); block_visible(entry, shape) -> bool mask of the block;
-    needs_mask(entry) -> whether to apply it (fully visible blocks skip the element-wise work),
-    or None to mask every block."""
+class _Ring(NamedTuple):
+    """The K/V stage ring in shared memory and its barriers, one of each per stage. Table
+    entries whose block starts at or past the sequence's length are skipped by producer and
+    consumers alike, so the i-th live entry sits in stage i mod stages."""
+
+    k: Any  # [stages, bk, D]
+    v: Any  # [stages, bk, D]
+    k_loaded: Any  # the stage's TMA copy landed
+    v_loaded: Any
+    k_freed: Any  # every consumer is done with the stage
+    v_freed: Any
+
+    @staticmethod
+    def scratch(stages: int, block_k: int, head_dim: int, dtype, consumers: int) -> _Ring:
+        """Its scratch types (the kernel gets a _Ring of refs), swizzled for wgmma."""
+        ring = plgpu.SMEM((stages, block_k, head_dim), dtype, transforms=_SWIZZLED)
+        loaded = plgpu.Barrier(num_barriers=stages)
+        freed = plgpu.Barrier(num_arrivals=consumers, num_barriers=stages)
+        return _Ring(ring, ring, loaded, loaded, freed, freed)
+
+
+def _live_entries(count, block_start, length, visit, init):
+    """fori over table entries [0, count) whose block starts below `length`, calling
+    visit(entry, i, carry) with i the entry's rank among the live ones -> (live, carry)."""
+
+    def step(entry, state):
+        i, carry = state
+        live = block_start(entry) < length
+        carry = jax.lax.cond(live, lambda: visit(entry, i, carry), lambda: carry)
+        return i + live.astype(jnp.int32), carry
+
+    return jax.lax.fori_loop(0, count, step, (jnp.int32(0), init))
+
+
+def _produce(ring: _Ring, k_rows, v_rows, count, block_start, length) -> None:
+    """Producer: TMA-copy each live entry's K and V block (k_rows, v_rows: [C, D] GMEM refs)
+    into its stage, once every consumer has freed that stage's previous block; then wait for
+    the last blocks to be freed too, so every phase of every barrier is observed (JAX's GPU
+    interpreter checks that; the producer has nothing else to do)."""
+    stages, block_k = ring.k.shape[:2]
+
+    def await_freed(i):
+        slot = jax.lax.rem(i, stages)
+        plgpu.barrier_wait(ring.k_freed.at[slot])
+        plgpu.barrier_wait(ring.v_freed.at[slot])
+
+    def load(entry, i, carry):
+        slot, keys = jax.lax.rem(i, stages), pl.ds(block_start(entry), block_k)
+        pl.when(i >= stages)(functools.partial(await_freed, i - stages))
+        plgpu.copy_gmem_to_smem(k_rows.at[keys], ring.k.at[slot], ring.k_loaded.at[slot])
+        plgpu.copy_gmem_to_smem(v_rows.at[keys], ring.v.at[slot], ring.v_loaded.at[slot])
+        return carry
+
+    live = _live_entries(count, block_start, length, load, ())[0]
+    pl.loop(jnp.maximum(live - stages, 0), live)(await_freed)
+
+
+def _meet(barrier) -> None:
+    """Arrive at a barrier and wait for its phase: a rendezvous of its arrivals."""
+    plgpu.barrier_arrive(barrier)
+    plgpu.barrier_wait(barrier)
+
+
+def _consume(q_smem, ring: _Ring, count, block_start, length, block_visible, needs_mask,
+             sm_scale, schedule):
+    """Consumer: online softmax over the live entries as the producer delivers them:
+    (acc [rows, D], m, l [rows]), m in log2 units. block_visible(start, shape) -> bool mask
+    of the block starting at key slot `start`; needs_mask(entry) -> whether to apply it
+    (fully visible blocks skip the element-wise work), or None to mask every block.
+    schedule: the barrier two consumers meet at to take turns on the tensor cores, or None."""
     rows, head_dim = q_smem.shape
-    block_k = k_smem.shape[1]
+    stages, block_k = ring.k.shape[:2]
     row_layout = plgpu.Layout.WGMMA.reduce(1)
 
     def softmax_step(s, m, l, visible):
@@ -76,52 +156,52 @@ def _attend_listed_blocks(q_smem, k_smem, v_smem, k_barriers, v_barriers, fetch,
         if visible is not None:
             p = jnp.where(visible, p, 0.0)  # a row that sees nothing keeps l = 0
         alpha = jnp.exp2(m - m_new)  # [rows]
-        return p.astype(v_smem.dtype), m_new, l * alpha + p.sum(axis=1), alpha
+        return p.astype(ring.v.dtype), m_new, l * alpha + p.sum(axis=1), alpha
 
-    def body(entry, carry):
+    def visit(entry, i, carry):
         acc, m, l = carry
-        slot = jax.lax.rem(entry - first, _SLOTS)
-        pl.when(entry + 1 < last)(lambda: fetch(entry + 1, 1 - slot))
-        plgpu.barrier_wait(k_barriers.at[slot])
+        slot = jax.lax.rem(i, stages)
+        plgpu.barrier_wait(ring.k_loaded.at[slot])
 
         def scores(acc_ref):
-            plgpu.wgmma(acc_ref, q_smem, plgpu.transpose_ref(k_smem.at[slot], (1, 0)))
+            plgpu.wgmma(acc_ref, q_smem, plgpu.transpose_ref(ring.k.at[slot], (1, 0)))
+            if schedule is not None:
+                _meet(schedule)  # the other consumer's turn while this wgmma runs
             return acc_ref[...]
 
         s = pl.run_scoped(scores, plgpu.ACC((rows, block_k), jnp.float32))
+        plgpu.barrier_arrive(ring.k_freed.at[slot])
         s = s * (sm_scale * _LOG2E)  # [rows, bk] base-2 scores
-        masked = lambda: softmax_step(s, m, l, block_visible(entry, s.shape))  # noqa: E731
+        masked = lambda: softmax_step(  # noqa: E731
+            s, m, l, block_visible(block_start(entry), s.shape))
         if needs_mask is None:
             p, m, l, alpha = masked()
         else:
             p, m, l, alpha = jax.lax.cond(needs_mask(entry), masked,
                                           lambda: softmax_step(s, m, l, None))
-        plgpu.barrier_wait(v_barriers.at[slot])
+        if schedule is not None:
+            plgpu.barrier_arrive(schedule)  # softmax done
+        plgpu.barrier_wait(ring.v_loaded.at[slot])
+        if schedule is not None:
+            plgpu.barrier_wait(schedule)  # the tensor cores are free
 
         def values(acc_ref):
-            plgpu.wgmma(acc_ref, p, v_smem.at[slot])
+            plgpu.wgmma(acc_ref, p, ring.v.at[slot])
             return acc_ref[...]
 
         pv = pl.run_scoped(values, plgpu.ACC((rows, head_dim), jnp.float32))  # [rows, D]
+        plgpu.barrier_arrive(ring.v_freed.at[slot])
         return acc * jax.lax.broadcast_in_dim(alpha, acc.shape, [0]) + pv, m, l
 
     init = (plgpu.layout_cast(jnp.zeros((rows, head_dim), jnp.float32), plgpu.Layout.WGMMA),
             plgpu.layout_cast(jnp.full((rows,), MASK_VALUE, jnp.float32), row_layout),
             plgpu.layout_cast(jnp.zeros((rows,), jnp.float32), row_layout))
-    return jax.lax.fori_loop(first, last, body, init)
+    return _live_entries(count, block_start, length, visit, init)[1]
 
 
 def _positions(base, shape, dim, layout=plgpu.Layout.WGMMA):
     """int32 positions base + index along `dim`, in a register layout wgmma results use."""
     return base + plgpu.broadcasted_iota(jnp.int32, shape, dim, layout=layout)
-
-
-def _scratch(rows: int, block_k: int, head_dim: int, dtype) -> list:
-    """Query block, K and V slots (128-byte swizzled for wgmma) and their TMA barriers."""
-    kv_slots = plgpu.SMEM((_SLOTS, block_k, head_dim), dtype, transforms=_SWIZZLED)
-    return [plgpu.SMEM((rows, head_dim), dtype, transforms=_SWIZZLED), kv_slots, kv_slots,
-            plgpu.Barrier(), plgpu.Barrier(num_barriers=_SLOTS),
-            plgpu.Barrier(num_barriers=_SLOTS)]
 
 
 # ----------------------------------------------------------------------------------------
@@ -130,7 +210,7 @@ def _scratch(rows: int, block_k: int, head_dim: int, dtype) -> list:
 
 
 def _prefill_kernel(
-    kv_blocks_ref,  # int32[R, nq, n_max]  (GMEM; scalars read by the warpgroup)
+    kv_blocks_ref,  # int32[R, nq, n_max]  (GMEM; scalars read by the warpgroups)
     counts_ref,  # int32[R, nq]
     partial_ref,  # int32[R, nq, n_max]
     head_pattern_ref,  # int32[H]
@@ -142,71 +222,89 @@ def _prefill_kernel(
     k_gmem,  # [B, Hkv, C, D]
     v_gmem,  # [B, Hkv, C, D]
     o_gmem,  # [B, H, S, D]
-    q_smem,  # [bq, D]  the query block, then the output block
-    k_smem,  # [2, bk, D]
-    v_smem,  # [2, bk, D]
-    q_barrier,
-    k_barriers,  # one per slot
-    v_barriers,
+    q_smem,  # [2, 64, D]  each consumer's query rows, then its output rows
+    ring: _Ring,  # K/V stages [stages, bk, D] and their barriers
+    q_loaded,  # a barrier per consumer
+    schedule,  # the consumers' turn-taking barrier
     *,
     sm_scale: float,
     group: int,
     batch_stride: int,
 ):
-    b, h, q_block = (jax.lax.axis_index(name) for name in ("batch", "heads", "q_blocks"))
-    block_q, block_k = q_smem.shape[0], k_smem.shape[1]
+    b, h, q_tile = (jax.lax.axis_index(name) for name in ("batch", "heads", "q_tiles"))
+    wg = jax.lax.axis_index(_WG)
+    consumers, rows = q_smem.shape[:2]
+    block_k = ring.k.shape[1]
     pattern = head_pattern_ref[h]
     row = b * batch_stride + pattern
-    sink, window, length = sink_ref[pattern], window_ref[pattern], lengths_ref[b]
-    q_first = q_offset_ref[b] + q_block * block_q
-    count = jnp.where(q_first < length, counts_ref[row, q_block], 0)
-    kv_head = jax.lax.div(h, jnp.int32(group))
+    length, tile_first = lengths_ref[b], q_tile * consumers * rows
+    count = jnp.where(q_offset_ref[b] + tile_first < length, counts_ref[row, q_tile], 0)
 
-    def fetch(entry, slot):
-        keys = (b, kv_head, pl.ds(kv_blocks_ref[row, q_block, entry] * block_k, block_k))
-        plgpu.copy_gmem_to_smem(k_gmem.at[keys], k_smem.at[slot], k_barriers.at[slot])
-        plgpu.copy_gmem_to_smem(v_gmem.at[keys], v_smem.at[slot], v_barriers.at[slot])
+    def block_start(entry):
+        return kv_blocks_ref[row, q_tile, entry] * block_k
 
-    def block_visible(entry, shape):
-        k_pos = _positions(kv_blocks_ref[row, q_block, entry] * block_k, shape, 1)
-        return (block_masks.token_visible(_positions(q_first, shape, 0), k_pos, sink, window)
-                & (k_pos < length))
+    @pl.when(wg == consumers)
+    def _producer():
+        plgpu.set_max_registers(40, action="decrease")
+        kv_head = jax.lax.div(h, jnp.int32(group))
+        _produce(ring, k_gmem.at[b, kv_head], v_gmem.at[b, kv_head], count, block_start, length)
 
-    def needs_mask(entry):
-        end = (kv_blocks_ref[row, q_block, entry] + 1) * block_k
-        return (partial_ref[row, q_block, entry] != 0) | (end > length)
+    @pl.when(wg < consumers)
+    def _consumer():
+        plgpu.set_max_registers(232, action="increase")
+        sink, window = sink_ref[pattern], window_ref[pattern]
+        own_first = tile_first + wg * rows  # this consumer's first query row
+        q_first = q_offset_ref[b] + own_first  # ... and its position
+        rows_smem = q_smem.at[wg]
+        plgpu.copy_gmem_to_smem(q_gmem.at[b, h, pl.ds(own_first, rows)], rows_smem,
+                                q_loaded.at[wg])
+        plgpu.barrier_wait(q_loaded.at[wg])
 
-    queries = q_gmem.at[b, h, pl.ds(q_block * block_q, block_q)]
-    plgpu.copy_gmem_to_smem(queries, q_smem, q_barrier)
-    pl.when(count > 0)(lambda: fetch(0, 0))
-    plgpu.barrier_wait(q_barrier)
-    acc, _, l = _attend_listed_blocks(q_smem, k_smem, v_smem, k_barriers, v_barriers, fetch, 0,
-                                      count, block_visible, needs_mask, sm_scale)
-    q_pos = _positions(q_first, (block_q,), 0, plgpu.Layout.WGMMA.reduce(1))
-    keep = (l > 0.0) & (q_pos < length)  # rows that saw no key, or past the length: zeros
-    inverse = jnp.where(keep, 1.0 / jnp.where(keep, l, 1.0), 0.0)
-    q_smem[...] = (acc * jax.lax.broadcast_in_dim(inverse, acc.shape, [0])).astype(q_smem.dtype)
-    plgpu.commit_smem()
-    plgpu.copy_smem_to_gmem(q_smem, o_gmem.at[b, h, pl.ds(q_block * block_q, block_q)])
-    plgpu.wait_smem_to_gmem(0)
+        def block_visible(start, shape):
+            k_pos = _positions(start, shape, 1)
+            return (block_masks.token_visible(_positions(q_first, shape, 0), k_pos, sink, window)
+                    & (k_pos < length))
+
+        def needs_mask(entry):  # the tile's flag: conservative for each consumer's half
+            return (partial_ref[row, q_tile, entry] != 0) | (block_start(entry) + block_k > length)
+
+        pl.when(wg == 1)(functools.partial(_meet, schedule))  # consumer 1 starts half a turn
+        acc, _, l = _consume(rows_smem, ring, count, block_start, length, block_visible,
+                             needs_mask, sm_scale, schedule)
+        pl.when(wg == 0)(functools.partial(_meet, schedule))  # ... behind: 0 meets once more
+        q_pos = _positions(q_first, (rows,), 0, plgpu.Layout.WGMMA.reduce(1))
+        keep = (l > 0.0) & (q_pos < length)  # rows that saw no key, or past the length: zeros
+        inverse = jnp.where(keep, 1.0 / jnp.where(keep, l, 1.0), 0.0)
+        rows_smem[...] = (acc * jax.lax.broadcast_in_dim(inverse, acc.shape, [0])).astype(
+            rows_smem.dtype)
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(rows_smem, o_gmem.at[b, h, pl.ds(own_first, rows)])
+        plgpu.wait_smem_to_gmem(0)
 
 
 def prefill_mosaic_gpu(q, k, v, tables, table: PrefillBlockTable, batch_stride: int,
-                       sm_scale: float) -> jax.Array:
+                       sm_scale: float, stages: int) -> jax.Array:
     """q [B, H, S_pad, D], k, v [B, Hkv, C_pad, D] padded to the table's blocks -> [B, H, S_pad, D].
 
     tables: the flattened table rows, head patterns, sink, window, query offsets and lengths
     (int32; `block_sparse_prefill._flat_tables` + lengths)."""
     batch, num_heads, _, head_dim = q.shape
-    check_supported(q.dtype, head_dim, table.block_k, table.block_q)
+    q_bytes = PREFILL_CONSUMERS * ROWS * head_dim * q.dtype.itemsize
+    check_supported(q.dtype, head_dim, table.block_k, stages, q_bytes, table.block_q)
     kernel = functools.partial(_prefill_kernel, sm_scale=sm_scale, group=num_heads // k.shape[1],
                                batch_stride=batch_stride)
+    scratch = [plgpu.SMEM((PREFILL_CONSUMERS, ROWS, head_dim), q.dtype, transforms=_SWIZZLED),
+               _Ring.scratch(stages, table.block_k, head_dim, q.dtype, PREFILL_CONSUMERS),
+               plgpu.Barrier(num_barriers=PREFILL_CONSUMERS),
+               plgpu.Barrier(num_arrivals=PREFILL_CONSUMERS)]
     return plgpu.kernel(
         kernel,
         out_type=jax.ShapeDtypeStruct(q.shape, q.dtype),
-        scratch_types=_scratch(ROWS, table.block_k, head_dim, q.dtype),
+        scratch_types=scratch,
         grid=(batch, num_heads, table.num_q_blocks),
-        grid_names=("batch", "heads", "q_blocks"),
+        grid_names=("batch", "heads", "q_tiles"),
+        num_threads=PREFILL_CONSUMERS + 1,
+        thread_name=_WG,
         compiler_params=plgpu.CompilerParams(approx_math=True),
     )(*tables, q, k, v)
 
@@ -228,11 +326,8 @@ def _decode_kernel(
     o_gmem,  # f32[B, Hkv, splits, 64, D]  this split's normalised output
     lse_gmem,  # f32[B, Hkv, splits, 64]  its natural log-sum-exp (MASK_VALUE: saw nothing)
     q_smem,  # [64, D]
-    k_smem,  # [2, bs, D]
-    v_smem,  # [2, bs, D]
-    q_barrier,
-    k_barriers,
-    v_barriers,
+    ring: _Ring,  # K/V stages [stages, bs, D] and their barriers
+    q_loaded,
     o_smem,  # f32[64, D]
     lse_smem,  # f32[64]
     *,
@@ -240,54 +335,64 @@ def _decode_kernel(
     per_split: int,
 ):
     b, h, split = (jax.lax.axis_index(name) for name in ("batch", "kv_heads", "splits"))
-    block_size = k_smem.shape[1]
-    length, sink, window = lengths_ref[b, h], sink_ref[h], window_ref[h]
-    first = split * per_split
-    last = jnp.maximum(jnp.minimum(first + per_split, counts_ref[b, h]), first)
+    block_size = ring.k.shape[1]
+    first = split * per_split  # this split's entries: [first, first + count)
+    count = jnp.clip(counts_ref[b, h] - first, 0, per_split)
+    length = lengths_ref[b, h]
 
-    def fetch(entry, slot):
-        keys = (b, h, pl.ds(kv_blocks_ref[b, h, entry] * block_size, block_size))
-        plgpu.copy_gmem_to_smem(k_gmem.at[keys], k_smem.at[slot], k_barriers.at[slot])
-        plgpu.copy_gmem_to_smem(v_gmem.at[keys], v_smem.at[slot], v_barriers.at[slot])
+    def block_start(entry):
+        return kv_blocks_ref[b, h, first + entry] * block_size
 
-    def block_visible(entry, shape):  # the query sits at position length - 1
-        k_pos = _positions(kv_blocks_ref[b, h, entry] * block_size, shape, 1)
-        return block_masks.token_visible(length - 1, k_pos, sink, window)
+    @pl.when(jax.lax.axis_index(_WG) == 1)
+    def _producer():
+        _produce(ring, k_gmem.at[b, h], v_gmem.at[b, h], count, block_start, length)
 
-    plgpu.copy_gmem_to_smem(q_gmem.at[b, h], q_smem, q_barrier)
-    pl.when(first < last)(lambda: fetch(first, 0))
-    plgpu.barrier_wait(q_barrier)
-    acc, m, l = _attend_listed_blocks(q_smem, k_smem, v_smem, k_barriers, v_barriers, fetch,
-                                      first, last, block_visible, None, sm_scale)
-    seen = l > 0.0
-    safe_l = jnp.where(seen, l, 1.0)
-    o_smem[...] = acc * jax.lax.broadcast_in_dim(jnp.where(seen, 1.0 / safe_l, 0.0), acc.shape,
-                                                 [0])
-    lse_smem[...] = jnp.where(seen, m / _LOG2E + jnp.log(safe_l), MASK_VALUE)
-    plgpu.commit_smem()
-    plgpu.copy_smem_to_gmem(o_smem, o_gmem.at[b, h, split])
-    plgpu.copy_smem_to_gmem(lse_smem, lse_gmem.at[b, h, split])
-    plgpu.wait_smem_to_gmem(0)
+    @pl.when(jax.lax.axis_index(_WG) == 0)
+    def _consumer():
+        sink, window = sink_ref[h], window_ref[h]
+        plgpu.copy_gmem_to_smem(q_gmem.at[b, h], q_smem, q_loaded)
+        plgpu.barrier_wait(q_loaded)
+
+        def block_visible(start, shape):  # the query sits at position length - 1
+            return block_masks.token_visible(length - 1, _positions(start, shape, 1), sink,
+                                             window)
+
+        acc, m, l = _consume(q_smem, ring, count, block_start, length, block_visible, None,
+                             sm_scale, None)
+        seen = l > 0.0
+        safe_l = jnp.where(seen, l, 1.0)
+        o_smem[...] = acc * jax.lax.broadcast_in_dim(jnp.where(seen, 1.0 / safe_l, 0.0),
+                                                     acc.shape, [0])
+        lse_smem[...] = jnp.where(seen, m / _LOG2E + jnp.log(safe_l), MASK_VALUE)
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(o_smem, o_gmem.at[b, h, split])
+        plgpu.copy_smem_to_gmem(lse_smem, lse_gmem.at[b, h, split])
+        plgpu.wait_smem_to_gmem(0)
 
 
 def decode_mosaic_gpu(qg, k, v, lengths, table: DecodeBlockTable, sink, window,
-                      sm_scale: float, num_splits: int) -> tuple[jax.Array, jax.Array]:
+                      sm_scale: float, num_splits: int, stages: int) -> tuple[jax.Array, jax.Array]:
     """qg [B, Hkv, g, D], k, v [B, Hkv, C, D] -> per-split (out f32[B, Hkv, splits, g, D],
     lse f32[B, Hkv, splits, g, 1]), merged by `block_sparse_decode.combine_splits`."""
     batch, num_kv_heads, group, head_dim = qg.shape
-    check_supported(qg.dtype, head_dim, table.block_size, group=group)
+    other_bytes = ROWS * head_dim * (qg.dtype.itemsize + 4) + ROWS * 4  # q, o, lse
+    check_supported(qg.dtype, head_dim, table.block_size, stages, other_bytes, group=group)
     q = jnp.pad(qg, ((0, 0), (0, 0), (0, ROWS - group), (0, 0)))  # [B, Hkv, 64, D]
     split_shape = (batch, num_kv_heads, num_splits, ROWS)
     kernel = functools.partial(_decode_kernel, sm_scale=sm_scale,
                                per_split=pl.cdiv(table.max_blocks, num_splits))
+    scratch = [plgpu.SMEM((ROWS, head_dim), qg.dtype, transforms=_SWIZZLED),
+               _Ring.scratch(stages, table.block_size, head_dim, qg.dtype, 1), plgpu.Barrier(),
+               plgpu.SMEM((ROWS, head_dim), jnp.float32), plgpu.SMEM((ROWS,), jnp.float32)]
     out, lse = plgpu.kernel(
         kernel,
         out_type=(jax.ShapeDtypeStruct(split_shape + (head_dim,), jnp.float32),
                   jax.ShapeDtypeStruct(split_shape, jnp.float32)),
-        scratch_types=[*_scratch(ROWS, table.block_size, head_dim, qg.dtype),
-                       plgpu.SMEM((ROWS, head_dim), jnp.float32), plgpu.SMEM((ROWS,), jnp.float32)],
+        scratch_types=scratch,
         grid=(batch, num_kv_heads, num_splits),
         grid_names=("batch", "kv_heads", "splits"),
+        num_threads=2,
+        thread_name=_WG,
         compiler_params=plgpu.CompilerParams(approx_math=True),
     )(table.kv_blocks, table.counts, lengths, jnp.asarray(sink, jnp.int32),
       jnp.asarray(window, jnp.int32), q, k, v)

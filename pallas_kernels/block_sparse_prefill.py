@@ -70,7 +70,7 @@ class PrefillConfig:
     block_q: int = 128
     block_k: int = 128
     num_warps: int = 4  # GPU only
-    num_stages: int = 2  # GPU only
+    num_stages: int = 2  # GPU only (Mosaic GPU: K/V blocks in flight)
 
     def __post_init__(self):
         for name in ("block_q", "block_k"):
@@ -504,7 +504,8 @@ def block_sparse_prefill(
         out = _prefill_tpu(q_p, k_p, v_p, table, offsets, lengths, sm_scale, interpret)
     elif implementation == "mosaic_gpu":
         tables = (*_flat_tables(table, offsets), lengths)
-        out = prefill_mosaic_gpu(q_p, k_p, v_p, tables, table, _batch_stride(table), sm_scale)
+        out = prefill_mosaic_gpu(q_p, k_p, v_p, tables, table, _batch_stride(table), sm_scale,
+                                 config.num_stages)
     else:
         out = _prefill_gpu(q_p, k_p, v_p, table, offsets, lengths, sm_scale, interpret, config)
     return out[:, :, :q_len]

@@ -4,23 +4,28 @@
 its wgmma callback reads only untransposed shared-memory operands (our S = Q K^T passes K
 transposed; P V passes P from registers), and `layout_cast` (register layouts, meaningless on
 CPU) has no CPU lowering. `interpreted()` adds those three for the duration of a `with` block,
-so the real kernels, barriers, TMA copies and all, compute numbers here. What it adds does no
-more than its name: the wgmma operand reads go through the interpreter's own checked read
-(bounds, race detection), then transpose; the product is a float32 matmul like the original.
-It touches JAX internals, so it names the JAX version it was written against when they move.
+so the real kernels, warpgroups (as host threads), barriers and TMA copies, compute numbers
+here. What it adds does no more than its name: the wgmma operand reads go through the
+interpreter's own checked read (bounds, race detection), then transpose; the product is a
+float32 matmul like the original. It also compiles each warpgroup's program once instead of
+at every grid point (a speed-up only). It touches JAX internals, so it names the JAX version
+it was written against when they move.
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
+import threading
 
 import jax
 import numpy as np
 
 try:
     from jax._src import callback
+    from jax._src import core as jax_core
     from jax._src.interpreters import mlir
+    from jax._src.pallas.mosaic.interpret import thread_map
     from jax._src.pallas.mosaic.interpret import utils as interpret_utils
     from jax._src.pallas.mosaic_gpu import core as gpu_core
     from jax._src.pallas.mosaic_gpu.interpret import gpu_callbacks, jaxpr_interpret
@@ -93,6 +98,24 @@ def _interpret_wgmma(self, eqn, token, get_invals):
     return token, []
 
 
+class _CompiledThreads:
+    """Replaces `thread_map._run_jaxpr`, which traces and compiles a warpgroup's program at
+    every grid point: here once per program and argument types (a lock keeps the threads
+    of one thread block from compiling it side by side)."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._compiled = {}
+
+    def __call__(self, jaxpr, consts, *args):
+        key = (jaxpr, *((np.shape(x), np.asarray(x).dtype) for x in (*consts, *args)))
+        with self._lock:
+            if key not in self._compiled:
+                run = jax.jit(lambda consts, *args: jax_core.eval_jaxpr(jaxpr, consts, *args))
+                self._compiled[key] = run.trace(consts, *args).lower().compile()
+        self._compiled[key](consts, *args)
+
+
 def _layout_cast(x, new_layout):
     del new_layout  # register layouts do not exist on CPU
     return x
@@ -102,12 +125,13 @@ def _layout_cast(x, new_layout):
 def interpreted(detect_races: bool = True):
     """Inside: every Mosaic GPU kernel traced runs on JAX's GPU interpreter (with race
     detection), extended as the module says. Yields a function returning whether the
-    interpreter found a data race so far."""
+    interpreter found a data race in the last kernel it ran."""
     interpreter = jaxpr_interpret.JaxprInterpreter
-    original = interpreter._interpret_wgmma_ref_p
+    original, run_thread = interpreter._interpret_wgmma_ref_p, thread_map._run_jaxpr
     cpu_rules = mlir._platform_specific_lowerings["cpu"]
     had_rule = gpu_core.layout_cast_p in cpu_rules
     interpreter._interpret_wgmma_ref_p = _interpret_wgmma
+    thread_map._run_jaxpr = _CompiledThreads()
     if not had_rule:
         mlir.register_lowering(gpu_core.layout_cast_p,
                                mlir.lower_fun(_layout_cast, multiple_results=False),
@@ -116,7 +140,7 @@ def interpreted(detect_races: bool = True):
         with force_gpu_interpret_mode(InterpretGPUParams(detect_races=detect_races)):
             yield lambda: gpu_callbacks.get_races().races_found
     finally:
-        interpreter._interpret_wgmma_ref_p = original
+        interpreter._interpret_wgmma_ref_p, thread_map._run_jaxpr = original, run_thread
         if not had_rule:
             del cpu_rules[gpu_core.layout_cast_p]
         gpu_callbacks.reset_gpu_interpret_mode_state()

@@ -134,7 +134,7 @@ def test_bfloat16(implementation):
 
 # (implementation, platform, block_q, what the lowered module calls)
 LOWERINGS = [("tpu", "tpu", 128, "tpu_custom_call"), ("gpu", "cuda", 128, "triton"),
-             ("mosaic_gpu", "cuda", 64, "mosaic_gpu")]
+             ("mosaic_gpu", "cuda", 128, "mosaic_gpu")]
 
 
 @pytest.mark.parametrize("head_dim", [64, 128])
@@ -157,11 +157,14 @@ def test_lowers_for_hardware(implementation, platform, block_q, call, head_dim):
 
 def test_mosaic_gpu_names_what_it_cannot_take():
     q = jnp.zeros((1, 2, 64, 64), jnp.bfloat16)
-    desc, config = bm.DenseCausal(), PrefillConfig(64, 64)
+    desc, config = bm.DenseCausal(), PrefillConfig(128, 64)
     cases = [((q.astype(jnp.float32), config), "bfloat16 or float16"),
              ((q[..., :32], config), "head_dim a multiple of 64"),
-             ((q, PrefillConfig(128, 64)), "got block_q 128"),
-             ((q, PrefillConfig(64, 32)), "block_k 32")]
+             ((q, PrefillConfig(64, 64)), "got block_q 64"),
+             ((q, PrefillConfig(128, 32)), "block_k 32"),
+             ((jnp.zeros((1, 2, 64, 512), jnp.bfloat16), PrefillConfig(128, 128)),
+              "2 stages of block 128 x head_dim 512 take"),
+             ((q, PrefillConfig(128, 64, num_stages=1)), "2 or more K/V stages")]
     for (x, cfg), message in cases:
         with pytest.raises(ValueError, match=message):
             block_sparse_prefill(x, x, x, desc, config=cfg, implementation="mosaic_gpu")
@@ -352,7 +355,7 @@ def test_mosaic_gpu_whole_sequence_on_the_gpu_interpreter():
     past = (np.arange(seq_len) >= 192)[:, None]  # [T, 1]: block 3
     k_bad, v_bad = (jnp.where(past, jnp.nan, x) for x in (k, v))
     run = jax.jit(lambda q, k, v: block_sparse_prefill(
-        q, k, v, desc, lengths=jnp.array([length]), config=PrefillConfig(64, 64),
+        q, k, v, desc, lengths=jnp.array([length]), config=PrefillConfig(128, 64),
         implementation="mosaic_gpu"))
     with interpreted() as found_race:
         out = np.asarray(run(q, k_bad, v_bad), np.float32)
@@ -361,9 +364,9 @@ def test_mosaic_gpu_whole_sequence_on_the_gpu_interpreter():
 
 
 def test_mosaic_gpu_chunk_mode_on_the_gpu_interpreter():
-    """A 64-query chunk at traced offsets over a 512-slot cache, sink + local, head_dim 128,
+    """A 100-query chunk at traced offsets over a 512-slot cache, sink + local, head_dim 128,
     block_k 128; key blocks no query of the chunk sees hold NaN."""
-    batch, heads, kv_heads, chunk_len, kv_len, head_dim, block_k = 2, 2, 1, 64, 512, 128, 128
+    batch, heads, kv_heads, chunk_len, kv_len, head_dim, block_k = 2, 2, 1, 100, 512, 128, 128
     desc, offsets, lengths = bm.SinkLocal(16, 100), [400, 37], [512, 80]
     q, k, v = _chunk_inputs(jax.random.key(7), batch, heads, kv_heads, chunk_len, kv_len,
                             head_dim, jnp.bfloat16)
@@ -373,7 +376,7 @@ def test_mosaic_gpu_chunk_mode_on_the_gpu_interpreter():
     poison = np.repeat(~seen, block_k, axis=1)[:, None, :, None]  # [B, 1, C, 1]
     k_bad, v_bad = (jnp.where(poison, jnp.nan, x) for x in (k, v))
     run = jax.jit(lambda q, k, v, offsets, lengths: block_sparse_prefill(
-        q, k, v, desc, lengths=lengths, q_offset=offsets, config=PrefillConfig(64, block_k),
+        q, k, v, desc, lengths=lengths, q_offset=offsets, config=PrefillConfig(128, block_k),
         implementation="mosaic_gpu"))
     with interpreted() as found_race:
         out = np.asarray(run(q, k_bad, v_bad, jnp.asarray(offsets, jnp.int32),
