@@ -292,7 +292,8 @@ def main(argv: list[str] | None = None) -> dict:
     repeats = 1 if args.smoke else args.repeats
     mosaic = args.implementation == "mosaic_gpu"
     if mosaic and interpret:
-        parser.error("the Mosaic GPU kernels need a GPU (no interpreter runs them)")
+        parser.error("the Mosaic GPU kernels need a GPU here (JAX's GPU interpreter runs them "
+                     "only as the tests extend it: tests/mosaic_gpu_interpreter.py)")
     blocks = (16, 16) if args.smoke else (args.block_q, args.block_k)
     kernel_kwargs = dict(implementation=args.implementation, interpret=interpret)
     prefill_kwargs = dict(kernel_kwargs, config=PrefillConfig(*blocks, num_stages=args.num_stages))
