@@ -48,8 +48,8 @@ def _read_operand(operand, transforms, token, device_id, coords, thread_id, sour
     transposes = kept[len(indexers):]
     if kept[:len(indexers)] != indexers or not all(
             isinstance(t, state_types.TransposeTransform) for t in transposes):
-        raise NotImplementedError(f"wgmma operand transforms {kept}: only indexing, then "
-                                  "transposes, are interpreted")
+        raise ValueError(f"wgmma operand transforms {kept}: only indexing, then transposes, "
+                         "are interpreted")
     _, value = gpu_callbacks._get(token=token, device_id=device_id,
                                   grid_point_coords=coords, thread_id=thread_id,
                                   allocation_key_as_array=operand, transforms=tuple(indexers),
