@@ -12,6 +12,19 @@ import numpy as np
 import pytest
 
 jax.config.update("jax_default_matmul_precision", "highest")
+# Most tests compile many small programs and run each once or twice, where XLA's backend
+# optimisation (LLVM's expensive passes) costs more than it saves: about a quarter of the suite's
+# CPU time. Tests that run a program long enough for it to matter take `optimized_xla`. A config
+# update, not an environment variable: the CLI tests' subprocesses compile as users' do.
+jax.config.update("jax_disable_most_optimizations", True)
+
+
+@pytest.fixture
+def optimized_xla():
+    """XLA's full optimisation for what this test compiles (it runs a model long enough to pay)."""
+    jax.config.update("jax_disable_most_optimizations", False)
+    yield
+    jax.config.update("jax_disable_most_optimizations", True)
 
 
 @pytest.fixture(scope="session")

@@ -107,6 +107,7 @@ def test_schedule_and_data(tmp_path):
         passkey_sample(tokenizer, DuoGateConfig(min_len=100, max_len=100), 0, 0)
 
 
+@pytest.mark.usefixtures("optimized_xla")  # ten training steps
 def test_training_lowers_the_loss_keeps_gates_in_range_and_writes_the_gate_file(byte_model, tmp_path):
     model, _ = byte_model
     gates, result = train_duo_gates(model, tmp_path, DuoGateConfig(steps=10, **SMALL), progress=False, plot=False)
@@ -132,6 +133,7 @@ def _gradient_temp_bytes(config: ModelConfig, t: int, chunk: int) -> int:
     return compiled.memory_analysis().temp_size_in_bytes
 
 
+@pytest.mark.usefixtures("optimized_xla")  # the memory of the program users compile
 def test_gradient_memory_grows_by_one_hidden_state_per_layer():
     """Each added layer may cost the backward pass its input [T, E] (bf16), not its activations: at
     Llama's shape ratios a layer's activations are ~27 x that ([T, F] MLP tensors in f32), which the
