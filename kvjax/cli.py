@@ -133,10 +133,16 @@ def _train_lm(args) -> None:
             tokenizer=args.tokenizer, work_dir=args.work_dir,
             save_dtype=args.save_dtype, progress=not args.no_progress,
             command=_train_command(args), curriculum=parse_curriculum(args.curriculum) if args.curriculum else (),
+            stop_at=args.stop_at,
         )
     except NonFiniteLossError as err:
         raise ValueError(str(err)) from err
-    print(f"wrote {out} ({history_summary(out)})")
+    if out is None:
+        work = args.work_dir or f"{args.out}.train"
+        print(f"stopped at step {args.stop_at}: the training state is in {work}; run train-lm again with "
+              f"--out {args.out} to continue")
+    else:
+        print(f"wrote {out} ({history_summary(out)})")
 
 
 def _given(**options) -> dict:
@@ -260,6 +266,9 @@ def parser() -> argparse.ArgumentParser:
     tr.add_argument("--warmup", type=int, default=100)
     tr.add_argument("--seed", type=int, default=0)
     tr.add_argument("--checkpoint-every", type=int, default=200)
+    tr.add_argument("--stop-at", type=int, default=None,
+                    help="end after this step's checkpoint, writing no model (one stage of a staged recipe: "
+                         "the learning-rate schedule still spans every step; rerun to continue)")
     tr.add_argument("--tasks", default=None, help="comma-separated task names (default: all)")
     tr.add_argument("--text", action="append", default=[],
                     help="plain-text source: prose, noise or a folder of .txt files (repeatable; default prose)")

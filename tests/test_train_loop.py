@@ -59,6 +59,22 @@ def test_resume_after_interruption_equals_an_uninterrupted_run(tmp_path):
     assert straight.history[-1]["loss"] < 0.1 * straight.history[0]["loss"]  # and it learned
 
 
+def test_a_stage_ending_at_stop_at_resumes_to_the_uninterrupted_run(tmp_path):
+    straight = train(init_params(), regression_loss, optimizer(), regression_batch, config(12), tmp_path / "a")
+    stage = train(init_params(), regression_loss, optimizer(), regression_batch, config(12, stop_at=5),
+                  tmp_path / "b")
+    assert stage.step == 5 and len(stage.history) == 5
+    assert ocp.CheckpointManager(tmp_path / "b" / "checkpoints").latest_step() == 5  # saved off the 3-step grid
+    resumed = train(init_params(), regression_loss, optimizer(), regression_batch, config(12), tmp_path / "b")
+    assert resumed.resumed_from == 5 and resumed.step == 12
+    for a, b in zip(jax.tree.leaves(straight.params), jax.tree.leaves(resumed.params)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert [h["loss"] for h in straight.history] == [h["loss"] for h in resumed.history]
+    for bad in (0, 13):
+        with pytest.raises(ValueError, match="stop_at"):
+            config(12, stop_at=bad)
+
+
 def test_nan_guard_stops_and_keeps_the_last_good_checkpoint(tmp_path):
     poisoned = lambda seed, step: regression_batch(seed, step, poison_from=7)  # noqa: E731
     with pytest.raises(NonFiniteLossError, match=r"step 7.*checkpoint 6"):
@@ -115,7 +131,11 @@ def test_train_lm_cli_writes_a_loadable_checkpoint(tmp_path):
     argv = ["train-lm", "--out", str(out), "--steps", "2", "--seq-len", "448", "--batch-size", "2", "--layers", "1",
             "--hidden", "32", "--heads", "2", "--kv-heads", "1", "--head-dim", "16", "--intermediate", "64",
             "--max-positions", "1024", "--tasks", "niah_single,passkey", "--no-progress"]
-    assert main(argv) == 0
+    assert main([*argv, "--stop-at", "1"]) == 0  # a first stage: a checkpoint, no model
+    assert not out.exists() and (tmp_path / "model.train" / "checkpoints" / "1").is_dir()
+    assert main([*argv, "--stop-at", "3"]) == 2 and not out.exists()  # past --steps: refused
+    assert main(argv) == 0  # resumes the stage
+    assert [h["step"] for h in json.loads((out / "loss_curve.json").read_text())] == [1, 2]
     m = load(out, dtype=jnp.float32)
     assert m.tokenizer is not None and m.config.vocab_size == 259
     info = json.loads((out / "kvjax.json").read_text())

@@ -393,13 +393,16 @@ def train_lm(
     out: str | Path, size: ModelSize = ModelSize(), data: DataConfig = DataConfig(), *, steps: int = 1000,
     lr: float = 1e-3, warmup: int = 100, seed: int = 0, checkpoint_every: int = 200, tokenizer: str = "byte",
     work_dir: str | Path | None = None, save_dtype: str = "float32", progress: bool = True,
-    command: str | None = None, curriculum: tuple[Phase, ...] = (),
-) -> Path:
+    command: str | None = None, curriculum: tuple[Phase, ...] = (), stop_at: int | None = None,
+) -> Path | None:
     """Trains a model from scratch and writes it as a kvjax checkpoint at `out` (with its loss curve).
 
     Training state (orbax checkpoints, loss curve) lives in `work_dir` (default `<out>.train`), so an
     interrupted run resumes by rerunning the same command. `tokenizer` is "byte", "bpe" or "bpe:VOCAB" (built
     here, see word_tokenizer) or a folder holding a tokenizer.json.
+    With `stop_at`, training ends after that step's checkpoint and nothing is written at `out` (returns
+    None): one stage of a staged recipe, its learning-rate schedule still spanning every phase; the next
+    command resumes the work dir.
     A `curriculum` replaces (data.seq_len, data.batch_size, steps) by its phases: short rows first learn
     the retrieval mechanism cheaply, longer ones then teach it over distance (attention cost grows as T^2).
     """
@@ -407,12 +410,14 @@ def train_lm(
     if out.exists():
         raise FileExistsError(f"{out} already exists; choose a new --out (training state resumes from the work dir)")
     work = Path(work_dir).absolute() if work_dir else out.with_name(out.name + ".train")
+    phases = curriculum or (Phase(data.seq_len, data.batch_size, steps),)
+    steps = sum(p.steps for p in phases)
+    loop = LoopConfig(steps=steps, seed=seed, checkpoint_every=checkpoint_every, progress=progress,
+                      description="train-lm", stop_at=stop_at)  # checked before anything is written
     tok_dir, files = _tokenizer_files(tokenizer, work / "tokenizer")
     tokenizer_name, tokenizer = tokenizer, Tokenizer(tok_dir)
     bos, eos, pad = special_ids(tokenizer)
     config = model_config(size, tokenizer.vocab_size, bos, eos, pad)
-    phases = curriculum or (Phase(data.seq_len, data.batch_size, steps),)
-    steps = sum(p.steps for p in phases)
     longest = max(p.seq_len for p in phases)
     if longest > config.max_position_embeddings:
         raise ValueError(f"seq_len {longest} exceeds max_positions {config.max_position_embeddings}")
@@ -429,12 +434,9 @@ def train_lm(
 
     model = init_model(config, seed=seed, dtype=jnp.float32)
     params = nnx.to_pure_dict(model.params)
-    result = train(
-        params, make_loss_fn(model.graphdef), make_optimizer(lr, steps, warmup),
-        batch_fn,
-        LoopConfig(steps=steps, seed=seed, checkpoint_every=checkpoint_every, progress=progress, description="train-lm"),
-        work,
-    )
+    result = train(params, make_loss_fn(model.graphdef), make_optimizer(lr, steps, warmup), batch_fn, loop, work)
+    if result.step < steps:
+        return None
     n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(result.params))
     saved = jax.tree.map(lambda x: jnp.asarray(x, jnp.dtype(save_dtype)), result.params)
     metadata = {

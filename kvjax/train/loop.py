@@ -44,6 +44,7 @@ class LoopConfig:
     progress: bool = True  # tqdm bar with the loss
     plot: bool = True  # write loss_curve.png at the end (needs matplotlib)
     description: str = "train"
+    stop_at: int | None = None  # end this run after this step (checkpointed); a later run resumes to `steps`
 
     def __post_init__(self):
         if self.steps < 1 or self.checkpoint_every < 1 or self.max_checkpoints < 1:
@@ -51,6 +52,13 @@ class LoopConfig:
                 f"steps, checkpoint_every and max_checkpoints must be >= 1; got {self.steps}, "
                 f"{self.checkpoint_every}, {self.max_checkpoints}"
             )
+        if self.stop_at is not None and not 1 <= self.stop_at <= self.steps:
+            raise ValueError(f"stop_at must be in [1, steps = {self.steps}]; got {self.stop_at}")
+
+    @property
+    def end(self) -> int:
+        """The step this run ends at: `stop_at` for one stage of a longer run, else `steps`."""
+        return self.steps if self.stop_at is None else self.stop_at
 
 
 @dataclasses.dataclass(frozen=True)
@@ -124,7 +132,7 @@ def train(
     params: Any, loss_fn: LossFn, optimizer: optax.GradientTransformation, batch_fn: BatchFn,
     config: LoopConfig, out_dir: str | os.PathLike | None = None,
 ) -> TrainResult:
-    """Trains `params` for `config.steps` optimizer steps.
+    """Trains `params` for `config.steps` optimizer steps (or up to `config.stop_at`).
 
     With `out_dir`, checkpoints go to `out_dir/checkpoints/<step>` every `checkpoint_every` steps and
     the loss curve to `out_dir/loss_curve.{json,png}`; a later call resumes from the newest checkpoint.
@@ -157,10 +165,10 @@ def train(
                 history = [h for h in json.loads((out / CURVE_JSON).read_text()) if h["step"] <= latest]
 
     update = _make_update(loss_fn, optimizer)
-    bar = tqdm(total=config.steps, initial=start, desc=config.description, disable=not config.progress,
+    bar = tqdm(total=config.end, initial=start, desc=config.description, disable=not config.progress,
                dynamic_ncols=True)
     try:
-        for step in range(start, config.steps):
+        for step in range(start, config.end):
             params, opt_state, loss, aux, grad_norm = update(
                 params, opt_state, batch_fn(config.seed, step), step_rng(config.seed, step)
             )
@@ -178,7 +186,7 @@ def train(
             history.append({"step": done, "loss": loss_value, "grad_norm": norm_value, **_scalars(aux)})
             bar.update(1)
             bar.set_postfix(loss=f"{loss_value:.4f}")
-            if manager is not None and (done % config.checkpoint_every == 0 or done == config.steps):
+            if manager is not None and (done % config.checkpoint_every == 0 or done == config.end):
                 # The curve first: a kill between the two leaves entries past the newest checkpoint, which
                 # resume drops; the other order could lose the entries up to a checkpoint that exists.
                 _write_json(out / CURVE_JSON, history)
@@ -190,4 +198,4 @@ def train(
             manager.close()
     if out is not None and config.plot and history:
         plot_loss_curve(history, out / CURVE_PNG, config.description)
-    return TrainResult(params, opt_state, max(start, config.steps), tuple(history), resumed_from)
+    return TrainResult(params, opt_state, max(start, config.end), tuple(history), resumed_from)
