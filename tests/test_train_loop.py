@@ -45,15 +45,20 @@ def config(steps, **kw):
     return LoopConfig(steps=steps, seed=3, checkpoint_every=3, progress=False, plot=False, **kw)
 
 
+def assert_same_run(straight, resumed) -> None:
+    """Bit-equal params and loss history: the resumed run is the uninterrupted one."""
+    for a, b in zip(jax.tree.leaves(straight.params), jax.tree.leaves(resumed.params)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert [h["loss"] for h in straight.history] == [h["loss"] for h in resumed.history]
+
+
 def test_resume_after_interruption_equals_an_uninterrupted_run(tmp_path):
     straight = train(init_params(), regression_loss, optimizer(), regression_batch, config(12), tmp_path / "a")
     first = train(init_params(), regression_loss, optimizer(), regression_batch, config(6), tmp_path / "b")
     assert first.step == 6 and first.resumed_from is None
     resumed = train(init_params(), regression_loss, optimizer(), regression_batch, config(12), tmp_path / "b")
     assert resumed.resumed_from == 6 and resumed.step == 12
-    for a, b in zip(jax.tree.leaves(straight.params), jax.tree.leaves(resumed.params)):
-        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-    assert [h["loss"] for h in straight.history] == [h["loss"] for h in resumed.history]
+    assert_same_run(straight, resumed)
     curve = json.loads((tmp_path / "b" / "loss_curve.json").read_text())
     assert [h["step"] for h in curve] == list(range(1, 13))
     assert straight.history[-1]["loss"] < 0.1 * straight.history[0]["loss"]  # and it learned
@@ -67,9 +72,7 @@ def test_a_stage_ending_at_stop_at_resumes_to_the_uninterrupted_run(tmp_path):
     assert ocp.CheckpointManager(tmp_path / "b" / "checkpoints").latest_step() == 5  # saved off the 3-step grid
     resumed = train(init_params(), regression_loss, optimizer(), regression_batch, config(12), tmp_path / "b")
     assert resumed.resumed_from == 5 and resumed.step == 12
-    for a, b in zip(jax.tree.leaves(straight.params), jax.tree.leaves(resumed.params)):
-        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-    assert [h["loss"] for h in straight.history] == [h["loss"] for h in resumed.history]
+    assert_same_run(straight, resumed)
     for bad in (0, 13):
         with pytest.raises(ValueError, match="stop_at"):
             config(12, stop_at=bad)
