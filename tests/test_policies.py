@@ -84,6 +84,18 @@ def test_snapkv_keeps_exactly_the_observation_windows_choice(tiny_model, chunk):
         assert kept_positions(state, layer) == _reference_snapkv(m, tokens, 72, 16, 5, layer)
 
 
+def test_snapkv_ragged_rows_vote_with_their_own_windows_across_chunks(tiny_model):
+    """Only the window's queries are scored (not the chunk's): each row's own last `window` positions,
+    wherever the chunks cut them (row 1's window, 184-199, spans two chunks of 64)."""
+    m, lengths = tiny_model, [256, 200]
+    tokens = random_tokens(4, (2, 256), m.config.vocab_size)
+    state = kvjax.prefill(m, tokens, SnapKV(budget_tokens=72, window=16, kernel=5), chunk_size=64, lengths=lengths)
+    for layer in range(m.config.num_layers):
+        got = kept_positions(state, layer)
+        for row, n in enumerate(lengths):
+            assert got[row] == _reference_snapkv(m, tokens[row : row + 1, :n], 72, 16, 5, layer)[0], (layer, row)
+
+
 def test_decoding_over_a_compressed_prompt_sees_exactly_the_kept_tokens(tiny_model):
     """After a real eviction, each decode step's logits equal dense attention masked to the kept prompt
     positions (per layer and KV head) plus the decoded tokens: eviction drops those tokens and no others."""
@@ -245,3 +257,21 @@ def test_prefill_through_the_pallas_kernel_matches_the_reference(tiny_model, imp
         np.testing.assert_array_equal(
             np.asarray(kvjax.generate(m, prompts, new, policy, eos_token_id=(), chunk_size=chunk)),
             np.asarray(kvjax.generate(m, prompts, new, reference, eos_token_id=(), chunk_size=chunk)))
+
+
+def test_snapkv_prefill_takes_the_kernel_and_keeps_the_reference_choice(tiny_model):
+    """SnapKV holds the prompt at slot = position until the prompt ends, so its chunks attend through
+    the block-sparse prefill kernel; only the observation window's weights come from jnp. Ragged rows,
+    two chunks of 32, row 0's window (37-44) across them."""
+    m, chunk, new = tiny_model, 32, 3
+    policy = SnapKV(budget_tokens=40, window=8, kernel=5, attention_impl="gpu-interpret")
+    reference = dataclasses.replace(policy, attention_impl="reference")
+    prompts = [random_tokens(9, (n,), m.config.vocab_size).tolist() for n in (45, 64)]
+    tokens, lengths = kvjax.inference._prompt_batch(prompts, None)
+    assert _prefill_kernel_calls(m, policy, tokens, lengths, chunk, new) == m.config.num_layers
+    fast, fast_logits = kvjax.inference._run_prefill(m, tokens, lengths, policy, chunk, new)
+    slow, slow_logits = kvjax.inference._run_prefill(m, tokens, lengths, reference, chunk, new)
+    np.testing.assert_allclose(np.asarray(fast_logits), np.asarray(slow_logits), atol=2e-5, rtol=0)
+    _assert_same_entries(fast, slow, atol=2e-5)
+    for layer in slow.layers:  # both rows were really compressed: the comparison covers a selection
+        assert (np.sum(np.asarray(layer[0].pos) >= 0, axis=-1) == 40).all()

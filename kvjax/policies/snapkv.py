@@ -53,6 +53,12 @@ class SnapKV(TokenEviction):
     def budget(self, config, layer):
         return self.budget_tokens
 
+    def observed_queries(self, q_pos, new_pos, prompt_lengths):
+        window = jnp.arange(self.window)  # [W]
+        first = prompt_lengths[:, None] - self.window  # [B, 1] the window's first position (< 0: short prompt)
+        at = first + window - q_pos[:, :1]  # [B, W] index in this chunk of each window position
+        return jnp.where((at >= 0) & (at < q_pos.shape[1]) & (first + window >= 0), at, -1)
+
     def observe(self, segment, probs, new_pos, prompt_lengths):
         in_window = new_pos >= (prompt_lengths - self.window)[:, None]  # [B, T] observation queries
         votes = group_mean(probs, jnp.where(in_window, new_pos, -1))  # [B, K, T, C]

@@ -18,7 +18,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from kvjax.attention import attend, attend_with_probs
+from kvjax.attention import attend, attend_with_probs, attention_probs
 from kvjax.cached_attention import merge_heads, take_heads
 from kvjax.config import ModelConfig
 from kvjax.kv_state import (
@@ -63,6 +63,12 @@ class TokenEviction(Policy, abc.ABC):
         """Whether `observe` reads attention weights in this phase (else the plain path runs)."""
         return self.scored()
 
+    def observed_queries(self, q_pos: jax.Array, new_pos: jax.Array, prompt_lengths: jax.Array) -> jax.Array | None:
+        """int32[B, W]: the chunk indices of the only prefill queries whose weights `observe` reads (-1:
+        none), or None for all of them. Naming them lets the chunk attend by the plain path (a kernel on
+        an accelerator) and keeps the weights W x C instead of T x C: SnapKV's window, TOVA's last query."""
+        return None
+
     def layout(self, config: ModelConfig, prompt_len: int, max_new_tokens: int, chunk: int) -> Layout:
         heads = tuple(range(config.num_kv_heads))
         layers = []
@@ -85,14 +91,26 @@ class TokenEviction(Policy, abc.ABC):
             else:
                 seg = write_entries(seg, k_seg, v_seg, new_pos, count(seg))
             q_seg = take_heads(q, seg.heads, 2, total)
-            if self.needs_attention(decoding):
+            evicting = not decoding and self.evict_while_prefilling and seg.budget < seg.capacity
+            observing = self.needs_attention(decoding)
+            picked = None if decoding or not observing else self.observed_queries(q_pos, new_pos, prompt_lengths)
+            if observing and picked is None:  # every query's weights
                 out, probs = attend_with_probs(q_seg, seg.k, seg.v, seg.pos, q_pos, window, scale)
                 seg = seg.replace(score=self.observe(seg, probs, new_pos, prompt_lengths))
             else:
-                out = attend(q_seg, seg.k, seg.v, seg.pos, q_pos, window, scale, self.attention_impl)
+                # A prefill that evicts nothing yet holds the prompt at slot = position (the kernel's layout).
+                out = attend(q_seg, seg.k, seg.v, seg.pos, q_pos, window, scale, self.attention_impl,
+                             slot_is_position=not decoding and not evicting)
+            if picked is not None:  # the picked queries' weights only
+                at = jnp.maximum(picked, 0)  # [B, W]
+                q_obs = jnp.take_along_axis(q_seg, at[:, :, None, None, None], axis=1)  # [B, W, K, G, D]
+                pos_obs = jnp.take_along_axis(q_pos, at, axis=1)  # [B, W]
+                probs = attention_probs(q_obs, seg.k, seg.pos, pos_obs, window, scale)  # [B, K, G, W, C]
+                seen = jnp.where(picked >= 0, jnp.take_along_axis(new_pos, at, axis=1), -1)  # [B, W]
+                seg = seg.replace(score=self.observe(seg, probs, seen, prompt_lengths))
             if decoding and self.evict_while_decoding:
                 seg = evict_lowest(seg, self.priority(seg), seg.budget)
-            elif not decoding and self.evict_while_prefilling and seg.budget < seg.capacity:
+            elif evicting:
                 seg = keep_top(seg, self.priority(seg), seg.budget, seg.capacity)
             outs.append(out)
             updated.append(seg)

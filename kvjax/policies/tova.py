@@ -34,6 +34,10 @@ class TOVA(TokenEviction):
     def budget(self, config, layer):
         return self.budget_tokens
 
+    def observed_queries(self, q_pos, new_pos, prompt_lengths):
+        t = new_pos.shape[1]
+        return jnp.max(jnp.where(new_pos >= 0, jnp.arange(t), -1), axis=1, keepdims=True)  # [B, 1] last real query
+
     def observe(self, segment, probs, new_pos, prompt_lengths):
         # probs: [B, K, G, T, C] over the segment's heads; TokenEviction keeps every KV head of a
         # layer in one segment, so the mean over (K, G) is the mean over all of the layer's heads.
