@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import kvjax
-from kvjax import inference
+from kvjax.inference import greedy_decode
 from kvjax.config import ModelConfig, RopeConfig
 from kvjax.policies import Full
 
@@ -34,7 +34,7 @@ SMOKE = ModelConfig(
 
 def filled_state(config: ModelConfig, batch: int, context: int, room: int, dtype) -> kvjax.KVState:
     """A Full state holding `context` random entries per sequence (no prefill needed to time decode)."""
-    state = Full().allocate(config, batch, context, room, dtype)
+    state = Full().allocate(config, batch, context, room, context, dtype)
 
     def fill(seg, layer):
         k1, k2 = jax.random.split(jax.random.key(layer))
@@ -58,20 +58,12 @@ def weight_bytes_per_token(m: kvjax.LanguageModel) -> int:
 
 
 def time_decode(m, batch: int, context: int, steps: int, repeats: int) -> float:
-    """Median seconds per decoded token of the jitted while_loop decode."""
-    sampling = inference.SamplingParams.create(batch)
-    eos, pad = jnp.asarray([-1], jnp.int32), jnp.int32(0)
+    """Median seconds per decoded token of generate's jitted while_loop decode."""
     times = []
     for r in range(repeats + 1):  # the first run compiles
-        state = filled_state(m.config, batch, context, steps, m.dtype)
-        loop = inference.DecodeLoop(
-            step=jnp.int32(0), tokens=jnp.zeros((batch, steps), jnp.int32), last=jnp.ones((batch,), jnp.int32),
-            done=jnp.zeros((batch,), bool), key=jax.random.key(r), kv=state,
-        )
-        jax.block_until_ready(loop)
+        state = jax.block_until_ready(filled_state(m.config, batch, context, steps, m.dtype))
         start = time.perf_counter()
-        out = inference._decode(m.graphdef, m.params, loop, sampling, eos, pad, jnp.int32(2**31 - 1), policy=Full())
-        jax.block_until_ready(out.tokens)
+        jax.block_until_ready(greedy_decode(m, state, np.ones((batch,), np.int32), steps))
         if r:
             times.append((time.perf_counter() - start) / steps)
     return float(np.median(times))

@@ -1,4 +1,4 @@
-"""The `kvjax` command line: convert checkpoints, generate text, evaluate policies, train a model."""
+"""The `kvjax` command line: convert checkpoints, generate text, evaluate and benchmark policies, train."""
 
 from __future__ import annotations
 
@@ -47,13 +47,13 @@ def _generate(args) -> None:
     print(m.tokenizer.decode(out[:stop]))
 
 
-def _eval(args) -> None:
+def _model_and_runs(args) -> tuple:
+    """The model and the policy runs that `eval` and `bench` share: names x budgets, DuoAttention's head
+    split from --duo-gates, Locret's retaining heads from --locret-heads; checked before the model loads."""
     import jax.numpy as jnp
 
     from kvjax.checkpoint import load
-    from kvjax.eval.harness import (
-        EvalConfig, format_table, parse_length, resolve_policies, run_eval, write_results,
-    )
+    from kvjax.eval.harness import parse_length, resolve_policies
 
     if args.model is None and not bundled_models():
         raise CheckpointError(
@@ -62,12 +62,6 @@ def _eval(args) -> None:
         )
     names = [n.strip().lower() for n in args.policies.split(",") if n.strip()]
     budgets = [parse_length(b) for b in args.budgets.split(",") if b.strip()] if args.budgets else []
-    config = EvalConfig(
-        tasks=tuple(t.strip() for t in args.tasks.split(",") if t.strip()),
-        lengths=tuple(parse_length(x) for x in args.lengths.split(",") if x.strip()),
-        samples=args.samples, seed=args.seed, haystack=args.haystack, max_new_tokens=args.max_new_tokens,
-        batch_size=args.batch_size, chunk_size=args.chunk_size, timing=not args.no_timing,
-    )
     bases = {}
     if args.duo_gates:
         from kvjax.policies import DuoAttention
@@ -85,9 +79,44 @@ def _eval(args) -> None:
     elif m.config.retaining_hidden is None and any(r.name == "locret" for r in runs):
         raise ValueError("policy locret needs trained retaining heads: pass --locret-heads DIR (the --out folder of "
                          "`kvjax train-gates --method locret`)")
+    return m, runs
+
+
+def _lengths(text: str) -> tuple[int, ...]:
+    from kvjax.eval.harness import parse_length
+
+    return tuple(parse_length(x) for x in text.split(",") if x.strip())
+
+
+def _eval(args) -> None:
+    from kvjax.eval.harness import EvalConfig, format_table, run_eval, write_results
+
+    config = EvalConfig(
+        tasks=tuple(t.strip() for t in args.tasks.split(",") if t.strip()), lengths=_lengths(args.lengths),
+        samples=args.samples, seed=args.seed, haystack=args.haystack, max_new_tokens=args.max_new_tokens,
+        batch_size=args.batch_size, chunk_size=args.chunk_size, timing=not args.no_timing,
+    )
+    m, runs = _model_and_runs(args)
     rows, samples = run_eval(m, runs, config, progress=not args.no_progress)
     print(format_table(rows))
     for path in write_results(rows, samples, args.out):
+        print(f"wrote {path}")
+
+
+def _bench(args) -> None:
+    from kvjax.eval.harness import format_table
+    from kvjax.eval.speed import BENCH_COLUMNS, BenchConfig, run_bench, write_bench
+
+    config = BenchConfig(
+        lengths=_lengths(args.lengths), batch_size=args.batch_size, new_tokens=args.new_tokens,
+        repeats=args.repeats, chunk_size=args.chunk_size, seed=args.seed,
+    )
+    m, runs = _model_and_runs(args)
+    report = run_bench(m, runs, config, progress=not args.no_progress)
+    print(f"{report['device']} ({report['backend']}), batch {config.batch_size}, {config.new_tokens} new tokens, "
+          f"median of {config.repeats}")
+    print(format_table(report["rows"], BENCH_COLUMNS))
+    for path in write_bench(report, args.out):
         print(f"wrote {path}")
 
 
@@ -190,6 +219,29 @@ def _train_gates(args) -> None:
     print(f"wrote {args.out}/{written} (step {result.step}, loss {last:.6f})")
 
 
+def _policy_options(p: argparse.ArgumentParser, lengths: str) -> None:
+    """The model, policy and shape options that `eval` and `bench` share."""
+    p.add_argument("--model", help="checkpoint directory or bundled model name (default: bundled)")
+    p.add_argument("--policies", default="full,streaming,h2o,snapkv",
+                   help="comma-separated lower-case kvjax.policies names (plus 'streaming' for StreamingLLM)")
+    p.add_argument("--budgets", default="",
+                   help="comma-separated token budgets per KV head (e.g. 128,256,1k), mapped onto each "
+                        "policy's budget fields; policies without one run at their defaults")
+    p.add_argument("--lengths", default=lengths, help=f"prompt lengths in tokens (default {lengths})")
+    p.add_argument("--chunk-size", type=int, default=512, help="prefill chunk in tokens")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    p.add_argument("--locret-heads", default=None,
+                   help="folder of Locret retaining heads (`kvjax train-gates --method locret --out DIR`) that "
+                        "the locret policy ranks tokens with")
+    p.add_argument("--duo-gates", default=None,
+                   help="full_attention_heads.tsv (`kvjax train-gates --method duo` or DuoAttention's release) "
+                        "that the duoattention policy splits its heads by")
+    p.add_argument("--duo-sparsity", type=float, default=0.5,
+                   help="fraction of KV heads made streaming heads from --duo-gates (default 0.5)")
+    p.add_argument("--no-progress", action="store_true")
+
+
 def parser() -> argparse.ArgumentParser:
     root = argparse.ArgumentParser(prog="kvjax", description="KV-cache compression for long-context LLMs in JAX")
     sub = root.add_subparsers(dest="command", required=True)
@@ -215,34 +267,25 @@ def parser() -> argparse.ArgumentParser:
     generate.set_defaults(run=_generate)
 
     ev = sub.add_parser("eval", help="RULER-style accuracy and KV memory of compression policies")
-    ev.add_argument("--model", help="checkpoint directory or bundled model name (default: bundled)")
-    ev.add_argument("--policies", default="full,streaming,h2o,snapkv",
-                    help="comma-separated lower-case kvjax.policies names (plus 'streaming' for StreamingLLM)")
-    ev.add_argument("--budgets", default="",
-                    help="comma-separated token budgets per KV head (e.g. 128,256,1k), mapped onto each "
-                         "policy's budget fields; policies without one run at their defaults")
-    ev.add_argument("--lengths", default="2k,4k", help="prompt lengths in tokens, e.g. 2k,4k,8k")
+    _policy_options(ev, lengths="2k,4k")
     ev.add_argument("--tasks", default="niah_single,niah_multikey,niah_multivalue,niah_multiquery,passkey,vt")
     ev.add_argument("--samples", type=int, default=10, help="prompts per (task, length), depths spread over 0-100%%")
     ev.add_argument("--haystack", default=None,
                     help="noise, prose or a folder of .txt files (default: each task's own, as RULER)")
     ev.add_argument("--max-new-tokens", type=int, default=None, help="default: each task's own")
     ev.add_argument("--batch-size", type=int, default=16)
-    ev.add_argument("--chunk-size", type=int, default=512)
-    ev.add_argument("--seed", type=int, default=0)
-    ev.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     ev.add_argument("--out", default="kvjax-eval", help="folder for results.json, results.csv and plots")
-    ev.add_argument("--locret-heads", default=None,
-                    help="folder of Locret retaining heads (`kvjax train-gates --method locret --out DIR`) that "
-                         "the locret policy ranks tokens with")
-    ev.add_argument("--duo-gates", default=None,
-                    help="full_attention_heads.tsv (`kvjax train-gates --method duo` or DuoAttention's release) "
-                         "that the duoattention policy splits its heads by")
-    ev.add_argument("--duo-sparsity", type=float, default=0.5,
-                    help="fraction of KV heads made streaming heads from --duo-gates (default 0.5)")
     ev.add_argument("--no-timing", action="store_true", help="skip the separate prefill/decode timing runs")
-    ev.add_argument("--no-progress", action="store_true")
     ev.set_defaults(run=_eval)
+
+    bench = sub.add_parser("bench", help="prefill and decode speed and KV bytes of compression policies against "
+                                         "Full, on random prompts")
+    _policy_options(bench, lengths="2k,8k")
+    bench.add_argument("--batch-size", type=int, default=1)
+    bench.add_argument("--new-tokens", type=int, default=32, help="decode steps timed per run")
+    bench.add_argument("--repeats", type=int, default=3, help="timed runs after the compiling one (median reported)")
+    bench.add_argument("--out", default="kvjax-bench", help="folder for bench.json and bench.png")
+    bench.set_defaults(run=_bench)
 
     tr = sub.add_parser("train-lm", help="train a small long-context model on the tasks plus plain text")
     tr.add_argument("--out", required=True, help="where the kvjax checkpoint is written (must not exist)")

@@ -202,6 +202,23 @@ def _decode(graphdef, params, loop: DecodeLoop, sampling, eos_ids, pad_id, stop_
     return jax.lax.while_loop(keep_going, body, loop)
 
 
+def greedy_decode(m: LanguageModel, state: KVState, token, steps: int, policy: Policy | None = None) -> jax.Array:
+    """int32[B, steps]: greedy tokens after feeding int32[B] `token`, by generate's jitted decode loop
+    with no EOS stop (so benchmarks time exactly `steps` steps); the state is donated."""
+    token = jnp.array(token, jnp.int32)  # a copy: the loop carry is donated, the caller's array is not
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1; got {steps}")
+    _check_context(m, int(jnp.max(state.length)) + steps)
+    batch = token.shape[0]
+    loop = DecodeLoop(
+        step=jnp.int32(0), tokens=jnp.zeros((batch, steps), jnp.int32), last=token,
+        done=jnp.zeros((batch,), bool), key=jax.random.key(0), kv=state,
+    )
+    no_eos, no_stop = jnp.asarray([-1], jnp.int32), jnp.int32(np.iinfo(np.int32).max)
+    sampling = SamplingParams.create(batch)
+    return _decode(m.graphdef, m.params, loop, sampling, no_eos, jnp.int32(0), no_stop, policy=policy or Full()).tokens
+
+
 def _rope_switch_length(m: LanguageModel) -> int:
     """Where decoding must re-prefill: transformers recomputes the whole cache with LongRoPE's long
     factors once a sequence outgrows the original context (Phi-3's `prepare_inputs_for_generation`)."""

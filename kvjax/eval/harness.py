@@ -299,12 +299,13 @@ def _evaluate(m, run: PolicyRun, task: str, length: int, batches: list[list[Samp
     return row, per_sample
 
 
-TABLE_COLUMNS = ("task", "length", "policy", "accuracy", "kv_bytes", "compression_ratio", "prefill_ms",
-                 "decode_ms_per_token")
+EVAL_COLUMNS = (("task", "task"), ("length", "length"), ("policy", "policy"), ("accuracy", "accuracy"),
+                ("kv_bytes", "kv_bytes/seq"), ("compression_ratio", "compression"), ("prefill_ms", "prefill_ms"),
+                ("decode_ms_per_token", "decode_ms/tok"))
 
 
-def format_table(rows: list[dict]) -> str:
-    """A plain-text table of the rows (accuracy, memory, compression and times)."""
+def format_table(rows: list[dict], columns: tuple[tuple[str, str], ...] = EVAL_COLUMNS) -> str:
+    """A plain-text table of the rows' (key, header) columns: text left-aligned, numbers right-aligned."""
     def cell(value):
         if value is None:
             return "-"
@@ -312,10 +313,11 @@ def format_table(rows: list[dict]) -> str:
             return f"{value:.3f}" if abs(value) < 100 else f"{value:.0f}"
         return str(value)
 
-    header = ["task", "length", "policy", "accuracy", "kv_bytes/seq", "compression", "prefill_ms", "decode_ms/tok"]
-    body = [[cell(r.get(c)) for c in TABLE_COLUMNS] for r in rows]
+    header = [h for _, h in columns]
+    body = [[cell(r.get(key)) for key, _ in columns] for r in rows]
+    text = [any(isinstance(r.get(key), str) for r in rows) for key, _ in columns]
     widths = [max(len(h), *(len(b[i]) for b in body)) if body else len(h) for i, h in enumerate(header)]
-    line = lambda cells: "  ".join(c.rjust(w) if i >= 3 else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths)))  # noqa: E731
+    line = lambda cells: "  ".join(c.ljust(w) if t else c.rjust(w) for c, w, t in zip(cells, widths, text))  # noqa: E731
     return "\n".join([line(header), line(["-" * w for w in widths])] + [line(b) for b in body])
 
 

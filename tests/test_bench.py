@@ -1,0 +1,103 @@
+"""`kvjax bench`: the decode loop it times, the report's memory and ratios, and the files it writes."""
+
+from __future__ import annotations
+
+import json
+
+import jax
+import numpy as np
+import pytest
+
+import kvjax
+from kvjax.eval.speed import BenchConfig, run_bench
+from kvjax.inference import greedy_decode
+from tests.conftest import random_tokens
+
+
+def test_greedy_decode_continues_exactly_as_generate(tiny_model):
+    """The loop the benchmark times is generate's: fed generate's first token after the same prefill,
+    it produces generate's remaining greedy tokens (no EOS stop on either side)."""
+    prompts, policy = random_tokens(3, (2, 150), 256), kvjax.policies.StreamingLLM(sink=4, window=60)
+    out = np.asarray(kvjax.generate(tiny_model, prompts, 9, policy, eos_token_id=()))
+    state = kvjax.prefill(tiny_model, prompts, policy, max_new_tokens=9)
+    np.testing.assert_array_equal(np.asarray(greedy_decode(tiny_model, state, out[:, 0], 8, policy)), out[:, 1:])
+    with pytest.raises(ValueError, match="context"):
+        greedy_decode(tiny_model, kvjax.prefill(tiny_model, prompts, policy), out[:, 0], 4000, policy)
+
+
+def test_report_measures_each_policy_against_full(tiny_model):
+    P = kvjax.policies
+    policies = {"streaming": P.StreamingLLM(sink=4, window=60)}
+    config = BenchConfig(lengths=(200, 320), batch_size=2, new_tokens=3, repeats=2, chunk_size=128)
+    messages = []
+    report = run_bench(tiny_model, policies, config, progress=False, log=messages.append)
+    assert report["backend"] == "cpu" and report["shapes"]["kv_heads"] == 2 and not messages
+    assert report["config"]["lengths"] == (200, 320)
+    rows = report["rows"]
+    assert [(r["length"], r["policy"]) for r in rows] == [
+        (n, p) for n in (200, 320) for p in ("full", "streaming")]  # Full added, measured first
+    for r in rows:
+        policy = P.Full() if r["policy"] == "full" else policies[r["policy"]]
+        prompts = np.zeros((2, r["length"]), np.int32)
+        expected = kvjax.kv_bytes(kvjax.prefill(tiny_model, prompts, policy, chunk_size=128, max_new_tokens=3))
+        assert r["kv_bytes"] == expected, r["policy"]  # memory depends on shapes only
+        full = next(f for f in rows if f["policy"] == "full" and f["length"] == r["length"])
+        assert r["full_kv_bytes"] == full["kv_bytes"]
+        assert r["compression_ratio"] == pytest.approx(full["kv_bytes"] / r["kv_bytes"], rel=1e-12)
+        assert len(r["prefill_s_repeats"]) == len(r["decode_s_per_token_repeats"]) == 2
+        assert r["prefill_ms"] == pytest.approx(1e3 * np.median(r["prefill_s_repeats"]))
+        assert r["decode_speedup"] == pytest.approx(full["decode_ms_per_token"] / r["decode_ms_per_token"])
+        assert r["prefill_speedup"] == pytest.approx(full["prefill_ms"] / r["prefill_ms"])
+        assert r["decode_tokens_per_s"] == pytest.approx(2e3 / r["decode_ms_per_token"])
+        assert r["prefill_tokens_per_s"] == pytest.approx(2e3 * r["length"] / r["prefill_ms"])
+    full_320 = rows[2]
+    assert full_320["compression_ratio"] == full_320["prefill_speedup"] == full_320["decode_speedup"] == 1.0
+    assert rows[3]["compression_ratio"] > 3  # 64 (+ spare, rounded) slots of 323 per KV head
+    with pytest.raises(ValueError, match="context of 4096"):
+        run_bench(tiny_model, policies, BenchConfig(lengths=(4090,), new_tokens=8), progress=False)
+    with pytest.raises(ValueError, match="repeats"):
+        BenchConfig(repeats=0)
+
+
+def test_kvjax_bench_writes_report_and_plot(byte_model, tmp_path, capsys):
+    import matplotlib.image
+
+    from kvjax.cli import main
+
+    _, path = byte_model
+    out = tmp_path / "bench"
+    rc = main(["bench", "--model", str(path), "--policies", "streaming", "--budgets", "64", "--lengths", "256",
+               "--new-tokens", "2", "--repeats", "1", "--dtype", "float32", "--out", str(out), "--no-progress"])
+    printed = capsys.readouterr().out
+    assert rc == 0, printed
+    assert "decode_x" in printed and "streaming@64" in printed
+    report = json.loads((out / "bench.json").read_text())
+    assert [r["policy"] for r in report["rows"]] == ["full", "streaming@64"]
+    assert report["dtype"] == "float32" and all(r["kv_bytes"] > 0 for r in report["rows"])
+    assert matplotlib.image.imread(out / "bench.png").ndim == 3
+
+    too_long = tmp_path / "too-long"
+    assert main(["bench", "--model", str(path), "--lengths", "4k", "--out", str(too_long), "--no-progress"]) == 2
+    assert "exceeds the model's context of 2048" in capsys.readouterr().err
+    assert not too_long.exists()  # nothing written
+
+
+def test_decode_roofline_script_runs_on_a_state_shaped_as_prefill_leaves_it(tiny_model):
+    """benchmarks/bench_decode.py times decode over a randomly filled state instead of a prefill (an 8B
+    model's 32K prefill is not what it measures): at a bucket multiple, as its contexts are, that state must
+    hold what a prefill would."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).parents[1] / "benchmarks" / "bench_decode.py"
+    spec = importlib.util.spec_from_file_location("bench_decode", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    filled = script.filled_state(tiny_model.config, 2, 128, 5, tiny_model.dtype)
+    prefilled = kvjax.prefill(tiny_model, random_tokens(0, (2, 128), 256), max_new_tokens=5)
+    assert kvjax.kv_bytes(filled) == kvjax.kv_bytes(prefilled)
+    np.testing.assert_array_equal(filled.length, prefilled.length)
+    for got, want in zip(jax.tree.leaves(filled), jax.tree.leaves(prefilled)):
+        assert got.shape == want.shape and got.dtype == want.dtype
+    np.testing.assert_array_equal(filled.layers[0][0].pos, prefilled.layers[0][0].pos)  # same slots in use
+    assert script.time_decode(tiny_model, 2, 128, 2, 1) > 0
