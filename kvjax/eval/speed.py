@@ -136,12 +136,14 @@ def run_bench(
 def plot_bench(rows: list[dict], path: Path) -> Path:
     """Prefill time, decode time per token and KV bytes against prompt length, one line per policy."""
     import matplotlib
+    import matplotlib.ticker
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     panels = (("prefill_ms", "prefill (ms)"), ("decode_ms_per_token", "decode (ms / token)"),
               ("kv_bytes", "KV cache (MiB)"))
+    lengths = sorted({r["length"] for r in rows})
     fig, axes = plt.subplots(1, len(panels), figsize=(13, 3.8))
     for ax, (key, title) in zip(axes, panels):
         for label in dict.fromkeys(r["policy"] for r in rows):
@@ -149,6 +151,8 @@ def plot_bench(rows: list[dict], path: Path) -> Path:
             scale = 2.0**-20 if key == "kv_bytes" else 1.0
             ax.plot([x for x, _ in mine], [y * scale for _, y in mine], marker="o", label=label)
         ax.set_xscale("log", base=2)
+        ax.set_xticks(lengths, [f"{n // 1024}K" if n % 1024 == 0 else str(n) for n in lengths])
+        ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
         ax.set_xlabel("prompt length (tokens)")
         ax.set_title(title, fontsize=10)
         ax.set_ylim(bottom=0)
