@@ -27,19 +27,19 @@ def _convert(args) -> None:
 
 
 def _generate(args) -> None:
-    import jax.numpy as jnp
     import numpy as np
 
     import kvjax
-    from kvjax.checkpoint import load
 
-    m = load(args.model or _default_model(), dtype=jnp.dtype(args.dtype))
+    m, runs = _model_and_runs(args)
+    if len(runs) != 1:
+        raise ValueError(f"generate takes one policy and one budget; got {[r.label for r in runs]}")
     if m.tokenizer is None:
         raise CheckpointError(f"{args.model}: the checkpoint has no tokenizer.json, so text cannot be encoded")
     text = args.prompt
     ids = m.tokenizer.encode_chat([{"role": "user", "content": text}]) if args.chat else m.tokenizer.encode(text)
     out = np.asarray(kvjax.generate(
-        m, [ids], max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+        m, [ids], max_new_tokens=args.max_new_tokens, policy=runs[0].policy, temperature=args.temperature,
         top_k=args.top_k, top_p=args.top_p, seed=args.seed, chunk_size=args.chunk_size,
     ))[0]
     eos = set(m.config.eos_token_ids)
@@ -48,7 +48,7 @@ def _generate(args) -> None:
 
 
 def _model_and_runs(args) -> tuple:
-    """The model and the policy runs that `eval` and `bench` share: names x budgets, DuoAttention's head
+    """The model and the policy runs of `generate`, `eval` and `bench`: names x budgets, DuoAttention's head
     split from --duo-gates, Locret's retaining heads from --locret-heads; checked before the model loads."""
     import jax.numpy as jnp
 
@@ -219,17 +219,20 @@ def _train_gates(args) -> None:
     print(f"wrote {args.out}/{written} (step {result.step}, loss {last:.6f})")
 
 
-def _policy_options(p: argparse.ArgumentParser, lengths: str) -> None:
-    """The model, policy and shape options that `eval` and `bench` share."""
+def _policy_options(p: argparse.ArgumentParser, many: bool) -> None:
+    """The model, the policies (several for eval and bench, one for generate), what some policies need
+    (DuoAttention's head split, Locret's retaining heads) and the dtype: read by `_model_and_runs`."""
     p.add_argument("--model", help="checkpoint directory or bundled model name (default: bundled)")
-    p.add_argument("--policies", default="full,streaming,h2o,snapkv",
-                   help="comma-separated lower-case kvjax.policies names (plus 'streaming' for StreamingLLM)")
-    p.add_argument("--budgets", default="",
-                   help="comma-separated token budgets per KV head (e.g. 128,256,1k), mapped onto each "
-                        "policy's budget fields; policies without one run at their defaults")
-    p.add_argument("--lengths", default=lengths, help=f"prompt lengths in tokens (default {lengths})")
-    p.add_argument("--chunk-size", type=int, default=512, help="prefill chunk in tokens")
-    p.add_argument("--seed", type=int, default=0)
+    budget_help = "mapped onto each policy's budget fields; policies without one run at their defaults"
+    if many:
+        p.add_argument("--policies", default="full,streaming,h2o,snapkv",
+                       help="comma-separated lower-case kvjax.policies names (plus 'streaming' for StreamingLLM)")
+        p.add_argument("--budgets", default="",
+                       help=f"comma-separated token budgets per KV head (e.g. 128,256,1k), {budget_help}")
+    else:
+        p.add_argument("--policy", dest="policies", default="full",
+                       help="a lower-case kvjax.policies name (plus 'streaming' for StreamingLLM); default full")
+        p.add_argument("--budget", dest="budgets", default="", help=f"token budget per KV head (e.g. 1k), {budget_help}")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     p.add_argument("--locret-heads", default=None,
                    help="folder of Locret retaining heads (`kvjax train-gates --method locret --out DIR`) that "
@@ -239,6 +242,14 @@ def _policy_options(p: argparse.ArgumentParser, lengths: str) -> None:
                         "that the duoattention policy splits its heads by")
     p.add_argument("--duo-sparsity", type=float, default=0.5,
                    help="fraction of KV heads made streaming heads from --duo-gates (default 0.5)")
+
+
+def _sweep_options(p: argparse.ArgumentParser, lengths: str) -> None:
+    """The prompt lengths and run options that `eval` and `bench` share."""
+    _policy_options(p, many=True)
+    p.add_argument("--lengths", default=lengths, help=f"prompt lengths in tokens (default {lengths})")
+    p.add_argument("--chunk-size", type=int, default=512, help="prefill chunk in tokens")
+    p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-progress", action="store_true")
 
 
@@ -253,8 +264,8 @@ def parser() -> argparse.ArgumentParser:
                          help="storage dtype (default: the checkpoint's own)")
     convert.set_defaults(run=_convert)
 
-    generate = sub.add_parser("generate", help="complete a prompt")
-    generate.add_argument("--model", help="checkpoint directory or bundled model name (default: bundled)")
+    generate = sub.add_parser("generate", help="complete a prompt, optionally under a compression policy")
+    _policy_options(generate, many=False)
     generate.add_argument("--prompt", required=True)
     generate.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     generate.add_argument("--max-new-tokens", type=int, default=64)
@@ -263,11 +274,10 @@ def parser() -> argparse.ArgumentParser:
     generate.add_argument("--top-p", type=float, default=1.0)
     generate.add_argument("--seed", type=int, default=0)
     generate.add_argument("--chunk-size", type=int, default=512)
-    generate.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     generate.set_defaults(run=_generate)
 
     ev = sub.add_parser("eval", help="RULER-style accuracy and KV memory of compression policies")
-    _policy_options(ev, lengths="2k,4k")
+    _sweep_options(ev, lengths="2k,4k")
     ev.add_argument("--tasks", default="niah_single,niah_multikey,niah_multivalue,niah_multiquery,passkey,vt")
     ev.add_argument("--samples", type=int, default=10, help="prompts per (task, length), depths spread over 0-100%%")
     ev.add_argument("--haystack", default=None,
@@ -280,7 +290,7 @@ def parser() -> argparse.ArgumentParser:
 
     bench = sub.add_parser("bench", help="prefill and decode speed and KV bytes of compression policies against "
                                          "Full, on random prompts")
-    _policy_options(bench, lengths="2k,8k")
+    _sweep_options(bench, lengths="2k,8k")
     bench.add_argument("--batch-size", type=int, default=1)
     bench.add_argument("--new-tokens", type=int, default=32, help="decode steps timed per run")
     bench.add_argument("--repeats", type=int, default=3, help="timed runs after the compiling one (median reported)")

@@ -136,3 +136,30 @@ def test_duoattention_without_gates_fails_clearly(tiny_checkpoint, capsys):
 
     assert main(["eval", "--model", str(tiny_checkpoint), "--policies", "full,duoattention", "--out", "unused"]) == 2
     assert "--duo-gates" in capsys.readouterr().err
+
+
+def test_kvjax_generate_under_a_policy(tiny_checkpoint, capsys):
+    """`kvjax generate --policy NAME --budget N` prints what `kvjax.generate` gives under that policy."""
+    import numpy as np
+
+    from kvjax.checkpoint import load
+    from kvjax.cli import main
+
+    m = load(tiny_checkpoint, dtype=jnp.float32)
+    prompt = "The needle hides in the haystack; find it. " * 8  # 352 bytes, far past the 64-token budget
+    ids = [m.tokenizer.encode(prompt)]
+
+    def text(policy):
+        out = np.asarray(kvjax.generate(m, ids, 6, policy=policy))[0]
+        stop = next((i for i, t in enumerate(out) if int(t) in m.config.eos_token_ids), len(out))
+        return m.tokenizer.decode(out[:stop])
+
+    expected = text(kvjax.policies.StreamingLLM(sink=4, window=60))
+    assert expected != text(None)  # so printing Full's completion would fail the check below
+    args = ["generate", "--model", str(tiny_checkpoint), "--prompt", prompt, "--max-new-tokens", "6", "--dtype", "float32"]
+    assert main([*args, "--policy", "streaming", "--budget", "64"]) == 0
+    assert capsys.readouterr().out == expected + "\n"
+    assert main([*args, "--policy", "streaming", "--budget", "64,128"]) == 2
+    assert "one policy and one budget" in capsys.readouterr().err
+    assert main([*args, "--policy", "duoattention"]) == 2
+    assert "--duo-gates" in capsys.readouterr().err
