@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
 
+from kvjax.sharding import per_device
 from pallas_kernels import kv_quant
 from pallas_kernels.block_masks import DenseCausal, SinkLocal
 from pallas_kernels.block_sparse_decode import DecodeConfig, block_sparse_decode
@@ -113,9 +115,12 @@ def attend(
         return reference_attention(q, k, v, k_pos, q_pos, window, scale)
     b, _, kv_heads, group, d = q.shape
     lengths = jnp.sum(k_pos >= 0, axis=-1, dtype=jnp.int32)  # [B, K]
-    out = block_sparse_decode(
-        q.reshape(b, kv_heads * group, d), k, v, lengths, sm_scale=scale,
-        config=DecodeConfig(block_size=block), implementation=lowering[0], interpret=lowering[1],
+    decode = functools.partial(
+        block_sparse_decode, sm_scale=scale, config=DecodeConfig(block_size=block),
+        implementation=lowering[0], interpret=lowering[1],
+    )
+    out = per_device(decode, b, kv_heads, (1, 1, 1, 1), 1)(
+        q.reshape(b, kv_heads * group, d), k, v, lengths
     )  # [B, H, D]
     return out.reshape(q.shape).astype(v.dtype)
 
@@ -137,10 +142,16 @@ def _prefill_chunk(
     block_q = next((bq for bq in _KERNEL_BLOCKS if t % bq == 0), _KERNEL_BLOCKS[-1])
     mask = DenseCausal() if window is None else SinkLocal(0, window)
     q_heads = q.reshape(b, t, kv_heads * group, d).swapaxes(1, 2)  # [B, H, T, D]
-    out = block_sparse_prefill(
-        q_heads, k, v, mask, lengths=lengths, q_offset=q_pos[:, 0], sm_scale=scale,
-        config=PrefillConfig(block_q=block_q, block_k=block_k),
-        implementation=lowering[0], interpret=lowering[1],
+
+    def prefill(q_heads, k, v, lengths, q_offset):
+        return block_sparse_prefill(
+            q_heads, k, v, mask, lengths=lengths, q_offset=q_offset, sm_scale=scale,
+            config=PrefillConfig(block_q=block_q, block_k=block_k),
+            implementation=lowering[0], interpret=lowering[1],
+        )
+
+    out = per_device(prefill, b, kv_heads, (1, 1, 1, None, None), 1)(
+        q_heads, k, v, lengths, q_pos[:, 0]
     )  # [B, H, T, D]
     return out.swapaxes(1, 2).reshape(q.shape).astype(v.dtype)
 
@@ -196,8 +207,10 @@ def _quantized_decode(q, slab, slab_length, k_win, v_win, win_pos, scale, impl) 
         pad = (0, 0), (0, 0), (0, -k_win.shape[2] % block), (0, 0)
         k_win, v_win = jnp.pad(k_win, pad), jnp.pad(v_win, pad)
     implementation, interpret = lowering or ("reference", False)
-    out = quantized_decode_attention(
-        q.reshape(b, t, kh * g, d), slab, slab_length, k_win, v_win, win_length,  # [B, 1, H, D]
-        sm_scale=scale, config=config, implementation=implementation, interpret=interpret,
+    decode = functools.partial(
+        quantized_decode_attention, sm_scale=scale, config=config, implementation=implementation, interpret=interpret
     )
+    out = per_device(decode, b, kh, (2, 1, None, 1, 1, None), 2)(
+        q.reshape(b, t, kh * g, d), slab, slab_length, k_win, v_win, win_length
+    )  # [B, 1, H, D]
     return out.reshape(b, t, kh, g, d)

@@ -15,6 +15,7 @@ from flax import nnx
 
 from kvjax.config import ModelConfig
 from kvjax.language_model import LanguageModel, abstract_model
+from kvjax.sharding import param_shardings
 from kvjax.tokenizer import Tokenizer
 
 FORMAT = "kvjax-checkpoint-1"
@@ -80,8 +81,12 @@ def resolve(path_or_name: str | os.PathLike) -> Path:
     raise CheckpointError(f"no kvjax checkpoint at {path} and no bundled model of that name (bundled: {bundled})")
 
 
-def load(path_or_name: str | os.PathLike, dtype=jnp.bfloat16) -> LanguageModel:
-    """Loads a converted (or trained) checkpoint directory, or a bundled model by name."""
+def load(path_or_name: str | os.PathLike, dtype=jnp.bfloat16, mesh: jax.sharding.Mesh | None = None) -> LanguageModel:
+    """Loads a converted (or trained) checkpoint directory, or a bundled model by name.
+
+    With a `mesh` (`kvjax.sharding.make_mesh`), each device reads only its shard of every parameter,
+    so a model larger than one accelerator's memory loads straight onto several.
+    """
     directory = resolve(path_or_name)
     info = json.loads((directory / "kvjax.json").read_text())
     if info.get("format") != FORMAT:
@@ -92,6 +97,11 @@ def load(path_or_name: str | os.PathLike, dtype=jnp.bfloat16) -> LanguageModel:
         raise CheckpointError(f"{directory}: unreadable config.json ({err})") from err
     shell = abstract_model(config, dtype)
     target = nnx.to_pure_dict(shell.params)
+    if mesh is not None:
+        target = jax.tree.map(
+            lambda x, sharding: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
+            target, param_shardings(mesh, target),
+        )
     try:
         restored = ocp.StandardCheckpointer().restore((directory / "params").absolute(), target)
     except Exception as err:  # orbax raises many types for truncated or mismatched data
@@ -99,4 +109,6 @@ def load(path_or_name: str | os.PathLike, dtype=jnp.bfloat16) -> LanguageModel:
     params = shell.params
     nnx.replace_by_pure_dict(params, jax.tree.map(lambda x: jnp.asarray(x, dtype), restored))
     tokenizer = Tokenizer(directory / "tokenizer") if (directory / "tokenizer" / "tokenizer.json").is_file() else None
-    return LanguageModel(config=config, graphdef=shell.graphdef, params=params, tokenizer=tokenizer, name=directory.name)
+    return LanguageModel(
+        config=config, graphdef=shell.graphdef, params=params, tokenizer=tokenizer, name=directory.name, mesh=mesh
+    )

@@ -71,7 +71,8 @@ def _model_and_runs(args) -> tuple:
         raise ValueError("policy duoattention needs its head split: pass --duo-gates FILE (the "
                          "full_attention_heads.tsv of `kvjax train-gates --method duo` or of DuoAttention's release)")
     runs = resolve_policies(names, budgets, bases=bases)
-    m = load(args.model or _default_model(), dtype=jnp.dtype(args.dtype))
+    mesh = _mesh(args.mesh) if args.mesh else None
+    m = load(args.model or _default_model(), dtype=jnp.dtype(args.dtype), mesh=mesh)
     if args.locret_heads:
         from kvjax.policies.locret import with_retaining_heads
 
@@ -80,6 +81,19 @@ def _model_and_runs(args) -> tuple:
         raise ValueError("policy locret needs trained retaining heads: pass --locret-heads DIR (the --out folder of "
                          "`kvjax train-gates --method locret`)")
     return m, runs
+
+
+def _mesh(text: str):
+    """The device mesh of --mesh: DATAxMODEL (e.g. 1x8), or `auto` for every device on the model axis."""
+    from kvjax.sharding import make_mesh
+
+    if text == "auto":
+        return make_mesh()
+    try:
+        data, model = (int(x) for x in text.lower().split("x"))
+    except ValueError:
+        raise ValueError(f"--mesh must be DATAxMODEL (e.g. 1x8) or auto; got {text!r}") from None
+    return make_mesh(model=model, data=data)
 
 
 def _lengths(text: str) -> tuple[int, ...]:
@@ -234,6 +248,9 @@ def _policy_options(p: argparse.ArgumentParser, many: bool) -> None:
                        help="a lower-case kvjax.policies name (plus 'streaming' for StreamingLLM); default full")
         p.add_argument("--budget", dest="budgets", default="", help=f"token budget per KV head (e.g. 1k), {budget_help}")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    p.add_argument("--mesh", default=None,
+                   help="shard the model and KV cache over devices: DATAxMODEL (e.g. 1x8: attention heads, MLP "
+                        "and vocabulary over 8 devices; 2x4: also the batch over 2), or auto (all devices on model)")
     p.add_argument("--locret-heads", default=None,
                    help="folder of Locret retaining heads (`kvjax train-gates --method locret --out DIR`) that "
                         "the locret policy ranks tokens with")

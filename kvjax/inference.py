@@ -15,6 +15,7 @@ from kvjax.kv_state import KVState
 from kvjax.language_model import LanguageModel
 from kvjax.policies import Full, Policy
 from kvjax.sampling import SamplingParams, sample
+from kvjax.sharding import constrain_state, on_model_mesh
 
 DEFAULT_CHUNK = 512
 _BUCKET = 64  # prompt lengths are padded up to a multiple of this so nearby lengths share a compile
@@ -67,6 +68,7 @@ def _logits(graphdef, params, tokens):
     return model.logits(hidden)
 
 
+@on_model_mesh
 def logits(m: LanguageModel, tokens) -> jax.Array:
     """float32[B, T, V] logits of a full causal forward over int32[B, T] tokens (no cache)."""
     tokens = jnp.asarray(tokens, jnp.int32)
@@ -80,7 +82,7 @@ def _prefill(graphdef, params, tokens, lengths, *, policy: Policy, chunk: int, m
     """Runs the prompt through the model chunk by chunk; returns the state and last-token logits."""
     model = nnx.merge(graphdef, params)
     b, t = tokens.shape
-    state = policy.allocate(model.config, b, t, max_new_tokens, chunk, model.embed.dtype)
+    state = constrain_state(policy.allocate(model.config, b, t, max_new_tokens, chunk, model.embed.dtype))
     prefill_step = functools.partial(policy.cache_step, prompt_lengths=lengths)
     last = lengths - 1  # [B] position of each prompt's final token
     offsets = jnp.arange(chunk, dtype=jnp.int32)  # [S]
@@ -103,7 +105,7 @@ def _prefill(graphdef, params, tokens, lengths, *, policy: Policy, chunk: int, m
     init = (state.layers, jnp.zeros((b, model.config.hidden_size), model.embed.dtype))
     (layers, last_hidden), _ = jax.lax.scan(step, init, (chunks, starts))
     state = policy.finalize(model.config, state.replace(layers=layers, length=lengths), t, max_new_tokens)
-    return state, model.logits(last_hidden)
+    return constrain_state(state), model.logits(last_hidden)
 
 
 def _prompt_batch(tokens, lengths) -> tuple[np.ndarray, np.ndarray]:
@@ -125,6 +127,7 @@ def _run_prefill(m, tokens: np.ndarray, lengths: np.ndarray, policy, chunk_size,
     )
 
 
+@on_model_mesh
 def prefill(
     m: LanguageModel, tokens, policy: Policy | None = None, *, lengths=None,
     chunk_size: int = DEFAULT_CHUNK, max_new_tokens: int = 0,
@@ -145,7 +148,7 @@ def _forward_token(model, policy: Policy, state: KVState, token: jax.Array):
         token[:, None], positions, jnp.ones_like(positions, bool), state.layers, policy.cache_step,
         retaining_scores=policy.reads_retaining_scores(),
     )
-    return model.logits(hidden[:, 0]), state.replace(layers=layers, length=state.length + 1)
+    return model.logits(hidden[:, 0]), constrain_state(state.replace(layers=layers, length=state.length + 1))
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "policy"), donate_argnames=("state",))
@@ -153,6 +156,7 @@ def _decode_step(graphdef, params, state, token, *, policy):
     return _forward_token(nnx.merge(graphdef, params), policy, state, token)
 
 
+@on_model_mesh
 def decode_step(m: LanguageModel, state: KVState, token, policy: Policy | None = None):
     """(float32[B, V] logits, new state) after feeding int32[B] tokens; the old state is donated."""
     return _decode_step(m.graphdef, m.params, state, jnp.asarray(token, jnp.int32), policy=policy or Full())
@@ -202,6 +206,7 @@ def _decode(graphdef, params, loop: DecodeLoop, sampling, eos_ids, pad_id, stop_
     return jax.lax.while_loop(keep_going, body, loop)
 
 
+@on_model_mesh
 def greedy_decode(m: LanguageModel, state: KVState, token, steps: int, policy: Policy | None = None) -> jax.Array:
     """int32[B, steps]: greedy tokens after feeding int32[B] `token`, by generate's jitted decode loop
     with no EOS stop (so benchmarks time exactly `steps` steps); the state is donated."""
@@ -226,6 +231,7 @@ def _rope_switch_length(m: LanguageModel) -> int:
     return rope.original_max_position_embeddings if rope.kind == "longrope" else np.iinfo(np.int32).max
 
 
+@on_model_mesh
 def generate(
     m: LanguageModel, tokens, max_new_tokens: int = 64, policy: Policy | None = None, *,
     lengths=None, temperature=0.0, top_k=0, top_p=1.0, seed: int = 0,

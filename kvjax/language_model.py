@@ -23,6 +23,7 @@ class LanguageModel:
     params: nnx.State
     tokenizer: Any = None  # kvjax.tokenizer.Tokenizer, when the checkpoint ships one
     name: str = ""
+    mesh: jax.sharding.Mesh | None = None  # where params live, sharded (kvjax.sharding); None: one device
 
     @property
     def dtype(self):

@@ -32,7 +32,7 @@ def test_report_measures_each_policy_against_full(tiny_model):
     messages = []
     report = run_bench(tiny_model, policies, config, progress=False, log=messages.append)
     assert report["device"] == jax.devices()[0].device_kind and report["shapes"]["kv_heads"] == 2 and not messages
-    assert report["config"]["lengths"] == (200, 320)
+    assert report["config"]["lengths"] == (200, 320) and report["mesh"] is None
     rows = report["rows"]
     assert [(r["length"], r["policy"]) for r in rows] == [
         (n, p) for n in (200, 320) for p in ("full", "streaming")]  # Full added, measured first
@@ -40,7 +40,7 @@ def test_report_measures_each_policy_against_full(tiny_model):
         policy = P.Full() if r["policy"] == "full" else policies[r["policy"]]
         prompts = np.zeros((2, r["length"]), np.int32)
         expected = kvjax.kv_bytes(kvjax.prefill(tiny_model, prompts, policy, chunk_size=128, max_new_tokens=3))
-        assert r["kv_bytes"] == expected, r["policy"]  # memory depends on shapes only
+        assert r["kv_bytes"] == r["kv_bytes_per_device"] == expected, r["policy"]  # shapes only; one device
         full = next(f for f in rows if f["policy"] == "full" and f["length"] == r["length"])
         assert r["full_kv_bytes"] == full["kv_bytes"]
         assert r["compression_ratio"] == pytest.approx(full["kv_bytes"] / r["kv_bytes"], rel=1e-12)

@@ -23,6 +23,7 @@ from kvjax.eval.harness import PolicyRun, as_runs
 from kvjax.inference import greedy_decode
 from kvjax.language_model import LanguageModel
 from kvjax.policies import Full
+from kvjax.sharding import device_kv_bytes
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,6 +50,7 @@ class Measurement:
     """One policy at one length: device bytes of the state after the prompt and every timed repeat."""
 
     kv_bytes: int
+    kv_bytes_per_device: int  # the most any one device holds (kv_bytes unless the model is sharded)
     prefill_s: tuple[float, ...]
     decode_s_per_token: tuple[float, ...]
 
@@ -57,19 +59,19 @@ def measure(m: LanguageModel, policy, prompts: np.ndarray, config: BenchConfig) 
     """Times `prefill` and then `new_tokens` decode steps on int32[B, T] `prompts`, `repeats` times after
     a compiling run; the state is rebuilt every repeat (decoding donates it)."""
     first = prompts[:, -1]  # [B] the token fed to the first decode step
-    prefill_s, decode_s, kv_bytes = [], [], 0
+    prefill_s, decode_s = [], []
     for repeat in range(config.repeats + 1):
         start = time.perf_counter()
         state = jax.block_until_ready(kvjax.prefill(
             m, prompts, policy, chunk_size=config.chunk_size, max_new_tokens=config.new_tokens))
         prefilled = time.perf_counter()
-        kv_bytes = kvjax.kv_bytes(state)
+        kv_bytes, per_device = kvjax.kv_bytes(state), device_kv_bytes(state)
         decode_start = time.perf_counter()
         jax.block_until_ready(greedy_decode(m, state, first, config.new_tokens, policy))
         if repeat:  # the first run compiles
             prefill_s.append(prefilled - start)
             decode_s.append((time.perf_counter() - decode_start) / config.new_tokens)
-    return Measurement(kv_bytes, tuple(prefill_s), tuple(decode_s))
+    return Measurement(kv_bytes, per_device, tuple(prefill_s), tuple(decode_s))
 
 
 def _row(run: PolicyRun, length: int, config: BenchConfig, got: Measurement, full: Measurement) -> dict:
@@ -78,6 +80,7 @@ def _row(run: PolicyRun, length: int, config: BenchConfig, got: Measurement, ful
         "policy": run.label, "policy_name": run.name, "budget": run.budget, "policy_repr": repr(run.policy),
         "length": length, "batch_size": config.batch_size, "new_tokens": config.new_tokens,
         "kv_bytes": got.kv_bytes, "full_kv_bytes": full.kv_bytes, "compression_ratio": full.kv_bytes / got.kv_bytes,
+        "kv_bytes_per_device": got.kv_bytes_per_device,
         "prefill_ms": prefill * 1e3, "prefill_tokens_per_s": config.batch_size * length / prefill,
         "prefill_speedup": float(np.median(full.prefill_s)) / prefill,
         "decode_ms_per_token": decode * 1e3, "decode_tokens_per_s": config.batch_size / decode,
@@ -127,6 +130,7 @@ def run_bench(
     return {
         "benchmark": "kvjax bench", "device": jax.devices()[0].device_kind, "backend": jax.default_backend(),
         "jax": jax.__version__, "model": m.name or None, "dtype": str(m.dtype),
+        "mesh": None if m.mesh is None else dict(m.mesh.shape),
         "shapes": {"layers": c.num_layers, "heads": c.num_heads, "kv_heads": c.num_kv_heads, "head_dim": c.head_dim,
                    "hidden": c.hidden_size, "vocab": c.vocab_size},
         "config": dataclasses.asdict(config), "rows": rows,

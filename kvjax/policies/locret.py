@@ -51,6 +51,7 @@ from kvjax.kv_state import KVSegment, count, evict_lowest, keep_top, write_entri
 from kvjax.language_model import LanguageModel, abstract_model
 from kvjax.policies.token_eviction import TokenEviction, newest
 from kvjax.rope import rope_tables
+from kvjax.sharding import shard_model
 
 HEADS_DIR = "retaining_heads"
 HEADS_JSON = "retaining_heads.json"
@@ -203,7 +204,8 @@ def attach_retaining_heads(m: LanguageModel, heads: Heads) -> LanguageModel:
         pure["blocks"][i]["attn"]["retain"] = {"fc1": jnp.asarray(fc1[i], dtype), "fc2": jnp.asarray(fc2[i], dtype)}
     params = shell.params
     nnx.replace_by_pure_dict(params, pure)
-    return dataclasses.replace(m, config=config, graphdef=shell.graphdef, params=params)
+    m = dataclasses.replace(m, config=config, graphdef=shell.graphdef, params=params)
+    return m if m.mesh is None else shard_model(m, m.mesh)  # the new heads join the model's devices
 
 
 def _model_shape(config: ModelConfig) -> dict:
