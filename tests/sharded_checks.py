@@ -201,3 +201,20 @@ def test_bench_reports_the_mesh_and_bytes_per_device(sharded):
     assert report["mesh"] == {"data": 2, "model": 4}
     (row,) = report["rows"]
     assert row["kv_bytes_per_device"] == (row["kv_bytes"] - 8) // 8 + 4
+
+
+def test_locret_heads_attached_to_a_sharded_model(model, sharded, prompts):
+    """Retaining heads attached to a sharded model join its devices (replicated, as attention-free
+    parameters), and Locret's sharded generate equals one device's."""
+    from kvjax.policies import Locret
+    from kvjax.policies.locret import attach_retaining_heads, random_retaining_heads
+
+    heads = random_retaining_heads(CONFIG, hidden=32, seed=1)
+    many, one = attach_retaining_heads(sharded, heads), attach_retaining_heads(model, heads)
+    fc1 = next(x for p, x in _leaves(many.params).items() if "'fc1'" in p)
+    assert many.mesh is sharded.mesh and fc1.sharding == jax.sharding.NamedSharding(sharded.mesh, P())
+    policy = Locret(budget_tokens=48, stabilizers=16, local_len=8)
+    np.testing.assert_array_equal(
+        np.asarray(kvjax.generate(many, prompts, 5, policy=policy, chunk_size=64)),
+        np.asarray(kvjax.generate(one, prompts, 5, policy=policy, chunk_size=64)),
+    )
