@@ -206,21 +206,27 @@ def _decode(graphdef, params, loop: DecodeLoop, sampling, eos_ids, pad_id, stop_
     return jax.lax.while_loop(keep_going, body, loop)
 
 
+@functools.partial(jax.jit, static_argnames=("steps",), donate_argnames=("kv",))
+def _open_loop(kv, token, steps):
+    """The loop carry for feeding `token` first; built under jit so its arrays are placed as
+    `_start_loop`'s are, and `_decode` reuses what generate compiled at the same shapes."""
+    batch = token.shape[0]
+    return DecodeLoop(
+        step=jnp.int32(0), tokens=jnp.zeros((batch, steps), jnp.int32), last=token,
+        done=jnp.zeros((batch,), bool), key=jax.random.key(0), kv=kv,
+    )
+
+
 @on_model_mesh
 def greedy_decode(m: LanguageModel, state: KVState, token, steps: int, policy: Policy | None = None) -> jax.Array:
     """int32[B, steps]: greedy tokens after feeding int32[B] `token`, by generate's jitted decode loop
     with no EOS stop (so benchmarks time exactly `steps` steps); the state is donated."""
-    token = jnp.array(token, jnp.int32)  # a copy: the loop carry is donated, the caller's array is not
     if steps < 1:
         raise ValueError(f"steps must be >= 1; got {steps}")
     _check_context(m, int(jnp.max(state.length)) + steps)
-    batch = token.shape[0]
-    loop = DecodeLoop(
-        step=jnp.int32(0), tokens=jnp.zeros((batch, steps), jnp.int32), last=token,
-        done=jnp.zeros((batch,), bool), key=jax.random.key(0), kv=state,
-    )
+    loop = _open_loop(state, jnp.asarray(token, jnp.int32), steps)
     no_eos, no_stop = jnp.asarray([-1], jnp.int32), jnp.int32(np.iinfo(np.int32).max)
-    sampling = SamplingParams.create(batch)
+    sampling = SamplingParams.create(loop.last.shape[0])
     return _decode(m.graphdef, m.params, loop, sampling, no_eos, jnp.int32(0), no_stop, policy=policy or Full()).tokens
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -23,6 +24,19 @@ def test_greedy_decode_continues_exactly_as_generate(tiny_model):
     np.testing.assert_array_equal(np.asarray(greedy_decode(tiny_model, state, out[:, 0], 8, policy)), out[:, 1:])
     with pytest.raises(ValueError, match="context"):
         greedy_decode(tiny_model, kvjax.prefill(tiny_model, prompts, policy), out[:, 0], 4000, policy)
+
+
+def test_greedy_decode_reuses_generates_compiled_loop(byte_model):
+    """At generate's own shapes it runs generate's compiled loop, so the eval's timed decode compiles
+    nothing (a loaded model: its parameters, hence generate's loop carry, are committed to a device)."""
+    m = kvjax.load(byte_model[1], jnp.float32)
+    prompts, policy = random_tokens(4, (2, 90), m.config.vocab_size), kvjax.policies.StreamingLLM(sink=4, window=44)
+    out = np.asarray(kvjax.generate(m, prompts, 7, policy, eos_token_id=()))
+    compiled = kvjax.inference._decode._cache_size()
+    state = kvjax.prefill(m, prompts, policy, max_new_tokens=7)
+    again = np.asarray(greedy_decode(m, state, out[:, 0], 7, policy))
+    assert kvjax.inference._decode._cache_size() == compiled
+    np.testing.assert_array_equal(again[:, :6], out[:, 1:])
 
 
 def test_report_measures_each_policy_against_full(tiny_model):

@@ -22,13 +22,13 @@ from pathlib import Path
 from typing import Callable, Iterable, Mapping, Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
 import kvjax
 from kvjax.eval.haystack import haystack_from_name
 from kvjax.eval.tasks import Sample, default_tasks, get_task, make_samples, string_match_all
+from kvjax.inference import greedy_decode
 from kvjax.language_model import LanguageModel
 from kvjax.policies import Policy
 
@@ -205,20 +205,13 @@ def _timed(fn):
     return out, time.perf_counter() - start
 
 
-def _time_prefill_and_decode(m: LanguageModel, ids: list[list[int]], policy: Policy, chunk: int, out: np.ndarray):
-    """(seconds for the prompt, seconds per decoded token), compiled before timing: `generate` just ran
-    this prefill; the decode steps feed the tokens `out` int32[B, N] it produced, so they do its work."""
-    new = out.shape[1]
+def _time_prefill_and_decode(m: LanguageModel, ids: list[list[int]], policy: Policy, chunk: int, first, new: int):
+    """(seconds for the prompt, seconds per decoded token), both already compiled by the `generate` that
+    just ran at these shapes. The decode is generate's own jitted loop (greedy, no EOS stop) fed its
+    first token `first` int32[B] for `new` steps, so no per-token Python dispatch is timed."""
     state, t_prefill = _timed(lambda: kvjax.prefill(m, ids, policy, chunk_size=chunk, max_new_tokens=new))
-    tokens = jnp.asarray(out)
-    _, state = jax.block_until_ready(kvjax.decode_step(m, state, tokens[:, 0], policy))  # compiles
-    if new < 2:
-        return t_prefill, None
-    start = time.perf_counter()
-    for i in range(1, new):
-        logits, state = kvjax.decode_step(m, state, tokens[:, i], policy)
-    jax.block_until_ready(logits)
-    return t_prefill, (time.perf_counter() - start) / (new - 1)
+    _, t_decode = _timed(lambda: greedy_decode(m, state, first, new, policy))
+    return t_prefill, t_decode / new
 
 
 def run_eval(
@@ -276,10 +269,9 @@ def _evaluate(m, run: PolicyRun, task: str, length: int, batches: list[list[Samp
         out = np.asarray(gen())
         bytes_.append(_bytes_per_sequence(m, ids, run.policy, config.chunk_size, new))
         if config.timing:
-            t_prefill, t_token = _time_prefill_and_decode(m, ids, run.policy, config.chunk_size, out)
+            t_prefill, t_token = _time_prefill_and_decode(m, ids, run.policy, config.chunk_size, out[:, 0], new)
             prefill_s.append(t_prefill)
-            if t_token is not None:
-                decode_s.append(t_token)
+            decode_s.append(t_token)
         for sample, prediction in zip(batch, _predictions(m, out)):
             score = string_match_all(prediction, sample.answers)
             scores.append(score)
