@@ -17,7 +17,7 @@ from jax.sharding import PartitionSpec as P
 import kvjax
 from kvjax import ModelConfig, init_model
 from kvjax.checkpoint import save_checkpoint
-from kvjax.policies import H2O, KIVI, DuoAttention, Full, SnapKV, StreamingLLM
+from kvjax.policies import KIVI, DuoAttention, Full, SnapKV, StreamingLLM
 from kvjax.quantized_segment import QuantizedSegment
 from kvjax.sharding import device_kv_bytes, make_mesh, param_shardings, shard_model
 from tests.conftest import random_tokens
@@ -90,7 +90,6 @@ POLICIES = {
     "full": Full(),
     "streaming": StreamingLLM(sink=4, window=44),
     "snapkv": SnapKV(budget_tokens=64, window=8),
-    "h2o": H2O(heavy=24, window=24),
     "kivi": KIVI(bits=4, group=16, residual=32),
     "duo": DuoAttention(((0,), (1, 2, 3)), sink=4, recent=32),  # 1 and 3 heads: not divisible by 4
 }
