@@ -17,8 +17,8 @@ import jax.numpy as jnp
 import kvjax
 from kvjax.config import ModelConfig, RopeConfig
 from kvjax.policies import (
-    A2SF, H2O, KIVI, TOVA, VATP, AdaKV, DuoAttention, Full, Knorm, PyramidKV, RazorAttention, SnapKV,
-    StreamingLLM,
+    A2SF, H2O, KIVI, TOVA, VATP, AdaKV, DuoAttention, Full, Knorm, MiKV, PyramidKV, QuantizedPruning,
+    RazorAttention, SnapKV, StreamingLLM, ThinK,
 )
 
 LLAMA31_8B = ModelConfig(
@@ -50,6 +50,11 @@ POLICIES = [
     ("RazorAttention(~15% retrieval heads, sink=4, recent=256)", RazorAttention(RAZOR)),
     ("KIVI(bits=4)", KIVI(bits=4)),
     ("KIVI(bits=2)", KIVI(bits=2)),
+    ("QuantizedPruning(SnapKV(budget_tokens=4096), bits=4)", QuantizedPruning(SnapKV(4096), 4)),
+    ("ThinK(Full(), ratio=0.4)", ThinK(Full())),
+    ("ThinK(SnapKV(budget_tokens=1024), ratio=0.4)", ThinK(SnapKV())),
+    ("MiKV(H2O(heavy=512, window=512), bits=4)", MiKV(H2O(), 4)),
+    ("MiKV(H2O(heavy=512, window=512), bits=2)", MiKV(H2O(), 2)),
 ]
 
 

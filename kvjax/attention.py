@@ -46,6 +46,11 @@ def attention_probs(
     q: [B, T, K, G, D] (G query heads per KV head); k: [B, K, C, D].
     """
     logits = jnp.einsum("btkgd,bkcd->bkgtc", q, k, preferred_element_type=jnp.float32) * scale
+    return visible_softmax(logits, k_pos, q_pos, window)
+
+
+def visible_softmax(logits: jax.Array, k_pos: jax.Array, q_pos: jax.Array, window: int | None) -> jax.Array:
+    """float32[B, K, G, T, C]: softmax of logits [B, K, G, T, C] over the entries each query sees."""
     mask = visibility_mask(k_pos, q_pos, window)[:, :, None]  # [B, K, 1, T, C]
     return jax.nn.softmax(jnp.where(mask, logits, _MASKED), axis=-1)
 

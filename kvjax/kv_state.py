@@ -136,13 +136,27 @@ def keep_top(segment: KVSegment, priority: jax.Array, keep: int, capacity: int) 
     )
 
 
+def dropped_by_keep_top(segment: KVSegment, priority: jax.Array, keep: int) -> jax.Array:
+    """bool[B, Hs, C]: the held entries `keep_top(segment, priority, keep, ...)` discards."""
+    held = segment.pos >= 0
+    top_val, top_idx = jax.lax.top_k(jnp.where(held, priority, -jnp.inf), min(keep, segment.capacity))  # [B, Hs, keep]
+
+    def picked(idx, won):  # one row: [keep], [keep] -> bool[C]
+        return jnp.zeros(segment.capacity, bool).at[idx].set(won)
+
+    return held & ~jax.vmap(jax.vmap(picked))(top_idx, top_val > -jnp.inf)
+
+
+def lowest_over_budget(segment: KVSegment, priority: jax.Array, budget: int) -> jax.Array:
+    """bool[B, Hs, C]: per row holding more than `budget` entries, its lowest-priority entry."""
+    victim = jnp.argmin(jnp.where(segment.pos >= 0, priority, jnp.inf), axis=-1)  # [B, Hs]
+    over = count(segment) > budget  # [B, Hs]
+    return (jnp.arange(segment.capacity) == victim[..., None]) & over[..., None]  # [B, Hs, C]
+
+
 def evict_lowest(segment: KVSegment, priority: jax.Array, budget: int) -> KVSegment:
     """Empties the lowest-priority entry of every row holding more than `budget` entries (decode)."""
-    priority = jnp.where(segment.pos >= 0, priority, jnp.inf)
-    victim = jnp.argmin(priority, axis=-1)  # [B, Hs]
-    over = count(segment) > budget  # [B, Hs]
-    hit = (jnp.arange(segment.capacity) == victim[..., None]) & over[..., None]  # [B, Hs, C]
-    return segment.replace(pos=jnp.where(hit, -1, segment.pos))
+    return segment.replace(pos=jnp.where(lowest_over_budget(segment, priority, budget), -1, segment.pos))
 
 
 def kv_bytes(state: Any) -> int:

@@ -194,6 +194,42 @@ def dequantize_values(
     return (grouped * scale + zero).reshape(*lead, seq, dim).astype(dtype)
 
 
+def quantize_tokens(
+    x: jax.Array,
+    bits: int,
+    group_size: int = DEFAULT_GROUP_SIZE,
+    scale_dtype=jnp.bfloat16,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Per-token keys or values [..., T, D] -> (uint8[..., T, D * bits / 8], scale [..., T, D/G], zero).
+
+    Min/max over groups of G channels of each token, codes packed along channels: every token owns
+    its bytes and statistics, so single tokens can be written anywhere (MiKV's demoted entries).
+    """
+    check_group_size(group_size, bits)
+    *lead, seq, dim = x.shape
+    _check_divisible("the head dim D", dim, group_size)
+    grouped = x.reshape(*lead, seq, dim // group_size, group_size)  # [..., T, D/G, G]
+    codes, scale, zero = _quantize_groups(grouped, -1, bits, scale_dtype)  # stats [..., T, D/G, 1]
+    packed = pack(codes.reshape(*lead, seq, dim).swapaxes(-1, -2), bits, group_size)  # [..., D*b/8, T]
+    return packed.swapaxes(-1, -2), scale.squeeze(-1), zero.squeeze(-1)
+
+
+def dequantize_tokens(
+    packed: jax.Array,
+    scale: jax.Array,
+    zero: jax.Array,
+    bits: int,
+    group_size: int = DEFAULT_GROUP_SIZE,
+    dtype=jnp.float32,
+) -> jax.Array:
+    """Inverse of `quantize_tokens`: uint8[..., T, D * bits / 8] with scale, zero [..., T, D/G] -> [..., T, D]."""
+    codes = unpack(packed.swapaxes(-1, -2), bits, group_size, jnp.float32).swapaxes(-1, -2)  # [..., T, D]
+    *lead, seq, dim = codes.shape
+    grouped = codes.reshape(*lead, seq, dim // group_size, group_size)  # [..., T, D/G, G]
+    x = grouped * scale.astype(jnp.float32)[..., None] + zero.astype(jnp.float32)[..., None]
+    return x.reshape(*lead, seq, dim).astype(dtype)
+
+
 # ----------------------------------------------------------------------------------------
 # The quantized slab.
 # ----------------------------------------------------------------------------------------

@@ -9,17 +9,19 @@ from kvjax.policies.h2o import H2O
 from kvjax.policies.kivi import KIVI
 from kvjax.policies.knorm import Knorm
 from kvjax.policies.locret import Locret
+from kvjax.policies.mikv import MiKV
 from kvjax.policies.pyramidkv import PyramidKV
 from kvjax.policies.quantized_pruning import QuantizedPruning
 from kvjax.policies.razor_attention import RazorAttention
 from kvjax.policies.snapkv import SnapKV
 from kvjax.policies.streaming_llm import StreamingLLM
+from kvjax.policies.think import ThinK
 from kvjax.policies.token_eviction import TokenEviction
 from kvjax.policies.tova import TOVA
 from kvjax.policies.vatp import VATP
 
 __all__ = [
-    "A2SF", "AdaKV", "DuoAttention", "Full", "H2O", "KIVI", "Knorm", "Layout", "Locret", "Policy", "PyramidKV",
-    "QuantizedPruning", "RazorAttention", "SegmentSpec", "SnapKV", "StreamingLLM", "TOVA", "TokenEviction",
+    "A2SF", "AdaKV", "DuoAttention", "Full", "H2O", "KIVI", "Knorm", "Layout", "Locret", "MiKV", "Policy", "PyramidKV",
+    "QuantizedPruning", "RazorAttention", "SegmentSpec", "SnapKV", "StreamingLLM", "TOVA", "ThinK", "TokenEviction",
     "VATP",
 ]

@@ -24,7 +24,8 @@ from kvjax.attention import visibility_mask
 from kvjax.cached_attention import merge_heads, take_heads, write_in_place_then_attend
 from kvjax.config import ModelConfig
 from kvjax.kv_state import (
-    KVSegment, KVState, count, evict_lowest, keep_top, round_capacity, write_entries, write_free_slot,
+    KVSegment, KVState, count, dropped_by_keep_top, evict_lowest, keep_top, lowest_over_budget, round_capacity,
+    write_entries, write_free_slot,
 )
 from kvjax.policies.base import Layout, Policy
 from kvjax.policies.duo_attention import HeadSets, _normalise, sink_recent_priority, split_layout
@@ -63,18 +64,13 @@ def absorb(segment: CompensatedSegment, dropped: jax.Array) -> CompensatedSegmen
 
 def compress(segment: CompensatedSegment, priority: jax.Array, keep: int, capacity: int) -> CompensatedSegment:
     """`keep_top`, with every entry it discards folded into the compensation token first."""
-    held = jnp.where(segment.pos >= 0, priority, -jnp.inf)  # [B, Hs, C]
-    top_val, top_idx = jax.lax.top_k(held, min(keep, segment.capacity))  # [B, Hs, keep]
-    picked = (top_idx[..., None] == jnp.arange(segment.capacity)) & (top_val > -jnp.inf)[..., None]
-    segment = absorb(segment, ~jnp.any(picked, axis=-2))  # [B, Hs, C] not picked
+    segment = absorb(segment, dropped_by_keep_top(segment, priority, keep))
     return keep_top(segment, priority, keep, capacity)
 
 
 def evict_one(segment: CompensatedSegment, priority: jax.Array) -> CompensatedSegment:
     """`evict_lowest` (one entry per over-budget row), folding the victim into the compensation."""
-    victim = jnp.argmin(jnp.where(segment.pos >= 0, priority, jnp.inf), axis=-1)  # [B, Hs]
-    over = count(segment) > segment.budget  # [B, Hs]
-    segment = absorb(segment, (jnp.arange(segment.capacity) == victim[..., None]) & over[..., None])
+    segment = absorb(segment, lowest_over_budget(segment, priority, segment.budget))
     return evict_lowest(segment, priority, segment.budget)
 
 
