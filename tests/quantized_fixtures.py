@@ -20,6 +20,11 @@ def head_dim_32_config(**kw) -> ModelConfig:
     return ModelConfig(**{**base, **kw})
 
 
+def llama8b_cache_config() -> ModelConfig:
+    """Llama-3.1-8B's cache shapes (32 layers, 8 KV heads, D 128), for byte counts on abstract states."""
+    return head_dim_32_config(num_layers=32, num_heads=32, num_kv_heads=8, head_dim=128, hidden_size=4096)
+
+
 def teacher_forced(m, policy, tokens, lengths, new: int, chunk: int):
     """Prefill `lengths`, then `new` decode steps fed the known next tokens:
     (logits [B, new, V], state after prefill, state after decoding)."""

@@ -15,7 +15,7 @@ from kvjax import ModelConfig, init_model
 from kvjax.policies import KIVI, Full
 from pallas_kernels import kv_quant
 from tests.conftest import random_tokens
-from tests.quantized_fixtures import head_dim_32_config, rms, teacher_forced
+from tests.quantized_fixtures import head_dim_32_config, llama8b_cache_config, rms, teacher_forced
 
 G, R = 32, 128
 LENGTHS = (250, 100)  # row 0 quantizes (and flushes 3 groups in one chunk); row 1 never leaves R + G
@@ -169,7 +169,7 @@ def test_kv_bytes(runs, model):
     assert kvjax.kv_bytes(out["kivi4"][1]) == _kivi_bytes(KIVI(4), model.config, 2, padded, NEW, 4)
     assert kvjax.kv_bytes(out["kivi2"][1]) == _kivi_bytes(KIVI(2), model.config, 2, padded, NEW, 4)
     # A 4K prompt on a Llama-3-8B-shaped cache in bf16 (abstract shapes, nothing allocated).
-    cfg = head_dim_32_config(num_layers=32, num_heads=32, num_kv_heads=8, head_dim=128, hidden_size=4096)
+    cfg = llama8b_cache_config()
     kivi = jax.eval_shape(lambda: KIVI(4).allocate(cfg, 1, 4096, 0, 512, jnp.bfloat16))
     full = jax.eval_shape(lambda: Full().allocate(cfg, 1, 4096, 0, 512, jnp.bfloat16))
     assert kvjax.kv_bytes(kivi) == _kivi_bytes(KIVI(4), cfg, 1, 4096, 0, 2)

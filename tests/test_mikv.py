@@ -7,13 +7,13 @@ import numpy as np
 import pytest
 
 import kvjax
-from kvjax import ModelConfig, init_model
+from kvjax import init_model
 from kvjax.policies import H2O, KIVI, Full, MiKV, SnapKV, StreamingLLM
 from kvjax.policies.mikv import MixedSegment
 from kvjax.policies.quantized_pruning import decode_state_bytes
 from pallas_kernels import kv_quant
 from tests.conftest import random_tokens
-from tests.quantized_fixtures import head_dim_32_config, rms, teacher_forced
+from tests.quantized_fixtures import head_dim_32_config, llama8b_cache_config, rms, teacher_forced
 
 LENGTHS = (450, 200)
 NEW = 20
@@ -110,10 +110,7 @@ def test_generate_ragged_batch_is_the_greedy_chain(model, runs):
 @pytest.mark.parametrize("bits", [4, 2])
 def test_kv_bytes_hold_the_budget_at_full_precision_and_the_rest_packed(bits):
     # Llama-3.1-8B shape, 32K prompt, 64 new tokens, bf16, H2O(512, 512).
-    cfg = ModelConfig(
-        family="llama", vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_layers=32,
-        num_heads=32, num_kv_heads=8, head_dim=128, max_position_embeddings=131072,
-    )
+    cfg = llama8b_cache_config()
     prompt, new, budget = 32768, 64, 1024
     high = -(-(budget + 1) // 16) * 16 * (2 * 128 * 2 + 4 + 4)  # k, v, position, H2O's score
     low = -(-(prompt + new - budget + 1) // 16) * 16 * (2 * 128 * bits // 8 + 4 * 2 * 128 // 32 + 4)

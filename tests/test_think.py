@@ -8,14 +8,14 @@ import pytest
 from flax import nnx
 
 import kvjax
-from kvjax import ModelConfig, init_model
+from kvjax import init_model
 from kvjax.attention import reference_attention
 from kvjax.policies import H2O, KIVI, Full, Knorm, SnapKV, ThinK
 from kvjax.policies.quantized_pruning import decode_state_bytes
 from kvjax.policies.think import ThinKSegment, attend_thin_keys
 from kvjax.kv_state import KVSegment
 from tests.conftest import random_tokens
-from tests.quantized_fixtures import head_dim_32_config, teacher_forced
+from tests.quantized_fixtures import head_dim_32_config, llama8b_cache_config, teacher_forced
 
 LENGTHS = (450, 200)
 NEW = 24
@@ -164,17 +164,10 @@ def test_generate_ragged_batch_is_the_greedy_chain(model, runs):
     np.testing.assert_array_equal(np.asarray(jnp.argmax(logits, -1)), out[:, 1])
 
 
-def _llama8b() -> ModelConfig:
-    return ModelConfig(
-        family="llama", vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_layers=32,
-        num_heads=32, num_kv_heads=8, head_dim=128, max_position_embeddings=131072,
-    )
-
-
 @pytest.mark.parametrize("base", [SnapKV(1024), Full()], ids=["snapkv", "full"])
 def test_kv_bytes_store_thin_keys(base):
     # Llama-3.1-8B shape, 32K prompt, 64 new tokens, bf16: the thin keys keep 77 of 128 channels.
-    cfg, prompt, new = _llama8b(), 32768, 64
+    cfg, prompt, new = llama8b_cache_config(), 32768, 64
     kept = min(base.budget_tokens if isinstance(base, SnapKV) else prompt, prompt)
     thin, full = -(-(kept - RECENT) // 16) * 16, -(-(RECENT + new) // 16) * 16
     per_head = thin * (77 * 2 + 128 * 2 + 4) + 77 * 4 + full * (2 * 128 * 2 + 4)
