@@ -78,6 +78,7 @@ class MixedSegment:
 
 
 def empty_low(batch: int, heads: int, capacity: int, head_dim: int, bits: int, group: int) -> LowPrecisionEntries:
+    """A low-precision store with every slot empty."""
     codes = jnp.zeros((batch, heads, capacity, head_dim * bits // 8), jnp.uint8)
     stats = jnp.zeros((batch, heads, capacity, head_dim // group), SCALE_DTYPE)
     return LowPrecisionEntries(
