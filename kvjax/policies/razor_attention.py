@@ -70,8 +70,8 @@ def compress(segment: CompensatedSegment, priority: jax.Array, keep: int, capaci
 
 def evict_one(segment: CompensatedSegment, priority: jax.Array) -> CompensatedSegment:
     """`evict_lowest` (one entry per over-budget row), folding the victim into the compensation."""
-    segment = absorb(segment, lowest_over_budget(segment, priority, segment.budget))
-    return evict_lowest(segment, priority, segment.budget)
+    victim = lowest_over_budget(segment, priority, segment.budget)  # [B, Hs, C]
+    return absorb(segment, victim).replace(pos=jnp.where(victim, -1, segment.pos))
 
 
 def compensated_attention(
