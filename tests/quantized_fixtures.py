@@ -5,9 +5,11 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
 import kvjax
 from kvjax import ModelConfig
+from kvjax.policies import Full
 
 
 def head_dim_32_config(**kw) -> ModelConfig:
@@ -38,6 +40,25 @@ def teacher_forced(m, policy, tokens, lengths, new: int, chunk: int):
         logits, state = kvjax.decode_step(m, state, tokens[np.arange(len(lengths)), lengths + i], policy)
         steps.append(np.asarray(logits))
     return np.stack(steps, axis=1), prefilled, state
+
+
+def eager_queries_and_keys(m, tokens, lengths) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Per layer, the post-RoPE q [B, T, K, G, D] and k [B, T, K, D] of one eager forward over the
+    prompts (T = max(lengths)), recorded by a cache step that otherwise is Full's: a reference
+    independent of any policy's bookkeeping."""
+    model = nnx.merge(m.graphdef, m.params)
+    b, t = len(lengths), max(lengths)
+    positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+    valid = positions < jnp.asarray(lengths)[:, None]
+    seen = []
+
+    def record(layer, segments, q, k, v, q_pos, new_pos, window, scale, **kw):
+        seen.append((np.asarray(q, np.float64), np.asarray(k, np.float64)))
+        return Full().cache_step(layer, segments, q, k, v, q_pos, new_pos, window, scale, **kw)
+
+    cache = Full().allocate(m.config, b, t, 0, t, jnp.float32).layers
+    model(jnp.asarray(tokens[:, :t]), positions, valid, cache, record)
+    return seen
 
 
 def rms(a, b) -> float:

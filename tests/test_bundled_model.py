@@ -63,6 +63,13 @@ def test_streaming_window_shorter_than_the_needle_distance_loses_the_needles(bun
     assert streaming <= 0.1, texts
 
 
+def test_squeezed_attention_reading_2_percent_of_the_context_finds_the_far_needles(bundled):
+    # The same far needles: the clusters whose centroids the answer's queries favour hold them.
+    samples = _samples(bundled, np.linspace(0.0, 0.6, len(SEEDS)))
+    accuracy, texts = _accuracy(bundled, samples, kvjax.policies.SqueezedAttention(keep=0.02))
+    assert accuracy >= 0.9, list(zip([s.answers[0] for s in samples], texts))
+
+
 def test_shipped_tokenizer_is_the_word_tokenizer_builders_output(tmp_path, bundled):
     from kvjax.tokenizer import Tokenizer
     from kvjax.train.word_tokenizer import write_word_tokenizer

@@ -5,7 +5,6 @@ from __future__ import annotations
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
 
 import kvjax
 from kvjax import init_model
@@ -15,7 +14,7 @@ from kvjax.policies.quantized_pruning import decode_state_bytes
 from kvjax.policies.think import ThinKSegment, attend_thin_keys
 from kvjax.kv_state import KVSegment
 from tests.conftest import random_tokens
-from tests.quantized_fixtures import head_dim_32_config, llama8b_cache_config, teacher_forced
+from tests.quantized_fixtures import eager_queries_and_keys, head_dim_32_config, llama8b_cache_config, teacher_forced
 
 LENGTHS = (450, 200)
 NEW = 24
@@ -39,23 +38,6 @@ def runs(model):
     return tokens, {name: teacher_forced(model, p, tokens, LENGTHS, NEW, CHUNK) for name, p in policies.items()}
 
 
-def _queries_and_keys(m, tokens):
-    """Every layer's post-RoPE q [B, T, K, G, D] and k [B, T, K, D] of one eager full forward."""
-    model = nnx.merge(m.graphdef, m.params)
-    t = max(LENGTHS)
-    positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (2, t))
-    valid = positions < jnp.asarray(LENGTHS)[:, None]
-    seen = []
-
-    def record(layer, segments, q, k, v, q_pos, new_pos, window, scale, **kw):
-        seen.append((np.asarray(q, np.float64), np.asarray(k, np.float64)))
-        return Full().cache_step(layer, segments, q, k, v, q_pos, new_pos, window, scale, **kw)
-
-    cache = Full().allocate(m.config, 2, t, 0, t, jnp.float32).layers
-    model(jnp.asarray(tokens[:, :t]), positions, valid, cache, record)
-    return seen
-
-
 def _kept(seg: KVSegment, b: int, h: int) -> np.ndarray:
     pos = np.asarray(seg.pos[b, h])
     return pos[pos >= 0]
@@ -66,7 +48,7 @@ def test_channels_are_the_papers_score_over_the_bases_kept_keys(model, runs, bas
     # Reference: score[c] = mean over the last 32 prompt queries and the group of q^2, times the mean of
     # k^2 over the entries the base kept; the top D - floor(0.4 D) channels, from an eager forward.
     tokens, results = runs
-    seen = _queries_and_keys(model, tokens)
+    seen = eager_queries_and_keys(model, tokens, LENGTHS)
     base_state, think_state = results[base][1], results[f"think_{base}"][1]
     d = model.config.head_dim
     keep = d - int(0.4 * d)

@@ -14,6 +14,7 @@ from kvjax.policies.pyramidkv import PyramidKV
 from kvjax.policies.quantized_pruning import QuantizedPruning
 from kvjax.policies.razor_attention import RazorAttention
 from kvjax.policies.snapkv import SnapKV
+from kvjax.policies.squeezed_attention import SqueezedAttention
 from kvjax.policies.streaming_llm import StreamingLLM
 from kvjax.policies.think import ThinK
 from kvjax.policies.token_eviction import TokenEviction
@@ -22,6 +23,6 @@ from kvjax.policies.vatp import VATP
 
 __all__ = [
     "A2SF", "AdaKV", "DuoAttention", "Full", "H2O", "KIVI", "Knorm", "Layout", "Locret", "MiKV", "Policy", "PyramidKV",
-    "QuantizedPruning", "RazorAttention", "SegmentSpec", "SnapKV", "StreamingLLM", "TOVA", "ThinK", "TokenEviction",
-    "VATP",
+    "QuantizedPruning", "RazorAttention", "SegmentSpec", "SnapKV", "SqueezedAttention", "StreamingLLM", "TOVA", "ThinK",
+    "TokenEviction", "VATP",
 ]

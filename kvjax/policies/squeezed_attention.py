@@ -1,0 +1,236 @@
+"""Squeezed Attention (Hooper et al., 2024): cluster the prompt's keys once, then let each query attend
+only to the keys whose cluster centroid predicts a large attention weight.
+
+After prefill, per (layer, sequence, KV head), the context keys (every prompt token but the last
+`recent`) are grouped by k-means on their L2-normalised vectors into floor(clusters * n) clusters;
+each centroid is the mean of its cluster's raw keys. A query q estimates the weight of key i in
+cluster l(i) from the centroids alone:
+
+    S_i = exp(q . c_l(i) / sqrt(D)) / sum_j N_j exp(q . c_j / sqrt(D))        (N_j: keys in cluster j)
+
+and attends exactly over the context keys with S_i >= T, the last `recent` prompt tokens and every
+generated token. T is one global threshold per sequence: the (1 - keep) quantile, over every layer,
+KV head and context key, of S_i averaged over the last `recent` prompt queries, so those calibration
+queries keep a `keep` share of the context. With GQA a KV head's selection averages S over its query
+heads (the authors' models are MHA, where that average is over one head).
+
+This is the authors' one-level lookup, with their defaults (5% clusters, 100 observation tokens, the
+90th percentile), computed from the prompt itself in `finalize` rather than in an offline pass over a
+fixed context shared by many requests: k-means++ seeding, then at most `iterations` Lloyd updates of
+C x Kc x D multiply-adds per KV head. Keys are selected by S_i >= T (the authors: >), so keep=1
+attends to everything. It saves attention reads, not memory: every key stays in the cache (plus labels
+and centroids, counted by `kvjax.kv_bytes`), and the selection here is exact jnp masking; a kernel that
+reads only the selected keys is still to come.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from flax import struct
+
+from kvjax.attention import reference_attention
+from kvjax.cached_attention import merge_heads, take_heads, write_in_place_then_attend
+from kvjax.config import ModelConfig
+from kvjax.kmeans import cluster_means, kmeans
+from kvjax.kv_state import KVSegment, KVState, write_entries
+from kvjax.policies.base import Layout, Policy
+from kvjax.policies.full import Full
+
+
+@struct.dataclass(frozen=True)
+class ObservedQueries:
+    """While prefilling: a layer's last `recent` prompt queries after RoPE, which calibrate the threshold."""
+
+    q: jax.Array  # float32[B, K, R, G, D], times 1/sqrt(D); row r: position length - R + r (zero if < 0)
+
+
+@struct.dataclass(frozen=True)
+class ClusteredSegment:
+    """A layer's full cache with its context keys clustered: what decoding selects from."""
+
+    kv: KVSegment  # every token, slot = position (the Full layout)
+    labels: jax.Array  # int32[B, Hs, C]: each context key's cluster; -1 for recent, generated and empty slots
+    centroids: jax.Array  # [B, Hs, Kc, D]: the mean raw key of each cluster
+    sizes: jax.Array  # int32[B, Hs, Kc]: keys per cluster (0 past the sequence's cluster count)
+    threshold: jax.Array  # float32[B]: the sequence's global threshold on the estimated weight S
+
+    @property
+    def heads(self) -> tuple[int, ...]:
+        return self.kv.heads
+
+
+@dataclasses.dataclass(frozen=True)
+class SqueezedAttention(Policy):
+    """Keeps every token; each query attends to the recent and generated tokens plus the context keys
+    whose k-means centroid predicts a weight above a threshold calibrated to keep a `keep` share."""
+
+    clusters: float = 0.05  # centroids per KV head, as a share of its context keys
+    keep: float = 0.1  # share of context keys the calibration queries attend to
+    recent: int = 100  # last prompt tokens: never clustered, always attended, calibration queries
+    iterations: int = 50  # Lloyd updates at most (it stops earlier once no key changes cluster)
+    seed: int = 0  # k-means++ seeding
+
+    def __post_init__(self):
+        for name in ("clusters", "keep"):
+            if not 0.0 < getattr(self, name) <= 1.0:
+                raise ValueError(f"SqueezedAttention {name} (a share of the context keys) must be in (0, 1]; "
+                                 f"got {getattr(self, name)}")
+        if self.recent < 1 or self.iterations < 1:
+            raise ValueError(
+                f"SqueezedAttention needs recent >= 1 and iterations >= 1; got {self.recent}, {self.iterations}"
+            )
+
+    def max_clusters(self, prompt_len: int) -> int:
+        """Centroid slots per KV head for prompts of up to `prompt_len` tokens."""
+        return max(1, int(self.clusters * max(prompt_len - self.recent, 0)))
+
+    # -- prefill: full attention, recording the calibration queries ---------------------------------
+
+    def layout(self, config: ModelConfig, prompt_len: int, max_new_tokens: int, chunk: int) -> Layout:
+        return Full().layout(config, prompt_len, max_new_tokens, chunk)
+
+    def allocate(self, config, batch, prompt_len, max_new_tokens, chunk, dtype) -> KVState:
+        """Full's prefill state, each layer followed by an empty `ObservedQueries`."""
+        state = super().allocate(config, batch, prompt_len, max_new_tokens, chunk, dtype)
+        group = config.num_heads // config.num_kv_heads
+        shape = (batch, config.num_kv_heads, self.recent, group, config.head_dim)
+        observed = ObservedQueries(jnp.zeros(shape, jnp.float32))
+        return state.replace(layers=tuple(layer + (observed,) for layer in state.layers))
+
+    def cache_step(self, layer, segments, q, k, v, q_pos, new_pos, window, scale, *, prompt_lengths=None):
+        """Prefill: Full's step, and the chunk's queries among the prompt's last `recent` recorded.
+        Decode: the token is written in place and attends over its selected entries.
+
+        q: [B, T, K, G, D]; k, v: [B, T, K, D]; q_pos, new_pos: int32[B, T].
+        """
+        if prompt_lengths is not None:
+            *kv_segments, observed = segments
+            out, kv_segments = write_in_place_then_attend(
+                tuple(kv_segments), q, k, v, q_pos, new_pos, window, scale, self.attention_impl
+            )
+            row = q_pos - (prompt_lengths - self.recent)[:, None]  # [B, T]
+            row = jnp.where((new_pos >= 0) & (row >= 0), row, self.recent)  # out of range: dropped
+            b = jnp.arange(q.shape[0])[:, None]  # [B, 1]
+            scaled = q.astype(jnp.float32) * scale  # [B, T, K, G, D]
+            written = observed.q.at[b, :, row].set(scaled, mode="drop")  # rows [B, T] <- [B, T, K, G, D]
+            return out, (*kv_segments, ObservedQueries(written))
+        total = q.shape[2]
+        outs, updated = [], []
+        for seg in segments:
+            kv = write_entries(
+                seg.kv, take_heads(k, seg.heads, 2, total), take_heads(v, seg.heads, 2, total), new_pos, q_pos[:, 0]
+            )
+            seg = seg.replace(kv=kv)
+            outs.append(attend_selected(take_heads(q, seg.heads, 2, total), seg, q_pos, window, scale))
+            updated.append(seg)
+        return merge_heads(outs, segments, axis=2), tuple(updated)
+
+    # -- finalize: cluster the context keys, calibrate the threshold --------------------------------
+
+    def finalize(self, config: ModelConfig, state: KVState, prompt_len: int, max_new_tokens: int) -> KVState:
+        """Each layer's context keys clustered, and each sequence's threshold: the (1 - keep) quantile of
+        the calibration queries' mean estimated weight over every layer, KV head and context key."""
+        lengths = state.length  # [B]
+        num_clusters = self.max_clusters(prompt_len)
+        context = jnp.maximum(lengths - self.recent, 0).astype(jnp.float32)  # [B] context keys
+        active = jnp.clip(jnp.floor(context * self.clusters), 1, num_clusters).astype(jnp.int32)  # [B]
+        calibrating = jnp.arange(self.recent) >= (self.recent - lengths)[:, None]  # [B, R] rows with a query
+        root = jax.random.key(self.seed)
+        layers, key_weights = [], []
+        for index, (*segments, observed) in enumerate(state.layers):
+            clustered = []
+            for seg in segments:
+                seg = self._cluster(jax.random.fold_in(root, index), seg, lengths, active, num_clusters)
+                q_obs = take_heads(observed.q, seg.heads, 1, config.num_kv_heads).swapaxes(1, 2)  # [B, R, Hs, G, D]
+                weights = cluster_weights(q_obs, seg.centroids, seg.sizes, calibrating)  # [B, Hs, Kc]
+                per_key = jnp.take_along_axis(weights, jnp.maximum(seg.labels, 0), axis=-1)  # [B, Hs, C]
+                batch = per_key.shape[0]
+                key_weights.append((per_key.reshape(batch, -1), (seg.labels >= 0).reshape(batch, -1)))
+                clustered.append(seg)
+            layers.append(clustered)
+        values, present = (jnp.concatenate(x, axis=-1) for x in zip(*key_weights))  # [B, L * K * C]
+        threshold = masked_quantile(values, present, 1.0 - self.keep)  # [B]
+        if self.keep == 1.0:  # every key, also for queries whose estimates fall below the calibration's
+            threshold = jnp.full_like(threshold, -jnp.inf)
+        layers = tuple(tuple(seg.replace(threshold=threshold) for seg in layer) for layer in layers)
+        return state.replace(layers=layers, stats=None)
+
+    def _cluster(
+        self, key: jax.Array, seg: KVSegment, lengths: jax.Array, active: jax.Array, num_clusters: int
+    ) -> ClusteredSegment:
+        """k-means on the L2-normalised context keys of every (sequence, head) row; centroids are the
+        clusters' mean raw keys. The threshold is filled in once every layer is clustered."""
+        b, hs = seg.k.shape[:2]
+        context = (seg.pos >= 0) & (seg.pos < (lengths - self.recent)[:, None, None])  # [B, Hs, C]
+        keys = seg.k.astype(jnp.float32)  # [B, Hs, C, D]
+        unit = keys / jnp.maximum(jnp.linalg.norm(keys, axis=-1, keepdims=True), 1e-12)
+
+        def row(key, x, valid, active):  # one (sequence, head): labels int32[C]
+            return kmeans(key, x, valid, active, num_clusters, self.iterations)[0]
+
+        rows = jax.random.split(key, (b, hs))
+        labels = jax.vmap(jax.vmap(row, in_axes=(0, 0, 0, None)))(rows, unit, context, active)  # [B, Hs, C]
+        means = jax.vmap(jax.vmap(lambda x, row_labels, valid: cluster_means(x, row_labels, valid, num_clusters)))
+        centroids, sizes = means(keys, labels, context)  # [B, Hs, Kc, D], [B, Hs, Kc]
+        return ClusteredSegment(
+            kv=seg, labels=labels, centroids=centroids.astype(seg.k.dtype), sizes=sizes,
+            threshold=jnp.zeros((b,), jnp.float32),
+        )
+
+
+def cluster_weights(
+    q: jax.Array, centroids: jax.Array, sizes: jax.Array, queries: jax.Array | None = None
+) -> jax.Array:
+    """float32[B, Hs, Kc]: per cluster j, S_j = exp(q.c_j) / sum_l N_l exp(q.c_l), the estimated
+    attention weight of each of its keys, averaged over the queries (and their GQA group).
+
+    q: [B, T, Hs, G, D] already scaled by 1/sqrt(D); centroids: [B, Hs, Kc, D]; sizes: int32[B, Hs, Kc]
+    (clusters of size 0 weigh 0); queries: bool[B, T], the queries to average over (default all).
+    """
+    logits = jnp.einsum("btkgd,bkjd->bktgj", q.astype(jnp.float32), centroids.astype(jnp.float32))  # [B,Hs,T,G,Kc]
+    present = (sizes > 0)[:, :, None, None, :]  # [B, Hs, 1, 1, Kc]
+    log_n = jnp.log(jnp.maximum(sizes, 1).astype(jnp.float32))[:, :, None, None, :]
+    log_denominator = jax.nn.logsumexp(jnp.where(present, logits + log_n, -jnp.inf), axis=-1, keepdims=True)
+    log_denominator = jnp.where(jnp.isfinite(log_denominator), log_denominator, 0.0)  # no clusters at all
+    weights = jnp.where(present, jnp.exp(logits - log_denominator), 0.0)  # [B, Hs, T, G, Kc]
+    if queries is None:
+        return jnp.mean(weights, axis=(2, 3))
+    counted = queries.astype(jnp.float32)[:, None, :, None, None]  # [B, 1, T, 1, 1]
+    total = jnp.sum(queries, axis=-1) * weights.shape[3]  # [B] queries x group
+    return jnp.sum(weights * counted, axis=(2, 3)) / jnp.maximum(total, 1)[:, None, None]
+
+
+def masked_quantile(values: jax.Array, valid: jax.Array, q: float) -> jax.Array:
+    """float32[B]: numpy's default (linear) q-quantile of each row's valid values; +inf for a row of none.
+
+    values: float32[B, M]; valid: bool[B, M].
+    """
+    ordered = jnp.sort(jnp.where(valid, values, jnp.inf), axis=-1)  # valid values first
+    n = jnp.sum(valid, axis=-1)  # [B]
+    at = q * jnp.maximum(n - 1, 0).astype(jnp.float32)  # [B] fractional index
+    lo = jnp.floor(at).astype(jnp.int32)
+    hi = jnp.minimum(lo + 1, jnp.maximum(n - 1, 0))
+
+    def pick(i):  # int32[B] -> float32[B]
+        return jnp.take_along_axis(ordered, i[:, None], axis=-1)[:, 0]
+
+    below, above = pick(lo), pick(hi)
+    return jnp.where(n > 0, below + (at - lo) * (above - below), jnp.inf)
+
+
+def attend_selected(
+    q: jax.Array, seg: ClusteredSegment, q_pos: jax.Array, window: int | None, scale: float
+) -> jax.Array:
+    """Exact attention over the entries a query chunk selects: unclustered entries (recent prompt and
+    generated tokens) plus the context keys whose cluster's mean estimated weight reaches the threshold.
+
+    q: [B, T, Hs, G, D] after RoPE; returns [B, T, Hs, G, D].
+    """
+    weights = cluster_weights(q.astype(jnp.float32) * scale, seg.centroids, seg.sizes)  # [B, Hs, Kc]
+    chosen = weights >= seg.threshold[:, None, None]  # [B, Hs, Kc]
+    key_chosen = jnp.take_along_axis(chosen, jnp.maximum(seg.labels, 0), axis=-1)  # [B, Hs, C]
+    visible = jnp.where((seg.labels < 0) | key_chosen, seg.kv.pos, -1)  # [B, Hs, C]
+    return reference_attention(q, seg.kv.k, seg.kv.v, visible, q_pos, window, scale)

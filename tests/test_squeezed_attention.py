@@ -1,0 +1,261 @@
+"""Squeezed Attention: k-means clusters of the context keys, the calibrated global threshold, and exact
+attention over exactly the keys the centroids select; k-means itself against numpy Lloyd."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import kvjax
+from kvjax import init_model
+from kvjax.kmeans import assign, kmeans, lloyd, plus_plus_init
+from kvjax.kv_state import KVSegment, round_capacity
+from kvjax.policies import Full, SqueezedAttention
+from kvjax.policies.quantized_pruning import decode_state_bytes
+from kvjax.policies.squeezed_attention import ClusteredSegment, attend_selected
+from tests.conftest import random_tokens
+from tests.quantized_fixtures import eager_queries_and_keys, head_dim_32_config, llama8b_cache_config, teacher_forced
+
+LENGTHS = (450, 230, 80)  # the last prompt is shorter than `recent`: nothing to cluster, it attends fully
+NEW = 16
+CHUNK = 128
+RECENT = 100
+
+
+@pytest.fixture(scope="module")
+def model():
+    return init_model(head_dim_32_config(num_layers=2), seed=0, dtype=jnp.float32)
+
+
+@pytest.fixture(scope="module")
+def runs(model):
+    tokens = random_tokens(2, (len(LENGTHS), max(LENGTHS) + NEW), model.config.vocab_size)
+    policies = {"full": Full(), "squeezed": SqueezedAttention(), "keep_all": SqueezedAttention(keep=1.0)}
+    return tokens, {name: teacher_forced(model, p, tokens, LENGTHS, NEW, CHUNK) for name, p in policies.items()}
+
+
+# -- k-means --------------------------------------------------------------------------------------
+
+
+def _numpy_lloyd(x, valid, active, centers, iterations):
+    """Textbook Lloyd in float64: (labels, -1 where invalid; centers; updates run)."""
+    centers = centers.astype(np.float64).copy()
+
+    def nearest(c):
+        return np.argmin(((x[:, None, :] - c[None, :active]) ** 2).sum(-1), axis=-1)
+
+    labels = nearest(centers)
+    for step in range(1, iterations + 1):
+        for j in range(active):
+            members = valid & (labels == j)
+            if members.any():
+                centers[j] = x[members].mean(0)
+        new = nearest(centers)
+        done = not np.any(valid & (new != labels))
+        labels = new
+        if done:
+            return np.where(valid, labels, -1), centers, step
+    return np.where(valid, labels, -1), centers, iterations
+
+
+def test_lloyd_matches_numpy_from_the_same_seeds():
+    rng = np.random.default_rng(0)
+    means = rng.normal(size=(3, 8)) * 1.5  # overlapping blobs: Lloyd needs several updates
+    x = (means[rng.integers(0, 3, 300)] + rng.normal(size=(300, 8))).astype(np.float32)
+    valid = rng.random(300) < 0.8
+    active, num_clusters = 4, 6
+    centers = plus_plus_init(jax.random.key(3), jnp.asarray(x), jnp.asarray(valid), jnp.asarray(active), num_clusters)
+    labels, moved = lloyd(jnp.asarray(x), jnp.asarray(valid), jnp.asarray(active), centers, 100)
+    want_labels, want_centers, steps = _numpy_lloyd(x.astype(np.float64), valid, active, np.asarray(centers), 100)
+    assert 2 < steps < 100
+    np.testing.assert_array_equal(np.asarray(labels), want_labels)
+    np.testing.assert_allclose(np.asarray(moved)[:active], want_centers[:active], atol=1e-5)
+    # capped at one update, it stops where numpy's first update does
+    one, _ = lloyd(jnp.asarray(x), jnp.asarray(valid), jnp.asarray(active), centers, 1)
+    want_one = _numpy_lloyd(x.astype(np.float64), valid, active, np.asarray(centers), 1)[0]
+    np.testing.assert_array_equal(np.asarray(one), want_one)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_plus_plus_seeds_one_valid_point_per_separated_blob(seed):
+    # Five tight blobs far apart, plus invalid points farther still: D^2 seeding would favour them if it
+    # looked at them. Clusters past `active` stay empty.
+    rng = np.random.default_rng(seed)
+    blob = rng.integers(0, 5, 200)
+    x = 10.0 * np.eye(8)[blob] + 0.01 * rng.normal(size=(200, 8))
+    valid = rng.random(200) < 0.9
+    x[~valid] = 100.0 * np.eye(8)[7]
+    x = jnp.asarray(x, jnp.float32)
+    centers = np.asarray(plus_plus_init(jax.random.key(seed), x, jnp.asarray(valid), jnp.asarray(5), 8))
+    np.testing.assert_array_equal(centers[5:], 0.0)
+    picked = [np.flatnonzero((np.asarray(x) == c).all(-1)) for c in centers[:5]]
+    assert all(len(p) and valid[p].all() for p in picked)
+    assert sorted(blob[p[0]] for p in picked) == list(range(5))
+    labels, _ = kmeans(jax.random.key(seed), x, jnp.asarray(valid), jnp.asarray(5), 8, 20)
+    labels = np.asarray(labels)
+    np.testing.assert_array_equal(labels[~valid], -1)
+    assert all(len(set(labels[valid & (blob == i)])) == 1 for i in range(5))
+    assert len(set(labels[valid])) == 5
+
+
+def test_assign_in_chunks_is_the_nearest_live_center():
+    rng = np.random.default_rng(1)
+    x, centers = rng.normal(size=(5000, 16)), rng.normal(size=(37, 16))  # 5000 points: the chunked path
+    got = np.asarray(assign(jnp.asarray(x, jnp.float32), jnp.asarray(centers, jnp.float32), jnp.asarray(30)))
+    d = ((x[:, None] - centers[None, :30]) ** 2).sum(-1)
+    order = np.sort(d, axis=-1)
+    clear = order[:, 1] - order[:, 0] > 1e-3  # float32 may break near-ties either way
+    assert clear.mean() > 0.99 and got.max() < 30
+    np.testing.assert_array_equal(got[clear], np.argmin(d, -1)[clear])
+
+
+# -- the policy's state ---------------------------------------------------------------------------
+
+
+def _weights(q_scaled, centroids, sizes):
+    """numpy S_j = exp(q.c_j) / sum_l N_l exp(q.c_l), averaged over q's leading axes; float64 [Kc]."""
+    logits = np.einsum("...d,jd->...j", q_scaled, centroids)
+    logits = logits.reshape(-1, logits.shape[-1])
+    present = sizes > 0
+    if not present.any():
+        return np.zeros(len(sizes))
+    e = np.exp(logits - logits[:, present].max(-1, keepdims=True))
+    s = np.where(present, e / (sizes * e).sum(-1, keepdims=True), 0.0)
+    return s.mean(0)
+
+
+@pytest.mark.parametrize("phase", [1, 2], ids=["prefilled", "decoded"])
+@pytest.mark.parametrize("layer", [0, 1])
+def test_context_keys_are_clustered_to_a_kmeans_fixed_point(model, runs, phase, layer):
+    # Labels exactly on the context keys (every prompt position before length - 100), floor(5%) clusters,
+    # sizes their counts, centroids the mean raw keys; each normalised key nearest its own cluster's
+    # normalised mean (Lloyd converged). Generated tokens stay unclustered.
+    _, results = runs
+    (seg,) = results["squeezed"][phase].layers[layer]
+    assert isinstance(seg, ClusteredSegment)
+    for b, length in enumerate(LENGTHS):
+        clusters = max(1, int(0.05 * max(length - RECENT, 0)))
+        for h in range(model.config.num_kv_heads):
+            pos, labels = np.asarray(seg.kv.pos[b, h]), np.asarray(seg.labels[b, h])
+            context = (pos >= 0) & (pos < length - RECENT)
+            np.testing.assert_array_equal(labels >= 0, context)
+            sizes = np.asarray(seg.sizes[b, h])
+            if not context.any():
+                np.testing.assert_array_equal(sizes, 0)
+                continue
+            lab, keys = labels[context], np.asarray(seg.kv.k[b, h], np.float64)[context]
+            assert lab.max() < clusters and len(np.unique(lab)) > clusters // 2
+            np.testing.assert_array_equal(sizes, np.bincount(lab, minlength=len(sizes)))
+            used = np.flatnonzero(sizes)
+            means = np.stack([keys[lab == j].mean(0) for j in used])
+            np.testing.assert_allclose(np.asarray(seg.centroids[b, h], np.float64)[used], means, atol=1e-5)
+            unit = keys / np.linalg.norm(keys, axis=-1, keepdims=True)
+            unit_means = np.stack([unit[lab == j].mean(0) for j in used])
+            d = ((unit[:, None] - unit_means[None]) ** 2).sum(-1)  # [n, clusters used]
+            own = d[np.arange(len(lab)), np.searchsorted(used, lab)]
+            assert np.all(own <= d.min(-1) + 1e-5)
+
+
+def test_threshold_is_the_quantile_of_the_calibration_weights(model, runs):
+    # numpy from an eager forward's queries: each context key weighs its cluster's S averaged over the
+    # last 100 prompt queries and the GQA group; the threshold is the 90th percentile over all layers,
+    # KV heads and context keys of the sequence.
+    tokens, results = runs
+    state = results["squeezed"][1]
+    seen = eager_queries_and_keys(model, tokens, LENGTHS)
+    scale = model.config.head_dim**-0.5
+    for b, length in enumerate(LENGTHS):
+        per_key = []
+        for layer, (q, _) in enumerate(seen):
+            (seg,) = state.layers[layer]
+            for h in range(model.config.num_kv_heads):
+                labels = np.asarray(seg.labels[b, h])
+                s = _weights(q[b, max(length - RECENT, 0): length, h] * scale,
+                             np.asarray(seg.centroids[b, h], np.float64), np.asarray(seg.sizes[b, h]))
+                per_key.append(s[labels[labels >= 0]])
+        threshold = float(state.layers[0][0].threshold[b])
+        assert all(float(layer[0].threshold[b]) == threshold for layer in state.layers)
+        values = np.concatenate(per_key)
+        if values.size == 0:
+            assert threshold == np.inf
+            continue
+        np.testing.assert_allclose(threshold, np.quantile(values, 0.9), rtol=1e-4)
+        assert 0.08 < np.mean(values >= threshold) < 0.2  # about `keep` of the keys, give or take a cluster
+
+
+@pytest.mark.parametrize("window", [None, 40])
+@pytest.mark.parametrize("t", [1, 3])
+def test_attention_is_exact_over_the_selected_keys(t, window):
+    rng = np.random.default_rng(t)
+    b, h, g, d, c, kc = 2, 2, 3, 16, 64, 6
+    held, context, active = np.array([60, 41]), np.array([40, 25]), np.array([5, 4])
+    slots = np.arange(c)
+    pos = np.broadcast_to(np.where(slots < held[:, None], slots, -1)[:, None], (b, h, c)).astype(np.int32)
+    labels = rng.integers(0, active[:, None, None], (b, h, c))
+    labels = np.where(slots < context[:, None, None], labels, -1).astype(np.int32)
+    sizes = np.stack([[np.bincount(row[row >= 0], minlength=kc) for row in heads] for heads in labels])
+    k, v, centroids = (rng.normal(size=s).astype(np.float32) for s in [(b, h, c, d), (b, h, c, d), (b, h, kc, d)])
+    q = rng.normal(size=(b, t, h, g, d)).astype(np.float32)
+    scale = d**-0.5
+    weights = np.stack([[_weights(q[i, :, j].astype(np.float64) * scale, centroids[i, j], sizes[i, j])
+                         for j in range(h)] for i in range(b)])  # [B, Hs, Kc]
+    threshold = np.array([np.median(weights[i][sizes[i] > 0]) for i in range(b)], np.float32)
+    chosen = weights >= threshold[:, None, None]
+    assert 0 < chosen[sizes > 0].mean() < 1
+    seg = ClusteredSegment(
+        kv=KVSegment(k=jnp.asarray(k), v=jnp.asarray(v), pos=jnp.asarray(pos), heads=(0, 1)),
+        labels=jnp.asarray(labels), centroids=jnp.asarray(centroids), sizes=jnp.asarray(sizes, jnp.int32),
+        threshold=jnp.asarray(threshold),
+    )
+    q_pos = (held - 1)[:, None] - (t - 1) + np.arange(t)  # [B, T]: the last queries over held entries
+    got = np.asarray(attend_selected(jnp.asarray(q), seg, jnp.asarray(q_pos, jnp.int32), window, scale))
+    for i in range(b):
+        for j in range(h):
+            selected = (labels[i, j] < 0) | np.take(chosen[i, j], np.maximum(labels[i, j], 0))
+            for s in range(t):
+                visible = selected & (pos[i, j] >= 0) & (pos[i, j] <= q_pos[i, s])
+                if window is not None:
+                    visible &= pos[i, j] > q_pos[i, s] - window
+                logits = q[i, s, j].astype(np.float64) @ k[i, j, visible].T * scale  # [G, n]
+                p = np.exp(logits - logits.max(-1, keepdims=True))
+                want = (p / p.sum(-1, keepdims=True)) @ v[i, j, visible]
+                np.testing.assert_allclose(got[i, s, j], want, atol=2e-6)
+
+
+def test_keep_all_is_full_attention_and_keep_10_percent_is_not(runs):
+    _, results = runs
+    full, squeezed = results["full"][0], results["squeezed"][0]
+    np.testing.assert_allclose(results["keep_all"][0], full, atol=1e-5)
+    np.testing.assert_allclose(squeezed[2], full[2], atol=1e-5)  # 80 tokens: all recent, nothing left out
+    assert np.abs(squeezed[:2] - full[:2]).max() > 1e-2
+
+
+def test_generate_ragged_batch_is_the_greedy_chain(model, runs):
+    tokens, _ = runs
+    policy = SqueezedAttention(keep=0.2)
+    prompts, lengths = tokens[:, : max(LENGTHS)], np.asarray(LENGTHS, np.int32)
+    out = np.asarray(kvjax.generate(model, prompts, 6, policy, lengths=lengths, eos_token_id=(), chunk_size=CHUNK))
+    state = kvjax.prefill(model, prompts, policy, lengths=lengths, max_new_tokens=6, chunk_size=CHUNK)
+    logits, _ = kvjax.decode_step(model, state, out[:, 0], policy)  # the step after the first token
+    np.testing.assert_array_equal(np.asarray(jnp.argmax(logits, -1)), out[:, 1])
+
+
+def test_kv_bytes_keep_every_key_plus_labels_and_centroids():
+    # Llama-3.1-8B shape, 32K prompt, 64 new tokens, bf16: nothing is freed; labels cost 4 bytes a
+    # token and 1633 centroids (5% of the 32668 context keys) 12.8 bytes a token, per KV head.
+    cfg, prompt, new = llama8b_cache_config(), 32768, 64
+    slots, clusters = round_capacity(prompt + new), int(0.05 * (prompt - RECENT))
+    per_head = slots * (2 * 128 * 2 + 4 + 4) + clusters * (128 * 2 + 4)
+    expected = cfg.num_layers * (cfg.num_kv_heads * per_head + 4) + 4
+    got = decode_state_bytes(SqueezedAttention(), cfg, prompt, new)
+    assert got == expected
+    assert got < 1.04 * decode_state_bytes(Full(), cfg, prompt, new)
+
+
+@pytest.mark.parametrize("kwargs", [{"clusters": 0.0}, {"clusters": 1.5}, {"keep": 0.0}, {"keep": 1.2},
+                                    {"recent": 0}, {"iterations": 0}])
+def test_bad_arguments_raise(kwargs):
+    with pytest.raises(ValueError, match="SqueezedAttention"):
+        SqueezedAttention(**kwargs)
