@@ -1,8 +1,10 @@
-"""Decode tokens/s of a Llama-3.1-8B-shaped model (random bf16 weights) against the HBM roofline.
+"""Decode tokens/s of a Llama-3.1-8B-shaped model (random bf16 weights) against the HBM roofline, and
+Quest's page-selecting decode against Full's in the same run.
 
 Roofline time per token = (weight bytes read + KV bytes read) / bandwidth (3.1 TB/s measured on the
-H100 of DESIGN.md section 6). Writes JSON with the device, shapes, times and the ratio.
-Usage: python benchmarks/bench_decode.py [--contexts 8192 32768] [--smoke] [--out FILE]
+H100 of DESIGN.md section 6). Quest(budget) reads budget tokens per KV head in its sparse layers, so
+its speedup over Full grows with the context. Writes JSON with the device, shapes, times and ratios.
+Usage: python benchmarks/bench_decode.py [--contexts 8192 32768] [--quest-budgets 1024] [--smoke] [--out FILE]
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import numpy as np
 import kvjax
 from kvjax.inference import greedy_decode
 from kvjax.config import ModelConfig, RopeConfig
-from kvjax.policies import Full
+from kvjax.policies import Full, Policy, Quest
 
 LLAMA31_8B = ModelConfig(
     family="llama", vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_layers=32,
@@ -27,14 +29,17 @@ LLAMA31_8B = ModelConfig(
     rope=RopeConfig(theta=500000.0, kind="llama3", factor=8.0, original_max_position_embeddings=8192),
 )
 SMOKE = ModelConfig(
-    family="llama", vocab_size=512, hidden_size=128, intermediate_size=256, num_layers=2,
+    family="llama", vocab_size=512, hidden_size=128, intermediate_size=256, num_layers=3,
     num_heads=4, num_kv_heads=2, head_dim=32, max_position_embeddings=4096,
 )
 
 
-def filled_state(config: ModelConfig, batch: int, context: int, room: int, dtype) -> kvjax.KVState:
-    """A Full state holding `context` random entries per sequence (no prefill needed to time decode)."""
-    state = Full().allocate(config, batch, context, room, context, dtype)
+def filled_state(
+    config: ModelConfig, batch: int, context: int, room: int, dtype, policy: Policy = Full()
+) -> kvjax.KVState:
+    """The decode state of a policy that keeps every prompt token (Full, Quest), holding `context` random
+    entries per sequence: no prefill is needed to time decode."""
+    state = policy.allocate(config, batch, context, room, context, dtype)
 
     def fill(seg, layer):
         k1, k2 = jax.random.split(jax.random.key(layer))
@@ -47,7 +52,8 @@ def filled_state(config: ModelConfig, batch: int, context: int, room: int, dtype
         )
 
     layers = tuple(tuple(fill(seg, i) for seg in layer) for i, layer in enumerate(state.layers))
-    return state.replace(layers=layers, length=jnp.full((batch,), context, jnp.int32))
+    state = state.replace(layers=layers, length=jnp.full((batch,), context, jnp.int32))
+    return policy.finalize(config, state, context, room)
 
 
 def weight_bytes_per_token(m: kvjax.LanguageModel) -> int:
@@ -57,13 +63,13 @@ def weight_bytes_per_token(m: kvjax.LanguageModel) -> int:
     return int(total - (0 if m.config.tie_word_embeddings else embed.size * embed.dtype.itemsize))
 
 
-def time_decode(m, batch: int, context: int, steps: int, repeats: int) -> float:
+def time_decode(m, batch: int, context: int, steps: int, repeats: int, policy: Policy = Full()) -> float:
     """Median seconds per decoded token of generate's jitted while_loop decode."""
     times = []
     for r in range(repeats + 1):  # the first run compiles
-        state = jax.block_until_ready(filled_state(m.config, batch, context, steps, m.dtype))
+        state = jax.block_until_ready(filled_state(m.config, batch, context, steps, m.dtype, policy))
         start = time.perf_counter()
-        jax.block_until_ready(greedy_decode(m, state, np.ones((batch,), np.int32), steps))
+        jax.block_until_ready(greedy_decode(m, state, np.ones((batch,), np.int32), steps, policy))
         if r:
             times.append((time.perf_counter() - start) / steps)
     return float(np.median(times))
@@ -75,12 +81,15 @@ def main():
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--steps", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--quest-budgets", type=int, nargs="*", default=[1024],
+                        help="Quest token budgets to time against Full (none: Full only)")
     parser.add_argument("--bandwidth", type=float, default=3.1e12, help="bytes/s of HBM (H100: 3.1e12)")
     parser.add_argument("--smoke", action="store_true", help="tiny model and contexts (CPU check only)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     config = SMOKE if args.smoke else LLAMA31_8B
     contexts = [256, 512] if args.smoke else args.contexts
+    quest_budgets = [64] if args.smoke else args.quest_budgets
     m = kvjax.init_model(config, seed=0, dtype=jnp.bfloat16)
     w_bytes = weight_bytes_per_token(m)
     rows = []
@@ -89,11 +98,23 @@ def main():
         kv_read = kvjax.kv_bytes(filled_state(config, args.batch, context, args.steps, m.dtype))
         floor = (w_bytes + kv_read) / args.bandwidth
         rows.append({
-            "context": context, "batch": args.batch, "seconds_per_token": per_token,
+            "policy": "Full", "context": context, "batch": args.batch, "seconds_per_token": per_token,
             "tokens_per_second": args.batch / per_token, "weight_bytes": w_bytes, "kv_bytes": kv_read,
             "roofline_seconds_per_token": floor, "fraction_of_roofline": floor / per_token,
         })
         print(f"context {context:>6}: {args.batch / per_token:8.1f} tok/s, {floor / per_token:6.1%} of roofline")
+        for budget in quest_budgets:
+            quest = Quest(budget_tokens=budget, page=16)
+            quest_per_token = time_decode(m, args.batch, context, args.steps, args.repeats, quest)
+            rows.append({
+                "policy": f"Quest(budget_tokens={budget}, page=16, dense_layers=2)", "context": context,
+                "batch": args.batch, "seconds_per_token": quest_per_token,
+                "tokens_per_second": args.batch / quest_per_token,
+                "kv_bytes": kvjax.kv_bytes(filled_state(config, args.batch, context, args.steps, m.dtype, quest)),
+                "speedup_vs_full": per_token / quest_per_token,
+            })
+            print(f"context {context:>6}: Quest({budget}) {args.batch / quest_per_token:8.1f} tok/s, "
+                  f"{per_token / quest_per_token:5.2f}x Full")
     report = {
         "benchmark": "decode", "device": jax.devices()[0].device_kind, "backend": jax.default_backend(),
         "jax": jax.__version__, "model": "smoke" if args.smoke else "llama-3.1-8b-shaped", "dtype": "bfloat16",

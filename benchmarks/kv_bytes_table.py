@@ -18,7 +18,7 @@ import kvjax
 from kvjax.config import ModelConfig, RopeConfig
 from kvjax.policies import (
     A2SF, H2O, KIVI, TOVA, VATP, AdaKV, DuoAttention, Full, Knorm, MiKV, PyramidKV, QuantizedPruning,
-    RazorAttention, SnapKV, SqueezedAttention, StreamingLLM, ThinK,
+    Quest, RazorAttention, SnapKV, SqueezedAttention, StreamingLLM, ThinK,
 )
 
 LLAMA31_8B = ModelConfig(
@@ -56,6 +56,7 @@ POLICIES = [
     ("MiKV(H2O(heavy=512, window=512), bits=4)", MiKV(H2O(), 4)),
     ("MiKV(H2O(heavy=512, window=512), bits=2)", MiKV(H2O(), 2)),
     ("SqueezedAttention(clusters=5%, keep=10%): frees nothing, reads less", SqueezedAttention()),
+    ("Quest(budget_tokens=1024, page=16): frees nothing, reads less", Quest()),
 ]
 
 

@@ -471,6 +471,42 @@ def page_key_bounds(
     return k_min, k_max
 
 
+def page_scores(q: jax.Array, k_min: jax.Array, k_max: jax.Array) -> jax.Array:
+    """float32[B, Hkv, nb]: Quest's upper bound on each page's logit, sum over channels of
+    max(q * k_max, q * k_min), averaged over the query heads of a GQA group.
+
+    Positive query channels meet the page's maxima and negative ones its minima, so the bound is
+    two matmuls. q: [B, H, D]; k_min, k_max: [B, Hkv, nb, D] from `page_key_bounds` (a page with
+    no key scores -inf, or NaN where a query channel is exactly 0: callers mask such pages).
+    """
+    batch, num_heads, head_dim = q.shape
+    num_kv_heads = k_max.shape[1]
+    if num_heads % num_kv_heads:
+        raise ValueError(f"query heads {num_heads} not a multiple of KV heads {num_kv_heads}")
+    group = num_heads // num_kv_heads
+    qg = q.astype(jnp.float32).reshape(batch, num_kv_heads, group, head_dim)  # [B, Hkv, g, D]
+    upper = (jnp.einsum("bkgd,bkpd->bkp", jnp.maximum(qg, 0.0), k_max.astype(jnp.float32))
+             + jnp.einsum("bkgd,bkpd->bkp", jnp.minimum(qg, 0.0), k_min.astype(jnp.float32)))
+    return upper / group  # [B, Hkv, nb]
+
+
+def top_k_pages(scores: jax.Array, page_valid: jax.Array, *, top_k: int) -> jax.Array:
+    """bool[B, Hkv, nb]: the `top_k` highest-scoring valid pages of each row (all of them when
+    fewer are valid). scores: float32[B, Hkv, nb]; page_valid: bool[B, Hkv, nb]."""
+    _check_int("top_k", top_k, 1)
+    top_k = min(top_k, scores.shape[-1])
+    _, best = jax.lax.top_k(jnp.where(page_valid, scores, -jnp.inf), top_k)  # [B, Hkv, top_k]
+    chosen = jnp.put_along_axis(jnp.zeros(scores.shape, bool), best, True, axis=-1, inplace=False)
+    return chosen & page_valid
+
+
+def decode_table_from_pages(pages: jax.Array, *, n_max: int, block_size: int) -> DecodeBlockTable:
+    """The table listing the chosen pages bool[B, Hkv, nb] in ascending order (at most n_max)."""
+    _check_int("n_max", n_max, 1)
+    kv_blocks, counts = _compact_rows_jnp(pages, min(n_max, pages.shape[-1]))
+    return DecodeBlockTable(kv_blocks=kv_blocks, counts=counts, block_size=block_size)
+
+
 def decode_table_top_k_pages(
     q: jax.Array,
     k_min: jax.Array,
@@ -480,29 +516,15 @@ def decode_table_top_k_pages(
     top_k: int,
     block_size: int,
 ) -> DecodeBlockTable:
-    """Quest-style page selection: the top_k pages by an upper bound of q.k, per KV head.
-
-    Page score = sum over channels of max(q * k_max, q * k_min), averaged over the query heads
-    of a GQA group. Pages past the length never count. q: [B, H, D]; k_min, k_max from
-    `page_key_bounds`. Selected pages are returned in ascending order.
+    """Quest-style page selection: the top_k pages by `page_scores` per KV head, among pages
+    below the length. q: [B, H, D]; k_min, k_max from `page_key_bounds`. Selected pages are
+    returned in ascending order.
     """
-    _check_int("top_k", top_k, 1)
-    batch, num_heads, head_dim = q.shape
-    _, num_kv_heads, num_blocks, _ = k_max.shape
-    if num_heads % num_kv_heads:
-        raise ValueError(f"query heads {num_heads} not a multiple of KV heads {num_kv_heads}")
+    batch, num_kv_heads, num_blocks, _ = k_max.shape
     lengths = decode_lengths(lengths, batch, num_kv_heads)  # [B, Hkv]
-    top_k = min(top_k, num_blocks)
-    qg = q.astype(jnp.float32).reshape(batch, num_kv_heads, -1, 1, head_dim)  # [B, Hkv, g, 1, D]
-    bound = jnp.maximum(qg * k_max[:, :, None], qg * k_min[:, :, None])  # [B, Hkv, g, nb, D]
-    score = bound.sum(-1).mean(2)  # [B, Hkv, nb]
     page_valid = jnp.arange(num_blocks) * block_size < lengths[..., None]  # [B, Hkv, nb]
-    score = jnp.where(page_valid, score, -jnp.inf)
-    _, best = jax.lax.top_k(score, top_k)  # [B, Hkv, top_k]
-    chosen = jnp.zeros(score.shape, bool)
-    chosen = jnp.put_along_axis(chosen, best, True, axis=-1, inplace=False) & page_valid
-    kv_blocks, counts = _compact_rows_jnp(chosen, top_k)
-    return DecodeBlockTable(kv_blocks=kv_blocks, counts=counts, block_size=block_size)
+    pages = top_k_pages(page_scores(q, k_min, k_max), page_valid, top_k=top_k)
+    return decode_table_from_pages(pages, n_max=top_k, block_size=block_size)
 
 
 def decode_table_mask(table: DecodeBlockTable, capacity: int) -> jax.Array:

@@ -17,7 +17,8 @@ from jax.sharding import PartitionSpec as P
 import kvjax
 from kvjax import ModelConfig, init_model
 from kvjax.checkpoint import save_checkpoint
-from kvjax.policies import KIVI, DuoAttention, Full, SnapKV, StreamingLLM
+from kvjax.policies import KIVI, DuoAttention, Full, Quest, SnapKV, StreamingLLM
+from kvjax.policies.quest import PagedSegment
 from kvjax.quantized_segment import QuantizedSegment
 from kvjax.sharding import device_kv_bytes, make_mesh, param_shardings, shard_model
 from tests.conftest import random_tokens
@@ -92,6 +93,7 @@ POLICIES = {
     "snapkv": SnapKV(budget_tokens=64, window=8),
     "kivi": KIVI(bits=4, group=16, residual=32),
     "duo": DuoAttention(((0,), (1, 2, 3)), sink=4, recent=32),  # 1 and 3 heads: not divisible by 4
+    "quest": Quest(budget_tokens=32, dense_layers=1),  # layer 1 decodes over 2 chosen pages per head
 }
 
 
@@ -109,7 +111,8 @@ def test_sharded_generate_and_state_match_one_device(model, sharded, prompts, na
     assert state.length.sharding.spec == P("data")
     for layer, ref_layer in zip(state.layers, reference.layers):
         for seg, ref in zip(layer, ref_layer):
-            keys = seg.window.k if isinstance(seg, QuantizedSegment) else seg.k
+            kv = seg.kv if isinstance(seg, PagedSegment) else seg
+            keys = kv.window.k if isinstance(kv, QuantizedSegment) else kv.k
             split = len(seg.heads) % 4 == 0
             assert keys.sharding.spec == (P("data", "model") if split else P("data")), (seg.heads, keys.sharding)
             for a, b in zip(jax.tree.leaves(seg), jax.tree.leaves(ref)):
@@ -131,10 +134,10 @@ def _kernel_calls(jaxpr) -> tuple[int, int]:
     return inside, total
 
 
-@pytest.mark.parametrize("name", ["full", "kivi"])
+@pytest.mark.parametrize("name", ["full", "kivi", "quest"])
 def test_kernels_run_per_device_under_shard_map(model, sharded, prompts, name):
-    """On the kernel path (interpreted here) the prefill, decode and quantized decode kernels run
-    inside shard_map, one call per layer, and give one device's logits."""
+    """On the kernel path (interpreted here) the prefill, decode, page-selecting (Quest) and quantized
+    decode kernels run inside shard_map, one call per layer, and give one device's logits."""
     policy = dataclasses.replace(POLICIES[name], attention_impl="gpu-interpret")
     state = kvjax.prefill(sharded, prompts, policy, chunk_size=64, max_new_tokens=4)
     reference = kvjax.prefill(model, prompts, policy, chunk_size=64, max_new_tokens=4)

@@ -115,3 +115,12 @@ def test_decode_roofline_script_runs_on_a_state_shaped_as_prefill_leaves_it(tiny
         assert got.shape == want.shape and got.dtype == want.dtype
     np.testing.assert_array_equal(filled.layers[0][0].pos, prefilled.layers[0][0].pos)  # same slots in use
     assert script.time_decode(tiny_model, 2, 128, 2, 1) > 0
+    quest = kvjax.policies.Quest(budget_tokens=64, dense_layers=0)  # its bounds come from finalize
+    filled = script.filled_state(tiny_model.config, 2, 128, 5, tiny_model.dtype, quest)
+    prefilled = kvjax.prefill(tiny_model, random_tokens(0, (2, 128), 256), quest, max_new_tokens=5)
+    assert jax.tree.structure(filled) == jax.tree.structure(prefilled)
+    assert kvjax.kv_bytes(filled) == kvjax.kv_bytes(prefilled)
+    seg = filled.layers[0][0]
+    pages = seg.kv.k[:, :, :128].reshape(2, 2, 8, 16, -1)  # [B, Hkv, pages, page, D]: the 128 filled slots
+    np.testing.assert_array_equal(seg.k_max[:, :, :8], pages.max(3))
+    assert script.time_decode(tiny_model, 2, 128, 2, 1, quest) > 0

@@ -70,6 +70,13 @@ def test_squeezed_attention_reading_2_percent_of_the_context_finds_the_far_needl
     assert accuracy >= 0.9, list(zip([s.answers[0] for s in samples], texts))
 
 
+def test_quest_reading_64_tokens_in_the_last_layer_finds_the_far_needles(bundled):
+    # The first two of three layers attend fully (the authors' default); the last reads 4 pages of 16.
+    samples = _samples(bundled, np.linspace(0.0, 0.6, len(SEEDS)))
+    accuracy, texts = _accuracy(bundled, samples, kvjax.policies.Quest(budget_tokens=64))
+    assert accuracy >= 0.9, list(zip([s.answers[0] for s in samples], texts))
+
+
 def test_shipped_tokenizer_is_the_word_tokenizer_builders_output(tmp_path, bundled):
     from kvjax.tokenizer import Tokenizer
     from kvjax.train.word_tokenizer import write_word_tokenizer

@@ -12,6 +12,7 @@ from kvjax.policies.locret import Locret
 from kvjax.policies.mikv import MiKV
 from kvjax.policies.pyramidkv import PyramidKV
 from kvjax.policies.quantized_pruning import QuantizedPruning
+from kvjax.policies.quest import Quest
 from kvjax.policies.razor_attention import RazorAttention
 from kvjax.policies.snapkv import SnapKV
 from kvjax.policies.squeezed_attention import SqueezedAttention
@@ -23,6 +24,6 @@ from kvjax.policies.vatp import VATP
 
 __all__ = [
     "A2SF", "AdaKV", "DuoAttention", "Full", "H2O", "KIVI", "Knorm", "Layout", "Locret", "MiKV", "Policy", "PyramidKV",
-    "QuantizedPruning", "RazorAttention", "SegmentSpec", "SnapKV", "SqueezedAttention", "StreamingLLM", "TOVA", "ThinK",
+    "QuantizedPruning", "Quest", "RazorAttention", "SegmentSpec", "SnapKV", "SqueezedAttention", "StreamingLLM", "TOVA", "ThinK",
     "TokenEviction", "VATP",
 ]

@@ -1,0 +1,137 @@
+"""Quest (Tang et al., 2024): per cache page, keep each key channel's minimum and maximum; each decode
+query reads only the `budget_tokens // page` pages whose bound on q.k is highest.
+
+The cache keeps every token (slot = position, as Full). After the prompt, each page of `page`
+consecutive slots of a KV head gets the per-channel min m and max M of its keys; a decode token updates
+the bounds of the page it lands in. A query q bounds any logit in a page by
+
+    U = sum_d max(q_d * M_d, q_d * m_d)
+
+and attends exactly over the top pages by U among those it can see (a sliding window hides whole pages
+from the choice). With GQA a KV head's choice averages U over its query heads, so the group shares one
+set of pages: the block-sparse decode kernel then reads each of them once. The authors' models are MHA,
+where that average is over one head. The first `dense_layers` layers attend fully, as in the authors'
+evaluation, and the prompt itself is attended fully (Quest selects during decoding only).
+
+It saves attention reads, not memory: the bounds add 2 / page of the keys' bytes (`kvjax.kv_bytes`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from flax import struct
+
+from kvjax.attention import attend_pages
+from kvjax.cached_attention import merge_heads, take_heads, write_in_place_then_attend
+from kvjax.config import ModelConfig
+from kvjax.kv_state import KVSegment, KVState, write_entries
+from kvjax.policies.base import Layout, Policy, SegmentSpec
+from pallas_kernels.block_masks import (
+    DecodeBlockTable, decode_table_from_pages, page_key_bounds, page_scores, top_k_pages)
+
+_SMALLEST_PAGE = 16  # the decode kernels' smallest block (Triton's dot needs 16 rows)
+
+
+@struct.dataclass(frozen=True)
+class PagedSegment:
+    """A layer's full cache with the per-page key bounds that decode queries choose pages by."""
+
+    kv: KVSegment  # every token, slot = position (the Full layout)
+    k_min: jax.Array  # [B, Hs, P, D] (cache dtype): per page, each channel's smallest key (+inf: page empty)
+    k_max: jax.Array  # [B, Hs, P, D]: each channel's largest key (-inf: page empty)
+
+    @property
+    def heads(self) -> tuple[int, ...]:
+        return self.kv.heads
+
+
+@dataclasses.dataclass(frozen=True)
+class Quest(Policy):
+    """Keeps every token; each decode query attends to the `budget_tokens // page` pages of its KV head
+    whose min/max key bounds allow the largest logit. Layers below `dense_layers` attend fully."""
+
+    budget_tokens: int = 1024  # tokens read per KV head and decode step: budget_tokens // page pages
+    page: int = 16
+    dense_layers: int = 2
+
+    def __post_init__(self):
+        if self.page < _SMALLEST_PAGE or self.page & (self.page - 1):
+            raise ValueError(f"Quest page must be a power of two >= {_SMALLEST_PAGE} (the decode kernels' "
+                             f"smallest block); got {self.page}")
+        if self.budget_tokens < self.page:
+            raise ValueError(f"Quest budget_tokens ({self.budget_tokens}) must cover at least one page "
+                             f"({self.page} tokens)")
+        if self.dense_layers < 0:
+            raise ValueError(f"Quest dense_layers must be >= 0; got {self.dense_layers}")
+
+    @property
+    def pages_read(self) -> int:
+        """Pages each sparse layer's decode query reads per KV head."""
+        return self.budget_tokens // self.page
+
+    def layout(self, config: ModelConfig, prompt_len: int, max_new_tokens: int, chunk: int) -> Layout:
+        """Full's layout in whole pages."""
+        heads = tuple(range(config.num_kv_heads))
+        capacity = -(-(prompt_len + max_new_tokens) // self.page) * self.page
+        return ((SegmentSpec(heads, capacity),),) * config.num_layers
+
+    def finalize(self, config: ModelConfig, state: KVState, prompt_len: int, max_new_tokens: int) -> KVState:
+        """Every sparse layer's segments with the bounds of the prompt's pages."""
+
+        def paged(seg: KVSegment) -> PagedSegment:
+            k_min, k_max = page_key_bounds(seg.k, state.length, block_size=self.page)  # [B, Hs, P, D] each
+            return PagedSegment(kv=seg, k_min=k_min.astype(seg.k.dtype), k_max=k_max.astype(seg.k.dtype))
+
+        layers = tuple(
+            layer if index < self.dense_layers else tuple(paged(seg) for seg in layer)
+            for index, layer in enumerate(state.layers)
+        )
+        return state.replace(layers=layers)
+
+    def cache_step(self, layer, segments, q, k, v, q_pos, new_pos, window, scale, *, prompt_lengths=None):
+        """Prefill and dense layers: Full's step. A sparse layer's decode token: written in place, its
+        page's bounds widened, then attention over the chosen pages.
+
+        q: [B, 1, K, G, D] after RoPE; k, v: [B, 1, K, D]; q_pos, new_pos: int32[B, 1] while decoding.
+        """
+        if prompt_lengths is not None or layer < self.dense_layers:
+            return write_in_place_then_attend(segments, q, k, v, q_pos, new_pos, window, scale, self.attention_impl)
+        total = q.shape[2]
+        outs, updated = [], []
+        for seg in segments:
+            k_seg = take_heads(k, seg.heads, 2, total)  # [B, 1, Hs, D]
+            kv = write_entries(seg.kv, k_seg, take_heads(v, seg.heads, 2, total), new_pos, q_pos[:, 0])
+            seg = self._widen(seg.replace(kv=kv), k_seg[:, 0], q_pos[:, 0])
+            q_seg = take_heads(q, seg.heads, 2, total)  # [B, 1, Hs, G, D]
+            table = self.choose_pages(q_seg, seg, q_pos, window)
+            outs.append(attend_pages(q_seg, kv.k, kv.v, kv.pos, q_pos, table, window, scale, self.attention_impl))
+            updated.append(seg)
+        return merge_heads(outs, segments, axis=2), tuple(updated)
+
+    def _widen(self, seg: PagedSegment, key: jax.Array, position: jax.Array) -> PagedSegment:
+        """Bounds after key [B, Hs, D] joins the page of `position` int32[B]."""
+        rows = jnp.arange(key.shape[0])[:, None]  # [B, 1]
+        heads = jnp.arange(key.shape[1])[None, :]  # [1, Hs]
+        page = (position // self.page)[:, None]  # [B, 1]
+        key = key.astype(seg.k_min.dtype)
+        return seg.replace(
+            k_min=seg.k_min.at[rows, heads, page].min(key), k_max=seg.k_max.at[rows, heads, page].max(key)
+        )
+
+    def choose_pages(
+        self, q: jax.Array, seg: PagedSegment, q_pos: jax.Array, window: int | None
+    ) -> DecodeBlockTable:
+        """The pages one decode query reads per KV head: the `pages_read` best by the Quest bound among
+        the pages holding a key it may see. q: [B, 1, Hs, G, D]; q_pos: int32[B, 1]."""
+        b, _, hs, g, d = q.shape
+        first = jnp.arange(seg.k_min.shape[2]) * self.page  # [P] each page's first slot (= position)
+        last = q_pos[:, :1, None]  # [B, 1, 1]
+        visible = first <= last  # [B, 1, P]
+        if window is not None:
+            visible &= first + self.page - 1 > last - window
+        scores = page_scores(q.reshape(b, hs * g, d), seg.k_min, seg.k_max)  # [B, Hs, P]
+        pages = top_k_pages(scores, jnp.broadcast_to(visible, scores.shape), top_k=self.pages_read)
+        return decode_table_from_pages(pages, n_max=self.pages_read, block_size=self.page)
