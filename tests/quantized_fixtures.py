@@ -42,6 +42,17 @@ def teacher_forced(m, policy, tokens, lengths, new: int, chunk: int):
     return np.stack(steps, axis=1), prefilled, state
 
 
+def assert_generate_is_the_greedy_chain(m, policy, tokens, lengths, new: int, chunk: int, steps: int = 1):
+    """generate's jitted decode loop over a ragged batch writes the tokens that decode_step's argmax
+    chain gives from the same prefill, for the `steps` steps after the first token."""
+    prompts, lengths = tokens[:, : max(lengths)], np.asarray(lengths, np.int32)
+    out = np.asarray(kvjax.generate(m, prompts, new, policy, lengths=lengths, eos_token_id=(), chunk_size=chunk))
+    state = kvjax.prefill(m, prompts, policy, lengths=lengths, max_new_tokens=new, chunk_size=chunk)
+    for i in range(steps):
+        logits, state = kvjax.decode_step(m, state, out[:, i], policy)
+        np.testing.assert_array_equal(np.asarray(jnp.argmax(logits, -1)), out[:, i + 1])
+
+
 def eager_queries_and_keys(m, tokens, lengths) -> list[tuple[np.ndarray, np.ndarray]]:
     """Per layer, the post-RoPE q [B, T, K, G, D] and k [B, T, K, D] of one eager forward over the
     prompts (T = max(lengths)), recorded by a cache step that otherwise is Full's: a reference

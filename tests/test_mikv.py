@@ -6,14 +6,15 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import kvjax
 from kvjax import init_model
 from kvjax.policies import H2O, KIVI, Full, MiKV, SnapKV, StreamingLLM
 from kvjax.policies.mikv import MixedSegment
 from kvjax.policies.quantized_pruning import decode_state_bytes
 from pallas_kernels import kv_quant
 from tests.conftest import random_tokens
-from tests.quantized_fixtures import head_dim_32_config, llama8b_cache_config, rms, teacher_forced
+from tests.quantized_fixtures import (
+    assert_generate_is_the_greedy_chain, head_dim_32_config, llama8b_cache_config, rms, teacher_forced,
+)
 
 LENGTHS = (450, 200)
 NEW = 20
@@ -98,13 +99,7 @@ def test_mixed_precision_stays_far_closer_to_full_than_eviction(runs):
 
 def test_generate_ragged_batch_is_the_greedy_chain(model, runs):
     tokens, _ = runs
-    policy = MiKV(H2O(HEAVY, WINDOW), 4)
-    prompts, lengths = tokens[:, : max(LENGTHS)], np.asarray(LENGTHS, np.int32)
-    out = np.asarray(kvjax.generate(model, prompts, 8, policy, lengths=lengths, eos_token_id=(), chunk_size=CHUNK))
-    state = kvjax.prefill(model, prompts, policy, lengths=lengths, max_new_tokens=8, chunk_size=CHUNK)
-    for i in range(7):
-        logits, state = kvjax.decode_step(model, state, out[:, i], policy)
-        np.testing.assert_array_equal(np.asarray(jnp.argmax(logits, -1)), out[:, i + 1])
+    assert_generate_is_the_greedy_chain(model, MiKV(H2O(HEAVY, WINDOW), 4), tokens, LENGTHS, 8, CHUNK, steps=7)
 
 
 @pytest.mark.parametrize("bits", [4, 2])

@@ -8,14 +8,15 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import kvjax
 from kvjax import init_model
 from kvjax.kv_state import KVSegment
 from kvjax.policies import Full, Quest
 from kvjax.policies.quantized_pruning import decode_state_bytes
 from kvjax.policies.quest import PagedSegment
 from tests.conftest import random_tokens
-from tests.quantized_fixtures import head_dim_32_config, llama8b_cache_config, teacher_forced
+from tests.quantized_fixtures import (
+    assert_generate_is_the_greedy_chain, head_dim_32_config, llama8b_cache_config, teacher_forced,
+)
 
 LENGTHS = (300, 170, 40)  # the last row's prompt and answer fit in 4 pages: a 64-token budget reads them all
 NEW = 16
@@ -129,12 +130,7 @@ def test_budget_covering_every_page_is_full_attention_and_a_small_one_is_not(run
 
 def test_generate_ragged_batch_is_the_greedy_chain(model, runs):
     tokens, _ = runs
-    policy = Quest(budget_tokens=64, dense_layers=1)
-    prompts, lengths = tokens[:, : max(LENGTHS)], np.asarray(LENGTHS, np.int32)
-    out = np.asarray(kvjax.generate(model, prompts, 6, policy, lengths=lengths, eos_token_id=(), chunk_size=CHUNK))
-    state = kvjax.prefill(model, prompts, policy, lengths=lengths, max_new_tokens=6, chunk_size=CHUNK)
-    logits, _ = kvjax.decode_step(model, state, out[:, 0], policy)  # the step after the first token
-    np.testing.assert_array_equal(np.asarray(jnp.argmax(logits, -1)), out[:, 1])
+    assert_generate_is_the_greedy_chain(model, Quest(budget_tokens=64, dense_layers=1), tokens, LENGTHS, 6, CHUNK)
 
 
 def test_kv_bytes_keep_every_token_plus_two_bounds_per_page():

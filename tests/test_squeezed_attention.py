@@ -8,7 +8,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import kvjax
 from kvjax import init_model
 from kvjax.kmeans import assign, kmeans, lloyd, plus_plus_init
 from kvjax.kv_state import KVSegment, round_capacity
@@ -16,7 +15,10 @@ from kvjax.policies import Full, SqueezedAttention
 from kvjax.policies.quantized_pruning import decode_state_bytes
 from kvjax.policies.squeezed_attention import ClusteredSegment, attend_selected
 from tests.conftest import random_tokens
-from tests.quantized_fixtures import eager_queries_and_keys, head_dim_32_config, llama8b_cache_config, teacher_forced
+from tests.quantized_fixtures import (
+    assert_generate_is_the_greedy_chain, eager_queries_and_keys, head_dim_32_config, llama8b_cache_config,
+    teacher_forced,
+)
 
 LENGTHS = (450, 230, 80)  # the last prompt is shorter than `recent`: nothing to cluster, it attends fully
 NEW = 16
@@ -234,12 +236,7 @@ def test_keep_all_is_full_attention_and_keep_10_percent_is_not(runs):
 
 def test_generate_ragged_batch_is_the_greedy_chain(model, runs):
     tokens, _ = runs
-    policy = SqueezedAttention(keep=0.2)
-    prompts, lengths = tokens[:, : max(LENGTHS)], np.asarray(LENGTHS, np.int32)
-    out = np.asarray(kvjax.generate(model, prompts, 6, policy, lengths=lengths, eos_token_id=(), chunk_size=CHUNK))
-    state = kvjax.prefill(model, prompts, policy, lengths=lengths, max_new_tokens=6, chunk_size=CHUNK)
-    logits, _ = kvjax.decode_step(model, state, out[:, 0], policy)  # the step after the first token
-    np.testing.assert_array_equal(np.asarray(jnp.argmax(logits, -1)), out[:, 1])
+    assert_generate_is_the_greedy_chain(model, SqueezedAttention(keep=0.2), tokens, LENGTHS, 6, CHUNK)
 
 
 def test_kv_bytes_keep_every_key_plus_labels_and_centroids():

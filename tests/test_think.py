@@ -6,7 +6,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import kvjax
 from kvjax import init_model
 from kvjax.attention import reference_attention
 from kvjax.policies import H2O, KIVI, Full, Knorm, SnapKV, ThinK
@@ -14,7 +13,10 @@ from kvjax.policies.quantized_pruning import decode_state_bytes
 from kvjax.policies.think import ThinKSegment, attend_thin_keys
 from kvjax.kv_state import KVSegment
 from tests.conftest import random_tokens
-from tests.quantized_fixtures import eager_queries_and_keys, head_dim_32_config, llama8b_cache_config, teacher_forced
+from tests.quantized_fixtures import (
+    assert_generate_is_the_greedy_chain, eager_queries_and_keys, head_dim_32_config, llama8b_cache_config,
+    teacher_forced,
+)
 
 LENGTHS = (450, 200)
 NEW = 24
@@ -138,12 +140,7 @@ def test_attention_equals_dense_attention_with_dropped_channels_zeroed(t, window
 
 def test_generate_ragged_batch_is_the_greedy_chain(model, runs):
     tokens, _ = runs
-    policy = ThinK(SnapKV(128, window=32))
-    prompts, lengths = tokens[:, : max(LENGTHS)], np.asarray(LENGTHS, np.int32)
-    out = np.asarray(kvjax.generate(model, prompts, 12, policy, lengths=lengths, eos_token_id=(), chunk_size=CHUNK))
-    state = kvjax.prefill(model, prompts, policy, lengths=lengths, max_new_tokens=12, chunk_size=CHUNK)
-    logits, _ = kvjax.decode_step(model, state, out[:, 0], policy)  # the step after the first token
-    np.testing.assert_array_equal(np.asarray(jnp.argmax(logits, -1)), out[:, 1])
+    assert_generate_is_the_greedy_chain(model, ThinK(SnapKV(128, window=32)), tokens, LENGTHS, 12, CHUNK)
 
 
 @pytest.mark.parametrize("base", [SnapKV(1024), Full()], ids=["snapkv", "full"])
