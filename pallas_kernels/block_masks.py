@@ -490,20 +490,23 @@ def page_scores(q: jax.Array, k_min: jax.Array, k_max: jax.Array) -> jax.Array:
     return upper / group  # [B, Hkv, nb]
 
 
-def top_k_pages(scores: jax.Array, page_valid: jax.Array, *, top_k: int) -> jax.Array:
-    """bool[B, Hkv, nb]: the `top_k` highest-scoring valid pages of each row (all of them when
-    fewer are valid). scores: float32[B, Hkv, nb]; page_valid: bool[B, Hkv, nb]."""
+def decode_table_top_k(
+    scores: jax.Array, page_valid: jax.Array, *, top_k: int, block_size: int
+) -> DecodeBlockTable:
+    """The `top_k` highest-scoring valid pages of each row in ascending order (fewer when fewer are
+    valid). scores: float32[B, Hkv, nb]; page_valid: bool[B, Hkv, nb]. Only the top_k winners are
+    sorted, not every page: this runs on every decode step.
+    """
     _check_int("top_k", top_k, 1)
-    top_k = min(top_k, scores.shape[-1])
+    num_blocks = scores.shape[-1]
+    top_k = min(top_k, num_blocks)
     _, best = jax.lax.top_k(jnp.where(page_valid, scores, -jnp.inf), top_k)  # [B, Hkv, top_k]
-    chosen = jnp.put_along_axis(jnp.zeros(scores.shape, bool), best, True, axis=-1, inplace=False)
-    return chosen & page_valid
-
-
-def decode_table_from_pages(pages: jax.Array, *, n_max: int, block_size: int) -> DecodeBlockTable:
-    """The table listing the chosen pages bool[B, Hkv, nb] in ascending order (at most n_max)."""
-    _check_int("n_max", n_max, 1)
-    kv_blocks, counts = _compact_rows_jnp(pages, min(n_max, pages.shape[-1]))
+    won = jnp.take_along_axis(page_valid, best, axis=-1)  # invalid pages fill rows short of valid ones
+    counts = jnp.sum(won, axis=-1, dtype=jnp.int32)  # [B, Hkv]
+    ordered = jnp.sort(jnp.where(won, best, num_blocks), axis=-1).astype(jnp.int32)  # winners first
+    last = jnp.take_along_axis(ordered, jnp.maximum(counts - 1, 0)[..., None], axis=-1)  # [B, Hkv, 1]
+    pad = jnp.where(counts[..., None] > 0, last, 0)
+    kv_blocks = jnp.where(jnp.arange(top_k) < counts[..., None], ordered, pad)
     return DecodeBlockTable(kv_blocks=kv_blocks, counts=counts, block_size=block_size)
 
 
@@ -523,8 +526,7 @@ def decode_table_top_k_pages(
     batch, num_kv_heads, num_blocks, _ = k_max.shape
     lengths = decode_lengths(lengths, batch, num_kv_heads)  # [B, Hkv]
     page_valid = jnp.arange(num_blocks) * block_size < lengths[..., None]  # [B, Hkv, nb]
-    pages = top_k_pages(page_scores(q, k_min, k_max), page_valid, top_k=top_k)
-    return decode_table_from_pages(pages, n_max=top_k, block_size=block_size)
+    return decode_table_top_k(page_scores(q, k_min, k_max), page_valid, top_k=top_k, block_size=block_size)
 
 
 def decode_table_mask(table: DecodeBlockTable, capacity: int) -> jax.Array:

@@ -201,4 +201,5 @@ def test_top_k_pages_match_brute_force_quest_scores():
             count = counts[b, h]
             assert count == min(top_k, num_pages)
             np.testing.assert_array_equal(kv_blocks[b, h, :count], expected)
+            np.testing.assert_array_equal(kv_blocks[b, h, count:], expected[-1])  # padding repeats the last
             np.testing.assert_allclose(k_max[b, h, 0], k[b, h, :min(page, n)].max(0), rtol=1e-6)

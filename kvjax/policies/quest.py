@@ -29,8 +29,7 @@ from kvjax.cached_attention import merge_heads, take_heads, write_in_place_then_
 from kvjax.config import ModelConfig
 from kvjax.kv_state import KVSegment, KVState, write_entries
 from kvjax.policies.base import Layout, Policy, SegmentSpec
-from pallas_kernels.block_masks import (
-    DecodeBlockTable, decode_table_from_pages, page_key_bounds, page_scores, top_k_pages)
+from pallas_kernels.block_masks import DecodeBlockTable, decode_table_top_k, page_key_bounds, page_scores
 
 _SMALLEST_PAGE = 16  # the decode kernels' smallest block (Triton's dot needs 16 rows)
 
@@ -133,5 +132,5 @@ class Quest(Policy):
         if window is not None:
             visible &= first + self.page - 1 > last - window
         scores = page_scores(q.reshape(b, hs * g, d), seg.k_min, seg.k_max)  # [B, Hs, P]
-        pages = top_k_pages(scores, jnp.broadcast_to(visible, scores.shape), top_k=self.pages_read)
-        return decode_table_from_pages(pages, n_max=self.pages_read, block_size=self.page)
+        visible = jnp.broadcast_to(visible, scores.shape)
+        return decode_table_top_k(scores, visible, top_k=self.pages_read, block_size=self.page)
