@@ -56,6 +56,11 @@ def filled_state(
     return policy.finalize(config, state, context, room)
 
 
+def held_bytes(config: ModelConfig, batch: int, context: int, room: int, dtype, policy: Policy = Full()) -> int:
+    """`kvjax.kv_bytes` of `filled_state` from abstract shapes: nothing is allocated for the count."""
+    return kvjax.kv_bytes(jax.eval_shape(lambda: filled_state(config, batch, context, room, dtype, policy)))
+
+
 def weight_bytes_per_token(m: kvjax.LanguageModel) -> int:
     """Bytes of parameters a decode step reads: all but the embedding table (one row is gathered)."""
     total = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(m.params))
@@ -95,7 +100,7 @@ def main():
     rows = []
     for context in contexts:
         per_token = time_decode(m, args.batch, context, args.steps, args.repeats)
-        kv_read = kvjax.kv_bytes(filled_state(config, args.batch, context, args.steps, m.dtype))
+        kv_read = held_bytes(config, args.batch, context, args.steps, m.dtype)
         floor = (w_bytes + kv_read) / args.bandwidth
         rows.append({
             "policy": "Full", "context": context, "batch": args.batch, "seconds_per_token": per_token,
@@ -110,7 +115,7 @@ def main():
                 "policy": f"Quest(budget_tokens={budget}, page=16, dense_layers=2)", "context": context,
                 "batch": args.batch, "seconds_per_token": quest_per_token,
                 "tokens_per_second": args.batch / quest_per_token,
-                "kv_bytes": kvjax.kv_bytes(filled_state(config, args.batch, context, args.steps, m.dtype, quest)),
+                "kv_bytes": held_bytes(config, args.batch, context, args.steps, m.dtype, quest),
                 "speedup_vs_full": per_token / quest_per_token,
             })
             print(f"context {context:>6}: Quest({budget}) {args.batch / quest_per_token:8.1f} tok/s, "
