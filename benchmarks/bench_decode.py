@@ -1,15 +1,20 @@
 """Decode tokens/s of a Llama-3.1-8B-shaped model (random bf16 weights) against the HBM roofline, and
-Quest's page-selecting decode against Full's in the same run.
+Quest's and Twilight's page-selecting decode against Full's in the same run.
 
 Roofline time per token = (weight bytes read + KV bytes read) / bandwidth (3.1 TB/s measured on the
 H100 of DESIGN.md section 6). Quest(budget) reads budget tokens per KV head in its sparse layers, so
-its speedup over Full grows with the context. Writes JSON with the device, shapes, times and ratios.
-Usage: python benchmarks/bench_decode.py [--contexts 8192 32768] [--quest-budgets 1024] [--smoke] [--out FILE]
+its speedup over Full grows with the context. Twilight(budget) estimates attention over those candidates
+from 4-bit keys and reads only the pages covering top_p of it; the cache here holds random keys, whose
+attention is diffuse, so it keeps most candidates: its row times the estimate's overhead at its worst.
+Writes JSON with the device, shapes, times and ratios.
+Usage: python benchmarks/bench_decode.py [--contexts 8192 32768] [--quest-budgets 1024] [--twilight-budgets 8192]
+       [--smoke] [--out FILE]
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import time
 from pathlib import Path
@@ -21,7 +26,7 @@ import numpy as np
 import kvjax
 from kvjax.inference import greedy_decode
 from kvjax.config import ModelConfig, RopeConfig
-from kvjax.policies import Full, Policy, Quest
+from kvjax.policies import Full, Policy, Quest, Twilight
 
 LLAMA31_8B = ModelConfig(
     family="llama", vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_layers=32,
@@ -80,6 +85,12 @@ def time_decode(m, batch: int, context: int, steps: int, repeats: int, policy: P
     return float(np.median(times))
 
 
+def label(policy: Policy) -> str:
+    """The policy with its hyperparameters, as a result row names it."""
+    fields = (f for f in dataclasses.fields(policy) if f.name != "attention_impl")
+    return f"{type(policy).__name__}({', '.join(f'{f.name}={getattr(policy, f.name)}' for f in fields)})"
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--contexts", type=int, nargs="+", default=[8192, 32768])
@@ -88,13 +99,16 @@ def main():
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--quest-budgets", type=int, nargs="*", default=[1024],
                         help="Quest token budgets to time against Full (none: Full only)")
+    parser.add_argument("--twilight-budgets", type=int, nargs="*", default=[],
+                        help="Twilight candidate budgets (top_p 0.85) to time against Full")
     parser.add_argument("--bandwidth", type=float, default=3.1e12, help="bytes/s of HBM (H100: 3.1e12)")
     parser.add_argument("--smoke", action="store_true", help="tiny model and contexts (CPU check only)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     config = SMOKE if args.smoke else LLAMA31_8B
     contexts = [256, 512] if args.smoke else args.contexts
-    quest_budgets = [64] if args.smoke else args.quest_budgets
+    sparse = ([Quest(budget_tokens=b) for b in ([64] if args.smoke else args.quest_budgets)]
+              + [Twilight(budget_tokens=b) for b in ([64] if args.smoke else args.twilight_budgets)])
     m = kvjax.init_model(config, seed=0, dtype=jnp.bfloat16)
     w_bytes = weight_bytes_per_token(m)
     rows = []
@@ -108,18 +122,16 @@ def main():
             "roofline_seconds_per_token": floor, "fraction_of_roofline": floor / per_token,
         })
         print(f"context {context:>6}: {args.batch / per_token:8.1f} tok/s, {floor / per_token:6.1%} of roofline")
-        for budget in quest_budgets:
-            quest = Quest(budget_tokens=budget, page=16)
-            quest_per_token = time_decode(m, args.batch, context, args.steps, args.repeats, quest)
+        for policy in sparse:
+            sparse_per_token = time_decode(m, args.batch, context, args.steps, args.repeats, policy)
             rows.append({
-                "policy": f"Quest(budget_tokens={budget}, page=16, dense_layers=2)", "context": context,
-                "batch": args.batch, "seconds_per_token": quest_per_token,
-                "tokens_per_second": args.batch / quest_per_token,
-                "kv_bytes": held_bytes(config, args.batch, context, args.steps, m.dtype, quest),
-                "speedup_vs_full": per_token / quest_per_token,
+                "policy": label(policy), "context": context, "batch": args.batch,
+                "seconds_per_token": sparse_per_token, "tokens_per_second": args.batch / sparse_per_token,
+                "kv_bytes": held_bytes(config, args.batch, context, args.steps, m.dtype, policy),
+                "speedup_vs_full": per_token / sparse_per_token,
             })
-            print(f"context {context:>6}: Quest({budget}) {args.batch / quest_per_token:8.1f} tok/s, "
-                  f"{per_token / quest_per_token:5.2f}x Full")
+            print(f"context {context:>6}: {label(policy)} {args.batch / sparse_per_token:8.1f} tok/s, "
+                  f"{per_token / sparse_per_token:5.2f}x Full")
     report = {
         "benchmark": "decode", "device": jax.devices()[0].device_kind, "backend": jax.default_backend(),
         "jax": jax.__version__, "model": "smoke" if args.smoke else "llama-3.1-8b-shaped", "dtype": "bfloat16",

@@ -18,7 +18,7 @@ import kvjax
 from kvjax.config import ModelConfig, RopeConfig
 from kvjax.policies import (
     A2SF, H2O, KIVI, TOVA, VATP, AdaKV, DuoAttention, Full, Knorm, MiKV, PyramidKV, QuantizedPruning,
-    Quest, RazorAttention, SnapKV, SqueezedAttention, StreamingLLM, ThinK,
+    Quest, RazorAttention, SnapKV, SqueezedAttention, StreamingLLM, ThinK, Twilight,
 )
 
 LLAMA31_8B = ModelConfig(
@@ -57,6 +57,7 @@ POLICIES = [
     ("MiKV(H2O(heavy=512, window=512), bits=2)", MiKV(H2O(), 2)),
     ("SqueezedAttention(clusters=5%, keep=10%): frees nothing, reads less", SqueezedAttention()),
     ("Quest(budget_tokens=1024, page=16): frees nothing, reads less", Quest()),
+    ("Twilight(budget_tokens=8192, top_p=0.85, bits=4): frees nothing, reads less", Twilight()),
 ]
 
 

@@ -510,6 +510,15 @@ def decode_table_top_k(
     return DecodeBlockTable(kv_blocks=kv_blocks, counts=counts, block_size=block_size)
 
 
+def decode_table_subset(table: DecodeBlockTable, keep: jax.Array) -> DecodeBlockTable:
+    """The listed blocks whose `keep` (bool[B, Hkv, n_max], per table entry) is set, in their listed
+    order; entries past a row's count are never kept. A row keeping none gets count 0."""
+    keep &= jnp.arange(table.max_blocks) < table.counts[..., None]
+    order, counts = _compact_rows_jnp(keep, table.max_blocks)  # [B, Hkv, n_max], [B, Hkv]
+    kv_blocks = jnp.take_along_axis(table.kv_blocks, order, axis=-1)
+    return DecodeBlockTable(kv_blocks=kv_blocks, counts=counts, block_size=table.block_size)
+
+
 def decode_table_top_k_pages(
     q: jax.Array,
     k_min: jax.Array,

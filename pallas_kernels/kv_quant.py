@@ -214,6 +214,11 @@ def quantize_tokens(
     return packed.swapaxes(-1, -2), scale.squeeze(-1), zero.squeeze(-1)
 
 
+def unpack_tokens(packed: jax.Array, bits: int, group_size: int = DEFAULT_GROUP_SIZE, dtype=jnp.uint8) -> jax.Array:
+    """The codes of `quantize_tokens`' packing: uint8[..., T, D * bits / 8] -> [..., T, D]."""
+    return unpack(packed.swapaxes(-1, -2), bits, group_size, dtype).swapaxes(-1, -2)
+
+
 def dequantize_tokens(
     packed: jax.Array,
     scale: jax.Array,
@@ -223,7 +228,7 @@ def dequantize_tokens(
     dtype=jnp.float32,
 ) -> jax.Array:
     """Inverse of `quantize_tokens`: uint8[..., T, D * bits / 8] with scale, zero [..., T, D/G] -> [..., T, D]."""
-    codes = unpack(packed.swapaxes(-1, -2), bits, group_size, jnp.float32).swapaxes(-1, -2)  # [..., T, D]
+    codes = unpack_tokens(packed, bits, group_size, jnp.float32)  # [..., T, D]
     *lead, seq, dim = codes.shape
     grouped = codes.reshape(*lead, seq, dim // group_size, group_size)  # [..., T, D/G, G]
     x = grouped * scale.astype(jnp.float32)[..., None] + zero.astype(jnp.float32)[..., None]

@@ -17,7 +17,7 @@ from jax.sharding import PartitionSpec as P
 import kvjax
 from kvjax import ModelConfig, init_model
 from kvjax.checkpoint import save_checkpoint
-from kvjax.policies import KIVI, DuoAttention, Full, Quest, SnapKV, StreamingLLM
+from kvjax.policies import KIVI, DuoAttention, Full, SnapKV, StreamingLLM, Twilight
 from kvjax.policies.quest import PagedSegment
 from kvjax.quantized_segment import QuantizedSegment
 from kvjax.sharding import device_kv_bytes, make_mesh, param_shardings, shard_model
@@ -93,7 +93,8 @@ POLICIES = {
     "snapkv": SnapKV(budget_tokens=64, window=8),
     "kivi": KIVI(bits=4, group=16, residual=32),
     "duo": DuoAttention(((0,), (1, 2, 3)), sink=4, recent=32),  # 1 and 3 heads: not divisible by 4
-    "quest": Quest(budget_tokens=32, dense_layers=1),  # layer 1 decodes over 2 chosen pages per head
+    # Quest's page choice and Twilight's pruning of it: layer 1 decodes over at most 2 pages per head
+    "twilight": Twilight(budget_tokens=32, top_p=0.9, dense_layers=1),
 }
 
 
@@ -134,9 +135,9 @@ def _kernel_calls(jaxpr) -> tuple[int, int]:
     return inside, total
 
 
-@pytest.mark.parametrize("name", ["full", "kivi", "quest"])
+@pytest.mark.parametrize("name", ["full", "kivi", "twilight"])
 def test_kernels_run_per_device_under_shard_map(model, sharded, prompts, name):
-    """On the kernel path (interpreted here) the prefill, decode, page-selecting (Quest) and quantized
+    """On the kernel path (interpreted here) the prefill, decode, page-selecting (Quest, Twilight) and quantized
     decode kernels run inside shard_map, one call per layer, and give one device's logits."""
     policy = dataclasses.replace(POLICIES[name], attention_impl="gpu-interpret")
     state = kvjax.prefill(sharded, prompts, policy, chunk_size=64, max_new_tokens=4)

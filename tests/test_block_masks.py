@@ -176,6 +176,24 @@ def test_decode_table_from_mask_lists_exactly_the_visible_blocks(block_size):
         bm.decode_table_from_mask(desc, lengths, num_kv_heads=2, capacity=100, block_size=32)
 
 
+def test_table_subset_keeps_the_marked_listed_blocks_in_order():
+    rng = np.random.default_rng(0)
+    kv_blocks = np.sort(rng.permutation(20)[:6])[None, None].repeat(3, 1)  # int32[1, 3, 6], ascending
+    counts = np.array([[6, 4, 0]], np.int32)
+    keep = rng.random((1, 3, 6)) < 0.5
+    keep[0, 1, :] = True  # entries past a row's count are never kept
+    table = bm.DecodeBlockTable(kv_blocks=jnp.asarray(kv_blocks, jnp.int32), counts=jnp.asarray(counts), block_size=16)
+    sub = bm.decode_table_subset(table, jnp.asarray(keep))
+    for h in range(3):
+        want = kv_blocks[0, h, :counts[0, h]][keep[0, h, :counts[0, h]]]
+        count = int(sub.counts[0, h])
+        assert count == len(want)
+        np.testing.assert_array_equal(np.asarray(sub.kv_blocks[0, h, :count]), want)
+        if count:
+            np.testing.assert_array_equal(np.asarray(sub.kv_blocks[0, h, count:]), want[-1])  # padding: the last
+    assert int(sub.counts[0, 1]) == 4 and int(sub.counts[0, 2]) == 0
+
+
 def test_top_k_pages_match_brute_force_quest_scores():
     batch, num_heads, num_kv_heads, capacity, head_dim, page, top_k = 2, 8, 2, 96, 16, 8, 3
     kq, kk = jax.random.split(jax.random.key(0))

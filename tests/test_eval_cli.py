@@ -51,6 +51,7 @@ def test_budgets_map_onto_each_policy():
     assert with_budget(P.SnapKV(), 256) == P.SnapKV(budget_tokens=256)
     assert with_budget(P.SnapKV(), 16) == P.SnapKV(budget_tokens=16, window=8)  # window must stay < budget
     assert with_budget(P.Quest(), 256) == P.Quest(budget_tokens=256)
+    assert with_budget(P.Twilight(), 256) == P.Twilight(budget_tokens=256)  # the candidates before top-p
     assert with_budget(P.Full(), 256) is None
     for name, cls in policy_classes().items():  # every policy either maps or says it has no budget
         try:

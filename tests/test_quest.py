@@ -14,6 +14,7 @@ from kvjax.policies import Full, Quest
 from kvjax.policies.quantized_pruning import decode_state_bytes
 from kvjax.policies.quest import PagedSegment
 from tests.conftest import random_tokens
+from tests.page_reference import PAGE, DecodeCase, attend, on_pages, page_bounds, quest_pages, visible_slots
 from tests.quantized_fixtures import (
     assert_generate_is_the_greedy_chain, head_dim_32_config, llama8b_cache_config, teacher_forced,
 )
@@ -21,7 +22,6 @@ from tests.quantized_fixtures import (
 LENGTHS = (300, 170, 40)  # the last row's prompt and answer fit in 4 pages: a 64-token budget reads them all
 NEW = 16
 CHUNK = 128
-PAGE = 16
 
 
 @pytest.fixture(scope="module")
@@ -37,14 +37,6 @@ def runs(model):
     return tokens, {name: teacher_forced(model, p, tokens, LENGTHS, NEW, CHUNK) for name, p in policies.items()}
 
 
-def _numpy_bounds(k: np.ndarray, pos: np.ndarray, page: int) -> tuple[np.ndarray, np.ndarray]:
-    """Per page of one row's slots, each channel's min and max over the held keys (+inf / -inf if none)."""
-    held = (pos >= 0)[:, None]
-    lo = np.where(held, k, np.inf).reshape(-1, page, k.shape[-1]).min(1)
-    hi = np.where(held, k, -np.inf).reshape(-1, page, k.shape[-1]).max(1)
-    return lo, hi
-
-
 @pytest.mark.parametrize("phase", [1, 2], ids=["prefilled", "decoded"])
 def test_page_bounds_are_each_pages_key_min_and_max(model, runs, phase):
     _, results = runs
@@ -58,64 +50,29 @@ def test_page_bounds_are_each_pages_key_min_and_max(model, runs, phase):
             held = np.asarray(seg.kv.pos[b, 0])
             np.testing.assert_array_equal(held >= 0, np.arange(seg.kv.capacity) < length + (NEW if phase == 2 else 0))
             for h in range(model.config.num_kv_heads):
-                lo, hi = _numpy_bounds(np.asarray(seg.kv.k[b, h]), np.asarray(seg.kv.pos[b, h]), PAGE)
+                lo, hi = page_bounds(np.asarray(seg.kv.k[b, h]), np.asarray(seg.kv.pos[b, h]))
                 np.testing.assert_array_equal(np.asarray(seg.k_min[b, h]), lo)
                 np.testing.assert_array_equal(np.asarray(seg.k_max[b, h]), hi)
-
-
-def _numpy_quest_attention(q, k, v, pos, position, pages_read, window, scale):
-    """One (sequence, KV head) decode query group q [G, D] over a row k, v [C, D] (new token included):
-    the pages_read visible pages with the largest mean-over-G bound sum_d max(q_d M_d, q_d m_d)."""
-    lo, hi = _numpy_bounds(k, pos, PAGE)
-    first = np.arange(len(lo)) * PAGE
-    visible_page = (pos.reshape(-1, PAGE) >= 0).any(-1) & (first <= position)
-    if window is not None:
-        visible_page &= first + PAGE - 1 > position - window
-    bound = np.maximum(q[:, None] * hi[None], q[:, None] * lo[None]).sum(-1).mean(0)  # [P]
-    bound = np.where(visible_page, bound, -np.inf)
-    chosen = np.argsort(-bound, kind="stable")[:pages_read]
-    chosen = chosen[np.isfinite(bound[chosen])]
-    slot_chosen = np.isin(np.arange(len(pos)) // PAGE, chosen)
-    visible = slot_chosen & (pos >= 0) & (pos <= position)
-    if window is not None:
-        visible &= pos > position - window
-    logits = q @ k[visible].T * scale  # [G, n]
-    p = np.exp(logits - logits.max(-1, keepdims=True))
-    return (p / p.sum(-1, keepdims=True)) @ v[visible], chosen
 
 
 @pytest.mark.parametrize("window", [None, 40])
 @pytest.mark.parametrize("impl", ["reference", "gpu-interpret", "tpu-interpret"])
 def test_decode_attends_exactly_over_the_top_pages(impl, window):
-    rng = np.random.default_rng(len(impl) + (window or 0))
-    b, h, g, d, c = 2, 2, 3, 32, 160
-    held = np.array([150, 93])  # the new tokens land at these positions
-    slots = np.arange(c)
-    pos = np.broadcast_to(np.where(slots < held[:, None], slots, -1)[:, None], (b, h, c)).astype(np.int32)
-    k = np.where(pos[..., None] >= 0, rng.normal(size=(b, h, c, d)), 0.0).astype(np.float32)
-    v = np.where(pos[..., None] >= 0, rng.normal(size=(b, h, c, d)), 0.0).astype(np.float32)
-    lo, hi = (np.stack([[_numpy_bounds(k[i, j], pos[i, j], PAGE)[n] for j in range(h)] for i in range(b)])
-              for n in (0, 1))
-    seg = PagedSegment(kv=KVSegment(k=jnp.asarray(k), v=jnp.asarray(v), pos=jnp.asarray(pos), heads=(0, 1)),
-                       k_min=jnp.asarray(lo), k_max=jnp.asarray(hi))
-    q = rng.normal(size=(b, 1, h, g, d)).astype(np.float32)
-    k_new, v_new = (rng.normal(size=(b, 1, h, d)).astype(np.float32) for _ in range(2))
-    q_pos = held[:, None].astype(np.int32)
+    case = DecodeCase.random(len(impl) + (window or 0))
+    lo, hi = case.bounds()
+    seg = PagedSegment(kv=case.segment(), k_min=jnp.asarray(lo), k_max=jnp.asarray(hi))
     policy = Quest(budget_tokens=48, page=PAGE, attention_impl=impl)  # 3 of 10 (or 6) pages
-    scale = d**-0.5
-    out, (new_seg,) = policy.cache_step(
-        policy.dense_layers, (seg,), jnp.asarray(q), jnp.asarray(k_new), jnp.asarray(v_new),
-        jnp.asarray(q_pos), jnp.asarray(q_pos), window, scale,
-    )
-    out = np.asarray(out)
+    scale = case.q.shape[-1] ** -0.5
+    out, new_seg = case.step(policy, seg, window, scale)
+    b, _, h, _, _ = case.q.shape
     for i in range(b):
         for j in range(h):
-            row_k, row_v, row_pos = k[i, j].copy(), v[i, j].copy(), pos[i, j].copy()
-            row_k[held[i]], row_v[held[i]], row_pos[held[i]] = k_new[i, 0, j], v_new[i, 0, j], held[i]
-            want, chosen = _numpy_quest_attention(q[i, 0, j], row_k, row_v, row_pos, held[i], 3, window, scale)
+            k, v, pos = case.row(i, j)
+            chosen = quest_pages(case.q[i, 0, j], k, pos, case.held[i], 3, window)
             assert len(chosen) == 3
-            np.testing.assert_allclose(out[i, 0, j], want, atol=2e-6)
-            lo, hi = _numpy_bounds(row_k, row_pos, PAGE)
+            attended = on_pages(chosen, len(pos)) & visible_slots(pos, case.held[i], window)
+            np.testing.assert_allclose(out[i, 0, j], attend(case.q[i, 0, j], k, v, attended, scale), atol=2e-6)
+            lo, hi = page_bounds(k, pos)
             np.testing.assert_array_equal(np.asarray(new_seg.k_min[i, j]), lo)
             np.testing.assert_array_equal(np.asarray(new_seg.k_max[i, j]), hi)
 

@@ -20,10 +20,11 @@ from kvjax.policies.streaming_llm import StreamingLLM
 from kvjax.policies.think import ThinK
 from kvjax.policies.token_eviction import TokenEviction
 from kvjax.policies.tova import TOVA
+from kvjax.policies.twilight import Twilight
 from kvjax.policies.vatp import VATP
 
 __all__ = [
     "A2SF", "AdaKV", "DuoAttention", "Full", "H2O", "KIVI", "Knorm", "Layout", "Locret", "MiKV", "Policy", "PyramidKV",
     "QuantizedPruning", "Quest", "RazorAttention", "SegmentSpec", "SnapKV", "SqueezedAttention", "StreamingLLM", "TOVA", "ThinK",
-    "TokenEviction", "VATP",
+    "TokenEviction", "Twilight", "VATP",
 ]

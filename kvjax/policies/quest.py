@@ -58,13 +58,13 @@ class Quest(Policy):
 
     def __post_init__(self):
         if self.page < _SMALLEST_PAGE or self.page & (self.page - 1):
-            raise ValueError(f"Quest page must be a power of two >= {_SMALLEST_PAGE} (the decode kernels' "
-                             f"smallest block); got {self.page}")
+            raise ValueError(f"{type(self).__name__} page must be a power of two >= {_SMALLEST_PAGE} (the decode "
+                             f"kernels' smallest block); got {self.page}")
         if self.budget_tokens < self.page:
-            raise ValueError(f"Quest budget_tokens ({self.budget_tokens}) must cover at least one page "
-                             f"({self.page} tokens)")
+            raise ValueError(f"{type(self).__name__} budget_tokens ({self.budget_tokens}) must cover at least "
+                             f"one page ({self.page} tokens)")
         if self.dense_layers < 0:
-            raise ValueError(f"Quest dense_layers must be >= 0; got {self.dense_layers}")
+            raise ValueError(f"{type(self).__name__} dense_layers must be >= 0; got {self.dense_layers}")
 
     @property
     def pages_read(self) -> int:
@@ -102,29 +102,35 @@ class Quest(Policy):
         outs, updated = [], []
         for seg in segments:
             k_seg = take_heads(k, seg.heads, 2, total)  # [B, 1, Hs, D]
-            kv = write_entries(seg.kv, k_seg, take_heads(v, seg.heads, 2, total), new_pos, q_pos[:, 0])
-            seg = self._widen(seg.replace(kv=kv), k_seg[:, 0], q_pos[:, 0])
+            seg = self.append(seg, k_seg, take_heads(v, seg.heads, 2, total), q_pos, new_pos)
             q_seg = take_heads(q, seg.heads, 2, total)  # [B, 1, Hs, G, D]
-            table = self.choose_pages(q_seg, seg, q_pos, window)
-            outs.append(attend_pages(q_seg, kv.k, kv.v, kv.pos, q_pos, table, window, scale, self.attention_impl))
+            table = self.choose_pages(q_seg, seg, q_pos, window, scale)
+            k_all, v_all, pos = seg.kv.k, seg.kv.v, seg.kv.pos
+            outs.append(attend_pages(q_seg, k_all, v_all, pos, q_pos, table, window, scale, self.attention_impl))
             updated.append(seg)
         return merge_heads(outs, segments, axis=2), tuple(updated)
 
-    def _widen(self, seg: PagedSegment, key: jax.Array, position: jax.Array) -> PagedSegment:
-        """Bounds after key [B, Hs, D] joins the page of `position` int32[B]."""
-        rows = jnp.arange(key.shape[0])[:, None]  # [B, 1]
-        heads = jnp.arange(key.shape[1])[None, :]  # [1, Hs]
-        page = (position // self.page)[:, None]  # [B, 1]
-        key = key.astype(seg.k_min.dtype)
+    def append(
+        self, seg: PagedSegment, k: jax.Array, v: jax.Array, q_pos: jax.Array, new_pos: jax.Array
+    ) -> PagedSegment:
+        """The segment with one decode token written at slot = position and its page's bounds widened.
+        k, v: [B, 1, Hs, D]; q_pos, new_pos: int32[B, 1]."""
+        slot = q_pos[:, 0]  # [B]
+        seg = seg.replace(kv=write_entries(seg.kv, k, v, new_pos, slot))
+        rows = jnp.arange(k.shape[0])[:, None]  # [B, 1]
+        heads = jnp.arange(k.shape[2])[None, :]  # [1, Hs]
+        page = (slot // self.page)[:, None]  # [B, 1]
+        key = k[:, 0].astype(seg.k_min.dtype)  # [B, Hs, D]
         return seg.replace(
             k_min=seg.k_min.at[rows, heads, page].min(key), k_max=seg.k_max.at[rows, heads, page].max(key)
         )
 
     def choose_pages(
-        self, q: jax.Array, seg: PagedSegment, q_pos: jax.Array, window: int | None
+        self, q: jax.Array, seg: PagedSegment, q_pos: jax.Array, window: int | None, scale: float
     ) -> DecodeBlockTable:
         """The pages one decode query reads per KV head: the `pages_read` best by the Quest bound among
-        the pages holding a key it may see. q: [B, 1, Hs, G, D]; q_pos: int32[B, 1]."""
+        the pages holding a key it may see (the bound's order does not depend on `scale`).
+        q: [B, 1, Hs, G, D]; q_pos: int32[B, 1]."""
         b, _, hs, g, d = q.shape
         first = jnp.arange(seg.k_min.shape[2]) * self.page  # [P] each page's first slot (= position)
         last = q_pos[:, :1, None]  # [B, 1, 1]
