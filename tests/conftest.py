@@ -19,6 +19,16 @@ jax.config.update("jax_default_matmul_precision", "highest")
 jax.config.update("jax_disable_most_optimizations", True)
 
 
+# The files whose tests take longest (each over two minutes of CPU) go first: `--dist loadfile` hands
+# files to the xdist workers in collection order, and one started last would run on after the others end.
+LONGEST_FIRST = ("test_sharding.py", "test_bundled_model.py", "test_policies.py", "test_block_sparse_prefill.py")
+
+
+def pytest_collection_modifyitems(items):
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the rest keep their order
+
+
 @pytest.fixture
 def optimized_xla():
     """XLA's full optimisation for what this test compiles (it runs a model long enough to pay)."""
