@@ -3,8 +3,16 @@
 from __future__ import annotations
 
 import os
+import tempfile
+from pathlib import Path
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=1")
+# One persistent compilation cache per test run, shared through the environment by the xdist workers and
+# the CLI subprocesses (a SIGKILL-resume test compiles the same programs in three processes): a program
+# compiled once is loaded, not compiled, by the others. It changes no compiled code.
+_RUN = os.environ.get("PYTEST_XDIST_TESTRUNUID") or str(os.getpid())
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(Path(tempfile.gettempdir()) / f"kvjax-test-jax-cache-{_RUN}"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 
 import jax
 import jax.numpy as jnp
@@ -19,8 +27,9 @@ jax.config.update("jax_default_matmul_precision", "highest")
 jax.config.update("jax_disable_most_optimizations", True)
 
 
-# The files whose tests take longest (each over two minutes of CPU) go first: `--dist loadfile` hands
-# files to the xdist workers in collection order, and one started last would run on after the others end.
+# The files whose tests take longest (each over two minutes of CPU) go first: `--dist worksteal` splits the
+# collection between the xdist workers in order and an idle worker steals from the end of another's share,
+# so a long test left near the end would run on after the others finish.
 LONGEST_FIRST = ("test_sharding.py", "test_bundled_model.py", "test_policies.py", "test_block_sparse_prefill.py")
 
 

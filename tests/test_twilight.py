@@ -70,8 +70,8 @@ def _numpy_twilight_pages(q, k_hat, pos, position, candidates, window, p, scale)
     return np.array(sorted(kept))
 
 
-@pytest.mark.parametrize("window", [None, 40])
-@pytest.mark.parametrize("impl", ["reference", "gpu-interpret", "tpu-interpret"])
+@pytest.mark.parametrize("impl,window", [("reference", None), ("reference", 40), ("gpu-interpret", 40),
+                                         ("tpu-interpret", None)])  # each kernel's window path is test_quest's
 def test_decode_attends_exactly_over_the_pages_covering_p_of_the_estimate(impl, window):
     case = DecodeCase.random(7 + len(impl) + (window or 0))
     policy = Twilight(budget_tokens=128, page=PAGE, top_p=0.6, attention_impl=impl)  # 8 of 10 (or 6) pages
