@@ -78,8 +78,8 @@ def test_quest_reading_64_tokens_in_the_last_layer_finds_the_far_needles(bundled
 
 
 def test_twilight_with_every_layer_sparse_finds_the_far_needles(bundled):
-    # Every page of every layer is a candidate; each query reads only the pages holding 85% of its attention
-    # as 4-bit keys estimate it: 39 of 128 pages on average here (12 in layers 0 and 1, 93 in layer 2).
+    # Every layer sparse, 128 candidate pages (nearly the whole prompt); each query reads only those holding 85%
+    # of its attention as 4-bit keys estimate it: 39 of them on average here (12 in layers 0 and 1, 93 in layer 2).
     samples = _samples(bundled, np.linspace(0.0, 0.6, len(SEEDS)))
     accuracy, texts = _accuracy(bundled, samples, kvjax.policies.Twilight(budget_tokens=LENGTH, dense_layers=0))
     assert accuracy >= 0.9, list(zip([s.answers[0] for s in samples], texts))
