@@ -1,14 +1,16 @@
 """Decode tokens/s of a Llama-3.1-8B-shaped model (random bf16 weights) against the HBM roofline, and
-Quest's and Twilight's page-selecting decode against Full's in the same run.
+Quest's and Twilight's page-selecting decode and CSKV's low-rank cache against Full's in the same run.
 
 Roofline time per token = (weight bytes read + KV bytes read) / bandwidth (3.1 TB/s measured on the
 H100 of DESIGN.md section 6). Quest(budget) reads budget tokens per KV head in its sparse layers, so
 its speedup over Full grows with the context. Twilight(budget) estimates attention over those candidates
 from 4-bit keys and reads only the pages covering top_p of it; the cache here holds random keys, whose
 attention is diffuse, so it keeps most candidates: its row times the estimate's overhead at its worst.
+CSKV(density) holds density x the channels per token but rebuilds every key and value each step: its row
+shows what that arithmetic costs against the bytes it saves.
 Writes JSON with the device, shapes, times and ratios.
 Usage: python benchmarks/bench_decode.py [--contexts 8192 32768] [--quest-budgets 1024] [--twilight-budgets 8192]
-       [--smoke] [--out FILE]
+       [--cskv-densities 0.5] [--smoke] [--out FILE]
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ import numpy as np
 import kvjax
 from kvjax.inference import greedy_decode
 from kvjax.config import ModelConfig, RopeConfig
-from kvjax.policies import Full, Policy, Quest, Twilight
+from kvjax.policies import CSKV, Full, Policy, Quest, Twilight
 
 LLAMA31_8B = ModelConfig(
     family="llama", vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_layers=32,
@@ -42,8 +44,8 @@ SMOKE = ModelConfig(
 def filled_state(
     config: ModelConfig, batch: int, context: int, room: int, dtype, policy: Policy = Full()
 ) -> kvjax.KVState:
-    """The decode state of a policy that keeps every prompt token (Full, Quest), holding `context` random
-    entries per sequence: no prefill is needed to time decode."""
+    """The decode state of a policy that prefills in the Full layout (Full, Quest, Twilight, CSKV), from
+    `context` random entries per sequence: no prefill is needed to time decode."""
     state = policy.allocate(config, batch, context, room, context, dtype)
 
     def fill(seg, layer):
@@ -101,6 +103,8 @@ def main():
                         help="Quest token budgets to time against Full (none: Full only)")
     parser.add_argument("--twilight-budgets", type=int, nargs="*", default=[],
                         help="Twilight candidate budgets (top_p 0.85) to time against Full")
+    parser.add_argument("--cskv-densities", type=float, nargs="*", default=[],
+                        help="CSKV key and value densities to time against Full")
     parser.add_argument("--bandwidth", type=float, default=3.1e12, help="bytes/s of HBM (H100: 3.1e12)")
     parser.add_argument("--smoke", action="store_true", help="tiny model and contexts (CPU check only)")
     parser.add_argument("--out", default=None)
@@ -108,7 +112,8 @@ def main():
     config = SMOKE if args.smoke else LLAMA31_8B
     contexts = [256, 512] if args.smoke else args.contexts
     sparse = ([Quest(budget_tokens=b) for b in ([64] if args.smoke else args.quest_budgets)]
-              + [Twilight(budget_tokens=b) for b in ([64] if args.smoke else args.twilight_budgets)])
+              + [Twilight(budget_tokens=b) for b in ([64] if args.smoke else args.twilight_budgets)]
+              + [CSKV(d, d) for d in ([0.5] if args.smoke else args.cskv_densities)])
     m = kvjax.init_model(config, seed=0, dtype=jnp.bfloat16)
     w_bytes = weight_bytes_per_token(m)
     rows = []

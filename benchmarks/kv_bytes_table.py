@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import kvjax
 from kvjax.config import ModelConfig, RopeConfig
 from kvjax.policies import (
-    A2SF, H2O, KIVI, TOVA, VATP, AdaKV, DuoAttention, Full, Knorm, MiKV, PyramidKV, QuantizedPruning,
+    A2SF, CSKV, H2O, KIVI, TOVA, VATP, AdaKV, DuoAttention, Full, Knorm, MiKV, PyramidKV, QuantizedPruning,
     Quest, RazorAttention, SnapKV, SqueezedAttention, StreamingLLM, ThinK, Twilight,
 )
 
@@ -53,6 +53,7 @@ POLICIES = [
     ("QuantizedPruning(SnapKV(budget_tokens=4096), bits=4)", QuantizedPruning(SnapKV(4096), 4)),
     ("ThinK(Full(), ratio=0.4)", ThinK(Full())),
     ("ThinK(SnapKV(budget_tokens=1024), ratio=0.4)", ThinK(SnapKV())),
+    ("CSKV(key_density=0.5, value_density=0.5, residual=32)", CSKV()),
     ("MiKV(H2O(heavy=512, window=512), bits=4)", MiKV(H2O(), 4)),
     ("MiKV(H2O(heavy=512, window=512), bits=2)", MiKV(H2O(), 2)),
     ("SqueezedAttention(clusters=5%, keep=10%): frees nothing, reads less", SqueezedAttention()),

@@ -84,3 +84,19 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     cos, sin = cos[:, :, None, :], sin[:, :, None, :]  # [B, T, 1, half]
     rotated = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
     return jnp.concatenate([rotated, rest], axis=-1) if rest.shape[-1] else rotated
+
+
+def rotate_at(
+    rope: RopeConfig, head_dim: int, x: jax.Array, positions: jax.Array, seq_len: jax.Array, inverse: bool = False
+) -> jax.Array:
+    """x [B, T, N, D] rotated to positions int32[B, T], or with `inverse` rotated back (float32 in and out).
+
+    The inverse undoes `apply_rope` exactly, LongRoPE's attention factor included: a cache that keeps keys
+    unrotated (CSKV's low-rank features) recovers them from the model's rotated keys and rotates them again
+    when it attends, with the same tables both ways.
+    """
+    cos, sin = rope_tables(rope, head_dim, positions, seq_len)
+    if inverse:  # (a R)^-1 = R^T / a, with a^2 = cos^2 + sin^2 (the attention factor, squared)
+        gain = cos * cos + sin * sin
+        cos, sin = cos / gain, -sin / gain
+    return apply_rope(x.astype(jnp.float32), cos, sin)

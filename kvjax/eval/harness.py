@@ -6,7 +6,7 @@ Knorm) is set to B (an observation `window` >= B shrinks to B // 2); Locret keep
 budget; `heavy` + `window` (H2O, A2SF, VATP) split B evenly, as H2O's paper does; `sink` + `window`
 (StreamingLLM) and `sink` + `recent` (DuoAttention, RazorAttention streaming heads) keep the sink
 and give the rest to the window; a policy held in a field (AdaKV's `base`) is mapped recursively.
-Policies with none of these (Full, KIVI) have no token budget: they run once at their defaults.
+Policies with none of these (Full, KIVI, CSKV) have no token budget: they run once at their defaults.
 """
 
 from __future__ import annotations

@@ -3,6 +3,7 @@
 from kvjax.policies.a2sf import A2SF
 from kvjax.policies.adakv import AdaKV
 from kvjax.policies.base import Layout, Policy, SegmentSpec
+from kvjax.policies.cskv import CSKV
 from kvjax.policies.duo_attention import DuoAttention
 from kvjax.policies.full import Full
 from kvjax.policies.h2o import H2O
@@ -24,7 +25,7 @@ from kvjax.policies.twilight import Twilight
 from kvjax.policies.vatp import VATP
 
 __all__ = [
-    "A2SF", "AdaKV", "DuoAttention", "Full", "H2O", "KIVI", "Knorm", "Layout", "Locret", "MiKV", "Policy", "PyramidKV",
+    "A2SF", "AdaKV", "CSKV", "DuoAttention", "Full", "H2O", "KIVI", "Knorm", "Layout", "Locret", "MiKV", "Policy", "PyramidKV",
     "QuantizedPruning", "Quest", "RazorAttention", "SegmentSpec", "SnapKV", "SqueezedAttention", "StreamingLLM", "TOVA", "ThinK",
     "TokenEviction", "Twilight", "VATP",
 ]
