@@ -17,7 +17,8 @@ from jax.sharding import PartitionSpec as P
 import kvjax
 from kvjax import ModelConfig, init_model
 from kvjax.checkpoint import save_checkpoint
-from kvjax.policies import KIVI, DuoAttention, Full, SnapKV, Twilight
+from kvjax.policies import CSKV, KIVI, DuoAttention, Full, SnapKV, Twilight
+from kvjax.policies.cskv import LowRankSegment
 from kvjax.policies.quest import PagedSegment
 from kvjax.quantized_segment import QuantizedSegment
 from kvjax.sharding import device_kv_bytes, make_mesh, param_shardings, shard_model
@@ -95,10 +96,13 @@ POLICIES = {
     "duo": DuoAttention(((0,), (1, 2, 3)), sink=4, recent=32),
     # Quest's page choice and Twilight's pruning of it: layer 1 decodes over at most 2 pages per head
     "twilight": Twilight(budget_tokens=32, top_p=0.9, dense_layers=1),
+    # features shared by all KV heads (replicated over "model"), an exact window split by head
+    "cskv": CSKV(0.5, 0.5, residual=16),
 }
 
 
-@pytest.mark.parametrize("name", POLICIES)
+# Full's step runs in DuoAttention's retrieval heads and under Twilight's pages; Full alone is left to the kernels test.
+@pytest.mark.parametrize("name", [name for name in POLICIES if name != "full"])
 def test_sharded_generate_and_state_match_one_device(model, sharded, prompts, name):
     """Same greedy tokens and the same kept entries as on one device; every KV buffer split by
     sequence over "data" and by KV head over "model" where the head count allows."""
@@ -113,12 +117,16 @@ def test_sharded_generate_and_state_match_one_device(model, sharded, prompts, na
     for layer, ref_layer in zip(state.layers, reference.layers):
         for seg, ref in zip(layer, ref_layer):
             kv = seg.kv if isinstance(seg, PagedSegment) else seg
-            keys = kv.window.k if isinstance(kv, QuantizedSegment) else kv.k
+            keys = kv.window.k if isinstance(kv, (QuantizedSegment, LowRankSegment)) else kv.k
             split = len(seg.heads) % 4 == 0
             assert keys.sharding.spec == (P("data", "model") if split else P("data")), (seg.heads, keys.sharding)
+            # CSKV's bases come from an eigensolver, whose rounding differs with the partitioning (4e-5 seen)
+            atol = 2e-4 if isinstance(seg, LowRankSegment) else 1e-5
             for a, b in zip(jax.tree.leaves(seg), jax.tree.leaves(ref)):
-                np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32), atol=1e-5, rtol=0)
-    if name == "full":  # every leaf but the [B] lengths split 8 ways: each device holds 1/8
+                np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32), atol=atol, rtol=0)
+            if isinstance(seg, LowRankSegment):
+                assert seg.k_latent.sharding.spec in (P("data"), P("data", None)), seg.k_latent.sharding
+    if name == "snapkv":  # every leaf but the [B] lengths split 8 ways: each device holds 1/8
         assert device_kv_bytes(state) == (kvjax.kv_bytes(state) - 8) // 8 + 4
 
 

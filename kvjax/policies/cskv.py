@@ -4,8 +4,8 @@ Per layer, the channels of all KV heads together (X = Hkv * D) are projected ont
 basis for keys and a rank-Rv basis for values. The cache stores each older token as its Rk + Rv features
 instead of 2X numbers, and the last `residual` tokens at full precision: CSKV's bi-branch cache. Keys are
 shrunk before RoPE, where they are far lower-rank, and rotated again at their positions when attended, as the
-authors' modeling code does (on the bundled model, rank 16 of 64 keeps 98.5-99.8% of the pre-RoPE key
-energy but only 80-92% after RoPE).
+authors' modeling code does (on the bundled model, rank 16 of 64 keeps 99.0-99.8% of the key energy
+before RoPE, 80-97% after it).
 
 Where the bases come from (a deviation, stated): CSKV factors the K and V projections offline (SVD or ASVD
 initialisation) and fine-tunes the factors on a layer-wise reconstruction loss. The minimiser of that loss
@@ -184,18 +184,20 @@ class CSKV(Policy):
             rope_length = jnp.full((b,), jnp.max(lengths), jnp.int32)
             k = rotate_at(config.rope, d, seg.k.swapaxes(1, 2), slots, rope_length[0], inverse=True)  # [B, C, K, D]
             k, v = k.reshape(b, c, kh * d), seg.v.swapaxes(1, 2).astype(jnp.float32).reshape(b, c, kh * d)
-            k_basis = top_basis(k, slots < lengths[:, None], rank_k)  # [B, X, Rk]
-            v_basis = top_basis(v, slots < lengths[:, None], rank_v)
+            # Stored in the cache dtype; the prompt is projected on the stored bases, as decoded tokens will be.
+            k_basis = top_basis(k, slots < lengths[:, None], rank_k).astype(seg.k.dtype)  # [B, X, Rk]
+            v_basis = top_basis(v, slots < lengths[:, None], rank_v).astype(seg.k.dtype)
             latent_length = jnp.maximum(lengths - self.residual, 0)
             old = (slots < latent_length[:, None])[..., None]  # [B, C, 1]
 
             def features(x, basis):  # [B, C, X] -> [B, 1, capacity, R]
-                feat = jnp.where(old, jnp.einsum("bcx,bxr->bcr", x, basis), 0.0).astype(seg.k.dtype)
+                feat = jnp.einsum("bcx,bxr->bcr", x, basis.astype(jnp.float32))
+                feat = jnp.where(old, feat, 0.0).astype(seg.k.dtype)
                 return jnp.pad(feat, ((0, 0), (0, capacity - c), (0, 0)))[:, None]
 
             layers.append((LowRankSegment(
                 k_latent=features(k, k_basis), v_latent=features(v, v_basis),
-                k_basis=k_basis[:, None].astype(seg.k.dtype), v_basis=v_basis[:, None].astype(seg.k.dtype),
+                k_basis=k_basis[:, None], v_basis=v_basis[:, None],
                 latent_length=latent_length, rope_length=rope_length,
                 window=_tail(seg, latent_length, window_capacity), rope=config.rope,
             ),))
