@@ -122,13 +122,13 @@ def test_decode_reads_the_full_layout_through_the_kernel(model, runs, impl):
     # Attention sees the features rebuilt and the window after them with slot = position, a prefix of
     # every row (the decode kernel's invariant), and the kernel's step equals the reference's.
     tokens, out = runs
-    (seg,) = out["rank16"][2].layers[0]
+    (seg,), (full,) = out["rank16"][2].layers[0], out["full"][2].layers[0]
     keys, _, pos = seg.assembled()
+    slots = np.arange(pos.shape[-1])
     for row, n in enumerate(LENGTHS):
         total = n + NEW
-        np.testing.assert_array_equal(np.asarray(pos[row]), np.where(np.arange(pos.shape[-1]) < total,
-                                                                     np.arange(pos.shape[-1]), -1)[None].repeat(2, 0))
-        (full,) = out["full"][2].layers[0]
+        for head_pos in np.asarray(pos[row]):
+            np.testing.assert_array_equal(head_pos, np.where(slots < total, slots, -1))
         window = slice(total - RESIDUAL, total)  # the exact tokens, where the rebuilt ones are approximate
         np.testing.assert_array_equal(np.asarray(keys[row, :, window]), np.asarray(full.k[row, :, window]))
     state = jax.tree.map(jnp.copy, out["rank16"][2])
