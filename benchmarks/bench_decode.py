@@ -7,10 +7,12 @@ its speedup over Full grows with the context. Twilight(budget) estimates attenti
 from 4-bit keys and reads only the pages covering top_p of it; the cache here holds random keys, whose
 attention is diffuse, so it keeps most candidates: its row times the estimate's overhead at its worst.
 CSKV(density) holds density x the channels per token but rebuilds every key and value each step: its row
-shows what that arithmetic costs against the bytes it saves.
+shows what that arithmetic costs against the bytes it saves. SqueezedAttention(keep) clusters the random
+context keys once (k-means in finalize, not timed) and each step reads the 16-slot pages holding the keys
+of the clusters its centroids select.
 Writes JSON with the device, shapes, times and ratios.
 Usage: python benchmarks/bench_decode.py [--contexts 8192 32768] [--quest-budgets 1024] [--twilight-budgets 8192]
-       [--cskv-densities 0.5] [--smoke] [--out FILE]
+       [--cskv-densities 0.5] [--squeezed-keeps 0.1] [--smoke] [--out FILE]
 """
 
 from __future__ import annotations
@@ -28,7 +30,8 @@ import numpy as np
 import kvjax
 from kvjax.inference import greedy_decode
 from kvjax.config import ModelConfig, RopeConfig
-from kvjax.policies import CSKV, Full, Policy, Quest, Twilight
+from kvjax.kv_state import KVSegment
+from kvjax.policies import CSKV, Full, Policy, Quest, SqueezedAttention, Twilight
 
 LLAMA31_8B = ModelConfig(
     family="llama", vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_layers=32,
@@ -44,12 +47,15 @@ SMOKE = ModelConfig(
 def filled_state(
     config: ModelConfig, batch: int, context: int, room: int, dtype, policy: Policy = Full()
 ) -> kvjax.KVState:
-    """The decode state of a policy that prefills in the Full layout (Full, Quest, Twilight, CSKV), from
-    `context` random entries per sequence: no prefill is needed to time decode."""
+    """The decode state of a policy that prefills in the Full layout (Full, Quest, Twilight, CSKV, Squeezed
+    Attention), from `context` random entries per sequence (and random calibration queries for Squeezed
+    Attention): no prefill is needed to time decode."""
     state = policy.allocate(config, batch, context, room, context, dtype)
 
     def fill(seg, layer):
         k1, k2 = jax.random.split(jax.random.key(layer))
+        if not isinstance(seg, KVSegment):  # Squeezed Attention's recorded queries, scaled by 1/sqrt(D)
+            return seg.replace(q=jax.random.normal(k1, seg.q.shape, jnp.float32) * config.head_dim**-0.5)
         shape = seg.k.shape
         used = jnp.arange(shape[2]) < context
         pos = jnp.where(used, jnp.arange(shape[2]), -1).astype(jnp.int32)
@@ -77,9 +83,12 @@ def weight_bytes_per_token(m: kvjax.LanguageModel) -> int:
 
 def time_decode(m, batch: int, context: int, steps: int, repeats: int, policy: Policy = Full()) -> float:
     """Median seconds per decoded token of generate's jitted while_loop decode."""
+    # Under jit every leaf is its own buffer (Squeezed Attention's finalize shares one threshold array
+    # between layers, which the donating decode must not see twice).
+    fill = jax.jit(filled_state, static_argnums=range(6))
     times = []
     for r in range(repeats + 1):  # the first run compiles
-        state = jax.block_until_ready(filled_state(m.config, batch, context, steps, m.dtype, policy))
+        state = jax.block_until_ready(fill(m.config, batch, context, steps, m.dtype, policy))
         start = time.perf_counter()
         jax.block_until_ready(greedy_decode(m, state, np.ones((batch,), np.int32), steps, policy))
         if r:
@@ -105,6 +114,8 @@ def main():
                         help="Twilight candidate budgets (top_p 0.85) to time against Full")
     parser.add_argument("--cskv-densities", type=float, nargs="*", default=[],
                         help="CSKV key and value densities to time against Full")
+    parser.add_argument("--squeezed-keeps", type=float, nargs="*", default=[],
+                        help="Squeezed Attention keep shares (5%% clusters) to time against Full")
     parser.add_argument("--bandwidth", type=float, default=3.1e12, help="bytes/s of HBM (H100: 3.1e12)")
     parser.add_argument("--smoke", action="store_true", help="tiny model and contexts (CPU check only)")
     parser.add_argument("--out", default=None)
@@ -113,7 +124,8 @@ def main():
     contexts = [256, 512] if args.smoke else args.contexts
     sparse = ([Quest(budget_tokens=b) for b in ([64] if args.smoke else args.quest_budgets)]
               + [Twilight(budget_tokens=b) for b in ([64] if args.smoke else args.twilight_budgets)]
-              + [CSKV(d, d) for d in ([0.5] if args.smoke else args.cskv_densities)])
+              + [CSKV(d, d) for d in ([0.5] if args.smoke else args.cskv_densities)]
+              + [SqueezedAttention(keep=k) for k in ([0.1] if args.smoke else args.squeezed_keeps)])
     m = kvjax.init_model(config, seed=0, dtype=jnp.bfloat16)
     w_bytes = weight_bytes_per_token(m)
     rows = []

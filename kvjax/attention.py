@@ -132,27 +132,36 @@ def attend(
 
 def attend_pages(
     q: jax.Array, k: jax.Array, v: jax.Array, k_pos: jax.Array, q_pos: jax.Array, table: DecodeBlockTable,
-    window: int | None, scale: float, impl: str = "auto",
+    window: int | None, scale: float, impl: str = "auto", slot_mask: jax.Array | None = None,
 ) -> jax.Array:
     """One decode token per sequence over only the cache pages `table` lists (query-aware selection).
 
-    q: [B, 1, K, G, D]; k, v: [B, K, C, D] holding each row's entries at slots [0, count) (slot =
-    position), table.block_size dividing C. Where `impl` allows a kernel, the block-sparse decode
-    kernel reads just the listed pages (a sliding window is its SinkLocal(0, window) mask); the
-    reference attends over the same slots by masking the others. Returns [B, 1, K, G, D].
+    q: [B, 1, K, G, D]; k, v: [B, K, C, D] holding each row's entries at slots [0, count), the
+    token's own entry last, table.block_size dividing C. Where `impl` allows a kernel, the
+    block-sparse decode kernel reads just the listed pages (a sliding window is its SinkLocal(0,
+    window) mask, which measures positions by slot: only for slot = position); the reference
+    attends over the same slots by masking the others. slot_mask (bool[B, K, C]) also hides single
+    slots of listed pages. Returns [B, 1, K, G, D].
     """
     lowering = _kernel_lowering(impl)
     if lowering is None:
         listed = decode_table_mask(table, k.shape[2])  # [B, K, C]
+        if slot_mask is not None:
+            listed &= slot_mask
         return reference_attention(q, k, v, jnp.where(listed, k_pos, -1), q_pos, window, scale)
     b, _, kv_heads, group, d = q.shape
     lengths = jnp.sum(k_pos >= 0, axis=-1, dtype=jnp.int32)  # [B, K]
-    decode = functools.partial(
-        block_sparse_decode, mask=None if window is None else SinkLocal(0, window), sm_scale=scale,
-        config=DecodeConfig(block_size=table.block_size), implementation=lowering[0], interpret=lowering[1],
-    )
-    out = per_device(decode, b, kv_heads, (1, 1, 1, 1, 1), 1)(
-        q.reshape(b, kv_heads * group, d), k, v, lengths, table
+
+    def decode(q, k, v, lengths, table, *slot_mask):
+        return block_sparse_decode(
+            q, k, v, lengths, table, mask=None if window is None else SinkLocal(0, window), sm_scale=scale,
+            config=DecodeConfig(block_size=table.block_size), implementation=lowering[0], interpret=lowering[1],
+            slot_mask=slot_mask[0] if slot_mask else None,
+        )
+
+    masks = () if slot_mask is None else (slot_mask,)
+    out = per_device(decode, b, kv_heads, (1,) * (5 + len(masks)), 1)(
+        q.reshape(b, kv_heads * group, d), k, v, lengths, table, *masks
     )  # [B, H, D]
     return out.reshape(q.shape).astype(v.dtype)
 

@@ -2,7 +2,7 @@
 
 from pallas_kernels.block_masks import (
     DecodeBlockTable, DenseCausal, PerHead, PrefillBlockTable, SinkLocal, decode_table_from_mask,
-    decode_table_top_k, decode_table_top_k_pages, page_key_bounds, page_scores,
+    decode_table_from_slots, decode_table_top_k, decode_table_top_k_pages, page_key_bounds, page_scores,
     prefill_block_table, prefill_chunk_block_table, prefill_table_from_blocks)
 from pallas_kernels.block_sparse_decode import (
     DecodeConfig, block_sparse_decode, block_sparse_decode_reference)
@@ -21,7 +21,7 @@ __all__ = [
     "PrefillConfig", "QuantizedDecodeConfig", "QuantizedKV", "SinkLocal", "block_sparse_decode",
     "block_sparse_decode_reference", "block_sparse_prefill", "block_sparse_prefill_reference",
     "check_quantized_kv", "decode_attention", "decode_attention_reference",
-    "decode_table_from_mask", "decode_table_top_k", "decode_table_top_k_pages",
+    "decode_table_from_mask", "decode_table_from_slots", "decode_table_top_k", "decode_table_top_k_pages",
     "dequantize_keys", "dequantize_kv", "dequantize_values", "device_bytes", "empty_quantized_kv",
     "pack", "page_key_bounds", "page_scores", "prefill_block_table", "prefill_chunk_block_table",
     "prefill_table_from_blocks", "quantize_keys", "quantize_kv", "quantize_values",

@@ -538,11 +538,22 @@ def decode_table_top_k_pages(
     return decode_table_top_k(page_scores(q, k_min, k_max), page_valid, top_k=top_k, block_size=block_size)
 
 
+def decode_table_from_slots(slot_mask: jax.Array, *, block_size: int) -> DecodeBlockTable:
+    """Every block holding at least one set slot, ascending: the table for a selection finer than a
+    block, which the decode kernel then masks per slot. slot_mask: bool[B, Hkv, C]; n_max = C // bs,
+    since the selection's size is known only when traced."""
+    batch, num_kv_heads, capacity = slot_mask.shape
+    num_blocks = _check_capacity(capacity, block_size)
+    held = slot_mask.reshape(batch, num_kv_heads, num_blocks, block_size).any(axis=-1)  # [B, Hkv, nb]
+    kv_blocks, counts = _compact_rows_jnp(held, num_blocks)
+    return DecodeBlockTable(kv_blocks=kv_blocks, counts=counts, block_size=block_size)
+
+
 def decode_table_mask(table: DecodeBlockTable, capacity: int) -> jax.Array:
     """bool[B, Hkv, C]: the cache slots a decode table lists (before length masking)."""
     num_blocks = _check_capacity(capacity, table.block_size)
-    slot = jnp.arange(table.max_blocks)
-    valid = slot < table.counts[..., None]  # [B, Hkv, n_max]
-    hit = (table.kv_blocks[..., None] == jnp.arange(num_blocks)) & valid[..., None]
-    listed = hit.any(axis=2)  # [B, Hkv, nb]
-    return jnp.repeat(listed, table.block_size, axis=-1)  # [B, Hkv, C]
+    batch, num_kv_heads, n_max = table.kv_blocks.shape
+    valid = jnp.arange(n_max) < table.counts[..., None]  # [B, Hkv, n_max]
+    b, h = jnp.arange(batch)[:, None, None], jnp.arange(num_kv_heads)[None, :, None]
+    hits = jnp.zeros((batch, num_kv_heads, num_blocks), jnp.int32).at[b, h, table.kv_blocks].add(valid)
+    return jnp.repeat(hits > 0, table.block_size, axis=-1)  # [B, Hkv, C]

@@ -26,7 +26,9 @@ Triton IR and Mosaic GPU MLIR) with cross-platform lowering.
 
 Layout: q [B, H, D], k and v [B, Hkv, C, D] (H = Hkv * g, C a multiple of the block size);
 lengths int32[B] or [B, Hkv]: slots [0, length) of a row are valid and the query sits at
-position length - 1 (what sink/window masks are measured from). Output [B, H, D].
+position length - 1 (what sink/window masks are measured from). Output [B, H, D]. An optional
+slot_mask bool[B, Hkv, C] hides single slots inside the listed blocks: selections finer than a
+block (Squeezed Attention's clusters) read only the blocks holding a visible slot, exactly.
 """
 
 from __future__ import annotations
@@ -103,19 +105,15 @@ def _decode_kernel_tpu(
     q_ref,  # [g, D]
     k_ref,  # [bs, D]
     v_ref,  # [bs, D]
-    o_ref,  # f32[g, D]  this split's normalised output
-    lse_ref,  # f32[g, 1]  this split's log-sum-exp
-    # Scratch (VMEM), carried over the innermost grid axis.
-    m_ref,  # f32[g, 1]
-    l_ref,  # f32[g, 1]
-    acc_ref,  # f32[g, D]
-    *,
+    *refs,  # (slot_ref int32[nb, bs] this row's slot mask, if given), o_ref, lse_ref, m, l, acc
     sm_scale: float,
     block_size: int,
     num_kv_heads: int,
     max_blocks: int,
     per_split: int,
 ):
+    slot_ref = refs[0] if len(refs) == 6 else None
+    o_ref, lse_ref, m_ref, l_ref, acc_ref = refs[-5:]  # f32 [g, D], [g, 1]; scratch [g, 1], [g, 1], [g, D]
     b, h, split, step = (pl.program_id(i) for i in range(4))
     row = b * num_kv_heads + h
     entry = split * per_split + step
@@ -131,6 +129,8 @@ def _decode_kernel_tpu(
         q = q_ref[...]  # [g, D]
         visible = _block_visible(kv_block, block_size, q.shape[0], sink_ref[h], window_ref[h],
                                  length)
+        if slot_ref is not None:
+            visible &= slot_ref[pl.ds(kv_block, 1), :] != 0  # [1, bs] broadcast over the group
         m_ref[...], l_ref[...], acc_ref[...] = attend_block(
             q, k_ref[...], v_ref[...], m_ref[...], l_ref[...], acc_ref[...], visible, sm_scale)
 
@@ -139,7 +139,8 @@ def _decode_kernel_tpu(
         o_ref[...], lse_ref[...] = _split_result(acc_ref[...], l_ref[...], m_ref[...])
 
 
-def _decode_tpu(qg, k, v, lengths, table, sink, window, sm_scale, num_splits, interpret):
+def _decode_tpu(qg, k, v, lengths, table, sink, window, sm_scale, num_splits, interpret,
+                slot_mask):
     batch, num_kv_heads, group, head_dim = qg.shape
     block_size, max_blocks = table.block_size, table.max_blocks
     per_split = pl.cdiv(max_blocks, num_splits)
@@ -159,13 +160,21 @@ def _decode_tpu(qg, k, v, lengths, table, sink, window, sm_scale, num_splits, in
 
     squeezed = pl.Squeezed()
     kv_spec = pl.BlockSpec((squeezed, squeezed, block_size, head_dim), kv_map)
+    slot_inputs, slot_specs = (), []
+    if slot_mask is not None:
+        # A row's whole mask as [nb, bs] (full last two dims: legal for any block size), fetched
+        # once per (sequence, KV head); each step reads the row of its block.
+        num_blocks = k.shape[2] // block_size
+        slot_inputs = (slot_mask.astype(jnp.int32).reshape(batch, num_kv_heads, num_blocks, block_size),)
+        slot_specs = [pl.BlockSpec((squeezed, squeezed, num_blocks, block_size), q_map)]
     kernel = functools.partial(
         _decode_kernel_tpu, sm_scale=sm_scale, block_size=block_size, num_kv_heads=num_kv_heads,
         max_blocks=max_blocks, per_split=per_split)
     grid_spec = pltpu.PrefetchScalarGridSpec(
         num_scalar_prefetch=5,
         grid=(batch, num_kv_heads, num_splits, per_split),
-        in_specs=[pl.BlockSpec((squeezed, squeezed, group, head_dim), q_map), kv_spec, kv_spec],
+        in_specs=[pl.BlockSpec((squeezed, squeezed, group, head_dim), q_map), kv_spec, kv_spec,
+                  *slot_specs],
         out_specs=[pl.BlockSpec((squeezed, squeezed, squeezed, group, head_dim), out_map),
                    pl.BlockSpec((squeezed, squeezed, squeezed, group, 1), out_map)],
         scratch_shapes=[pltpu.VMEM((group, 1), jnp.float32),
@@ -185,7 +194,7 @@ def _decode_tpu(qg, k, v, lengths, table, sink, window, sm_scale, num_splits, in
     )(
         table.kv_blocks.reshape(-1), table.counts.reshape(-1), lengths.reshape(-1),
         jnp.asarray(sink), jnp.asarray(window),
-        qg, k, v,
+        qg, k, v, *slot_inputs,
     )
 
 
@@ -203,13 +212,12 @@ def _decode_kernel_gpu(
     q_ref,  # [g_pad, D]
     k_ref,  # [C, D]  this (batch, KV head)'s cache; only listed blocks are read
     v_ref,  # [C, D]
-    o_ref,  # f32[g_pad, D]
-    lse_ref,  # f32[g_pad, 1]
-    *,
+    *refs,  # (slot_ref int32[C] this row's slot mask, if given), o_ref f32[g_pad, D], lse_ref f32[g_pad, 1]
     sm_scale: float,
     block_size: int,
     per_split: int,
 ):
+    slot_ref, (o_ref, lse_ref) = (refs[0] if len(refs) == 3 else None), refs[-2:]
     b, h, split = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     length, sink, window = lengths_ref[b, h], sink_ref[h], window_ref[h]
     q = q_ref[...]  # [g_pad, D]
@@ -223,6 +231,8 @@ def _decode_kernel_gpu(
             k = k_ref[pl.ds(start, block_size), :]  # [bs, D]
             v = v_ref[pl.ds(start, block_size), :]  # [bs, D]
             visible = _block_visible(kv_block, block_size, rows, sink, window, length)
+            if slot_ref is not None:
+                visible &= (slot_ref[pl.ds(start, block_size)] != 0)[None, :]  # [1, bs]
             return attend_block(q, k, v, *carry, visible, sm_scale)
 
         return jax.lax.cond(start < length, attend, lambda: carry)
@@ -234,7 +244,7 @@ def _decode_kernel_gpu(
 
 
 def _decode_gpu(qg, k, v, lengths, table, sink, window, sm_scale, num_splits, interpret,
-                config):
+                config, slot_mask):
     batch, num_kv_heads, group, head_dim = qg.shape
     capacity = k.shape[2]
     rows = max(_TRITON_MIN_ROWS, pl.next_power_of_2(group))
@@ -244,6 +254,11 @@ def _decode_gpu(qg, k, v, lengths, table, sink, window, sm_scale, num_splits, in
     scalars = (table.kv_blocks, table.counts, lengths, jnp.asarray(sink), jnp.asarray(window))
     whole = lambda x: pl.BlockSpec(x.shape, lambda b, h, s: (0,) * x.ndim)  # noqa: E731
     split_map = lambda b, h, s: (b, h, s, 0, 0)  # noqa: E731
+    row_map = lambda b, h, s: (b, h, 0, 0)  # noqa: E731
+    slot_inputs, slot_specs = (), []
+    if slot_mask is not None:
+        slot_inputs = (slot_mask.astype(jnp.int32),)
+        slot_specs = [pl.BlockSpec((squeezed, squeezed, capacity), lambda b, h, s: (b, h, 0))]
     kernel = functools.partial(_decode_kernel_gpu, sm_scale=sm_scale,
                                block_size=table.block_size, per_split=per_split)
     split_shape = (batch, num_kv_heads, num_splits, rows)
@@ -252,9 +267,10 @@ def _decode_gpu(qg, k, v, lengths, table, sink, window, sm_scale, num_splits, in
         grid=(batch, num_kv_heads, num_splits),
         in_specs=[
             *(whole(x) for x in scalars),
-            pl.BlockSpec((squeezed, squeezed, rows, head_dim), lambda b, h, s: (b, h, 0, 0)),
-            pl.BlockSpec((squeezed, squeezed, capacity, head_dim), lambda b, h, s: (b, h, 0, 0)),
-            pl.BlockSpec((squeezed, squeezed, capacity, head_dim), lambda b, h, s: (b, h, 0, 0)),
+            pl.BlockSpec((squeezed, squeezed, rows, head_dim), row_map),
+            pl.BlockSpec((squeezed, squeezed, capacity, head_dim), row_map),
+            pl.BlockSpec((squeezed, squeezed, capacity, head_dim), row_map),
+            *slot_specs,
         ],
         out_specs=[pl.BlockSpec((squeezed, squeezed, squeezed, rows, head_dim), split_map),
                    pl.BlockSpec((squeezed, squeezed, squeezed, rows, 1), split_map)],
@@ -264,7 +280,7 @@ def _decode_gpu(qg, k, v, lengths, table, sink, window, sm_scale, num_splits, in
                                                 num_stages=config.num_stages),
         interpret=interpret,
         name="block_sparse_decode_gpu",
-    )(*scalars, qg, k, v)
+    )(*scalars, qg, k, v, *slot_inputs)
     return out[:, :, :, :group], lse[:, :, :, :group]
 
 
@@ -291,6 +307,11 @@ def _check_inputs(q, k, v):
         raise ValueError(f"k/v {k.shape} do not match q {q.shape} in batch or head dim")
     if num_heads % k.shape[1]:
         raise ValueError(f"query heads {num_heads} not a multiple of KV heads {k.shape[1]}")
+
+
+def _check_slot_mask(slot_mask, k):
+    if slot_mask is not None and jnp.shape(slot_mask) != k.shape[:3]:
+        raise ValueError(f"slot_mask must be bool[B, Hkv, C] = {k.shape[:3]}, got shape {jnp.shape(slot_mask)}")
 
 
 def _check_table(table: DecodeBlockTable, batch: int, num_kv_heads: int, capacity: int):
@@ -332,13 +353,16 @@ def block_sparse_decode_reference(
     *,
     mask: MaskDescription | None = None,
     sm_scale: float | None = None,
+    slot_mask: jax.Array | None = None,
 ) -> jax.Array:
     """Dense masked decode attention with the kernel's semantics (the ground truth).
 
-    Visible slots: listed by the table (all blocks when None), below the length, and inside
-    the per-KV-head mask (dense when None). A head that sees nothing outputs zeros.
+    Visible slots: listed by the table (all blocks when None), below the length, inside the
+    per-KV-head mask (dense when None) and set in `slot_mask` (when given). A head that sees
+    nothing outputs zeros.
     """
     _check_inputs(q, k, v)
+    _check_slot_mask(slot_mask, k)
     batch, num_heads, head_dim = q.shape
     _, num_kv_heads, capacity, _ = k.shape
     sm_scale = head_dim**-0.5 if sm_scale is None else sm_scale
@@ -348,6 +372,8 @@ def block_sparse_decode_reference(
     visible = (block_masks.decode_table_mask(table, capacity)
                & block_masks.token_visible(lengths[..., None] - 1, pos, sink[:, None],
                                            window[:, None]))  # [B, Hkv, C]
+    if slot_mask is not None:
+        visible &= jnp.asarray(slot_mask, bool)
     qg = q.reshape(batch, num_kv_heads, -1, 1, head_dim)  # [B, Hkv, g, 1, D]
     o = masked_attention(qg, k, v, visible[:, :, None, None], sm_scale)  # [B, Hkv, g, 1, D]
     return o.reshape(q.shape).astype(q.dtype)
@@ -365,12 +391,16 @@ def block_sparse_decode(
     config: DecodeConfig = DecodeConfig(),
     implementation: str | None = None,
     interpret: bool = False,
+    slot_mask: jax.Array | None = None,
 ) -> jax.Array:
     """Decode attention over listed cache blocks: q [B, H, D], k, v [B, Hkv, C, D] -> [B, H, D].
 
     table: blocks to visit per (batch, KV head); None visits what `mask` allows (every block
     below the length when mask is None too), built at config.block_size. mask: optional
     per-KV-head description applied element-wise (e.g. SinkLocal for streaming heads).
+    slot_mask: optional bool[B, Hkv, C]; unset slots of a listed block are skipped too (the
+    table should list only blocks holding a set slot: `decode_table_from_slots`). Not taken by
+    "mosaic_gpu".
     implementation: "tpu", "gpu" (Triton), "mosaic_gpu" (Hopper, opt-in: see its module),
     "reference", or None to follow `jax.default_backend()` (on CPU: the reference, or the TPU
     kernel interpreted when interpret=True; "mosaic_gpu" cannot be interpreted).
@@ -381,9 +411,13 @@ def block_sparse_decode(
     if table is not None and table.block_size != config.block_size:
         raise ValueError(f"table.block_size {table.block_size} differs from "
                          f"config.block_size {config.block_size}")
+    _check_slot_mask(slot_mask, k)
     implementation = pick_implementation(implementation, interpret, choices=WITH_MOSAIC_GPU)
     if implementation == "reference":
-        return block_sparse_decode_reference(q, k, v, lengths, table, mask=mask, sm_scale=sm_scale)
+        return block_sparse_decode_reference(q, k, v, lengths, table, mask=mask, sm_scale=sm_scale,
+                                             slot_mask=slot_mask)
+    if implementation == "mosaic_gpu" and slot_mask is not None:
+        raise ValueError('implementation="mosaic_gpu" takes no slot_mask; use "gpu" (Triton)')
     batch, num_heads, head_dim = q.shape
     num_kv_heads = k.shape[1]
     sm_scale = head_dim**-0.5 if sm_scale is None else sm_scale
@@ -392,11 +426,11 @@ def block_sparse_decode(
     qg = q.reshape(batch, num_kv_heads, num_heads // num_kv_heads, head_dim)  # [B, Hkv, g, D]
     if implementation == "tpu":
         out, lse = _decode_tpu(qg, k, v, lengths, table, sink, window, sm_scale, num_splits,
-                               interpret)
+                               interpret, slot_mask)
     elif implementation == "mosaic_gpu":
         out, lse = decode_mosaic_gpu(qg, k, v, lengths, table, sink, window, sm_scale, num_splits,
                                      config.num_stages)
     else:
         out, lse = _decode_gpu(qg, k, v, lengths, table, sink, window, sm_scale, num_splits,
-                               interpret, config)
+                               interpret, config, slot_mask)
     return combine_splits(out, lse).reshape(q.shape).astype(q.dtype)  # [B, H, D]

@@ -124,8 +124,10 @@ def test_decode_roofline_script_runs_on_a_state_shaped_as_prefill_leaves_it(tiny
     pages = seg.kv.k[:, :, :128].reshape(2, 2, 8, 16, -1)  # [B, Hkv, pages, page, D]: the 128 filled slots
     np.testing.assert_array_equal(seg.k_max[:, :, :8], pages.max(3))
     assert script.time_decode(tiny_model, 2, 128, 2, 1, quest) > 0
-    for policy in (kvjax.policies.Twilight(budget_tokens=64, dense_layers=0), kvjax.policies.CSKV()):
-        filled = script.filled_state(tiny_model.config, 2, 128, 5, tiny_model.dtype, policy)  # 4-bit keys; features
+    policies = (kvjax.policies.Twilight(budget_tokens=64, dense_layers=0), kvjax.policies.CSKV(),
+                kvjax.policies.SqueezedAttention(recent=32))
+    for policy in policies:  # 4-bit keys; features; clusters
+        filled = script.filled_state(tiny_model.config, 2, 128, 5, tiny_model.dtype, policy)
         prefilled = jax.eval_shape(lambda p=policy: kvjax.prefill(tiny_model, random_tokens(0, (2, 128), 256), p,
                                                                   max_new_tokens=5))
         assert jax.tree.structure(filled) == jax.tree.structure(prefilled)

@@ -138,6 +138,38 @@ def test_top_k_page_selection_end_to_end_bfloat16(implementation):
     np.testing.assert_allclose(np.asarray(out, np.float32), expected, rtol=2e-2, atol=2e-2)
 
 
+@pytest.mark.parametrize("implementation,num_splits", [("tpu", 1), ("gpu", 2)])
+def test_slot_mask_reads_only_blocks_with_a_visible_slot(implementation, num_splits):
+    """A selection finer than a block (Squeezed Attention's clusters): the table lists the blocks
+    holding a set slot, unset slots inside them are skipped, unlisted blocks are never read."""
+    batch, heads, kv_heads, capacity, head_dim, block = 2, 8, 2, 160, 64, 16  # GQA 4
+    q, k, v = _inputs(jax.random.key(5), batch, heads, kv_heads, capacity, head_dim)
+    lengths = np.array([150, 97])
+    rng = np.random.default_rng(5)
+    slot_mask = (rng.random((batch, kv_heads, capacity)) < 0.08) & (np.arange(capacity) < lengths[:, None, None])
+    slot_mask[1, 1] = False  # a head that sees nothing outputs zeros
+    table = bm.decode_table_from_slots(jnp.asarray(slot_mask), block_size=block)
+    counts, kv_blocks = np.asarray(table.counts), np.asarray(table.kv_blocks)
+    listed = _listed(kv_blocks, counts, capacity, block)
+    holding = slot_mask.reshape(batch, kv_heads, -1, block).any(-1)
+    np.testing.assert_array_equal(counts, holding.sum(-1))  # exactly the blocks holding a set slot
+    np.testing.assert_array_equal(listed, np.repeat(holding, block, axis=-1))
+    assert 0 < counts.sum() < batch * kv_heads * capacity // block
+    expected = _dense_decode(q, k, v, slot_mask)
+    k_bad, v_bad = _poison_unlisted(k, v, listed)
+    k_bad = jnp.where((listed & ~slot_mask)[..., None], 30.0, k_bad)  # would dominate if attended
+    config = DecodeConfig(block_size=block, num_splits=num_splits)
+    out = block_sparse_decode(q, k_bad, v_bad, jnp.asarray(lengths), table, config=config,
+                              implementation=implementation, interpret=True, slot_mask=jnp.asarray(slot_mask))
+    np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5)
+    reference = block_sparse_decode_reference(q, k_bad, v, jnp.asarray(lengths), table,
+                                              slot_mask=jnp.asarray(slot_mask))
+    np.testing.assert_allclose(reference, expected, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="slot_mask must be bool"):
+        block_sparse_decode(q, k, v, jnp.asarray(lengths), table, config=config,
+                            implementation=implementation, interpret=True, slot_mask=jnp.asarray(slot_mask[0]))
+
+
 @pytest.mark.parametrize("head_dim,block_size,top_k", [(128, 128, False), (64, 64, True)])
 @pytest.mark.parametrize("implementation,platform,call", [
     ("tpu", "tpu", "tpu_custom_call"), ("gpu", "cuda", "triton"),
@@ -165,6 +197,24 @@ def test_lowers_for_hardware(implementation, platform, call, head_dim, block_siz
     assert call in lowered.as_text()
 
 
+@pytest.mark.parametrize("implementation,platform,call", [("tpu", "tpu", "tpu_custom_call"), ("gpu", "cuda", "triton")])
+def test_slot_mask_lowers_for_hardware(implementation, platform, call):
+    """A 16-slot block table built from a traced slot mask, and the mask read per block, lower to
+    Mosaic TPU (the row's mask as [nb, bs], full dims) and Triton (not run there)."""
+    q = jax.ShapeDtypeStruct((2, 32, 128), jnp.bfloat16)
+    k = jax.ShapeDtypeStruct((2, 8, 4096, 128), jnp.bfloat16)
+    lengths = jax.ShapeDtypeStruct((2,), jnp.int32)
+    slots = jax.ShapeDtypeStruct((2, 8, 4096), jnp.bool_)
+
+    def run(q, k, v, lengths, slots):
+        table = bm.decode_table_from_slots(slots, block_size=16)
+        return block_sparse_decode(q, k, v, lengths, table, config=DecodeConfig(block_size=16, num_splits=2),
+                                   implementation=implementation, slot_mask=slots)
+
+    lowered = jax.jit(run).trace(q, k, k, lengths, slots).lower(lowering_platforms=(platform,))
+    assert call in lowered.as_text()
+
+
 def test_mosaic_gpu_names_what_it_cannot_take():
     q = jnp.zeros((1, 4, 64), jnp.bfloat16)
     k = jnp.zeros((1, 1, 128, 64), jnp.bfloat16)
@@ -176,6 +226,9 @@ def test_mosaic_gpu_names_what_it_cannot_take():
     for (q_, k_, cfg), message in cases:
         with pytest.raises(ValueError, match=message):
             block_sparse_decode(q_, k_, k_, lengths, config=cfg, implementation="mosaic_gpu")
+    with pytest.raises(ValueError, match="takes no slot_mask"):
+        block_sparse_decode(q, k, k, lengths, config=config, implementation="mosaic_gpu",
+                            slot_mask=jnp.ones((1, 1, 128), bool))
     with pytest.raises(ValueError, match="cannot run interpreted"):
         block_sparse_decode(q, k, k, lengths, config=config, implementation="mosaic_gpu",
                             interpret=True)

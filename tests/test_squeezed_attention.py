@@ -1,5 +1,6 @@
 """Squeezed Attention: k-means clusters of the context keys, the calibrated global threshold, and exact
-attention over exactly the keys the centroids select; k-means itself against numpy Lloyd."""
+attention over exactly the keys the centroids select (by jnp and by the decode kernels, interpreted, over
+the pages holding a selected key); k-means itself against numpy Lloyd."""
 
 from __future__ import annotations
 
@@ -8,12 +9,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import kvjax
 from kvjax import init_model
 from kvjax.kmeans import assign, kmeans, lloyd, plus_plus_init
 from kvjax.kv_state import KVSegment, round_capacity
 from kvjax.policies import Full, SqueezedAttention
 from kvjax.policies.quantized_pruning import decode_state_bytes
-from kvjax.policies.squeezed_attention import ClusteredSegment, attend_selected
+from kvjax.policies.squeezed_attention import PAGE, ClusteredSegment, attend_selected, selected_slots
 from tests.conftest import random_tokens
 from tests.quantized_fixtures import (
     assert_generate_is_the_greedy_chain, eager_queries_and_keys, head_dim_32_config, llama8b_cache_config,
@@ -160,6 +162,59 @@ def test_context_keys_are_clustered_to_a_kmeans_fixed_point(model, runs, phase, 
             assert np.all(own <= d.min(-1) + 1e-5)
 
 
+def test_context_slots_are_grouped_by_cluster_and_hold_fulls_entries(model, runs):
+    # Each row's context slots [0, n) hold exactly the context positions, sorted by cluster; the recent and
+    # generated tokens stay at slot = position; every prompt slot holds Full's key and value for its position
+    # (generated tokens differ from Full's after layer 0: they came from sparse attention).
+    tokens, results = runs
+    for phase in (1, 2):
+        full, squeezed = results["full"][phase], results["squeezed"][phase]
+        for layer in range(model.config.num_layers):
+            (ref,), (seg,) = full.layers[layer], squeezed.layers[layer]
+            for b, length in enumerate(LENGTHS):
+                n = max(length - RECENT, 0)
+                for h in range(model.config.num_kv_heads):
+                    pos, labels = np.asarray(seg.kv.pos[b, h]), np.asarray(seg.labels[b, h])
+                    np.testing.assert_array_equal(np.sort(pos[:n]), np.arange(n))
+                    np.testing.assert_array_equal(pos[n:], np.asarray(ref.pos[b, h, n:]))
+                    assert np.all(np.diff(labels[:n]) >= 0) and np.all(labels[n:] == -1)
+                    prompt = (pos >= 0) & (pos < length)
+                    for name in ("k", "v"):
+                        want = np.asarray(getattr(ref, name)[b, h])[pos[prompt]]
+                        np.testing.assert_array_equal(np.asarray(getattr(seg.kv, name)[b, h])[prompt], want)
+
+
+def test_grouped_layout_reads_fewer_pages_than_position_order(model, runs):
+    # The last prompt query's selected context keys, counted in pages of 16 slots: grouped by cluster they lie
+    # in a few runs of slots; the same keys in position order are scattered over most context pages.
+    tokens, results = runs
+    state = results["squeezed"][1]
+    seen = eager_queries_and_keys(model, tokens, LENGTHS)
+    grouped = scattered = 0
+    for layer, (q, _) in enumerate(seen):
+        (seg,) = state.layers[layer]
+        last = np.stack([q[b, length - 1] for b, length in enumerate(LENGTHS)])[:, None]  # [B, 1, K, G, D]
+        selected = np.asarray(selected_slots(jnp.asarray(last, jnp.float32), seg, model.config.head_dim**-0.5))
+        selected = selected & (np.asarray(seg.labels) >= 0)  # the context keys (recent ones are always read)
+        pos = np.asarray(seg.kv.pos)
+        by_position = np.zeros_like(selected)
+        b, h, _ = np.nonzero(selected)
+        by_position[b, h, pos[selected]] = True
+        pages = lambda x: x.reshape(*x.shape[:2], -1, PAGE).any(-1).sum()  # noqa: E731
+        grouped, scattered = grouped + pages(selected), scattered + pages(by_position)
+    assert grouped < 0.7 * scattered, (grouped, scattered)
+
+
+@pytest.mark.parametrize("impl", ["gpu-interpret", "tpu-interpret"])
+def test_decode_through_the_kernel_matches_the_reference(model, runs, impl):
+    tokens, results = runs
+    logits, state = results["squeezed"][0], jax.tree.map(jnp.copy, results["squeezed"][1])
+    policy = SqueezedAttention(attention_impl=impl)
+    for i in range(3):
+        step, state = kvjax.decode_step(model, state, tokens[np.arange(len(LENGTHS)), np.array(LENGTHS) + i], policy)
+        np.testing.assert_allclose(np.asarray(step), logits[:, i], atol=2e-5, rtol=0)
+
+
 def test_threshold_is_the_quantile_of_the_calibration_weights(model, runs):
     # numpy from an eager forward's queries: each context key weighs its cluster's S averaged over the
     # last 100 prompt queries and the GQA group; the threshold is the 90th percentile over all layers,
@@ -187,9 +242,11 @@ def test_threshold_is_the_quantile_of_the_calibration_weights(model, runs):
         assert 0.08 < np.mean(values >= threshold) < 0.2  # about `keep` of the keys, give or take a cluster
 
 
-@pytest.mark.parametrize("window", [None, 40])
-@pytest.mark.parametrize("t", [1, 3])
-def test_attention_is_exact_over_the_selected_keys(t, window):
+@pytest.mark.parametrize("t,window,impl", [
+    (1, None, "reference"), (3, None, "reference"), (1, 40, "reference"), (3, 40, "reference"),
+    (1, None, "gpu-interpret"), (1, None, "tpu-interpret"),  # one decode token: the kernel over selected pages
+])
+def test_attention_is_exact_over_the_selected_keys(t, window, impl):
     rng = np.random.default_rng(t)
     b, h, g, d, c, kc = 2, 2, 3, 16, 64, 6
     held, context, active = np.array([60, 41]), np.array([40, 25]), np.array([5, 4])
@@ -212,7 +269,7 @@ def test_attention_is_exact_over_the_selected_keys(t, window):
         threshold=jnp.asarray(threshold),
     )
     q_pos = (held - 1)[:, None] - (t - 1) + np.arange(t)  # [B, T]: the last queries over held entries
-    got = np.asarray(attend_selected(jnp.asarray(q), seg, jnp.asarray(q_pos, jnp.int32), window, scale))
+    got = np.asarray(attend_selected(jnp.asarray(q), seg, jnp.asarray(q_pos, jnp.int32), window, scale, impl))
     for i in range(b):
         for j in range(h):
             selected = (labels[i, j] < 0) | np.take(chosen[i, j], np.maximum(labels[i, j], 0))

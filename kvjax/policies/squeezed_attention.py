@@ -19,8 +19,15 @@ This is the authors' one-level lookup, with their defaults (5% clusters, 100 obs
 fixed context shared by many requests: k-means++ seeding, then at most `iterations` Lloyd updates of
 C x Kc x D multiply-adds per KV head. Keys are selected by S_i >= T (the authors: >), so keep=1
 attends to everything. It saves attention reads, not memory: every key stays in the cache (plus labels
-and centroids, counted by `kvjax.kv_bytes`), and the selection here is exact jnp masking; a kernel that
-reads only the selected keys is still to come.
+and centroids, counted by `kvjax.kv_bytes`).
+
+What makes the reads sparse: `finalize` reorders each row's context slots so that every cluster's keys
+are contiguous (the recent and generated tokens stay at slot = position after them). A cluster is
+selected or not as a whole, so a decode query's selection is a few runs of slots; the block-sparse
+decode kernel (GPU/TPU) visits only the 16-slot pages holding a selected key and masks the unselected
+slots inside them (`slot_mask`), which is exact. Pages are 16 slots because clusters average
+1 / clusters = 20 keys: larger pages would mostly read neighbours of the selected clusters. Elsewhere
+(CPU, sliding-window models, multi-token chunks) the selection is jnp masking over the whole cache.
 """
 
 from __future__ import annotations
@@ -31,13 +38,16 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-from kvjax.attention import reference_attention
+from kvjax.attention import attend_pages, reference_attention
 from kvjax.cached_attention import merge_heads, take_heads, write_in_place_then_attend
 from kvjax.config import ModelConfig
 from kvjax.kmeans import cluster_means, kmeans
-from kvjax.kv_state import KVSegment, KVState, write_entries
+from kvjax.kv_state import SLOT_MULTIPLE, KVSegment, KVState, write_entries
 from kvjax.policies.base import Layout, Policy
 from kvjax.policies.full import Full
+from pallas_kernels.block_masks import decode_table_from_slots
+
+PAGE = SLOT_MULTIPLE  # slots per page the decode kernel reads: about one average cluster (20 keys)
 
 
 @struct.dataclass(frozen=True)
@@ -51,8 +61,9 @@ class ObservedQueries:
 class ClusteredSegment:
     """A layer's full cache with its context keys clustered: what decoding selects from."""
 
-    kv: KVSegment  # every token, slot = position (the Full layout)
-    labels: jax.Array  # int32[B, Hs, C]: each context key's cluster; -1 for recent, generated and empty slots
+    kv: KVSegment  # every token: context slots grouped by cluster, then recent and generated at slot = position
+    labels: jax.Array  # int32[B, Hs, C]: each context key's cluster (non-decreasing over the context slots);
+    # -1 for recent, generated and empty slots
     centroids: jax.Array  # [B, Hs, Kc, D]: the mean raw key of each cluster
     sizes: jax.Array  # int32[B, Hs, Kc]: keys per cluster (0 past the sequence's cluster count)
     threshold: jax.Array  # float32[B]: the sequence's global threshold on the estimated weight S
@@ -124,7 +135,9 @@ class SqueezedAttention(Policy):
                 seg.kv, take_heads(k, seg.heads, 2, total), take_heads(v, seg.heads, 2, total), new_pos, q_pos[:, 0]
             )
             seg = seg.replace(kv=kv)
-            outs.append(attend_selected(take_heads(q, seg.heads, 2, total), seg, q_pos, window, scale))
+            outs.append(attend_selected(
+                take_heads(q, seg.heads, 2, total), seg, q_pos, window, scale, self.attention_impl
+            ))
             updated.append(seg)
         return merge_heads(outs, segments, axis=2), tuple(updated)
 
@@ -162,8 +175,9 @@ class SqueezedAttention(Policy):
         self, key: jax.Array, seg: KVSegment, lengths: jax.Array, active: jax.Array, num_clusters: int
     ) -> ClusteredSegment:
         """k-means on the L2-normalised context keys of every (sequence, head) row; centroids are the
-        clusters' mean raw keys. The threshold is filled in once every layer is clustered."""
-        b, hs = seg.k.shape[:2]
+        clusters' mean raw keys. The context slots are then reordered by cluster. The threshold is
+        filled in once every layer is clustered."""
+        b, hs, capacity = seg.pos.shape
         context = (seg.pos >= 0) & (seg.pos < (lengths - self.recent)[:, None, None])  # [B, Hs, C]
         keys = seg.k.astype(jnp.float32)  # [B, Hs, C, D]
         unit = keys / jnp.maximum(jnp.linalg.norm(keys, axis=-1, keepdims=True), 1e-12)
@@ -175,8 +189,15 @@ class SqueezedAttention(Policy):
         labels = jax.vmap(jax.vmap(row, in_axes=(0, 0, 0, None)))(rows, unit, context, active)  # [B, Hs, C]
         means = jax.vmap(jax.vmap(lambda x, row_labels, valid: cluster_means(x, row_labels, valid, num_clusters)))
         centroids, sizes = means(keys, labels, context)  # [B, Hs, Kc, D], [B, Hs, Kc]
+        # Context slots [0, n) sorted by cluster (stable); every other slot sorts after them, in place.
+        order = jnp.argsort(jnp.where(context, labels, num_clusters + jnp.arange(capacity)), axis=-1, stable=True)
+        seg = seg.replace(
+            k=jnp.take_along_axis(seg.k, order[..., None], axis=2),  # [B, Hs, C, D]
+            v=jnp.take_along_axis(seg.v, order[..., None], axis=2),
+            pos=jnp.take_along_axis(seg.pos, order, axis=2),  # [B, Hs, C]
+        )
         return ClusteredSegment(
-            kv=seg, labels=labels, centroids=centroids.astype(seg.k.dtype), sizes=sizes,
+            kv=seg, labels=jnp.take_along_axis(labels, order, axis=2), centroids=centroids.astype(seg.k.dtype), sizes=sizes,
             threshold=jnp.zeros((b,), jnp.float32),
         )
 
@@ -221,16 +242,30 @@ def masked_quantile(values: jax.Array, valid: jax.Array, q: float) -> jax.Array:
     return jnp.where(n > 0, below + (at - lo) * (above - below), jnp.inf)
 
 
-def attend_selected(
-    q: jax.Array, seg: ClusteredSegment, q_pos: jax.Array, window: int | None, scale: float
-) -> jax.Array:
-    """Exact attention over the entries a query chunk selects: unclustered entries (recent prompt and
-    generated tokens) plus the context keys whose cluster's mean estimated weight reaches the threshold.
+def selected_slots(q: jax.Array, seg: ClusteredSegment, scale: float) -> jax.Array:
+    """bool[B, Hs, C]: the entries a query chunk attends to: unclustered ones (recent prompt and generated
+    tokens) plus the context keys whose cluster's mean estimated weight reaches the threshold.
 
-    q: [B, T, Hs, G, D] after RoPE; returns [B, T, Hs, G, D].
+    q: [B, T, Hs, G, D] after RoPE (the estimate averages over the chunk's queries).
     """
     weights = cluster_weights(q.astype(jnp.float32) * scale, seg.centroids, seg.sizes)  # [B, Hs, Kc]
     chosen = weights >= seg.threshold[:, None, None]  # [B, Hs, Kc]
     key_chosen = jnp.take_along_axis(chosen, jnp.maximum(seg.labels, 0), axis=-1)  # [B, Hs, C]
-    visible = jnp.where((seg.labels < 0) | key_chosen, seg.kv.pos, -1)  # [B, Hs, C]
-    return reference_attention(q, seg.kv.k, seg.kv.v, visible, q_pos, window, scale)
+    return seg.kv.valid() & ((seg.labels < 0) | key_chosen)
+
+
+def attend_selected(
+    q: jax.Array, seg: ClusteredSegment, q_pos: jax.Array, window: int | None, scale: float,
+    impl: str = "reference",
+) -> jax.Array:
+    """Exact attention over the `selected_slots` of a query chunk. One decode token (no sliding window)
+    goes through `attend_pages`: on GPU/TPU the kernel reads only the pages holding a selected key.
+
+    q: [B, T, Hs, G, D] after RoPE; returns [B, T, Hs, G, D].
+    """
+    selected = selected_slots(q, seg, scale)  # [B, Hs, C]
+    k, v, pos = seg.kv.k, seg.kv.v, seg.kv.pos
+    if q.shape[1] == 1 and window is None:  # a kernel's window would measure positions by slot
+        table = decode_table_from_slots(selected, block_size=PAGE)
+        return attend_pages(q, k, v, pos, q_pos, table, None, scale, impl, slot_mask=selected)
+    return reference_attention(q, k, v, jnp.where(selected, pos, -1), q_pos, window, scale)
