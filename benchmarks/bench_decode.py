@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import time
 from pathlib import Path
@@ -44,12 +45,14 @@ SMOKE = ModelConfig(
 )
 
 
+@functools.partial(jax.jit, static_argnums=range(6))
 def filled_state(
     config: ModelConfig, batch: int, context: int, room: int, dtype, policy: Policy = Full()
 ) -> kvjax.KVState:
     """The decode state of a policy that prefills in the Full layout (Full, Quest, Twilight, CSKV, Squeezed
     Attention), from `context` random entries per sequence (and random calibration queries for Squeezed
-    Attention): no prefill is needed to time decode."""
+    Attention): no prefill is needed to time decode. Jitted, so every leaf is its own buffer (Squeezed
+    Attention's finalize shares one threshold array between layers; a donating decode must not see it twice)."""
     state = policy.allocate(config, batch, context, room, context, dtype)
 
     def fill(seg, layer):
@@ -83,12 +86,9 @@ def weight_bytes_per_token(m: kvjax.LanguageModel) -> int:
 
 def time_decode(m, batch: int, context: int, steps: int, repeats: int, policy: Policy = Full()) -> float:
     """Median seconds per decoded token of generate's jitted while_loop decode."""
-    # Under jit every leaf is its own buffer (Squeezed Attention's finalize shares one threshold array
-    # between layers, which the donating decode must not see twice).
-    fill = jax.jit(filled_state, static_argnums=range(6))
     times = []
     for r in range(repeats + 1):  # the first run compiles
-        state = jax.block_until_ready(fill(m.config, batch, context, steps, m.dtype, policy))
+        state = jax.block_until_ready(filled_state(m.config, batch, context, steps, m.dtype, policy))
         start = time.perf_counter()
         jax.block_until_ready(greedy_decode(m, state, np.ones((batch,), np.int32), steps, policy))
         if r:

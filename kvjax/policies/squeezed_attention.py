@@ -191,14 +191,14 @@ class SqueezedAttention(Policy):
         centroids, sizes = means(keys, labels, context)  # [B, Hs, Kc, D], [B, Hs, Kc]
         # Context slots [0, n) sorted by cluster (stable); every other slot sorts after them, in place.
         order = jnp.argsort(jnp.where(context, labels, num_clusters + jnp.arange(capacity)), axis=-1, stable=True)
-        seg = seg.replace(
+        grouped = seg.replace(
             k=jnp.take_along_axis(seg.k, order[..., None], axis=2),  # [B, Hs, C, D]
             v=jnp.take_along_axis(seg.v, order[..., None], axis=2),
             pos=jnp.take_along_axis(seg.pos, order, axis=2),  # [B, Hs, C]
         )
         return ClusteredSegment(
-            kv=seg, labels=jnp.take_along_axis(labels, order, axis=2), centroids=centroids.astype(seg.k.dtype), sizes=sizes,
-            threshold=jnp.zeros((b,), jnp.float32),
+            kv=grouped, labels=jnp.take_along_axis(labels, order, axis=2), centroids=centroids.astype(seg.k.dtype),
+            sizes=sizes, threshold=jnp.zeros((b,), jnp.float32),
         )
 
 
