@@ -33,12 +33,6 @@ jax.config.update("jax_disable_most_optimizations", True)
 LONGEST_FIRST = ("test_sharding.py", "test_bundled_model.py", "test_policies.py", "test_block_sparse_prefill.py")
 
 
-def pytest_xdist_auto_num_workers(config):
-    """`-n auto`: one worker more than cores. A worker tracing or compiling in Python leaves part of a core
-    idle (2 workers kept 2 cores 182% busy); a third fills it."""
-    return (os.cpu_count() or 1) + 1
-
-
 def pytest_collection_modifyitems(items):
     rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
     items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the rest keep their order
