@@ -4,9 +4,14 @@ from __future__ import annotations
 
 import os
 import tempfile
+from importlib.metadata import version
 from pathlib import Path
 
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=1")
+# XLA's CPU elemental emitters compile the suite's many small programs about a third faster than its newer
+# fusion emitters (the same operations; measured on jaxlib 0.10.2). An XLA that does not know a flag refuses
+# to start, so it is set only on the jaxlib it was measured on. The CLI tests' subprocesses inherit it.
+FAST_COMPILE_FLAGS = "--xla_cpu_use_fusion_emitters=false" if version("jaxlib").startswith("0.10.") else ""
+os.environ.setdefault("XLA_FLAGS", f"--xla_force_host_platform_device_count=1 {FAST_COMPILE_FLAGS}")
 # One persistent compilation cache per test run, shared through the environment by the xdist workers and
 # the CLI subprocesses (a SIGKILL-resume test compiles the same programs in three processes): a program
 # compiled once is loaded, not compiled, by the others. It changes no compiled code.

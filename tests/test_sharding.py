@@ -8,10 +8,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+from tests.conftest import FAST_COMPILE_FLAGS
+
 
 def test_sharded_inference_on_eight_cpu_devices():
     env = {k: v for k, v in os.environ.items() if k != "PYTEST_ADDOPTS"}
-    env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count=8 {FAST_COMPILE_FLAGS}"
     checks = Path(__file__).with_name("sharded_checks.py")
     run = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(checks)],
