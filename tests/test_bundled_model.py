@@ -63,10 +63,13 @@ def test_streaming_window_shorter_than_the_needle_distance_loses_the_needles(bun
     assert streaming <= 0.1, texts
 
 
-def test_squeezed_attention_reading_2_percent_of_the_context_finds_the_far_needles(bundled):
-    # The same far needles: the clusters whose centroids the answer's queries favour hold them.
+@pytest.mark.parametrize("hierarchical", [False, True], ids=["one-level", "hierarchical"])
+def test_squeezed_attention_reading_2_percent_of_the_context_finds_the_far_needles(bundled, hierarchical):
+    # The same far needles: the clusters whose centroids the answer's queries favour hold them (hierarchical:
+    # among the coarse clusters keeping 30% of the context).
     samples = _samples(bundled, np.linspace(0.0, 0.6, len(SEEDS)))
-    accuracy, texts = _accuracy(bundled, samples, kvjax.policies.SqueezedAttention(keep=0.02))
+    policy = kvjax.policies.SqueezedAttention(keep=0.02, hierarchical=hierarchical)
+    accuracy, texts = _accuracy(bundled, samples, policy)
     assert accuracy >= 0.9, list(zip([s.answers[0] for s in samples], texts))
 
 

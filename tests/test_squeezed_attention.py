@@ -15,7 +15,9 @@ from kvjax.kmeans import assign, kmeans, lloyd, plus_plus_init
 from kvjax.kv_state import KVSegment, round_capacity
 from kvjax.policies import Full, SqueezedAttention
 from kvjax.policies.quantized_pruning import decode_state_bytes
-from kvjax.policies.squeezed_attention import PAGE, ClusteredSegment, attend_selected, selected_slots
+from kvjax.policies.squeezed_attention import (
+    PAGE, ClusteredSegment, CoarseClusters, attend_selected, selected_slots,
+)
 from tests.conftest import random_tokens
 from tests.quantized_fixtures import (
     assert_generate_is_the_greedy_chain, eager_queries_and_keys, head_dim_32_config, llama8b_cache_config,
@@ -36,7 +38,9 @@ def model():
 @pytest.fixture(scope="module")
 def runs(model):
     tokens = random_tokens(2, (len(LENGTHS), max(LENGTHS) + NEW), model.config.vocab_size)
-    policies = {"full": Full(), "squeezed": SqueezedAttention(), "keep_all": SqueezedAttention(keep=1.0)}
+    policies = {"full": Full(), "squeezed": SqueezedAttention(), "keep_all": SqueezedAttention(keep=1.0),
+                "hierarchical": SqueezedAttention(hierarchical=True),
+                "coarse_keep_all": SqueezedAttention(hierarchical=True, coarse_keep=1.0)}
     return tokens, {name: teacher_forced(model, p, tokens, LENGTHS, NEW, CHUNK) for name, p in policies.items()}
 
 
@@ -220,30 +224,121 @@ def test_decode_through_the_kernel_matches_the_reference(model, runs):
         np.testing.assert_allclose(np.asarray(step), logits[:, i], atol=2e-5, rtol=0)
 
 
-def test_threshold_is_the_quantile_of_the_calibration_weights(model, runs, seen):
+def _coarse_labels(seg, b, h):
+    labels, parents = np.asarray(seg.labels[b, h]), np.asarray(seg.coarse.parents[b, h])
+    return np.where(labels >= 0, parents[np.maximum(labels, 0)], -1)
+
+
+LEVELS = {  # run -> (centroids, sizes, labels, threshold, keep) of a segment's row
+    "squeezed": lambda seg, b, h: (seg.centroids[b, h], seg.sizes[b, h], seg.labels[b, h], seg.threshold[b], 0.1),
+    "hierarchical": lambda seg, b, h: (seg.centroids[b, h], seg.sizes[b, h], seg.labels[b, h], seg.threshold[b], 0.1),
+    "hierarchical-coarse": lambda seg, b, h: (
+        seg.coarse.centroids[b, h], seg.coarse.sizes[b, h], _coarse_labels(seg, b, h), seg.coarse.threshold[b], 0.3),
+}
+
+
+@pytest.mark.parametrize("level", LEVELS)
+def test_threshold_is_the_quantile_of_the_calibration_weights(model, runs, seen, level):
     # numpy from an eager forward's queries: each context key weighs its cluster's S averaged over the
-    # last 100 prompt queries and the GQA group; the threshold is the 90th percentile over all layers,
-    # KV heads and context keys of the sequence.
+    # last 100 prompt queries and the GQA group; the threshold is the (1 - keep) quantile over all layers,
+    # KV heads and context keys of the sequence (hierarchical: the fine level's with every cluster counted,
+    # and the coarse level's at 1 - coarse_keep).
     tokens, results = runs
-    state = results["squeezed"][1]
+    state = results[level.split("-")[0]][1]
     scale = model.config.head_dim**-0.5
     for b, length in enumerate(LENGTHS):
-        per_key = []
+        per_key, thresholds = [], set()
         for layer, (q, _) in enumerate(seen):
             (seg,) = state.layers[layer]
             for h in range(model.config.num_kv_heads):
-                labels = np.asarray(seg.labels[b, h])
-                s = _weights(q[b, max(length - RECENT, 0): length, h] * scale,
-                             np.asarray(seg.centroids[b, h], np.float64), np.asarray(seg.sizes[b, h]))
+                centroids, sizes, labels, threshold, keep = (np.asarray(x) for x in LEVELS[level](seg, b, h))
+                s = _weights(q[b, max(length - RECENT, 0): length, h] * scale, centroids.astype(np.float64), sizes)
                 per_key.append(s[labels[labels >= 0]])
-        threshold = float(state.layers[0][0].threshold[b])
-        assert all(float(layer[0].threshold[b]) == threshold for layer in state.layers)
+                thresholds.add(float(threshold))
+        (threshold,) = thresholds
         values = np.concatenate(per_key)
         if values.size == 0:
             assert threshold == np.inf
             continue
-        np.testing.assert_allclose(threshold, np.quantile(values, 0.9), rtol=1e-4)
-        assert 0.08 < np.mean(values >= threshold) < 0.2  # about `keep` of the keys, give or take a cluster
+        np.testing.assert_allclose(threshold, np.quantile(values, 1 - keep), rtol=1e-4)
+        assert keep - 0.03 < np.mean(values >= threshold) < keep + 0.1  # about `keep`, give or take a cluster
+
+
+def test_coarse_clusters_group_the_clusters_into_a_kmeans_fixed_point(model, runs):
+    # Half as many coarse clusters as clusters; each live cluster has one, numbered so that the clusters
+    # of a coarse cluster are consecutive; coarse centroids are the plain means of their clusters'
+    # centroids, coarse sizes their keys; each normalised centroid is nearest its own coarse cluster's
+    # normalised mean (Lloyd converged).
+    _, results = runs
+    for phase in (1, 2):
+        for layer in results["hierarchical"][phase].layers:
+            (seg,) = layer
+            for b, length in enumerate(LENGTHS):
+                clusters = max(1, int(0.05 * max(length - RECENT, 0)))
+                for h in range(model.config.num_kv_heads):
+                    sizes, parents = np.asarray(seg.sizes[b, h]), np.asarray(seg.coarse.parents[b, h])
+                    live = sizes > 0
+                    np.testing.assert_array_equal(parents >= 0, live)
+                    if not live.any():
+                        continue
+                    n_live = live.sum()
+                    assert live[:n_live].all() and np.all(np.diff(parents[:n_live]) >= 0)
+                    assert parents.max() < max(1, int(0.5 * clusters))
+                    coarse_sizes = np.asarray(seg.coarse.sizes[b, h])
+                    np.testing.assert_array_equal(coarse_sizes, np.bincount(parents[live], sizes[live],
+                                                                            minlength=len(coarse_sizes)))
+                    fine = np.asarray(seg.centroids[b, h], np.float64)[live]
+                    used = np.unique(parents[live])
+                    means = np.stack([fine[parents[live] == j].mean(0) for j in used])
+                    np.testing.assert_allclose(np.asarray(seg.coarse.centroids[b, h], np.float64)[used], means,
+                                               atol=1e-5)
+                    unit = fine / np.linalg.norm(fine, axis=-1, keepdims=True)
+                    unit_means = np.stack([unit[parents[live] == j].mean(0) for j in used])
+                    d = ((unit[:, None] - unit_means[None]) ** 2).sum(-1)  # [live clusters, coarse used]
+                    own = d[np.arange(len(unit)), np.searchsorted(used, parents[live])]
+                    assert np.all(own <= d.min(-1) + 1e-5)
+
+
+def test_hierarchical_with_every_coarse_cluster_open_is_the_one_level_lookup(runs):
+    _, results = runs
+    np.testing.assert_allclose(results["coarse_keep_all"][0], results["squeezed"][0], atol=1e-6, rtol=0)
+    assert np.abs(results["hierarchical"][0][:2] - results["squeezed"][0][:2]).max() > 1e-3
+
+
+def test_hierarchical_selection_is_the_authors_two_level_lookup():
+    # Coarse clusters reaching the coarse threshold open; the fine estimates then count only the keys of
+    # open coarse clusters (the others leave the denominator) and must reach the fine threshold.
+    rng = np.random.default_rng(5)
+    b, h, g, d, c, kc, kq = 2, 2, 3, 16, 96, 8, 3
+    context, scale = np.array([80, 50]), d**-0.5
+    slots = np.arange(c)
+    pos = np.broadcast_to(np.where(slots < context[:, None] + 10, slots, -1)[:, None], (b, h, c)).astype(np.int32)
+    labels = np.where(slots < context[:, None, None], np.sort(rng.integers(0, kc, (b, h, c)), -1), -1).astype(np.int32)
+    sizes = np.stack([[np.bincount(row[row >= 0], minlength=kc) for row in heads] for heads in labels])
+    parents = np.where(sizes > 0, np.sort(rng.integers(0, kq, (b, h, kc)), -1), -1).astype(np.int32)
+    coarse_sizes = np.stack([[np.bincount(p[p >= 0], n[p >= 0], minlength=kq) for p, n in zip(ps, ns)]
+                             for ps, ns in zip(parents, sizes)]).astype(np.int32)
+    centroids, coarse_centroids = (rng.normal(size=(b, h, n, d)).astype(np.float32) for n in (kc, kq))
+    q = rng.normal(size=(b, 1, h, g, d)).astype(np.float32)
+    coarse_w = np.stack([[_weights(q[i, :, j].astype(np.float64) * scale, coarse_centroids[i, j], coarse_sizes[i, j])
+                          for j in range(h)] for i in range(b)])  # [B, Hs, Kq]
+    coarse_threshold = np.array([np.median(w[w > 0]) for w in coarse_w])
+    open_fine = np.take_along_axis(coarse_w >= coarse_threshold[:, None, None], np.maximum(parents, 0), -1)
+    restricted = np.where(open_fine & (parents >= 0), sizes, 0)
+    fine_w = np.stack([[_weights(q[i, :, j].astype(np.float64) * scale, centroids[i, j], restricted[i, j])
+                        for j in range(h)] for i in range(b)])  # [B, Hs, Kc]
+    threshold = np.array([np.median(w[w > 0]) for w in fine_w])
+    chosen = (fine_w >= threshold[:, None, None]) & (restricted > 0)
+    assert 0 < open_fine[sizes > 0].mean() < 1 and 0 < chosen[restricted > 0].mean() < 1
+    seg = ClusteredSegment(
+        kv=KVSegment(k=jnp.zeros((b, h, c, d)), v=jnp.zeros((b, h, c, d)), pos=jnp.asarray(pos), heads=(0, 1)),
+        labels=jnp.asarray(labels), centroids=jnp.asarray(centroids), sizes=jnp.asarray(sizes, jnp.int32),
+        threshold=jnp.asarray(threshold, jnp.float32),
+        coarse=CoarseClusters(jnp.asarray(parents), jnp.asarray(coarse_centroids), jnp.asarray(coarse_sizes),
+                              jnp.asarray(coarse_threshold, jnp.float32)),
+    )
+    want = (pos >= 0) & ((labels < 0) | np.take_along_axis(chosen, np.maximum(labels, 0), -1))
+    np.testing.assert_array_equal(np.asarray(selected_slots(jnp.asarray(q), seg, scale)), want)
 
 
 @pytest.mark.parametrize("t,window,impl", [
@@ -310,10 +405,15 @@ def test_kv_bytes_keep_every_key_plus_labels_and_centroids():
     got = decode_state_bytes(SqueezedAttention(), cfg, prompt, new)
     assert got == expected
     assert got < 1.04 * decode_state_bytes(Full(), cfg, prompt, new)
+    # hierarchical: each cluster's coarse cluster (4 bytes), 816 coarse centroids and sizes, a coarse threshold
+    coarse = clusters // 2
+    hierarchical = expected + cfg.num_layers * (cfg.num_kv_heads * (clusters * 4 + coarse * (128 * 2 + 4)) + 4)
+    assert decode_state_bytes(SqueezedAttention(hierarchical=True), cfg, prompt, new) == hierarchical
 
 
 @pytest.mark.parametrize("kwargs", [{"clusters": 0.0}, {"clusters": 1.5}, {"keep": 0.0}, {"keep": 1.2},
-                                    {"recent": 0}, {"iterations": 0}])
+                                    {"recent": 0}, {"iterations": 0}, {"coarse_clusters": 0.0},
+                                    {"coarse_clusters": 2.0}, {"coarse_keep": 0.0}, {"coarse_keep": 1.5}])
 def test_bad_arguments_raise(kwargs):
     with pytest.raises(ValueError, match="SqueezedAttention"):
         SqueezedAttention(**kwargs)
