@@ -9,10 +9,10 @@ attention is diffuse, so it keeps most candidates: its row times the estimate's 
 CSKV(density) holds density x the channels per token but rebuilds every key and value each step: its row
 shows what that arithmetic costs against the bytes it saves. SqueezedAttention(keep) clusters the random
 context keys once (k-means in finalize, not timed) and each step reads the 16-slot pages holding the keys
-of the clusters its centroids select.
+of the clusters its centroids select (`--squeezed-hierarchical` also times the authors' two-level lookup).
 Writes JSON with the device, shapes, times and ratios.
 Usage: python benchmarks/bench_decode.py [--contexts 8192 32768] [--quest-budgets 1024] [--twilight-budgets 8192]
-       [--cskv-densities 0.5] [--squeezed-keeps 0.1] [--smoke] [--out FILE]
+       [--cskv-densities 0.5] [--squeezed-keeps 0.1] [--squeezed-hierarchical] [--smoke] [--out FILE]
 """
 
 from __future__ import annotations
@@ -116,6 +116,8 @@ def main():
                         help="CSKV key and value densities to time against Full")
     parser.add_argument("--squeezed-keeps", type=float, nargs="*", default=[],
                         help="Squeezed Attention keep shares (5%% clusters) to time against Full")
+    parser.add_argument("--squeezed-hierarchical", action="store_true",
+                        help="time each Squeezed Attention keep with the hierarchical lookup too")
     parser.add_argument("--bandwidth", type=float, default=3.1e12, help="bytes/s of HBM (H100: 3.1e12)")
     parser.add_argument("--smoke", action="store_true", help="tiny model and contexts (CPU check only)")
     parser.add_argument("--out", default=None)
@@ -125,7 +127,8 @@ def main():
     sparse = ([Quest(budget_tokens=b) for b in ([64] if args.smoke else args.quest_budgets)]
               + [Twilight(budget_tokens=b) for b in ([64] if args.smoke else args.twilight_budgets)]
               + [CSKV(d, d) for d in ([0.5] if args.smoke else args.cskv_densities)]
-              + [SqueezedAttention(keep=k) for k in ([0.1] if args.smoke else args.squeezed_keeps)])
+              + [SqueezedAttention(keep=k, hierarchical=h) for k in ([0.1] if args.smoke else args.squeezed_keeps)
+                 for h in ((False, True) if args.smoke or args.squeezed_hierarchical else (False,))])
     m = kvjax.init_model(config, seed=0, dtype=jnp.bfloat16)
     w_bytes = weight_bytes_per_token(m)
     rows = []

@@ -125,8 +125,9 @@ def test_decode_roofline_script_runs_on_a_state_shaped_as_prefill_leaves_it(tiny
     np.testing.assert_array_equal(seg.k_max[:, :, :8], pages.max(3))
     assert script.time_decode(tiny_model, 2, 128, 2, 1, quest) > 0
     policies = (kvjax.policies.Twilight(budget_tokens=64, dense_layers=0), kvjax.policies.CSKV(),
-                kvjax.policies.SqueezedAttention(recent=32))
-    for policy in policies:  # 4-bit keys; features; clusters
+                kvjax.policies.SqueezedAttention(recent=32),
+                kvjax.policies.SqueezedAttention(recent=32, hierarchical=True))
+    for policy in policies:  # 4-bit keys; features; clusters; clusters of clusters
         filled = script.filled_state(tiny_model.config, 2, 128, 5, tiny_model.dtype, policy)
         prefilled = jax.eval_shape(lambda p=policy: kvjax.prefill(tiny_model, random_tokens(0, (2, 128), 256), p,
                                                                   max_new_tokens=5))
