@@ -231,12 +231,16 @@ def _coarse_labels(seg, b, h):
     return np.where(labels >= 0, parents[np.maximum(labels, 0)], -1)
 
 
-LEVELS = {  # run -> (centroids, sizes, labels, threshold, keep) of a segment's row
-    "squeezed": lambda seg, b, h: (seg.centroids[b, h], seg.sizes[b, h], seg.labels[b, h], seg.threshold[b], 0.1),
-    "hierarchical": lambda seg, b, h: (seg.centroids[b, h], seg.sizes[b, h], seg.labels[b, h], seg.threshold[b], 0.1),
-    "hierarchical-coarse": lambda seg, b, h: (
-        seg.coarse.centroids[b, h], seg.coarse.sizes[b, h], _coarse_labels(seg, b, h), seg.coarse.threshold[b], 0.3),
-}
+def _fine(seg, b, h):
+    return seg.centroids[b, h], seg.sizes[b, h], seg.labels[b, h], seg.threshold[b], 0.1
+
+
+def _coarse(seg, b, h):
+    return seg.coarse.centroids[b, h], seg.coarse.sizes[b, h], _coarse_labels(seg, b, h), seg.coarse.threshold[b], 0.3
+
+
+LEVELS = {"squeezed": _fine, "hierarchical": _fine, "hierarchical-coarse": _coarse}  # run -> a row's
+# (centroids, sizes, labels, threshold, keep)
 
 
 @pytest.mark.parametrize("level", LEVELS)
