@@ -17,9 +17,10 @@ from jax.sharding import PartitionSpec as P
 import kvjax
 from kvjax import ModelConfig, init_model
 from kvjax.checkpoint import save_checkpoint
-from kvjax.policies import CSKV, KIVI, DuoAttention, Full, SnapKV, Twilight
+from kvjax.policies import CSKV, KIVI, DuoAttention, Full, SnapKV, SqueezedAttention, Twilight
 from kvjax.policies.cskv import LowRankSegment
 from kvjax.policies.quest import PagedSegment
+from kvjax.policies.squeezed_attention import ClusteredSegment
 from kvjax.quantized_segment import QuantizedSegment
 from kvjax.sharding import device_kv_bytes, make_mesh, param_shardings, shard_model
 from tests.conftest import random_tokens
@@ -98,6 +99,8 @@ POLICIES = {
     "twilight": Twilight(budget_tokens=32, top_p=0.9, dense_layers=1),
     # features shared by all KV heads (replicated over "model"), an exact window split by head
     "cskv": CSKV(0.5, 0.5, residual=16),
+    # clusters of each KV head's context keys; decode reads the pages holding selected keys, masked per slot
+    "squeezed": SqueezedAttention(recent=32),
 }
 
 
@@ -116,7 +119,7 @@ def test_sharded_generate_and_state_match_one_device(model, sharded, prompts, na
     assert state.length.sharding.spec == P("data")
     for layer, ref_layer in zip(state.layers, reference.layers):
         for seg, ref in zip(layer, ref_layer):
-            kv = seg.kv if isinstance(seg, PagedSegment) else seg
+            kv = seg.kv if isinstance(seg, (PagedSegment, ClusteredSegment)) else seg
             keys = kv.window.k if isinstance(kv, (QuantizedSegment, LowRankSegment)) else kv.k
             split = len(seg.heads) % 4 == 0
             assert keys.sharding.spec == (P("data", "model") if split else P("data")), (seg.heads, keys.sharding)
@@ -143,10 +146,11 @@ def _kernel_calls(jaxpr) -> tuple[int, int]:
     return inside, total
 
 
-@pytest.mark.parametrize("name", ["full", "kivi", "twilight"])
+@pytest.mark.parametrize("name", ["full", "kivi", "twilight", "squeezed"])
 def test_kernels_run_per_device_under_shard_map(model, sharded, prompts, name):
-    """On the kernel path (interpreted here) the prefill, decode, page-selecting (Quest, Twilight) and quantized
-    decode kernels run inside shard_map, one call per layer, and give one device's logits."""
+    """On the kernel path (interpreted here) the prefill, decode, page-selecting (Quest, Twilight; Squeezed
+    Attention's with its per-slot mask) and quantized decode kernels run inside shard_map, one call per
+    layer, and give one device's logits."""
     policy = dataclasses.replace(POLICIES[name], attention_impl="gpu-interpret")
     state = kvjax.prefill(sharded, prompts, policy, chunk_size=64, max_new_tokens=4)
     reference = kvjax.prefill(model, prompts, policy, chunk_size=64, max_new_tokens=4)
