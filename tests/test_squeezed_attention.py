@@ -267,7 +267,7 @@ def test_threshold_is_the_quantile_of_the_calibration_weights(model, runs, seen,
             assert threshold == np.inf
             continue
         np.testing.assert_allclose(threshold, np.quantile(values, 1 - keep), rtol=1e-4)
-        assert keep - 0.03 < np.mean(values >= threshold) < keep + 0.1  # about `keep`, give or take a cluster
+        assert keep - 0.02 < np.mean(values >= threshold) < keep + 0.1  # about `keep`, give or take a cluster
 
 
 def test_coarse_clusters_group_the_clusters_into_a_kmeans_fixed_point(model, runs):

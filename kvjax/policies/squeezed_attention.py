@@ -238,7 +238,7 @@ class SqueezedAttention(Policy):
         coarse = None
         if self.hierarchical:
             coarse_centroids, _ = _cluster_means(centroids, parents, sizes > 0, num_coarse)  # [B, Hs, Kq, D]
-            keys_in = jax.vmap(jax.vmap(lambda n, p: jax.ops.segment_sum(n, p, num_coarse + 1)[:num_coarse]))
+            keys_in = jax.vmap(jax.vmap(lambda s, p: jax.ops.segment_sum(s, p, num_coarse + 1)[:num_coarse]))
             coarse_sizes = keys_in(sizes, jnp.where(parents >= 0, parents, num_coarse))  # [B, Hs, Kq]
             coarse = CoarseClusters(parents, coarse_centroids.astype(seg.k.dtype), coarse_sizes, no_threshold)
         return ClusteredSegment(
