@@ -8,9 +8,13 @@ independent programs whose partial results are merged with a log-sum-exp combine
 keeps a GPU busy at batch 1 with long caches.
 
 Lowerings:
-  * "tpu": Mosaic TPU. Grid (B, Hkv, splits, blocks per split); table, counts, lengths and
-    per-head sink/window arrive through scalar prefetch and drive the K/V index maps, so the
-    pipeline DMAs only listed blocks (entries past a row's count repeat its last block).
+  * "tpu": Mosaic TPU. Grid (B, Hkv, splits); table, counts, lengths and per-head sink/window
+    arrive through scalar prefetch. K and V stay in HBM: each program loops over its share of
+    the row's count in stages of `tpu_stage_tokens` and copies the listed blocks by hand into a
+    VMEM ring of `num_stages` stages, the next stages in flight while one is attended. The work
+    follows the count, not the table's width: a grid step per table entry would cost ~0.35 us
+    even when empty, more than a 128-token block takes to stream (and Squeezed Attention's
+    table spans every page of the cache).
   * "gpu": a generic Pallas kernel (only `pl` primitives) compiled with the Triton backend.
     Grid (B, Hkv, splits); each program loops over its share of the row's count. The group
     is padded to at least 16 query rows for Triton's matmul. The Triton backend is chosen
@@ -63,13 +67,14 @@ class DecodeConfig:
     block_size: int = 128
     num_splits: int = 1
     num_warps: int = 4  # GPU only
-    num_stages: int = 2  # GPU only (Mosaic GPU: K/V blocks in flight)
+    num_stages: int = 2  # Triton: pipeline stages; Mosaic GPU: K/V blocks in flight; TPU: ring stages
+    tpu_stage_tokens: int = 512  # TPU only: K/V tokens copied per ring stage (whole blocks, at least one)
 
     def __post_init__(self):
         if not _positive_int(self.block_size) or self.block_size & (self.block_size - 1):
             raise ValueError(
                 f"DecodeConfig.block_size must be a power of two, got {self.block_size!r}")
-        for name in ("num_splits", "num_warps", "num_stages"):
+        for name in ("num_splits", "num_warps", "num_stages", "tpu_stage_tokens"):
             if not _positive_int(getattr(self, name)):
                 raise ValueError(f"DecodeConfig.{name} must be a positive int, "
                                  f"got {getattr(self, name)!r}")
@@ -101,83 +106,116 @@ def _decode_kernel_tpu(
     lengths_ref,  # int32[B * Hkv]
     sink_ref,  # int32[Hkv]
     window_ref,  # int32[Hkv]
-    # Blocks (VMEM).
-    q_ref,  # [g, D]
-    k_ref,  # [bs, D]
-    v_ref,  # [bs, D]
-    *refs,  # (slot_ref int32[nb, bs] this row's slot mask, if given), o_ref, lse_ref, m, l, acc
+    q_ref,  # [g, D] (VMEM)
+    k_hbm,  # [B, Hkv, C, D] (HBM: blocks are copied by hand)
+    v_hbm,  # [B, Hkv, C, D]
+    *refs,  # (slot_hbm int32[B, Hkv, nb, 1, bs], if given), o_ref, lse_ref, then scratch: k_ring,
+    # v_ring [S, P, bs, D], (slot_ring int32[S, P, 1, bs]), sems DMA[2 or 3, S], m, l [g, 1], acc [g, D]
     sm_scale: float,
     block_size: int,
     num_kv_heads: int,
     max_blocks: int,
     per_split: int,
 ):
-    slot_ref = refs[0] if len(refs) == 6 else None
-    o_ref, lse_ref, m_ref, l_ref, acc_ref = refs[-5:]  # f32 [g, D], [g, 1]; scratch [g, 1], [g, 1], [g, D]
-    b, h, split, step = (pl.program_id(i) for i in range(4))
+    with_slots = len(refs) == 10
+    if with_slots:
+        slot_hbm, o_ref, lse_ref, k_ring, v_ring, slot_ring, *scratch = refs
+    else:
+        (o_ref, lse_ref, k_ring, v_ring, *scratch), slot_hbm, slot_ring = refs, None, None
+    sems, m_ref, l_ref, acc_ref = scratch
+    num_stages, stage_blocks = k_ring.shape[:2]
+    b, h, split = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     row = b * num_kv_heads + h
-    entry = split * per_split + step
-    kv_block = kv_blocks_ref[row * max_blocks + jnp.minimum(entry, max_blocks - 1)]
     length = lengths_ref[row]
+    first = split * per_split
+    last = jnp.minimum(first + per_split, counts_ref[row])
+    num_groups = pl.cdiv(jnp.maximum(last - first, 0), stage_blocks)  # stages this program attends
 
-    @pl.when(step == 0)
-    def _init():
-        m_ref[...], l_ref[...], acc_ref[...] = initial_state(*acc_ref.shape)
+    def for_each_entry(group, fn):
+        """fn(entry, ring slot, block index in the stage) for the group's entries below `last`."""
+        def body(j, carry):
+            entry = first + group * stage_blocks + j
 
-    @pl.when((entry < counts_ref[row]) & (kv_block * block_size < length))
-    def _update():
-        q = q_ref[...]  # [g, D]
-        visible = _block_visible(kv_block, block_size, q.shape[0], sink_ref[h], window_ref[h],
-                                 length)
-        if slot_ref is not None:
-            visible &= slot_ref[pl.ds(kv_block, 1), :] != 0  # [1, bs] broadcast over the group
-        m_ref[...], l_ref[...], acc_ref[...] = attend_block(
-            q, k_ref[...], v_ref[...], m_ref[...], l_ref[...], acc_ref[...], visible, sm_scale)
+            @pl.when(entry < last)
+            def _entry():
+                fn(entry, group % num_stages, j)
 
-    @pl.when(step == per_split - 1)
-    def _store():
-        o_ref[...], lse_ref[...] = _split_result(acc_ref[...], l_ref[...], m_ref[...])
+            return carry
+
+        jax.lax.fori_loop(0, stage_blocks, body, 0)
+
+    def copies(entry, slot, j):
+        """The DMAs that bring table entry `entry`'s block into place j of ring slot `slot`."""
+        kv_block = kv_blocks_ref[row * max_blocks + entry]
+        start = pl.multiple_of(kv_block * block_size, block_size)
+        pairs = [(k_hbm.at[b, h, pl.ds(start, block_size)], k_ring.at[slot, j]),
+                 (v_hbm.at[b, h, pl.ds(start, block_size)], v_ring.at[slot, j])]
+        if with_slots:
+            pairs.append((slot_hbm.at[b, h, kv_block], slot_ring.at[slot, j]))
+        # A stage's copies share one semaphore per tensor: all are awaited before any is read.
+        return [pltpu.make_async_copy(src, dst, sems.at[i, slot]) for i, (src, dst) in enumerate(pairs)]
+
+    def fetch(group):
+        @pl.when(group < num_groups)
+        def _start():
+            for_each_entry(group, lambda *at: [copy.start() for copy in copies(*at)])
+
+    for group in range(num_stages - 1):  # prologue: the first S - 1 stages in flight
+        fetch(group)
+    m_ref[...], l_ref[...], acc_ref[...] = initial_state(*acc_ref.shape)
+    q = q_ref[...]  # [g, D]
+
+    def attend(entry, slot, j):
+        kv_block = kv_blocks_ref[row * max_blocks + entry]
+
+        @pl.when(kv_block * block_size < length)
+        def _attend():
+            visible = _block_visible(kv_block, block_size, q.shape[0], sink_ref[h], window_ref[h], length)
+            if with_slots:
+                visible &= slot_ring[slot, j] != 0  # [1, bs] broadcast over the group
+            m_ref[...], l_ref[...], acc_ref[...] = attend_block(
+                q, k_ring[slot, j], v_ring[slot, j], m_ref[...], l_ref[...], acc_ref[...], visible, sm_scale)
+
+    def body(group, carry):
+        fetch(group + num_stages - 1)  # into the ring slot the previous stage freed
+        for_each_entry(group, lambda *at: [copy.wait() for copy in copies(*at)])
+        for_each_entry(group, attend)
+        return carry
+
+    jax.lax.fori_loop(0, num_groups, body, 0)
+    o_ref[...], lse_ref[...] = _split_result(acc_ref[...], l_ref[...], m_ref[...])
 
 
 def _decode_tpu(qg, k, v, lengths, table, sink, window, sm_scale, num_splits, interpret,
-                slot_mask):
+                config, slot_mask):
     batch, num_kv_heads, group, head_dim = qg.shape
     block_size, max_blocks = table.block_size, table.max_blocks
     per_split = pl.cdiv(max_blocks, num_splits)
-
-    def q_map(b, h, split, step, *_):
-        return b, h, 0, 0
-
-    def kv_map(b, h, split, step, kv_blocks, counts, lengths, sink, window):
-        del lengths, sink, window
-        row = b * num_kv_heads + h
-        # Steps past the row's count revisit its last listed block: no new copy.
-        entry = jnp.minimum(split * per_split + step, jnp.maximum(counts[row] - 1, 0))
-        return b, h, kv_blocks[row * max_blocks + entry], 0
-
-    def out_map(b, h, split, step, *_):
-        return b, h, split, 0, 0
-
+    ring = (max(2, config.num_stages), max(1, config.tpu_stage_tokens // block_size))  # (S, P)
     squeezed = pl.Squeezed()
-    kv_spec = pl.BlockSpec((squeezed, squeezed, block_size, head_dim), kv_map)
-    slot_inputs, slot_specs = (), []
+    row_map = lambda b, h, split, *_: (b, h, 0, 0)  # noqa: E731
+    split_map = lambda b, h, split, *_: (b, h, split, 0, 0)  # noqa: E731
+    hbm = pl.BlockSpec(memory_space=pl.ANY)  # left in HBM: copied block by block
+    slot_inputs, slot_specs, slot_scratch = (), [], []
     if slot_mask is not None:
-        # A row's whole mask as [nb, bs] (full last two dims: legal for any block size), fetched
-        # once per (sequence, KV head); each step reads the row of its block.
-        num_blocks = k.shape[2] // block_size
-        slot_inputs = (slot_mask.astype(jnp.int32).reshape(batch, num_kv_heads, num_blocks, block_size),)
-        slot_specs = [pl.BlockSpec((squeezed, squeezed, num_blocks, block_size), q_map)]
+        # Copied block by block like K and V: a [1, bs] row per block, not the whole row's mask.
+        slot_inputs = (slot_mask.astype(jnp.int32).reshape(batch, num_kv_heads, -1, 1, block_size),)
+        slot_specs = [hbm]
+        slot_scratch = [pltpu.VMEM((*ring, 1, block_size), jnp.int32)]
     kernel = functools.partial(
         _decode_kernel_tpu, sm_scale=sm_scale, block_size=block_size, num_kv_heads=num_kv_heads,
         max_blocks=max_blocks, per_split=per_split)
     grid_spec = pltpu.PrefetchScalarGridSpec(
         num_scalar_prefetch=5,
-        grid=(batch, num_kv_heads, num_splits, per_split),
-        in_specs=[pl.BlockSpec((squeezed, squeezed, group, head_dim), q_map), kv_spec, kv_spec,
-                  *slot_specs],
-        out_specs=[pl.BlockSpec((squeezed, squeezed, squeezed, group, head_dim), out_map),
-                   pl.BlockSpec((squeezed, squeezed, squeezed, group, 1), out_map)],
-        scratch_shapes=[pltpu.VMEM((group, 1), jnp.float32),
+        grid=(batch, num_kv_heads, num_splits),
+        in_specs=[pl.BlockSpec((squeezed, squeezed, group, head_dim), row_map), hbm, hbm, *slot_specs],
+        out_specs=[pl.BlockSpec((squeezed, squeezed, squeezed, group, head_dim), split_map),
+                   pl.BlockSpec((squeezed, squeezed, squeezed, group, 1), split_map)],
+        scratch_shapes=[pltpu.VMEM((*ring, block_size, head_dim), k.dtype),
+                        pltpu.VMEM((*ring, block_size, head_dim), v.dtype),
+                        *slot_scratch,
+                        pltpu.SemaphoreType.DMA((2 + len(slot_inputs), ring[0])),
+                        pltpu.VMEM((group, 1), jnp.float32),
                         pltpu.VMEM((group, 1), jnp.float32),
                         pltpu.VMEM((group, head_dim), jnp.float32)],
     )
@@ -187,9 +225,9 @@ def _decode_tpu(qg, k, v, lengths, table, sink, window, sm_scale, num_splits, in
         grid_spec=grid_spec,
         out_shape=[jax.ShapeDtypeStruct(split_shape + (head_dim,), jnp.float32),
                    jax.ShapeDtypeStruct(split_shape + (1,), jnp.float32)],
-        compiler_params=pltpu.CompilerParams(
-            dimension_semantics=("parallel", "parallel", "parallel", "arbitrary")),
-        interpret=pltpu.InterpretParams() if interpret else False,
+        compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "parallel")),
+        interpret=(interpret if isinstance(interpret, pltpu.InterpretParams)
+                   else pltpu.InterpretParams() if interpret else False),
         name="block_sparse_decode_tpu",
     )(
         table.kv_blocks.reshape(-1), table.counts.reshape(-1), lengths.reshape(-1),
@@ -390,7 +428,7 @@ def block_sparse_decode(
     sm_scale: float | None = None,
     config: DecodeConfig = DecodeConfig(),
     implementation: str | None = None,
-    interpret: bool = False,
+    interpret: bool | pltpu.InterpretParams = False,
     slot_mask: jax.Array | None = None,
 ) -> jax.Array:
     """Decode attention over listed cache blocks: q [B, H, D], k, v [B, Hkv, C, D] -> [B, H, D].
@@ -403,7 +441,8 @@ def block_sparse_decode(
     "mosaic_gpu".
     implementation: "tpu", "gpu" (Triton), "mosaic_gpu" (Hopper, opt-in: see its module),
     "reference", or None to follow `jax.default_backend()` (on CPU: the reference, or the TPU
-    kernel interpreted when interpret=True; "mosaic_gpu" cannot be interpreted).
+    kernel interpreted when interpret=True; "mosaic_gpu" cannot be interpreted). interpret may
+    also be `pltpu.InterpretParams` for the TPU kernel (e.g. eager DMAs or race detection).
     """
     _check_inputs(q, k, v)
     if not isinstance(config, DecodeConfig):
@@ -416,6 +455,9 @@ def block_sparse_decode(
     if implementation == "reference":
         return block_sparse_decode_reference(q, k, v, lengths, table, mask=mask, sm_scale=sm_scale,
                                              slot_mask=slot_mask)
+    if isinstance(interpret, pltpu.InterpretParams) and implementation != "tpu":
+        raise ValueError(f"pltpu.InterpretParams configure the TPU kernel's interpreter, not "
+                         f"implementation={implementation!r}")
     if implementation == "mosaic_gpu" and slot_mask is not None:
         raise ValueError('implementation="mosaic_gpu" takes no slot_mask; use "gpu" (Triton)')
     batch, num_heads, head_dim = q.shape
@@ -426,7 +468,7 @@ def block_sparse_decode(
     qg = q.reshape(batch, num_kv_heads, num_heads // num_kv_heads, head_dim)  # [B, Hkv, g, D]
     if implementation == "tpu":
         out, lse = _decode_tpu(qg, k, v, lengths, table, sink, window, sm_scale, num_splits,
-                               interpret, slot_mask)
+                               interpret, config, slot_mask)
     elif implementation == "mosaic_gpu":
         out, lse = decode_mosaic_gpu(qg, k, v, lengths, table, sink, window, sm_scale, num_splits,
                                      config.num_stages)
