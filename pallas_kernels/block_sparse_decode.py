@@ -67,7 +67,7 @@ class DecodeConfig:
     block_size: int = 128
     num_splits: int = 1
     num_warps: int = 4  # GPU only
-    num_stages: int = 2  # Triton: pipeline stages; Mosaic GPU: K/V blocks in flight; TPU: ring stages
+    num_stages: int = 2  # Triton: pipeline stages; Mosaic GPU: K/V blocks in flight; TPU: ring stages (>= 2)
     tpu_stage_tokens: int = 512  # TPU only: K/V tokens copied per ring stage (whole blocks, at least one)
 
     def __post_init__(self):
