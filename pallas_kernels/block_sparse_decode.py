@@ -132,21 +132,20 @@ def _decode_kernel_tpu(
     num_groups = pl.cdiv(jnp.maximum(last - first, 0), stage_blocks)  # stages this program attends
 
     def for_each_entry(group, fn):
-        """fn(entry, ring slot, block index in the stage) for the group's entries below `last`."""
+        """fn(cache block, ring slot, place in the stage) for the group's table entries below `last`."""
         def body(j, carry):
             entry = first + group * stage_blocks + j
 
             @pl.when(entry < last)
             def _entry():
-                fn(entry, group % num_stages, j)
+                fn(kv_blocks_ref[row * max_blocks + entry], group % num_stages, j)
 
             return carry
 
         jax.lax.fori_loop(0, stage_blocks, body, 0)
 
-    def copies(entry, slot, j):
-        """The DMAs that bring table entry `entry`'s block into place j of ring slot `slot`."""
-        kv_block = kv_blocks_ref[row * max_blocks + entry]
+    def copies(kv_block, slot, j):
+        """The DMAs that bring cache block `kv_block` into place j of ring slot `slot`."""
         start = pl.multiple_of(kv_block * block_size, block_size)
         pairs = [(k_hbm.at[b, h, pl.ds(start, block_size)], k_ring.at[slot, j]),
                  (v_hbm.at[b, h, pl.ds(start, block_size)], v_ring.at[slot, j])]
@@ -165,9 +164,7 @@ def _decode_kernel_tpu(
     m_ref[...], l_ref[...], acc_ref[...] = initial_state(*acc_ref.shape)
     q = q_ref[...]  # [g, D]
 
-    def attend(entry, slot, j):
-        kv_block = kv_blocks_ref[row * max_blocks + entry]
-
+    def attend(kv_block, slot, j):
         @pl.when(kv_block * block_size < length)
         def _attend():
             visible = _block_visible(kv_block, block_size, q.shape[0], sink_ref[h], window_ref[h], length)
