@@ -201,9 +201,6 @@ def test_tpu_ring_prefetch_has_no_races(stages, stage_blocks, dma, slots):
         implementation="tpu", interpret=params, slot_mask=jnp.asarray(slot_mask) if slots else None)
     np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5)
     assert not tpu_interpreter.races.races_found
-    with pytest.raises(ValueError, match="InterpretParams configure the TPU kernel"):
-        block_sparse_decode(q, k, v, jnp.asarray(lengths), table, config=DecodeConfig(block_size=block),
-                            implementation="gpu", interpret=params)
 
 
 @pytest.mark.parametrize("head_dim,block_size,top_k", [(128, 128, False), (64, 64, True)])
@@ -286,6 +283,8 @@ def test_default_on_cpu_is_the_reference_and_errors_are_clear():
         block_sparse_decode(q, k, v, lengths, table, config=DecodeConfig(block_size=32))
     with pytest.raises(ValueError, match="expected q"):
         block_sparse_decode(q[:, None], k, v, lengths)
+    with pytest.raises(ValueError, match="InterpretParams configure the TPU kernel"):
+        block_sparse_decode(q, k, v, lengths, implementation="gpu", interpret=pltpu.InterpretParams())
 
 
 # ----------------------------------------------------------------------------------------
