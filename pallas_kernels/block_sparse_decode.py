@@ -49,7 +49,8 @@ from jax.experimental.pallas import triton as pltriton
 from pallas_kernels import block_masks
 from pallas_kernels.block_masks import DecodeBlockTable, MaskDescription
 from pallas_kernels.block_sparse_mosaic_gpu import decode_mosaic_gpu
-from pallas_kernels.lowering import WITH_MOSAIC_GPU, pick_implementation
+from pallas_kernels.dma_ring import ring_pipeline
+from pallas_kernels.lowering import WITH_MOSAIC_GPU, check_interpret, pick_implementation, tpu_interpret
 from pallas_kernels.online_softmax import MASK_VALUE, attend_block, initial_state, masked_attention
 
 _TRITON_MIN_ROWS = 16  # Triton's tl.dot needs at least 16 rows
@@ -131,14 +132,14 @@ def _decode_kernel_tpu(
     last = jnp.minimum(first + per_split, counts_ref[row])
     num_groups = pl.cdiv(jnp.maximum(last - first, 0), stage_blocks)  # stages this program attends
 
-    def for_each_entry(group, fn):
+    def for_each_entry(group, slot, fn):
         """fn(cache block, ring slot, place in the stage) for the group's table entries below `last`."""
         def body(j, carry):
             entry = first + group * stage_blocks + j
 
             @pl.when(entry < last)
             def _entry():
-                fn(kv_blocks_ref[row * max_blocks + entry], group % num_stages, j)
+                fn(kv_blocks_ref[row * max_blocks + entry], slot, j)
 
             return carry
 
@@ -154,13 +155,6 @@ def _decode_kernel_tpu(
         # A stage's copies share one semaphore per tensor: all are awaited before any is read.
         return [pltpu.make_async_copy(src, dst, sems.at[i, slot]) for i, (src, dst) in enumerate(pairs)]
 
-    def fetch(group):
-        @pl.when(group < num_groups)
-        def _start():
-            for_each_entry(group, lambda *at: [copy.start() for copy in copies(*at)])
-
-    for group in range(num_stages - 1):  # prologue: the first S - 1 stages in flight
-        fetch(group)
     m_ref[...], l_ref[...], acc_ref[...] = initial_state(*acc_ref.shape)
     q = q_ref[...]  # [g, D]
 
@@ -173,13 +167,11 @@ def _decode_kernel_tpu(
             m_ref[...], l_ref[...], acc_ref[...] = attend_block(
                 q, k_ring[slot, j], v_ring[slot, j], m_ref[...], l_ref[...], acc_ref[...], visible, sm_scale)
 
-    def body(group, carry):
-        fetch(group + num_stages - 1)  # into the ring slot the previous stage freed
-        for_each_entry(group, lambda *at: [copy.wait() for copy in copies(*at)])
-        for_each_entry(group, attend)
-        return carry
-
-    jax.lax.fori_loop(0, num_groups, body, 0)
+    ring_pipeline(
+        num_groups, num_stages,
+        start=lambda group, slot: for_each_entry(group, slot, lambda *at: [c.start() for c in copies(*at)]),
+        wait=lambda group, slot: for_each_entry(group, slot, lambda *at: [c.wait() for c in copies(*at)]),
+        consume=lambda group, slot: for_each_entry(group, slot, attend))
     o_ref[...], lse_ref[...] = _split_result(acc_ref[...], l_ref[...], m_ref[...])
 
 
@@ -223,8 +215,7 @@ def _decode_tpu(qg, k, v, lengths, table, sink, window, sm_scale, num_splits, in
         out_shape=[jax.ShapeDtypeStruct(split_shape + (head_dim,), jnp.float32),
                    jax.ShapeDtypeStruct(split_shape + (1,), jnp.float32)],
         compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "parallel")),
-        interpret=(interpret if isinstance(interpret, pltpu.InterpretParams)
-                   else pltpu.InterpretParams() if interpret else False),
+        interpret=tpu_interpret(interpret),
         name="block_sparse_decode_tpu",
     )(
         table.kv_blocks.reshape(-1), table.counts.reshape(-1), lengths.reshape(-1),
@@ -452,9 +443,7 @@ def block_sparse_decode(
     if implementation == "reference":
         return block_sparse_decode_reference(q, k, v, lengths, table, mask=mask, sm_scale=sm_scale,
                                              slot_mask=slot_mask)
-    if isinstance(interpret, pltpu.InterpretParams) and implementation != "tpu":
-        raise ValueError(f"pltpu.InterpretParams configure the TPU kernel's interpreter, not "
-                         f"implementation={implementation!r}")
+    check_interpret(interpret, implementation)
     if implementation == "mosaic_gpu" and slot_mask is not None:
         raise ValueError('implementation="mosaic_gpu" takes no slot_mask; use "gpu" (Triton)')
     batch, num_heads, head_dim = q.shape

@@ -53,7 +53,7 @@ from jax.experimental.pallas import triton as pltriton
 from pallas_kernels import block_masks
 from pallas_kernels.block_masks import MaskDescription, PrefillBlockTable, padded_length
 from pallas_kernels.block_sparse_mosaic_gpu import prefill_mosaic_gpu
-from pallas_kernels.lowering import WITH_MOSAIC_GPU, pick_implementation
+from pallas_kernels.lowering import WITH_MOSAIC_GPU, pick_implementation, tpu_interpret
 from pallas_kernels.online_softmax import MASK_VALUE, attend_block, initial_state, masked_attention
 
 _TPU_LANES = 128  # m and l scratch are replicated over the lanes of one vreg row
@@ -232,7 +232,7 @@ def _prefill_tpu(q, k, v, table: PrefillBlockTable, q_offset, lengths, sm_scale,
         out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
         compiler_params=pltpu.CompilerParams(
             dimension_semantics=("parallel", "parallel", "parallel", "arbitrary")),
-        interpret=pltpu.InterpretParams() if interpret else False,
+        interpret=tpu_interpret(interpret),
         name="block_sparse_prefill_tpu",
     )(*scalars, lengths, q, k, v)
 

@@ -4,6 +4,7 @@ reference."""
 from __future__ import annotations
 
 import jax
+from jax.experimental.pallas import tpu as pltpu
 
 IMPLEMENTATIONS = ("tpu", "gpu", "reference")
 WITH_MOSAIC_GPU = (*IMPLEMENTATIONS, "mosaic_gpu")  # kernels that also have a Hopper lowering
@@ -26,3 +27,17 @@ def pick_implementation(implementation: str | None, interpret: bool,
                          "interpreter lacks their transposed and register-operand wgmma "
                          "(the test suite adds them: tests/mosaic_gpu_interpreter.py)")
     return implementation
+
+
+def check_interpret(interpret: bool | pltpu.InterpretParams, implementation: str) -> None:
+    """`pltpu.InterpretParams` (eager DMAs, race detection) configure the TPU kernel's interpreter only."""
+    if isinstance(interpret, pltpu.InterpretParams) and implementation != "tpu":
+        raise ValueError(f"pltpu.InterpretParams configure the TPU kernel's interpreter, not "
+                         f"implementation={implementation!r}")
+
+
+def tpu_interpret(interpret: bool | pltpu.InterpretParams) -> pltpu.InterpretParams | bool:
+    """pallas_call's `interpret` for a Mosaic TPU kernel: the given params, default ones for True."""
+    if isinstance(interpret, pltpu.InterpretParams):
+        return interpret
+    return pltpu.InterpretParams() if interpret else False

@@ -12,17 +12,21 @@ last T valid entries of the residual window (plain cache: of the cache); they at
 among themselves.
 
 Lowerings (`implementation`):
-  * "tpu": Mosaic TPU. Grid (B, Hkv, split, block); lengths travel through scalar prefetch
-    and clamp the block index maps, so blocks past a sequence's length are never DMA'd;
-    m/l/acc live in VMEM scratch across the sequential last grid axis.
+  * "tpu": Mosaic TPU. Grid (B, Hkv, split); lengths travel through scalar prefetch. The cache
+    stays in HBM: each program copies its split's stages of `tpu_stage_tokens` tokens (one DMA
+    per operand) into a VMEM ring of `num_stages` stages, the next in flight while one is
+    unpacked and attended block by block; stages past the length are never copied. A grid step
+    per block would cost ~0.35 us each, several times what a 256-token int4 block takes to
+    stream, and would be paid for the capacity rather than the length.
   * "gpu": a generic Pallas kernel (only `pl` primitives) compiled with the Triton backend.
     Grid (B, Hkv, split); each program loops over exactly the blocks of its split that hold
     valid tokens. Mosaic GPU is JAX's recommended Hopper backend; no Mosaic GPU variant is
     written, because it could not be run or tested in this project's CPU-only environment.
   * "reference": the pure-jnp `*_reference` functions (dequantize, then attend).
 None follows `jax.default_backend()`: tpu -> "tpu", gpu -> "gpu", cpu -> "reference", or the
-TPU kernel interpreted when interpret=True. Neither kernel has run on a TPU or GPU: both are
-tested in interpret mode on CPU and checked to lower to Mosaic TPU MLIR and to Triton IR.
+TPU kernel interpreted when interpret=True (or `pltpu.InterpretParams`, e.g. race detection).
+Neither kernel has run on a TPU or GPU: both are tested in interpret mode on CPU and checked to
+lower to Mosaic TPU MLIR and to Triton IR.
 """
 
 from __future__ import annotations
@@ -38,10 +42,12 @@ from jax.experimental.pallas import triton as pltriton
 
 from pallas_kernels import kv_quant
 from pallas_kernels.kv_quant import QuantizedKV
-from pallas_kernels.lowering import pick_implementation
+from pallas_kernels.dma_ring import ring_pipeline
+from pallas_kernels.lowering import check_interpret, pick_implementation, tpu_interpret
 from pallas_kernels.online_softmax import attend_block, initial_state
 
 MAX_QUERY_TOKENS = 4
+_MAX_STAGE_BLOCKS = 16  # the TPU kernel unrolls a stage's blocks
 # Query rows per KV head are padded to: TPU sublanes (8); Triton's smallest dot M (16).
 _ROW_MULTIPLE = {"tpu": 8, "gpu": 16}
 
@@ -58,13 +64,14 @@ class QuantizedDecodeConfig:
     block_k: int = 256
     num_splits: int = 8
     num_warps: int = 4  # GPU only
-    num_stages: int = 2  # GPU only
+    num_stages: int = 2  # GPU: pipeline stages; TPU: DMA ring stages (at least 2)
+    tpu_stage_tokens: int = 1024  # TPU only: tokens copied per ring stage (1 to 16 whole blocks)
 
     def __post_init__(self):
         if not _is_power_of_two(self.block_k) or self.block_k < 16:
             raise ValueError(
                 f"QuantizedDecodeConfig.block_k must be a power of two >= 16, got {self.block_k!r}")
-        for name in ("num_splits", "num_warps", "num_stages"):
+        for name in ("num_splits", "num_warps", "num_stages", "tpu_stage_tokens"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(
@@ -73,23 +80,32 @@ class QuantizedDecodeConfig:
 
 @dataclasses.dataclass(frozen=True)
 class _Plan:
-    """Static blocking of one cache: num_blocks blocks of block_k tokens over num_splits splits."""
+    """Static blocking of one cache: num_blocks blocks of block_k tokens over num_splits splits;
+    the TPU kernel copies stage_blocks blocks at a time (a power of two dividing num_blocks and
+    blocks_per_split; 1 on GPU)."""
 
     block_k: int
     num_blocks: int
     num_splits: int
     blocks_per_split: int
+    stage_blocks: int
 
 
-def _plan(capacity: int, config: QuantizedDecodeConfig, group_size: int, what: str) -> _Plan:
+def _plan(capacity: int, config: QuantizedDecodeConfig, group_size: int, what: str,
+          stage_tokens: int) -> _Plan:
     block_k = min(config.block_k, capacity)
     if capacity % block_k:
         raise ValueError(f"{what} capacity ({capacity}) must be a multiple of block_k ({block_k})")
     if block_k % group_size:
         raise ValueError(f"block_k ({block_k}) must be a multiple of the group size ({group_size})")
     num_blocks = capacity // block_k
-    blocks_per_split = pl.cdiv(num_blocks, min(config.num_splits, num_blocks))
-    return _Plan(block_k, num_blocks, pl.cdiv(num_blocks, blocks_per_split), blocks_per_split)
+    wanted = min(max(1, stage_tokens // block_k), _MAX_STAGE_BLOCKS)
+    # Whole stages tile the cache: the largest power of two <= wanted that divides num_blocks.
+    stage_blocks = min(1 << (wanted.bit_length() - 1), num_blocks & -num_blocks)
+    total_stages = num_blocks // stage_blocks
+    stages_per_split = pl.cdiv(total_stages, min(config.num_splits, total_stages))
+    return _Plan(block_k, num_blocks, pl.cdiv(total_stages, stages_per_split),
+                 stages_per_split * stage_blocks, stage_blocks)
 
 
 # ----------------------------------------------------------------------------------------
@@ -161,6 +177,20 @@ def _combine(partials) -> jax.Array:
     return jnp.where(total > 0, out / jnp.where(total > 0, total, 1.0), 0.0)
 
 
+def _tile_shape(array: jax.Array, axis: int, tokens_per_index: int, tokens: int) -> tuple[int, int]:
+    """Shape of the per-head [X, Y] tile of `array` that holds `tokens` tokens."""
+    tile = list(array.shape[2:])
+    tile[axis] = tokens // tokens_per_index
+    return tuple(tile)
+
+
+def _tile(ref, axis: int, tokens_per_index: int, index, tokens: int):
+    """View of tile `index` (of `tokens` tokens each) of a per-head [X, Y] cache ref."""
+    size = tokens // tokens_per_index
+    start = index * size if isinstance(index, int) else pl.multiple_of(index * size, size)
+    return ref.at[pl.ds(start, size), :] if axis == 0 else ref.at[:, pl.ds(start, size)]
+
+
 # ----------------------------------------------------------------------------------------
 # TPU lowering (Mosaic).
 # ----------------------------------------------------------------------------------------
@@ -168,8 +198,10 @@ def _combine(partials) -> jax.Array:
 
 def _decode_kernel_tpu(
     lengths_ref,  # SMEM int32[B] (scalar prefetch)
-    q_ref,  # [R, D]
-    *refs,  # cache tiles of one block, then o [R, D], m, l [R, 1], then m, l, acc scratch
+    q_ref,  # [R, D] (VMEM)
+    *refs,  # the cache operands, left in HBM [B, Hkv, X, Y]; o [R, D], m, l [R, 1]; then scratch:
+    #         a VMEM ring [S, X', Y'] per operand (one stage's tiles), DMA semaphores [operands, S],
+    #         m, l [R, 1], acc [R, D]
     layout: _Layout,
     plan: _Plan,
     sm_scale: float,
@@ -177,69 +209,75 @@ def _decode_kernel_tpu(
     group: int,
     causal: bool,
 ):
-    num_operands = len(layout.token_tiling())
-    cache_refs = refs[:num_operands]
-    o_ref, m_ref, l_ref, m_scratch, l_scratch, acc_scratch = refs[num_operands:]
-    split, step = pl.program_id(2), pl.program_id(3)
-    block = split * plan.blocks_per_split + step
-    length = lengths_ref[pl.program_id(0)]
+    tiling = layout.token_tiling()
+    n = len(tiling)
+    cache_hbm, (o_ref, m_ref, l_ref), rings = refs[:n], refs[n:n + 3], refs[n + 3:2 * n + 3]
+    sems, m_scratch, l_scratch, acc_scratch = refs[2 * n + 3:]
+    b, h = pl.program_id(0), pl.program_id(1)
+    length = lengths_ref[b]
+    stage_tokens = plan.stage_blocks * plan.block_k
+    stages_per_split = plan.blocks_per_split // plan.stage_blocks
+    first = pl.program_id(2) * stages_per_split  # this split's first stage
+    # Stages holding a token below the length: the ones past it are never copied.
+    stages_here = jnp.maximum(
+        jnp.minimum(first + stages_per_split, _blocks_holding(length, stage_tokens)) - first, 0)
 
-    @pl.when(step == 0)
-    def _init():
-        m_scratch[...], l_scratch[...], acc_scratch[...] = initial_state(*acc_scratch.shape)
+    def copies(i, slot):
+        """Stage i's DMAs: one per operand, the stage's contiguous tokens into ring slot `slot`."""
+        return [pltpu.make_async_copy(_tile(hbm.at[b, h], axis, tokens, first + i, stage_tokens),
+                                      ring.at[slot], sems.at[o, slot])
+                for o, (hbm, ring, (axis, tokens)) in enumerate(zip(cache_hbm, rings, tiling))]
 
-    @pl.when((block < plan.num_blocks) & (block * plan.block_k < length))
-    def _update():
-        q = q_ref[...]  # [R, D]
-        k, v = layout.to_kv(tuple(ref[...] for ref in cache_refs), q.dtype)  # [Tk, D] each
-        visible = _visible(block * plan.block_k, plan.block_k, length, q.shape[0], q_len, group,
-                           causal)
-        m, l, acc = attend_block(q, k, v, m_scratch[...], l_scratch[...], acc_scratch[...], visible,
-                                 sm_scale)
-        m_scratch[...], l_scratch[...], acc_scratch[...] = m, l, acc
+    m_scratch[...], l_scratch[...], acc_scratch[...] = initial_state(*acc_scratch.shape)
+    q = q_ref[...]  # [R, D]
 
-    @pl.when(step == plan.blocks_per_split - 1)
-    def _store():
-        o_ref[...], m_ref[...], l_ref[...] = acc_scratch[...], m_scratch[...], l_scratch[...]
+    def attend(i, slot):
+        # Unrolled over the stage's blocks: static offsets into the ring's tiled dims (the lane
+        # dim too, for value statistics), where dynamic ones may not lower.
+        for j in range(plan.stage_blocks):
+            block = (first + i) * plan.stage_blocks + j
+
+            @pl.when(block * plan.block_k < length)
+            def _update():
+                tiles = tuple(_tile(ring.at[slot], axis, tokens, j, plan.block_k)[...]
+                              for ring, (axis, tokens) in zip(rings, tiling))
+                k, v = layout.to_kv(tiles, q.dtype)  # [Tk, D] each
+                visible = _visible(block * plan.block_k, plan.block_k, length, q.shape[0], q_len,
+                                   group, causal)
+                m_scratch[...], l_scratch[...], acc_scratch[...] = attend_block(
+                    q, k, v, m_scratch[...], l_scratch[...], acc_scratch[...], visible, sm_scale)
+
+    ring_pipeline(stages_here, rings[0].shape[0],
+                  start=lambda i, slot: [copy.start() for copy in copies(i, slot)],
+                  wait=lambda i, slot: [copy.wait() for copy in copies(i, slot)],
+                  consume=attend)
+    o_ref[...], m_ref[...], l_ref[...] = acc_scratch[...], m_scratch[...], l_scratch[...]
 
 
 def _partials_tpu(q_rows, operands, lengths, layout, plan, sm_scale, q_len, group, causal,
-                  interpret):
+                  interpret, config):
     batch, num_kv_heads, rows, head_dim = q_rows.shape
-
-    def block_index(b, split, step, lengths_ref):
-        # Past a sequence's end, repeat its last valid block: the pipeline skips the copy.
-        last_valid = jnp.maximum(_blocks_holding(lengths_ref[b], plan.block_k) - 1, 0)
-        block = split * plan.blocks_per_split + step
-        return jnp.minimum(jnp.minimum(block, last_valid), plan.num_blocks - 1)
-
-    def cache_spec(array, axis, tokens_per_index):
-        tile = list(array.shape[2:])
-        tile[axis] = plan.block_k // tokens_per_index
-
-        def index_map(b, h, split, step, lengths_ref):
-            index = [0, 0]
-            index[axis] = block_index(b, split, step, lengths_ref)
-            return (b, h, *index)
-
-        return pl.BlockSpec((None, None, *tile), index_map)
-
+    ring_depth = max(2, config.num_stages)
+    stage_tokens = plan.stage_blocks * plan.block_k
+    rings = [pltpu.VMEM((ring_depth, *_tile_shape(x, axis, tokens, stage_tokens)), x.dtype)
+             for x, (axis, tokens) in zip(operands, layout.token_tiling())]
     row_spec = lambda width: pl.BlockSpec(  # noqa: E731
-        (None, None, None, rows, width), lambda b, h, split, step, lengths_ref: (b, h, split, 0, 0))
+        (None, None, None, rows, width), lambda b, h, split, lengths_ref: (b, h, split, 0, 0))
     partial_shape = lambda width: jax.ShapeDtypeStruct(  # noqa: E731
         (batch, num_kv_heads, plan.num_splits, rows, width), jnp.float32)
     kernel = functools.partial(_decode_kernel_tpu, layout=layout, plan=plan, sm_scale=sm_scale,
                                q_len=q_len, group=group, causal=causal)
     grid_spec = pltpu.PrefetchScalarGridSpec(
         num_scalar_prefetch=1,
-        grid=(batch, num_kv_heads, plan.num_splits, plan.blocks_per_split),
+        grid=(batch, num_kv_heads, plan.num_splits),
         in_specs=[
-            pl.BlockSpec((None, None, rows, head_dim),
-                         lambda b, h, split, step, lengths_ref: (b, h, 0, 0)),
-            *(cache_spec(x, *tiling) for x, tiling in zip(operands, layout.token_tiling())),
+            pl.BlockSpec((None, None, rows, head_dim), lambda b, h, split, lengths_ref: (b, h, 0, 0)),
+            *(pl.BlockSpec(memory_space=pl.ANY) for _ in operands),  # copied stage by stage
         ],
         out_specs=[row_spec(head_dim), row_spec(1), row_spec(1)],
         scratch_shapes=[
+            *rings,
+            pltpu.SemaphoreType.DMA((len(operands), ring_depth)),
             pltpu.VMEM((rows, 1), jnp.float32),  # m
             pltpu.VMEM((rows, 1), jnp.float32),  # l
             pltpu.VMEM((rows, head_dim), jnp.float32),  # acc
@@ -250,8 +288,8 @@ def _partials_tpu(q_rows, operands, lengths, layout, plan, sm_scale, q_len, grou
         grid_spec=grid_spec,
         out_shape=[partial_shape(head_dim), partial_shape(1), partial_shape(1)],
         compiler_params=pltpu.CompilerParams(
-            dimension_semantics=("parallel", "parallel", "parallel", "arbitrary")),
-        interpret=pltpu.InterpretParams() if interpret else False,
+            dimension_semantics=("parallel", "parallel", "parallel")),
+        interpret=tpu_interpret(interpret),
         name="quantized_decode_attention_tpu" if layout.bits else "decode_attention_tpu",
     )(lengths, q_rows, *operands)
 
@@ -259,13 +297,6 @@ def _partials_tpu(q_rows, operands, lengths, layout, plan, sm_scale, q_len, grou
 # ----------------------------------------------------------------------------------------
 # GPU lowering (generic Pallas -> Triton).
 # ----------------------------------------------------------------------------------------
-
-
-def _load_tile(ref, axis: int, tokens_per_index: int, block, block_k: int) -> jax.Array:
-    """The tile of token block `block` from a per-head [X, Y] cache ref."""
-    size = block_k // tokens_per_index
-    start = pl.multiple_of(block * size, size)
-    return ref[pl.ds(start, size), :] if axis == 0 else ref[:, pl.ds(start, size)]
 
 
 def _decode_kernel_gpu(
@@ -290,7 +321,7 @@ def _decode_kernel_gpu(
     rows, head_dim = q.shape
 
     def body(block, carry):
-        tiles = tuple(_load_tile(ref, axis, tokens, block, plan.block_k)
+        tiles = tuple(_tile(ref, axis, tokens, block, plan.block_k)[...]
                       for ref, (axis, tokens) in zip(cache_refs, tiling))
         k, v = layout.to_kv(tiles, q.dtype)  # [Tk, D] each
         visible = _visible(block * plan.block_k, plan.block_k, length, rows, q_len, group, causal)
@@ -375,7 +406,9 @@ def _partials(q4, layout, cache, capacity, lengths, causal, sm_scale, config, im
               interpret):
     """(acc, m, l) partials of q over one cache with the chosen kernel."""
     num_kv_heads = layout.operands(cache)[0].shape[1]
-    plan = _plan(capacity, config, layout.group_size, "quantized" if layout.bits else "cache")
+    stage_tokens = config.tpu_stage_tokens if implementation == "tpu" else 0
+    plan = _plan(capacity, config, layout.group_size, "quantized" if layout.bits else "cache",
+                 stage_tokens)
     if implementation == "gpu":
         head_dim = q4.shape[-1]
         if not _is_power_of_two(head_dim) or not _is_power_of_two(plan.block_k):
@@ -385,9 +418,7 @@ def _partials(q4, layout, cache, capacity, lengths, causal, sm_scale, config, im
     q_rows = _query_rows(q4, num_kv_heads, _ROW_MULTIPLE[implementation])
     args = (q_rows, layout.operands(cache), lengths.astype(jnp.int32), layout, plan, sm_scale,
             q4.shape[1], q4.shape[2] // num_kv_heads, causal, interpret)
-    if implementation == "tpu":
-        return _partials_tpu(*args)
-    return _partials_gpu(*args, config)
+    return (_partials_tpu if implementation == "tpu" else _partials_gpu)(*args, config)
 
 
 @functools.partial(jax.jit, static_argnames=("sm_scale", "config", "implementation", "interpret"))
@@ -400,7 +431,7 @@ def decode_attention(
     sm_scale: float | None = None,
     config: QuantizedDecodeConfig = QuantizedDecodeConfig(),
     implementation: str | None = None,
-    interpret: bool = False,
+    interpret: bool | pltpu.InterpretParams = False,
 ) -> jax.Array:
     """Plain-cache decode: q [B, H, D] or [B, T, H, D] over k, v [B, Hkv, C, D] -> q's shape.
 
@@ -411,6 +442,7 @@ def decode_attention(
     if not isinstance(config, QuantizedDecodeConfig):
         raise ValueError(f"config must be a QuantizedDecodeConfig, got {config!r}")
     implementation = pick_implementation(implementation, interpret)
+    check_interpret(interpret, implementation)
     if implementation == "reference":
         return decode_attention_reference(q, k, v, lengths, sm_scale=sm_scale)
     sm_scale = q4.shape[-1]**-0.5 if sm_scale is None else sm_scale
@@ -431,7 +463,7 @@ def quantized_decode_attention(
     sm_scale: float | None = None,
     config: QuantizedDecodeConfig = QuantizedDecodeConfig(),
     implementation: str | None = None,
-    interpret: bool = False,
+    interpret: bool | pltpu.InterpretParams = False,
 ) -> jax.Array:
     """Decode over a quantized slab (tokens [0, lengths[b])) then a full-precision window.
 
@@ -443,6 +475,7 @@ def quantized_decode_attention(
     if not isinstance(config, QuantizedDecodeConfig):
         raise ValueError(f"config must be a QuantizedDecodeConfig, got {config!r}")
     implementation = pick_implementation(implementation, interpret)
+    check_interpret(interpret, implementation)
     if implementation == "reference":
         return quantized_decode_attention_reference(q, cache, lengths, k_res, v_res, res_lengths,
                                                     sm_scale=sm_scale)

@@ -7,6 +7,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax._src.pallas.mosaic.interpret import interpret_pallas_call as tpu_interpreter  # race detector's state
+from jax.experimental.pallas import tpu as pltpu
 
 from pallas_kernels import kv_quant
 from pallas_kernels.quantized_decode_attention import (
@@ -98,6 +100,30 @@ def _quantized_case(seed, batch, kv_heads, group, q_len, capacity, window, head_
     return q, kv_quant.quantize_kv(k, v, bits), k_res, v_res
 
 
+def _np_quantized_decode(q, cache, lengths, k_res, v_res, res_lengths):
+    """float64 ground truth: the whole slab below each length, then the window causally."""
+    batch, q_len, capacity, window = q.shape[0], q.shape[1], cache.capacity, k_res.shape[2]
+    k_hat, v_hat = _np_dequantize(cache)
+    visible = np.concatenate([
+        np.broadcast_to(np.arange(capacity) < np.asarray(lengths)[:, None, None],
+                        (batch, q_len, capacity)),
+        _window_visible(res_lengths, q_len, window)], axis=-1)
+    return _np_attention(q, np.concatenate([k_hat, k_res], 2), np.concatenate([v_hat, v_res], 2),
+                         visible)
+
+
+def _poison_quantized(cache, lengths, block, k_res, v_res, res_lengths):
+    """Statistics of slab blocks past each length, and window entries past each window's last
+    block, set to NaN: a kernel that attends them returns NaN."""
+    window = k_res.shape[2]
+    poisoned = cache.replace(
+        k_scale=jnp.asarray(_poison_past(cache.k_scale, lengths, block, 2, tokens_per_index=G)),
+        v_scale=jnp.asarray(_poison_past(cache.v_scale, lengths, block, 3)))
+    block_res = min(block, window)
+    return (poisoned, jnp.asarray(_poison_past(k_res, res_lengths, block_res, 2)),
+            jnp.asarray(_poison_past(v_res, res_lengths, block_res, 2)))
+
+
 # ---- quantized decode -----------------------------------------------------------------------
 
 QUANTIZED_CASES = [
@@ -113,29 +139,16 @@ QUANTIZED_CASES = [
                          QUANTIZED_CASES)
 def test_quantized_decode(implementation, bits, head_dim, kv_heads, group, q_len, lengths,
                           res_lengths):
-    capacity, window, block = 128, 32, 32  # 4 blocks over 2 splits; lengths cut blocks
+    capacity, window, block = 128, 32, 32  # 4 blocks over 2 splits (TPU: stages of 2); lengths cut blocks
     q, cache, k_res, v_res = _quantized_case(len(lengths) + bits, 2, kv_heads, group, q_len,
                                              capacity, window, head_dim, bits)
     lengths, res_lengths = jnp.array(lengths, jnp.int32), jnp.array(res_lengths, jnp.int32)
 
-    k_hat, v_hat = _np_dequantize(cache)
-    visible = np.concatenate([
-        np.broadcast_to(np.arange(capacity) < np.asarray(lengths)[:, None, None],
-                        (2, q_len, capacity)),
-        _window_visible(res_lengths, q_len, window)], axis=-1)
-    expected = _np_attention(q, np.concatenate([k_hat, k_res], 2),
-                             np.concatenate([v_hat, v_res], 2), visible)
-
-    # Statistics of blocks past each length, and window blocks past each window length, are
-    # NaN: a kernel that reads them returns NaN.
-    poisoned = cache.replace(
-        k_scale=jnp.asarray(_poison_past(cache.k_scale, lengths, block, 2, tokens_per_index=G)),
-        v_scale=jnp.asarray(_poison_past(cache.v_scale, lengths, block, 3)))
-    k_res_p = jnp.asarray(_poison_past(k_res, res_lengths, window, 2))
-    v_res_p = jnp.asarray(_poison_past(v_res, res_lengths, window, 2))
-
+    expected = _np_quantized_decode(q, cache, lengths, k_res, v_res, res_lengths)
+    poisoned, k_res_p, v_res_p = _poison_quantized(cache, lengths, block, k_res, v_res, res_lengths)
     run = functools.partial(quantized_decode_attention,
-                            config=QuantizedDecodeConfig(block_k=block, num_splits=2),
+                            config=QuantizedDecodeConfig(block_k=block, num_splits=2,
+                                                         tpu_stage_tokens=2 * block),
                             implementation=implementation, interpret=True)
     out = run(q, poisoned, lengths, k_res_p, v_res_p, res_lengths)
     reference = quantized_decode_attention_reference(q, cache, lengths, k_res, v_res, res_lengths)
@@ -159,6 +172,28 @@ def test_quantized_decode_bf16_single_token_layout(implementation):
                                                     v_res.astype(jnp.float32), res_lengths)
     assert out.shape == q.shape and out.dtype == jnp.bfloat16
     np.testing.assert_allclose(np.asarray(out, np.float32), expected, rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("ring,stage_blocks,dma", [
+    (2, 1, "eager"), (3, 2, "eager"), (2, 4, "on_wait"), (3, 16, "on_wait")])
+def test_tpu_ring_prefetch_has_no_races(ring, stage_blocks, dma):
+    """The TPU kernel copies each split's stages of `stage_blocks` blocks by hand into a ring of
+    `ring` stages, ring - 1 ahead of the one it attends. Slabs that fill their splits, end inside
+    a stage, or are empty; DMAs run when issued (a copy into a stage still in use corrupts it) or
+    only when awaited (a read before the wait sees uninitialised NaN); under the interpreter's
+    race detector, the result equals the numpy ground truth."""
+    capacity, window, block = 512, 64, 32  # 16 slab blocks and 2 window blocks, 2 splits
+    q, cache, k_res, v_res = _quantized_case(11, 3, 2, 4, 2, capacity, window, 64, 4)
+    lengths, res_lengths = jnp.array([512, 301, 0]), jnp.array([64, 7, 2])
+    expected = _np_quantized_decode(q, cache, lengths, k_res, v_res, res_lengths)
+    poisoned, k_res_p, v_res_p = _poison_quantized(cache, lengths, block, k_res, v_res, res_lengths)
+    config = QuantizedDecodeConfig(block_k=block, num_splits=2, num_stages=ring,
+                                   tpu_stage_tokens=stage_blocks * block)
+    params = pltpu.InterpretParams(dma_execution_mode=dma, detect_races=True)
+    out = quantized_decode_attention(q, poisoned, lengths, k_res_p, v_res_p, res_lengths,
+                                     config=config, implementation="tpu", interpret=params)
+    np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5)
+    assert not tpu_interpreter.races.races_found
 
 
 # ---- plain (unquantized) decode -------------------------------------------------------------
