@@ -21,6 +21,9 @@ from pallas_kernels.quantized_decode_attention import QuantizedDecodeConfig, qua
 # interpreters on CPU (how tests exercise the kernel paths without an accelerator).
 ATTENTION_IMPLS = ("auto", "reference", "tpu-interpret", "gpu-interpret")
 _KERNEL_BLOCKS = (128, 64, 32, 16)
+# Mosaic TPU pays ~0.35 us per grid step, several times a 128 x 128 block's MXU work, so its
+# prefill takes blocks up to 512 (the size MaxText's splash attention is configured with).
+_TPU_PREFILL_BLOCKS = (512, 256, *_KERNEL_BLOCKS)
 
 _MASKED = float(jnp.finfo(jnp.float32).min)  # finite, so a row with nothing visible stays NaN-free
 
@@ -115,7 +118,7 @@ def attend(
     lowering = _kernel_lowering(impl)
     block = next((b for b in _KERNEL_BLOCKS if k.shape[2] % b == 0), None)
     if lowering is not None and block is not None and q.shape[1] > 1 and slot_is_position:
-        return _prefill_chunk(q, k, v, k_pos, q_pos, window, scale, block, lowering)
+        return _prefill_chunk(q, k, v, k_pos, q_pos, window, scale, lowering)
     if lowering is None or q.shape[1] != 1 or window is not None or block is None:
         return reference_attention(q, k, v, k_pos, q_pos, window, scale)
     b, _, kv_heads, group, d = q.shape
@@ -168,11 +171,11 @@ def attend_pages(
 
 def _prefill_chunk(
     q: jax.Array, k: jax.Array, v: jax.Array, k_pos: jax.Array, q_pos: jax.Array,
-    window: int | None, scale: float, block_k: int, lowering: tuple[str, bool],
+    window: int | None, scale: float, lowering: tuple[str, bool],
 ) -> jax.Array:
     """A chunk of queries over a slot = position segment through the block-sparse prefill kernel.
 
-    q: [B, T, K, G, D]; k, v: [B, K, C, D] with block_k dividing C (no copy of the cache). The
+    q: [B, T, K, G, D]; k, v: [B, K, C, D] with a kernel block dividing C (no copy of the cache). The
     keys' length is each row's count of valid slots, and the chunk starts at q_pos[:, 0]. A
     sliding window (Mistral) is the kernel's local mask, SinkLocal(0, window): the same rule as
     `visibility_mask`, k > q - window. Query rows past a row's length (right padding) come out
@@ -180,7 +183,9 @@ def _prefill_chunk(
     """
     b, t, kv_heads, group, d = q.shape
     lengths = jnp.sum(k_pos[:, 0] >= 0, axis=-1, dtype=jnp.int32)  # [B]: heads share positions
-    block_q = next((bq for bq in _KERNEL_BLOCKS if t % bq == 0), _KERNEL_BLOCKS[-1])
+    blocks = _TPU_PREFILL_BLOCKS if lowering[0] == "tpu" else _KERNEL_BLOCKS
+    block_q = next((bq for bq in blocks if t % bq == 0), blocks[-1])
+    block_k = next(bk for bk in blocks if k.shape[2] % bk == 0)
     mask = DenseCausal() if window is None else SinkLocal(0, window)
     q_heads = q.reshape(b, t, kv_heads * group, d).swapaxes(1, 2)  # [B, H, T, D]
 

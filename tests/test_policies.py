@@ -259,6 +259,28 @@ def test_prefill_through_the_pallas_kernel_matches_the_reference(tiny_model, imp
             np.asarray(kvjax.generate(m, prompts, new, reference, eos_token_id=(), chunk_size=chunk)))
 
 
+@pytest.mark.parametrize("impl,grid", [
+    ("tpu-interpret", (1, 4, 1, 2)),  # one 512-query block over two 512-key blocks
+    ("gpu-interpret", (1, 4, 4)),  # four 128-query blocks, each looping over its key blocks
+])
+def test_prefill_chunk_blocks_follow_the_lowering(impl, grid):
+    """A chunk of 512 queries at offset 256 over a 1024-slot cache: the TPU kernel takes 512-token
+    blocks (a Mosaic grid step costs ~0.35 us, more than a 128 x 128 block's MXU work), the GPU
+    kernel 128-token ones; both give the reference's attention."""
+    b, t, kv_heads, group, d, capacity, start = 1, 512, 2, 2, 32, 1024, 256
+    keys = jax.random.split(jax.random.key(12), 3)
+    q = jax.random.normal(keys[0], (b, t, kv_heads, group, d))
+    k = jax.random.normal(keys[1], (b, kv_heads, capacity, d))
+    v = jax.random.normal(keys[2], (b, kv_heads, capacity, d))
+    slots = jnp.arange(capacity, dtype=jnp.int32)
+    k_pos = jnp.broadcast_to(jnp.where(slots < start + t, slots, -1), (b, kv_heads, capacity))
+    q_pos = (start + jnp.arange(t, dtype=jnp.int32))[None]  # [1, T]
+    run = lambda impl: kvjax.attention.attend(  # noqa: E731
+        q, k, v, k_pos, q_pos, None, d**-0.5, impl, slot_is_position=True)
+    np.testing.assert_allclose(np.asarray(run(impl)), np.asarray(run("reference")), atol=2e-5, rtol=0)
+    assert f"grid={grid}" in str(jax.make_jaxpr(lambda: run(impl))())
+
+
 def test_snapkv_prefill_takes_the_kernel_and_keeps_the_reference_choice(tiny_model):
     """SnapKV holds the prompt at slot = position until the prompt ends, so its chunks attend through
     the block-sparse prefill kernel; only the observation window's weights come from jnp. Ragged rows,
