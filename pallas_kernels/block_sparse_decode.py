@@ -50,7 +50,7 @@ from pallas_kernels import block_masks
 from pallas_kernels.block_masks import DecodeBlockTable, MaskDescription
 from pallas_kernels.block_sparse_mosaic_gpu import decode_mosaic_gpu
 from pallas_kernels.dma_ring import ring_pipeline
-from pallas_kernels.lowering import WITH_MOSAIC_GPU, check_interpret, pick_implementation, tpu_interpret
+from pallas_kernels.lowering import WITH_MOSAIC_GPU, pick_implementation, tpu_interpret
 from pallas_kernels.online_softmax import MASK_VALUE, attend_block, initial_state, masked_attention
 
 _TRITON_MIN_ROWS = 16  # Triton's tl.dot needs at least 16 rows
@@ -443,7 +443,6 @@ def block_sparse_decode(
     if implementation == "reference":
         return block_sparse_decode_reference(q, k, v, lengths, table, mask=mask, sm_scale=sm_scale,
                                              slot_mask=slot_mask)
-    check_interpret(interpret, implementation)
     if implementation == "mosaic_gpu" and slot_mask is not None:
         raise ValueError('implementation="mosaic_gpu" takes no slot_mask; use "gpu" (Triton)')
     batch, num_heads, head_dim = q.shape

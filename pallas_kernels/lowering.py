@@ -10,10 +10,19 @@ IMPLEMENTATIONS = ("tpu", "gpu", "reference")
 WITH_MOSAIC_GPU = (*IMPLEMENTATIONS, "mosaic_gpu")  # kernels that also have a Hopper lowering
 
 
-def pick_implementation(implementation: str | None, interpret: bool,
+def pick_implementation(implementation: str | None, interpret: bool | pltpu.InterpretParams,
                         choices: tuple[str, ...] = IMPLEMENTATIONS) -> str:
     """An explicit choice among `choices`, else `jax.default_backend()`: tpu and gpu get their
-    kernel; cpu gets the reference, or the TPU kernel in interpret mode when interpret=True."""
+    kernel; cpu gets the reference, or the TPU kernel in interpret mode when interpret is set.
+    `pltpu.InterpretParams` (eager DMAs, race detection) configure the TPU kernel's only."""
+    chosen = _choose(implementation, interpret, choices)
+    if isinstance(interpret, pltpu.InterpretParams) and chosen != "tpu":
+        raise ValueError(f"pltpu.InterpretParams configure the TPU kernel's interpreter, not "
+                         f"implementation={chosen!r}")
+    return chosen
+
+
+def _choose(implementation, interpret, choices) -> str:
     if implementation is None:
         backend = jax.default_backend()
         if backend in ("tpu", "gpu"):
@@ -27,13 +36,6 @@ def pick_implementation(implementation: str | None, interpret: bool,
                          "interpreter lacks their transposed and register-operand wgmma "
                          "(the test suite adds them: tests/mosaic_gpu_interpreter.py)")
     return implementation
-
-
-def check_interpret(interpret: bool | pltpu.InterpretParams, implementation: str) -> None:
-    """`pltpu.InterpretParams` (eager DMAs, race detection) configure the TPU kernel's interpreter only."""
-    if isinstance(interpret, pltpu.InterpretParams) and implementation != "tpu":
-        raise ValueError(f"pltpu.InterpretParams configure the TPU kernel's interpreter, not "
-                         f"implementation={implementation!r}")
 
 
 def tpu_interpret(interpret: bool | pltpu.InterpretParams) -> pltpu.InterpretParams | bool:

@@ -43,7 +43,7 @@ from jax.experimental.pallas import triton as pltriton
 from pallas_kernels import kv_quant
 from pallas_kernels.kv_quant import QuantizedKV
 from pallas_kernels.dma_ring import ring_pipeline
-from pallas_kernels.lowering import check_interpret, pick_implementation, tpu_interpret
+from pallas_kernels.lowering import pick_implementation, tpu_interpret
 from pallas_kernels.online_softmax import attend_block, initial_state
 
 MAX_QUERY_TOKENS = 4
@@ -442,7 +442,6 @@ def decode_attention(
     if not isinstance(config, QuantizedDecodeConfig):
         raise ValueError(f"config must be a QuantizedDecodeConfig, got {config!r}")
     implementation = pick_implementation(implementation, interpret)
-    check_interpret(interpret, implementation)
     if implementation == "reference":
         return decode_attention_reference(q, k, v, lengths, sm_scale=sm_scale)
     sm_scale = q4.shape[-1]**-0.5 if sm_scale is None else sm_scale
@@ -475,7 +474,6 @@ def quantized_decode_attention(
     if not isinstance(config, QuantizedDecodeConfig):
         raise ValueError(f"config must be a QuantizedDecodeConfig, got {config!r}")
     implementation = pick_implementation(implementation, interpret)
-    check_interpret(interpret, implementation)
     if implementation == "reference":
         return quantized_decode_attention_reference(q, cache, lengths, k_res, v_res, res_lengths,
                                                     sm_scale=sm_scale)

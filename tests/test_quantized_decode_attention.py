@@ -268,6 +268,8 @@ def test_cpu_default_is_the_reference_and_errors_are_clear():
         quantized_decode_attention(q, cache, lengths, k_res[..., :32], v_res[..., :32], lengths)
     with pytest.raises(ValueError, match="implementation"):
         decode_attention(q, k_res, v_res, lengths, implementation="cuda")
+    with pytest.raises(ValueError, match="InterpretParams configure the TPU kernel"):
+        decode_attention(q, k_res, v_res, lengths, implementation="gpu", interpret=pltpu.InterpretParams())
     with pytest.raises(ValueError, match="capacity"):
         decode_attention(q, k_res[:, :, :24], v_res[:, :, :24], lengths,
                          config=QuantizedDecodeConfig(block_k=16), implementation="gpu",
