@@ -1,14 +1,16 @@
-"""Decode attention over int4 / int2 / bf16 caches vs XLA and cuDNN attention on the bf16 cache.
+"""Decode attention over int4 / int2 / bf16 caches vs XLA (and cuDNN) attention on the bf16 cache.
 
-On a GPU: batch 1/8/32 x context 8K/32K/128K, 32 query / 8 KV heads, head dim 128. For each
-shape it times the quantized kernel (int4, int2; slab of `context` tokens plus a full
-128-token bf16 window), the plain bf16 kernel, and `jax.nn.dot_product_attention` (XLA and
-cuDNN) on the bf16 cache of the same context, all in the same run; reports median times, bytes
-read / time as a fraction of the HBM bandwidth, and each kernel's time over the faster
-baseline. Writes JSON. `--smoke` runs tiny shapes on any backend (the GPU kernel interpreted off
-GPU) to check the script itself; its times mean nothing.
+On a GPU or a TPU: batch 1/8/32 x context 8K/32K/128K, 32 query / 8 KV heads, head dim 128. For
+each shape it times the quantized kernel (int4, int2; slab of `context` tokens plus a full
+128-token bf16 window), the plain bf16 kernel, and `jax.nn.dot_product_attention` (XLA, and
+cuDNN on a GPU) on the bf16 cache of the same context, all in the same run; reports median
+times, bytes read / time as a fraction of `--bandwidth`, and each kernel's time over the faster
+baseline. The kernel is the backend's lowering (Triton on GPU, Mosaic TPU on TPU). Writes JSON.
+`--smoke` runs tiny shapes on any backend (off GPU and TPU the kernel is interpreted: the GPU
+one, or the TPU one with `--implementation tpu`) to check the script itself; its times mean nothing.
 
   python benchmarks/bench_quantized_decode.py --out bench_quantized_decode.json
+  python benchmarks/bench_quantized_decode.py --bandwidth 8.19e11 --out tpu.json  # TPU v5e
   python benchmarks/bench_quantized_decode.py --smoke
 """
 
@@ -30,7 +32,7 @@ from pallas_kernels.kv_quant import QuantizedKV
 from pallas_kernels.quantized_decode_attention import (
     QuantizedDecodeConfig, decode_attention, quantized_decode_attention)
 
-HBM_BYTES_PER_S = 3.1e12  # H100 read bandwidth measured with an XLA reduction (DESIGN.md)
+H100_BYTES_PER_S = 3.1e12  # H100 read bandwidth measured with an XLA reduction (DESIGN.md)
 GPU_SMS = 132  # H100 SXM
 
 
@@ -79,21 +81,27 @@ def _nbytes(*arrays) -> int:
     return int(sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(arrays)))
 
 
-def _num_splits(shape: Shape, requested: int | None) -> int:
-    """Enough (batch, KV head, split) programs to fill the GPU about twice."""
+def _num_splits(shape: Shape, requested: int | None, implementation: str) -> int:
+    """GPU: enough (batch, KV head, split) programs to fill it about twice. TPU: one split, since
+    its grid runs on one or two cores and every program streams its stages back to back."""
     if requested:
         return requested
+    if implementation == "tpu":
+        return 1
     return max(1, min(32, 2 * GPU_SMS // (shape.batch * shape.kv_heads)))
 
 
-def bench_shape(shape: Shape, args, on_gpu: bool) -> dict:
+def bench_shape(shape: Shape, args, backend: str) -> dict:
     key = jax.random.key(0)
     kq, kk, kv, kr, ks = jax.random.split(key, 5)
     b, c, d = shape.batch, shape.context, shape.head_dim
     q = jax.random.normal(kq, (b, shape.q_heads, d), jnp.bfloat16)  # [B, H, D]
+    implementation = args.implementation or ("tpu" if backend == "tpu" else "gpu")
     config = QuantizedDecodeConfig(block_k=min(args.block_k, c),
-                                   num_splits=_num_splits(shape, args.num_splits))
-    kernel_kw = dict(config=config, implementation="gpu", interpret=not on_gpu)
+                                   num_splits=_num_splits(shape, args.num_splits, implementation),
+                                   tpu_stage_tokens=args.tpu_stage_tokens)
+    kernel_kw = dict(config=config, implementation=implementation,
+                     interpret=backend not in ("gpu", "tpu"))
     timer = functools.partial(_median_seconds, repeats=args.repeats, inner=args.inner)
     lengths = jnp.full((b,), c, jnp.int32)
     times, read = {}, {}
@@ -107,7 +115,7 @@ def bench_shape(shape: Shape, args, on_gpu: bool) -> dict:
     k_bthd, v_bthd = jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2)  # [B, C, Hkv, D]
     del k, v
     for name in ("xla", "cudnn"):
-        if name == "cudnn" and not on_gpu:
+        if name == "cudnn" and backend != "gpu":
             times[name] = None  # cuDNN exists only on NVIDIA GPUs
             continue
         sdpa = jax.jit(functools.partial(jax.nn.dot_product_attention, implementation=name))
@@ -137,7 +145,7 @@ def bench_shape(shape: Shape, args, on_gpu: bool) -> dict:
         "config": dataclasses.asdict(config),
         "median_us": {n: None if t is None else t * 1e6 for n, t in times.items()},
         "bytes_read": read,
-        "hbm_fraction": {n: read[n] / t / HBM_BYTES_PER_S
+        "hbm_fraction": {n: read[n] / t / args.bandwidth
                          for n, t in times.items() if t is not None},
         "time_over_best_baseline": {n: t / best for n, t in times.items()
                                     if t is not None and best and n.endswith("_kernel")},
@@ -149,13 +157,22 @@ def main(argv=None) -> int:
     parser.add_argument("--smoke", action="store_true", help="tiny shapes on any backend")
     parser.add_argument("--out", default="bench_quantized_decode.json")
     parser.add_argument("--block-k", type=int, default=256)
-    parser.add_argument("--num-splits", type=int, default=None, help="default: fill the GPU")
+    parser.add_argument("--num-splits", type=int, default=None,
+                        help="default: fill the GPU; 1 on TPU")
+    parser.add_argument("--implementation", choices=("gpu", "tpu"), default=None,
+                        help="kernel lowering (default: the backend's; off GPU/TPU interpreted)")
+    parser.add_argument("--tpu-stage-tokens", type=int,
+                        default=QuantizedDecodeConfig.tpu_stage_tokens,
+                        help="TPU: tokens per DMA ring stage")
+    parser.add_argument("--bandwidth", type=float, default=H100_BYTES_PER_S,
+                        help="bytes/s of HBM for the roofline column (H100: 3.1e12 measured; "
+                             "TPU v5e: 8.19e11, v6e: 1.64e12, v5p: 2.76e12 spec sheets)")
     parser.add_argument("--repeats", type=int, default=None)
     parser.add_argument("--inner", type=int, default=None)
     args = parser.parse_args(argv)
-    on_gpu = jax.default_backend() == "gpu"
-    if not on_gpu and not args.smoke:
-        print("no GPU: the full benchmark needs one (times off GPU mean nothing); "
+    backend = jax.default_backend()
+    if backend not in ("gpu", "tpu") and not args.smoke:
+        print("no GPU or TPU: the full benchmark needs one (times on CPU mean nothing); "
               "use --smoke to check the script", file=sys.stderr)
         return 2
     args.repeats = args.repeats or (2 if args.smoke else 7)
@@ -164,7 +181,7 @@ def main(argv=None) -> int:
     results = []
     for shape in shapes:
         print(f"batch {shape.batch} context {shape.context} ...", flush=True)
-        results.append(bench_shape(shape, args, on_gpu))
+        results.append(bench_shape(shape, args, backend))
         print("  " + json.dumps(results[-1]["median_us"]), flush=True)
     report = {
         "device": jax.devices()[0].device_kind,
@@ -173,7 +190,7 @@ def main(argv=None) -> int:
         "smoke": args.smoke,
         "note": "smoke: interpreted kernels, times are meaningless" if args.smoke else
                 "quantized kernels also read a full 128-token bf16 window beyond `context`",
-        "hbm_bytes_per_s": HBM_BYTES_PER_S,
+        "hbm_bytes_per_s": args.bandwidth,
         "results": results,
     }
     with open(args.out, "w") as f:
