@@ -191,6 +191,20 @@ def _prefill_kernel_tpu(
         o_ref[...] = out.astype(o_ref.dtype)
 
 
+def _check_tables_fit_smem(scalars, interpret) -> None:
+    """A clear error, before Mosaic's, when the scalar-prefetched tables outgrow this TPU's SMEM
+    (1 MiB from v4 on; 16 KiB on v2/v3). Checked only when compiling for the TPU at hand."""
+    if interpret or jax.default_backend() != "tpu":
+        return
+    capacity = pltpu.get_tpu_info().smem_capacity_bytes
+    needed = 4 * sum(x.size for x in scalars)  # int32 words, before Mosaic's tile padding
+    if needed > capacity:
+        raise ValueError(
+            f"block_sparse_prefill's block tables take {needed / 1024:.0f} KiB of scalar memory, "
+            f"more than this TPU's SMEM ({capacity / 1024:.0f} KiB): prefill in chunks (q_offset; "
+            "kvjax.prefill does) or use larger blocks, e.g. PrefillConfig(block_q=512, block_k=512)")
+
+
 def _prefill_tpu(q, k, v, table: PrefillBlockTable, q_offset, lengths, sm_scale, interpret):
     batch, num_heads, _, head_dim = q.shape
     group = num_heads // k.shape[1]
@@ -226,7 +240,8 @@ def _prefill_tpu(q, k, v, table: PrefillBlockTable, q_offset, lengths, sm_scale,
             pltpu.VMEM((block_q, head_dim), jnp.float32),
         ],
     )
-    scalars = [x.reshape(-1) for x in _flat_tables(table, q_offset)]  # SMEM wants flat arrays
+    scalars = [x.reshape(-1) for x in _flat_tables(table, q_offset)] + [lengths]  # SMEM wants flat arrays
+    _check_tables_fit_smem(scalars, interpret)
     return pl.pallas_call(
         kernel,
         grid_spec=grid_spec,
@@ -235,7 +250,7 @@ def _prefill_tpu(q, k, v, table: PrefillBlockTable, q_offset, lengths, sm_scale,
             dimension_semantics=("parallel", "parallel", "parallel", "arbitrary")),
         interpret=tpu_interpret(interpret),
         name="block_sparse_prefill_tpu",
-    )(*scalars, lengths, q, k, v)
+    )(*scalars, q, k, v)
 
 
 # ----------------------------------------------------------------------------------------

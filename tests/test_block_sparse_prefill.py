@@ -193,6 +193,25 @@ def test_default_on_cpu_is_the_reference_and_errors_are_clear():
                              config=PrefillConfig(16, 16), implementation="gpu", interpret=True)
 
 
+def test_tables_too_large_for_tpu_smem_are_refused_clearly(monkeypatch):
+    """On a TPU, the whole-sequence tables of a 64K dense prefill in 128-token blocks (2 x 512 x 512
+    words, 2 MiB) exceed 1 MiB of SMEM: named before Mosaic would fail; 512-token blocks fit."""
+    from types import SimpleNamespace
+    from jax.experimental.pallas import tpu as pltpu
+    monkeypatch.setattr(jax, "default_backend", lambda: "tpu")
+    monkeypatch.setattr(pltpu, "get_tpu_info", lambda: SimpleNamespace(smem_capacity_bytes=1 << 20))
+    q = jax.ShapeDtypeStruct((1, 32, 65536, 128), jnp.bfloat16)
+    kv = jax.ShapeDtypeStruct((1, 8, 65536, 128), jnp.bfloat16)
+
+    def prefill(config):
+        return jax.eval_shape(lambda q, k, v: block_sparse_prefill(
+            q, k, v, bm.DenseCausal(), config=config, implementation="tpu"), q, kv, kv)
+
+    with pytest.raises(ValueError, match=r"block tables take 2050 KiB .*SMEM \(1024 KiB\)"):
+        prefill(PrefillConfig(128, 128))
+    assert prefill(PrefillConfig(512, 512)).shape == q.shape  # 2 x 128 x 128 words: 128 KiB
+
+
 # ----------------------------------------------------------------------------------------
 # Chunk mode: queries at absolute positions [q_offset, q_offset + S) over keys at slot = position.
 # ----------------------------------------------------------------------------------------
