@@ -243,6 +243,8 @@ def _quantized_decode(q, slab, slab_length, k_win, v_win, win_pos, scale, impl) 
     b, t, kh, g, d = q.shape
     win_length = jnp.sum(win_pos[:, 0] >= 0, axis=-1, dtype=jnp.int32)  # [B]
     config, lowering = _QUANTIZED_DECODE, _kernel_lowering(impl)
+    if lowering is not None and lowering[0] == "gpu" and d & (d - 1):
+        lowering = None  # its Triton kernel unpacks whole power-of-two rows: Phi-3's 96 runs the reference
     if lowering is not None:
         # The kernels tile both caches with one power-of-two block: the largest that divides the
         # slab (KIVI sizes it in multiples of 128 tokens); the window is padded to a multiple of it.

@@ -19,7 +19,9 @@ Lowerings:
     stream (and Squeezed Attention's table spans every page of the cache).
   * "gpu": a generic Pallas kernel (only `pl` primitives) compiled with the Triton backend.
     Grid (B, Hkv, splits); each program loops over its share of the row's count. The group
-    is padded to at least 16 query rows for Triton's matmul. The Triton backend is chosen
+    is padded to at least 16 query rows for Triton's matmul, and a head dim that is not a
+    power of two (Phi-3's 96) is attended in power-of-two column pieces (64 + 32), since
+    Triton's tensors must have power-of-two sizes. The Triton backend is chosen
     explicitly (`pltriton.CompilerParams`): it is deprecated from JAX 0.11 but works, and
     JAX's interpreter checks it numerically on CPU, so it stays the GPU default.
   * "mosaic_gpu": the Hopper kernel in `block_sparse_mosaic_gpu` (TMA, wgmma), opt-in
@@ -53,7 +55,9 @@ from pallas_kernels.block_masks import DecodeBlockTable, MaskDescription
 from pallas_kernels.block_sparse_mosaic_gpu import decode_mosaic_gpu
 from pallas_kernels.dma_ring import ring_pipeline
 from pallas_kernels.lowering import WITH_MOSAIC_GPU, pick_implementation, tpu_interpret
-from pallas_kernels.online_softmax import MASK_VALUE, attend_block, initial_state, masked_attention
+from pallas_kernels.online_softmax import (
+    MASK_VALUE, attend_block, attend_block_pieces, column_pieces, initial_pieces, initial_state,
+    masked_attention)
 
 _TRITON_MIN_ROWS = 16  # Triton's tl.dot needs at least 16 rows
 
@@ -254,27 +258,30 @@ def _decode_kernel_gpu(
     slot_ref, (o_ref, lse_ref) = (refs[0] if len(refs) == 3 else None), refs[-2:]
     b, h, split = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     length, sink, window = lengths_ref[b, h], sink_ref[h], window_ref[h]
-    q = q_ref[...]  # [g_pad, D]
-    rows, head_dim = q.shape
+    rows, head_dim = q_ref.shape
+    pieces = column_pieces(head_dim)  # one piece unless D is not a power of two
+    q = tuple(q_ref[:, piece] for piece in pieces)  # [g_pad, w] each
 
     def body(entry, carry):
         kv_block = kv_blocks_ref[b, h, entry]
         start = pl.multiple_of(kv_block * block_size, block_size)
 
         def attend():
-            k = k_ref[pl.ds(start, block_size), :]  # [bs, D]
-            v = v_ref[pl.ds(start, block_size), :]  # [bs, D]
+            k = tuple(k_ref[pl.ds(start, block_size), piece] for piece in pieces)  # [bs, w] each
+            v = tuple(v_ref[pl.ds(start, block_size), piece] for piece in pieces)
             visible = _block_visible(kv_block, block_size, rows, sink, window, length)
             if slot_ref is not None:
                 visible &= (slot_ref[pl.ds(start, block_size)] != 0)[None, :]  # [1, bs]
-            return attend_block(q, k, v, *carry, visible, sm_scale)
+            return attend_block_pieces(q, k, v, *carry, visible, sm_scale)
 
         return jax.lax.cond(start < length, attend, lambda: carry)
 
     first = split * per_split
     last = jnp.minimum(first + per_split, counts_ref[b, h])
-    m, l, acc = jax.lax.fori_loop(first, last, body, initial_state(rows, head_dim))
-    o_ref[...], lse_ref[...] = _split_result(acc, l, m)
+    init = initial_pieces(rows, [piece.stop - piece.start for piece in pieces])
+    m, l, accs = jax.lax.fori_loop(first, last, body, init)
+    for piece, acc in zip(pieces, accs):
+        o_ref[:, piece], lse_ref[...] = _split_result(acc, l, m)
 
 
 def _decode_gpu(qg, k, v, lengths, table, sink, window, sm_scale, num_splits, interpret,

@@ -14,9 +14,11 @@ Lowerings:
     2 * P * nq * n_max int32 words: dense heads at long T need large blocks to fit in SMEM.
   * "gpu": a generic Pallas kernel (only `pl` primitives) compiled with the Triton backend.
     Grid (B, H, nq); each program loops over exactly its row's count of blocks, so a
-    streaming head costs a few blocks even when dense heads share the launch. The Triton backend
-    is chosen explicitly (`pltriton.CompilerParams`): it is deprecated from JAX 0.11 but works,
-    and JAX's interpreter checks it numerically on CPU, so it stays the GPU default.
+    streaming head costs a few blocks even when dense heads share the launch. A head dim that
+    is not a power of two (Phi-3's 96) is attended in power-of-two column pieces (64 + 32), since
+    Triton's tensors must have power-of-two sizes. The Triton backend is chosen explicitly
+    (`pltriton.CompilerParams`): it is deprecated from JAX 0.11 but works, and JAX's
+    interpreter checks it numerically on CPU, so it stays the GPU default.
   * "mosaic_gpu": the Hopper kernel in `block_sparse_mosaic_gpu` (TMA, wgmma), opt-in
     until it has compiled and been timed on a GPU (see its module).
   * "reference": `block_sparse_prefill_reference`, dense masked attention in jnp.
@@ -54,7 +56,8 @@ from pallas_kernels import block_masks
 from pallas_kernels.block_masks import MaskDescription, PrefillBlockTable, padded_length
 from pallas_kernels.block_sparse_mosaic_gpu import prefill_mosaic_gpu
 from pallas_kernels.lowering import WITH_MOSAIC_GPU, pick_implementation, tpu_interpret
-from pallas_kernels.online_softmax import MASK_VALUE, attend_block, initial_state, masked_attention
+from pallas_kernels.online_softmax import (
+    MASK_VALUE, attend_block, attend_block_pieces, column_pieces, initial_pieces, masked_attention)
 
 _TPU_LANES = 128  # m and l scratch are replicated over the lanes of one vreg row
 
@@ -282,20 +285,20 @@ def _prefill_kernel_gpu(
     row = b * batch_stride + pattern
     sink, window, length = sink_ref[pattern], window_ref[pattern], lengths_ref[b]
     q_first = q_offset_ref[b] + q_block * block_q
-    q = q_ref[...]  # [bq, D]
-    head_dim = q.shape[-1]
+    pieces = column_pieces(q_ref.shape[-1])  # one piece unless D is not a power of two
+    q = tuple(q_ref[:, piece] for piece in pieces)  # [bq, w] each
 
     def body(step, carry):
         kv_block = kv_blocks_ref[row, q_block, step]
         start = pl.multiple_of(kv_block * block_k, block_k)
 
         def attend(masked: bool):
-            k = k_ref[pl.ds(start, block_k), :]  # [bk, D]
-            v = v_ref[pl.ds(start, block_k), :]  # [bk, D]
+            k = tuple(k_ref[pl.ds(start, block_k), piece] for piece in pieces)  # [bk, w] each
+            v = tuple(v_ref[pl.ds(start, block_k), piece] for piece in pieces)
             visible = None
             if masked:
                 visible = _block_visible(q_first, kv_block, block_q, block_k, sink, window, length)
-            return attend_block(q, k, v, *carry, visible, sm_scale)
+            return attend_block_pieces(q, k, v, *carry, visible, sm_scale)
 
         needs_mask = (partial_ref[row, q_block, step] != 0) | (start + block_k > length)
         return jax.lax.cond(
@@ -303,10 +306,11 @@ def _prefill_kernel_gpu(
             lambda: jax.lax.cond(needs_mask, lambda: attend(True), lambda: attend(False)),
             lambda: carry)
 
-    init = initial_state(block_q, head_dim)
+    init = initial_pieces(block_q, [piece.stop - piece.start for piece in pieces])
     count = jnp.where(q_first < length, counts_ref[row, q_block], 0)
-    _, l, acc = jax.lax.fori_loop(0, count, body, init)
-    o_ref[...] = _finalize(acc, l, q_first, length).astype(o_ref.dtype)
+    _, l, accs = jax.lax.fori_loop(0, count, body, init)
+    for piece, acc in zip(pieces, accs):
+        o_ref[:, piece] = _finalize(acc, l, q_first, length).astype(o_ref.dtype)
 
 
 def _prefill_gpu(q, k, v, table: PrefillBlockTable, q_offset, lengths, sm_scale, interpret,

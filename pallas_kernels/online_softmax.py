@@ -17,7 +17,18 @@ def attend_block(q, k, v, m_prev, l_prev, acc_prev, visible, sm_scale):
     every pair is visible (the unmasked fast path). Masked probabilities are forced to zero,
     so a row that sees nothing keeps l = 0.
     """
-    s = jnp.einsum("md,nd->mn", q, k, preferred_element_type=jnp.float32) * sm_scale  # [M, N]
+    m, l, (acc,) = attend_block_pieces((q,), (k,), (v,), m_prev, l_prev, (acc_prev,), visible, sm_scale)
+    return m, l, acc
+
+
+def attend_block_pieces(qs, ks, vs, m_prev, l_prev, accs, visible, sm_scale):
+    """`attend_block` over the head dim cut into column pieces (`column_pieces`): scores sum
+    the pieces' products, and each accumulator piece follows its value piece.
+
+    qs, ks: tuples of [M, w], [N, w]; vs: [N, w'] and accs [M, w'] alike. Returns (m, l, accs).
+    """
+    s = sum(jnp.einsum("md,nd->mn", q, k, preferred_element_type=jnp.float32)
+            for q, k in zip(qs, ks)) * sm_scale  # [M, N]
     if visible is not None:
         s = jnp.where(visible, s, MASK_VALUE)
     m_new = jnp.maximum(m_prev, jnp.max(s, axis=-1, keepdims=True))  # [M, 1]
@@ -26,14 +37,40 @@ def attend_block(q, k, v, m_prev, l_prev, acc_prev, visible, sm_scale):
         p = jnp.where(visible, p, 0.0)
     alpha = jnp.exp(m_prev - m_new)  # [M, 1]
     l_new = alpha * l_prev + jnp.sum(p, axis=-1, keepdims=True)  # [M, 1]
-    pv = jnp.einsum("mn,nd->md", p.astype(v.dtype), v, preferred_element_type=jnp.float32)
-    return m_new, l_new, alpha * acc_prev + pv  # acc [M, D]
+    accs = tuple(
+        alpha * acc + jnp.einsum("mn,nd->md", p.astype(v.dtype), v, preferred_element_type=jnp.float32)
+        for v, acc in zip(vs, accs))  # each [M, w']
+    return m_new, l_new, accs
 
 
 def initial_state(rows: int, head_dim: int) -> tuple[jax.Array, jax.Array, jax.Array]:
     """(m, l, acc) before any block: [rows, 1], [rows, 1], [rows, head_dim] float32."""
+    m, l, (acc,) = initial_pieces(rows, (head_dim,))
+    return m, l, acc
+
+
+def initial_pieces(rows: int, widths) -> tuple[jax.Array, jax.Array, tuple[jax.Array, ...]]:
+    """(m, l, accs) before any block, one float32 accumulator [rows, w] per piece width."""
     return (jnp.full((rows, 1), MASK_VALUE, jnp.float32), jnp.zeros((rows, 1), jnp.float32),
-            jnp.zeros((rows, head_dim), jnp.float32))
+            tuple(jnp.zeros((rows, w), jnp.float32) for w in widths))
+
+
+def column_pieces(head_dim: int) -> tuple[slice, ...]:
+    """Static column slices of power-of-two widths, largest first, that tile the head dim.
+
+    Triton's tensors must have power-of-two sizes, so its kernels attend a head dim of 96
+    (Phi-3) as 64 + 32 columns; a power of two is one piece. Each piece must be at least 16
+    wide (tl.dot), so head_dim must be a multiple of 16.
+    """
+    if head_dim % 16:
+        raise ValueError(f"the GPU (Triton) kernels need a head dim that is a multiple of 16, "
+                         f"got {head_dim}")
+    pieces, start = [], 0
+    for bit in reversed(range(head_dim.bit_length())):
+        if head_dim >> bit & 1:
+            pieces.append(slice(start, start + (1 << bit)))
+            start += 1 << bit
+    return tuple(pieces)
 
 
 def masked_attention(qg, k, v, visible, sm_scale):

@@ -96,7 +96,7 @@ def test_duo_attention_streaming_heads(implementation):
 @pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
 @pytest.mark.parametrize("num_splits", [1, 3])  # 3: a 4-entry table splits 2 + 2 + nothing
 def test_random_table_gqa8_per_head_lengths(implementation, num_splits):
-    batch, heads, kv_heads, capacity, head_dim, block = 2, 16, 2, 192, 64, 32
+    batch, heads, kv_heads, capacity, head_dim, block = 2, 16, 2, 192, 96, 32  # D 96: Triton's 64 + 32
     q, k, v = _inputs(jax.random.key(2), batch, heads, kv_heads, capacity, head_dim)
     lengths = np.array([[192, 100], [33, 170]])  # int32[B, Hkv]
     rng = np.random.default_rng(0)
@@ -144,7 +144,7 @@ def test_top_k_page_selection_end_to_end_bfloat16(implementation):
 def test_slot_mask_reads_only_blocks_with_a_visible_slot(implementation, num_splits):
     """A selection finer than a block (Squeezed Attention's clusters): the table lists the blocks
     holding a set slot, unset slots inside them are skipped, unlisted blocks are never read."""
-    batch, heads, kv_heads, capacity, head_dim, block = 2, 8, 2, 160, 64, 16  # GQA 4
+    batch, heads, kv_heads, capacity, head_dim, block = 2, 8, 2, 160, 80, 16  # GQA 4; D 80 = 64 + 16
     q, k, v = _inputs(jax.random.key(5), batch, heads, kv_heads, capacity, head_dim)
     lengths = np.array([150, 97])
     rng = np.random.default_rng(5)
@@ -228,6 +228,22 @@ def test_lowers_for_hardware(implementation, platform, call, head_dim, block_siz
 
     lowered = jax.jit(run).trace(q, k, k, lengths).lower(lowering_platforms=(platform,))
     assert call in lowered.as_text()
+
+
+@pytest.mark.parametrize("head_dim", [96, 80])
+def test_triton_lowers_head_dims_that_are_not_powers_of_two(head_dim):
+    """Triton's tensors must have power-of-two sizes: Phi-3's head dim 96 lowers as 64 + 32
+    column pieces (whole-D tiles would be refused by the Triton lowering)."""
+    q = jax.ShapeDtypeStruct((1, 32, head_dim), jnp.bfloat16)
+    k = jax.ShapeDtypeStruct((1, 32, 2048, head_dim), jnp.bfloat16)
+    lengths = jax.ShapeDtypeStruct((1,), jnp.int32)
+
+    def run(q, k, v, lengths):
+        return block_sparse_decode(q, k, v, lengths, mask=bm.SinkLocal(4, 256),
+                                   config=DecodeConfig(num_splits=2), implementation="gpu")
+
+    lowered = jax.jit(run).trace(q, k, k, lengths).lower(lowering_platforms=("cuda",))
+    assert "triton" in lowered.as_text()
 
 
 @pytest.mark.parametrize("implementation,platform,call", [("tpu", "tpu", "tpu_custom_call"), ("gpu", "cuda", "triton")])

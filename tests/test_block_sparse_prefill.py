@@ -54,8 +54,8 @@ DENSE = (0, bm.DENSE_WINDOW)
 CASES = {
     "dense_mha": (2, 2, 2, 100, 64, 32, 32, bm.DenseCausal(), [DENSE] * 2, [100, 61]),
     "streaming_gqa4": (1, 4, 1, 77, 128, 16, 32, bm.SinkLocal(4, 24), [(4, 24)] * 4, None),
-    "duo_per_kv_head_gqa2": (
-        2, 4, 2, 100, 64, 32, 32, bm.PerHead((bm.DenseCausal(), bm.SinkLocal(5, 20))),
+    "duo_per_kv_head_gqa2_d96": (  # D 96 (Phi-3): Triton attends it as 64 + 32 columns
+        2, 4, 2, 100, 96, 32, 32, bm.PerHead((bm.DenseCausal(), bm.SinkLocal(5, 20))),
         [DENSE] * 2 + [(5, 20)] * 2, [100, 37]),
     "duo_per_query_head_gqa8": (
         1, 8, 1, 45, 64, 16, 16,
@@ -252,7 +252,7 @@ CHUNK_CASES = {
     "dense_mha_d128": (1, 2, 2, 50, 96, 128, 32, 16, bm.DenseCausal(), [DENSE] * 2, [23], [73]),
     "sliding_gqa4_d64": (2, 4, 1, 33, 128, 64, 16, 32, bm.SinkLocal(0, 20), [(0, 20)] * 4,
                          [70, 5], [103, 30]),
-    "streaming_mha_d64_bk64": (2, 2, 2, 20, 128, 64, 16, 64, bm.SinkLocal(5, 17), [(5, 17)] * 2,
+    "streaming_mha_d80_bk64": (2, 2, 2, 20, 128, 80, 16, 64, bm.SinkLocal(5, 17), [(5, 17)] * 2,
                                [100, 61], [120, 75]),
     "duo_gqa8_d128": (1, 8, 1, 24, 80, 128, 8, 16, bm.PerHead((bm.DenseCausal(), bm.SinkLocal(3, 9)) * 4),
                       [DENSE, (3, 9)] * 4, [45], [69]),
@@ -356,6 +356,21 @@ def test_chunk_mode_lowers_for_hardware(implementation, platform, block_q, call)
 
     lowered = jax.jit(run).trace(q, k, k, offset).lower(lowering_platforms=(platform,))
     assert call in lowered.as_text()
+
+
+@pytest.mark.parametrize("head_dim", [96, 80])
+def test_triton_chunk_lowers_head_dims_that_are_not_powers_of_two(head_dim):
+    """Phi-3's head dim 96 lowers to Triton as 64 + 32 column pieces (whole-D tiles would be
+    refused: Triton's tensors must have power-of-two sizes)."""
+    q = jax.ShapeDtypeStruct((1, 32, 512, head_dim), jnp.bfloat16)
+    k = jax.ShapeDtypeStruct((1, 32, 4096, head_dim), jnp.bfloat16)
+    offset = jax.ShapeDtypeStruct((1,), jnp.int32)
+
+    def run(q, k, v, offset):
+        return block_sparse_prefill(q, k, v, bm.DenseCausal(), q_offset=offset, implementation="gpu")
+
+    lowered = jax.jit(run).trace(q, k, k, offset).lower(lowering_platforms=("cuda",))
+    assert "triton" in lowered.as_text()
 
 
 # ----------------------------------------------------------------------------------------

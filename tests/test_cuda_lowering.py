@@ -1,0 +1,51 @@
+"""kvjax's jitted prefill and decode, dispatched as on a GPU, lower to Triton for CUDA on this CPU
+machine (not run there), for a head dim Triton cannot tile whole: Phi-3's 96."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import kvjax
+from kvjax import ModelConfig, init_model
+from kvjax.policies import KIVI, DuoAttention, Full, Quest
+from tests.conftest import random_tokens
+
+PHI3_HEAD_DIM = 96  # Phi-3/3.5-mini: hidden 3072 over 32 heads
+
+
+@pytest.fixture(scope="module")
+def phi3_shaped():
+    config = ModelConfig(
+        family="llama", vocab_size=256, hidden_size=2 * PHI3_HEAD_DIM, intermediate_size=256, num_layers=1,
+        num_heads=2, num_kv_heads=1, head_dim=PHI3_HEAD_DIM, max_position_embeddings=4096,
+    )
+    return init_model(config, seed=0, dtype=jnp.float32)
+
+
+@pytest.mark.parametrize("policy,kernels", [
+    (Full(), (1, 1)),  # (prefill, decode) Triton calls: chunk prefill and block-sparse decode
+    (Quest(), (1, 1)),  # page-selected decode
+    (DuoAttention(((),)), (0, 1)),  # the one KV head streaming: its decode
+    (KIVI(4), (0, 0)),  # its Triton kernel unpacks power-of-two rows: the reference instead
+])
+def test_prefill_and_decode_lower_to_triton(phi3_shaped, monkeypatch, policy, kernels):
+    m = phi3_shaped
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")  # what attention_impl="auto" reads
+    tokens, lengths = jnp.zeros((1, 1024), jnp.int32), jnp.array([1000], jnp.int32)
+    prefill = kvjax.inference._prefill.trace(
+        m.graphdef, m.params, tokens, lengths, policy=policy, chunk=512, max_new_tokens=8)
+    state, _ = prefill.out_info
+    decode = kvjax.inference._decode_step.trace(
+        m.graphdef, m.params, state, jax.ShapeDtypeStruct((1,), jnp.int32), policy=policy)
+    lowered = [traced.lower(lowering_platforms=("cuda",)).as_text() for traced in (prefill, decode)]
+    assert tuple(text.count("triton") for text in lowered) == kernels
+
+
+def test_the_triton_kernels_match_the_reference_at_head_dim_96(phi3_shaped):
+    """The same kernels interpreted (64 + 32 column pieces): the reference's greedy tokens."""
+    m = phi3_shaped
+    prompts = [random_tokens(3, (n,), m.config.vocab_size).tolist() for n in (70, 45)]
+    fast = kvjax.generate(m, prompts, 6, policy=Full(attention_impl="gpu-interpret"), chunk_size=32)
+    slow = kvjax.generate(m, prompts, 6, policy=Full(), chunk_size=32)
+    np.testing.assert_array_equal(np.asarray(fast), np.asarray(slow))
