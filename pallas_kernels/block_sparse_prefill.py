@@ -199,7 +199,10 @@ def _check_tables_fit_smem(scalars, interpret) -> None:
     (1 MiB from v4 on; 16 KiB on v2/v3). Checked only when compiling for the TPU at hand."""
     if interpret or jax.default_backend() != "tpu":
         return
-    capacity = pltpu.get_tpu_info().smem_capacity_bytes
+    try:
+        capacity = pltpu.get_tpu_info().smem_capacity_bytes
+    except ValueError:  # a chip JAX has no table for: leave the verdict to Mosaic
+        return
     needed = 4 * sum(x.size for x in scalars)  # int32 words, before Mosaic's tile padding
     if needed > capacity:
         raise ValueError(
