@@ -86,14 +86,19 @@ def join_query_chunks(x: jax.Array) -> jax.Array:
     return x.swapaxes(0, 1).reshape(b, n * c, *x.shape[3:])
 
 
-def _kernel_lowering(impl: str) -> tuple[str, bool] | None:
-    """(lowering, interpret) for the Pallas kernels, or None for the jnp reference."""
+def _kernel_lowering(impl: str, head_dim: int) -> tuple[str, bool] | None:
+    """(lowering, interpret) for the Pallas kernels, or None for the jnp reference (also for a
+    head dim the Triton kernels cannot cut into power-of-two pieces of at least 16 columns)."""
     if impl not in ATTENTION_IMPLS:
         raise ValueError(f"attention implementation must be one of {ATTENTION_IMPLS}; got {impl!r}")
     if impl == "auto":
         backend = jax.default_backend()
-        return (backend, False) if backend in ("gpu", "tpu") else None
-    return None if impl == "reference" else (impl.split("-")[0], True)
+        lowering = (backend, False) if backend in ("gpu", "tpu") else None
+    else:
+        lowering = None if impl == "reference" else (impl.split("-")[0], True)
+    if lowering is not None and lowering[0] == "gpu" and head_dim % 16:
+        return None
+    return lowering
 
 
 def attend(
@@ -115,7 +120,7 @@ def attend(
         layout (after eviction a slot says nothing about a position), so the default is False.
     Everything else runs the reference.
     """
-    lowering = _kernel_lowering(impl)
+    lowering = _kernel_lowering(impl, q.shape[-1])
     block = next((b for b in _KERNEL_BLOCKS if k.shape[2] % b == 0), None)
     if lowering is not None and block is not None and q.shape[1] > 1 and slot_is_position:
         return _prefill_chunk(q, k, v, k_pos, q_pos, window, scale, lowering)
@@ -146,7 +151,7 @@ def attend_pages(
     attends over the same slots by masking the others. slot_mask (bool[B, K, C]) also hides single
     slots of listed pages. Returns [B, 1, K, G, D].
     """
-    lowering = _kernel_lowering(impl)
+    lowering = _kernel_lowering(impl, q.shape[-1])
     if lowering is None:
         listed = decode_table_mask(table, k.shape[2])  # [B, K, C]
         if slot_mask is not None:
@@ -242,7 +247,7 @@ def _quantized_decode(q, slab, slab_length, k_win, v_win, win_pos, scale, impl) 
     """One decode token per sequence through the quantized decode kernel entry; [B, 1, K, G, D]."""
     b, t, kh, g, d = q.shape
     win_length = jnp.sum(win_pos[:, 0] >= 0, axis=-1, dtype=jnp.int32)  # [B]
-    config, lowering = _QUANTIZED_DECODE, _kernel_lowering(impl)
+    config, lowering = _QUANTIZED_DECODE, _kernel_lowering(impl, d)
     if lowering is not None and lowering[0] == "gpu" and d & (d - 1):
         lowering = None  # its Triton kernel unpacks whole power-of-two rows: Phi-3's 96 runs the reference
     if lowering is not None:

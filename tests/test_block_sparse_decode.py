@@ -301,6 +301,9 @@ def test_default_on_cpu_is_the_reference_and_errors_are_clear():
         block_sparse_decode(q[:, None], k, v, lengths)
     with pytest.raises(ValueError, match="InterpretParams configure the TPU kernel"):
         block_sparse_decode(q, k, v, lengths, implementation="gpu", interpret=pltpu.InterpretParams())
+    with pytest.raises(ValueError, match="head dim that is a multiple of 16, got 24"):
+        block_sparse_decode(q[..., :24], k[..., :24], v[..., :24], lengths, config=DecodeConfig(block_size=16),
+                            implementation="gpu", interpret=True)
 
 
 # ----------------------------------------------------------------------------------------

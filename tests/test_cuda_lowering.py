@@ -42,6 +42,20 @@ def test_prefill_and_decode_lower_to_triton(phi3_shaped, monkeypatch, policy, ke
     assert tuple(text.count("triton") for text in lowered) == kernels
 
 
+def test_a_head_dim_triton_cannot_tile_runs_the_reference(monkeypatch):
+    """Head dim 24 (not a multiple of 16, tl.dot's smallest side): the reference, not an error."""
+    config = ModelConfig(family="llama", vocab_size=256, hidden_size=48, intermediate_size=64, num_layers=1,
+                         num_heads=2, num_kv_heads=1, head_dim=24, max_position_embeddings=4096)
+    m = init_model(config, seed=0, dtype=jnp.float32)
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    tokens, lengths = jnp.zeros((1, 256), jnp.int32), jnp.array([200], jnp.int32)
+    prefill = kvjax.inference._prefill.trace(m.graphdef, m.params, tokens, lengths, policy=Full(), chunk=128,
+                                             max_new_tokens=8)
+    decode = kvjax.inference._decode_step.trace(
+        m.graphdef, m.params, prefill.out_info[0], jax.ShapeDtypeStruct((1,), jnp.int32), policy=Full())
+    assert all("triton" not in traced.lower(lowering_platforms=("cuda",)).as_text() for traced in (prefill, decode))
+
+
 def test_the_triton_kernels_match_the_reference_at_head_dim_96(phi3_shaped):
     """The same kernels interpreted (64 + 32 column pieces): the reference's greedy tokens."""
     m = phi3_shaped
