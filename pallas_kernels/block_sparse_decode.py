@@ -281,7 +281,8 @@ def _decode_kernel_gpu(
     init = initial_pieces(rows, [piece.stop - piece.start for piece in pieces])
     m, l, accs = jax.lax.fori_loop(first, last, body, init)
     for piece, acc in zip(pieces, accs):
-        o_ref[:, piece], lse_ref[...] = _split_result(acc, l, m)
+        o_ref[:, piece], lse = _split_result(acc, l, m)
+    lse_ref[...] = lse
 
 
 def _decode_gpu(qg, k, v, lengths, table, sink, window, sm_scale, num_splits, interpret,

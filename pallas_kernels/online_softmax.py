@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import functools
+import operator
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -27,8 +30,8 @@ def attend_block_pieces(qs, ks, vs, m_prev, l_prev, accs, visible, sm_scale):
 
     qs, ks: tuples of [M, w], [N, w]; vs: [N, w'] and accs [M, w'] alike. Returns (m, l, accs).
     """
-    s = sum(jnp.einsum("md,nd->mn", q, k, preferred_element_type=jnp.float32)
-            for q, k in zip(qs, ks)) * sm_scale  # [M, N]
+    s = functools.reduce(operator.add, (jnp.einsum("md,nd->mn", q, k, preferred_element_type=jnp.float32)
+                                        for q, k in zip(qs, ks))) * sm_scale  # [M, N]
     if visible is not None:
         s = jnp.where(visible, s, MASK_VALUE)
     m_new = jnp.maximum(m_prev, jnp.max(s, axis=-1, keepdims=True))  # [M, 1]
