@@ -124,18 +124,34 @@ def attend(
     block = next((b for b in _KERNEL_BLOCKS if k.shape[2] % b == 0), None)
     if lowering is not None and block is not None and q.shape[1] > 1 and slot_is_position:
         return _prefill_chunk(q, k, v, k_pos, q_pos, window, scale, lowering)
+    decoded = decode_with_lse(q, k, v, k_pos, window, scale, impl)
+    return reference_attention(q, k, v, k_pos, q_pos, window, scale) if decoded is None else decoded[0]
+
+
+def decode_with_lse(
+    q: jax.Array, k: jax.Array, v: jax.Array, k_pos: jax.Array, window: int | None, scale: float, impl: str = "auto",
+) -> tuple[jax.Array, jax.Array] | None:
+    """`attend`'s decode kernel for one token per sequence, with each query head's log-sum-exp, so a
+    caller can fold in keys the segment does not hold (RazorAttention's compensation token).
+
+    q: [B, 1, K, G, D]; k, v: [B, K, C, D] whose entries fill slots [0, count). Returns (out
+    [B, 1, K, G, D], lse float32[B, 1, K, G], -inf where nothing is visible), or None where `impl`
+    gives no kernel for it (the caller's jnp path applies: the reference, a sliding window, T > 1).
+    """
+    lowering = _kernel_lowering(impl, q.shape[-1])
+    block = next((b for b in _KERNEL_BLOCKS if k.shape[2] % b == 0), None)
     if lowering is None or q.shape[1] != 1 or window is not None or block is None:
-        return reference_attention(q, k, v, k_pos, q_pos, window, scale)
+        return None
     b, _, kv_heads, group, d = q.shape
     lengths = jnp.sum(k_pos >= 0, axis=-1, dtype=jnp.int32)  # [B, K]
     decode = functools.partial(
         block_sparse_decode, sm_scale=scale, config=DecodeConfig(block_size=block),
-        implementation=lowering[0], interpret=lowering[1],
+        implementation=lowering[0], interpret=lowering[1], return_lse=True,
     )
-    out = per_device(decode, b, kv_heads, (1, 1, 1, 1), 1)(
+    out, lse = per_device(decode, b, kv_heads, (1, 1, 1, 1), (1, 1))(
         q.reshape(b, kv_heads * group, d), k, v, lengths
-    )  # [B, H, D]
-    return out.reshape(q.shape).astype(v.dtype)
+    )  # [B, H, D], [B, H]
+    return out.reshape(q.shape).astype(v.dtype), lse.reshape(q.shape[:-1])
 
 
 def attend_pages(

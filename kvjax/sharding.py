@@ -127,15 +127,16 @@ def constrain_state(state: KVState) -> KVState:
 
 
 def per_device(
-    fn: Callable, batch: int, kv_heads: int, in_head_axes: Sequence[int | None], out_head_axis: int
+    fn: Callable, batch: int, kv_heads: int, in_head_axes: Sequence[int | None], out_head_axis: int | tuple[int, ...]
 ) -> Callable:
     """`fn` run by `shard_map` on each device's block of (sequences, KV heads) under the active mesh;
     `fn` itself without one. Attention is independent per sequence and KV head, so a kernel needs no
     communication: each device runs it on its own rows and heads.
 
     in_head_axes: per positional argument, the axis holding heads in every leaf of that argument
-    (None: batch only, e.g. lengths [B]). Query heads are KV-head-major (K * G), so they split with
-    the KV heads, and "model" is used only where it divides the KV heads.
+    (None: batch only, e.g. lengths [B]); out_head_axis: the output's, or a tuple, one per output.
+    Query heads are KV-head-major (K * G), so they split with the KV heads, and "model" is used only
+    where it divides the KV heads.
     """
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty:
@@ -146,7 +147,8 @@ def per_device(
 
     def run(*args):
         in_specs = tuple(jax.tree.map(lambda _, a=axis: spec(a), arg) for arg, axis in zip(args, in_head_axes))
-        return jax.shard_map(fn, in_specs=in_specs, out_specs=spec(out_head_axis), check_vma=False)(*args)
+        out_specs = tuple(map(spec, out_head_axis)) if isinstance(out_head_axis, tuple) else spec(out_head_axis)
+        return jax.shard_map(fn, in_specs=in_specs, out_specs=out_specs, check_vma=False)(*args)
 
     return run
 

@@ -57,7 +57,7 @@ from pallas_kernels.dma_ring import ring_pipeline
 from pallas_kernels.lowering import WITH_MOSAIC_GPU, pick_implementation, tpu_interpret
 from pallas_kernels.online_softmax import (
     MASK_VALUE, attend_block, attend_block_pieces, column_pieces, initial_pieces, initial_state,
-    masked_attention)
+    masked_attention, masked_logsumexp)
 
 _TRITON_MIN_ROWS = 16  # Triton's tl.dot needs at least 16 rows
 
@@ -331,13 +331,18 @@ def _decode_gpu(qg, k, v, lengths, table, sink, window, sm_scale, num_splits, in
 # ----------------------------------------------------------------------------------------
 
 
-def combine_splits(out: jax.Array, lse: jax.Array) -> jax.Array:
+def combine_splits(out: jax.Array, lse: jax.Array) -> tuple[jax.Array, jax.Array]:
     """Merges per-split partial results with their log-sum-exps (flash-decoding combine).
 
-    out f32[B, Hkv, S, g, D], lse f32[B, Hkv, S, g, 1] -> f32[B, Hkv, g, D].
+    out f32[B, Hkv, S, g, D], lse f32[B, Hkv, S, g, 1] -> (f32[B, Hkv, g, D], the whole row's
+    log-sum-exp f32[B, Hkv, g], -inf where no split saw a key).
     """
-    weight = jnp.exp(lse - jnp.max(lse, axis=2, keepdims=True))  # [B, Hkv, S, g, 1]
-    return jnp.sum(weight * out, axis=2) / jnp.sum(weight, axis=2)  # [B, Hkv, g, D]
+    top = jnp.max(lse, axis=2, keepdims=True)  # [B, Hkv, 1, g, 1]
+    weight = jnp.exp(lse - top)  # [B, Hkv, S, g, 1]
+    total = jnp.sum(weight, axis=2)  # [B, Hkv, g, 1]
+    seen = top[:, :, 0] > MASK_VALUE / 2  # [B, Hkv, g, 1]: a split saw a key
+    lse = jnp.where(seen, top[:, :, 0] + jnp.log(total), -jnp.inf)[..., 0]  # [B, Hkv, g]
+    return jnp.sum(weight * out, axis=2) / total, lse
 
 
 def _check_inputs(q, k, v):
@@ -396,12 +401,13 @@ def block_sparse_decode_reference(
     mask: MaskDescription | None = None,
     sm_scale: float | None = None,
     slot_mask: jax.Array | None = None,
-) -> jax.Array:
+    return_lse: bool = False,
+) -> jax.Array | tuple[jax.Array, jax.Array]:
     """Dense masked decode attention with the kernel's semantics (the ground truth).
 
     Visible slots: listed by the table (all blocks when None), below the length, inside the
     per-KV-head mask (dense when None) and set in `slot_mask` (when given). A head that sees
-    nothing outputs zeros.
+    nothing outputs zeros (and a log-sum-exp of -inf).
     """
     _check_inputs(q, k, v)
     _check_slot_mask(slot_mask, k)
@@ -418,7 +424,10 @@ def block_sparse_decode_reference(
         visible &= jnp.asarray(slot_mask, bool)
     qg = q.reshape(batch, num_kv_heads, -1, 1, head_dim)  # [B, Hkv, g, 1, D]
     o = masked_attention(qg, k, v, visible[:, :, None, None], sm_scale)  # [B, Hkv, g, 1, D]
-    return o.reshape(q.shape).astype(q.dtype)
+    o = o.reshape(q.shape).astype(q.dtype)
+    if not return_lse:
+        return o
+    return o, masked_logsumexp(qg, k, visible[:, :, None, None], sm_scale).reshape(batch, num_heads)
 
 
 def block_sparse_decode(
@@ -434,7 +443,8 @@ def block_sparse_decode(
     implementation: str | None = None,
     interpret: bool | pltpu.InterpretParams = False,
     slot_mask: jax.Array | None = None,
-) -> jax.Array:
+    return_lse: bool = False,
+) -> jax.Array | tuple[jax.Array, jax.Array]:
     """Decode attention over listed cache blocks: q [B, H, D], k, v [B, Hkv, C, D] -> [B, H, D].
 
     table: blocks to visit per (batch, KV head); None visits what `mask` allows (every block
@@ -447,6 +457,8 @@ def block_sparse_decode(
     "reference", or None to follow `jax.default_backend()` (on CPU: the reference, or the TPU
     kernel interpreted when interpret=True; "mosaic_gpu" cannot be interpreted). interpret may
     also be `pltpu.InterpretParams` for the TPU kernel (e.g. eager DMAs or race detection).
+    return_lse: also return each query head's log-sum-exp of its visible scores, float32[B, H]
+    (-inf where it sees nothing), so a caller can fold in attention over keys kept elsewhere.
     """
     _check_inputs(q, k, v)
     if not isinstance(config, DecodeConfig):
@@ -458,7 +470,7 @@ def block_sparse_decode(
     implementation = pick_implementation(implementation, interpret, choices=WITH_MOSAIC_GPU)
     if implementation == "reference":
         return block_sparse_decode_reference(q, k, v, lengths, table, mask=mask, sm_scale=sm_scale,
-                                             slot_mask=slot_mask)
+                                             slot_mask=slot_mask, return_lse=return_lse)
     if implementation == "mosaic_gpu" and slot_mask is not None:
         raise ValueError('implementation="mosaic_gpu" takes no slot_mask; use "gpu" (Triton)')
     batch, num_heads, head_dim = q.shape
@@ -476,4 +488,6 @@ def block_sparse_decode(
     else:
         out, lse = _decode_gpu(qg, k, v, lengths, table, sink, window, sm_scale, num_splits,
                                interpret, config, slot_mask)
-    return combine_splits(out, lse).reshape(q.shape).astype(q.dtype)  # [B, H, D]
+    out, lse = combine_splits(out, lse)  # [B, Hkv, g, D], [B, Hkv, g]
+    out = out.reshape(q.shape).astype(q.dtype)  # [B, H, D]
+    return (out, lse.reshape(batch, num_heads)) if return_lse else out

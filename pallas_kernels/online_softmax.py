@@ -76,6 +76,16 @@ def column_pieces(head_dim: int) -> tuple[slice, ...]:
     return tuple(pieces)
 
 
+def masked_logsumexp(qg, k, visible, sm_scale):
+    """float32 log-sum-exp of the visible scores, -inf for a query row that sees no key.
+
+    qg [B, Hkv, g, Q, D]; k [B, Hkv, C, D]; visible bool broadcastable to [B, Hkv, g, Q, C].
+    Returns [B, Hkv, g, Q].
+    """
+    s = jnp.einsum("bhgqd,bhkd->bhgqk", qg, k, preferred_element_type=jnp.float32) * sm_scale
+    return jax.nn.logsumexp(jnp.where(visible, s, -jnp.inf), axis=-1)
+
+
 def masked_attention(qg, k, v, visible, sm_scale):
     """Dense softmax attention over the visible keys, with the kernels' semantics: a query row that
     sees no key outputs zeros. The ground truth the block-sparse references share.

@@ -29,6 +29,18 @@ def _dense_decode(q, k, v, visible):
     return np.einsum("bhc,bhcd->bhd", p, v) / np.where(l > 0, l, 1.0)
 
 
+def _dense_lse(q, k, visible):
+    """float64 numpy log-sum-exp of each query head's visible scores, [B, H]; -inf where none."""
+    q, k = (np.asarray(x, np.float64) for x in (q, k))
+    group = q.shape[1] // k.shape[1]
+    s = np.einsum("bhd,bhcd->bhc", q, np.repeat(k, group, axis=1)) / np.sqrt(q.shape[-1])
+    s = np.where(np.repeat(visible, group, axis=1), s, -np.inf)
+    m = s.max(-1)
+    safe = np.where(np.isfinite(m), m, 0.0)
+    with np.errstate(divide="ignore"):
+        return safe + np.log(np.exp(s - safe[..., None]).sum(-1))
+
+
 def _inputs(key, batch, num_heads, num_kv_heads, capacity, head_dim, dtype=jnp.float32):
     kq, kk, kv = jax.random.split(key, 3)
     q = jax.random.normal(kq, (batch, num_heads, head_dim), jnp.float32)
@@ -99,7 +111,7 @@ def test_random_table_gqa8_per_head_lengths(implementation, num_splits):
     batch, heads, kv_heads, capacity, head_dim, block = 2, 16, 2, 192, 96, 32  # D 96: Triton's 64 + 32
     q, k, v = _inputs(jax.random.key(2), batch, heads, kv_heads, capacity, head_dim)
     lengths = np.array([[192, 100], [33, 170]])  # int32[B, Hkv]
-    rng = np.random.default_rng(0)
+    rng = np.random.default_rng(2)
     kv_blocks = np.zeros((batch, kv_heads, 4), np.int32)
     counts = np.zeros((batch, kv_heads), np.int32)
     for b, h in np.ndindex(batch, kv_heads):
@@ -110,14 +122,18 @@ def test_random_table_gqa8_per_head_lengths(implementation, num_splits):
     table = bm.DecodeBlockTable(jnp.asarray(kv_blocks), jnp.asarray(counts), block_size=block)
     listed = _listed(kv_blocks, counts, capacity, block)
     visible = listed & (np.arange(capacity) < lengths[..., None])
+    seen = (kv_blocks * block < lengths[..., None]) & (np.arange(4) < counts[..., None])  # [B, Hkv, 4]
+    assert (seen[..., :2].any(-1) & seen[..., 2:].any(-1)).any()  # a row whose two splits both see keys
     expected = _dense_decode(q, k, v, visible)
     k_bad, v_bad = _poison_unlisted(k, v, listed)
-    out = block_sparse_decode(q, k_bad, v_bad, jnp.asarray(lengths), table,
-                              config=DecodeConfig(block_size=block, num_splits=num_splits),
-                              implementation=implementation, interpret=True)
+    out, lse = block_sparse_decode(q, k_bad, v_bad, jnp.asarray(lengths), table,
+                                   config=DecodeConfig(block_size=block, num_splits=num_splits),
+                                   implementation=implementation, interpret=True, return_lse=True)
     np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5)
-    reference = block_sparse_decode_reference(q, k, v, jnp.asarray(lengths), table)
+    np.testing.assert_allclose(lse, _dense_lse(q, k, visible), rtol=1e-5, atol=1e-5)  # merged over splits
+    reference, reference_lse = block_sparse_decode_reference(q, k, v, jnp.asarray(lengths), table, return_lse=True)
     np.testing.assert_allclose(reference, expected, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(reference_lse, _dense_lse(q, k, visible), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
@@ -161,9 +177,13 @@ def test_slot_mask_reads_only_blocks_with_a_visible_slot(implementation, num_spl
     k_bad, v_bad = _poison_unlisted(k, v, listed)
     k_bad = jnp.where((listed & ~slot_mask)[..., None], 30.0, k_bad)  # would dominate if attended
     config = DecodeConfig(block_size=block, num_splits=num_splits)
-    out = block_sparse_decode(q, k_bad, v_bad, jnp.asarray(lengths), table, config=config,
-                              implementation=implementation, interpret=True, slot_mask=jnp.asarray(slot_mask))
+    out, lse = block_sparse_decode(q, k_bad, v_bad, jnp.asarray(lengths), table, config=config,
+                                   implementation=implementation, interpret=True, slot_mask=jnp.asarray(slot_mask),
+                                   return_lse=True)
     np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5)
+    expected_lse = _dense_lse(q, k, slot_mask)
+    assert np.isneginf(expected_lse[1, 4:]).all()  # the head that sees nothing
+    np.testing.assert_allclose(lse, expected_lse, rtol=1e-5, atol=1e-5)
     reference = block_sparse_decode_reference(q, k_bad, v, jnp.asarray(lengths), table,
                                               slot_mask=jnp.asarray(slot_mask))
     np.testing.assert_allclose(reference, expected, rtol=1e-5, atol=1e-5)

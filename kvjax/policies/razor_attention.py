@@ -7,9 +7,10 @@ softmax with weight n_d, the number of tokens it replaces:
 with s(q, k) = scale * q.k, i.e. one extra logit s(q, k_hat) + log(n_d). It is kept as running sums
 (float32) and a count, updated whenever entries are evicted: after each prefill chunk, at the end of
 the prompt, and at every decode step. Retrieval heads come from `kvjax.heads.razor_heads`.
-Retrieval segments attend through `kvjax.attention.attend` (the Pallas decode kernel on GPU/TPU);
-compensated segments run the jnp path: `block_sparse_decode` returns no log-sum-exp to merge the
-extra token with, and its buffer is only sink + recent + 1 slots.
+Retrieval segments attend through `kvjax.attention.attend` (the Pallas kernels on GPU/TPU). A
+compensated segment's decode step runs the block-sparse decode kernel over its held entries, which
+returns their log-sum-exp, and the compensation token joins through its logit (`fold_compensation`);
+its prefill chunks run the jnp path (`compensated_attention`).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-from kvjax.attention import visibility_mask
+from kvjax.attention import decode_with_lse, visibility_mask
 from kvjax.cached_attention import merge_heads, take_heads, write_in_place_then_attend
 from kvjax.config import ModelConfig
 from kvjax.kv_state import (
@@ -74,6 +75,17 @@ def evict_one(segment: CompensatedSegment, priority: jax.Array) -> CompensatedSe
     return absorb(segment, victim).replace(pos=jnp.where(victim, -1, segment.pos))
 
 
+def _compensation(segment: CompensatedSegment, q: jax.Array, scale: float) -> tuple[jax.Array, jax.Array]:
+    """The compensation token's logit scale * q.k_hat + log(n_d), float32[B, T, Hs, G] (-inf while
+    nothing is dropped), and its value v_hat float32[B, Hs, D]. q: [B, T, Hs, G, D]."""
+    n = segment.n_dropped  # [B, Hs]
+    safe_n = jnp.maximum(n, 1.0)
+    k_hat = segment.k_dropped / safe_n[..., None]  # [B, Hs, D]
+    v_hat = segment.v_dropped / safe_n[..., None]  # [B, Hs, D]
+    logit = jnp.einsum("btkgd,bkd->btkg", q.astype(jnp.float32), k_hat) * scale + jnp.log(safe_n)[:, None, :, None]
+    return jnp.where((n > 0)[:, None, :, None], logit, -jnp.inf), v_hat
+
+
 def compensated_attention(
     q: jax.Array, segment: CompensatedSegment, q_pos: jax.Array, window: int | None, scale: float,
 ) -> jax.Array:
@@ -82,18 +94,29 @@ def compensated_attention(
     q: [B, T, Hs, G, D]. The token's logit is scale * q.k_hat + log(n_d); it is visible to every
     query once n_d > 0 (what it stands for was evicted before these queries' chunk arrived).
     """
-    n = segment.n_dropped  # [B, Hs]
-    safe_n = jnp.maximum(n, 1.0)
-    k_hat = segment.k_dropped / safe_n[..., None]  # [B, Hs, D]
-    v_hat = segment.v_dropped / safe_n[..., None]  # [B, Hs, D]
+    comp, v_hat = _compensation(segment, q, scale)  # [B, T, Hs, G], [B, Hs, D]
     logits = jnp.einsum("btkgd,bkcd->bkgtc", q, segment.k, preferred_element_type=jnp.float32) * scale
     logits = jnp.where(visibility_mask(segment.pos, q_pos, window)[:, :, None], logits, _MASKED)  # [B, Hs, G, T, C]
-    comp = jnp.einsum("btkgd,bkd->bkgt", q.astype(jnp.float32), k_hat) * scale + jnp.log(safe_n)[:, :, None, None]
-    comp = jnp.where((n > 0)[:, :, None, None], comp, _MASKED)  # [B, Hs, G, T]
+    comp = jnp.maximum(comp.transpose(0, 2, 3, 1), _MASKED)  # [B, Hs, G, T]
     probs = jax.nn.softmax(jnp.concatenate([logits, comp[..., None]], axis=-1), axis=-1)  # [B, Hs, G, T, C + 1]
     out = jnp.einsum("bkgtc,bkcd->btkgd", probs[..., :-1].astype(segment.v.dtype), segment.v)  # [B, T, Hs, G, D]
     out_hat = jnp.einsum("bkgt,bkd->btkgd", probs[..., -1], v_hat)  # [B, T, Hs, G, D]
     return (out.astype(jnp.float32) + out_hat).astype(segment.v.dtype)
+
+
+def fold_compensation(
+    q: jax.Array, segment: CompensatedSegment, held: jax.Array, held_lse: jax.Array, scale: float,
+) -> jax.Array:
+    """`compensated_attention` of one decode token, from attention over the held entries alone: held
+    [B, 1, Hs, G, D] with its log-sum-exp held_lse float32[B, 1, Hs, G] (the decode kernel's). The
+    token joins the softmax through its logit: the two parts weigh e^lse and e^logit."""
+    comp, v_hat = _compensation(segment, q, scale)  # [B, 1, Hs, G], [B, Hs, D]
+    top = jnp.maximum(held_lse, comp)
+    top = jnp.where(jnp.isfinite(top), top, 0.0)  # both -inf: nothing visible, zeros out
+    w_held, w_comp = jnp.exp(held_lse - top), jnp.exp(comp - top)  # [B, 1, Hs, G]
+    total = w_held + w_comp
+    out = w_held[..., None] * held.astype(jnp.float32) + w_comp[..., None] * v_hat[:, None, :, None, :]
+    return (out / jnp.where(total > 0, total, 1.0)[..., None]).astype(segment.v.dtype)  # [B, 1, Hs, G, D]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -150,7 +173,10 @@ class RazorAttention(Policy):
     def _attend(self, q, seg, q_pos, window, scale):
         if not self.compensate:
             seg = seg.replace(n_dropped=jnp.zeros_like(seg.n_dropped))
-        return compensated_attention(q, seg, q_pos, window, scale)
+        held = decode_with_lse(q, seg.k, seg.v, seg.pos, window, scale, self.attention_impl)
+        if held is None:  # prefill chunks, and wherever no kernel applies
+            return compensated_attention(q, seg, q_pos, window, scale)
+        return fold_compensation(q, seg, *held, scale)
 
     def finalize(self, config, state: KVState, prompt_len, max_new_tokens) -> KVState:
         """Non-retrieval buffers shrink to sink + recent + one spare slot; what leaves is compensated."""
