@@ -8,7 +8,7 @@ import pytest
 
 import kvjax
 from kvjax import ModelConfig, init_model
-from kvjax.policies import KIVI, DuoAttention, Full, Quest
+from kvjax.policies import KIVI, DuoAttention, Full, Quest, RazorAttention
 from tests.conftest import random_tokens
 
 PHI3_HEAD_DIM = 96  # Phi-3/3.5-mini: hidden 3072 over 32 heads
@@ -27,6 +27,7 @@ def phi3_shaped():
     (Full(), (1, 1)),  # (prefill, decode) Triton calls: chunk prefill and block-sparse decode
     (Quest(), (1, 1)),  # page-selected decode
     (DuoAttention(((),)), (0, 1)),  # the one KV head streaming: its decode
+    (RazorAttention(((),)), (0, 1)),  # the kernel's log-sum-exp takes in the compensation token
     (KIVI(4), (0, 0)),  # its Triton kernel unpacks power-of-two rows: the reference instead
 ])
 def test_prefill_and_decode_lower_to_triton(phi3_shaped, monkeypatch, policy, kernels):
