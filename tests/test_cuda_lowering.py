@@ -1,5 +1,6 @@
 """kvjax's jitted prefill and decode, dispatched as on a GPU, lower to Triton for CUDA on this CPU
-machine (not run there), for a head dim Triton cannot tile whole: Phi-3's 96."""
+machine (not run there) for a head dim Triton cannot tile whole, Phi-3's 96; interpreted, the same
+kernels give the reference's attention."""
 
 import jax
 import jax.numpy as jnp
@@ -9,7 +10,6 @@ import pytest
 import kvjax
 from kvjax import ModelConfig, init_model
 from kvjax.policies import KIVI, DuoAttention, Full, Quest, RazorAttention
-from tests.conftest import random_tokens
 
 PHI3_HEAD_DIM = 96  # Phi-3/3.5-mini: hidden 3072 over 32 heads
 
@@ -57,10 +57,20 @@ def test_a_head_dim_triton_cannot_tile_runs_the_reference(monkeypatch):
     assert all("triton" not in traced.lower(lowering_platforms=("cuda",)).as_text() for traced in (prefill, decode))
 
 
-def test_the_triton_kernels_match_the_reference_at_head_dim_96(phi3_shaped):
-    """The same kernels interpreted (64 + 32 column pieces): the reference's greedy tokens."""
-    m = phi3_shaped
-    prompts = [random_tokens(3, (n,), m.config.vocab_size).tolist() for n in (70, 45)]
-    fast = kvjax.generate(m, prompts, 6, policy=Full(attention_impl="gpu-interpret"), chunk_size=32)
-    slow = kvjax.generate(m, prompts, 6, policy=Full(), chunk_size=32)
-    np.testing.assert_array_equal(np.asarray(fast), np.asarray(slow))
+@pytest.mark.parametrize("t", [1, 40])  # a decode token; a prefill chunk at an offset
+def test_the_triton_kernels_match_the_reference_at_head_dim_96(t):
+    """kvjax's dispatch into the same kernels, interpreted (64 + 32 column pieces), gives the
+    reference's attention over a slot = position cache."""
+    b, kv_heads, group, capacity, start = 2, 2, 3, 128, 50
+    keys = jax.random.split(jax.random.key(7), 3)
+    q = jax.random.normal(keys[0], (b, t, kv_heads, group, PHI3_HEAD_DIM))
+    k = jax.random.normal(keys[1], (b, kv_heads, capacity, PHI3_HEAD_DIM))
+    v = jax.random.normal(keys[2], (b, kv_heads, capacity, PHI3_HEAD_DIM))
+    slots = jnp.arange(capacity, dtype=jnp.int32)
+    ends = jnp.array([start + t, start + t - 7])  # ragged rows: each chunk ends where its row's keys do
+    k_pos = jnp.broadcast_to(jnp.where(slots < ends[:, None], slots, -1)[:, None], (b, kv_heads, capacity))
+    q_pos = (ends - t)[:, None] + jnp.arange(t, dtype=jnp.int32)  # [B, T]
+    run = lambda impl: kvjax.attention.attend(  # noqa: E731
+        q, k, v, k_pos, q_pos, None, PHI3_HEAD_DIM**-0.5, impl, slot_is_position=True)
+    assert "pallas_call" in str(jax.make_jaxpr(lambda: run("gpu-interpret"))())
+    np.testing.assert_allclose(np.asarray(run("gpu-interpret")), np.asarray(run("reference")), atol=2e-5, rtol=0)
