@@ -82,6 +82,21 @@ def tiny_model():
     return init_model(config, seed=0, dtype=jnp.float32)
 
 
+def run_in_own_process(checks: Path, xla_flags: str = f"--xla_force_host_platform_device_count=1 {FAST_COMPILE_FLAGS}"):
+    """Runs the pytest module `checks` in a fresh process and asserts that all of it passed."""
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "PYTEST_ADDOPTS"}
+    env["XLA_FLAGS"] = xla_flags
+    run = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(checks)],
+        cwd=checks.parent.parent, env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert run.returncode == 0, run.stdout[-8000:] + run.stderr[-4000:]
+    assert " passed" in run.stdout and "failed" not in run.stdout and "skipped" not in run.stdout, run.stdout[-2000:]
+
+
 def random_tokens(seed: int, shape, vocab: int, low: int = 3) -> np.ndarray:
     return np.random.default_rng(seed).integers(low, vocab, shape).astype(np.int32)
 

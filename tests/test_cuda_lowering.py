@@ -1,6 +1,8 @@
-"""kvjax's jitted prefill and decode, dispatched as on a GPU, lower to Triton for CUDA on this CPU
-machine (not run there) for a head dim Triton cannot tile whole, Phi-3's 96; interpreted, the same
-kernels give the reference's attention."""
+"""kvjax on a GPU at a head dim Triton cannot tile whole (Phi-3's 96): the jitted programs lower to
+Triton (cuda_lowering_checks.py, in a process of its own), and the kernels, interpreted, give the
+reference's attention through kvjax's dispatch."""
+
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -8,53 +10,13 @@ import numpy as np
 import pytest
 
 import kvjax
-from kvjax import ModelConfig, init_model
-from kvjax.policies import KIVI, DuoAttention, Full, Quest, RazorAttention
+from tests.conftest import run_in_own_process
 
 PHI3_HEAD_DIM = 96  # Phi-3/3.5-mini: hidden 3072 over 32 heads
 
 
-@pytest.fixture(scope="module")
-def phi3_shaped():
-    config = ModelConfig(
-        family="llama", vocab_size=256, hidden_size=2 * PHI3_HEAD_DIM, intermediate_size=256, num_layers=1,
-        num_heads=2, num_kv_heads=1, head_dim=PHI3_HEAD_DIM, max_position_embeddings=4096,
-    )
-    return init_model(config, seed=0, dtype=jnp.float32)
-
-
-@pytest.mark.parametrize("policy,kernels", [
-    (Full(), (1, 1)),  # (prefill, decode) Triton calls: chunk prefill and block-sparse decode
-    (Quest(), (1, 1)),  # page-selected decode
-    (DuoAttention(((),)), (0, 1)),  # the one KV head streaming: its decode
-    (RazorAttention(((),)), (0, 1)),  # the kernel's log-sum-exp takes in the compensation token
-    (KIVI(4), (0, 0)),  # its Triton kernel unpacks power-of-two rows: the reference instead
-])
-def test_prefill_and_decode_lower_to_triton(phi3_shaped, monkeypatch, policy, kernels):
-    m = phi3_shaped
-    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")  # what attention_impl="auto" reads
-    tokens, lengths = jnp.zeros((1, 1024), jnp.int32), jnp.array([1000], jnp.int32)
-    prefill = kvjax.inference._prefill.trace(
-        m.graphdef, m.params, tokens, lengths, policy=policy, chunk=512, max_new_tokens=8)
-    state, _ = prefill.out_info
-    decode = kvjax.inference._decode_step.trace(
-        m.graphdef, m.params, state, jax.ShapeDtypeStruct((1,), jnp.int32), policy=policy)
-    lowered = [traced.lower(lowering_platforms=("cuda",)).as_text() for traced in (prefill, decode)]
-    assert tuple(text.count("triton") for text in lowered) == kernels
-
-
-def test_a_head_dim_triton_cannot_tile_runs_the_reference(monkeypatch):
-    """Head dim 24 (not a multiple of 16, tl.dot's smallest side): the reference, not an error."""
-    config = ModelConfig(family="llama", vocab_size=256, hidden_size=48, intermediate_size=64, num_layers=1,
-                         num_heads=2, num_kv_heads=1, head_dim=24, max_position_embeddings=4096)
-    m = init_model(config, seed=0, dtype=jnp.float32)
-    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
-    tokens, lengths = jnp.zeros((1, 256), jnp.int32), jnp.array([200], jnp.int32)
-    prefill = kvjax.inference._prefill.trace(m.graphdef, m.params, tokens, lengths, policy=Full(), chunk=128,
-                                             max_new_tokens=8)
-    decode = kvjax.inference._decode_step.trace(
-        m.graphdef, m.params, prefill.out_info[0], jax.ShapeDtypeStruct((1,), jnp.int32), policy=Full())
-    assert all("triton" not in traced.lower(lowering_platforms=("cuda",)).as_text() for traced in (prefill, decode))
+def test_prefill_and_decode_lower_to_triton():
+    run_in_own_process(Path(__file__).with_name("cuda_lowering_checks.py"))
 
 
 @pytest.mark.parametrize("t", [1, 40])  # a decode token; a prefill chunk at an offset
