@@ -24,6 +24,17 @@ def phi3_shaped():
     return init_model(config, seed=0, dtype=jnp.float32)
 
 
+def _lowered_for_cuda(m, policy, prompt: int, chunk: int) -> list[str]:
+    """The jitted prefill (one prompt padded to `prompt`) and one decode step, lowered for CUDA with
+    kvjax dispatching as on a GPU (jax.default_backend must say "gpu")."""
+    tokens, lengths = jnp.zeros((1, prompt), jnp.int32), jnp.array([prompt - 24], jnp.int32)
+    prefill = kvjax.inference._prefill.trace(
+        m.graphdef, m.params, tokens, lengths, policy=policy, chunk=chunk, max_new_tokens=8)
+    decode = kvjax.inference._decode_step.trace(
+        m.graphdef, m.params, prefill.out_info[0], jax.ShapeDtypeStruct((1,), jnp.int32), policy=policy)
+    return [traced.lower(lowering_platforms=("cuda",)).as_text() for traced in (prefill, decode)]
+
+
 @pytest.mark.parametrize("policy,kernels", [
     (Full(), (1, 1)),  # (prefill, decode) Triton calls: chunk prefill and block-sparse decode
     (Quest(), (1, 1)),  # page-selected decode
@@ -32,15 +43,8 @@ def phi3_shaped():
     (KIVI(4), (0, 0)),  # its Triton kernel unpacks power-of-two rows: the reference instead
 ])
 def test_prefill_and_decode_lower_to_triton(phi3_shaped, monkeypatch, policy, kernels):
-    m = phi3_shaped
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")  # what attention_impl="auto" reads
-    tokens, lengths = jnp.zeros((1, 1024), jnp.int32), jnp.array([1000], jnp.int32)
-    prefill = kvjax.inference._prefill.trace(
-        m.graphdef, m.params, tokens, lengths, policy=policy, chunk=512, max_new_tokens=8)
-    state, _ = prefill.out_info
-    decode = kvjax.inference._decode_step.trace(
-        m.graphdef, m.params, state, jax.ShapeDtypeStruct((1,), jnp.int32), policy=policy)
-    lowered = [traced.lower(lowering_platforms=("cuda",)).as_text() for traced in (prefill, decode)]
+    lowered = _lowered_for_cuda(phi3_shaped, policy, prompt=1024, chunk=512)
     assert tuple(text.count("triton") for text in lowered) == kernels
 
 
@@ -50,9 +54,4 @@ def test_a_head_dim_triton_cannot_tile_runs_the_reference(monkeypatch):
                          num_heads=2, num_kv_heads=1, head_dim=24, max_position_embeddings=4096)
     m = init_model(config, seed=0, dtype=jnp.float32)
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
-    tokens, lengths = jnp.zeros((1, 256), jnp.int32), jnp.array([200], jnp.int32)
-    prefill = kvjax.inference._prefill.trace(m.graphdef, m.params, tokens, lengths, policy=Full(), chunk=128,
-                                             max_new_tokens=8)
-    decode = kvjax.inference._decode_step.trace(
-        m.graphdef, m.params, prefill.out_info[0], jax.ShapeDtypeStruct((1,), jnp.int32), policy=Full())
-    assert all("triton" not in traced.lower(lowering_platforms=("cuda",)).as_text() for traced in (prefill, decode))
+    assert all("triton" not in text for text in _lowered_for_cuda(m, Full(), prompt=256, chunk=128))
