@@ -1,8 +1,8 @@
-"""kvjax's jitted prefill and decode, dispatched as on a GPU (jax.default_backend patched), lower to
-Triton for CUDA on this CPU machine (not run there) for a head dim Triton cannot tile whole, Phi-3's 96.
-Run by test_cuda_lowering.py in a process of its own: lowering whole programs for CUDA from a CPU-only
-jaxlib is kept out of the test workers (two CI runs with these checks in-process lost a worker to a
-segfault in XLA's CPU compiler in a later test; the cause is not established)."""
+"""The block-sparse kernels, and kvjax's jitted prefill and decode dispatched as on a GPU
+(jax.default_backend patched), lower to Triton for CUDA on this CPU machine (not run there) for head
+dims Triton cannot tile whole: Phi-3's 96, and 80. Run by test_cuda_lowering.py in a process of its
+own: CI runs with these lowerings in the test workers lost a worker to a segfault in XLA's CPU compiler
+in a later test (the cause is not established), so they stay out of the workers."""
 
 import jax
 import jax.numpy as jnp
@@ -11,6 +11,9 @@ import pytest
 import kvjax
 from kvjax import ModelConfig, init_model
 from kvjax.policies import KIVI, DuoAttention, Full, Quest, RazorAttention
+from pallas_kernels import block_masks as bm
+from pallas_kernels.block_sparse_decode import DecodeConfig, block_sparse_decode
+from pallas_kernels.block_sparse_prefill import block_sparse_prefill
 
 PHI3_HEAD_DIM = 96  # Phi-3/3.5-mini: hidden 3072 over 32 heads
 
@@ -55,3 +58,24 @@ def test_a_head_dim_triton_cannot_tile_runs_the_reference(monkeypatch):
     m = init_model(config, seed=0, dtype=jnp.float32)
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
     assert all("triton" not in text for text in _lowered_for_cuda(m, Full(), prompt=256, chunk=128))
+
+
+@pytest.mark.parametrize("head_dim", [96, 80])
+def test_kernels_lower_head_dims_that_are_not_powers_of_two(head_dim):
+    """Decode (streaming heads, 2 splits) and a chunk prefill lower as 64 + 32 (64 + 16) column
+    pieces; whole-D tiles would be refused (Triton's tensors must have power-of-two sizes)."""
+    q = jax.ShapeDtypeStruct((1, 32, head_dim), jnp.bfloat16)
+    k = jax.ShapeDtypeStruct((1, 32, 2048, head_dim), jnp.bfloat16)
+    q_chunk = jax.ShapeDtypeStruct((1, 32, 512, head_dim), jnp.bfloat16)
+    scalar = jax.ShapeDtypeStruct((1,), jnp.int32)
+
+    def decode(q, k, v, lengths):
+        return block_sparse_decode(q, k, v, lengths, mask=bm.SinkLocal(4, 256),
+                                   config=DecodeConfig(num_splits=2), implementation="gpu")
+
+    def prefill(q, k, v, offset):
+        return block_sparse_prefill(q, k, v, bm.DenseCausal(), q_offset=offset, implementation="gpu")
+
+    for fn, q_shape in ((decode, q), (prefill, q_chunk)):
+        lowered = jax.jit(fn).trace(q_shape, k, k, scalar).lower(lowering_platforms=("cuda",))
+        assert "triton" in lowered.as_text()

@@ -250,22 +250,6 @@ def test_lowers_for_hardware(implementation, platform, call, head_dim, block_siz
     assert call in lowered.as_text()
 
 
-@pytest.mark.parametrize("head_dim", [96, 80])
-def test_triton_lowers_head_dims_that_are_not_powers_of_two(head_dim):
-    """Triton's tensors must have power-of-two sizes: Phi-3's head dim 96 lowers as 64 + 32
-    column pieces (whole-D tiles would be refused by the Triton lowering)."""
-    q = jax.ShapeDtypeStruct((1, 32, head_dim), jnp.bfloat16)
-    k = jax.ShapeDtypeStruct((1, 32, 2048, head_dim), jnp.bfloat16)
-    lengths = jax.ShapeDtypeStruct((1,), jnp.int32)
-
-    def run(q, k, v, lengths):
-        return block_sparse_decode(q, k, v, lengths, mask=bm.SinkLocal(4, 256),
-                                   config=DecodeConfig(num_splits=2), implementation="gpu")
-
-    lowered = jax.jit(run).trace(q, k, k, lengths).lower(lowering_platforms=("cuda",))
-    assert "triton" in lowered.as_text()
-
-
 @pytest.mark.parametrize("implementation,platform,call", [("tpu", "tpu", "tpu_custom_call"), ("gpu", "cuda", "triton")])
 def test_slot_mask_lowers_for_hardware(implementation, platform, call):
     """A 16-slot block table built from a traced slot mask, and the mask read per block, lower to

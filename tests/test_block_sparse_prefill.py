@@ -364,21 +364,6 @@ def test_chunk_mode_lowers_for_hardware(implementation, platform, block_q, call)
     assert call in lowered.as_text()
 
 
-@pytest.mark.parametrize("head_dim", [96, 80])
-def test_triton_chunk_lowers_head_dims_that_are_not_powers_of_two(head_dim):
-    """Phi-3's head dim 96 lowers to Triton as 64 + 32 column pieces (whole-D tiles would be
-    refused: Triton's tensors must have power-of-two sizes)."""
-    q = jax.ShapeDtypeStruct((1, 32, 512, head_dim), jnp.bfloat16)
-    k = jax.ShapeDtypeStruct((1, 32, 4096, head_dim), jnp.bfloat16)
-    offset = jax.ShapeDtypeStruct((1,), jnp.int32)
-
-    def run(q, k, v, offset):
-        return block_sparse_prefill(q, k, v, bm.DenseCausal(), q_offset=offset, implementation="gpu")
-
-    lowered = jax.jit(run).trace(q, k, k, offset).lower(lowering_platforms=("cuda",))
-    assert "triton" in lowered.as_text()
-
-
 # ----------------------------------------------------------------------------------------
 # The Hopper kernel (Mosaic GPU), run by JAX's GPU interpreter as extended in
 # tests/mosaic_gpu_interpreter.py: TMA copies, barriers and wgmma included.
