@@ -8,13 +8,15 @@ independent programs whose partial results are merged with a log-sum-exp combine
 keeps a GPU busy at batch 1 with long caches.
 
 Lowerings:
-  * "tpu": Mosaic TPU. Grid (B, Hkv, splits); table, counts, lengths and per-head sink/window
-    arrive through scalar prefetch. K and V stay in HBM: each program loops over its share of
-    the row's count in stages of `tpu_stage_tokens` and copies the listed blocks by hand into a
-    VMEM ring of `num_stages` stages, the next stages in flight while one is attended. The work
-    follows the count, not the table's width: a grid step per table entry would cost ~0.35 us
-    even when empty, more than a 128-token block takes to stream (and Squeezed Attention's
-    table spans every page of the cache).
+  * "tpu": Mosaic TPU. Grid (B, Hkv, splits); counts, lengths and per-head sink/window arrive
+    through scalar prefetch, and each program's share of its table row is pipelined into SMEM as
+    a block (prefetching the whole table would cap B * Hkv * n_max at SMEM's 1 MiB: Squeezed
+    Attention's 16-slot pages give n_max = 8192 at 128K). K and V stay in HBM: each program
+    loops over its share of the row's count in stages of `tpu_stage_tokens` and copies the
+    listed blocks by hand into a VMEM ring of `num_stages` stages, the next stages in flight
+    while one is attended. The work follows the count, not the table's width: a grid step per
+    table entry would cost ~0.35 us even when empty, more than a 128-token block takes to
+    stream (and Squeezed Attention's table spans every page of the cache).
   * "gpu": a generic Pallas kernel (only `pl` primitives) compiled with the Triton backend.
     Grid (B, Hkv, splits); each program loops over its share of the row's count. The group
     is padded to at least 16 query rows for Triton's matmul, and a head dim that is not a
@@ -106,11 +108,11 @@ def _split_result(acc, l, m):
 
 def _decode_kernel_tpu(
     # Scalar prefetch (SMEM).
-    kv_blocks_ref,  # int32[B * Hkv * n_max]
     counts_ref,  # int32[B * Hkv]
     lengths_ref,  # int32[B * Hkv]
     sink_ref,  # int32[Hkv]
     window_ref,  # int32[Hkv]
+    kv_blocks_ref,  # int32[1, per_split] (SMEM): this program's share of its table row
     q_ref,  # [g, D] (VMEM)
     k_hbm,  # [B, Hkv, C, D] (HBM: blocks are copied by hand)
     v_hbm,  # [B, Hkv, C, D]
@@ -119,7 +121,6 @@ def _decode_kernel_tpu(
     sm_scale: float,
     block_size: int,
     num_kv_heads: int,
-    max_blocks: int,
     per_split: int,
 ):
     with_slots = len(refs) == 10
@@ -139,11 +140,11 @@ def _decode_kernel_tpu(
     def for_each_entry(group, slot, fn):
         """fn(cache block, ring slot, place in the stage) for the group's table entries below `last`."""
         def body(j, carry):
-            entry = first + group * stage_blocks + j
+            local = group * stage_blocks + j  # place in this program's share of the row
 
-            @pl.when(entry < last)
+            @pl.when(first + local < last)
             def _entry():
-                fn(kv_blocks_ref[row * max_blocks + entry], slot, j)
+                fn(kv_blocks_ref[0, local], slot, j)
 
             return carry
 
@@ -188,6 +189,13 @@ def _decode_tpu(qg, k, v, lengths, table, sink, window, sm_scale, num_splits, in
     squeezed = pl.Squeezed()
     row_map = lambda b, h, split, *_: (b, h, 0, 0)  # noqa: E731
     split_map = lambda b, h, split, *_: (b, h, split, 0, 0)  # noqa: E731
+    # Each program's share of its row as one [1, per_split] block ((1, n) equals the array's last
+    # two dims, which Mosaic requires of blocks that are not (8, 128)-aligned).
+    shares = jnp.pad(table.kv_blocks, ((0, 0), (0, 0), (0, num_splits * per_split - max_blocks)))
+    shares = shares.reshape(-1, 1, per_split)  # [B * Hkv * splits, 1, per_split]
+    share_spec = pl.BlockSpec(
+        (squeezed, 1, per_split), lambda b, h, split, *_: ((b * num_kv_heads + h) * num_splits + split, 0, 0),
+        memory_space=pltpu.SMEM)
     hbm = pl.BlockSpec(memory_space=pl.ANY)  # left in HBM: copied block by block
     slot_inputs, slot_specs, slot_scratch = (), [], []
     if slot_mask is not None:
@@ -197,11 +205,12 @@ def _decode_tpu(qg, k, v, lengths, table, sink, window, sm_scale, num_splits, in
         slot_scratch = [pltpu.VMEM((*ring, 1, block_size), jnp.int32)]
     kernel = functools.partial(
         _decode_kernel_tpu, sm_scale=sm_scale, block_size=block_size, num_kv_heads=num_kv_heads,
-        max_blocks=max_blocks, per_split=per_split)
+        per_split=per_split)
     grid_spec = pltpu.PrefetchScalarGridSpec(
-        num_scalar_prefetch=5,
+        num_scalar_prefetch=4,
         grid=(batch, num_kv_heads, num_splits),
-        in_specs=[pl.BlockSpec((squeezed, squeezed, group, head_dim), row_map), hbm, hbm, *slot_specs],
+        in_specs=[share_spec, pl.BlockSpec((squeezed, squeezed, group, head_dim), row_map), hbm, hbm,
+                  *slot_specs],
         out_specs=[pl.BlockSpec((squeezed, squeezed, squeezed, group, head_dim), split_map),
                    pl.BlockSpec((squeezed, squeezed, squeezed, group, 1), split_map)],
         scratch_shapes=[pltpu.VMEM((*ring, block_size, head_dim), k.dtype),
@@ -222,9 +231,8 @@ def _decode_tpu(qg, k, v, lengths, table, sink, window, sm_scale, num_splits, in
         interpret=tpu_interpret(interpret),
         name="block_sparse_decode_tpu",
     )(
-        table.kv_blocks.reshape(-1), table.counts.reshape(-1), lengths.reshape(-1),
-        jnp.asarray(sink), jnp.asarray(window),
-        qg, k, v, *slot_inputs,
+        table.counts.reshape(-1), lengths.reshape(-1), jnp.asarray(sink), jnp.asarray(window),
+        shares, qg, k, v, *slot_inputs,
     )
 
 
