@@ -11,11 +11,11 @@ from pathlib import Path
 # to start, so it is set only on the jaxlib it was measured on. The CLI tests' subprocesses inherit it.
 FAST_COMPILE_FLAGS = "--xla_cpu_use_fusion_emitters=false" if version("jaxlib").startswith("0.10.") else ""
 os.environ.setdefault("XLA_FLAGS", f"--xla_force_host_platform_device_count=1 {FAST_COMPILE_FLAGS}")
-# No persistent compilation cache, in the workers or in the subprocesses that inherit this. With one shared
-# by the xdist workers (jaxlib 0.10.2), 5 of 8 runs of the suite lost a worker to a segfault. A core dump
-# showed libgcc's unwinder crashing in _Unwind_Find_FDE on an error thrown by `executable.serialize()`: a
-# stale EH frame, and only jaxlib's JIT registers any. Without the cache, 3 of 3 runs passed, no slower
-# (10:33 to 11:19).
+# No persistent compilation cache, in the workers or in the subprocesses that inherit this: it no longer
+# saves time (runs took 10:33 to 11:19 without it, 10:52 to 11:38 with it), and it adds a native path that
+# has crashed. With it (jaxlib 0.10.2), 5 of 8 runs of the suite lost a worker to a segfault; a core dump
+# showed libgcc's unwinder crashing in _Unwind_Find_FDE on an error thrown by `executable.serialize()`.
+# Without it 1 of 5 runs still lost one, in XLA's compile (native stack not read): the cause is not found.
 os.environ["JAX_ENABLE_COMPILATION_CACHE"] = "false"
 
 import jax
