@@ -1,8 +1,8 @@
 """The block-sparse kernels, and kvjax's jitted prefill and decode dispatched as on a GPU
 (jax.default_backend patched), lower to Triton for CUDA on this CPU machine (not run there) for head
 dims Triton cannot tile whole: Phi-3's 96, and 80. Run by test_cuda_lowering.py in a process of its
-own: CI runs with these lowerings in the test workers lost a worker to a segfault in XLA's CPU compiler
-in a later test (the cause is not established), so they stay out of the workers."""
+own, so Triton's MLIR lowering stays out of the test workers (moved there while chasing CI segfaults,
+which later recurred without it: not their cause)."""
 
 import jax
 import jax.numpy as jnp

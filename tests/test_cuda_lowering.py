@@ -11,8 +11,7 @@ import pytest
 
 import kvjax
 from tests.conftest import run_in_own_process
-
-PHI3_HEAD_DIM = 96  # Phi-3/3.5-mini: hidden 3072 over 32 heads
+from tests.cuda_lowering_checks import PHI3_HEAD_DIM
 
 
 def test_prefill_and_decode_lower_to_triton():
