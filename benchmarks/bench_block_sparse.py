@@ -60,26 +60,31 @@ class Shapes:
 FULL = Shapes(batch=1, num_heads=32, num_kv_heads=8, head_dim=128,
               lengths=(8192, 32768, 131072), dtype="bfloat16", sink=64, recent=256,
               decode_page=64, decode_fraction=0.1)
+SECTIONS = ("prefill", "decode", "chunked")
 REFERENCE_MAX_LEN = 8192  # DuoAttention prefill checked against the dense reference up to here
 SMOKE = Shapes(batch=1, num_heads=4, num_kv_heads=2, head_dim=64, lengths=(100,),
                dtype="bfloat16", sink=4, recent=16, decode_page=16, decode_fraction=0.25)
 
 
-def median_seconds(fn: Callable, *args, repeats: int) -> float:
-    """Median wall time of a jitted call after one warm-up (compile) call."""
+def median_seconds(fn: Callable, *args, repeats: int, inner: int = 1) -> float:
+    """Median over `repeats` of the mean time of `inner` back-to-back jitted calls, after one
+    warm-up (compile) call. inner > 1 hides the host's dispatch of sub-millisecond calls (decode)
+    behind the device's work, as a decode loop does."""
     jax.block_until_ready(fn(*args))
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - start)
+        for _ in range(inner):
+            out = fn(*args)
+        jax.block_until_ready(out)
+        times.append((time.perf_counter() - start) / inner)
     return statistics.median(times)
 
 
-def try_time(fn: Callable, *args, repeats: int) -> float | str:
+def try_time(fn: Callable, *args, repeats: int, inner: int = 1) -> float | str:
     """Seconds, or the reason the call failed (no cuDNN on this device, out of memory, ...)."""
     try:
-        return median_seconds(fn, *args, repeats=repeats)
+        return median_seconds(fn, *args, repeats=repeats, inner=inner)
     except Exception as e:  # a baseline that cannot run here is reported, not fatal
         return f"failed: {type(e).__name__}: {str(e).splitlines()[0][:200]}"
 
@@ -160,7 +165,7 @@ def bench_prefill(shapes: Shapes, seq_len: int, kernel_kwargs: dict, repeats: in
 
 
 def bench_decode(shapes: Shapes, seq_len: int, kernel_kwargs: dict, num_splits: int,
-                 num_stages: int, repeats: int) -> list[dict]:
+                 num_stages: int, repeats: int, inner: int) -> list[dict]:
     batch, heads, kv_heads, dim = (shapes.batch, shapes.num_heads, shapes.num_kv_heads,
                                    shapes.head_dim)
     dtype = jnp.dtype(shapes.dtype)
@@ -199,16 +204,18 @@ def bench_decode(shapes: Shapes, seq_len: int, kernel_kwargs: dict, num_splits: 
     q_t = q[:, None]  # [B, 1, H, D]
     k_t, v_t = (x.transpose(0, 2, 1, 3) for x in (k, v))  # [B, C, Hkv, D]
     baselines = {
-        "xla_full_cache": try_time(xla_decode, q, k, v, repeats=repeats),
+        "xla_full_cache": try_time(xla_decode, q, k, v, repeats=repeats, inner=inner),
         "cudnn_full_cache": try_time(cudnn_or_xla("cudnn", key_value_seq_lengths=lengths),
-                                     q_t, k_t, v_t, repeats=repeats),
+                                     q_t, k_t, v_t, repeats=repeats, inner=inner),
     }
-    kernel_s = median_seconds(kernel, q, k, v, table, repeats=repeats)
-    total_s = median_seconds(select_and_kernel, q, k, v, k_min, k_max, repeats=repeats)
+    kernel_s = median_seconds(kernel, q, k, v, table, repeats=repeats, inner=inner)
+    total_s = median_seconds(select_and_kernel, q, k, v, k_min, k_max, repeats=repeats,
+                             inner=inner)
     diff = jnp.abs(kernel(q, k, v, table).astype(jnp.float32) - block_sparse_decode_reference(
         q, k, v, lengths, table).astype(jnp.float32))
     extra = dict(page=page, pages_visited=top_k, pages_total=capacity // page,
-                 num_splits=num_splits, max_abs_diff_vs_reference=float(diff.max()))
+                 num_splits=num_splits, num_stages=num_stages, calls_per_sample=inner,
+                 max_abs_diff_vs_reference=float(diff.max()))
     return [summarize("decode_top_k_pages_kernel_only", seq_len, kernel_s, baselines, **extra),
             summarize("decode_top_k_pages_with_selection", seq_len, total_s, baselines,
                       **extra)]
@@ -271,7 +278,11 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--block-q", type=int, default=128)
     parser.add_argument("--block-k", type=int, default=128)
-    parser.add_argument("--num-splits", type=int, default=8)
+    parser.add_argument("--num-splits", type=int, nargs="+", default=[8],
+                        help="decode splits per (sequence, KV head); several: one row each")
+    parser.add_argument("--decode-inner", type=int, default=20,
+                        help="back-to-back decode calls per timing sample")
+    parser.add_argument("--sections", nargs="+", choices=SECTIONS, default=list(SECTIONS))
     parser.add_argument("--num-stages", type=int, default=2,
                         help="K/V blocks in flight (Triton pipelining; Mosaic GPU stage ring)")
     parser.add_argument("--chunk", type=int, default=512, help="kvjax prefill chunk (dispatch row)")
@@ -297,8 +308,9 @@ def main(argv: list[str] | None = None) -> dict:
     blocks = (16, 16) if args.smoke else (args.block_q, args.block_k)
     kernel_kwargs = dict(implementation=args.implementation, interpret=interpret)
     prefill_kwargs = dict(kernel_kwargs, config=PrefillConfig(*blocks, num_stages=args.num_stages))
-    # kvjax's attention_impl for the dispatch row: "auto" on an accelerator (its own lowering,
-    # Triton on GPU), an interpreter on CPU (the TPU one unless --implementation gpu).
+    # kvjax's attention_impl for the dispatch row: "auto" on an accelerator (the kernel's own
+    # pick: Mosaic GPU on Hopper where it fits, else Triton), an interpreter on CPU (the TPU one
+    # unless --implementation gpu).
     dispatch = "gpu" if mosaic else args.implementation
     dispatch_impl = (f"{dispatch or 'tpu'}-interpret" if interpret
                      else "auto" if dispatch in (None, backend) else None)
@@ -306,12 +318,17 @@ def main(argv: list[str] | None = None) -> dict:
         parser.error("kvjax's dispatch picks the device's own lowering: drop --implementation")
     chunk = 32 if args.smoke else args.chunk
 
+    inner = 1 if args.smoke else args.decode_inner
     results = []
     for seq_len in shapes.lengths:
-        results += bench_prefill(shapes, seq_len, prefill_kwargs, repeats)
-        results += bench_decode(shapes, seq_len, kernel_kwargs, args.num_splits, args.num_stages,
-                                repeats)
-        results += bench_chunked_prefill(shapes, seq_len, chunk, dispatch_impl, repeats)
+        if "prefill" in args.sections:
+            results += bench_prefill(shapes, seq_len, prefill_kwargs, repeats)
+        if "decode" in args.sections:
+            for num_splits in args.num_splits:
+                results += bench_decode(shapes, seq_len, kernel_kwargs, num_splits,
+                                        args.num_stages, repeats, inner)
+        if "chunked" in args.sections:
+            results += bench_chunked_prefill(shapes, seq_len, chunk, dispatch_impl, repeats)
     report = {
         "device": jax.devices()[0].device_kind,
         "backend": backend,
@@ -321,7 +338,8 @@ def main(argv: list[str] | None = None) -> dict:
         "note": ("interpreted on CPU: times are meaningless" if interpret else
                  "median wall time after warm-up; speedup = baseline / kernel, same run"),
         "shapes": dataclasses.asdict(shapes),
-        "kernel_implementation": args.implementation or ("tpu" if interpret else backend),
+        "kernel_implementation": args.implementation or ("tpu" if interpret else
+                                                         f"{backend}: the kernels' default"),
         "prefill_blocks": list(blocks),
         "num_stages": args.num_stages,
         "results": results,

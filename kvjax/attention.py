@@ -214,7 +214,8 @@ def _prefill_chunk(
         return block_sparse_prefill(
             q_heads, k, v, mask, lengths=lengths, q_offset=q_offset, sm_scale=scale,
             config=PrefillConfig(block_q=block_q, block_k=block_k),
-            implementation=lowering[0], interpret=lowering[1],
+            # On the device, the kernel's own pick: Mosaic GPU on Hopper where it fits, else Triton.
+            implementation=lowering[0] if lowering[1] else None, interpret=lowering[1],
         )
 
     out = per_device(prefill, b, kv_heads, (1, 1, 1, None, None), 1)(

@@ -97,11 +97,15 @@ def load(path_or_name: str | os.PathLike, dtype=jnp.bfloat16, mesh: jax.sharding
         raise CheckpointError(f"{directory}: unreadable config.json ({err})") from err
     shell = abstract_model(config, dtype)
     target = nnx.to_pure_dict(shell.params)
-    if mesh is not None:
-        target = jax.tree.map(
-            lambda x, sharding: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
-            target, param_shardings(mesh, target),
-        )
+    # Every leaf names where it goes: without that, orbax falls back to the devices the checkpoint was
+    # saved from, and a checkpoint written on CPU (the bundled model) then fails to load on a GPU.
+    if mesh is None:
+        shardings = jax.tree.map(lambda _: jax.sharding.SingleDeviceSharding(jax.devices()[0]), target)
+    else:
+        shardings = param_shardings(mesh, target)
+    target = jax.tree.map(
+        lambda x, sharding: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), target, shardings
+    )
     try:
         restored = ocp.StandardCheckpointer().restore((directory / "params").absolute(), target)
     except Exception as err:  # orbax raises many types for truncated or mismatched data

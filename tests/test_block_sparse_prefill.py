@@ -173,6 +173,32 @@ def test_mosaic_gpu_names_what_it_cannot_take():
                              interpret=True)
 
 
+def test_hopper_takes_mosaic_gpu_by_default_only_where_it_fits(monkeypatch):
+    """On Hopper an unrequested GPU lowering becomes Mosaic GPU (3.4x Triton's prefill on an H100)
+    for inputs it takes; everything else, and any explicit or interpreted choice, stays as picked."""
+    import importlib
+
+    prefill_module = importlib.import_module("pallas_kernels.block_sparse_prefill")  # the package
+    # exports a function of the same name
+    q = jnp.zeros((1, 4, 256, 128), jnp.bfloat16)
+    config = PrefillConfig(128, 128)
+    choose = prefill_module._default_to_hopper
+    monkeypatch.setattr(prefill_module, "on_hopper", lambda: True)
+    assert choose(q, config, False, None, "gpu") == "mosaic_gpu"
+    assert choose(q.astype(jnp.float16), PrefillConfig(128, 64), False, None, "gpu") == "mosaic_gpu"
+    for x, cfg in [(q.astype(jnp.float32), config),  # wgmma takes 16-bit floats
+                   (q[..., :96], config),  # Phi-3's head dim: not a multiple of 64
+                   (q, PrefillConfig(64, 128)),  # one consumer's rows: block_q must be 128
+                   (q, PrefillConfig(128, 256)),
+                   (q, PrefillConfig(128, 128, num_stages=1))]:
+        assert choose(x, cfg, False, None, "gpu") == "gpu"
+    assert choose(q, config, False, "gpu", "gpu") == "gpu"  # Triton when asked for
+    assert choose(q, config, True, None, "gpu") == "gpu"  # the interpreter runs Triton
+    assert choose(q, config, False, None, "tpu") == "tpu"
+    monkeypatch.setattr(prefill_module, "on_hopper", lambda: False)
+    assert choose(q, config, False, None, "gpu") == "gpu"
+
+
 def test_default_on_cpu_is_the_reference_and_errors_are_clear():
     q, k, v = _inputs(jax.random.key(3), 1, 2, 1, 20, 64, jnp.float32)
     desc = bm.SinkLocal(2, 5)
