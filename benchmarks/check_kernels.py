@@ -15,6 +15,7 @@ its own. Writes JSON with the device and one row per check.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import time
 import traceback
@@ -25,6 +26,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+import kvjax
+from kvjax.policies import Full, StreamingLLM
 from pallas_kernels import block_masks as bm
 from pallas_kernels import kv_quant
 from pallas_kernels.block_sparse_decode import (
@@ -191,12 +194,9 @@ def quantized_checks(seed: Iterator[int]) -> Iterator[Check]:
 
 
 def kvjax_checks() -> Iterator[Check]:
-    """kvjax's dispatch ("auto": the kernels) against attention_impl="reference" on the bundled
-    model: prefill logits of the last token, float32 weights so the two differ by rounding only."""
-    import dataclasses
-
-    import kvjax
-    from kvjax.policies import Full, StreamingLLM
+    """kvjax's dispatch ("auto": the kernels) against attention_impl="reference": on the bundled
+    model (loaded on the device, float32 weights so the two differ by rounding only), the logits of
+    a decode step after a chunked prefill; and `attend` itself at Llama-3.1-8B's head shapes."""
 
     def run(policy):
         m = kvjax.load("needle-llama", dtype=jnp.float32)

@@ -94,11 +94,6 @@ def prefill_q_bytes(head_dim: int, dtype) -> int:
     return PREFILL_CONSUMERS * ROWS * head_dim * jnp.dtype(dtype).itemsize
 
 
-def decode_other_bytes(head_dim: int, dtype) -> int:
-    """Shared memory of the decode's query, output and log-sum-exp tiles, besides its K/V stages."""
-    return ROWS * head_dim * (jnp.dtype(dtype).itemsize + 4) + ROWS * 4
-
-
 class _Ring(NamedTuple):
     """The K/V stage ring in shared memory and its barriers, one of each per stage. Table
     entries whose block starts at or past the sequence's length are skipped by producer and
@@ -400,8 +395,8 @@ def decode_mosaic_gpu(qg, k, v, lengths, table: DecodeBlockTable, sink, window,
     """qg [B, Hkv, g, D], k, v [B, Hkv, C, D] -> per-split (out f32[B, Hkv, splits, g, D],
     lse f32[B, Hkv, splits, g, 1]), merged by `block_sparse_decode.combine_splits`."""
     batch, num_kv_heads, group, head_dim = qg.shape
-    check_supported(qg.dtype, head_dim, table.block_size, stages,
-                    decode_other_bytes(head_dim, qg.dtype), group=group)
+    other_bytes = ROWS * head_dim * (qg.dtype.itemsize + 4) + ROWS * 4  # q, o, lse
+    check_supported(qg.dtype, head_dim, table.block_size, stages, other_bytes, group=group)
     q = jnp.pad(qg, ((0, 0), (0, 0), (0, ROWS - group), (0, 0)))  # [B, Hkv, 64, D]
     split_shape = (batch, num_kv_heads, num_splits, ROWS)
     kernel = functools.partial(_decode_kernel, sm_scale=sm_scale,

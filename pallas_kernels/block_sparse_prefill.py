@@ -495,9 +495,9 @@ def block_sparse_prefill(
     (slots [0, lengths[b])); query rows at or past lengths[b] are zero. implementation:
     "tpu", "gpu" (Triton), "mosaic_gpu" (Hopper), "reference", or None to follow
     `jax.default_backend()` (Mosaic GPU over Triton on Hopper where it fits; on CPU: the
-    reference, or the TPU kernel interpreted when interpret=True). interpret runs the chosen kernel on CPU (not "mosaic_gpu"). S and C
-    need not be multiples of the blocks: inputs are zero-padded (pick a block_k dividing C to
-    avoid copying the keys) and the padding masked.
+    reference, or the TPU kernel interpreted when interpret=True). interpret runs the chosen
+    kernel on CPU (not "mosaic_gpu"). S and C need not be multiples of the blocks: inputs are
+    zero-padded (pick a block_k dividing C to avoid copying the keys) and the padding masked.
     """
     chunk = _is_chunk(mask, q_offset)
     _check_inputs(q, k, v, lengths, chunk)
