@@ -56,6 +56,12 @@ def normal(key, shape) -> jax.Array:
     return jax.random.normal(key, shape, jnp.float32).astype(jnp.bfloat16)
 
 
+def qkv(seed: int, q_shape, kv_shape) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Fresh bf16 q [q_shape] and k, v [kv_shape] from one seed."""
+    kq, kk, kv = jax.random.split(jax.random.key(seed), 3)
+    return normal(kq, q_shape), normal(kk, kv_shape), normal(kv, kv_shape)
+
+
 def reference(fn: Callable, *arrays, **kwargs) -> jax.Array:
     """fn on float32 copies of the bf16 arrays, with float32 matmuls (no TF32)."""
     with jax.default_matmul_precision("highest"):
@@ -70,9 +76,8 @@ def prefill_checks(implementation: str, seed: Iterator[int]) -> Iterator[Check]:
             for mask_name, mask in PREFILL_MASKS.items():
                 def run(head_dim=head_dim, block_k=block_k, mask=mask, key=next(seed)):
                     batch, heads, kv_heads, seq_len = 2, 8, 2, 1000  # T not a multiple of a block
-                    kq, kk, kv = jax.random.split(jax.random.key(key), 3)
-                    q = normal(kq, (batch, heads, seq_len, head_dim))
-                    k, v = (normal(x, (batch, kv_heads, seq_len, head_dim)) for x in (kk, kv))
+                    q, k, v = qkv(key, (batch, heads, seq_len, head_dim),
+                                  (batch, kv_heads, seq_len, head_dim))
                     lengths = jnp.array([seq_len, 777], jnp.int32)
                     out = jax.jit(lambda q, k, v: block_sparse_prefill(
                         q, k, v, mask, lengths=lengths, config=PrefillConfig(128, block_k),
@@ -86,9 +91,8 @@ def prefill_checks(implementation: str, seed: Iterator[int]) -> Iterator[Check]:
         for mask_name in ("dense", "sink64_local256"):
             def chunk(head_dim=head_dim, mask=PREFILL_MASKS[mask_name], key=next(seed)):
                 batch, heads, kv_heads, chunk_len, capacity = 2, 8, 2, 256, 1024
-                kq, kk, kv = jax.random.split(jax.random.key(key), 3)
-                q = normal(kq, (batch, heads, chunk_len, head_dim))
-                k, v = (normal(x, (batch, kv_heads, capacity, head_dim)) for x in (kk, kv))
+                q, k, v = qkv(key, (batch, heads, chunk_len, head_dim),
+                              (batch, kv_heads, capacity, head_dim))
                 offsets = jnp.array([640, 300], jnp.int32)
                 lengths = offsets + chunk_len - jnp.array([0, 9], jnp.int32)  # a ragged last row
                 out = jax.jit(lambda q, k, v, offsets: block_sparse_prefill(
@@ -109,9 +113,8 @@ def decode_checks(implementation: str, seed: Iterator[int]) -> Iterator[Check]:
                 def run(head_dim=head_dim, page=page, group=group, num_splits=num_splits,
                         key=next(seed)):
                     batch, kv_heads, capacity = 2, 4, 4096
-                    kq, kk, kv = jax.random.split(jax.random.key(key), 3)
-                    q = normal(kq, (batch, kv_heads * group, head_dim))
-                    k, v = (normal(x, (batch, kv_heads, capacity, head_dim)) for x in (kk, kv))
+                    q, k, v = qkv(key, (batch, kv_heads * group, head_dim),
+                                  (batch, kv_heads, capacity, head_dim))
                     lengths = jnp.array([capacity, 2500], jnp.int32)
                     k_min, k_max = bm.page_key_bounds(k, lengths, block_size=page)
                     table = bm.decode_table_top_k_pages(q, k_min, k_max, lengths, top_k=7,
@@ -128,9 +131,8 @@ def decode_checks(implementation: str, seed: Iterator[int]) -> Iterator[Check]:
 
         def streaming(head_dim=head_dim, key=next(seed)):
             batch, kv_heads, group, capacity = 3, 4, 4, 2048
-            kq, kk, kv = jax.random.split(jax.random.key(key), 3)
-            q = normal(kq, (batch, kv_heads * group, head_dim))
-            k, v = (normal(x, (batch, kv_heads, capacity, head_dim)) for x in (kk, kv))
+            q, k, v = qkv(key, (batch, kv_heads * group, head_dim),
+                          (batch, kv_heads, capacity, head_dim))
             lengths = jnp.array([2048, 1001, 200], jnp.int32)
             mask = bm.PerHead((bm.DenseCausal(), bm.SinkLocal(64, 256)) * 2)
             out = jax.jit(lambda q, k, v: block_sparse_decode(
@@ -144,11 +146,11 @@ def decode_checks(implementation: str, seed: Iterator[int]) -> Iterator[Check]:
     if implementation == "gpu":  # slot masks: Triton only
         def slots(key=next(seed)):
             batch, kv_heads, group, capacity, head_dim = 2, 2, 4, 1024, 128
-            kq, kk, kv, ks = jax.random.split(jax.random.key(key), 4)
-            q = normal(kq, (batch, kv_heads * group, head_dim))
-            k, v = (normal(x, (batch, kv_heads, capacity, head_dim)) for x in (kk, kv))
+            q, k, v = qkv(key, (batch, kv_heads * group, head_dim),
+                          (batch, kv_heads, capacity, head_dim))
             lengths = jnp.array([1024, 700], jnp.int32)
-            slot_mask = jax.random.bernoulli(ks, 0.05, (batch, kv_heads, capacity))
+            slot_mask = jax.random.bernoulli(jax.random.fold_in(jax.random.key(key), 1), 0.05,
+                                             (batch, kv_heads, capacity))
             table = bm.decode_table_from_slots(slot_mask, block_size=128)
             out = jax.jit(lambda q, k, v: block_sparse_decode(
                 q, k, v, lengths, table, config=DecodeConfig(128, num_splits=2),
@@ -165,9 +167,8 @@ def quantized_checks(seed: Iterator[int]) -> Iterator[Check]:
     batch, heads, kv_heads, capacity, window, head_dim = 2, 32, 8, 4096, 128, 128
     for queries in (1, 4):
         def plain(queries=queries, key=next(seed)):
-            kq, kk, kv = jax.random.split(jax.random.key(key), 3)
-            q = normal(kq, (batch, queries, heads, head_dim))
-            k, v = (normal(x, (batch, kv_heads, capacity, head_dim)) for x in (kk, kv))
+            q, k, v = qkv(key, (batch, queries, heads, head_dim),
+                          (batch, kv_heads, capacity, head_dim))
             lengths = jnp.array([capacity, 3001], jnp.int32)
             out = decode_attention(q, k, v, lengths)
             ref = reference(decode_attention_reference, q, k, v, lengths=lengths)
@@ -220,9 +221,8 @@ def kvjax_checks() -> Iterator[Check]:
         """`attend` at Llama-3.1-8B's head shapes in bf16 (where Hopper takes Mosaic GPU) over a
         slot = position cache: a prefill chunk at an offset, or one decode token."""
         batch, kv_heads, group, head_dim, capacity = 2, 8, 4, 128, 2048
-        kq, kk, kv = jax.random.split(jax.random.key(key), 3)
-        q = normal(kq, (batch, chunk_len, kv_heads, group, head_dim))
-        k, v = (normal(x, (batch, kv_heads, capacity, head_dim)) for x in (kk, kv))
+        q, k, v = qkv(key, (batch, chunk_len, kv_heads, group, head_dim),
+                      (batch, kv_heads, capacity, head_dim))
         ends = jnp.array([1536, 1100], jnp.int32)  # each row's keys end where its chunk does
         slots = jnp.arange(capacity, dtype=jnp.int32)
         k_pos = jnp.broadcast_to(jnp.where(slots < ends[:, None], slots, -1)[:, None],
