@@ -6,11 +6,15 @@ import os
 from importlib.metadata import version
 from pathlib import Path
 
-# XLA's CPU elemental emitters compile the suite's many small programs about a third faster than its newer
-# fusion emitters (the same operations; measured on jaxlib 0.10.2). An XLA that does not know a flag refuses
-# to start, so it is set only on the jaxlib it was measured on. The CLI tests' subprocesses inherit it.
-FAST_COMPILE_FLAGS = "--xla_cpu_use_fusion_emitters=false" if version("jaxlib").startswith("0.10.") else ""
-os.environ.setdefault("XLA_FLAGS", f"--xla_force_host_platform_device_count=1 {FAST_COMPILE_FLAGS}")
+# jaxlib 0.10.2's CPU compiler, as the suite needs it. Its elemental emitters compile the suite's many small
+# programs about a third faster than its newer fusion emitters (the same operations). Compiling each module
+# as one piece (split count 1) was clean in 2 full runs, where 4 of 4 runs on the same machine lost a worker
+# to the crash described at `pytest_handlecrashitem` below (2026-11-24). An XLA that does not know a flag
+# refuses to start, so they are set only on the jaxlib they were measured on; the CLI tests' subprocesses
+# inherit them.
+JAXLIB_010_FLAGS = ("--xla_cpu_use_fusion_emitters=false --xla_cpu_parallel_codegen_split_count=1"
+                    if version("jaxlib").startswith("0.10.") else "")
+os.environ.setdefault("XLA_FLAGS", f"--xla_force_host_platform_device_count=1 {JAXLIB_010_FLAGS}")
 # No persistent compilation cache, in the workers or in the subprocesses that inherit this: it saves no time
 # (runs took 10:33 to 11:19 without it, 10:52 to 11:38 with it), and on jaxlib 0.10.2 writing an entry threw a
 # C++ error from `executable.serialize()` (a core dump showed it), one more way into the crash described at
@@ -114,7 +118,7 @@ def tiny_model():
     return init_model(config, seed=0, dtype=jnp.float32)
 
 
-def run_in_own_process(checks: Path, xla_flags: str = f"--xla_force_host_platform_device_count=1 {FAST_COMPILE_FLAGS}"):
+def run_in_own_process(checks: Path, xla_flags: str = f"--xla_force_host_platform_device_count=1 {JAXLIB_010_FLAGS}"):
     """Runs the pytest module `checks` in a fresh process and asserts that all of it passed."""
     import subprocess
     import sys

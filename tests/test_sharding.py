@@ -5,9 +5,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tests.conftest import FAST_COMPILE_FLAGS, run_in_own_process
+from tests.conftest import JAXLIB_010_FLAGS, run_in_own_process
 
 
 def test_sharded_inference_on_eight_cpu_devices():
     run_in_own_process(Path(__file__).with_name("sharded_checks.py"),
-                       xla_flags=f"--xla_force_host_platform_device_count=8 {FAST_COMPILE_FLAGS}")
+                       xla_flags=f"--xla_force_host_platform_device_count=8 {JAXLIB_010_FLAGS}")
