@@ -8,7 +8,7 @@ from pathlib import Path
 
 # jaxlib 0.10.2's CPU compiler, as the suite needs it. Its elemental emitters compile the suite's many small
 # programs about a third faster than its newer fusion emitters (the same operations). Compiling each module
-# as one piece (split count 1) was clean in 2 full runs, where 4 of 4 runs on the same machine lost a worker
+# as one piece (split count 1) was clean in 3 full runs, where 4 of 4 runs on the same machine lost a worker
 # to the crash described at `pytest_handlecrashitem` below (2026-11-24). An XLA that does not know a flag
 # refuses to start, so they are set only on the jaxlib they were measured on; the CLI tests' subprocesses
 # inherit them.
