@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import itertools
 import json
 import statistics
 import time
@@ -164,12 +165,11 @@ def bench_prefill(shapes: Shapes, seq_len: int, kernel_kwargs: dict, repeats: in
     return rows
 
 
-def bench_decode(shapes: Shapes, seq_len: int, kernel_kwargs: dict, num_splits: int,
-                 num_stages: int, repeats: int, inner: int) -> list[dict]:
+def bench_decode(shapes: Shapes, seq_len: int, kernel_kwargs: dict, page: int,
+                 num_splits: int | None, num_stages: int, repeats: int, inner: int) -> list[dict]:
     batch, heads, kv_heads, dim = (shapes.batch, shapes.num_heads, shapes.num_kv_heads,
                                    shapes.head_dim)
     dtype = jnp.dtype(shapes.dtype)
-    page = shapes.decode_page
     capacity = -(-seq_len // page) * page  # whole pages; the last one may be partly filled
     kq, kk, kv = jax.random.split(jax.random.key(1), 3)
     q = jax.random.normal(kq, (batch, heads, dim), dtype)  # [B, H, D]
@@ -214,7 +214,7 @@ def bench_decode(shapes: Shapes, seq_len: int, kernel_kwargs: dict, num_splits: 
     diff = jnp.abs(kernel(q, k, v, table).astype(jnp.float32) - block_sparse_decode_reference(
         q, k, v, lengths, table).astype(jnp.float32))
     extra = dict(page=page, pages_visited=top_k, pages_total=capacity // page,
-                 num_splits=num_splits, num_stages=num_stages, calls_per_sample=inner,
+                 num_splits=num_splits or "auto", num_stages=num_stages, calls_per_sample=inner,
                  max_abs_diff_vs_reference=float(diff.max()))
     return [summarize("decode_top_k_pages_kernel_only", seq_len, kernel_s, baselines, **extra),
             summarize("decode_top_k_pages_with_selection", seq_len, total_s, baselines,
@@ -278,8 +278,11 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--block-q", type=int, default=128)
     parser.add_argument("--block-k", type=int, default=128)
-    parser.add_argument("--num-splits", type=int, nargs="+", default=[8],
-                        help="decode splits per (sequence, KV head); several: one row each")
+    parser.add_argument("--num-splits", type=int, nargs="+",
+                        help="decode splits per (sequence, KV head); several: one row each "
+                             "(default: the kernel's pick, two programs per SM)")
+    parser.add_argument("--pages", type=int, nargs="+",
+                        help="decode page sizes; several: one row each (default: 64)")
     parser.add_argument("--decode-inner", type=int, default=20,
                         help="back-to-back decode calls per timing sample")
     parser.add_argument("--sections", nargs="+", choices=SECTIONS, default=list(SECTIONS))
@@ -324,8 +327,9 @@ def main(argv: list[str] | None = None) -> dict:
         if "prefill" in args.sections:
             results += bench_prefill(shapes, seq_len, prefill_kwargs, repeats)
         if "decode" in args.sections:
-            for num_splits in args.num_splits:
-                results += bench_decode(shapes, seq_len, kernel_kwargs, num_splits,
+            for page, num_splits in itertools.product(args.pages or [shapes.decode_page],
+                                                      args.num_splits or [None]):
+                results += bench_decode(shapes, seq_len, kernel_kwargs, page, num_splits,
                                         args.num_stages, repeats, inner)
         if "chunked" in args.sections:
             results += bench_chunked_prefill(shapes, seq_len, chunk, dispatch_impl, repeats)

@@ -33,7 +33,6 @@ from pallas_kernels.quantized_decode_attention import (
     QuantizedDecodeConfig, decode_attention, quantized_decode_attention)
 
 H100_BYTES_PER_S = 3.1e12  # H100 read bandwidth measured with an XLA reduction (DESIGN.md)
-GPU_SMS = 132  # H100 SXM
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,24 +80,14 @@ def _nbytes(*arrays) -> int:
     return int(sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(arrays)))
 
 
-def _num_splits(shape: Shape, requested: int | None, implementation: str) -> int:
-    """GPU: enough (batch, KV head, split) programs to fill it about twice. TPU: one split, since
-    its grid runs on one or two cores and every program streams its stages back to back."""
-    if requested:
-        return requested
-    if implementation == "tpu":
-        return 1
-    return max(1, min(32, 2 * GPU_SMS // (shape.batch * shape.kv_heads)))
-
-
 def bench_shape(shape: Shape, args, backend: str) -> dict:
     key = jax.random.key(0)
     kq, kk, kv, kr, ks = jax.random.split(key, 5)
     b, c, d = shape.batch, shape.context, shape.head_dim
     q = jax.random.normal(kq, (b, shape.q_heads, d), jnp.bfloat16)  # [B, H, D]
     implementation = args.implementation or ("tpu" if backend == "tpu" else "gpu")
-    config = QuantizedDecodeConfig(block_k=min(args.block_k, c),
-                                   num_splits=_num_splits(shape, args.num_splits, implementation),
+    config = QuantizedDecodeConfig(block_k=min(args.block_k, c), num_splits=args.num_splits,
+                                   num_warps=args.num_warps,
                                    tpu_stage_tokens=args.tpu_stage_tokens)
     kernel_kw = dict(config=config, implementation=implementation,
                      interpret=backend not in ("gpu", "tpu"))
@@ -159,6 +148,10 @@ def main(argv=None) -> int:
     parser.add_argument("--block-k", type=int, default=256)
     parser.add_argument("--num-splits", type=int, default=None,
                         help="default: fill the GPU; 1 on TPU")
+    parser.add_argument("--num-warps", type=int, default=QuantizedDecodeConfig.num_warps,
+                        help="GPU: warps per program")
+    parser.add_argument("--batches", type=int, nargs="+", help="only these batch sizes")
+    parser.add_argument("--contexts", type=int, nargs="+", help="only these contexts")
     parser.add_argument("--implementation", choices=("gpu", "tpu"), default=None,
                         help="kernel lowering (default: the backend's; off GPU/TPU interpreted)")
     parser.add_argument("--tpu-stage-tokens", type=int,
@@ -177,7 +170,9 @@ def main(argv=None) -> int:
         return 2
     args.repeats = args.repeats or (2 if args.smoke else 7)
     args.inner = args.inner or (1 if args.smoke else 20)
-    shapes = SMOKE if args.smoke else FULL
+    shapes = [s for s in (SMOKE if args.smoke else FULL)
+              if (not args.batches or s.batch in args.batches)
+              and (not args.contexts or s.context in args.contexts)]
     results = []
     for shape in shapes:
         print(f"batch {shape.batch} context {shape.context} ...", flush=True)

@@ -393,6 +393,13 @@ class DecodeBlockTable:
         return self.kv_blocks.shape[-1]
 
 
+def split_entries(split, count, num_splits: int):
+    """Split `split`'s share [first, last) of a row's `count` entries (int32 scalars): the count
+    cut evenly, sizes differing by at most one, so every split gets work even where the table is
+    wider than its rows' counts (a cache allocated past the length, heads of unequal sparsity)."""
+    return tuple(jax.lax.div(s * count, jnp.int32(num_splits)) for s in (split, split + 1))
+
+
 def _compact_rows_jnp(selected: jax.Array, n_max: int) -> tuple[jax.Array, jax.Array]:
     """Traced `_compact_rows`: bool[..., n] -> (int32[..., n_max] padded, int32[...])."""
     counts = jnp.minimum(selected.sum(-1), n_max).astype(jnp.int32)

@@ -5,7 +5,10 @@ lists: sink + recent blocks for streaming heads, the top-k pages of a Quest-styl
 or every block below the length for dense heads. The g query heads of a GQA group are
 computed together from one load of each block. The table can be split over `num_splits`
 independent programs whose partial results are merged with a log-sum-exp combine, which
-keeps a GPU busy at batch 1 with long caches.
+keeps a GPU busy at batch 1 with long caches: by default enough splits for two programs per
+SM (`occupancy.decode_splits`; one on TPU). The GPU lowerings cut each row's count evenly
+(`block_masks.split_entries`), so a table wider than its counts still spreads the work; the
+TPU one cuts the table's width, since each program prefetches its share of the row.
 
 Lowerings:
   * "tpu": Mosaic TPU. Grid (B, Hkv, splits); counts, lengths and per-head sink/window arrive
@@ -58,11 +61,13 @@ from pallas_kernels.block_masks import DecodeBlockTable, MaskDescription
 from pallas_kernels.block_sparse_mosaic_gpu import decode_mosaic_gpu
 from pallas_kernels.dma_ring import ring_pipeline
 from pallas_kernels.lowering import WITH_MOSAIC_GPU, pick_implementation, tpu_interpret
+from pallas_kernels.occupancy import decode_splits, gpu_processors
 from pallas_kernels.online_softmax import (
     MASK_VALUE, attend_block, attend_block_pieces, column_pieces, initial_pieces, initial_state,
     masked_attention, masked_logsumexp)
 
 _TRITON_MIN_ROWS = 16  # Triton's tl.dot needs at least 16 rows
+MIN_SPLIT_BLOCKS = 4  # table entries per split, at least, when the split count is picked
 
 
 def _positive_int(value: object) -> bool:
@@ -75,7 +80,7 @@ class DecodeConfig:
     block size must equal it)."""
 
     block_size: int = 128
-    num_splits: int = 1
+    num_splits: int | None = None  # None: `occupancy.decode_splits` (GPU: fill it; else 1)
     num_warps: int = 4  # GPU only
     num_stages: int = 2  # Triton: pipeline stages; Mosaic GPU: K/V blocks in flight; TPU: ring stages (>= 2)
     tpu_stage_tokens: int = 512  # TPU only: K/V tokens copied per ring stage (whole blocks, at least one)
@@ -84,7 +89,10 @@ class DecodeConfig:
         if not _positive_int(self.block_size) or self.block_size & (self.block_size - 1):
             raise ValueError(
                 f"DecodeConfig.block_size must be a power of two, got {self.block_size!r}")
-        for name in ("num_splits", "num_warps", "num_stages", "tpu_stage_tokens"):
+        if self.num_splits is not None and not _positive_int(self.num_splits):
+            raise ValueError(f"DecodeConfig.num_splits must be a positive int or None, "
+                             f"got {self.num_splits!r}")
+        for name in ("num_warps", "num_stages", "tpu_stage_tokens"):
             if not _positive_int(getattr(self, name)):
                 raise ValueError(f"DecodeConfig.{name} must be a positive int, "
                                  f"got {getattr(self, name)!r}")
@@ -256,7 +264,7 @@ def _decode_kernel_gpu(
     *refs,  # (slot_ref int32[C] this row's slot mask, if given), o_ref f32[g_pad, D], lse_ref f32[g_pad, 1]
     sm_scale: float,
     block_size: int,
-    per_split: int,
+    num_splits: int,
 ):
     slot_ref, (o_ref, lse_ref) = (refs[0] if len(refs) == 3 else None), refs[-2:]
     b, h, split = pl.program_id(0), pl.program_id(1), pl.program_id(2)
@@ -279,8 +287,7 @@ def _decode_kernel_gpu(
 
         return jax.lax.cond(start < length, attend, lambda: carry)
 
-    first = split * per_split
-    last = jnp.minimum(first + per_split, counts_ref[b, h])
+    first, last = block_masks.split_entries(split, counts_ref[b, h], num_splits)
     init = initial_pieces(rows, [piece.stop - piece.start for piece in pieces])
     m, l, accs = jax.lax.fori_loop(first, last, body, init)
     for piece, acc in zip(pieces, accs):
@@ -294,7 +301,6 @@ def _decode_gpu(qg, k, v, lengths, table, sink, window, sm_scale, num_splits, in
     capacity = k.shape[2]
     rows = max(_TRITON_MIN_ROWS, pl.next_power_of_2(group))
     qg = jnp.pad(qg, ((0, 0), (0, 0), (0, rows - group), (0, 0)))  # [B, Hkv, g_pad, D]
-    per_split = pl.cdiv(table.max_blocks, num_splits)
     squeezed = pl.Squeezed()
     scalars = (table.kv_blocks, table.counts, lengths, jnp.asarray(sink), jnp.asarray(window))
     whole = lambda x: pl.BlockSpec(x.shape, lambda b, h, s: (0,) * x.ndim)  # noqa: E731
@@ -305,7 +311,7 @@ def _decode_gpu(qg, k, v, lengths, table, sink, window, sm_scale, num_splits, in
         slot_inputs = (slot_mask.astype(jnp.int32),)
         slot_specs = [pl.BlockSpec((squeezed, squeezed, capacity), lambda b, h, s: (b, h, 0))]
     kernel = functools.partial(_decode_kernel_gpu, sm_scale=sm_scale,
-                               block_size=table.block_size, per_split=per_split)
+                               block_size=table.block_size, num_splits=num_splits)
     split_shape = (batch, num_kv_heads, num_splits, rows)
     out, lse = pl.pallas_call(
         kernel,
@@ -480,7 +486,10 @@ def block_sparse_decode(
     num_kv_heads = k.shape[1]
     sm_scale = head_dim**-0.5 if sm_scale is None else sm_scale
     lengths, table, sink, window = _resolve(k, lengths, table, mask, config.block_size)
-    num_splits = min(config.num_splits, table.max_blocks)
+    processors = gpu_processors(interpret) if implementation != "tpu" else None
+    num_splits = min(config.num_splits or decode_splits(batch * num_kv_heads, table.max_blocks,
+                                                        MIN_SPLIT_BLOCKS, processors),
+                     table.max_blocks)
     qg = q.reshape(batch, num_kv_heads, num_heads // num_kv_heads, head_dim)  # [B, Hkv, g, D]
     if implementation == "tpu":
         out, lse = _decode_tpu(qg, k, v, lengths, table, sink, window, sm_scale, num_splits,

@@ -9,8 +9,10 @@ waiting for a stage to be freed before refilling it; consumer warpgroups (64 que
 each) run S = Q K^T and P V on the tensor cores (wgmma: bf16/f16 in, float32 out) and the
 online softmax in registers, in base 2 (scores pre-scaled by log2 e). Prefill has two
 consumers over a 128-row query tile that share every K/V load; a schedule barrier staggers
-them so one's softmax overlaps the other's matmuls. Decode has one consumer whose 64 wgmma
-rows hold the g query heads of a GQA group (zero-padded), so the group shares each load.
+them so one's softmax overlaps the other's matmuls; query tiles launch last first, so the
+causally heaviest start early and the final wave is light. Decode has one consumer whose 64
+wgmma rows hold the g query heads of a GQA group (zero-padded), so the group shares each load;
+only those g rows of its output are written back.
 
 Constraints (checked): bfloat16 or float16, head_dim a multiple of 64 (the 128-byte swizzle
 of a 64-element row), prefill block_q 128 (two consumers of 64 rows), block_k and the decode
@@ -250,8 +252,12 @@ def _prefill_kernel(
     sm_scale: float,
     group: int,
     batch_stride: int,
+    num_q_tiles: int,
 ):
-    b, h, q_tile = (jax.lax.axis_index(name) for name in ("batch", "heads", "q_tiles"))
+    b, h, launch = (jax.lax.axis_index(name) for name in ("batch", "heads", "q_tiles"))
+    # q_tiles is the fastest-launched grid axis: the last (causally heaviest) tiles go first,
+    # so the final wave holds light tiles rather than leaving SMs idle behind a heavy one.
+    q_tile = num_q_tiles - 1 - launch
     wg = jax.lax.axis_index(_WG)
     consumers, rows = q_smem.shape[:2]
     block_k = ring.k.shape[1]
@@ -312,7 +318,7 @@ def prefill_mosaic_gpu(q, k, v, tables, table: PrefillBlockTable, batch_stride: 
     check_supported(q.dtype, head_dim, table.block_k, stages, prefill_q_bytes(head_dim, q.dtype),
                     table.block_q)
     kernel = functools.partial(_prefill_kernel, sm_scale=sm_scale, group=num_heads // k.shape[1],
-                               batch_stride=batch_stride)
+                               batch_stride=batch_stride, num_q_tiles=table.num_q_blocks)
     scratch = [plgpu.SMEM((PREFILL_CONSUMERS, ROWS, head_dim), q.dtype, transforms=_SWIZZLED),
                _Ring.scratch(stages, table.block_k, head_dim, q.dtype, PREFILL_CONSUMERS),
                plgpu.Barrier(num_barriers=PREFILL_CONSUMERS),
@@ -343,7 +349,7 @@ def _decode_kernel(
     q_gmem,  # [B, Hkv, 64, D]  the group's query heads, zero-padded to 64 rows
     k_gmem,  # [B, Hkv, C, D]
     v_gmem,  # [B, Hkv, C, D]
-    o_gmem,  # f32[B, Hkv, splits, 64, D]  this split's normalised output
+    o_gmem,  # f32[B, Hkv, splits, g, D]  this split's normalised output
     lse_gmem,  # f32[B, Hkv, splits, 64]  its natural log-sum-exp (MASK_VALUE: saw nothing)
     q_smem,  # [64, D]
     ring: _Ring,  # K/V stages [stages, bs, D] and their barriers
@@ -352,12 +358,12 @@ def _decode_kernel(
     lse_smem,  # f32[64]
     *,
     sm_scale: float,
-    per_split: int,
+    num_splits: int,
 ):
     b, h, split = (jax.lax.axis_index(name) for name in ("batch", "kv_heads", "splits"))
     block_size = ring.k.shape[1]
-    first = split * per_split  # this split's entries: [first, first + count)
-    count = jnp.clip(counts_ref[b, h] - first, 0, per_split)
+    first, last = block_masks.split_entries(split, counts_ref[b, h], num_splits)
+    count = last - first  # this split's entries: [first, last)
     length = lengths_ref[b, h]
 
     def block_start(entry):
@@ -385,7 +391,8 @@ def _decode_kernel(
                                                      acc.shape, [0])
         lse_smem[...] = jnp.where(seen, m / _LOG2E + jnp.log(safe_l), MASK_VALUE)
         plgpu.commit_smem()
-        plgpu.copy_smem_to_gmem(o_smem, o_gmem.at[b, h, split])
+        # Only the group's rows leave: 64 would write up to 16x the bytes at g = 4.
+        plgpu.copy_smem_to_gmem(o_smem.at[pl.ds(0, o_gmem.shape[-2])], o_gmem.at[b, h, split])
         plgpu.copy_smem_to_gmem(lse_smem, lse_gmem.at[b, h, split])
         plgpu.wait_smem_to_gmem(0)
 
@@ -398,16 +405,15 @@ def decode_mosaic_gpu(qg, k, v, lengths, table: DecodeBlockTable, sink, window,
     other_bytes = ROWS * head_dim * (qg.dtype.itemsize + 4) + ROWS * 4  # q, o, lse
     check_supported(qg.dtype, head_dim, table.block_size, stages, other_bytes, group=group)
     q = jnp.pad(qg, ((0, 0), (0, 0), (0, ROWS - group), (0, 0)))  # [B, Hkv, 64, D]
-    split_shape = (batch, num_kv_heads, num_splits, ROWS)
-    kernel = functools.partial(_decode_kernel, sm_scale=sm_scale,
-                               per_split=pl.cdiv(table.max_blocks, num_splits))
+    split_shape = (batch, num_kv_heads, num_splits)
+    kernel = functools.partial(_decode_kernel, sm_scale=sm_scale, num_splits=num_splits)
     scratch = [plgpu.SMEM((ROWS, head_dim), qg.dtype, transforms=_SWIZZLED),
                _Ring.scratch(stages, table.block_size, head_dim, qg.dtype, 1), plgpu.Barrier(),
                plgpu.SMEM((ROWS, head_dim), jnp.float32), plgpu.SMEM((ROWS,), jnp.float32)]
     out, lse = plgpu.kernel(
         kernel,
-        out_type=(jax.ShapeDtypeStruct(split_shape + (head_dim,), jnp.float32),
-                  jax.ShapeDtypeStruct(split_shape, jnp.float32)),
+        out_type=(jax.ShapeDtypeStruct(split_shape + (group, head_dim), jnp.float32),
+                  jax.ShapeDtypeStruct(split_shape + (ROWS,), jnp.float32)),  # TMA: 16-byte rows
         scratch_types=scratch,
         grid=(batch, num_kv_heads, num_splits),
         grid_names=("batch", "kv_heads", "splits"),
@@ -416,4 +422,4 @@ def decode_mosaic_gpu(qg, k, v, lengths, table: DecodeBlockTable, sink, window,
         compiler_params=plgpu.CompilerParams(approx_math=True),
     )(table.kv_blocks, table.counts, lengths, jnp.asarray(sink, jnp.int32),
       jnp.asarray(window, jnp.int32), q, k, v)
-    return out[:, :, :, :group], lse[:, :, :, :group, None]
+    return out, lse[:, :, :, :group, None]

@@ -44,6 +44,7 @@ from pallas_kernels import kv_quant
 from pallas_kernels.kv_quant import QuantizedKV
 from pallas_kernels.dma_ring import ring_pipeline
 from pallas_kernels.lowering import pick_implementation, tpu_interpret
+from pallas_kernels.occupancy import decode_splits, gpu_processors
 from pallas_kernels.online_softmax import attend_block, initial_state
 
 MAX_QUERY_TOKENS = 4
@@ -62,7 +63,7 @@ class QuantizedDecodeConfig:
     group); num_splits: independent sequence ranges merged by log-sum-exp."""
 
     block_k: int = 256
-    num_splits: int = 8
+    num_splits: int | None = None  # None: `occupancy.decode_splits` (GPU: fill it; else 1)
     num_warps: int = 4  # GPU only
     num_stages: int = 2  # GPU: pipeline stages; TPU: DMA ring stages (at least 2)
     tpu_stage_tokens: int = 1024  # TPU only: tokens copied per ring stage (1 to 16 whole blocks)
@@ -73,6 +74,8 @@ class QuantizedDecodeConfig:
                 f"QuantizedDecodeConfig.block_k must be a power of two >= 16, got {self.block_k!r}")
         for name in ("num_splits", "num_warps", "num_stages", "tpu_stage_tokens"):
             value = getattr(self, name)
+            if name == "num_splits" and value is None:
+                continue
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(
                     f"QuantizedDecodeConfig.{name} must be a positive int, got {value!r}")
@@ -92,7 +95,9 @@ class _Plan:
 
 
 def _plan(capacity: int, config: QuantizedDecodeConfig, group_size: int, what: str,
-          stage_tokens: int) -> _Plan:
+          stage_tokens: int, rows: int, processors: int | None) -> _Plan:
+    """rows: (sequence, KV head) programs before splitting; processors: the GPU's SMs, which
+    pick the split count where the config leaves it None."""
     block_k = min(config.block_k, capacity)
     if capacity % block_k:
         raise ValueError(f"{what} capacity ({capacity}) must be a multiple of block_k ({block_k})")
@@ -103,7 +108,8 @@ def _plan(capacity: int, config: QuantizedDecodeConfig, group_size: int, what: s
     # Whole stages tile the cache: the largest power of two <= wanted that divides num_blocks.
     stage_blocks = min(1 << (wanted.bit_length() - 1), num_blocks & -num_blocks)
     total_stages = num_blocks // stage_blocks
-    stages_per_split = pl.cdiv(total_stages, min(config.num_splits, total_stages))
+    num_splits = config.num_splits or decode_splits(rows, total_stages, 1, processors)
+    stages_per_split = pl.cdiv(total_stages, min(num_splits, total_stages))
     return _Plan(block_k, num_blocks, pl.cdiv(total_stages, stages_per_split),
                  stages_per_split * stage_blocks, stage_blocks)
 
@@ -405,10 +411,11 @@ def _from_rows(out_rows: jax.Array, q4: jax.Array) -> jax.Array:
 def _partials(q4, layout, cache, capacity, lengths, causal, sm_scale, config, implementation,
               interpret):
     """(acc, m, l) partials of q over one cache with the chosen kernel."""
-    num_kv_heads = layout.operands(cache)[0].shape[1]
+    batch, num_kv_heads = layout.operands(cache)[0].shape[:2]
     stage_tokens = config.tpu_stage_tokens if implementation == "tpu" else 0
+    processors = gpu_processors(interpret) if implementation == "gpu" else None
     plan = _plan(capacity, config, layout.group_size, "quantized" if layout.bits else "cache",
-                 stage_tokens)
+                 stage_tokens, batch * num_kv_heads, processors)
     if implementation == "gpu":
         head_dim = q4.shape[-1]
         if not _is_power_of_two(head_dim) or not _is_power_of_two(plan.block_k):

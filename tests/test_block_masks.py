@@ -140,6 +140,19 @@ def test_configs_validate():
         DecodeConfig(block_size=24)
 
 
+@pytest.mark.parametrize("num_splits", [1, 3, 8, 33])
+def test_split_entries_cover_each_entry_once_evenly(num_splits):
+    counts = jnp.array([0, 1, 5, 8, 33, 100, 2047], jnp.int32)
+    shares = jax.jit(lambda c: jnp.stack(jax.vmap(
+        lambda s: jnp.stack(bm.split_entries(s, c, num_splits)))(jnp.arange(num_splits))))(counts)
+    first, last = np.asarray(shares[:, 0]), np.asarray(shares[:, 1])  # [splits, rows]
+    np.testing.assert_array_equal(first[0], 0)
+    np.testing.assert_array_equal(last[-1], counts)
+    np.testing.assert_array_equal(first[1:], last[:-1])  # contiguous, disjoint, in order
+    sizes = last - first
+    assert (sizes.max(0) - sizes.min(0) <= 1).all()
+
+
 def test_table_from_blocks_marks_diagonal_partial():
     kv_blocks = np.array([[[0, 2, 1], [1, 0, 0], [2, 0, 1]]], np.int32)  # [1, nq=3, 3]
     counts = np.array([[1, 2, 3]], np.int32)

@@ -106,7 +106,7 @@ def test_duo_attention_streaming_heads(implementation):
 
 
 @pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
-@pytest.mark.parametrize("num_splits", [1, 3])  # 3: a 4-entry table splits 2 + 2 + nothing
+@pytest.mark.parametrize("num_splits", [1, 3])  # 3: 4 entries split 1 + 1 + 2 on GPU, 2 + 2 + 0 on TPU
 def test_random_table_gqa8_per_head_lengths(implementation, num_splits):
     batch, heads, kv_heads, capacity, head_dim, block = 2, 16, 2, 192, 96, 32  # D 96: Triton's 64 + 32
     q, k, v = _inputs(jax.random.key(2), batch, heads, kv_heads, capacity, head_dim)
@@ -134,6 +134,23 @@ def test_random_table_gqa8_per_head_lengths(implementation, num_splits):
     reference, reference_lse = block_sparse_decode_reference(q, k, v, jnp.asarray(lengths), table, return_lse=True)
     np.testing.assert_allclose(reference, expected, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(reference_lse, _dense_lse(q, k, visible), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+def test_many_splits_over_a_table_wider_than_its_counts(implementation):
+    """A cache allocated well past the lengths (32 table entries, 3 and 19 used) in 8 splits:
+    on GPU each row's count is cut evenly, so most splits of the short row are empty."""
+    batch, heads, kv_heads, capacity, head_dim, block = 2, 4, 1, 512, 64, 16
+    q, k, v = _inputs(jax.random.key(7), batch, heads, kv_heads, capacity, head_dim)
+    lengths = np.array([40, 300])
+    visible = (np.arange(capacity) < lengths[:, None])[:, None]  # [B, 1, C]
+    past = np.arange(capacity) >= -(-lengths[:, None, None] // block) * block  # [B, 1, C]
+    k_bad, v_bad = _poison_unlisted(k, v, ~past)
+    out, lse = block_sparse_decode(q, k_bad, v_bad, jnp.asarray(lengths, jnp.int32),
+                                   config=DecodeConfig(block_size=block, num_splits=8),
+                                   implementation=implementation, interpret=True, return_lse=True)
+    np.testing.assert_allclose(out, _dense_decode(q, k, v, visible), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(lse, _dense_lse(q, k, visible), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
