@@ -10,11 +10,23 @@ import numpy as np
 from flax import struct
 
 SLOT_MULTIPLE = 16  # capacities are rounded up to this so the decode kernel can tile them
+POSITION_BLOCK = 128  # the kernels' largest block, in which long slot = position caches are read
+LONG_CAPACITY = 16 * POSITION_BLOCK  # from here on a whole block costs at most 1/16 extra slots
 
 
 def round_capacity(n: int) -> int:
     """`n` slots rounded up to a multiple of SLOT_MULTIPLE (at most 15 extra per head)."""
     return -(-n // SLOT_MULTIPLE) * SLOT_MULTIPLE
+
+
+def position_capacity(n: int) -> int:
+    """Slots for a slot = position cache of n tokens (Full's layout): `round_capacity`, or from
+    LONG_CAPACITY on whole POSITION_BLOCK blocks. The chunked prefill and decode kernels take the
+    largest block dividing the capacity (Mosaic GPU's prefill needs 64 or 128), and a prompt of
+    32768 with room for 32 tokens would otherwise be read 32 slots at a time."""
+    if n < LONG_CAPACITY:
+        return round_capacity(n)
+    return -(-n // POSITION_BLOCK) * POSITION_BLOCK
 
 
 @struct.dataclass(frozen=True)

@@ -177,6 +177,21 @@ def test_compressed_states_hold_fewer_bytes(tiny_model):
     assert snap < full / 6 and streaming < full / 6
 
 
+def test_long_caches_are_whole_128_slot_blocks(tiny_model):
+    """Kernels read a cache in the largest block dividing its capacity: a 32K prompt with room for
+    32 tokens must not be read 32 slots at a time. Short caches waste at most 15 slots."""
+    def capacity(prompt, new):
+        state = jax.eval_shape(lambda: Full().allocate(tiny_model.config, 1, prompt, new, 512, jnp.bfloat16))
+        return state.layers[0][0].capacity
+
+    for prompt, new in ((32768, 32), (2048, 1), (4000, 100)):
+        slots = capacity(prompt, new)
+        assert slots % 128 == 0 and 0 <= slots - (prompt + new) < 128, (prompt, new, slots)
+    for prompt, new in ((100, 3), (1900, 5)):
+        slots = capacity(prompt, new)
+        assert slots % 16 == 0 and 0 <= slots - (prompt + new) < 16, (prompt, new, slots)
+
+
 def test_bad_policy_arguments_raise():
     with pytest.raises(ValueError, match="window < budget"):
         SnapKV(budget_tokens=16, window=32)

@@ -94,7 +94,7 @@ def test_kv_bytes_keep_every_token_plus_two_bounds_per_page():
     # Llama-3.1-8B shape, 32K prompt, 64 new tokens, bf16: every slot (k, v: 2 x 128 x 2 bytes, pos: 4),
     # and in the 30 sparse layers a bf16 min and max per page of 16 slots: 6.25% more than the keys and values.
     cfg, prompt, new = llama8b_cache_config(), 32768, 64
-    slots = -(-(prompt + new) // PAGE) * PAGE
+    slots = -(-(prompt + new) // 128) * 128  # Full's layout: whole 128-slot kernel blocks, so whole pages
     per_head = slots * (2 * 128 * 2 + 4)
     bounds = (slots // PAGE) * 2 * 128 * 2
     expected = cfg.num_layers * cfg.num_kv_heads * per_head + (cfg.num_layers - 2) * cfg.num_kv_heads * bounds + 4

@@ -14,7 +14,7 @@ import pytest
 import kvjax
 from kvjax import init_model
 from kvjax.kmeans import assign, kmeans, lloyd, plus_plus_init
-from kvjax.kv_state import KVSegment, round_capacity
+from kvjax.kv_state import KVSegment, position_capacity
 from kvjax.policies import Full, SqueezedAttention
 from kvjax.policies.quantized_pruning import decode_state_bytes
 from kvjax.policies.squeezed_attention import (
@@ -405,7 +405,7 @@ def test_kv_bytes_keep_every_key_plus_labels_and_centroids():
     # Llama-3.1-8B shape, 32K prompt, 64 new tokens, bf16: nothing is freed; labels cost 4 bytes a
     # token and 1633 centroids (5% of the 32668 context keys) 12.8 bytes a token, per KV head.
     cfg, prompt, new = llama8b_cache_config(), 32768, 64
-    slots, clusters = round_capacity(prompt + new), int(0.05 * (prompt - RECENT))
+    slots, clusters = position_capacity(prompt + new), int(0.05 * (prompt - RECENT))
     per_head = slots * (2 * 128 * 2 + 4 + 4) + clusters * (128 * 2 + 4)
     expected = cfg.num_layers * (cfg.num_kv_heads * per_head + 4) + 4
     got = decode_state_bytes(SqueezedAttention(), cfg, prompt, new)

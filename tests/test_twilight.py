@@ -157,7 +157,7 @@ def test_kv_bytes_add_a_4_bit_key_per_token_to_quests():
     # Llama-3.1-8B shape, 32K prompt, 64 new tokens, bf16: Quest's state, and in the 30 sparse layers
     # each slot's key again as 64 bytes of 4-bit codes plus a bf16 scale and zero: +26.6% of the keys.
     cfg, prompt, new = llama8b_cache_config(), 32768, 64
-    slots = -(-(prompt + new) // PAGE) * PAGE
+    slots = -(-(prompt + new) // 128) * 128  # Full's layout: whole 128-slot kernel blocks, so whole pages
     estimate = (cfg.num_layers - 2) * cfg.num_kv_heads * slots * (128 * 4 // 8 + 2 * 2)
     assert decode_state_bytes(Twilight(), cfg, prompt, new) == decode_state_bytes(Quest(), cfg, prompt, new) + estimate
 

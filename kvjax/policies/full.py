@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 
 from kvjax.cached_attention import write_in_place_then_attend
-from kvjax.kv_state import round_capacity
+from kvjax.kv_state import position_capacity
 from kvjax.policies.base import Layout, Policy, SegmentSpec
 
 
@@ -15,7 +15,7 @@ class Full(Policy):
 
     def layout(self, config, prompt_len: int, max_new_tokens: int, chunk: int) -> Layout:
         heads = tuple(range(config.num_kv_heads))
-        return ((SegmentSpec(heads, round_capacity(prompt_len + max_new_tokens)),),) * config.num_layers
+        return ((SegmentSpec(heads, position_capacity(prompt_len + max_new_tokens)),),) * config.num_layers
 
     def cache_step(self, layer, segments, q, k, v, q_pos, new_pos, window, scale, *, prompt_lengths=None):
         return write_in_place_then_attend(segments, q, k, v, q_pos, new_pos, window, scale, self.attention_impl)

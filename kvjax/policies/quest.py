@@ -27,7 +27,7 @@ from flax import struct
 from kvjax.attention import attend_pages
 from kvjax.cached_attention import merge_heads, take_heads, write_in_place_then_attend
 from kvjax.config import ModelConfig
-from kvjax.kv_state import KVSegment, KVState, write_entries
+from kvjax.kv_state import KVSegment, KVState, position_capacity, write_entries
 from kvjax.policies.base import Layout, Policy, SegmentSpec
 from pallas_kernels.block_masks import DecodeBlockTable, decode_table_top_k, page_key_bounds, page_scores
 
@@ -74,7 +74,7 @@ class Quest(Policy):
     def layout(self, config: ModelConfig, prompt_len: int, max_new_tokens: int, chunk: int) -> Layout:
         """Full's layout in whole pages."""
         heads = tuple(range(config.num_kv_heads))
-        capacity = -(-(prompt_len + max_new_tokens) // self.page) * self.page
+        capacity = -(-position_capacity(prompt_len + max_new_tokens) // self.page) * self.page
         return ((SegmentSpec(heads, capacity),),) * config.num_layers
 
     def finalize(self, config: ModelConfig, state: KVState, prompt_len: int, max_new_tokens: int) -> KVState:
