@@ -486,9 +486,8 @@ def block_sparse_decode(
     num_kv_heads = k.shape[1]
     sm_scale = head_dim**-0.5 if sm_scale is None else sm_scale
     lengths, table, sink, window = _resolve(k, lengths, table, mask, config.block_size)
-    processors = gpu_processors(interpret) if implementation != "tpu" else None
     num_splits = min(config.num_splits or decode_splits(batch * num_kv_heads, table.max_blocks,
-                                                        MIN_SPLIT_BLOCKS, processors),
+                                                        MIN_SPLIT_BLOCKS, gpu_processors(interpret)),
                      table.max_blocks)
     qg = q.reshape(batch, num_kv_heads, num_heads // num_kv_heads, head_dim)  # [B, Hkv, g, D]
     if implementation == "tpu":

@@ -413,7 +413,8 @@ def decode_mosaic_gpu(qg, k, v, lengths, table: DecodeBlockTable, sink, window,
     out, lse = plgpu.kernel(
         kernel,
         out_type=(jax.ShapeDtypeStruct(split_shape + (group, head_dim), jnp.float32),
-                  jax.ShapeDtypeStruct(split_shape + (ROWS,), jnp.float32)),  # TMA: 16-byte rows
+                  # All 64 rows: a TMA copy's rows span 16 bytes, g floats may not.
+                  jax.ShapeDtypeStruct(split_shape + (ROWS,), jnp.float32)),
         scratch_types=scratch,
         grid=(batch, num_kv_heads, num_splits),
         grid_names=("batch", "kv_heads", "splits"),

@@ -413,9 +413,8 @@ def _partials(q4, layout, cache, capacity, lengths, causal, sm_scale, config, im
     """(acc, m, l) partials of q over one cache with the chosen kernel."""
     batch, num_kv_heads = layout.operands(cache)[0].shape[:2]
     stage_tokens = config.tpu_stage_tokens if implementation == "tpu" else 0
-    processors = gpu_processors(interpret) if implementation == "gpu" else None
     plan = _plan(capacity, config, layout.group_size, "quantized" if layout.bits else "cache",
-                 stage_tokens, batch * num_kv_heads, processors)
+                 stage_tokens, batch * num_kv_heads, gpu_processors(interpret))
     if implementation == "gpu":
         head_dim = q4.shape[-1]
         if not _is_power_of_two(head_dim) or not _is_power_of_two(plan.block_k):
