@@ -72,10 +72,9 @@ class QuantizedDecodeConfig:
         if not _is_power_of_two(self.block_k) or self.block_k < 16:
             raise ValueError(
                 f"QuantizedDecodeConfig.block_k must be a power of two >= 16, got {self.block_k!r}")
-        for name in ("num_splits", "num_warps", "num_stages", "tpu_stage_tokens"):
+        names = ("num_warps", "num_stages", "tpu_stage_tokens")
+        for name in names if self.num_splits is None else ("num_splits", *names):
             value = getattr(self, name)
-            if name == "num_splits" and value is None:
-                continue
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(
                     f"QuantizedDecodeConfig.{name} must be a positive int, got {value!r}")
