@@ -166,7 +166,8 @@ def bench_prefill(shapes: Shapes, seq_len: int, kernel_kwargs: dict, repeats: in
 
 
 def bench_decode(shapes: Shapes, seq_len: int, kernel_kwargs: dict, page: int,
-                 num_splits: int | None, num_stages: int, repeats: int, inner: int) -> list[dict]:
+                 num_splits: int | None, num_stages: int, num_warps: int, repeats: int,
+                 inner: int) -> list[dict]:
     batch, heads, kv_heads, dim = (shapes.batch, shapes.num_heads, shapes.num_kv_heads,
                                    shapes.head_dim)
     dtype = jnp.dtype(shapes.dtype)
@@ -179,7 +180,8 @@ def bench_decode(shapes: Shapes, seq_len: int, kernel_kwargs: dict, page: int,
     top_k = max(1, round(shapes.decode_fraction * capacity / page))
     k_min, k_max = jax.jit(lambda k: bm.page_key_bounds(k, lengths, block_size=page))(k)
 
-    config = DecodeConfig(block_size=page, num_splits=num_splits, num_stages=num_stages)
+    config = DecodeConfig(block_size=page, num_splits=num_splits, num_stages=num_stages,
+                          num_warps=num_warps)
     select = jax.jit(lambda q, k_min, k_max: bm.decode_table_top_k_pages(
         q, k_min, k_max, lengths, top_k=top_k, block_size=page))
     table = select(q, k_min, k_max)
@@ -214,7 +216,8 @@ def bench_decode(shapes: Shapes, seq_len: int, kernel_kwargs: dict, page: int,
     diff = jnp.abs(kernel(q, k, v, table).astype(jnp.float32) - block_sparse_decode_reference(
         q, k, v, lengths, table).astype(jnp.float32))
     extra = dict(page=page, pages_visited=top_k, pages_total=capacity // page,
-                 num_splits=num_splits or "auto", num_stages=num_stages, calls_per_sample=inner,
+                 num_splits=num_splits or "auto", num_stages=num_stages, num_warps=num_warps,
+                 calls_per_sample=inner,
                  max_abs_diff_vs_reference=float(diff.max()))
     return [summarize("decode_top_k_pages_kernel_only", seq_len, kernel_s, baselines, **extra),
             summarize("decode_top_k_pages_with_selection", seq_len, total_s, baselines,
@@ -288,6 +291,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--sections", nargs="+", choices=SECTIONS, default=list(SECTIONS))
     parser.add_argument("--num-stages", type=int, default=2,
                         help="K/V blocks in flight (Triton pipelining; Mosaic GPU stage ring)")
+    parser.add_argument("--num-warps", type=int, default=None,
+                        help="Triton: warps per program (default: each kernel config's own)")
     parser.add_argument("--chunk", type=int, default=512, help="kvjax prefill chunk (dispatch row)")
     parser.add_argument("--implementation", choices=("tpu", "gpu", "mosaic_gpu"),
                         help="force a lowering (default: from jax.default_backend()); "
@@ -310,7 +315,8 @@ def main(argv: list[str] | None = None) -> dict:
                      "only as the tests extend it: tests/mosaic_gpu_interpreter.py)")
     blocks = (16, 16) if args.smoke else (args.block_q, args.block_k)
     kernel_kwargs = dict(implementation=args.implementation, interpret=interpret)
-    prefill_kwargs = dict(kernel_kwargs, config=PrefillConfig(*blocks, num_stages=args.num_stages))
+    prefill_kwargs = dict(kernel_kwargs, config=PrefillConfig(
+        *blocks, num_warps=args.num_warps or PrefillConfig.num_warps, num_stages=args.num_stages))
     # kvjax's attention_impl for the dispatch row: "auto" on an accelerator (the kernel's own
     # pick: Mosaic GPU on Hopper where it fits, else Triton), an interpreter on CPU (the TPU one
     # unless --implementation gpu).
@@ -330,7 +336,8 @@ def main(argv: list[str] | None = None) -> dict:
             for page, num_splits in itertools.product(args.pages or [shapes.decode_page],
                                                       args.num_splits or [None]):
                 results += bench_decode(shapes, seq_len, kernel_kwargs, page, num_splits,
-                                        args.num_stages, repeats, inner)
+                                        args.num_stages, args.num_warps or DecodeConfig.num_warps,
+                                        repeats, inner)
         if "chunked" in args.sections:
             results += bench_chunked_prefill(shapes, seq_len, chunk, dispatch_impl, repeats)
     report = {
@@ -346,6 +353,7 @@ def main(argv: list[str] | None = None) -> dict:
                                                          f"{backend}: the kernels' default"),
         "prefill_blocks": list(blocks),
         "num_stages": args.num_stages,
+        "num_warps": args.num_warps or "each config's default",
         "results": results,
     }
     args.out.write_text(json.dumps(report, indent=2))

@@ -86,7 +86,8 @@ def bench_shape(shape: Shape, args, backend: str) -> dict:
     b, c, d = shape.batch, shape.context, shape.head_dim
     q = jax.random.normal(kq, (b, shape.q_heads, d), jnp.bfloat16)  # [B, H, D]
     implementation = args.implementation or ("tpu" if backend == "tpu" else "gpu")
-    config = QuantizedDecodeConfig(block_k=min(args.block_k, c), num_splits=args.num_splits,
+    block_k = args.block_k or QuantizedDecodeConfig().block_for(implementation)
+    config = QuantizedDecodeConfig(block_k=min(block_k, c), num_splits=args.num_splits,
                                    num_warps=args.num_warps,
                                    tpu_stage_tokens=args.tpu_stage_tokens)
     kernel_kw = dict(config=config, implementation=implementation,
@@ -145,7 +146,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--smoke", action="store_true", help="tiny shapes on any backend")
     parser.add_argument("--out", default="bench_quantized_decode.json")
-    parser.add_argument("--block-k", type=int, default=256)
+    parser.add_argument("--block-k", type=int, default=None,
+                        help="tokens per KV block (default: the lowering's own)")
     parser.add_argument("--num-splits", type=int, default=None,
                         help="default: fill the GPU; 1 on TPU")
     parser.add_argument("--num-warps", type=int, default=QuantizedDecodeConfig.num_warps,

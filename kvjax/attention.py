@@ -270,7 +270,7 @@ def _quantized_decode(q, slab, slab_length, k_win, v_win, win_pos, scale, impl) 
     if lowering is not None:
         # The kernels tile both caches with one power-of-two block: the largest that divides the
         # slab (KIVI sizes it in multiples of 128 tokens); the window is padded to a multiple of it.
-        block = config.block_k
+        block = config.block_for(lowering[0])
         while slab.capacity % block:
             block //= 2
         config = dataclasses.replace(config, block_k=block)

@@ -20,13 +20,12 @@ Lowerings (`implementation`):
     stream, and would be paid for the capacity rather than the length.
   * "gpu": a generic Pallas kernel (only `pl` primitives) compiled with the Triton backend.
     Grid (B, Hkv, split); each program loops over exactly the blocks of its split that hold
-    valid tokens. Mosaic GPU is JAX's recommended Hopper backend; no Mosaic GPU variant is
-    written, because it could not be run or tested in this project's CPU-only environment.
+    valid tokens. There is no Mosaic GPU variant.
   * "reference": the pure-jnp `*_reference` functions (dequantize, then attend).
 None follows `jax.default_backend()`: tpu -> "tpu", gpu -> "gpu", cpu -> "reference", or the
 TPU kernel interpreted when interpret=True (or `pltpu.InterpretParams`, e.g. race detection).
-Neither kernel has run on a TPU or GPU: both are tested in interpret mode on CPU and checked to
-lower to Mosaic TPU MLIR and to Triton IR.
+Both kernels are tested in interpret mode on CPU; the Triton one has run on an H100
+(benchmarks/results/h100), the TPU one has only been lowered to Mosaic TPU MLIR.
 """
 
 from __future__ import annotations
@@ -48,6 +47,10 @@ from pallas_kernels.occupancy import decode_splits, gpu_processors
 from pallas_kernels.online_softmax import attend_block, initial_state
 
 MAX_QUERY_TOKENS = 4
+# Default KV block per lowering. GPU: the largest whose int4 and int2 Triton loops keep every value
+# in registers at 8 warps; 256 spills about 1 KB per thread at 4 warps on sm_90
+# (benchmarks/results/sm90_compiled/triton_resources.json).
+BLOCK_K = {"tpu": 256, "gpu": 128}
 _MAX_STAGE_BLOCKS = 16  # the TPU kernel unrolls a stage's blocks
 # Query rows per KV head are padded to: TPU sublanes (8); Triton's smallest dot M (16).
 _ROW_MULTIPLE = {"tpu": 8, "gpu": 16}
@@ -62,14 +65,14 @@ class QuantizedDecodeConfig:
     """Tuning knobs. block_k: tokens per KV block (power of two, a multiple of the quantization
     group); num_splits: independent sequence ranges merged by log-sum-exp."""
 
-    block_k: int = 256
+    block_k: int | None = None  # None: the lowering's own, `BLOCK_K`
     num_splits: int | None = None  # None: `occupancy.decode_splits` (GPU: fill it; else 1)
-    num_warps: int = 4  # GPU only
+    num_warps: int = 8  # GPU only
     num_stages: int = 2  # GPU: pipeline stages; TPU: DMA ring stages (at least 2)
     tpu_stage_tokens: int = 1024  # TPU only: tokens copied per ring stage (1 to 16 whole blocks)
 
     def __post_init__(self):
-        if not _is_power_of_two(self.block_k) or self.block_k < 16:
+        if self.block_k is not None and (not _is_power_of_two(self.block_k) or self.block_k < 16):
             raise ValueError(
                 f"QuantizedDecodeConfig.block_k must be a power of two >= 16, got {self.block_k!r}")
         names = ("num_warps", "num_stages", "tpu_stage_tokens")
@@ -78,6 +81,10 @@ class QuantizedDecodeConfig:
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(
                     f"QuantizedDecodeConfig.{name} must be a positive int, got {value!r}")
+
+    def block_for(self, implementation: str) -> int:
+        """The KV block a lowering ("tpu" or "gpu") uses: block_k, or that lowering's default."""
+        return self.block_k or BLOCK_K[implementation]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,11 +100,11 @@ class _Plan:
     stage_blocks: int
 
 
-def _plan(capacity: int, config: QuantizedDecodeConfig, group_size: int, what: str,
+def _plan(capacity: int, config: QuantizedDecodeConfig, block_k: int, group_size: int, what: str,
           stage_tokens: int, rows: int, processors: int | None) -> _Plan:
     """rows: (sequence, KV head) programs before splitting; processors: the GPU's SMs, which
     pick the split count where the config leaves it None."""
-    block_k = min(config.block_k, capacity)
+    block_k = min(block_k, capacity)
     if capacity % block_k:
         raise ValueError(f"{what} capacity ({capacity}) must be a multiple of block_k ({block_k})")
     if block_k % group_size:
@@ -412,8 +419,9 @@ def _partials(q4, layout, cache, capacity, lengths, causal, sm_scale, config, im
     """(acc, m, l) partials of q over one cache with the chosen kernel."""
     batch, num_kv_heads = layout.operands(cache)[0].shape[:2]
     stage_tokens = config.tpu_stage_tokens if implementation == "tpu" else 0
-    plan = _plan(capacity, config, layout.group_size, "quantized" if layout.bits else "cache",
-                 stage_tokens, batch * num_kv_heads, gpu_processors(interpret))
+    plan = _plan(capacity, config, config.block_for(implementation), layout.group_size,
+                 "quantized" if layout.bits else "cache", stage_tokens, batch * num_kv_heads,
+                 gpu_processors(interpret))
     if implementation == "gpu":
         head_dim = q4.shape[-1]
         if not _is_power_of_two(head_dim) or not _is_power_of_two(plan.block_k):

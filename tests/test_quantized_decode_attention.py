@@ -245,6 +245,22 @@ def test_lowers_for_hardware(implementation, platform, bits):
     assert lowered.as_text().count("tpu_custom_call" if platform == "tpu" else "triton") >= 2
 
 
+def test_default_block_is_the_lowerings_own():
+    """block_k None: 128 on GPU (256 spills in its Triton loop), 256 on TPU; an explicit block wins.
+    The GPU default tiles a 384-token slab (3 blocks, which 256 cannot) and matches float64."""
+    assert [QuantizedDecodeConfig().block_for(i) for i in ("gpu", "tpu")] == [128, 256]
+    assert QuantizedDecodeConfig(block_k=64).block_for("tpu") == 64
+    q, cache, k_res, v_res = _quantized_case(5, 1, 2, 2, 1, 384, 16, 64, 4)
+    lengths, res_lengths = jnp.array([301]), jnp.array([9])
+    out = quantized_decode_attention(q, cache, lengths, k_res, v_res, res_lengths,
+                                     implementation="gpu", interpret=True)
+    expected = _np_quantized_decode(q, cache, lengths, k_res, v_res, res_lengths)
+    np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match=r"multiple of block_k \(256\)"):
+        quantized_decode_attention(q, cache, lengths, k_res, v_res, res_lengths,
+                                   implementation="tpu", interpret=True)
+
+
 def test_cpu_default_is_the_reference_and_errors_are_clear():
     q, cache, k_res, v_res = _quantized_case(0, 1, 2, 2, 1, 64, 32, 64, 4)  # Hkv 2, H 4
     lengths = jnp.array([40])
