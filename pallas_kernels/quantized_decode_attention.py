@@ -100,11 +100,12 @@ class _Plan:
     stage_blocks: int
 
 
-def _plan(capacity: int, config: QuantizedDecodeConfig, block_k: int, group_size: int, what: str,
-          stage_tokens: int, rows: int, processors: int | None) -> _Plan:
+def _plan(capacity: int, config: QuantizedDecodeConfig, implementation: str, group_size: int,
+          what: str, rows: int, processors: int | None) -> _Plan:
     """rows: (sequence, KV head) programs before splitting; processors: the GPU's SMs, which
     pick the split count where the config leaves it None."""
-    block_k = min(block_k, capacity)
+    block_k = min(config.block_for(implementation), capacity)
+    stage_tokens = config.tpu_stage_tokens if implementation == "tpu" else 0
     if capacity % block_k:
         raise ValueError(f"{what} capacity ({capacity}) must be a multiple of block_k ({block_k})")
     if block_k % group_size:
@@ -418,9 +419,8 @@ def _partials(q4, layout, cache, capacity, lengths, causal, sm_scale, config, im
               interpret):
     """(acc, m, l) partials of q over one cache with the chosen kernel."""
     batch, num_kv_heads = layout.operands(cache)[0].shape[:2]
-    stage_tokens = config.tpu_stage_tokens if implementation == "tpu" else 0
-    plan = _plan(capacity, config, config.block_for(implementation), layout.group_size,
-                 "quantized" if layout.bits else "cache", stage_tokens, batch * num_kv_heads,
+    plan = _plan(capacity, config, implementation, layout.group_size,
+                 "quantized" if layout.bits else "cache", batch * num_kv_heads,
                  gpu_processors(interpret))
     if implementation == "gpu":
         head_dim = q4.shape[-1]
