@@ -6,7 +6,9 @@ Measures, on the default device (numbers only mean something on a GPU or TPU):
     causal cuDNN on every head, and vs cuDNN split by head group (full causal for retrieval
     heads, a sink+recent-sized local window for streaming heads), the honest baseline;
   * decode visiting 10% of the cache pages (Quest-style top-k): kernel vs full-cache XLA and
-    cuDNN decode; reported with and without the page selection itself;
+    cuDNN decode; reported with and without the page selection itself, each timed twice: calls
+    chained on device in one executable (as kvjax's jitted decode loop runs them) and calls
+    dispatched back to back from Python (bounded below by the host's dispatch);
   * chunked prefill attention as `kvjax.prefill` dispatches it (`kvjax.attention.attend` over a
     slot = position cache, one chunk after another in a `lax.scan`): the prefill kernel in chunk
     mode vs the jnp reference dispatch, and vs one-shot full causal cuDNN as a bound.
@@ -26,8 +28,6 @@ import argparse
 import dataclasses
 import itertools
 import json
-import statistics
-import time
 from pathlib import Path
 from collections.abc import Callable
 
@@ -40,6 +40,7 @@ from pallas_kernels.block_sparse_decode import (
     DecodeConfig, block_sparse_decode, block_sparse_decode_reference)
 from pallas_kernels.block_sparse_prefill import (
     PrefillConfig, block_sparse_prefill, block_sparse_prefill_reference)
+from timing import chained_seconds, median_seconds  # benchmarks/timing.py
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,25 +68,11 @@ SMOKE = Shapes(batch=1, num_heads=4, num_kv_heads=2, head_dim=64, lengths=(100,)
                dtype="bfloat16", sink=4, recent=16, decode_page=16, decode_fraction=0.25)
 
 
-def median_seconds(fn: Callable, *args, repeats: int, inner: int = 1) -> float:
-    """Median over `repeats` of the mean time of `inner` back-to-back jitted calls, after one
-    warm-up (compile) call. inner > 1 hides the host's dispatch of sub-millisecond calls (decode)
-    behind the device's work, as a decode loop does."""
-    jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        for _ in range(inner):
-            out = fn(*args)
-        jax.block_until_ready(out)
-        times.append((time.perf_counter() - start) / inner)
-    return statistics.median(times)
-
-
-def try_time(fn: Callable, *args, repeats: int, inner: int = 1) -> float | str:
-    """Seconds, or the reason the call failed (no cuDNN on this device, out of memory, ...)."""
+def try_time(timer: Callable, fn: Callable, *args, **kwargs) -> float | str:
+    """timer(fn, *args, **kwargs) in seconds, or the reason the call failed (no cuDNN on this
+    device, out of memory, ...)."""
     try:
-        return median_seconds(fn, *args, repeats=repeats, inner=inner)
+        return timer(fn, *args, **kwargs)
     except Exception as e:  # a baseline that cannot run here is reported, not fatal
         return f"failed: {type(e).__name__}: {str(e).splitlines()[0][:200]}"
 
@@ -121,8 +108,8 @@ def bench_prefill(shapes: Shapes, seq_len: int, kernel_kwargs: dict, repeats: in
     v = jax.random.normal(kv, (batch, kv_heads, seq_len, dim), dtype)
     q_t, k_t, v_t = (x.transpose(0, 2, 1, 3) for x in (q, k, v))  # [B, T, N, D] for jax.nn
 
-    full_baselines = {impl: try_time(cudnn_or_xla(impl, is_causal=True), q_t, k_t, v_t,
-                                     repeats=repeats) for impl in ("cudnn", "xla")}
+    full_baselines = {impl: try_time(median_seconds, cudnn_or_xla(impl, is_causal=True), q_t,
+                                     k_t, v_t, repeats=repeats) for impl in ("cudnn", "xla")}
     dense = jax.jit(lambda q, k, v: block_sparse_prefill(q, k, v, bm.DenseCausal(),
                                                          **kernel_kwargs))
     agreement = {}  # same computation: the kernel must agree with the baselines that ran
@@ -153,7 +140,7 @@ def bench_prefill(shapes: Shapes, seq_len: int, kernel_kwargs: dict, repeats: in
     duo_baselines = dict(full_baselines)
     for impl in ("cudnn", "xla"):
         duo_baselines[f"{impl}_split_by_head_group"] = try_time(
-            split_by_group(impl), q_t, k_t, v_t, repeats=repeats)
+            median_seconds, split_by_group(impl), q_t, k_t, v_t, repeats=repeats)
     duo_agreement = {}
     if seq_len <= REFERENCE_MAX_LEN:  # the dense reference holds H x T x T float32 scores
         diff = jnp.abs(duo_kernel(q, k, v).astype(jnp.float32)
@@ -205,23 +192,26 @@ def bench_decode(shapes: Shapes, seq_len: int, kernel_kwargs: dict, page: int,
 
     q_t = q[:, None]  # [B, 1, H, D]
     k_t, v_t = (x.transpose(0, 2, 1, 3) for x in (k, v))  # [B, C, Hkv, D]
-    baselines = {
-        "xla_full_cache": try_time(xla_decode, q, k, v, repeats=repeats, inner=inner),
-        "cudnn_full_cache": try_time(cudnn_or_xla("cudnn", key_value_seq_lengths=lengths),
-                                     q_t, k_t, v_t, repeats=repeats, inner=inner),
+    # name: (function, arguments); each function's output has its first argument's shape.
+    measured = {"decode_top_k_pages_kernel_only": (kernel, (q, k, v, table)),
+                "decode_top_k_pages_with_selection": (select_and_kernel, (q, k, v, k_min, k_max))}
+    baseline_calls = {
+        "xla_full_cache": (xla_decode, (q, k, v)),
+        "cudnn_full_cache": (cudnn_or_xla("cudnn", key_value_seq_lengths=lengths), (q_t, k_t, v_t)),
     }
-    kernel_s = median_seconds(kernel, q, k, v, table, repeats=repeats, inner=inner)
-    total_s = median_seconds(select_and_kernel, q, k, v, k_min, k_max, repeats=repeats,
-                             inner=inner)
     diff = jnp.abs(kernel(q, k, v, table).astype(jnp.float32) - block_sparse_decode_reference(
         q, k, v, lengths, table).astype(jnp.float32))
     extra = dict(page=page, pages_visited=top_k, pages_total=capacity // page,
                  num_splits=num_splits or "auto", num_stages=num_stages, num_warps=num_warps,
-                 calls_per_sample=inner,
-                 max_abs_diff_vs_reference=float(diff.max()))
-    return [summarize("decode_top_k_pages_kernel_only", seq_len, kernel_s, baselines, **extra),
-            summarize("decode_top_k_pages_with_selection", seq_len, total_s, baselines,
-                      **extra)]
+                 calls_per_sample=inner, max_abs_diff_vs_reference=float(diff.max()))
+    rows, kw = [], dict(repeats=repeats, inner=inner)
+    # Chained on device (as generate's loop runs), then dispatched back to back by the host.
+    for timing, timer in (("chained", chained_seconds), ("dispatched", median_seconds)):
+        baselines = {name: try_time(timer, fn, *a, **kw) for name, (fn, a) in baseline_calls.items()}
+        for name, (fn, a) in measured.items():
+            rows.append(summarize(name, seq_len, timer(fn, *a, **kw), baselines, timing=timing,
+                                  **extra))
+    return rows
 
 
 def bench_chunked_prefill(shapes: Shapes, seq_len: int, chunk: int, kernel_impl: str,
@@ -256,9 +246,9 @@ def bench_chunked_prefill(shapes: Shapes, seq_len: int, chunk: int, kernel_impl:
     q_t = q.transpose(1, 0, 2, 3, 4, 5).reshape(batch, num_chunks * chunk, heads, dim)[:, :seq_len]
     k_t, v_t = (x.transpose(0, 2, 1, 3)[:, :seq_len] for x in (k, v))  # [B, T, Hkv, D]
     baselines = {
-        "reference_dispatch": try_time(reference, q, repeats=repeats),
-        "cudnn_one_shot_full_causal": try_time(cudnn_or_xla("cudnn", is_causal=True), q_t, k_t,
-                                               v_t, repeats=repeats),
+        "reference_dispatch": try_time(median_seconds, reference, q, repeats=repeats),
+        "cudnn_one_shot_full_causal": try_time(
+            median_seconds, cudnn_or_xla("cudnn", is_causal=True), q_t, k_t, v_t, repeats=repeats),
     }
     extra = dict(chunk=chunk, num_chunks=num_chunks, capacity=capacity, impl=kernel_impl)
     if isinstance(baselines["reference_dispatch"], float):  # both ran: they must agree
@@ -287,7 +277,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--pages", type=int, nargs="+",
                         help="decode page sizes; several: one row each (default: 64)")
     parser.add_argument("--decode-inner", type=int, default=20,
-                        help="back-to-back decode calls per timing sample")
+                        help="decode calls per timing sample, chained on device in one "
+                             "executable (rows timing=chained) or dispatched back to back by "
+                             "the host (timing=dispatched)")
     parser.add_argument("--sections", nargs="+", choices=SECTIONS, default=list(SECTIONS))
     parser.add_argument("--num-stages", type=int, default=2,
                         help="K/V blocks in flight (Triton pipelining; Mosaic GPU stage ring)")

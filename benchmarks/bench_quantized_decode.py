@@ -4,8 +4,10 @@ On a GPU or a TPU: batch 1/8/32 x context 8K/32K/128K, 32 query / 8 KV heads, he
 each shape it times the quantized kernel (int4, int2; slab of `context` tokens plus a full
 128-token bf16 window), the plain bf16 kernel, and `jax.nn.dot_product_attention` (XLA, and
 cuDNN on a GPU) on the bf16 cache of the same context, all in the same run; reports median
-times, bytes read / time as a fraction of `--bandwidth`, and each kernel's time over the faster
-baseline. The kernel is the backend's lowering (Triton on GPU, Mosaic TPU on TPU). Writes JSON.
+times per call of `--inner` calls chained on device in one executable (as kvjax's decode loop
+runs; `dispatched_median_us`: the same calls dispatched back to back from Python, which the
+host's dispatch bounds from below), bytes read / time as a fraction of `--bandwidth`, and each
+kernel's time over the faster baseline. The kernel is the backend's lowering (Triton on GPU, Mosaic TPU on TPU). Writes JSON.
 `--smoke` runs tiny shapes on any backend (off GPU and TPU the kernel is interpreted: the GPU
 one, or the TPU one with `--implementation tpu`) to check the script itself; its times mean nothing.
 
@@ -20,9 +22,7 @@ import argparse
 import dataclasses
 import functools
 import json
-import statistics
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
@@ -31,6 +31,7 @@ from pallas_kernels import kv_quant
 from pallas_kernels.kv_quant import QuantizedKV
 from pallas_kernels.quantized_decode_attention import (
     QuantizedDecodeConfig, decode_attention, quantized_decode_attention)
+from timing import chained_seconds, median_seconds  # benchmarks/timing.py
 
 H100_BYTES_PER_S = 3.1e12  # H100 read bandwidth measured with an XLA reduction (DESIGN.md)
 
@@ -47,19 +48,6 @@ class Shape:
 
 FULL = tuple(Shape(b, c) for b in (1, 8, 32) for c in (8192, 32768, 131072))
 SMOKE = (Shape(1, 256, 4, 2, 64, 32), Shape(2, 512, 4, 2, 64, 32))
-
-
-def _median_seconds(fn, *args, repeats: int, inner: int) -> float:
-    """Median over `repeats` of the mean time of `inner` back-to-back calls (after a warm-up)."""
-    jax.block_until_ready(fn(*args))
-    samples = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        for _ in range(inner):
-            out = fn(*args)
-        jax.block_until_ready(out)
-        samples.append((time.perf_counter() - start) / inner)
-    return statistics.median(samples)
 
 
 def _random_slab(key, shape: Shape, bits: int) -> QuantizedKV:
@@ -92,27 +80,32 @@ def bench_shape(shape: Shape, args, backend: str) -> dict:
                                    tpu_stage_tokens=args.tpu_stage_tokens)
     kernel_kw = dict(config=config, implementation=implementation,
                      interpret=backend not in ("gpu", "tpu"))
-    timer = functools.partial(_median_seconds, repeats=args.repeats, inner=args.inner)
     lengths = jnp.full((b,), c, jnp.int32)
-    times, read = {}, {}
+    times, dispatched, read = {}, {}, {}
+
+    def timed(name, fn, *fn_args):
+        """Seconds per call, chained on device (the reported time) and host-dispatched."""
+        kw = dict(repeats=args.repeats, inner=args.inner)
+        times[name] = chained_seconds(fn, *fn_args, **kw)
+        dispatched[name] = median_seconds(fn, *fn_args, **kw)
 
     # bf16 cache [B, Hkv, C, D]: the plain kernel, then XLA / cuDNN on [B, C, Hkv, D].
     k = jax.random.normal(kk, (b, shape.kv_heads, c, d), jnp.bfloat16)
     v = jax.random.normal(kv, (b, shape.kv_heads, c, d), jnp.bfloat16)
     plain = jax.jit(functools.partial(decode_attention, **kernel_kw))
-    times["bf16_kernel"] = timer(plain, q, k, v, lengths)
+    timed("bf16_kernel", plain, q, k, v, lengths)
     read["bf16_kernel"] = _nbytes(q, k, v)
     k_bthd, v_bthd = jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2)  # [B, C, Hkv, D]
     del k, v
     for name in ("xla", "cudnn"):
         if name == "cudnn" and backend != "gpu":
-            times[name] = None  # cuDNN exists only on NVIDIA GPUs
+            times[name] = dispatched[name] = None  # cuDNN exists only on NVIDIA GPUs
             continue
         sdpa = jax.jit(functools.partial(jax.nn.dot_product_attention, implementation=name))
         try:
-            times[name] = timer(sdpa, q[:, None], k_bthd, v_bthd)
+            timed(name, sdpa, q[:, None], k_bthd, v_bthd)
         except Exception as e:  # noqa: BLE001  (report why a baseline is missing, keep going)
-            times[name] = None
+            times[name] = dispatched[name] = None
             print(f"  {name} baseline failed: {type(e).__name__}: {e}"[:300], file=sys.stderr)
         read[name] = _nbytes(q, k_bthd, v_bthd)
     del k_bthd, v_bthd
@@ -124,7 +117,7 @@ def bench_shape(shape: Shape, args, backend: str) -> dict:
     for bits in (4, 2):
         slab = _random_slab(ks, shape, bits)
         name = f"int{bits}_kernel"
-        times[name] = timer(quantized, q, slab, lengths, window, window, res_lengths)
+        timed(name, quantized, q, slab, lengths, window, window, res_lengths)
         read[name] = _nbytes(q, slab, window, window)
         del slab
 
@@ -134,6 +127,7 @@ def bench_shape(shape: Shape, args, backend: str) -> dict:
         **dataclasses.asdict(shape),
         "config": dataclasses.asdict(config),
         "median_us": {n: None if t is None else t * 1e6 for n, t in times.items()},
+        "dispatched_median_us": {n: None if t is None else t * 1e6 for n, t in dispatched.items()},
         "bytes_read": read,
         "hbm_fraction": {n: read[n] / t / args.bandwidth
                          for n, t in times.items() if t is not None},
@@ -163,7 +157,7 @@ def main(argv=None) -> int:
                         help="bytes/s of HBM for the roofline column (H100: 3.1e12 measured; "
                              "TPU v5e: 8.19e11, v6e: 1.64e12, v5p: 2.76e12 spec sheets)")
     parser.add_argument("--repeats", type=int, default=None)
-    parser.add_argument("--inner", type=int, default=None)
+    parser.add_argument("--inner", type=int, default=None, help="calls per timing sample")
     args = parser.parse_args(argv)
     backend = jax.default_backend()
     if backend not in ("gpu", "tpu") and not args.smoke:

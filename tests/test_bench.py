@@ -1,8 +1,9 @@
-"""`kvjax bench`: the decode loop it times, the report's memory and ratios, and the files it writes."""
+"""`kvjax bench` and the scripts in benchmarks/: the decode loops they time, the report's memory and ratios, the files."""
 
 from __future__ import annotations
 
 import json
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -133,3 +134,47 @@ def test_decode_roofline_script_runs_on_a_state_shaped_as_prefill_leaves_it(tiny
                                                                   max_new_tokens=5))
         assert jax.tree.structure(filled) == jax.tree.structure(prefilled)
         assert kvjax.kv_bytes(filled) == kvjax.kv_bytes(prefilled)
+
+
+def test_chained_timing_runs_each_call_on_the_previous_output():
+    """benchmarks/timing.py's device-chained timer: `inner` calls in one executable, each reading the last
+    one's output (x <- x0 + step(x)), so no call can be hoisted or merged and none is skipped."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).parents[1] / "benchmarks" / "timing.py"
+    spec = importlib.util.spec_from_file_location("timing", path)
+    timing = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(timing)
+    x0, c = jnp.array([1.0, 2.0]), jnp.float32(0.5)
+    x = x0
+    for _ in range(3):
+        x = x0 + c * x
+    np.testing.assert_allclose(timing.chain(lambda y, c: c * y, 3)(x0, c), x, rtol=1e-6)  # 1.875, 3.75
+    assert timing.chained_seconds(lambda y, c: c * y, x0, c, repeats=2, inner=3) > 0
+    with pytest.raises(ValueError, match="inner"):
+        timing.chain(lambda y: y, 0)
+
+
+def test_block_sparse_decode_benchmark_reports_both_timings(tmp_path, monkeypatch):
+    """benchmarks/bench_block_sparse.py --smoke (kernels interpreted): each decode row is timed chained on
+    device and dispatched by the host, against the same baselines, and the kernel it times matches the
+    dense reference."""
+    import importlib.util
+    from pathlib import Path
+
+    scripts = Path(__file__).parents[1] / "benchmarks"
+    monkeypatch.syspath_prepend(str(scripts))  # as `python benchmarks/...` puts it first
+    spec = importlib.util.spec_from_file_location("bench_block_sparse", scripts / "bench_block_sparse.py")
+    script = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "bench_block_sparse", script)  # its dataclasses look it up
+    spec.loader.exec_module(script)
+    report = script.main(["--smoke", "--sections", "decode", "--out", str(tmp_path / "b.json")])
+    assert json.loads((tmp_path / "b.json").read_text()) == json.loads(json.dumps(report))
+    rows = report["results"]
+    assert [(r["name"], r["timing"]) for r in rows] == [
+        (name, timing) for timing in ("chained", "dispatched")
+        for name in ("decode_top_k_pages_kernel_only", "decode_top_k_pages_with_selection")]
+    for r in rows:
+        assert r["kernel_ms"] > 0 and r["max_abs_diff_vs_reference"] < 1e-2  # bf16 output
+        assert r["speedup"]["xla_full_cache"] == pytest.approx(r["baselines_ms"]["xla_full_cache"] / r["kernel_ms"])
