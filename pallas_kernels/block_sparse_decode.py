@@ -30,7 +30,8 @@ Lowerings:
     default for decode.
   * "mosaic_gpu": the Hopper kernel in `block_sparse_mosaic_gpu` (TMA, wgmma), on request.
     On an H100 it was faster than Triton at 128K (0.060 against 0.075 ms for 10% of the pages)
-    and slower at 8K (benchmarks/results/h100).
+    and slower at 8K (benchmarks/results/h100), both timed as calls dispatched from Python,
+    which may have measured the host more than the kernels.
   * "reference": `block_sparse_decode_reference`, dense masked attention in jnp.
 
 All three are tested in interpret mode on CPU, Mosaic GPU on JAX's GPU interpreter as the tests
