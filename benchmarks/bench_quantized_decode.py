@@ -7,7 +7,8 @@ cuDNN on a GPU) on the bf16 cache of the same context, all in the same run; repo
 times per call of `--inner` calls chained on device in one executable (as kvjax's decode loop
 runs; `dispatched_median_us`: the same calls dispatched back to back from Python, which the
 host's dispatch bounds from below), bytes read / time as a fraction of `--bandwidth`, and each
-kernel's time over the faster baseline. The kernel is the backend's lowering (Triton on GPU, Mosaic TPU on TPU). Writes JSON.
+kernel's time over the faster baseline. The kernel is the backend's lowering (Triton on GPU,
+Mosaic TPU on TPU). Writes JSON.
 `--smoke` runs tiny shapes on any backend (off GPU and TPU the kernel is interpreted: the GPU
 one, or the TPU one with `--implementation tpu`) to check the script itself; its times mean nothing.
 
@@ -82,10 +83,10 @@ def bench_shape(shape: Shape, args, backend: str) -> dict:
                      interpret=backend not in ("gpu", "tpu"))
     lengths = jnp.full((b,), c, jnp.int32)
     times, dispatched, read = {}, {}, {}
+    kw = dict(repeats=args.repeats, inner=args.inner)
 
     def timed(name, fn, *fn_args):
         """Seconds per call, chained on device (the reported time) and host-dispatched."""
-        kw = dict(repeats=args.repeats, inner=args.inner)
         times[name] = chained_seconds(fn, *fn_args, **kw)
         dispatched[name] = median_seconds(fn, *fn_args, **kw)
 
