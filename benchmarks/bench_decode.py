@@ -12,7 +12,10 @@ context keys once (k-means in finalize, not timed) and each step reads the 16-sl
 of the clusters its centroids select (`--squeezed-hierarchical` also times the authors' two-level lookup).
 Writes JSON with the device, shapes, times and ratios.
 Usage: python benchmarks/bench_decode.py [--contexts 8192 32768] [--quest-budgets 1024] [--twilight-budgets 8192]
-       [--cskv-densities 0.5] [--squeezed-keeps 0.1] [--squeezed-hierarchical] [--smoke] [--out FILE]
+       [--cskv-densities 0.5] [--squeezed-keeps 0.1] [--squeezed-hierarchical] [--profile-top N] [--smoke]
+       [--out FILE]
+`--profile-top N` also traces one more decode loop per row under the profiler and adds the N operations
+and kernel kinds that take a token's device time (`op_profile.py`) as the row's "device_ops".
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ from kvjax.inference import greedy_decode
 from kvjax.config import ModelConfig, RopeConfig
 from kvjax.kv_state import KVSegment
 from kvjax.policies import CSKV, Full, Policy, Quest, SqueezedAttention, Twilight
+from op_profile import profile_ops
 
 LLAMA31_8B = ModelConfig(
     family="llama", vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_layers=32,
@@ -96,6 +100,14 @@ def time_decode(m, batch: int, context: int, steps: int, repeats: int, policy: P
     return float(np.median(times))
 
 
+def profile_decode(m, batch: int, context: int, steps: int, top: int, policy: Policy = Full()) -> dict:
+    """`op_profile.profile_ops` of one decode loop of `steps` tokens (compiled by `time_decode` at these
+    shapes): which kernels and fusions a token's time goes to."""
+    state = jax.block_until_ready(filled_state(m.config, batch, context, steps, m.dtype, policy))
+    run = lambda: greedy_decode(m, state, np.ones((batch,), np.int32), steps, policy)  # noqa: E731
+    return profile_ops(run, steps, top, module="jit__decode")  # the loop, not the eager checks before it
+
+
 def label(policy: Policy) -> str:
     """The policy with its hyperparameters, as a result row names it."""
     fields = (f for f in dataclasses.fields(policy) if f.name != "attention_impl")
@@ -118,10 +130,14 @@ def main():
                         help="Squeezed Attention keep shares (5%% clusters) to time against Full")
     parser.add_argument("--squeezed-hierarchical", action="store_true",
                         help="time each Squeezed Attention keep with the hierarchical lookup too")
+    parser.add_argument("--profile-top", type=int, default=0,
+                        help="add each row's N costliest device operations per token (0: no profile)")
     parser.add_argument("--bandwidth", type=float, default=3.1e12, help="bytes/s of HBM (H100: 3.1e12)")
     parser.add_argument("--smoke", action="store_true", help="tiny model and contexts (CPU check only)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
+    if args.profile_top < 0:
+        parser.error(f"--profile-top must be 0 (no profile) or more, got {args.profile_top}")
     config = SMOKE if args.smoke else LLAMA31_8B
     contexts = [256, 512] if args.smoke else args.contexts
     sparse = ([Quest(budget_tokens=b) for b in ([64] if args.smoke else args.quest_budgets)]
@@ -132,26 +148,34 @@ def main():
     m = kvjax.init_model(config, seed=0, dtype=jnp.bfloat16)
     w_bytes = weight_bytes_per_token(m)
     rows = []
+
+    def profiled(row: dict, policy: Policy) -> dict:
+        if args.profile_top:
+            row["device_ops"] = profile_decode(m, args.batch, row["context"], args.steps, args.profile_top, policy)
+            for kind in row["device_ops"]["kinds"][:5]:
+                print(f"    {kind['us_per_step']:10.1f} us/token {kind['share']:6.1%}  {kind['kind']}")
+        return row
+
     for context in contexts:
         per_token = time_decode(m, args.batch, context, args.steps, args.repeats)
         kv_read = held_bytes(config, args.batch, context, args.steps, m.dtype)
         floor = (w_bytes + kv_read) / args.bandwidth
-        rows.append({
+        print(f"context {context:>6}: {args.batch / per_token:8.1f} tok/s, {floor / per_token:6.1%} of roofline")
+        rows.append(profiled({
             "policy": "Full", "context": context, "batch": args.batch, "seconds_per_token": per_token,
             "tokens_per_second": args.batch / per_token, "weight_bytes": w_bytes, "kv_bytes": kv_read,
             "roofline_seconds_per_token": floor, "fraction_of_roofline": floor / per_token,
-        })
-        print(f"context {context:>6}: {args.batch / per_token:8.1f} tok/s, {floor / per_token:6.1%} of roofline")
+        }, Full()))
         for policy in sparse:
             sparse_per_token = time_decode(m, args.batch, context, args.steps, args.repeats, policy)
-            rows.append({
+            print(f"context {context:>6}: {label(policy)} {args.batch / sparse_per_token:8.1f} tok/s, "
+                  f"{per_token / sparse_per_token:5.2f}x Full")
+            rows.append(profiled({
                 "policy": label(policy), "context": context, "batch": args.batch,
                 "seconds_per_token": sparse_per_token, "tokens_per_second": args.batch / sparse_per_token,
                 "kv_bytes": held_bytes(config, args.batch, context, args.steps, m.dtype, policy),
                 "speedup_vs_full": per_token / sparse_per_token,
-            })
-            print(f"context {context:>6}: {label(policy)} {args.batch / sparse_per_token:8.1f} tok/s, "
-                  f"{per_token / sparse_per_token:5.2f}x Full")
+            }, policy))
     report = {
         "benchmark": "decode", "device": jax.devices()[0].device_kind, "backend": jax.default_backend(),
         "jax": jax.__version__, "model": "smoke" if args.smoke else "llama-3.1-8b-shaped", "dtype": "bfloat16",

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import sys
+import types
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -14,6 +17,17 @@ import kvjax
 from kvjax.eval.speed import BenchConfig, run_bench
 from kvjax.inference import greedy_decode
 from tests.conftest import random_tokens
+
+
+def _script(name: str, monkeypatch) -> types.ModuleType:
+    """benchmarks/<name>.py as a module, with benchmarks/ first on sys.path as `python benchmarks/...` puts it."""
+    scripts = Path(__file__).parents[1] / "benchmarks"
+    monkeypatch.syspath_prepend(str(scripts))
+    spec = importlib.util.spec_from_file_location(name, scripts / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, name, module)  # its dataclasses look it up
+    spec.loader.exec_module(module)
+    return module
 
 
 def test_greedy_decode_continues_exactly_as_generate(tiny_model):
@@ -97,17 +111,11 @@ def test_kvjax_bench_writes_report_and_plot(byte_model, tmp_path, capsys):
     assert not too_long.exists()  # nothing written
 
 
-def test_decode_roofline_script_runs_on_a_state_shaped_as_prefill_leaves_it(tiny_model):
+def test_decode_roofline_script_runs_on_a_state_shaped_as_prefill_leaves_it(tiny_model, monkeypatch):
     """benchmarks/bench_decode.py times decode over a randomly filled state instead of a prefill (an 8B
     model's 32K prefill is not what it measures): at a bucket multiple, as its contexts are, that state must
     hold what a prefill would."""
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).parents[1] / "benchmarks" / "bench_decode.py"
-    spec = importlib.util.spec_from_file_location("bench_decode", path)
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = _script("bench_decode", monkeypatch)
     filled = script.filled_state(tiny_model.config, 2, 128, 5, tiny_model.dtype)
     prefilled = kvjax.prefill(tiny_model, random_tokens(0, (2, 128), 256), max_new_tokens=5)
     assert kvjax.kv_bytes(filled) == kvjax.kv_bytes(prefilled)
@@ -136,16 +144,10 @@ def test_decode_roofline_script_runs_on_a_state_shaped_as_prefill_leaves_it(tiny
         assert kvjax.kv_bytes(filled) == kvjax.kv_bytes(prefilled)
 
 
-def test_chained_timing_runs_each_call_on_the_previous_output():
+def test_chained_timing_runs_each_call_on_the_previous_output(monkeypatch):
     """benchmarks/timing.py's device-chained timer: `inner` calls in one executable, each reading the last
     one's output (x <- x0 + step(x)), so no call can be hoisted or merged and none is skipped."""
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).parents[1] / "benchmarks" / "timing.py"
-    spec = importlib.util.spec_from_file_location("timing", path)
-    timing = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(timing)
+    timing = _script("timing", monkeypatch)
     x0, c = jnp.array([1.0, 2.0]), jnp.float32(0.5)
     x = x0
     for _ in range(3):
@@ -160,15 +162,7 @@ def test_block_sparse_decode_benchmark_reports_both_timings(tmp_path, monkeypatc
     """benchmarks/bench_block_sparse.py --smoke (kernels interpreted): each decode row is timed chained on
     device and dispatched by the host, against the same baselines, and the kernel it times matches the
     dense reference."""
-    import importlib.util
-    from pathlib import Path
-
-    scripts = Path(__file__).parents[1] / "benchmarks"
-    monkeypatch.syspath_prepend(str(scripts))  # as `python benchmarks/...` puts it first
-    spec = importlib.util.spec_from_file_location("bench_block_sparse", scripts / "bench_block_sparse.py")
-    script = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, "bench_block_sparse", script)  # its dataclasses look it up
-    spec.loader.exec_module(script)
+    script = _script("bench_block_sparse", monkeypatch)
     report = script.main(["--smoke", "--sections", "decode", "--out", str(tmp_path / "b.json")])
     assert json.loads((tmp_path / "b.json").read_text()) == json.loads(json.dumps(report))
     rows = report["results"]
@@ -178,3 +172,49 @@ def test_block_sparse_decode_benchmark_reports_both_timings(tmp_path, monkeypatc
     for r in rows:
         assert r["kernel_ms"] > 0 and r["max_abs_diff_vs_reference"] < 1e-2  # bf16 output
         assert r["speedup"]["xla_full_cache"] == pytest.approx(r["baselines_ms"]["xla_full_cache"] / r["kernel_ms"])
+
+
+def test_op_profile_counts_each_operation_once_by_module_op_and_kind(monkeypatch):
+    """benchmarks/op_profile.py: an event whose span holds the next one on its thread (a CPU while around
+    its body) is not counted besides its contents; GPU kernels are attributed through XLA's annotation;
+    times are summed per step by operation and by kernel kind (numeric suffix dropped)."""
+    op_profile = _script("op_profile", monkeypatch)
+    kernel_note = {"annotation": "Thunk:#hlo_op=custom-call.1,hlo_module=jit_f,program_id=2#"}
+
+    def event(name, start, end, **stats):
+        return types.SimpleNamespace(name=name, start_ns=start, end_ns=end, stats=list(stats.items()))
+
+    line = [event("while.5", 0, 100, hlo_op="while.5", hlo_module="m"),
+            event("sine", 10, 50, hlo_op="sine", hlo_module="m"), event("add.2", 60, 90, hlo_op="add.2"),
+            event("block_sparse_decode_gpu", 100, 130, **kernel_note)]
+    assert list(op_profile._outermost_removed(line)) == [
+        ("m", "sine", "sine", 40), ("", "add.2", "add.2", 30), ("jit_f", "custom-call.1", "block_sparse_decode_gpu", 30)]
+    events = [("m", "fusion.3", "loop_fusion.3", 300), ("m", "fusion.4", "loop_fusion.4", 100),
+              ("m", "custom-call.1", "block_sparse_decode_gpu", 600)]
+    got = op_profile.summarize(events, steps=2, top=2)
+    assert got["busy_us_per_step"] == pytest.approx(0.5) and got["modules"] == [
+        {"module": "m", "calls_per_step": 1.5, "us_per_step": pytest.approx(0.5), "share": 1.0}]
+    assert [(o["op"], o["us_per_step"], o["share"]) for o in got["ops"]] == [
+        ("custom-call.1", pytest.approx(0.3), pytest.approx(0.6)), ("fusion.3", pytest.approx(0.15), pytest.approx(0.3))]
+    assert [(k["kind"], k["calls_per_step"], k["share"]) for k in got["kinds"]] == [
+        ("block_sparse_decode_gpu", 0.5, pytest.approx(0.6)), ("loop_fusion", 1.0, pytest.approx(0.4))]
+
+
+def test_decode_profile_attributes_each_token_s_device_time(tiny_model, monkeypatch):
+    """bench_decode.py --profile-top: one traced decode loop, its operations summed per token. Each op of the
+    loop body runs once per token (per layer its own ops), and the shares account for all the busy time."""
+    script = _script("bench_decode", monkeypatch)
+    steps = 2
+    assert script.time_decode(tiny_model, 2, 128, steps, 1) > 0  # compiles the loop the profile runs
+    got = script.profile_decode(tiny_model, 2, 128, steps, top=10_000)
+    ops, kinds = got["ops"], got["kinds"]
+    assert got["busy_us_per_step"] > 0 and got["wall_us_per_step"] > 0
+    assert sum(o["share"] for o in ops) == pytest.approx(1.0) and sum(k["share"] for k in kinds) == pytest.approx(1.0)
+    assert sum(o["calls_per_step"] for o in ops) == pytest.approx(sum(k["calls_per_step"] for k in kinds))
+    assert [o["us_per_step"] for o in ops] == sorted((o["us_per_step"] for o in ops), reverse=True)
+    assert {o["module"] for o in ops} == {"jit__decode"}  # the loop's executable, not the eager checks
+    assert got["modules"][0]["module"] == "jit__decode"  # and it takes the most time
+    # Once per token (the body), once per token and once more (the loop's condition), once (the rest):
+    assert {o["calls_per_step"] for o in ops} == {1.0, (steps + 1) / steps, 1 / steps}
+    per_token = [o for o in ops if o["calls_per_step"] == 1.0]
+    assert len(per_token) >= 2 * tiny_model.config.num_layers  # each layer's own ops
