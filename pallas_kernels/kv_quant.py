@@ -187,11 +187,7 @@ def dequantize_values(
 ) -> jax.Array:
     """uint8[..., C*b/8, D] with scale, zero [..., D/G, C] -> values [..., C, D]."""
     codes = unpack(packed, bits, group_size, jnp.float32)  # [..., C, D]
-    *lead, seq, dim = codes.shape
-    grouped = codes.reshape(*lead, seq, dim // group_size, group_size)  # [..., C, D/G, G]
-    scale = jnp.swapaxes(scale.astype(jnp.float32), -1, -2)[..., None]  # [..., C, D/G, 1]
-    zero = jnp.swapaxes(zero.astype(jnp.float32), -1, -2)[..., None]  # [..., C, D/G, 1]
-    return (grouped * scale + zero).reshape(*lead, seq, dim).astype(dtype)
+    return _dequantize_channel_groups(codes, jnp.swapaxes(scale, -1, -2), jnp.swapaxes(zero, -1, -2), dtype)
 
 
 def quantize_tokens(
@@ -228,9 +224,13 @@ def dequantize_tokens(
     dtype=jnp.float32,
 ) -> jax.Array:
     """Inverse of `quantize_tokens`: uint8[..., T, D * bits / 8] with scale, zero [..., T, D/G] -> [..., T, D]."""
-    codes = unpack_tokens(packed, bits, group_size, jnp.float32)  # [..., T, D]
+    return _dequantize_channel_groups(unpack_tokens(packed, bits, group_size, jnp.float32), scale, zero, dtype)
+
+
+def _dequantize_channel_groups(codes: jax.Array, scale: jax.Array, zero: jax.Array, dtype) -> jax.Array:
+    """codes [..., T, D] with per-token statistics [..., T, D/G] over groups of G channels -> [..., T, D]."""
     *lead, seq, dim = codes.shape
-    grouped = codes.reshape(*lead, seq, dim // group_size, group_size)  # [..., T, D/G, G]
+    grouped = codes.reshape(*lead, seq, scale.shape[-1], -1)  # [..., T, D/G, G]
     x = grouped * scale.astype(jnp.float32)[..., None] + zero.astype(jnp.float32)[..., None]
     return x.reshape(*lead, seq, dim).astype(dtype)
 
