@@ -104,7 +104,7 @@ def profile_decode(m, batch: int, context: int, steps: int, top: int, policy: Po
     """`op_profile.profile_ops` of one decode loop of `steps` tokens (compiled by `time_decode` at these
     shapes): which kernels and fusions a token's time goes to."""
     state = jax.block_until_ready(filled_state(m.config, batch, context, steps, m.dtype, policy))
-    run = lambda: greedy_decode(m, state, np.ones((batch,), np.int32), steps, policy)  # noqa: E731
+    run = functools.partial(greedy_decode, m, state, np.ones((batch,), np.int32), steps, policy)
     return profile_ops(run, steps, top, module="jit__decode")  # the loop, not the eager checks before it
 
 
