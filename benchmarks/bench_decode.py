@@ -150,10 +150,16 @@ def main():
     rows = []
 
     def profiled(row: dict, policy: Policy) -> dict:
-        if args.profile_top:
+        if not args.profile_top:
+            return row
+        try:
             row["device_ops"] = profile_decode(m, args.batch, row["context"], args.steps, args.profile_top, policy)
-            for kind in row["device_ops"]["kinds"][:5]:
-                print(f"    {kind['us_per_step']:10.1f} us/token {kind['share']:6.1%}  {kind['kind']}")
+        except RuntimeError as error:  # a trace without operations (no CUPTI, say): keep the timings
+            row["device_ops"] = {"error": str(error)}
+            print(f"    no profile: {error}")
+            return row
+        for kind in row["device_ops"]["kinds"][:5]:
+            print(f"    {kind['us_per_step']:10.1f} us/token {kind['share']:6.1%}  {kind['kind']}")
         return row
 
     for context in contexts:
