@@ -29,9 +29,10 @@ def median_seconds(fn: Callable, *args, repeats: int, inner: int = 1) -> float:
 
 
 def chain(step: Callable, inner: int) -> Callable:
-    """(x, *rest) -> x after `inner` steps x <- x + step(x, *rest), as one jitted loop.
+    """(x, *rest) -> y after `inner` steps y <- x + step(y, *rest) from y = x, as one jitted loop.
 
-    step's output must have x's shape. Each call reads the previous one's output, so none can be
+    step's output must have x's shape; adding it to the fixed x, not to y, keeps values from growing
+    over many steps. Each call reads the previous one's output, so none can be
     merged with or run concurrently with another, as in a decode loop; work in step that does not
     depend on x (on constant lengths, say) may be hoisted out of the loop.
     """
