@@ -5,20 +5,22 @@ wording: niah_single (1 key, 1 value), niah_multikey (4 keys, one queried, the o
 niah_multivalue (1 key with 4 values, all asked), niah_multiquery (4 keys, all asked), passkey (the
 classic pass-key retrieval in repeated noise) and vt (one chain of 4 hops of variable assignments).
 Samples are text plus expected answer strings: deterministic functions of (task, seed, depth,
-length, tokenizer), with the haystack grown until the prompt fills the token budget.
+length, tokenizer, chat), with the haystack grown until the prompt, as rendered (kvjax.eval.prompting:
+plain, or the chat template with the task's answer prefix pre-filled), fills the token budget.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import re
 import string
 import uuid
 import zlib
-from typing import Any, Callable
 
 import numpy as np
 
 from kvjax.eval.haystack import Haystack, NoiseHaystack, ProseHaystack
+from kvjax.eval.prompting import Tokenizer, render_prompt, token_counter
 
 # Keys are "adjective-noun" words, as RULER's wonderwords keys.
 _ADJECTIVES = (
@@ -38,9 +40,6 @@ _NOUNS = (
 # RULER draws random needle depths from 40 evenly spaced percentages.
 _DEPTH_GRID = np.linspace(0.0, 1.0, 40)
 
-Tokenizer = Any  # anything with `encode(text) -> list[int]`, or a callable text -> int token count
-
-
 @dataclasses.dataclass(frozen=True)
 class Sample:
     """One prompt and what a correct completion must contain."""
@@ -54,15 +53,19 @@ class Sample:
     num_tokens: int  # the prompt's length under the tokenizer it was fitted with (<= length)
     seed: int
     context: str = dataclasses.field(default="", repr=False)  # the haystack with needles, no template
+    answer_prefix: str = ""  # the words opening the answer, the prompt's last (pre-filled when chat)
+    chat: bool = False  # rendered through the tokenizer's chat template (encode with kvjax.eval.prompting)
 
 
 @dataclasses.dataclass(frozen=True)
 class Draft:
-    """A sample before its haystack is sized: needles with depths, and the text around the context."""
+    """A sample before its haystack is sized: needles with depths, and the text around the context.
+    The instruction is prefix + context + question; the answer prefix opens the answer."""
 
     needles: tuple[tuple[str, float], ...]  # (sentence, depth in [0, 1]) in insertion order
     prefix: str
-    suffix: str
+    question: str
+    answer_prefix: str
     answers: tuple[str, ...]
     first_needle: int  # index in `needles` of the first answer's needle (its depth is reported)
 
@@ -128,14 +131,15 @@ class NeedleTask:
             ", ".join(keys[q] for q in queried[:-1]) + f", and {keys[queried[-1]]}")
         if len(answers) == 1:
             prefix = f"A special magic {kind} is hidden in the text below. Memorize it; I will ask you about it afterwards.\n"
-            suffix = (f"\nWhat is the special magic {kind} for {query} in the text above? "
-                      f"The special magic {kind} for {query} in the text above is")
+            question = f"\nWhat is the special magic {kind} for {query} in the text above?"
+            answer_prefix = f"The special magic {kind} for {query} in the text above is"
         else:
             prefix = (f"Some special magic {kind}s are hidden in the text below. Memorize them; "
                       f"I will ask you about them afterwards.\n")
-            suffix = (f"\nWhat are all the special magic {kind}s for {query} in the text above? "
-                      f"The special magic {kind}s for {query} in the text above are")
-        return Draft(tuple((n, d) for (n, _, _), d in zip(needles, depths)), prefix, suffix, tuple(answers), first)
+            question = f"\nWhat are all the special magic {kind}s for {query} in the text above?"
+            answer_prefix = f"The special magic {kind}s for {query} in the text above are"
+        return Draft(tuple((n, d) for (n, _, _), d in zip(needles, depths)), prefix, question, answer_prefix,
+                     tuple(answers), first)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -150,8 +154,8 @@ class PasskeyTask:
         key = str(int(rng.integers(10_000, 100_000)))
         prefix = ("There is an important piece of information hidden inside a lot of irrelevant text. "
                   "Find it and remember it; I will ask you about it.\n")
-        suffix = "\nWhat is the pass key? The pass key is"
-        return Draft(((f"The pass key is {key}. Remember it.", depth),), prefix, suffix, (key,), 0)
+        return Draft(((f"The pass key is {key}. Remember it.", depth),), prefix, "\nWhat is the pass key?",
+                     "The pass key is", (key,), 0)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -176,10 +180,10 @@ class VariableTrackingTask:
         ]
         later = sorted(float(d) for d in rng.uniform(depth, 1.0, size=self.num_hops))
         prefix = "Memorize and track the chain of variable assignments hidden in the text below.\n\n"
-        suffix = (f"\nQuestion: Which variables are assigned the value {value} in the text above? "
-                  f"Answer: Following the chain of variable assignments in the text above, {self.num_hops + 1} "
-                  f"variables are assigned the value {value}, they are:")
-        return Draft(tuple(zip(statements, [depth] + later)), prefix, suffix, tuple(names), 0)
+        question = f"\nQuestion: Which variables are assigned the value {value} in the text above?"
+        answer_prefix = (f"Answer: Following the chain of variable assignments in the text above, {self.num_hops + 1} "
+                         f"variables are assigned the value {value}, they are:")
+        return Draft(tuple(zip(statements, [depth] + later)), prefix, question, answer_prefix, tuple(names), 0)
 
 
 Task = NeedleTask | PasskeyTask | VariableTrackingTask
@@ -231,23 +235,18 @@ def _render(draft: Draft, units: list[str], joiner: str) -> tuple[str, float]:
     return context, start / max(1, len(context) - len(draft.needles[draft.first_needle][0]))
 
 
-def _counter(tokenizer: Tokenizer) -> Callable[[str], int]:
-    if hasattr(tokenizer, "encode"):
-        return lambda text: len(tokenizer.encode(text))
-    if callable(tokenizer):
-        return tokenizer
-    raise ValueError(f"tokenizer must have .encode(text) or be a callable text -> token count; got {type(tokenizer).__name__}")
-
-
 def _task_seed(task: Task, seed: int) -> list[int]:
     return [seed, zlib.crc32(task.name.encode())]
 
 
-def make_sample(task: Task, tokenizer: Tokenizer, length: int, seed: int, depth: float | None = None) -> Sample:
-    """The largest prompt of `task` with at most `length` tokens under `tokenizer`.
+def make_sample(
+    task: Task, tokenizer: Tokenizer, length: int, seed: int, depth: float | None = None, chat: bool = False
+) -> Sample:
+    """The largest prompt of `task` with at most `length` tokens under `tokenizer`, counted as rendered.
 
     `depth` in [0, 1] places the first answer's needle (None: drawn from RULER's 40-point grid). The
     needles depend on (task, seed) only, so one seed gives the same needle at every length and depth.
+    `chat` renders through the tokenizer's chat template with the answer prefix pre-filled (prompting.py).
     """
     rng = np.random.default_rng(_task_seed(task, seed))
     if depth is None:
@@ -255,12 +254,13 @@ def make_sample(task: Task, tokenizer: Tokenizer, length: int, seed: int, depth:
     if not 0.0 <= depth <= 1.0:
         raise ValueError(f"depth must be in [0, 1]; got {depth}")
     draft = task.draft(rng, depth)
-    count = _counter(tokenizer)
+    count = token_counter(tokenizer, chat)
     haystack_seed = int(rng.integers(2**31))
 
     def build(n: int) -> tuple[str, str, float]:
         context, where = _render(draft, task.haystack.units(haystack_seed, n), task.haystack.joiner)
-        return draft.prefix + context + draft.suffix, context, where
+        prompt = render_prompt(tokenizer, draft.prefix + context + draft.question, draft.answer_prefix, chat)
+        return prompt, context, where
 
     if count(build(0)[0]) > length:
         raise ValueError(
@@ -276,17 +276,19 @@ def make_sample(task: Task, tokenizer: Tokenizer, length: int, seed: int, depth:
     return Sample(
         task=task.name, prompt=prompt, answers=draft.answers, target=" " + ", ".join(draft.answers) + ".",
         depth=where, length=length, num_tokens=count(prompt), seed=seed, context=context,
+        answer_prefix=draft.answer_prefix, chat=chat,
     )
 
 
 def make_samples(
-    task: Task, tokenizer: Tokenizer, length: int, num_samples: int, seed: int = 0, spread_depths: bool = True
+    task: Task, tokenizer: Tokenizer, length: int, num_samples: int, seed: int = 0, spread_depths: bool = True,
+    chat: bool = False,
 ) -> list[Sample]:
     """`num_samples` samples with seeds seed, seed+1, ...; depths evenly spaced over [0, 1] when
     `spread_depths` (for depth x length heatmaps), else drawn as RULER does."""
     depths = np.linspace(0.0, 1.0, num_samples) if num_samples > 1 else np.array([0.5])
     return [
-        make_sample(task, tokenizer, length, seed + i, float(depths[i]) if spread_depths else None)
+        make_sample(task, tokenizer, length, seed + i, float(depths[i]) if spread_depths else None, chat)
         for i in range(num_samples)
     ]
 
@@ -301,3 +303,31 @@ def string_match_part(prediction: str, answers: tuple[str, ...]) -> float:
     """RULER's metric for QA: 1 when any answer is found (case-insensitive substring)."""
     pred = prediction.lower()
     return float(any(a.lower() in pred for a in answers))
+
+
+_NUMBER = re.compile(r"\d+")
+_WORD = re.compile(r"[0-9a-z_-]+")
+
+
+def char_match(answer: str, candidate: str) -> float:
+    """The share of `answer`'s characters that `candidate` repeats at the same position, both aligned at the
+    start (case-insensitive): "1234567" vs "1234560" is 6/7, vs "123" 3/7, vs "12345678" 1."""
+    return sum(a == c for a, c in zip(answer.lower(), candidate.lower())) / len(answer)
+
+
+def digit_match(prediction: str, answers: tuple[str, ...]) -> float:
+    """string_match_all with partial credit: the mean over `answers` of each answer's score, where an answer
+    found verbatim (case-insensitive substring) scores 1, and otherwise the best `char_match` against the
+    prediction's candidates: its maximal digit runs for an all-digit answer, else its maximal runs of
+    letters, digits, `_` and `-` (words, uuids, variable names). Text around a candidate does not count; a
+    dropped or inserted character shifts the rest out of alignment; no candidate scores 0. It is never
+    below string_match_all."""
+    pred = prediction.lower()
+    total = 0.0
+    for answer in answers:
+        if answer.lower() in pred:
+            total += 1.0
+            continue
+        candidates = (_NUMBER if answer.isdigit() else _WORD).findall(pred)
+        total += max((char_match(answer, c) for c in candidates), default=0.0)
+    return total / len(answers)
