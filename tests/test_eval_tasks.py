@@ -7,7 +7,10 @@ from pathlib import Path
 import pytest
 
 from kvjax.eval.haystack import NoiseHaystack, ProseHaystack, TextDirHaystack, haystack_from_name
-from kvjax.eval.tasks import default_tasks, get_task, make_sample, make_samples, string_match_all, string_match_part
+from kvjax.eval.prompting import encode_prompt, resolve_chat
+from kvjax.eval.tasks import (
+    char_match, default_tasks, digit_match, get_task, make_sample, make_samples, string_match_all, string_match_part,
+)
 from kvjax.tokenizer import Tokenizer
 from kvjax.train.byte_tokenizer import BOS_ID, write_byte_tokenizer
 
@@ -19,6 +22,16 @@ NIAH = ("niah_single", "niah_multikey", "niah_multivalue", "niah_multiquery", "p
 def byte_tok(tmp_path_factory):
     directory = tmp_path_factory.mktemp("bytes")
     write_byte_tokenizer(directory)
+    return Tokenizer(directory)
+
+
+@pytest.fixture(scope="module")
+def chat_tok(tmp_path_factory):
+    """The tiny checkpoints' BPE tokenizer: its template is <s><|user|>...</s><|assistant|>."""
+    from checkpoints_convert.tiny_checkpoints import build_tokenizer
+
+    directory = tmp_path_factory.mktemp("chat")
+    build_tokenizer(directory)
     return Tokenizer(directory)
 
 
@@ -123,3 +136,84 @@ def test_ruler_metrics():
     assert string_match_all("The numbers are 12 and 34.", ("12", "34", "56")) == pytest.approx(2 / 3)
     assert string_match_all("abc", ("ABC",)) == 1.0
     assert string_match_part("only 34", ("12", "34")) == 1.0 and string_match_part("none", ("12",)) == 0.0
+
+
+@pytest.mark.parametrize("name", list(default_tasks()))
+def test_chat_prompts_render_the_template_and_end_with_the_answer_prefix(chat_tok, name):
+    task, length = get_task(name), 1024
+    s = make_sample(task, chat_tok, length, seed=6, depth=0.5, chat=True)
+    assert s.chat and s.prompt.startswith("<s><|user|>") and s.prompt.count("<|user|>") == 1
+    assert s.prompt.index(s.context) < s.prompt.index("</s><|assistant|>")  # the context is in the user turn
+    assert s.prompt.endswith("</s><|assistant|>" + s.answer_prefix)
+    assert s.answer_prefix.split()[-1] in ("is", "are", "are:")
+    assert all(a in s.context and a not in s.answer_prefix for a in s.answers)
+    ids = encode_prompt(chat_tok, s.prompt, chat=True)
+    assert ids.count(chat_tok.token_id("<s>")) == 1  # the template's BOS, none added on top
+    # counted as the model sees it: at most the budget, and short of it by less than one more haystack unit
+    # (the haystack grows unit by unit; +2 for BPE merges across the unit's boundaries)
+    unit = max(len(chat_tok.encode(u + task.haystack.joiner, add_special_tokens=False))
+               for u in task.haystack.units(0, 200))
+    assert s.num_tokens == len(ids) <= length
+    assert s.num_tokens > length - unit - 2
+
+
+@pytest.mark.parametrize("name", ["niah_single", "niah_multiquery", "passkey", "vt"])
+def test_chat_and_plain_prompts_ask_the_same(chat_tok, name):
+    """The chat prompt's user turn is the plain prompt's instruction (for its own context), the answer prefix
+    the plain prompt's last words."""
+    plain = make_sample(get_task(name), chat_tok, 900, seed=2, depth=0.3)
+    chat = make_sample(get_task(name), chat_tok, 900, seed=2, depth=0.3, chat=True)
+    assert not plain.chat and plain.answers == chat.answers and plain.answer_prefix == chat.answer_prefix
+    assert plain.prompt.endswith(" " + plain.answer_prefix) and "<|" not in plain.prompt
+    instruction = plain.prompt[: -len(plain.answer_prefix) - 1].replace(plain.context, chat.context)
+    user = chat_tok.apply_chat_template([{"role": "user", "content": instruction}], add_generation_prompt=True)
+    assert chat.prompt == user + chat.answer_prefix
+    assert plain.num_tokens == len(chat_tok.encode(plain.prompt)) <= 900  # plain: BOS added by encode
+
+
+def test_plain_format_is_kept_without_a_template(byte_tok, chat_tok):
+    assert byte_tok.chat_template is None and resolve_chat(byte_tok, None) is False
+    assert resolve_chat(chat_tok, None) is True and resolve_chat(chat_tok, False) is False
+    with pytest.raises(ValueError, match="chat template"):
+        resolve_chat(byte_tok, True)
+    with pytest.raises(ValueError, match="chat template"):
+        make_sample(get_task("passkey"), byte_tok, 600, seed=0, chat=True)
+    for name in default_tasks():
+        auto = make_sample(get_task(name), byte_tok, 700, seed=9, depth=0.6, chat=resolve_chat(byte_tok, None))
+        assert auto == make_sample(get_task(name), byte_tok, 700, seed=9, depth=0.6)
+    s = make_sample(get_task("niah_single"), byte_tok, 700, seed=9, depth=0.6)
+    key = s.answer_prefix.split(" for ")[1].split(" in ")[0]
+    assert s.prompt == (
+        "A special magic number is hidden in the text below. Memorize it; I will ask you about it afterwards.\n"
+        + s.context + f"\nWhat is the special magic number for {key} in the text above? "
+        f"The special magic number for {key} in the text above is")
+
+
+def test_digit_match_gives_partial_credit_per_position():
+    assert char_match("1234567", "1234560") == pytest.approx(6 / 7)
+    assert digit_match("1234560", ("1234567",)) == pytest.approx(6 / 7)
+    assert digit_match("The special magic number is: 1234560.\nDone", ("1234567",)) == pytest.approx(6 / 7)
+    assert digit_match("1234567", ("1234567",)) == 1.0 == digit_match(" 991234567 more", ("1234567",))  # verbatim
+    assert digit_match("no number here", ("1234567",)) == 0.0 == digit_match("", ("1234567",))
+    assert digit_match("123", ("1234567",)) == pytest.approx(3 / 7)  # a cut-off number: its digits count
+    assert digit_match("12 then 1234500 then 1", ("1234567",)) == pytest.approx(5 / 7)  # the best candidate
+    assert digit_match("134567", ("1234567",)) == pytest.approx(1 / 7)  # a dropped digit misaligns the rest
+    assert digit_match("1234567, 7654000.", ("1234567", "7654321")) == pytest.approx((1 + 4 / 7) / 2)
+    assert digit_match("only 7654321", ("1234567", "7654321")) == pytest.approx((1 / 7 + 1) / 2)  # its middle 4
+
+
+def test_digit_match_on_words_uuids_and_variables():
+    assert digit_match("It is BRIGHT-CANDLE.", ("bright-candle",)) == 1.0
+    assert digit_match("bright-candel", ("bright-candle",)) == pytest.approx(11 / 13)
+    assert digit_match("bright candle", ("bright-candle",)) == pytest.approx(6 / 13)  # split: "bright" is best
+    uid = "3f2b8c1e-0d4a-4e5f-9a7b-1c2d3e4f5a6b"
+    assert digit_match(f"the uuid {uid[:-1]}0.", (uid,)) == pytest.approx(35 / 36)
+    assert digit_match(" ABCDX, FGHIJ.", ("ABCDE", "FGHIJ")) == pytest.approx((4 / 5 + 1) / 2)
+
+
+def test_digit_match_is_never_below_string_match_all():
+    cases = [("The numbers are 12 and 34.", ("12", "34", "56")), ("abc", ("ABC",)), ("x12345y", ("2345",)),
+             ("1234 5678", ("12345678",)), ("VAR ABCDE", ("ABCDE", "QQQQQ"))]
+    for prediction, answers in cases:
+        assert digit_match(prediction, answers) >= string_match_all(prediction, answers)
+    assert digit_match("1234 5678", ("12345678",)) == pytest.approx(4 / 8)
