@@ -108,7 +108,7 @@ def _eval(args) -> None:
     config = EvalConfig(
         tasks=tuple(t.strip() for t in args.tasks.split(",") if t.strip()), lengths=_lengths(args.lengths),
         samples=args.samples, seed=args.seed, haystack=args.haystack, max_new_tokens=args.max_new_tokens,
-        batch_size=args.batch_size, chunk_size=args.chunk_size, timing=not args.no_timing,
+        batch_size=args.batch_size, chunk_size=args.chunk_size, timing=not args.no_timing, chat=args.chat,
     )
     m, runs = _model_and_runs(args)
     rows, samples = run_eval(m, runs, config, progress=not args.no_progress)
@@ -303,6 +303,9 @@ def parser() -> argparse.ArgumentParser:
     ev.add_argument("--batch-size", type=int, default=16)
     ev.add_argument("--out", default="kvjax-eval", help="folder for results.json, results.csv and plots")
     ev.add_argument("--no-timing", action="store_true", help="skip the separate prefill/decode timing runs")
+    ev.add_argument("--chat", action=argparse.BooleanOptionalAction, default=None,
+                    help="prompts through the model's chat template with the answer's start pre-filled "
+                         "(default: when its tokenizer has a template)")
     ev.set_defaults(run=_eval)
 
     bench = sub.add_parser("bench", help="prefill and decode speed and KV bytes of compression policies against "

@@ -27,7 +27,8 @@ from tqdm.auto import tqdm
 
 import kvjax
 from kvjax.eval.haystack import haystack_from_name
-from kvjax.eval.tasks import Sample, default_tasks, get_task, make_samples, string_match_all
+from kvjax.eval.prompting import encode_prompt, resolve_chat
+from kvjax.eval.tasks import Sample, default_tasks, digit_match, get_task, make_samples, string_match_all
 from kvjax.inference import greedy_decode
 from kvjax.language_model import LanguageModel
 from kvjax.policies import Policy
@@ -178,6 +179,7 @@ class EvalConfig:
     batch_size: int = 16
     chunk_size: int = 512
     timing: bool = True  # time the prompt and the decode steps separately (each batch again, compiled first)
+    chat: bool | None = None  # prompts through the chat template, answer prefix pre-filled; None: when it has one
 
     def __post_init__(self):
         if self.samples < 1 or self.batch_size < 1 or not self.lengths or not self.tasks:
@@ -218,10 +220,12 @@ def run_eval(
     m: LanguageModel, policies, config: EvalConfig = EvalConfig(), progress: bool = True,
     log: Callable[[str], None] = print,
 ) -> tuple[list[dict], list[dict]]:
-    """(rows, sample rows): one row per (task, length, policy) with accuracy, kv_bytes, compression vs
-    Full and times; one sample row per prompt with its prediction and score. Greedy decoding."""
+    """(rows, sample rows): one row per (task, length, policy) with accuracy (string_match_all), digits
+    (digit_match), kv_bytes, compression vs Full and times; one sample row per prompt with its prediction
+    and both scores. Greedy decoding; prompts as `config.chat` resolves for the model's tokenizer."""
     if m.tokenizer is None:
         raise ValueError(f"model {m.name or ''} has no tokenizer; the tasks are text and need one")
+    chat = resolve_chat(m.tokenizer, config.chat)
     runs = as_runs(policies)
     haystack = haystack_from_name(config.haystack) if config.haystack else None
     tasks = [get_task(name, haystack) for name in config.tasks]
@@ -238,9 +242,9 @@ def run_eval(
         for task in tasks:
             new = config.max_new_tokens or task.max_new_tokens
             for length in config.lengths:
-                samples = make_samples(task, m.tokenizer, length, config.samples, config.seed)
+                samples = make_samples(task, m.tokenizer, length, config.samples, config.seed, chat=chat)
                 batches = [samples[i: i + config.batch_size] for i in range(0, len(samples), config.batch_size)]
-                encoded = [[m.tokenizer.encode(s.prompt) for s in batch] for batch in batches]
+                encoded = [[encode_prompt(m.tokenizer, s.prompt, s.chat) for s in batch] for batch in batches]
                 full_bytes = np.mean([_bytes_per_sequence(m, ids, kvjax.policies.Full(), config.chunk_size, new)
                                       for ids in encoded])
                 for run in runs:
@@ -251,6 +255,7 @@ def run_eval(
                         log(f"{run.label} on {task.name} at {length}: skipped; {err}")
                         bar.update(len(batches))
                         continue
+                    row["chat"] = chat
                     row["full_kv_bytes"] = int(full_bytes)
                     row["compression_ratio"] = float(full_bytes / row["kv_bytes"]) if row["kv_bytes"] else float("nan")
                     rows.append(row)
@@ -262,7 +267,7 @@ def run_eval(
 
 def _evaluate(m, run: PolicyRun, task: str, length: int, batches: list[list[Sample]], encoded, new: int,
               config: EvalConfig, bar) -> tuple[dict, list[dict]]:
-    scores, per_sample, bytes_, prefill_s, decode_s = [], [], [], [], []
+    scores, digits, per_sample, bytes_, prefill_s, decode_s = [], [], [], [], [], []
     for batch, ids in zip(batches, encoded):
         gen = lambda eos=None: kvjax.generate(  # noqa: E731
             m, ids, new, policy=run.policy, chunk_size=config.chunk_size, eos_token_id=eos)
@@ -273,17 +278,19 @@ def _evaluate(m, run: PolicyRun, task: str, length: int, batches: list[list[Samp
             prefill_s.append(t_prefill)
             decode_s.append(t_token)
         for sample, prediction in zip(batch, _predictions(m, out)):
-            score = string_match_all(prediction, sample.answers)
+            score, partial = string_match_all(prediction, sample.answers), digit_match(prediction, sample.answers)
             scores.append(score)
+            digits.append(partial)
             per_sample.append({
                 "policy": run.label, "task": task, "length": length, "seed": sample.seed,
                 "depth": sample.depth, "num_tokens": sample.num_tokens, "answers": list(sample.answers),
-                "prediction": prediction, "score": score,
+                "prediction": prediction, "score": score, "digits": partial,
             })
         bar.update(1)
     row = {
         "policy": run.label, "policy_name": run.name, "budget": run.budget, "policy_repr": repr(run.policy),
         "task": task, "length": length, "samples": len(scores), "accuracy": float(np.mean(scores)),
+        "digits": float(np.mean(digits)),
         "kv_bytes": int(np.mean(bytes_)), "batch_size": len(batches[0]),
         "prefill_ms": float(np.mean(prefill_s) * 1e3) if prefill_s else None,
         "decode_ms_per_token": float(np.mean(decode_s) * 1e3) if decode_s else None,
@@ -292,8 +299,8 @@ def _evaluate(m, run: PolicyRun, task: str, length: int, batches: list[list[Samp
 
 
 EVAL_COLUMNS = (("task", "task"), ("length", "length"), ("policy", "policy"), ("accuracy", "accuracy"),
-                ("kv_bytes", "kv_bytes/seq"), ("compression_ratio", "compression"), ("prefill_ms", "prefill_ms"),
-                ("decode_ms_per_token", "decode_ms/tok"))
+                ("digits", "digits"), ("kv_bytes", "kv_bytes/seq"), ("compression_ratio", "compression"),
+                ("prefill_ms", "prefill_ms"), ("decode_ms_per_token", "decode_ms/tok"))
 
 
 def format_table(rows: list[dict], columns: tuple[tuple[str, str], ...] = EVAL_COLUMNS) -> str:
