@@ -1,4 +1,4 @@
-"""Hugging Face safetensors checkpoints -> kvjax checkpoints (orbax + config + tokenizer)."""
+"""Hugging Face safetensors checkpoints and llama.cpp GGUF files -> kvjax checkpoints (orbax + config + tokenizer)."""
 
 from checkpoints_convert.convert import ConversionError, convert
 

@@ -1,4 +1,4 @@
-"""`kvjax convert HF_DIR OUT_DIR`: Hugging Face safetensors -> a kvjax checkpoint, all or nothing."""
+"""`kvjax convert HF_DIR OUT_DIR`: Hugging Face safetensors (or a GGUF file) -> a kvjax checkpoint, all or nothing."""
 
 from __future__ import annotations
 
@@ -71,7 +71,12 @@ def _nest(flat: dict[tuple, np.ndarray]) -> dict:
 
 def convert(hf_dir, out_dir, dtype: str | None = None, progress: bool = True) -> Path:
     """Converts shard by shard (each tensor memory-mapped, converted once, the source never copied);
-    writes to a temporary directory renamed to `out_dir` only when everything checked out."""
+    writes to a temporary directory renamed to `out_dir` only when everything checked out.
+    A `.gguf` file instead of a directory goes to `gguf_checkpoint.convert_gguf`."""
+    from checkpoints_convert.gguf_checkpoint import convert_gguf, is_gguf
+
+    if is_gguf(hf_dir):
+        return convert_gguf(hf_dir, out_dir, dtype=dtype, progress=progress)
     hf_dir, out_dir = Path(hf_dir), Path(out_dir)
     if out_dir.exists():
         raise ConversionError(f"{out_dir} already exists; refusing to overwrite it")
