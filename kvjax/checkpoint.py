@@ -66,12 +66,20 @@ def save_checkpoint(
 
 
 def resolve(path_or_name: str | os.PathLike) -> Path:
-    """A checkpoint directory from a path or the name of a bundled model."""
+    """A checkpoint directory from a path, the name of a bundled model or of a fetched one (`kvjax fetch`)."""
+    from kvjax.fetch import REGISTRY, model_dir
+
     path = Path(path_or_name)
     if (path / "kvjax.json").is_file():
         return path
     if (BUNDLED_DIR / str(path_or_name) / "kvjax.json").is_file():
         return BUNDLED_DIR / str(path_or_name)
+    if str(path_or_name) in REGISTRY:
+        fetched = model_dir(str(path_or_name))
+        if (fetched / "kvjax.json").is_file():
+            return fetched
+        raise CheckpointError(f"{path_or_name} is not fetched yet; run `kvjax fetch {path_or_name}` first "
+                              f"(it downloads and converts it once, into {fetched})")
     if (path / "config.json").is_file():
         raise CheckpointError(
             f"{path} looks like a Hugging Face checkpoint, not a kvjax one; convert it first with "

