@@ -50,9 +50,17 @@ _BPE_PRE = {"default": None, "gpt-2": None, "gpt2": None, "smollm": "digits", "l
 
 
 def is_gguf(path) -> bool:
-    """Whether `path` is a file to convert as GGUF (by its suffix, so a damaged one still gets GGUF's errors)."""
+    """Whether `path` is to be converted as GGUF: a `.gguf` name (so a damaged file still gets GGUF's errors)
+    or a file that starts with GGUF's magic."""
     path = Path(path)
-    return path.suffix.lower() == ".gguf" and not path.is_dir()
+    if path.is_dir():
+        return False
+    if path.suffix.lower() == ".gguf":
+        return True
+    if not path.is_file():
+        return False
+    with open(path, "rb") as f:
+        return f.read(4) == GGUF_MAGIC
 
 
 def _reader(path: Path):
