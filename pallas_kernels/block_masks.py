@@ -1,15 +1,12 @@
 """Mask descriptions and compact block tables for block-sparse attention.
 
-A *mask description* is a small frozen dataclass saying which (query, key) token pairs may
-attend: dense causal, sink + local window, or one such pattern per head (so a DuoAttention
-prefill, with dense retrieval heads and sink+local streaming heads, is one kernel launch).
-
-A *block table* is what the kernels consume: for every (head pattern, query block) the number
-of KV blocks to visit and their indices, padded to a common length, plus a flag telling
-whether a visited block is fully visible or needs the element-wise mask. Tables are built
-with numpy at trace time from static descriptions, with jnp for a chunk of queries at traced
-offsets (`prefill_chunk_block_table`: chunked prefill over a cache where slot = position), or
-given directly as arrays (random tables in tests, Quest-style page selection at decode time).
+A *mask description* (`DenseCausal`, `SinkLocal`, or `PerHead`: one per head, so a DuoAttention
+prefill is one kernel launch) says which (query, key) token pairs may attend. A *block table* is
+what the kernels consume: per (head pattern, query block) for prefill, per (sequence, KV head) for
+decode, the count and indices of the KV blocks to visit, padded to a common length; prefill rows
+also flag the blocks that need the element-wise mask. Tables are built with numpy at trace time
+from static descriptions, with jnp at traced offsets (`prefill_chunk_block_table`), or given as
+arrays (random tables in tests, Quest-style page selection at decode time).
 
 Conventions shared by every kernel and reference in `pallas_kernels/`:
   * token (q, k) is visible iff `k <= q and (k < sink or q - k < window)`; dense causal is

@@ -1,49 +1,28 @@
 """Block-sparse decode attention: one query token per sequence over a KV cache.
 
-Each (batch, KV head) visits only the cache blocks (pages) its row of a `DecodeBlockTable`
-lists: sink + recent blocks for streaming heads, the top-k pages of a Quest-style selection,
-or every block below the length for dense heads. The g query heads of a GQA group are
-computed together from one load of each block. The table can be split over `num_splits`
-independent programs whose partial results are merged with a log-sum-exp combine, which
-keeps a GPU busy at batch 1 with long caches: by default enough splits for two programs per
-SM (`occupancy.decode_splits`; one on TPU). The GPU lowerings cut each row's count evenly
-(`block_masks.split_entries`), so a table wider than its counts still spreads the work; the
-TPU one cuts the table's width, since each program prefetches its share of the row.
-
-Lowerings:
-  * "tpu": Mosaic TPU. Grid (B, Hkv, splits); counts, lengths and per-head sink/window arrive
-    through scalar prefetch, and each program's share of its table row is pipelined into SMEM as
-    a block (prefetching the whole table would cap B * Hkv * n_max at SMEM's 1 MiB: Squeezed
-    Attention's 16-slot pages give n_max = 8192 at 128K). K and V stay in HBM: each program
-    loops over its share of the row's count in stages of `tpu_stage_tokens` and copies the
-    listed blocks by hand into a VMEM ring of `num_stages` stages, the next stages in flight
-    while one is attended. The work follows the count, not the table's width: a grid step per
-    table entry would cost ~0.35 us even when empty, more than a 128-token block takes to
-    stream (and Squeezed Attention's table spans every page of the cache).
-  * "gpu": a generic Pallas kernel (only `pl` primitives) compiled with the Triton backend.
-    Grid (B, Hkv, splits); each program loops over its share of the row's count. The group
-    is padded to at least 16 query rows for Triton's matmul, and a head dim that is not a
-    power of two (Phi-3's 96) is attended in power-of-two column pieces (64 + 32), since
-    Triton's tensors must have power-of-two sizes. The Triton backend is chosen
-    explicitly (`pltriton.CompilerParams`): it is deprecated from JAX 0.11 but works (JAX
-    0.11.2 on an H100), and JAX's interpreter checks it numerically on CPU. It stays the GPU
-    default for decode.
-  * "mosaic_gpu": the Hopper kernel in `block_sparse_mosaic_gpu` (TMA, wgmma), on request.
-    On an H100 it was faster than Triton at 128K (0.060 against 0.075 ms for 10% of the pages)
-    and slower at 8K (benchmarks/results/h100), both timed as calls dispatched from Python,
-    which may have measured the host more than the kernels.
-  * "reference": `block_sparse_decode_reference`, dense masked attention in jnp.
-
-All three are tested in interpret mode on CPU, Mosaic GPU on JAX's GPU interpreter as the tests
-extend it, and checked to lower with cross-platform lowering. Triton and Mosaic GPU were also
-checked compiled on an H100 against the reference (`benchmarks/check_kernels.py`). Mosaic TPU
-has not run on a TPU.
+Each (batch, KV head) visits only the cache blocks (pages) its row of a `DecodeBlockTable` lists
+(sink + recent blocks, a Quest-style top-k, or every block below the length); the g query heads
+of a GQA group share each block's load. A row can be cut into `num_splits` programs whose partial
+results merge by log-sum-exp (`combine_splits`; default count: `occupancy.decode_splits`).
 
 Layout: q [B, H, D], k and v [B, Hkv, C, D] (H = Hkv * g, C a multiple of the block size);
 lengths int32[B] or [B, Hkv]: slots [0, length) of a row are valid and the query sits at
 position length - 1 (what sink/window masks are measured from). Output [B, H, D]. An optional
 slot_mask bool[B, Hkv, C] hides single slots inside the listed blocks: selections finer than a
 block (Squeezed Attention's clusters) read only the blocks holding a visible slot, exactly.
+
+Lowerings:
+  * "tpu": Mosaic TPU, grid (B, Hkv, splits). Each program's share of its table row is pipelined
+    into SMEM (the whole table would outgrow SMEM); K/V stay in HBM and the listed blocks are
+    copied by hand into a VMEM ring (`dma_ring`), so the work follows the count, not the width.
+  * "gpu" (the GPU default): generic Pallas on the Triton backend, chosen explicitly
+    (`pltriton.CompilerParams`; deprecated from JAX 0.11). Grid (B, Hkv, splits); each program
+    loops over its even share of the row's count (`block_masks.split_entries`). The group is
+    padded to 16 query rows, and a head dim that is not a power of two is attended in
+    power-of-two column pieces (`online_softmax.column_pieces`).
+  * "mosaic_gpu": the Hopper kernel in `block_sparse_mosaic_gpu` (TMA, wgmma), on request.
+  * "reference": `block_sparse_decode_reference`, dense masked attention in jnp.
+Test status and H100 timings: benchmarks/results/kernel_notes.md (the TPU lowering has never run on a TPU).
 """
 
 from __future__ import annotations

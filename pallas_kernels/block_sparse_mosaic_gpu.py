@@ -2,32 +2,21 @@
 
 The same computations as the Triton and Mosaic TPU lowerings in `block_sparse_prefill` and
 `block_sparse_decode`: one thread block per (sequence, head, query tile) or (sequence, KV
-head, split), visiting exactly the KV blocks its table row lists, so skipped blocks are
-never loaded. Warp-specialized in the manner of FlashAttention-3: a producer warpgroup walks
-the table row and TMA-copies each listed K/V block into a ring of shared-memory stages,
-waiting for a stage to be freed before refilling it; consumer warpgroups (64 query rows
-each) run S = Q K^T and P V on the tensor cores (wgmma: bf16/f16 in, float32 out) and the
-online softmax in registers, in base 2 (scores pre-scaled by log2 e). Prefill has two
-consumers over a 128-row query tile that share every K/V load; a schedule barrier staggers
-them so one's softmax overlaps the other's matmuls; query tiles launch last first, so the
-causally heaviest start early and the final wave is light. Decode has one consumer whose 64
-wgmma rows hold the g query heads of a GQA group (zero-padded), so the group shares each load;
-only those g rows of its output are written back.
+head, split), visiting exactly the KV blocks its table row lists. Warp-specialized like
+FlashAttention-3: a producer warpgroup TMA-copies each listed K/V block into a ring of
+shared-memory stages; consumer warpgroups of 64 query rows run S = Q K^T and P V with wgmma
+(bf16/f16 in, float32 out) and the online softmax in registers, in base 2. Prefill: two
+consumers share a 128-row query tile's loads and take turns on the tensor cores; query tiles
+launch last first. Decode: one consumer whose 64 rows hold the GQA group (zero-padded).
 
 Constraints (checked): bfloat16 or float16, head_dim a multiple of 64 (the 128-byte swizzle
 of a 64-element row), prefill block_q 128 (two consumers of 64 rows), block_k and the decode
 block size 64 or 128, a GQA group of at most 64 heads, and two K/V stages fitting in shared
-memory beside the query tile (`num_stages` of the configs: 2 by default).
+memory beside the query tile (`num_stages` of the configs: 2 by default, the fastest measured).
 
-Status: both lower to Mosaic GPU MLIR on CPU, and compute the dense references' numbers on
-JAX's GPU interpreter (warpgroups as threads, TMA copies, barriers with race detection,
-wgmma on the host), which the tests extend by the transposed and register-operand wgmma it
-lacks in JAX 0.10 (tests/mosaic_gpu_interpreter.py). Compiled on an H100 (JAX 0.11.2) they
-matched the references in 30 checks (`benchmarks/check_kernels.py --groups mosaic_gpu`). The
-prefill ran 0.89-1.0x cuDNN's full causal speed at 8K-128K, 3.4x Triton's, and is the
-default on Hopper where it fits (`block_sparse_prefill`). The decode stays opt-in, since it
-does not beat Triton at every length. Two stages with block_k 128 measured best: three
-stages, or four with block_k 64, were 11% and 34% slower at 32K (benchmarks/results/h100).
+The prefill is the default on Hopper where it fits (`block_sparse_prefill`); the decode is
+opt-in, since it does not beat Triton at every length. Test status and H100 timings:
+benchmarks/results/kernel_notes.md.
 """
 
 from __future__ import annotations

@@ -5,42 +5,25 @@ Each (batch, query head, query block) visits only the KV blocks its row of a
 diagonal, the edge of a local window, the last block of a short sequence) get the
 element-wise mask; fully visible blocks skip it. Online softmax in float32.
 
-Lowerings:
-  * "tpu": Mosaic TPU. Grid (B, H, nq, n_max); the table, per-pattern sink/window and the
-    per-sequence lengths travel through scalar prefetch and drive the K/V index maps, so the
-    pipeline DMAs only listed blocks (padded entries repeat the last block: no copy). Rows
-    with fewer than n_max entries idle for their remaining grid steps (no copy, no compute):
-    the price of one launch for mixed dense and streaming heads. The prefetched table holds
-    2 * P * nq * n_max int32 words: dense heads at long T need large blocks to fit in SMEM.
-  * "gpu": a generic Pallas kernel (only `pl` primitives) compiled with the Triton backend.
-    Grid (B, H, nq); each program loops over exactly its row's count of blocks, so a
-    streaming head costs a few blocks even when dense heads share the launch. A head dim that
-    is not a power of two (Phi-3's 96) is attended in power-of-two column pieces (64 + 32), since
-    Triton's tensors must have power-of-two sizes. The Triton backend is chosen explicitly
-    (`pltriton.CompilerParams`): it is deprecated from JAX 0.11 but works (JAX 0.11.2 on an
-    H100), and JAX's interpreter checks it numerically on CPU.
-  * "mosaic_gpu": the Hopper kernel in `block_sparse_mosaic_gpu` (TMA, wgmma). With
-    implementation=None on a Hopper GPU it replaces Triton wherever the inputs fit it
-    (bf16/f16, head dim a multiple of 64, block_q 128, block_k 64 or 128). On an H100 it ran
-    3.4x faster than Triton, 0.89-1.0x cuDNN's full causal speed (benchmarks/results/h100).
-  * "reference": `block_sparse_prefill_reference`, dense masked attention in jnp.
-
-All three are tested in interpret mode on CPU, Mosaic GPU on JAX's GPU interpreter as the tests
-extend it, and checked to lower with cross-platform lowering. Triton and Mosaic GPU were also
-checked compiled on an H100 against the reference (`benchmarks/check_kernels.py`). Mosaic TPU
-has not run on a TPU.
-
 Layout: q [B, H, T, D], k and v [B, Hkv, T, D] (H = Hkv * g); output [B, H, T, D]. Query
 head h reads KV head h // g. Batches are right-padded: sequence b holds tokens [0, lengths[b]).
 T need not be a multiple of the blocks: inputs are zero-padded and the padding masked.
+Chunk mode (`q_offset`, chunked prefill over a cache where slot = position): q [B, H, S, D]
+over k, v [B, Hkv, C, D], masks comparing absolute positions (see `block_sparse_prefill`).
 
-Chunk mode (`q_offset`), for chunked prefill over a cache: q [B, H, S, D] is a chunk whose
-row t of sequence b sits at absolute position q_offset[b] + t, and k, v [B, Hkv, C, D] hold
-position c at slot c (kvjax's Full layout; C >= the chunk's end). Masks compare absolute
-positions; the table is built per sequence for the (possibly traced) offsets, with a static
-bound on its width (every key block for dense heads, a handful for sink + local ones). On
-TPU a dense chunk's grid therefore has C / block_k steps per query block, of which only the
-blocks up to the diagonal copy or compute; the GPU kernel loops over exactly those blocks.
+Lowerings:
+  * "tpu": Mosaic TPU, grid (B, H, nq, n_max). Table, sink/window and lengths arrive by scalar
+    prefetch and drive the K/V index maps, so only listed blocks are copied; rows with fewer
+    than n_max entries idle through their remaining steps. The table (2 * P * nq * n_max int32
+    words) must fit SMEM: dense heads at long T need large blocks.
+  * "gpu": generic Pallas on the Triton backend, chosen explicitly (`pltriton.CompilerParams`;
+    deprecated from JAX 0.11). Grid (B, H, nq); each program loops over exactly its row's
+    count. A head dim that is not a power of two is attended in power-of-two column pieces.
+  * "mosaic_gpu": the Hopper kernel in `block_sparse_mosaic_gpu` (TMA, wgmma). With
+    implementation=None on a Hopper GPU it replaces Triton wherever the inputs fit it
+    (bf16/f16, head dim a multiple of 64, block_q 128, block_k 64 or 128).
+  * "reference": `block_sparse_prefill_reference`, dense masked attention in jnp.
+Test status and H100 timings: benchmarks/results/kernel_notes.md (the TPU lowering has never run on a TPU).
 """
 
 from __future__ import annotations
@@ -73,11 +56,11 @@ def _is_power_of_two(x: object) -> bool:
 @dataclasses.dataclass(frozen=True)
 class PrefillConfig:
     """Tuning knobs. Block sizes are powers of two (Triton); on TPU prefer 512 where the lengths
-    allow: each grid step costs ~0.35 us, more than a 128 x 128 block's work (kvjax does)."""
+    allow, since a grid step's fixed cost exceeds a 128 x 128 block's work (kvjax does)."""
 
     block_q: int = 128
     block_k: int = 128
-    num_warps: int = 8  # Triton only: at 4, a 128 x 128 block spills ~1.9 KB per thread on sm_90
+    num_warps: int = 8  # Triton only: at 4 warps a 128 x 128 block spills registers on sm_90
     num_stages: int = 2  # GPU only (Mosaic GPU: K/V blocks in flight)
 
     def __post_init__(self):
@@ -543,8 +526,8 @@ def block_sparse_prefill(
 def _default_to_hopper(q, config: PrefillConfig, interpret, requested: str | None,
                        picked: str) -> str:
     """The backend's pick, except that an unrequested GPU lowering on Hopper becomes Mosaic GPU
-    where the inputs fit it: on an H100 it ran full causal prefill 3.4x faster than Triton
-    (0.89-1.0x cuDNN at 8K-128K, benchmarks/results/h100)."""
+    where the inputs fit it: it ran prefill several times faster than Triton on an H100
+    (benchmarks/results/kernel_notes.md)."""
     if requested is not None or picked != "gpu" or interpret or not on_hopper():
         return picked
     head_dim = q.shape[-1]

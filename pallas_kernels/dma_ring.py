@@ -1,6 +1,6 @@
 """A software pipeline of hand-issued TPU DMAs: a ring of VMEM stages, the next ones in flight
 while one is consumed. The decode kernels whose K/V stay in HBM loop through it, so their work
-follows the tokens they read rather than a grid step per block (~0.35 us each, even empty)."""
+follows the tokens they read rather than a grid step per block (a fixed cost each, even empty)."""
 
 from __future__ import annotations
 

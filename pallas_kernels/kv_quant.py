@@ -4,26 +4,16 @@ Keys are quantized per channel (min/max over groups of G tokens), values per tok
 groups of G channels): `scale = (max - min) / (2^b - 1)`, `zero = min`,
 `code = round((x - zero) / scale)`, `x ~ code * scale + zero`.
 
-Packed layout (both keys and values), for one (batch, KV head) slab of C tokens x D channels:
-codes are packed along the *token* axis, 8 / b codes per uint8 byte, inside each group of G
-tokens. With `per = 8 // b` and `rows = G // per`, byte `[n * rows + r, d]` holds the codes of
-tokens `n * G + i * rows + r` (i = 0 .. per - 1) in bits `[i * b, (i + 1) * b)`; so packed codes
-are `uint8[..., C * b // 8, D]`. Why this axis:
-  * the minor axis stays D (128): lane-dense tiles on TPU (packing along D would leave 64 or 32
-    lanes, padded to 128 in TPU tiled layouts) and full 128-byte coalesced rows on GPU; a KV
-    block of the kernel is one contiguous `[block * b / 8, D]` tile;
-  * unpacking needs no shuffles: broadcast the tile over a `per` axis, shift each copy by
-    `i * b`, mask, and merge the leading axes (G/per rows is a multiple of 8 sublanes);
-  * a G-aligned chunk of tokens owns whole bytes, so flushing a window into the slab never
-    read-modifies bytes shared with other tokens.
+Packed layout (keys and values), for one (batch, KV head) slab of C tokens x D channels: codes
+are packed along the *token* axis, 8 / b per uint8 byte, inside each group of G tokens. With
+`per = 8 // b` and `rows = G // per`, byte `[n * rows + r, d]` holds the codes of tokens
+`n * G + i * rows + r` (i = 0 .. per - 1) in bits `[i * b, (i + 1) * b)`, so packed codes are
+`uint8[..., C * b // 8, D]`: D stays the minor (lane) axis and unpacking needs no shuffles.
 
-Statistics (scale and zero, `scale_dtype`, bfloat16 by default):
-  key   scale/zero: [..., C / G, D]   (per channel, per group of G tokens)
-  value scale/zero: [..., D / G, C]   (per token, per group of G channels; tokens minor, so the
-                                       small D / G axis is never the lane axis on TPU)
-Stored statistics are rounded in a direction that keeps the quantization grid covering the
-group (zero rounded down, scale rounded up), and codes are computed from the stored values, so
-`|x - dequantize(x)| <= scale / 2` (plus float32 rounding) holds exactly for the stored scale.
+Statistics (scale and zero, `scale_dtype`, bfloat16 by default): keys [..., C / G, D] (per
+channel, per group of G tokens); values [..., D / G, C] (per token, per group of G channels;
+tokens minor). Zero is rounded down and scale up, and codes are computed from the stored
+values, so `|x - dequantize(x)| <= scale / 2` (plus float32 rounding) holds exactly.
 """
 
 from __future__ import annotations

@@ -11,21 +11,14 @@ window's partials, which come from the plain kernel. The T query tokens' own key
 last T valid entries of the residual window (plain cache: of the cache); they attend causally
 among themselves.
 
-Lowerings (`implementation`):
-  * "tpu": Mosaic TPU. Grid (B, Hkv, split); lengths travel through scalar prefetch. The cache
-    stays in HBM: each program copies its split's stages of `tpu_stage_tokens` tokens (one DMA
-    per operand) into a VMEM ring of `num_stages` stages, the next in flight while one is
-    unpacked and attended block by block; stages past the length are never copied. A grid step
-    per block would cost ~0.35 us each, several times what a 256-token int4 block takes to
-    stream, and would be paid for the capacity rather than the length.
-  * "gpu": a generic Pallas kernel (only `pl` primitives) compiled with the Triton backend.
-    Grid (B, Hkv, split); each program loops over exactly the blocks of its split that hold
-    valid tokens. There is no Mosaic GPU variant.
+Lowerings (`implementation`; None follows `jax.default_backend()`, `lowering.pick_implementation`):
+  * "tpu": Mosaic TPU, grid (B, Hkv, split), lengths by scalar prefetch. The cache stays in HBM:
+    each program copies its split's stages of `tpu_stage_tokens` tokens into a VMEM ring
+    (`dma_ring`) and attends them block by block; stages past the length are never copied.
+  * "gpu": generic Pallas on the Triton backend, grid (B, Hkv, split); each program loops over
+    exactly the blocks of its split that hold valid tokens. There is no Mosaic GPU variant.
   * "reference": the pure-jnp `*_reference` functions (dequantize, then attend).
-None follows `jax.default_backend()`: tpu -> "tpu", gpu -> "gpu", cpu -> "reference", or the
-TPU kernel interpreted when interpret=True (or `pltpu.InterpretParams`, e.g. race detection).
-Both kernels are tested in interpret mode on CPU; the Triton one has run on an H100
-(benchmarks/results/h100), the TPU one has only been lowered to Mosaic TPU MLIR.
+Test status and H100 timings: benchmarks/results/kernel_notes.md (the TPU lowering has never run on a TPU).
 """
 
 from __future__ import annotations
@@ -48,8 +41,7 @@ from pallas_kernels.online_softmax import attend_block, initial_state
 
 MAX_QUERY_TOKENS = 4
 # Default KV block per lowering. GPU: the largest whose int4 and int2 Triton loops keep every value
-# in registers at 8 warps; 256 spills about 1 KB per thread at 4 warps on sm_90
-# (benchmarks/results/sm90_compiled/triton_resources.json).
+# in registers at 8 warps (benchmarks/results/kernel_notes.md).
 BLOCK_K = {"tpu": 256, "gpu": 128}
 _MAX_STAGE_BLOCKS = 16  # the TPU kernel unrolls a stage's blocks
 # Query rows per KV head are padded to: TPU sublanes (8); Triton's smallest dot M (16).
