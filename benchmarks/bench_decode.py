@@ -1,8 +1,8 @@
 """Decode tokens/s of a Llama-3.1-8B-shaped model (random bf16 weights) against the HBM roofline, and
 Quest's and Twilight's page-selecting decode and CSKV's low-rank cache against Full's in the same run.
 
-Roofline time per token = (weight bytes read + KV bytes read) / bandwidth (3.1 TB/s measured on the
-H100 of DESIGN.md section 6). Quest(budget) reads budget tokens per KV head in its sparse layers, so
+Roofline time per token = (weight bytes read + KV bytes read) / bandwidth (3.1 TB/s by default, an
+H100's; see results/kernel_notes.md). Quest(budget) reads budget tokens per KV head in its sparse layers, so
 its speedup over Full grows with the context. Twilight(budget) estimates attention over those candidates
 from 4-bit keys and reads only the pages covering top_p of it; the cache here holds random keys, whose
 attention is diffuse, so it keeps most candidates: its row times the estimate's overhead at its worst.
