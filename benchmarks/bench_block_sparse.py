@@ -28,18 +28,16 @@ import argparse
 import dataclasses
 import itertools
 import json
-from pathlib import Path
 from collections.abc import Callable
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 
 from kvjax.attention import attend
 from pallas_kernels import block_masks as bm
-from pallas_kernels.block_sparse_decode import (
-    DecodeConfig, block_sparse_decode, block_sparse_decode_reference)
-from pallas_kernels.block_sparse_prefill import (
-    PrefillConfig, block_sparse_prefill, block_sparse_prefill_reference)
+from pallas_kernels.block_sparse_decode import DecodeConfig, block_sparse_decode, block_sparse_decode_reference
+from pallas_kernels.block_sparse_prefill import PrefillConfig, block_sparse_prefill, block_sparse_prefill_reference
 from timing import chained_seconds, median_seconds  # benchmarks/timing.py
 
 

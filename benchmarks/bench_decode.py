@@ -32,8 +32,8 @@ import jax.numpy as jnp
 import numpy as np
 
 import kvjax
-from kvjax.inference import greedy_decode
 from kvjax.config import ModelConfig, RopeConfig
+from kvjax.inference import greedy_decode
 from kvjax.kv_state import KVSegment
 from kvjax.policies import CSKV, Full, Policy, Quest, SqueezedAttention, Twilight
 from op_profile import profile_ops

@@ -31,7 +31,10 @@ import jax.numpy as jnp
 from pallas_kernels import kv_quant
 from pallas_kernels.kv_quant import QuantizedKV
 from pallas_kernels.quantized_decode_attention import (
-    QuantizedDecodeConfig, decode_attention, quantized_decode_attention)
+    QuantizedDecodeConfig,
+    decode_attention,
+    quantized_decode_attention,
+)
 from timing import chained_seconds, median_seconds  # benchmarks/timing.py
 
 H100_BYTES_PER_S = 3.1e12  # H100 read bandwidth measured with an XLA reduction (results/kernel_notes.md)

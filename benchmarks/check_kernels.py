@@ -30,13 +30,14 @@ import kvjax
 from kvjax.policies import Full, StreamingLLM
 from pallas_kernels import block_masks as bm
 from pallas_kernels import kv_quant
-from pallas_kernels.block_sparse_decode import (
-    DecodeConfig, block_sparse_decode, block_sparse_decode_reference)
-from pallas_kernels.block_sparse_prefill import (
-    PrefillConfig, block_sparse_prefill, block_sparse_prefill_reference)
+from pallas_kernels.block_sparse_decode import DecodeConfig, block_sparse_decode, block_sparse_decode_reference
+from pallas_kernels.block_sparse_prefill import PrefillConfig, block_sparse_prefill, block_sparse_prefill_reference
 from pallas_kernels.quantized_decode_attention import (
-    decode_attention, decode_attention_reference, quantized_decode_attention,
-    quantized_decode_attention_reference)
+    decode_attention,
+    decode_attention_reference,
+    quantized_decode_attention,
+    quantized_decode_attention_reference,
+)
 
 BF16_TOLERANCE = 1e-2
 DUO = bm.PerHead((bm.DenseCausal(), bm.SinkLocal(64, 256)))  # per KV head: retrieval, streaming

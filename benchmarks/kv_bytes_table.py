@@ -17,8 +17,26 @@ import jax.numpy as jnp
 import kvjax
 from kvjax.config import ModelConfig, RopeConfig
 from kvjax.policies import (
-    A2SF, CSKV, H2O, KIVI, TOVA, VATP, AdaKV, DuoAttention, Full, Knorm, MiKV, PyramidKV, QuantizedPruning,
-    Quest, RazorAttention, SnapKV, SqueezedAttention, StreamingLLM, ThinK, Twilight,
+    A2SF,
+    CSKV,
+    H2O,
+    KIVI,
+    TOVA,
+    VATP,
+    AdaKV,
+    DuoAttention,
+    Full,
+    Knorm,
+    MiKV,
+    PyramidKV,
+    QuantizedPruning,
+    Quest,
+    RazorAttention,
+    SnapKV,
+    SqueezedAttention,
+    StreamingLLM,
+    ThinK,
+    Twilight,
 )
 
 LLAMA31_8B = ModelConfig(

@@ -39,7 +39,10 @@ from pallas_kernels import kv_quant
 from pallas_kernels.block_sparse_decode import DecodeConfig, block_sparse_decode
 from pallas_kernels.block_sparse_prefill import PrefillConfig, block_sparse_prefill
 from pallas_kernels.quantized_decode_attention import (
-    QuantizedDecodeConfig, decode_attention, quantized_decode_attention)
+    QuantizedDecodeConfig,
+    decode_attention,
+    quantized_decode_attention,
+)
 
 SM90_REGISTERS = 65536  # per SM
 SM90_SHARED_BYTES = 233472  # 228 KB per SM; each CTA also holds 1 KB reserved by the driver

@@ -43,8 +43,15 @@ from pallas_kernels.dma_ring import ring_pipeline
 from pallas_kernels.lowering import WITH_MOSAIC_GPU, pick_implementation, tpu_interpret
 from pallas_kernels.occupancy import decode_splits, gpu_processors
 from pallas_kernels.online_softmax import (
-    MASK_VALUE, attend_block, attend_block_pieces, column_pieces, initial_pieces, initial_state,
-    masked_attention, masked_logsumexp)
+    MASK_VALUE,
+    attend_block,
+    attend_block_pieces,
+    column_pieces,
+    initial_pieces,
+    initial_state,
+    masked_attention,
+    masked_logsumexp,
+)
 
 _TRITON_MIN_ROWS = 16  # Triton's tl.dot needs at least 16 rows
 MIN_SPLIT_BLOCKS = 4  # table entries per split, at least, when the split count is picked

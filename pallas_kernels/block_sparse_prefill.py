@@ -40,11 +40,16 @@ from jax.experimental.pallas import triton as pltriton
 
 from pallas_kernels import block_masks
 from pallas_kernels.block_masks import MaskDescription, PrefillBlockTable, padded_length
-from pallas_kernels.block_sparse_mosaic_gpu import (
-    on_hopper, prefill_mosaic_gpu, prefill_q_bytes, unsupported)
+from pallas_kernels.block_sparse_mosaic_gpu import on_hopper, prefill_mosaic_gpu, prefill_q_bytes, unsupported
 from pallas_kernels.lowering import WITH_MOSAIC_GPU, pick_implementation, tpu_interpret
 from pallas_kernels.online_softmax import (
-    MASK_VALUE, attend_block, attend_block_pieces, column_pieces, initial_pieces, masked_attention)
+    MASK_VALUE,
+    attend_block,
+    attend_block_pieces,
+    column_pieces,
+    initial_pieces,
+    masked_attention,
+)
 
 _TPU_LANES = 128  # m and l scratch are replicated over the lanes of one vreg row
 

@@ -4,7 +4,7 @@ follows the tokens they read rather than a grid step per block (a fixed cost eac
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 from jax.experimental import pallas as pl

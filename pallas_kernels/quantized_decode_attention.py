@@ -33,8 +33,8 @@ from jax.experimental.pallas import tpu as pltpu
 from jax.experimental.pallas import triton as pltriton
 
 from pallas_kernels import kv_quant
-from pallas_kernels.kv_quant import QuantizedKV
 from pallas_kernels.dma_ring import ring_pipeline
+from pallas_kernels.kv_quant import QuantizedKV
 from pallas_kernels.lowering import pick_implementation, tpu_interpret
 from pallas_kernels.occupancy import decode_splits, gpu_processors
 from pallas_kernels.online_softmax import attend_block, initial_state
