@@ -284,7 +284,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--num-warps", type=int, default=None,
                         help="Triton: warps per program (default: each kernel config's own)")
     parser.add_argument("--chunk", type=int, default=512, help="kvjax prefill chunk (dispatch row)")
-    parser.add_argument("--implementation", choices=("tpu", "gpu", "mosaic_gpu"),
+    parser.add_argument("--implementation", choices=("auto", "tpu", "gpu", "mosaic_gpu"), default="auto",
                         help="force a lowering (default: from jax.default_backend()); "
                              "mosaic_gpu: the Hopper kernels (prefill block_q 128)")
     args = parser.parse_args(argv)
@@ -307,14 +307,12 @@ def main(argv: list[str] | None = None) -> dict:
     kernel_kwargs = dict(implementation=args.implementation, interpret=interpret)
     prefill_kwargs = dict(kernel_kwargs, config=PrefillConfig(
         *blocks, num_warps=args.num_warps or PrefillConfig.num_warps, num_stages=args.num_stages))
-    # kvjax's attention_impl for the dispatch row: "auto" on an accelerator (the kernel's own
-    # pick: Mosaic GPU on Hopper where it fits, else Triton), an interpreter on CPU (the TPU one
-    # unless --implementation gpu).
-    dispatch = "gpu" if mosaic else args.implementation
-    dispatch_impl = (f"{dispatch or 'tpu'}-interpret" if interpret
-                     else "auto" if dispatch in (None, backend) else None)
-    if dispatch_impl is None:
-        parser.error("kvjax's dispatch picks the device's own lowering: drop --implementation")
+    # kvjax's attention_impl for the dispatch row (the kernels' names): the lowering asked for on an
+    # accelerator ("auto": the kernel's own pick, Mosaic GPU prefill on Hopper where it fits, else
+    # Triton), an interpreter on CPU (the TPU one unless --implementation gpu).
+    dispatch_impl = args.implementation
+    if interpret:
+        dispatch_impl = f"{'tpu' if args.implementation == 'auto' else args.implementation}-interpret"
     chunk = 32 if args.smoke else args.chunk
 
     inner = 1 if args.smoke else args.decode_inner
@@ -339,8 +337,8 @@ def main(argv: list[str] | None = None) -> dict:
         "note": ("interpreted on CPU: times are meaningless" if interpret else
                  "median wall time after warm-up; speedup = baseline / kernel, same run"),
         "shapes": dataclasses.asdict(shapes),
-        "kernel_implementation": args.implementation or ("tpu" if interpret else
-                                                         f"{backend}: the kernels' default"),
+        "kernel_implementation": (args.implementation if args.implementation != "auto" else
+                                  "tpu" if interpret else f"{backend}: the kernels' default"),
         "prefill_blocks": list(blocks),
         "num_stages": args.num_stages,
         "num_warps": args.num_warps or "each config's default",

@@ -12,8 +12,8 @@ context keys once (k-means in finalize, not timed) and each step reads the 16-sl
 of the clusters its centroids select (`--squeezed-hierarchical` also times the authors' two-level lookup).
 Writes JSON with the device, shapes, times and ratios.
 Usage: python benchmarks/bench_decode.py [--contexts 8192 32768] [--quest-budgets 1024] [--twilight-budgets 8192]
-       [--cskv-densities 0.5] [--squeezed-keeps 0.1] [--squeezed-hierarchical] [--profile-top N] [--smoke]
-       [--out FILE]
+       [--cskv-densities 0.5] [--squeezed-keeps 0.1] [--squeezed-hierarchical] [--profile-top N] [--scan-layers]
+       [--smoke] [--out FILE]
 `--profile-top N` also traces one more decode loop per row under the profiler and adds the N operations
 and kernel kinds that take a token's device time (`op_profile.py`) as the row's "device_ops".
 """
@@ -88,29 +88,35 @@ def weight_bytes_per_token(m: kvjax.LanguageModel) -> int:
     return int(total - (0 if m.config.tie_word_embeddings else embed.size * embed.dtype.itemsize))
 
 
-def time_decode(m, batch: int, context: int, steps: int, repeats: int, policy: Policy = Full()) -> float:
-    """Median seconds per decoded token of generate's jitted while_loop decode."""
+def time_decode(m, batch: int, context: int, steps: int, repeats: int, policy: Policy = Full(),
+                scan_layers: bool = False) -> float:
+    """Median seconds per decoded token of generate's jitted while_loop decode; layers unrolled unless
+    `scan_layers` (kvjax.inference.Execution)."""
     times = []
     for r in range(repeats + 1):  # the first run compiles
         state = jax.block_until_ready(filled_state(m.config, batch, context, steps, m.dtype, policy))
         start = time.perf_counter()
-        jax.block_until_ready(greedy_decode(m, state, np.ones((batch,), np.int32), steps, policy))
+        jax.block_until_ready(
+            greedy_decode(m, state, np.ones((batch,), np.int32), steps, policy, scan_layers=scan_layers)
+        )
         if r:
             times.append((time.perf_counter() - start) / steps)
     return float(np.median(times))
 
 
-def profile_decode(m, batch: int, context: int, steps: int, top: int, policy: Policy = Full()) -> dict:
+def profile_decode(m, batch: int, context: int, steps: int, top: int, policy: Policy = Full(),
+                   scan_layers: bool = False) -> dict:
     """`op_profile.profile_ops` of one decode loop of `steps` tokens (compiled by `time_decode` at these
     shapes): which kernels and fusions a token's time goes to."""
     state = jax.block_until_ready(filled_state(m.config, batch, context, steps, m.dtype, policy))
-    run = functools.partial(greedy_decode, m, state, np.ones((batch,), np.int32), steps, policy)
+    run = functools.partial(greedy_decode, m, state, np.ones((batch,), np.int32), steps, policy,
+                            scan_layers=scan_layers)
     return profile_ops(run, steps, top, module="jit__decode")  # the loop, not the eager checks before it
 
 
 def label(policy: Policy) -> str:
     """The policy with its hyperparameters, as a result row names it."""
-    fields = (f for f in dataclasses.fields(policy) if f.name != "attention_impl")
+    fields = (f for f in dataclasses.fields(policy) if f.repr)  # its hyperparameters, not learned `params`
     return f"{type(policy).__name__}({', '.join(f'{f.name}={getattr(policy, f.name)}' for f in fields)})"
 
 
@@ -132,6 +138,9 @@ def main():
                         help="time each Squeezed Attention keep with the hierarchical lookup too")
     parser.add_argument("--profile-top", type=int, default=0,
                         help="add each row's N costliest device operations per token (0: no profile)")
+    parser.add_argument("--scan-layers", action="store_true",
+                        help="decode with runs of layers under one lax.scan (default: unrolled, kvjax's fastest "
+                             "decode where memory bandwidth rules; kvjax.inference.Execution)")
     parser.add_argument("--bandwidth", type=float, default=3.1e12, help="bytes/s of HBM (H100: 3.1e12)")
     parser.add_argument("--smoke", action="store_true", help="tiny model and contexts (CPU check only)")
     parser.add_argument("--out", default=None)
@@ -153,7 +162,8 @@ def main():
         if not args.profile_top:
             return row
         try:
-            row["device_ops"] = profile_decode(m, args.batch, row["context"], args.steps, args.profile_top, policy)
+            row["device_ops"] = profile_decode(m, args.batch, row["context"], args.steps, args.profile_top, policy,
+                                               args.scan_layers)
         except RuntimeError as error:  # a trace without operations (no CUPTI, say): keep the timings
             row["device_ops"] = {"error": str(error)}
             print(f"    no profile: {error}")
@@ -163,7 +173,7 @@ def main():
         return row
 
     for context in contexts:
-        per_token = time_decode(m, args.batch, context, args.steps, args.repeats)
+        per_token = time_decode(m, args.batch, context, args.steps, args.repeats, scan_layers=args.scan_layers)
         kv_read = held_bytes(config, args.batch, context, args.steps, m.dtype)
         floor = (w_bytes + kv_read) / args.bandwidth
         print(f"context {context:>6}: {args.batch / per_token:8.1f} tok/s, {floor / per_token:6.1%} of roofline")
@@ -173,7 +183,7 @@ def main():
             "roofline_seconds_per_token": floor, "fraction_of_roofline": floor / per_token,
         }, Full()))
         for policy in sparse:
-            sparse_per_token = time_decode(m, args.batch, context, args.steps, args.repeats, policy)
+            sparse_per_token = time_decode(m, args.batch, context, args.steps, args.repeats, policy, args.scan_layers)
             print(f"context {context:>6}: {label(policy)} {args.batch / sparse_per_token:8.1f} tok/s, "
                   f"{per_token / sparse_per_token:5.2f}x Full")
             rows.append(profiled({
@@ -185,7 +195,8 @@ def main():
     report = {
         "benchmark": "decode", "device": jax.devices()[0].device_kind, "backend": jax.default_backend(),
         "jax": jax.__version__, "model": "smoke" if args.smoke else "llama-3.1-8b-shaped", "dtype": "bfloat16",
-        "bandwidth_bytes_per_s": args.bandwidth, "steps": args.steps, "results": rows,
+        "bandwidth_bytes_per_s": args.bandwidth, "steps": args.steps, "scan_layers": args.scan_layers,
+        "results": rows,
     }
     text = json.dumps(report, indent=2)
     if args.out:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 
 import jax
@@ -14,16 +13,15 @@ from pallas_kernels.block_masks import DecodeBlockTable, DenseCausal, SinkLocal,
 from pallas_kernels.block_sparse_decode import DecodeConfig, block_sparse_decode
 from pallas_kernels.block_sparse_prefill import PrefillConfig, block_sparse_prefill
 from pallas_kernels.kv_quant import QuantizedKV
+from pallas_kernels.lowering import NAMES, Lowering, check_name
 from pallas_kernels.quantized_decode_attention import QuantizedDecodeConfig, quantized_decode_attention
 
-# How attention runs. "auto": the Pallas kernel where one applies on GPU and TPU, the jnp
-# reference on CPU; "reference": always jnp; "tpu-interpret" / "gpu-interpret": the kernels'
-# interpreters on CPU (how tests exercise the kernel paths without an accelerator).
-ATTENTION_IMPLS = ("auto", "reference", "tpu-interpret", "gpu-interpret")
-_KERNEL_BLOCKS = (128, 64, 32, 16)
-# Mosaic TPU pays ~0.35 us per grid step, several times a 128 x 128 block's MXU work, so its
-# prefill takes blocks up to 512 (the size MaxText's splash attention is configured with).
-_TPU_PREFILL_BLOCKS = (512, 256, *_KERNEL_BLOCKS)
+# How attention runs: the kernels' one vocabulary (`pallas_kernels.lowering`). "auto": the Pallas
+# kernels on GPU and TPU, the jnp reference on CPU; "reference": always jnp; "tpu", "gpu",
+# "mosaic_gpu": that lowering of each kernel; "tpu-interpret" / "gpu-interpret": the kernels'
+# interpreters on CPU (how tests exercise the kernel paths without an accelerator). Wherever a
+# kernel cannot take a call (its config's `for_shape` says None), the reference runs instead.
+ATTENTION_IMPLS = NAMES
 
 _MASKED = float(jnp.finfo(jnp.float32).min)  # finite, so a row with nothing visible stays NaN-free
 
@@ -86,19 +84,13 @@ def join_query_chunks(x: jax.Array) -> jax.Array:
     return x.swapaxes(0, 1).reshape(b, n * c, *x.shape[3:])
 
 
-def _kernel_lowering(impl: str, head_dim: int) -> tuple[str, bool] | None:
-    """(lowering, interpret) for the Pallas kernels, or None for the jnp reference (also for a
-    head dim the Triton kernels cannot cut into power-of-two pieces of at least 16 columns)."""
-    if impl not in ATTENTION_IMPLS:
-        raise ValueError(f"attention implementation must be one of {ATTENTION_IMPLS}; got {impl!r}")
-    if impl == "auto":
-        backend = jax.default_backend()
-        lowering = (backend, False) if backend in ("gpu", "tpu") else None
-    else:
-        lowering = None if impl == "reference" else (impl.split("-")[0], True)
-    if lowering is not None and lowering[0] == "gpu" and head_dim % 16:
-        return None
-    return lowering
+def check_impl(impl: str) -> None:
+    """Raises ValueError unless `impl` names an attention implementation (`ATTENTION_IMPLS`)."""
+    check_name(impl, "attention implementation")
+
+
+def _lowering(impl: str) -> Lowering:
+    return Lowering.parse(impl, "attention implementation")
 
 
 def attend(
@@ -107,7 +99,8 @@ def attend(
 ) -> jax.Array:
     """The one dispatch point between the jnp reference and the Pallas kernels.
 
-    Where `impl` allows a kernel (GPU/TPU under "auto", or an interpret impl):
+    Where `impl` (one of `ATTENTION_IMPLS`) gives a kernel whose config takes the shape
+    (`PrefillConfig.for_shape`, `DecodeConfig.for_shape`):
       * single-token decode (T = 1, no sliding window) runs the block-sparse decode kernel (GQA
         groups share each block load). It relies on the segment invariant that, when attention
         runs, each row's entries fill slots [0, count): Full writes slot = position, eviction
@@ -118,12 +111,14 @@ def attend(
         contiguous positions q_pos[b, 0] + t. The kernel then skips every key block the causal
         mask (or a sliding window, through its local mask) hides. Only the policy knows its
         layout (after eviction a slot says nothing about a position), so the default is False.
-    Everything else runs the reference.
+    Everything else runs the reference. The kernel gets `impl` itself, so "auto" keeps each kernel's
+    own pick (Mosaic GPU prefill on Hopper where it fits).
     """
-    lowering = _kernel_lowering(impl, q.shape[-1])
-    block = next((b for b in _KERNEL_BLOCKS if k.shape[2] % b == 0), None)
-    if lowering is not None and block is not None and q.shape[1] > 1 and slot_is_position:
-        return _prefill_chunk(q, k, v, k_pos, q_pos, window, scale, lowering)
+    lowering = _lowering(impl)
+    if q.shape[1] > 1 and slot_is_position:
+        config = PrefillConfig.for_shape(q.shape[1], k.shape[2], q.shape[-1], lowering)
+        if config is not None:
+            return _prefill_chunk(q, k, v, k_pos, q_pos, window, scale, impl, config)
     decoded = decode_with_lse(q, k, v, k_pos, window, scale, impl)
     return reference_attention(q, k, v, k_pos, q_pos, window, scale) if decoded is None else decoded[0]
 
@@ -138,15 +133,16 @@ def decode_with_lse(
     [B, 1, K, G, D], lse float32[B, 1, K, G], -inf where nothing is visible), or None where `impl`
     gives no kernel for it (the caller's jnp path applies: the reference, a sliding window, T > 1).
     """
-    lowering = _kernel_lowering(impl, q.shape[-1])
-    block = next((b for b in _KERNEL_BLOCKS if k.shape[2] % b == 0), None)
-    if lowering is None or q.shape[1] != 1 or window is not None or block is None:
+    lowering = _lowering(impl)
+    if q.shape[1] != 1 or window is not None:
+        return None
+    config = DecodeConfig.for_shape(k.shape[2], q.shape[-1], lowering)
+    if config is None:
         return None
     b, _, kv_heads, group, d = q.shape
     lengths = jnp.sum(k_pos >= 0, axis=-1, dtype=jnp.int32)  # [B, K]
     decode = functools.partial(
-        block_sparse_decode, sm_scale=scale, config=DecodeConfig(block_size=block),
-        implementation=lowering[0], interpret=lowering[1], return_lse=True,
+        block_sparse_decode, sm_scale=scale, config=config, implementation=impl, return_lse=True,
     )
     out, lse = per_device(decode, b, kv_heads, (1, 1, 1, 1), (1, 1))(
         q.reshape(b, kv_heads * group, d), k, v, lengths
@@ -167,8 +163,9 @@ def attend_pages(
     attends over the same slots by masking the others. slot_mask (bool[B, K, C]) also hides single
     slots of listed pages. Returns [B, 1, K, G, D].
     """
-    lowering = _kernel_lowering(impl, q.shape[-1])
-    if lowering is None:
+    config = DecodeConfig.for_shape(k.shape[2], q.shape[-1], _lowering(impl), block_size=table.block_size,
+                                    slot_mask=slot_mask is not None)
+    if config is None:
         listed = decode_table_mask(table, k.shape[2])  # [B, K, C]
         if slot_mask is not None:
             listed &= slot_mask
@@ -179,8 +176,7 @@ def attend_pages(
     def decode(q, k, v, lengths, table, *slot_mask):
         return block_sparse_decode(
             q, k, v, lengths, table, mask=None if window is None else SinkLocal(0, window), sm_scale=scale,
-            config=DecodeConfig(block_size=table.block_size), implementation=lowering[0], interpret=lowering[1],
-            slot_mask=slot_mask[0] if slot_mask else None,
+            config=config, implementation=impl, slot_mask=slot_mask[0] if slot_mask else None,
         )
 
     masks = () if slot_mask is None else (slot_mask,)
@@ -192,11 +188,11 @@ def attend_pages(
 
 def _prefill_chunk(
     q: jax.Array, k: jax.Array, v: jax.Array, k_pos: jax.Array, q_pos: jax.Array,
-    window: int | None, scale: float, lowering: tuple[str, bool],
+    window: int | None, scale: float, impl: str, config: PrefillConfig,
 ) -> jax.Array:
     """A chunk of queries over a slot = position segment through the block-sparse prefill kernel.
 
-    q: [B, T, K, G, D]; k, v: [B, K, C, D] with a kernel block dividing C (no copy of the cache). The
+    q: [B, T, K, G, D]; k, v: [B, K, C, D] with config.block_k dividing C (no copy of the cache). The
     keys' length is each row's count of valid slots, and the chunk starts at q_pos[:, 0]. A
     sliding window (Mistral) is the kernel's local mask, SinkLocal(0, window): the same rule as
     `visibility_mask`, k > q - window. Query rows past a row's length (right padding) come out
@@ -204,18 +200,14 @@ def _prefill_chunk(
     """
     b, t, kv_heads, group, d = q.shape
     lengths = jnp.sum(k_pos[:, 0] >= 0, axis=-1, dtype=jnp.int32)  # [B]: heads share positions
-    blocks = _TPU_PREFILL_BLOCKS if lowering[0] == "tpu" else _KERNEL_BLOCKS
-    block_q = next((bq for bq in blocks if t % bq == 0), blocks[-1])
-    block_k = next(bk for bk in blocks if k.shape[2] % bk == 0)
     mask = DenseCausal() if window is None else SinkLocal(0, window)
     q_heads = q.reshape(b, t, kv_heads * group, d).swapaxes(1, 2)  # [B, H, T, D]
 
     def prefill(q_heads, k, v, lengths, q_offset):
         return block_sparse_prefill(
-            q_heads, k, v, mask, lengths=lengths, q_offset=q_offset, sm_scale=scale,
-            config=PrefillConfig(block_q=block_q, block_k=block_k),
-            # On the device, the kernel's own pick: Mosaic GPU on Hopper where it fits, else Triton.
-            implementation=lowering[0] if lowering[1] else None, interpret=lowering[1],
+            q_heads, k, v, mask, lengths=lengths, q_offset=q_offset, sm_scale=scale, config=config,
+            # The name, not its Lowering: "auto" is the kernel's own pick (Mosaic GPU on Hopper where it fits).
+            implementation=impl,
         )
 
     out = per_device(prefill, b, kv_heads, (1, 1, 1, None, None), 1)(
@@ -232,8 +224,6 @@ def attend_with_probs(
     probs = attention_probs(q, k, k_pos, q_pos, window, scale)
     return jnp.einsum("bkgtc,bkcd->btkgd", probs.astype(v.dtype), v), probs
 
-_QUANTIZED_DECODE = QuantizedDecodeConfig()
-
 
 def attend_quantized(
     q: jax.Array, slab: QuantizedKV, slab_length: jax.Array, k_win: jax.Array, v_win: jax.Array,
@@ -244,8 +234,9 @@ def attend_quantized(
     q: [B, T, K, G, D]; slab: logical [B, K, C, D]; slab_length: int32[B]; k_win, v_win: [B, K, W, D]
     with win_pos int32[B, K, W] (-1 empty), valid entries a prefix. A decode token (T = 1, no sliding
     window), whose own entry must be the window's last valid one, goes to the Pallas
-    `quantized_decode_attention` entry (lowering picked by `impl` as for `attend`); anything else
-    (prefill chunks, sliding windows) runs exact attention over the dequantized slab.
+    `quantized_decode_attention` entry (its kernel where `impl` gives one that takes the shape, else
+    its reference); anything else (prefill chunks, sliding windows) runs exact attention over the
+    dequantized slab.
     """
     if q.shape[1] == 1 and window is None:
         return _quantized_decode(q, slab, slab_length, k_win, v_win, win_pos, scale, impl)
@@ -264,22 +255,13 @@ def _quantized_decode(q, slab, slab_length, k_win, v_win, win_pos, scale, impl) 
     """One decode token per sequence through the quantized decode kernel entry; [B, 1, K, G, D]."""
     b, t, kh, g, d = q.shape
     win_length = jnp.sum(win_pos[:, 0] >= 0, axis=-1, dtype=jnp.int32)  # [B]
-    config, lowering = _QUANTIZED_DECODE, _kernel_lowering(impl, d)
-    if lowering is not None and lowering[0] == "gpu" and d & (d - 1):
-        lowering = None  # its Triton kernel unpacks whole power-of-two rows: Phi-3's 96 runs the reference
-    if lowering is not None:
-        # The kernels tile both caches with one power-of-two block: the largest that divides the
-        # slab (KIVI sizes it in multiples of 128 tokens); the window is padded to a multiple of it.
-        block = config.block_for(lowering[0])
-        while slab.capacity % block:
-            block //= 2
-        config = dataclasses.replace(config, block_k=block)
-        pad = (0, 0), (0, 0), (0, -k_win.shape[2] % block), (0, 0)
+    config = QuantizedDecodeConfig.for_shape(slab.capacity, d, _lowering(impl))
+    if config is None:
+        config, impl = QuantizedDecodeConfig(), "reference"
+    else:  # the kernels tile the window with the slab's block
+        pad = (0, 0), (0, 0), (0, -k_win.shape[2] % config.block_k), (0, 0)
         k_win, v_win = jnp.pad(k_win, pad), jnp.pad(v_win, pad)
-    implementation, interpret = lowering or ("reference", False)
-    decode = functools.partial(
-        quantized_decode_attention, sm_scale=scale, config=config, implementation=implementation, interpret=interpret
-    )
+    decode = functools.partial(quantized_decode_attention, sm_scale=scale, config=config, implementation=impl)
     out = per_device(decode, b, kh, (2, 1, None, 1, 1, None), 2)(
         q.reshape(b, t, kh * g, d), slab, slab_length, k_win, v_win, win_length
     )  # [B, 1, H, D]

@@ -81,17 +81,16 @@ def _model_and_runs(args) -> tuple:
     elif "duoattention" in names:
         raise ValueError("policy duoattention needs its head split: pass --duo-gates FILE (the "
                          "full_attention_heads.tsv of `kvjax train-gates --method duo` or of DuoAttention's release)")
-    runs = resolve_policies(names, budgets, bases=bases)
+    if "locret" in names and not args.locret_heads:
+        raise ValueError("policy locret needs trained retaining heads: pass --locret-heads DIR (the --out folder of "
+                         "`kvjax train-gates --method locret`)")
     mesh = _mesh(args.mesh) if args.mesh else None
     m = load(args.model or _default_model(), dtype=jnp.dtype(args.dtype), mesh=mesh)
     if args.locret_heads:
-        from kvjax.policies.locret import with_retaining_heads
+        from kvjax.policies import Locret
 
-        m = with_retaining_heads(m, args.locret_heads)
-    elif m.config.retaining_hidden is None and any(r.name == "locret" for r in runs):
-        raise ValueError("policy locret needs trained retaining heads: pass --locret-heads DIR (the --out folder of "
-                         "`kvjax train-gates --method locret`)")
-    return m, runs
+        bases["locret"] = Locret.from_pretrained(args.locret_heads, m.config)
+    return m, resolve_policies(names, budgets, bases=bases)
 
 
 def _mesh(text: str):
@@ -229,7 +228,7 @@ def _train_gates(args) -> None:
         train_fn, written = train_duo_gates, GATES_TSV
     else:
         from kvjax.policies.locret import HEADS_DIR
-        from kvjax.train.locret_heads import LocretHeadConfig, train_locret_heads
+        from kvjax.policies.locret.training import LocretHeadConfig, train_locret_heads
 
         if "tasks" in locret_only:
             locret_only["tasks"] = tuple(t.strip() for t in locret_only["tasks"].split(",") if t.strip())

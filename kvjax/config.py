@@ -72,9 +72,6 @@ class ModelConfig:
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
     pad_token_id: int | None = None
-    # Locret's per-layer retaining heads (kvjax.policies.locret): their hidden size, or None when the
-    # model carries none. Part of the architecture, so params, graphdef and saved configs agree.
-    retaining_hidden: int | None = None
 
     def __post_init__(self):
         if self.num_heads % self.num_kv_heads:
@@ -85,8 +82,6 @@ class ModelConfig:
             raise ValueError("sliding_windows must give one entry per layer")
         if self.hidden_act not in ("silu", "gelu", "gelu_pytorch_tanh", "relu"):
             raise UnsupportedModelError(f"unsupported activation {self.hidden_act!r}")
-        if self.retaining_hidden is not None and self.retaining_hidden < 1:
-            raise ValueError(f"retaining_hidden must be >= 1 or None; got {self.retaining_hidden}")
 
     @property
     def group_size(self) -> int:
@@ -102,6 +97,9 @@ class ModelConfig:
     @classmethod
     def from_json(cls, text: str) -> "ModelConfig":
         raw = json.loads(text)
+        if raw.pop("retaining_hidden", None) is not None:  # kvjax <= 0.1 kept Locret's heads in the model
+            raise ValueError("this config carries Locret retaining heads inside the model, which kvjax no longer "
+                             "does; load the heads with kvjax.policies.Locret.from_pretrained instead")
         rope = raw.pop("rope")
         for key in ("short_factor", "long_factor"):
             if rope.get(key) is not None:

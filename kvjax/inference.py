@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from typing import Sequence
@@ -11,9 +12,12 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx, struct
 
+from kvjax.attention import check_impl
 from kvjax.kv_state import KVState
 from kvjax.language_model import LanguageModel
+from kvjax.layer_step import Decode, Prefill
 from kvjax.policies import Full, Policy
+from kvjax.policies.base import bind_params, split_params
 from kvjax.sampling import SamplingParams, sample
 from kvjax.sharding import constrain_state, on_model_mesh
 
@@ -64,7 +68,7 @@ def _logits(graphdef, params, tokens):
     model = nnx.merge(graphdef, params)
     b, t = tokens.shape
     positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-    hidden, _ = model(tokens, positions, jnp.ones((b, t), bool))
+    hidden, _, _ = model(tokens, positions, jnp.ones((b, t), bool))
     return model.logits(hidden)
 
 
@@ -77,34 +81,55 @@ def logits(m: LanguageModel, tokens) -> jax.Array:
     return _logits(m.graphdef, m.params, tokens)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "policy", "chunk", "max_new_tokens"))
-def _prefill(graphdef, params, tokens, lengths, *, policy: Policy, chunk: int, max_new_tokens: int):
+@dataclasses.dataclass(frozen=True)
+class Execution:
+    """How the jitted paths run, beside what they compute: the attention implementation
+    (kvjax.attention.ATTENTION_IMPLS) and whether runs of identically laid-out layers are scanned
+    (compile time independent of depth) or unrolled (no per-step stacking of the cache and weights:
+    the fastest decode where memory bandwidth rules, at a compile time that grows with depth)."""
+
+    attention_impl: str = "auto"
+    scan_layers: bool = True
+
+    def __post_init__(self):
+        check_impl(self.attention_impl)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "policy", "chunk", "max_new_tokens", "run"))
+def _prefill(graphdef, params, policy_params, tokens, lengths, *, policy: Policy, chunk: int, max_new_tokens: int,
+             run: Execution):
     """Runs the prompt through the model chunk by chunk; returns the state and last-token logits."""
     model = nnx.merge(graphdef, params)
+    policy = bind_params(policy, policy_params)
     b, t = tokens.shape
     state = constrain_state(policy.allocate(model.config, b, t, max_new_tokens, chunk, model.embed.dtype))
-    prefill_step = functools.partial(policy.cache_step, prompt_lengths=lengths)
+    phase = Prefill(lengths)
+    stack = model.layer_stack(state.layers, run.scan_layers)
     last = lengths - 1  # [B] position of each prompt's final token
     offsets = jnp.arange(chunk, dtype=jnp.int32)  # [S]
 
+    def layer_fn(ctx, segments, shared, x):
+        return policy.layer_step(ctx, segments, shared, x, phase)
+
     def step(carry, inputs):
-        layers, last_hidden = carry
+        layers, shared, last_hidden = carry
         chunk_tokens, start = inputs  # [B, S], scalar
         positions = jnp.broadcast_to(start + offsets, (b, chunk))  # [B, S]
-        hidden, layers = model(
-            chunk_tokens, positions, positions < lengths[:, None], layers, prefill_step,
+        hidden, layers, shared = model(
+            chunk_tokens, positions, positions < lengths[:, None], layers, layer_fn, shared=shared,
             seq_len=jnp.max(lengths),  # the whole prompt's length, as a one-shot forward would see
-            retaining_scores=policy.reads_retaining_scores(),
+            attention_impl=run.attention_impl, stack=stack,
         )
         here = (last >= start) & (last < start + chunk)  # [B] final token falls in this chunk
         picked = jnp.take_along_axis(hidden, jnp.clip(last - start, 0, chunk - 1)[:, None, None], axis=1)
-        return (layers, jnp.where(here[:, None], picked[:, 0], last_hidden)), None
+        return (layers, shared, jnp.where(here[:, None], picked[:, 0], last_hidden)), None
 
     chunks = tokens.reshape(b, t // chunk, chunk).swapaxes(0, 1)  # [N, B, S]
     starts = jnp.arange(0, t, chunk, dtype=jnp.int32)  # [N]
-    init = (state.layers, jnp.zeros((b, model.config.hidden_size), model.embed.dtype))
-    (layers, last_hidden), _ = jax.lax.scan(step, init, (chunks, starts))
-    state = policy.finalize(model.config, state.replace(layers=layers, length=lengths), t, max_new_tokens)
+    init = (state.layers, state.shared, jnp.zeros((b, model.config.hidden_size), model.embed.dtype))
+    (layers, shared, last_hidden), _ = jax.lax.scan(step, init, (chunks, starts))
+    state = state.replace(layers=layers, shared=shared, length=lengths)
+    state = policy.finalize(model.config, state, t, max_new_tokens)
     return constrain_state(state), model.logits(last_hidden)
 
 
@@ -117,49 +142,70 @@ def _prompt_batch(tokens, lengths) -> tuple[np.ndarray, np.ndarray]:
     return tokens, lengths
 
 
-def _run_prefill(m, tokens: np.ndarray, lengths: np.ndarray, policy, chunk_size, max_new_tokens):
+def _run_prefill(m, tokens: np.ndarray, lengths: np.ndarray, policy, chunk_size, max_new_tokens, run: Execution):
     _check_context(m, int(lengths.max()) + max_new_tokens)
     chunk, padded = _chunking(tokens.shape[1], chunk_size)
     tokens = np.pad(tokens, ((0, 0), (0, padded - tokens.shape[1])))
+    policy, policy_params = split_params(_checked(m, policy))
     return _prefill(
-        m.graphdef, m.params, jnp.asarray(tokens), jnp.asarray(lengths),
-        policy=policy or Full(), chunk=chunk, max_new_tokens=max_new_tokens,
+        m.graphdef, m.params, policy_params, jnp.asarray(tokens), jnp.asarray(lengths),
+        policy=policy, chunk=chunk, max_new_tokens=max_new_tokens, run=run,
     )
+
+
+def _checked(m: LanguageModel, policy: Policy | None) -> Policy:
+    """The policy to run (Full when None), after it confirms it fits the model."""
+    policy = policy or Full()
+    policy.check_model(m.config)
+    return policy
 
 
 @on_model_mesh
 def prefill(
     m: LanguageModel, tokens, policy: Policy | None = None, *, lengths=None,
-    chunk_size: int = DEFAULT_CHUNK, max_new_tokens: int = 0,
+    chunk_size: int = DEFAULT_CHUNK, max_new_tokens: int = 0, attention_impl: str = "auto",
+    scan_layers: bool = True,
 ) -> KVState:
     """The (compressed) KV state after the prompt, built chunk by chunk.
 
     `tokens` is int32[B, T] (with optional per-row `lengths` for right-padded rows) or a ragged list.
     `max_new_tokens` reserves room for that many decode steps in policies whose size grows.
+    `attention_impl` and `scan_layers`: how it runs (`Execution`).
     """
-    state, _ = _run_prefill(m, *_prompt_batch(tokens, lengths), policy, chunk_size, max_new_tokens)
+    run = Execution(attention_impl, scan_layers)
+    state, _ = _run_prefill(m, *_prompt_batch(tokens, lengths), policy, chunk_size, max_new_tokens, run)
     return state
 
 
-def _forward_token(model, policy: Policy, state: KVState, token: jax.Array):
+def _forward_token(model, policy: Policy, state: KVState, token: jax.Array, run: Execution, stack=None):
     """One decode step for every sequence: the new token enters at position `state.length`."""
     positions = state.length[:, None]  # [B, 1]
-    hidden, layers = model(
-        token[:, None], positions, jnp.ones_like(positions, bool), state.layers, policy.cache_step,
-        retaining_scores=policy.reads_retaining_scores(),
+    phase = Decode()
+
+    def layer_fn(ctx, segments, shared, x):
+        return policy.layer_step(ctx, segments, shared, x, phase)
+
+    hidden, layers, shared = model(
+        token[:, None], positions, jnp.ones_like(positions, bool), state.layers, layer_fn, shared=state.shared,
+        attention_impl=run.attention_impl, stack=stack or model.layer_stack(state.layers, run.scan_layers),
     )
-    return model.logits(hidden[:, 0]), constrain_state(state.replace(layers=layers, length=state.length + 1))
+    new_state = state.replace(layers=layers, shared=shared, length=state.length + 1)
+    return model.logits(hidden[:, 0]), constrain_state(new_state)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "policy"), donate_argnames=("state",))
-def _decode_step(graphdef, params, state, token, *, policy):
-    return _forward_token(nnx.merge(graphdef, params), policy, state, token)
+@functools.partial(jax.jit, static_argnames=("graphdef", "policy", "run"), donate_argnames=("state",))
+def _decode_step(graphdef, params, policy_params, state, token, *, policy, run):
+    return _forward_token(nnx.merge(graphdef, params), bind_params(policy, policy_params), state, token, run)
 
 
 @on_model_mesh
-def decode_step(m: LanguageModel, state: KVState, token, policy: Policy | None = None):
+def decode_step(m: LanguageModel, state: KVState, token, policy: Policy | None = None, *,
+                attention_impl: str = "auto", scan_layers: bool = True):
     """(float32[B, V] logits, new state) after feeding int32[B] tokens; the old state is donated."""
-    return _decode_step(m.graphdef, m.params, state, jnp.asarray(token, jnp.int32), policy=policy or Full())
+    run = Execution(attention_impl, scan_layers)
+    policy, policy_params = split_params(_checked(m, policy))
+    return _decode_step(m.graphdef, m.params, policy_params, state, jnp.asarray(token, jnp.int32), policy=policy,
+                        run=run)
 
 
 @struct.dataclass(frozen=True)
@@ -185,17 +231,20 @@ def _start_loop(kv, logits, tokens, step, done, sampling, key, eos_ids, pad_id):
     )
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "policy"), donate_argnames=("loop",))
-def _decode(graphdef, params, loop: DecodeLoop, sampling, eos_ids, pad_id, stop_length, *, policy):
+@functools.partial(jax.jit, static_argnames=("graphdef", "policy", "run"), donate_argnames=("loop",))
+def _decode(graphdef, params, policy_params, loop: DecodeLoop, sampling, eos_ids, pad_id, stop_length, *, policy,
+            run: Execution):
     """Decodes until every row is done, the output is full, or the longest row reaches `stop_length`."""
     model = nnx.merge(graphdef, params)
+    policy = bind_params(policy, policy_params)
+    stack = model.layer_stack(loop.kv.layers, run.scan_layers)  # the weights stacked once, not per token
     max_new_tokens = loop.tokens.shape[1]
 
     def keep_going(s: DecodeLoop):
         return (s.step < max_new_tokens) & ~jnp.all(s.done) & (jnp.max(s.kv.length) < stop_length)
 
     def body(s: DecodeLoop) -> DecodeLoop:
-        step_logits, kv = _forward_token(model, policy, s.kv, s.last)
+        step_logits, kv = _forward_token(model, policy, s.kv, s.last, run, stack)
         key, sub = jax.random.split(s.key)
         token = jnp.where(s.done, pad_id, sample(step_logits, sampling, sub))
         return DecodeLoop(
@@ -218,16 +267,20 @@ def _open_loop(kv, token, steps):
 
 
 @on_model_mesh
-def greedy_decode(m: LanguageModel, state: KVState, token, steps: int, policy: Policy | None = None) -> jax.Array:
+def greedy_decode(m: LanguageModel, state: KVState, token, steps: int, policy: Policy | None = None, *,
+                  attention_impl: str = "auto", scan_layers: bool = True) -> jax.Array:
     """int32[B, steps]: greedy tokens after feeding int32[B] `token`, by generate's jitted decode loop
     with no EOS stop (so benchmarks time exactly `steps` steps); the state is donated."""
     if steps < 1:
         raise ValueError(f"steps must be >= 1; got {steps}")
+    run = Execution(attention_impl, scan_layers)
+    policy, policy_params = split_params(_checked(m, policy))
     _check_context(m, int(jnp.max(state.length)) + steps)
     loop = _open_loop(state, jnp.asarray(token, jnp.int32), steps)
     no_eos, no_stop = jnp.asarray([-1], jnp.int32), jnp.int32(np.iinfo(np.int32).max)
     sampling = SamplingParams.create(loop.last.shape[0])
-    return _decode(m.graphdef, m.params, loop, sampling, no_eos, jnp.int32(0), no_stop, policy=policy or Full()).tokens
+    return _decode(m.graphdef, m.params, policy_params, loop, sampling, no_eos, jnp.int32(0), no_stop, policy=policy,
+                   run=run).tokens
 
 
 def _rope_switch_length(m: LanguageModel) -> int:
@@ -241,19 +294,24 @@ def _rope_switch_length(m: LanguageModel) -> int:
 def generate(
     m: LanguageModel, tokens, max_new_tokens: int = 64, policy: Policy | None = None, *,
     lengths=None, temperature=0.0, top_k=0, top_p=1.0, seed: int = 0,
-    eos_token_id: int | Sequence[int] | None = None, chunk_size: int = DEFAULT_CHUNK,
+    eos_token_id: int | Sequence[int] | None = None, chunk_size: int = DEFAULT_CHUNK, attention_impl: str = "auto",
+    scan_layers: bool = True,
 ) -> jax.Array:
     """int32[B, max_new_tokens]: new tokens only; after a sequence's EOS its row holds the pad id.
 
     Prefill in chunks, then a jitted `lax.while_loop` decode over the donated state. Sampling
     settings and the seed are arrays: changing them (or the prompt contents) does not recompile.
-    `eos_token_id=None` uses the model's EOS ids; `()` disables stopping.
+    `eos_token_id=None` uses the model's EOS ids; `()` disables stopping. `attention_impl` and
+    `scan_layers`: how it runs (`Execution`).
     """
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1; got {max_new_tokens}")
-    policy = policy or Full()
+    policy = _checked(m, policy)
     prompts, lengths = _prompt_batch(tokens, lengths)
-    kv, logits = _run_prefill(m, prompts, lengths, policy, chunk_size, max_new_tokens)
+    run = Execution(attention_impl, scan_layers)
+    kv, logits = _run_prefill(m, prompts, lengths, policy, chunk_size, max_new_tokens, run)
+    static_policy, policy_params = split_params(policy)
+    decode = functools.partial(_decode, m.graphdef, m.params, policy_params, policy=static_policy, run=run)
     batch = logits.shape[0]
     eos = m.config.eos_token_ids if eos_token_id is None else eos_token_id
     eos = np.atleast_1d(np.asarray(eos if np.size(eos) else [-1], np.int32))
@@ -266,7 +324,7 @@ def generate(
         kv, logits, jnp.full((batch, max_new_tokens), pad, jnp.int32), jnp.int32(0),
         jnp.zeros((batch,), bool), sampling, jax.random.key(seed), eos, pad,
     )
-    loop = _decode(m.graphdef, m.params, loop, sampling, eos, pad, jnp.int32(stop), policy=policy)
+    loop = decode(loop, sampling, eos, pad, jnp.int32(stop))
     step = int(loop.step)
     if step < max_new_tokens and not bool(jnp.all(loop.done)):
         # Crossed LongRoPE's switch: re-prefill prompt + output with long factors, then go on.
@@ -274,10 +332,10 @@ def generate(
         history = np.zeros((batch, prompts.shape[1] + step), np.int32)
         for row, prompt, new, n in zip(history, prompts, generated, lengths):
             row[: n + step] = np.concatenate([prompt[:n], new])
-        kv, logits = _run_prefill(m, history, lengths + step, policy, chunk_size, max_new_tokens - step)
+        kv, logits = _run_prefill(m, history, lengths + step, policy, chunk_size, max_new_tokens - step, run)
         loop = _start_loop(
             kv, logits, loop.tokens, jnp.int32(step), loop.done, sampling, loop.key, eos, pad
         )
         no_stop = jnp.int32(np.iinfo(np.int32).max)
-        loop = _decode(m.graphdef, m.params, loop, sampling, eos, pad, no_stop, policy=policy)
+        loop = decode(loop, sampling, eos, pad, no_stop)
     return loop.tokens

@@ -55,11 +55,15 @@ class KVSegment:
 
 @struct.dataclass(frozen=True)
 class KVState:
-    """Per layer, its segments; per sequence, the tokens consumed; per policy, its running statistics."""
+    """Per layer, its segments; per sequence, the tokens consumed; per policy, state shared by layers.
 
-    layers: tuple[tuple[KVSegment, ...], ...]
+    A layer's entry is a tuple of segments: `KVSegment`s, or a policy's own segment types (quantized
+    slabs, paged bounds, ...), each a pytree with a static `heads` field naming its KV heads.
+    """
+
+    layers: tuple[tuple[Any, ...], ...]
     length: jax.Array  # int32[B]: tokens seen so far, i.e. the position of the next token
-    stats: Any = None  # pytree owned by the policy (accumulated attention, scores, ...)
+    shared: Any = None  # pytree the policy carries from layer to layer (Policy.layer_step); None for most
 
     @property
     def batch_size(self) -> int:

@@ -113,7 +113,7 @@ def batch_head_spec(mesh, batch: int, heads: int | None = None, head_axis: int =
 
 def constrain_state(state: KVState) -> KVState:
     """The KV state pinned to batch over "data", KV heads over "model" under the active mesh (a no-op
-    without one). Every segment leaf is [B, Hs, ...] or [B]; the policy's `stats` are left to XLA."""
+    without one). Every segment leaf is [B, Hs, ...] or [B]; `shared` is left to XLA."""
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty:
         return state

@@ -33,6 +33,7 @@ from pallas_kernels.kv_quant import (
     unpack,
     write_quantized,
 )
+from pallas_kernels.lowering import Lowering
 from pallas_kernels.quantized_decode_attention import (
     QuantizedDecodeConfig,
     decode_attention,
@@ -42,7 +43,7 @@ from pallas_kernels.quantized_decode_attention import (
 )
 
 __all__ = [
-    "DecodeBlockTable", "DecodeConfig", "DenseCausal", "PerHead", "PrefillBlockTable",
+    "DecodeBlockTable", "DecodeConfig", "DenseCausal", "Lowering", "PerHead", "PrefillBlockTable",
     "PrefillConfig", "QuantizedDecodeConfig", "QuantizedKV", "SinkLocal", "block_sparse_decode",
     "block_sparse_decode_reference", "block_sparse_prefill", "block_sparse_prefill_reference",
     "check_quantized_kv", "decode_attention", "decode_attention_reference",

@@ -38,9 +38,10 @@ from jax.experimental.pallas import triton as pltriton
 
 from pallas_kernels import block_masks
 from pallas_kernels.block_masks import DecodeBlockTable, MaskDescription
+from pallas_kernels.block_sparse_mosaic_gpu import BLOCK_K as MOSAIC_GPU_BLOCKS
 from pallas_kernels.block_sparse_mosaic_gpu import decode_mosaic_gpu
 from pallas_kernels.dma_ring import ring_pipeline
-from pallas_kernels.lowering import WITH_MOSAIC_GPU, pick_implementation, tpu_interpret
+from pallas_kernels.lowering import Lowering, pallas_interpret, resolve, tpu_interpret
 from pallas_kernels.occupancy import decode_splits, gpu_processors
 from pallas_kernels.online_softmax import (
     MASK_VALUE,
@@ -55,6 +56,7 @@ from pallas_kernels.online_softmax import (
 
 _TRITON_MIN_ROWS = 16  # Triton's tl.dot needs at least 16 rows
 MIN_SPLIT_BLOCKS = 4  # table entries per split, at least, when the split count is picked
+BLOCK_SIZES = (128, 64, 32, 16)  # the pages `DecodeConfig.for_shape` tries, largest first
 
 
 def _positive_int(value: object) -> bool:
@@ -83,6 +85,29 @@ class DecodeConfig:
             if not _positive_int(getattr(self, name)):
                 raise ValueError(f"DecodeConfig.{name} must be a positive int, "
                                  f"got {getattr(self, name)!r}")
+
+    @classmethod
+    def for_shape(cls, capacity: int, head_dim: int, lowering: Lowering, *, block_size: int | None = None,
+                  slot_mask: bool = False) -> DecodeConfig | None:
+        """The config that runs a cache of `capacity` slots of `head_dim` under `lowering`, or None
+        where the kernel cannot take it (the caller runs the reference): the reference lowering;
+        Triton ("gpu") with a head dim not a multiple of 16 (its smallest column piece); Mosaic GPU
+        with a head dim not a multiple of 64, a slot mask, or pages other than its `BLOCK_K`; no
+        page size dividing the capacity. block_size: the page size a given table fixes (the kernel
+        checks that it divides the capacity); None picks the largest of `BLOCK_SIZES` (Mosaic GPU:
+        of its `BLOCK_K`) dividing the capacity. slot_mask: whether the call passes one. Mosaic
+        GPU's dtype, group and shared-memory limits are the kernel's to check (it raises)."""
+        if lowering.platform == "reference" or (lowering.platform == "gpu" and head_dim % 16):
+            return None
+        sizes = BLOCK_SIZES
+        if lowering.platform == "mosaic_gpu":
+            if head_dim % 64 or slot_mask:
+                return None
+            sizes = tuple(sorted(MOSAIC_GPU_BLOCKS, reverse=True))
+        if block_size is not None:
+            return cls(block_size=block_size) if lowering.platform != "mosaic_gpu" or block_size in sizes else None
+        block = next((size for size in sizes if capacity % size == 0), None)
+        return None if block is None else cls(block_size=block)
 
 
 def _block_visible(kv_block, block_size, rows, sink, window, length):
@@ -436,7 +461,7 @@ def block_sparse_decode(
     mask: MaskDescription | None = None,
     sm_scale: float | None = None,
     config: DecodeConfig = DecodeConfig(),
-    implementation: str | None = None,
+    implementation: str | Lowering = "auto",
     interpret: bool | pltpu.InterpretParams = False,
     slot_mask: jax.Array | None = None,
     return_lse: bool = False,
@@ -449,10 +474,10 @@ def block_sparse_decode(
     slot_mask: optional bool[B, Hkv, C]; unset slots of a listed block are skipped too (the
     table should list only blocks holding a set slot: `decode_table_from_slots`). Not taken by
     "mosaic_gpu".
-    implementation: "tpu", "gpu" (Triton), "mosaic_gpu" (Hopper),
-    "reference", or None to follow `jax.default_backend()` (on CPU: the reference, or the TPU
-    kernel interpreted when interpret=True; "mosaic_gpu" cannot be interpreted). interpret may
-    also be `pltpu.InterpretParams` for the TPU kernel (e.g. eager DMAs or race detection).
+    implementation: a name of `lowering.NAMES` ("auto", "reference", "tpu", "gpu" (Triton),
+    "mosaic_gpu" (Hopper), "tpu-interpret", "gpu-interpret") or a `Lowering`. interpret: True runs
+    the chosen kernel interpreted (under "auto" on CPU: the TPU kernel), or `pltpu.InterpretParams`
+    for the TPU kernel's interpreter (e.g. eager DMAs or race detection); see `lowering.resolve`.
     return_lse: also return each query head's log-sum-exp of its visible scores, float32[B, H]
     (-inf where it sees nothing), so a caller can fold in attention over keys kept elsewhere.
     """
@@ -463,7 +488,8 @@ def block_sparse_decode(
         raise ValueError(f"table.block_size {table.block_size} differs from "
                          f"config.block_size {config.block_size}")
     _check_slot_mask(slot_mask, k)
-    implementation = pick_implementation(implementation, interpret, choices=WITH_MOSAIC_GPU)
+    lowering = resolve(implementation, interpret)
+    implementation, interpret = lowering.platform, pallas_interpret(lowering, interpret)
     if implementation == "reference":
         return block_sparse_decode_reference(q, k, v, lengths, table, mask=mask, sm_scale=sm_scale,
                                              slot_mask=slot_mask, return_lse=return_lse)

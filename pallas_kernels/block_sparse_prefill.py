@@ -20,7 +20,7 @@ Lowerings:
     deprecated from JAX 0.11). Grid (B, H, nq); each program loops over exactly its row's
     count. A head dim that is not a power of two is attended in power-of-two column pieces.
   * "mosaic_gpu": the Hopper kernel in `block_sparse_mosaic_gpu` (TMA, wgmma). With
-    implementation=None on a Hopper GPU it replaces Triton wherever the inputs fit it
+    implementation="auto" on a Hopper GPU it replaces Triton wherever the inputs fit it
     (bf16/f16, head dim a multiple of 64, block_q 128, block_k 64 or 128).
   * "reference": `block_sparse_prefill_reference`, dense masked attention in jnp.
 Test status and H100 timings: benchmarks/results/kernel_notes.md (the TPU lowering has never run on a TPU).
@@ -40,8 +40,16 @@ from jax.experimental.pallas import triton as pltriton
 
 from pallas_kernels import block_masks
 from pallas_kernels.block_masks import MaskDescription, PrefillBlockTable, padded_length
-from pallas_kernels.block_sparse_mosaic_gpu import on_hopper, prefill_mosaic_gpu, prefill_q_bytes, unsupported
-from pallas_kernels.lowering import WITH_MOSAIC_GPU, pick_implementation, tpu_interpret
+from pallas_kernels.block_sparse_mosaic_gpu import BLOCK_K as MOSAIC_GPU_BLOCKS
+from pallas_kernels.block_sparse_mosaic_gpu import (
+    PREFILL_CONSUMERS,
+    ROWS,
+    on_hopper,
+    prefill_mosaic_gpu,
+    prefill_q_bytes,
+    unsupported,
+)
+from pallas_kernels.lowering import Lowering, pallas_interpret, resolve, tpu_interpret
 from pallas_kernels.online_softmax import (
     MASK_VALUE,
     attend_block,
@@ -52,6 +60,10 @@ from pallas_kernels.online_softmax import (
 )
 
 _TPU_LANES = 128  # m and l scratch are replicated over the lanes of one vreg row
+BLOCKS = (128, 64, 32, 16)  # the blocks `PrefillConfig.for_shape` tries, largest first
+# Mosaic TPU's fixed cost per grid step favours larger blocks (benchmarks/results/kernel_notes.md);
+# 512 is the size MaxText's splash attention is configured with.
+TPU_BLOCKS = (512, 256, *BLOCKS)
 
 
 def _is_power_of_two(x: object) -> bool:
@@ -61,7 +73,7 @@ def _is_power_of_two(x: object) -> bool:
 @dataclasses.dataclass(frozen=True)
 class PrefillConfig:
     """Tuning knobs. Block sizes are powers of two (Triton); on TPU prefer 512 where the lengths
-    allow, since a grid step's fixed cost exceeds a 128 x 128 block's work (kvjax does)."""
+    allow, since a grid step's fixed cost exceeds a 128 x 128 block's work (`for_shape` does)."""
 
     block_q: int = 128
     block_k: int = 128
@@ -77,6 +89,29 @@ class PrefillConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"PrefillConfig.{name} must be a positive int, got {value!r}")
+
+    @classmethod
+    def for_shape(cls, q_len: int, capacity: int, head_dim: int, lowering: Lowering) -> PrefillConfig | None:
+        """The config that runs `q_len` queries over `capacity` key slots of `head_dim` under
+        `lowering` without copying the keys, or None where the kernel cannot (the caller runs the
+        reference): the reference lowering; Triton ("gpu") with a head dim not a multiple of 16 (its
+        smallest column piece); Mosaic GPU with a head dim not a multiple of 64; no key block
+        dividing the capacity. block_k: the largest of `BLOCKS` (TPU: `TPU_BLOCKS`; Mosaic GPU: its
+        `BLOCK_K`) dividing the capacity; block_q: the largest dividing q_len, else the smallest
+        (the queries are padded; Mosaic GPU: always its 128-row tile). Mosaic GPU's dtype and
+        shared-memory limits are the kernel's to check (it raises)."""
+        platform = lowering.platform
+        if platform == "reference" or (platform == "gpu" and head_dim % 16):
+            return None
+        q_blocks = k_blocks = TPU_BLOCKS if platform == "tpu" else BLOCKS
+        if platform == "mosaic_gpu":
+            if head_dim % 64:
+                return None
+            q_blocks, k_blocks = (PREFILL_CONSUMERS * ROWS,), tuple(sorted(MOSAIC_GPU_BLOCKS, reverse=True))
+        block_k = next((bk for bk in k_blocks if capacity % bk == 0), None)
+        if block_k is None:
+            return None
+        return cls(block_q=next((bq for bq in q_blocks if q_len % bq == 0), q_blocks[-1]), block_k=block_k)
 
 
 # ----------------------------------------------------------------------------------------
@@ -464,8 +499,8 @@ def block_sparse_prefill(
     q_offset: jax.Array | int | None = None,
     sm_scale: float | None = None,
     config: PrefillConfig = PrefillConfig(),
-    implementation: str | None = None,
-    interpret: bool = False,
+    implementation: str | Lowering = "auto",
+    interpret: bool | pltpu.InterpretParams = False,
 ) -> jax.Array:
     """Block-sparse causal attention: q [B, H, S, D], k, v [B, Hkv, C, D] -> [B, H, S, D].
 
@@ -480,11 +515,12 @@ def block_sparse_prefill(
     mask: a static description (its table is built at config's block sizes) or a
     `PrefillBlockTable` built at config's block sizes (a chunk table carries its offsets:
     pass no q_offset with it). lengths: optional int32[B], each sequence's valid keys
-    (slots [0, lengths[b])); query rows at or past lengths[b] are zero. implementation:
-    "tpu", "gpu" (Triton), "mosaic_gpu" (Hopper), "reference", or None to follow
-    `jax.default_backend()` (Mosaic GPU over Triton on Hopper where it fits; on CPU: the
-    reference, or the TPU kernel interpreted when interpret=True). interpret runs the chosen
-    kernel on CPU (not "mosaic_gpu"). S and C need not be multiples of the blocks: inputs are
+    (slots [0, lengths[b])); query rows at or past lengths[b] are zero. implementation: a name
+    of `lowering.NAMES` ("auto", "reference", "tpu", "gpu" (Triton), "mosaic_gpu" (Hopper),
+    "tpu-interpret", "gpu-interpret") or a `Lowering`; "auto" takes Mosaic GPU over Triton on
+    Hopper where it fits. interpret: True runs the chosen kernel interpreted (under "auto" on CPU:
+    the TPU kernel; not "mosaic_gpu"), or `pltpu.InterpretParams` for the TPU kernel's
+    interpreter; see `lowering.resolve`. S and C need not be multiples of the blocks: inputs are
     zero-padded (pick a block_k dividing C to avoid copying the keys) and the padding masked.
     """
     chunk = _is_chunk(mask, q_offset)
@@ -495,9 +531,8 @@ def block_sparse_prefill(
             (mask.block_q, mask.block_k) != (config.block_q, config.block_k)):
         raise ValueError(f"table block sizes {(mask.block_q, mask.block_k)} differ from "
                          f"config's {(config.block_q, config.block_k)}")
-    implementation = _default_to_hopper(
-        q, config, interpret, implementation,
-        pick_implementation(implementation, interpret, choices=WITH_MOSAIC_GPU))
+    lowering = _default_to_hopper(q, config, implementation, resolve(implementation, interpret))
+    implementation, interpret = lowering.platform, pallas_interpret(lowering, interpret)
     if implementation == "reference":
         return block_sparse_prefill_reference(q, k, v, mask, lengths=lengths, q_offset=q_offset,
                                               sm_scale=sm_scale)
@@ -528,17 +563,16 @@ def block_sparse_prefill(
     return out[:, :, :q_len]
 
 
-def _default_to_hopper(q, config: PrefillConfig, interpret, requested: str | None,
-                       picked: str) -> str:
-    """The backend's pick, except that an unrequested GPU lowering on Hopper becomes Mosaic GPU
-    where the inputs fit it: it ran prefill several times faster than Triton on an H100
+def _default_to_hopper(q, config: PrefillConfig, requested: str | Lowering, picked: Lowering) -> Lowering:
+    """The lowering picked for `requested`, except that "auto"'s compiled Triton on Hopper becomes
+    Mosaic GPU where the inputs fit it: it ran prefill several times faster than Triton on an H100
     (benchmarks/results/kernel_notes.md)."""
-    if requested is not None or picked != "gpu" or interpret or not on_hopper():
+    if requested != "auto" or picked != Lowering("gpu") or not on_hopper():
         return picked
     head_dim = q.shape[-1]
     reason = unsupported(q.dtype, head_dim, config.block_k, config.num_stages,
                          prefill_q_bytes(head_dim, q.dtype), config.block_q)
-    return "gpu" if reason else "mosaic_gpu"
+    return picked if reason else Lowering("mosaic_gpu")
 
 
 def _pad_length(x: jax.Array, length: int) -> jax.Array:

@@ -1,41 +1,104 @@
-"""Which lowering a kernel entry point runs: Mosaic TPU, GPU (Triton or Mosaic GPU), or the jnp
-reference."""
+"""Which lowering a kernel runs, named in one vocabulary shared by the kernel entry points
+(`implementation=`) and kvjax (`attention_impl=`): `NAMES`, parsed into a `Lowering`.
+
+  "auto"            from `jax.default_backend()`: the GPU or TPU kernels, the jnp reference on CPU
+  "reference"       the jnp reference
+  "tpu"             Mosaic TPU
+  "gpu"             generic Pallas on the Triton backend
+  "mosaic_gpu"      the Hopper kernels (where a kernel has them)
+  "tpu-interpret"   the TPU kernel in its CPU interpreter
+  "gpu-interpret"   the Triton kernel in its CPU interpreter
+"""
 
 from __future__ import annotations
+
+import dataclasses
 
 import jax
 from jax.experimental.pallas import tpu as pltpu
 
-IMPLEMENTATIONS = ("tpu", "gpu", "reference")
-WITH_MOSAIC_GPU = (*IMPLEMENTATIONS, "mosaic_gpu")  # kernels that also have a Hopper lowering
+PLATFORMS = ("tpu", "gpu", "mosaic_gpu", "reference")
+WITHOUT_MOSAIC_GPU = ("tpu", "gpu", "reference")  # kernels that have no Hopper lowering
+NAMES = ("auto", "reference", "tpu", "gpu", "mosaic_gpu", "tpu-interpret", "gpu-interpret")
+_INTERPRET = "-interpret"
+_NO_MOSAIC_GPU_INTERPRETER = (
+    "the Mosaic GPU kernels cannot run interpreted here: JAX 0.10's GPU interpreter lacks their "
+    "transposed and register-operand wgmma (the test suite adds them: tests/mosaic_gpu_interpreter.py)")
 
 
-def pick_implementation(implementation: str | None, interpret: bool | pltpu.InterpretParams,
-                        choices: tuple[str, ...] = IMPLEMENTATIONS) -> str:
-    """An explicit choice among `choices`, else `jax.default_backend()`: tpu and gpu get their
-    kernel; cpu gets the reference, or the TPU kernel in interpret mode when interpret is set.
-    `pltpu.InterpretParams` (eager DMAs, race detection) configure the TPU kernel's only."""
-    chosen = _choose(implementation, interpret, choices)
-    if isinstance(interpret, pltpu.InterpretParams) and chosen != "tpu":
+@dataclasses.dataclass(frozen=True)
+class Lowering:
+    """A kernel's lowering: `platform` ("tpu", "gpu" (Triton), "mosaic_gpu" (Hopper) or
+    "reference" (jnp)), run in its CPU interpreter when `interpret` (tpu and gpu only).
+    `Lowering.parse(name)` reads a name of `NAMES`; `.name` spells it back."""
+
+    platform: str
+    interpret: bool = False
+
+    def __post_init__(self):
+        if self.platform not in PLATFORMS:
+            raise ValueError(f"Lowering.platform must be one of {PLATFORMS}, got {self.platform!r}")
+        if not isinstance(self.interpret, bool):
+            raise ValueError(f"Lowering.interpret must be a bool, got {self.interpret!r}")
+        if self.interpret and self.platform == "mosaic_gpu":
+            raise ValueError(_NO_MOSAIC_GPU_INTERPRETER)
+        if self.interpret and self.platform == "reference":
+            raise ValueError("the reference is plain jnp: it has no interpreter to run in")
+
+    @classmethod
+    def parse(cls, name: str, what: str = "lowering") -> Lowering:
+        """The lowering `name` (one of `NAMES`) means here; "auto" reads `jax.default_backend()`.
+        Raises ValueError naming the choices (`what` names the argument in the message)."""
+        check_name(name, what)
+        if name == "auto":
+            backend = jax.default_backend()
+            return cls(backend if backend in ("gpu", "tpu") else "reference")
+        return cls(name.removesuffix(_INTERPRET), name.endswith(_INTERPRET))
+
+    @property
+    def name(self) -> str:
+        """This lowering's name in `NAMES`."""
+        return self.platform + (_INTERPRET if self.interpret else "")
+
+
+def check_name(name: object, what: str = "lowering") -> None:
+    """Raises ValueError unless `name` is one of `NAMES` (without resolving "auto")."""
+    if isinstance(name, str) and name == f"mosaic_gpu{_INTERPRET}":
+        raise ValueError(_NO_MOSAIC_GPU_INTERPRETER)
+    if not isinstance(name, str) or name not in NAMES:
+        raise ValueError(f"{what} must be one of {NAMES}, got {name!r}")
+
+
+def resolve(implementation: str | Lowering, interpret: bool | pltpu.InterpretParams = False,
+            platforms: tuple[str, ...] = PLATFORMS) -> Lowering:
+    """The lowering a kernel entry point runs for its `implementation` (a name of `NAMES` or a
+    `Lowering`) and `interpret` arguments.
+
+    interpret (True, or `pltpu.InterpretParams` configuring the TPU interpreter: eager DMAs, race
+    detection) runs the chosen kernel interpreted, as the "-interpret" names do; under "auto" off a
+    GPU or TPU that is the TPU kernel. The reference ignores it. platforms: the kernel's lowerings.
+    """
+    if isinstance(implementation, Lowering):
+        lowering = implementation
+    elif implementation == "auto" and interpret and jax.default_backend() not in ("gpu", "tpu"):
+        lowering = Lowering("tpu")
+    else:
+        lowering = Lowering.parse(implementation, "implementation")
+    if lowering.platform not in platforms:
+        names = tuple(n for n in NAMES if n == "auto" or n.removesuffix(_INTERPRET) in platforms)
+        raise ValueError(f"implementation must be one of {names} here, got {lowering.name!r}")
+    if interpret and lowering.platform != "reference":
+        lowering = Lowering(lowering.platform, True)  # refuses "mosaic_gpu"
+    if isinstance(interpret, pltpu.InterpretParams) and lowering.platform != "tpu":
         raise ValueError(f"pltpu.InterpretParams configure the TPU kernel's interpreter, not "
-                         f"implementation={chosen!r}")
-    return chosen
+                         f"implementation={lowering.name!r}")
+    return lowering
 
 
-def _choose(implementation, interpret, choices) -> str:
-    if implementation is None:
-        backend = jax.default_backend()
-        if backend in ("tpu", "gpu"):
-            return backend
-        return "tpu" if interpret else "reference"
-    if implementation not in choices:
-        raise ValueError(f"implementation must be one of {choices} or None, "
-                         f"got {implementation!r}")
-    if implementation == "mosaic_gpu" and interpret:
-        raise ValueError("the Mosaic GPU kernels cannot run interpreted here: JAX 0.10's GPU "
-                         "interpreter lacks their transposed and register-operand wgmma "
-                         "(the test suite adds them: tests/mosaic_gpu_interpreter.py)")
-    return implementation
+def pallas_interpret(lowering: Lowering, interpret: bool | pltpu.InterpretParams) -> bool | pltpu.InterpretParams:
+    """The `interpret` a kernel hands its lowering: the caller's `pltpu.InterpretParams`, else
+    `lowering.interpret`."""
+    return interpret if isinstance(interpret, pltpu.InterpretParams) else lowering.interpret
 
 
 def tpu_interpret(interpret: bool | pltpu.InterpretParams) -> pltpu.InterpretParams | bool:

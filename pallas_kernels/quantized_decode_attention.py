@@ -11,7 +11,7 @@ window's partials, which come from the plain kernel. The T query tokens' own key
 last T valid entries of the residual window (plain cache: of the cache); they attend causally
 among themselves.
 
-Lowerings (`implementation`; None follows `jax.default_backend()`, `lowering.pick_implementation`):
+Lowerings (`implementation`: a name of `lowering.NAMES` or a `Lowering`, see `lowering.resolve`):
   * "tpu": Mosaic TPU, grid (B, Hkv, split), lengths by scalar prefetch. The cache stays in HBM:
     each program copies its split's stages of `tpu_stage_tokens` tokens into a VMEM ring
     (`dma_ring`) and attends them block by block; stages past the length are never copied.
@@ -35,7 +35,7 @@ from jax.experimental.pallas import triton as pltriton
 from pallas_kernels import kv_quant
 from pallas_kernels.dma_ring import ring_pipeline
 from pallas_kernels.kv_quant import QuantizedKV
-from pallas_kernels.lowering import pick_implementation, tpu_interpret
+from pallas_kernels.lowering import WITHOUT_MOSAIC_GPU, Lowering, pallas_interpret, resolve, tpu_interpret
 from pallas_kernels.occupancy import decode_splits, gpu_processors
 from pallas_kernels.online_softmax import attend_block, initial_state
 
@@ -77,6 +77,22 @@ class QuantizedDecodeConfig:
     def block_for(self, implementation: str) -> int:
         """The KV block a lowering ("tpu" or "gpu") uses: block_k, or that lowering's default."""
         return self.block_k or BLOCK_K[implementation]
+
+    @classmethod
+    def for_shape(cls, capacity: int, head_dim: int, lowering: Lowering) -> QuantizedDecodeConfig | None:
+        """The config that runs a slab of `capacity` tokens of `head_dim` under `lowering`, or None
+        where the kernel cannot take it (the caller runs the reference): the reference lowering;
+        "mosaic_gpu" (there is no such lowering); Triton ("gpu") with a head dim that is not a power
+        of two of at least 16 (it unpacks whole power-of-two rows); no block of at least 16 tokens
+        dividing the capacity. block_k: the lowering's `BLOCK_K`, halved until it divides the
+        capacity (a residual window must be padded to a multiple of it)."""
+        platform = lowering.platform
+        if platform not in BLOCK_K or (platform == "gpu" and (head_dim % 16 or not _is_power_of_two(head_dim))):
+            return None
+        block = BLOCK_K[platform]
+        while capacity % block:
+            block //= 2
+        return cls(block_k=block) if block >= 16 else None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -435,18 +451,22 @@ def decode_attention(
     *,
     sm_scale: float | None = None,
     config: QuantizedDecodeConfig = QuantizedDecodeConfig(),
-    implementation: str | None = None,
+    implementation: str | Lowering = "auto",
     interpret: bool | pltpu.InterpretParams = False,
 ) -> jax.Array:
     """Plain-cache decode: q [B, H, D] or [B, T, H, D] over k, v [B, Hkv, C, D] -> q's shape.
 
-    lengths int32[B]: valid tokens [0, lengths[b]); the T queries are its last T (causal).
+    lengths int32[B]: valid tokens [0, lengths[b]); the T <= 4 queries are its last T and attend
+    causally among themselves. The quantized kernel's residual-window pass run alone (same blocking,
+    splits and combine): the bf16 baseline it is measured against, and the one decode here that
+    takes several query tokens. One token over a plain cache is `block_sparse_decode`'s (kvjax's).
     """
     q4 = _as_4d(q)
     _check_cache(q4, k, v, lengths, "plain")
     if not isinstance(config, QuantizedDecodeConfig):
         raise ValueError(f"config must be a QuantizedDecodeConfig, got {config!r}")
-    implementation = pick_implementation(implementation, interpret)
+    lowering = resolve(implementation, interpret, WITHOUT_MOSAIC_GPU)
+    implementation, interpret = lowering.platform, pallas_interpret(lowering, interpret)
     if implementation == "reference":
         return decode_attention_reference(q, k, v, lengths, sm_scale=sm_scale)
     sm_scale = q4.shape[-1]**-0.5 if sm_scale is None else sm_scale
@@ -466,7 +486,7 @@ def quantized_decode_attention(
     *,
     sm_scale: float | None = None,
     config: QuantizedDecodeConfig = QuantizedDecodeConfig(),
-    implementation: str | None = None,
+    implementation: str | Lowering = "auto",
     interpret: bool | pltpu.InterpretParams = False,
 ) -> jax.Array:
     """Decode over a quantized slab (tokens [0, lengths[b])) then a full-precision window.
@@ -478,7 +498,8 @@ def quantized_decode_attention(
     _check_quantized_inputs(q4, cache, lengths, k_res, v_res, res_lengths)
     if not isinstance(config, QuantizedDecodeConfig):
         raise ValueError(f"config must be a QuantizedDecodeConfig, got {config!r}")
-    implementation = pick_implementation(implementation, interpret)
+    lowering = resolve(implementation, interpret, WITHOUT_MOSAIC_GPU)
+    implementation, interpret = lowering.platform, pallas_interpret(lowering, interpret)
     if implementation == "reference":
         return quantized_decode_attention_reference(q, cache, lengths, k_res, v_res, res_lengths,
                                                     sm_scale=sm_scale)

@@ -31,10 +31,12 @@ def _lowered_for_cuda(m, policy, prompt: int, chunk: int) -> list[str]:
     """The jitted prefill (one prompt padded to `prompt`) and one decode step, lowered for CUDA with
     kvjax dispatching as on a GPU (jax.default_backend must say "gpu")."""
     tokens, lengths = jnp.zeros((1, prompt), jnp.int32), jnp.array([prompt - 24], jnp.int32)
+    run = kvjax.inference.Execution()  # attention_impl "auto"
     prefill = kvjax.inference._prefill.trace(
-        m.graphdef, m.params, tokens, lengths, policy=policy, chunk=chunk, max_new_tokens=8)
+        m.graphdef, m.params, None, tokens, lengths, policy=policy, chunk=chunk, max_new_tokens=8, run=run)
     decode = kvjax.inference._decode_step.trace(
-        m.graphdef, m.params, prefill.out_info[0], jax.ShapeDtypeStruct((1,), jnp.int32), policy=policy)
+        m.graphdef, m.params, None, prefill.out_info[0], jax.ShapeDtypeStruct((1,), jnp.int32), policy=policy,
+        run=run)
     return [traced.lower(lowering_platforms=("cuda",)).as_text() for traced in (prefill, decode)]
 
 

@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from kvjax.kv_state import KVSegment
+from kvjax.layer_step import Decode, LayerContext, StepInputs
 
 PAGE = 16
 
@@ -99,10 +100,13 @@ class DecodeCase:
         k[at], v[at], pos[at] = self.k_new[i, 0, j], self.v_new[i, 0, j], at
         return k, v, pos
 
-    def step(self, policy, seg, window: int | None, scale: float):
-        """policy.cache_step on a sparse layer for the new tokens: (output [B, 1, H, G, D], new segment)."""
+    def step(self, policy, seg, window: int | None, scale: float, impl: str):
+        """policy.step on a sparse layer for the new tokens, attending by `impl`: (output [B, 1, H, G, D],
+        new segment). The test tensors carry no RoPE, so they stand for the pre-RoPE ones too."""
+        ctx = LayerContext(policy.dense_layers, window, scale, impl)
+
         def step(seg, q, k, v, q_pos):  # jitted: one compile instead of one per eager op
-            out, (new_seg,) = policy.cache_step(policy.dense_layers, (seg,), q, k, v, q_pos, q_pos, window, scale)
+            out, (new_seg,) = policy.step(ctx, (seg,), StepInputs(q, k, v, q, k, q_pos, q_pos), Decode())
             return out, new_seg
 
         q_pos = jnp.asarray(self.held[:, None].astype(np.int32))

@@ -9,6 +9,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 import numpy as np
 
+from kvjax.layer_step import LayerContext
 from kvjax.rope import apply_rope, rope_tables
 
 
@@ -21,10 +22,11 @@ def layer_queries_keys(m, tokens: np.ndarray) -> list[tuple[np.ndarray, np.ndarr
     rope = rope_tables(m.config.rope, m.config.head_dim, positions, jnp.int32(t))
     x = model.embed[...][tokens]
     out = []
-    for block in model.blocks:
+    for layer, block in enumerate(model.blocks):
         q, k, v = block.attn.project(block.input_norm(x))
         out.append((np.asarray(apply_rope(q, *rope)), np.asarray(apply_rope(k, *rope)), np.asarray(v)))
-        x, _ = block(x, positions, valid, rope, None, None)
+        ctx = LayerContext(layer, m.config.sliding_window(layer), m.config.head_dim**-0.5)
+        x, _, _ = block(x, positions, valid, rope, ctx, None, None, None)
     return out
 
 

@@ -9,6 +9,7 @@ from flax import nnx
 
 import kvjax
 from kvjax import ModelConfig
+from kvjax.layer_step import Prefill
 from kvjax.policies import Full
 
 
@@ -55,20 +56,22 @@ def assert_generate_is_the_greedy_chain(m, policy, tokens, lengths, new: int, ch
 
 def eager_queries_and_keys(m, tokens, lengths) -> list[tuple[np.ndarray, np.ndarray]]:
     """Per layer, the post-RoPE q [B, T, K, G, D] and k [B, T, K, D] of one eager forward over the
-    prompts (T = max(lengths)), recorded by a cache step that otherwise is Full's: a reference
-    independent of any policy's bookkeeping."""
+    prompts (T = max(lengths)), recorded by a layer step that otherwise is Full's: a reference
+    independent of any policy's bookkeeping. The layers run unrolled, so each records concrete arrays."""
     model = nnx.merge(m.graphdef, m.params)
     b, t = len(lengths), max(lengths)
     positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
     valid = positions < jnp.asarray(lengths)[:, None]
+    phase = Prefill(jnp.asarray(lengths, jnp.int32))
     seen = []
 
-    def record(layer, segments, q, k, v, q_pos, new_pos, window, scale, **kw):
-        seen.append((np.asarray(q, np.float64), np.asarray(k, np.float64)))
-        return Full().cache_step(layer, segments, q, k, v, q_pos, new_pos, window, scale, **kw)
+    def record(ctx, segments, shared, x):
+        seen.append((np.asarray(x.q, np.float64), np.asarray(x.k, np.float64)))
+        return Full().layer_step(ctx, segments, shared, x, phase)
 
     cache = Full().allocate(m.config, b, t, 0, t, jnp.float32).layers
-    model(jnp.asarray(tokens[:, :t]), positions, valid, cache, record)
+    unrolled = model.layer_stack(cache, scan_layers=False)
+    model(jnp.asarray(tokens[:, :t]), positions, valid, cache, record, stack=unrolled)
     return seen
 
 

@@ -4,8 +4,6 @@ parameters and KV cache split as documented, and run kernels per device under sh
 
 from __future__ import annotations
 
-import dataclasses
-
 import jax
 import jax.extend
 import jax.numpy as jnp
@@ -151,25 +149,30 @@ def test_kernels_run_per_device_under_shard_map(model, sharded, prompts, name):
     """On the kernel path (interpreted here) the prefill, decode, page-selecting (Quest, Twilight; Squeezed
     Attention's with its per-slot mask) and quantized decode kernels run inside shard_map, one call per
     layer, and give one device's logits."""
-    policy = dataclasses.replace(POLICIES[name], attention_impl="gpu-interpret")
-    state = kvjax.prefill(sharded, prompts, policy, chunk_size=64, max_new_tokens=4)
-    reference = kvjax.prefill(model, prompts, policy, chunk_size=64, max_new_tokens=4)
+    policy, impl = POLICIES[name], "gpu-interpret"
+    state = kvjax.prefill(sharded, prompts, policy, chunk_size=64, max_new_tokens=4, attention_impl=impl)
+    reference = kvjax.prefill(model, prompts, policy, chunk_size=64, max_new_tokens=4, attention_impl=impl)
     token = jnp.asarray([p[-1] for p in prompts], jnp.int32)
-    decode = lambda s, t: kvjax.inference._decode_step(model.graphdef, model.params, s, t, policy=policy)  # noqa: E731
-    _, one_device = _kernel_calls(jax.make_jaxpr(decode)(reference, token).jaxpr)
-    with jax.set_mesh(sharded.mesh):
-        assert _kernel_calls(jax.make_jaxpr(decode)(state, token).jaxpr) == (one_device, one_device)
-    assert one_device >= CONFIG.num_layers  # the kernel path is taken at all
-    if name == "full":  # prefill chunks over slot = position take the prefill kernel, per device too
-        run = lambda t, n: kvjax.inference._prefill(  # noqa: E731
-            model.graphdef, model.params, t, n, policy=policy, chunk=64, max_new_tokens=4)
-        tokens, lengths = kvjax.inference.batch_prompts(prompts)
-        args = jnp.asarray(np.pad(tokens, ((0, 0), (0, 42)))), jnp.asarray(lengths)  # three chunks of 64
+    # Layers unrolled, so each layer's kernel calls appear in the program once (a scanned run of layers
+    # traces its body once); then the default, scanned, once per run of layers.
+    for scan_layers, layers in ((False, CONFIG.num_layers), (True, 1)):
+        run = kvjax.inference.Execution(impl, scan_layers)
+        decode = lambda s, t, run=run: kvjax.inference._decode_step(  # noqa: E731
+            model.graphdef, model.params, None, s, t, policy=policy, run=run)
+        _, one_device = _kernel_calls(jax.make_jaxpr(decode)(reference, token).jaxpr)
         with jax.set_mesh(sharded.mesh):
-            assert _kernel_calls(jax.make_jaxpr(run)(*args).jaxpr) == (CONFIG.num_layers,) * 2
+            assert _kernel_calls(jax.make_jaxpr(decode)(state, token).jaxpr) == (one_device, one_device)
+        assert one_device >= layers  # the kernel path is taken at all
+        if name == "full":  # prefill chunks over slot = position take the prefill kernel, per device too
+            prefill = lambda t, n, run=run: kvjax.inference._prefill(  # noqa: E731
+                model.graphdef, model.params, None, t, n, policy=policy, chunk=64, max_new_tokens=4, run=run)
+            tokens, lengths = kvjax.inference.batch_prompts(prompts)
+            args = jnp.asarray(np.pad(tokens, ((0, 0), (0, 42)))), jnp.asarray(lengths)  # three chunks of 64
+            with jax.set_mesh(sharded.mesh):
+                assert _kernel_calls(jax.make_jaxpr(prefill)(*args).jaxpr) == (layers,) * 2
     for _ in range(3):
-        many_logits, state = kvjax.decode_step(sharded, state, token, policy)
-        one_logits, reference = kvjax.decode_step(model, reference, token, policy)
+        many_logits, state = kvjax.decode_step(sharded, state, token, policy, attention_impl=impl)
+        one_logits, reference = kvjax.decode_step(model, reference, token, policy, attention_impl=impl)
         np.testing.assert_allclose(np.asarray(many_logits), np.asarray(one_logits), atol=2e-5, rtol=0)
         token = jnp.asarray(np.argmax(np.asarray(one_logits), -1), jnp.int32)
 
@@ -218,18 +221,23 @@ def test_bench_reports_the_mesh_and_bytes_per_device(sharded):
     assert row["kv_bytes_per_device"] == (row["kv_bytes"] - 8) // 8 + 4
 
 
-def test_locret_heads_attached_to_a_sharded_model(model, sharded, prompts):
-    """Retaining heads attached to a sharded model join its devices (replicated, as attention-free
-    parameters), and Locret's sharded generate equals one device's."""
+def test_locret_heads_run_on_a_sharded_model(model, sharded, prompts, tmp_path):
+    """Locret's retaining heads (the policy's parameters, in memory or loaded from their files) run with a
+    sharded model, and its sharded generate and kept entries equal one device's."""
     from kvjax.policies import Locret
-    from kvjax.policies.locret import attach_retaining_heads, random_retaining_heads
+    from kvjax.policies.locret import random_retaining_heads, save_retaining_heads
 
     heads = random_retaining_heads(CONFIG, hidden=32, seed=1)
-    many, one = attach_retaining_heads(sharded, heads), attach_retaining_heads(model, heads)
-    fc1 = next(x for p, x in _leaves(many.params).items() if "'fc1'" in p)
-    assert many.mesh is sharded.mesh and fc1.sharding == jax.sharding.NamedSharding(sharded.mesh, P())
-    policy = Locret(budget_tokens=48, stabilizers=16, local_len=8)
-    np.testing.assert_array_equal(
-        np.asarray(kvjax.generate(many, prompts, 5, policy=policy, chunk_size=64)),
-        np.asarray(kvjax.generate(one, prompts, 5, policy=policy, chunk_size=64)),
-    )
+    save_retaining_heads(tmp_path / "heads", heads, CONFIG)
+    hyper = dict(budget_tokens=48, stabilizers=16, local_len=8)
+    policy = Locret(**hyper, params=heads)
+    one = np.asarray(kvjax.generate(model, prompts, 5, policy=policy, chunk_size=64))
+    for many_policy in (policy, Locret.from_pretrained(tmp_path / "heads", CONFIG, **hyper)):
+        np.testing.assert_array_equal(np.asarray(kvjax.generate(sharded, prompts, 5, policy=many_policy,
+                                                                chunk_size=64)), one)
+    state = kvjax.prefill(sharded, prompts, policy, chunk_size=64, max_new_tokens=5)
+    reference = kvjax.prefill(model, prompts, policy, chunk_size=64, max_new_tokens=5)
+    for (seg,), (ref,) in zip(state.layers, reference.layers):
+        assert seg.k.sharding.spec == P("data", "model"), seg.k.sharding
+        for a, b in zip(jax.tree.leaves(seg), jax.tree.leaves(ref)):
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5, rtol=0)

@@ -7,9 +7,10 @@ import pytest
 from jax._src.pallas.mosaic.interpret import interpret_pallas_call as tpu_interpreter  # race detector's state
 from jax.experimental.pallas import tpu as pltpu
 
+import kvjax.attention
 from pallas_kernels import block_masks as bm
-from pallas_kernels.block_sparse_decode import (
-    DecodeConfig, block_sparse_decode, block_sparse_decode_reference)
+from pallas_kernels.block_sparse_decode import DecodeConfig, block_sparse_decode, block_sparse_decode_reference
+from pallas_kernels.lowering import NAMES, Lowering, resolve
 from tests.mosaic_gpu_interpreter import interpreted
 
 IMPLEMENTATIONS = ("tpu", "gpu")
@@ -325,6 +326,107 @@ def test_default_on_cpu_is_the_reference_and_errors_are_clear():
     with pytest.raises(ValueError, match="head dim that is a multiple of 16, got 24"):
         block_sparse_decode(q[..., :24], k[..., :24], v[..., :24], lengths, config=DecodeConfig(block_size=16),
                             implementation="gpu", interpret=True)
+
+
+# ----------------------------------------------------------------------------------------
+# One vocabulary of lowerings (pallas_kernels.lowering), and kvjax's dispatch by it.
+# ----------------------------------------------------------------------------------------
+
+
+def test_one_vocabulary_names_every_lowering(monkeypatch):
+    """The kernels' `implementation` and kvjax's attention_impl read the same names; "auto" follows
+    the backend (the reference on CPU, or with interpret=True the TPU kernel interpreted)."""
+    assert kvjax.attention.ATTENTION_IMPLS == NAMES
+    assert all(Lowering.parse(name).name == name for name in NAMES[1:])
+    assert Lowering.parse("gpu-interpret") == Lowering("gpu", interpret=True)
+    for backend, platform in [("cpu", "reference"), ("gpu", "gpu"), ("tpu", "tpu")]:
+        monkeypatch.setattr(jax, "default_backend", lambda backend=backend: backend)
+        assert Lowering.parse("auto") == Lowering(platform)
+        assert resolve("auto", interpret=True) == Lowering("gpu" if backend == "gpu" else "tpu", True)
+    monkeypatch.undo()
+    errors = [(lambda: Lowering.parse("cuda"), r"lowering must be one of \('auto', 'reference', 'tpu', 'gpu'"),
+              (lambda: Lowering.parse("mosaic_gpu-interpret"), "cannot run interpreted"),
+              (lambda: kvjax.attention.check_impl("triton"), "attention implementation must be one of"),
+              (lambda: kvjax.attention.check_impl("mosaic_gpu-interpret"), "cannot run interpreted"),
+              (lambda: Lowering("cuda"), "Lowering.platform must be one of"),
+              (lambda: Lowering("gpu", 1), "Lowering.interpret must be a bool"),
+              (lambda: Lowering("reference", True), "no interpreter")]
+    for make, message in errors:
+        with pytest.raises(ValueError, match=message):
+            make()
+
+    q, k, v = _inputs(jax.random.key(9), 1, 4, 2, 64, 32)
+    lengths = jnp.array([50], jnp.int32)
+    config = DecodeConfig(block_size=16)
+    flag = block_sparse_decode(q, k, v, lengths, config=config, implementation="gpu", interpret=True)
+    for implementation in ("gpu-interpret", Lowering("gpu", True)):
+        np.testing.assert_array_equal(
+            block_sparse_decode(q, k, v, lengths, config=config, implementation=implementation), flag)
+    with pytest.raises(ValueError, match="implementation must be one of"):
+        block_sparse_decode(q, k, v, lengths, implementation=None)
+
+
+@pytest.mark.parametrize("capacity,head_dim,name,block_size", [
+    (4096, 128, "gpu", 128),
+    (4160, 128, "tpu", 64),  # kvjax rounds capacities to 16: the largest page dividing
+    (48, 96, "gpu", 16),  # D 96: Triton attends 64 + 32 columns
+    (256, 24, "tpu", 128),
+    (256, 24, "gpu", None),  # Triton's smallest column piece is 16
+    (4096, 128, "mosaic_gpu", 128),
+    (192, 64, "mosaic_gpu", 64),
+    (96, 128, "mosaic_gpu", None),  # pages of 64 or 128 only
+    (4096, 96, "mosaic_gpu", None),  # head dim not a multiple of 64
+    (4096, 128, "reference", None),
+    (40, 128, "gpu", None),  # no page of 16 or more divides the capacity
+])
+def test_config_for_shape_or_none_for_the_reference(capacity, head_dim, name, block_size):
+    config = DecodeConfig.for_shape(capacity, head_dim, Lowering.parse(name))
+    assert config == (None if block_size is None else DecodeConfig(block_size=block_size))
+    if name in ("tpu", "gpu"):  # the interpreter takes what the compiled kernel takes
+        assert DecodeConfig.for_shape(capacity, head_dim, Lowering.parse(name + "-interpret")) == config
+
+
+def test_config_for_a_given_page_size():
+    """A table fixes the page: any for Triton and TPU, 64 or 128 for Mosaic GPU, which takes no slot mask."""
+    gpu, mosaic = Lowering("gpu"), Lowering("mosaic_gpu")
+    assert DecodeConfig.for_shape(4096, 128, gpu, block_size=32, slot_mask=True) == DecodeConfig(block_size=32)
+    assert DecodeConfig.for_shape(4096, 128, mosaic, block_size=64) == DecodeConfig(block_size=64)
+    assert DecodeConfig.for_shape(4096, 128, mosaic, block_size=32) is None
+    assert DecodeConfig.for_shape(4096, 128, mosaic, block_size=64, slot_mask=True) is None
+    assert DecodeConfig.for_shape(4096, 24, gpu, block_size=32) is None
+
+
+def test_kvjax_decode_runs_the_kernel_where_its_config_takes_the_cache(monkeypatch):
+    """kvjax's decode dispatch (`decode_with_lse`, `attend_pages`) calls the kernel, with the name it
+    was given, exactly where `DecodeConfig.for_shape` gives a config; elsewhere the reference."""
+    calls = []
+    monkeypatch.setattr(kvjax.attention, "block_sparse_decode",
+                        lambda *args, **kwargs: calls.append(kwargs) or block_sparse_decode(*args, **kwargs))
+    batch, kv_heads, group = 2, 2, 2
+    for capacity, head_dim, impl, block_size in [(48, 32, "gpu-interpret", 16), (48, 24, "gpu-interpret", None),
+                                                 (40, 32, "tpu-interpret", None), (64, 32, "reference", None)]:
+        keys = jax.random.split(jax.random.key(capacity + head_dim), 3)
+        q = jax.random.normal(keys[0], (batch, 1, kv_heads, group, head_dim))
+        k, v = (jax.random.normal(x, (batch, kv_heads, capacity, head_dim)) for x in keys[1:])
+        ends = jnp.array([capacity, capacity - 13])
+        k_pos = jnp.where(jnp.arange(capacity) < ends[:, None], jnp.arange(capacity), -1)[:, None]
+        k_pos = jnp.broadcast_to(k_pos, (batch, kv_heads, capacity))
+        calls.clear()
+        decoded = kvjax.attention.decode_with_lse(q, k, v, k_pos, None, head_dim**-0.5, impl)
+        assert (decoded is None) == (block_size is None), (capacity, head_dim, impl)
+        if decoded is not None:
+            expected = kvjax.attention.reference_attention(q, k, v, k_pos, (ends - 1)[:, None], None, head_dim**-0.5)
+            np.testing.assert_allclose(decoded[0], expected, rtol=1e-5, atol=1e-5)
+            assert [(c["implementation"], c["config"]) for c in calls] == [(impl, DecodeConfig(block_size))]
+
+    # A slot mask keeps Mosaic GPU out of page-selected decode: the reference runs, on any host.
+    q = jnp.concatenate([q, q], axis=-1)  # head dim 64, capacity 64: what Mosaic GPU takes otherwise
+    k, v = jnp.concatenate([k, k], axis=-1), jnp.concatenate([v, v], axis=-1)
+    table = bm.decode_table_from_mask(bm.DenseCausal(), ends, num_kv_heads=kv_heads, capacity=64, block_size=64)
+    calls.clear()
+    out = kvjax.attention.attend_pages(q, k, v, k_pos, (ends - 1)[:, None], table, None, 0.125, "mosaic_gpu",
+                                       slot_mask=k_pos >= 0)
+    assert calls == [] and out.shape == q.shape
 
 
 # ----------------------------------------------------------------------------------------

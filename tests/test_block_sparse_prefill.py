@@ -5,9 +5,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import kvjax.attention
 from pallas_kernels import block_masks as bm
-from pallas_kernels.block_sparse_prefill import (
-    PrefillConfig, block_sparse_prefill, block_sparse_prefill_reference)
+from pallas_kernels.block_sparse_prefill import PrefillConfig, block_sparse_prefill, block_sparse_prefill_reference
+from pallas_kernels.lowering import Lowering
 from tests.mosaic_gpu_interpreter import interpreted
 
 IMPLEMENTATIONS = ("tpu", "gpu")
@@ -183,20 +184,22 @@ def test_hopper_takes_mosaic_gpu_by_default_only_where_it_fits(monkeypatch):
     q = jnp.zeros((1, 4, 256, 128), jnp.bfloat16)
     config = PrefillConfig(128, 128)
     choose = prefill_module._default_to_hopper
+    gpu, mosaic, gpu_interpret = Lowering("gpu"), Lowering("mosaic_gpu"), Lowering("gpu", True)
     monkeypatch.setattr(prefill_module, "on_hopper", lambda: True)
-    assert choose(q, config, False, None, "gpu") == "mosaic_gpu"
-    assert choose(q.astype(jnp.float16), PrefillConfig(128, 64), False, None, "gpu") == "mosaic_gpu"
+    assert choose(q, config, "auto", gpu) == mosaic
+    assert choose(q.astype(jnp.float16), PrefillConfig(128, 64), "auto", gpu) == mosaic
     for x, cfg in [(q.astype(jnp.float32), config),  # wgmma takes 16-bit floats
                    (q[..., :96], config),  # Phi-3's head dim: not a multiple of 64
                    (q, PrefillConfig(64, 128)),  # one consumer's rows: block_q must be 128
                    (q, PrefillConfig(128, 256)),
                    (q, PrefillConfig(128, 128, num_stages=1))]:
-        assert choose(x, cfg, False, None, "gpu") == "gpu"
-    assert choose(q, config, False, "gpu", "gpu") == "gpu"  # Triton when asked for
-    assert choose(q, config, True, None, "gpu") == "gpu"  # the interpreter runs Triton
-    assert choose(q, config, False, None, "tpu") == "tpu"
+        assert choose(x, cfg, "auto", gpu) == gpu
+    assert choose(q, config, "gpu", gpu) == gpu  # Triton when asked for
+    assert choose(q, config, gpu, gpu) == gpu  # a Lowering is an explicit choice
+    assert choose(q, config, "auto", gpu_interpret) == gpu_interpret  # the interpreter runs Triton
+    assert choose(q, config, "auto", Lowering("tpu")) == Lowering("tpu")
     monkeypatch.setattr(prefill_module, "on_hopper", lambda: False)
-    assert choose(q, config, False, None, "gpu") == "gpu"
+    assert choose(q, config, "auto", gpu) == gpu
 
 
 def test_default_on_cpu_is_the_reference_and_errors_are_clear():
@@ -219,10 +222,56 @@ def test_default_on_cpu_is_the_reference_and_errors_are_clear():
                              config=PrefillConfig(16, 16), implementation="gpu", interpret=True)
 
 
+@pytest.mark.parametrize("q_len,capacity,head_dim,name,blocks", [
+    (1024, 4096, 128, "gpu", (128, 128)),
+    (1024, 4096, 128, "tpu", (512, 512)),  # Mosaic TPU: larger blocks, fewer grid steps
+    (512, 4160, 128, "tpu", (512, 64)),  # kvjax rounds capacities to 16: the largest block dividing
+    (100, 4160, 96, "gpu", (16, 64)),  # no block divides 100 queries: the smallest, padded; D 96 as 64 + 32
+    (512, 4096, 128, "mosaic_gpu", (128, 128)),  # its 128-row query tile
+    (64, 192, 64, "mosaic_gpu", (128, 64)),
+    (512, 4096, 24, "tpu", (512, 512)),  # Mosaic TPU takes any head dim
+    (512, 4096, 24, "gpu", None),  # Triton's smallest column piece is 16
+    (512, 4096, 96, "mosaic_gpu", None),  # head dim not a multiple of 64
+    (512, 4096, 128, "reference", None),
+    (512, 4104, 128, "gpu", None),  # no block of 16 or more divides the capacity
+    (512, 96, 128, "mosaic_gpu", None),
+])
+def test_config_for_shape_or_none_for_the_reference(q_len, capacity, head_dim, name, blocks):
+    config = PrefillConfig.for_shape(q_len, capacity, head_dim, Lowering.parse(name))
+    assert config == (None if blocks is None else PrefillConfig(*blocks))
+    interpreted = Lowering.parse(name + "-interpret") if name in ("tpu", "gpu") else None
+    if interpreted is not None:  # the interpreter takes what the compiled kernel takes
+        assert PrefillConfig.for_shape(q_len, capacity, head_dim, interpreted) == config
+
+
+def test_attend_runs_the_kernel_where_its_config_takes_the_chunk(monkeypatch):
+    """kvjax's dispatch: a 32-query chunk over a slot = position cache runs the prefill kernel where
+    `PrefillConfig.for_shape` gives a config (zeroed rows past the keys show it), else the reference."""
+    batch, chunk, kv_heads, group, capacity = 1, 32, 1, 2, 64
+    calls = []
+    monkeypatch.setattr(kvjax.attention, "block_sparse_prefill",
+                        lambda *args, **kwargs: calls.append(kwargs) or block_sparse_prefill(*args, **kwargs))
+    for head_dim, impl, runs_kernel in [(32, "gpu-interpret", True), (24, "gpu-interpret", False),
+                                        (24, "tpu-interpret", True), (32, "reference", False)]:
+        keys = jax.random.split(jax.random.key(head_dim), 3)
+        q = jax.random.normal(keys[0], (batch, chunk, kv_heads, group, head_dim))
+        k, v = (jax.random.normal(x, (batch, kv_heads, capacity, head_dim)) for x in keys[1:])
+        q_pos = 16 + jnp.arange(chunk, dtype=jnp.int32)[None]  # the chunk sits at positions [16, 48)
+        k_pos = jnp.where(jnp.arange(capacity) < 48, jnp.arange(capacity), -1)[None, None]
+        calls.clear()
+        out = kvjax.attention.attend(q, k, v, k_pos, q_pos, None, head_dim**-0.5, impl, slot_is_position=True)
+        expected = kvjax.attention.reference_attention(q, k, v, k_pos, q_pos, None, head_dim**-0.5)
+        np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5)
+        assert [c["implementation"] for c in calls] == ([impl] if runs_kernel else []), (head_dim, impl)
+        if runs_kernel:
+            assert calls[0]["config"] == PrefillConfig(32, 64)
+
+
 def test_tables_too_large_for_tpu_smem_are_refused_clearly(monkeypatch):
     """On a TPU, the whole-sequence tables of a 64K dense prefill in 128-token blocks (2 x 512 x 512
     words, 2 MiB) exceed 1 MiB of SMEM: named before Mosaic would fail; 512-token blocks fit."""
     from types import SimpleNamespace
+
     from jax.experimental.pallas import tpu as pltpu
     monkeypatch.setattr(jax, "default_backend", lambda: "tpu")
     monkeypatch.setattr(pltpu, "get_tpu_info", lambda: SimpleNamespace(smem_capacity_bytes=1 << 20))

@@ -134,7 +134,7 @@ def test_decode_reads_the_full_layout_through_the_kernel(model, runs, impl):
     state = jax.tree.map(jnp.copy, out["rank16"][2])
     token = tokens[:, 0]
     reference, _ = kvjax.decode_step(model, jax.tree.map(jnp.copy, state), token, CSKV(0.25, 0.5, RESIDUAL))
-    kernel, _ = kvjax.decode_step(model, state, token, CSKV(0.25, 0.5, RESIDUAL, attention_impl=impl))
+    kernel, _ = kvjax.decode_step(model, state, token, CSKV(0.25, 0.5, RESIDUAL), attention_impl=impl)
     np.testing.assert_allclose(np.asarray(kernel), np.asarray(reference), atol=2e-4, rtol=0)
 
 

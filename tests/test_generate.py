@@ -28,7 +28,7 @@ def test_prefill_then_decode_equals_full_forward(tiny_model):
 def test_prefill_last_logits_equal_full_forward(tiny_model):
     m = tiny_model
     tokens = random_tokens(1, (2, 90), m.config.vocab_size)
-    _, last = gen._run_prefill(m, *gen._prompt_batch(tokens, None), None, 32, 0)
+    _, last = gen._run_prefill(m, *gen._prompt_batch(tokens, None), None, 32, 0, gen.Execution())
     np.testing.assert_allclose(np.asarray(last), np.asarray(kvjax.logits(m, tokens))[:, -1], atol=1e-5, rtol=0)
 
 

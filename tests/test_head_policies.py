@@ -34,12 +34,13 @@ def kept_positions(state, layer: int) -> dict[int, list[set[int]]]:
     return out
 
 
-def decode_logits(m, policy, tokens, prompt, chunk=32):
+def decode_logits(m, policy, tokens, prompt, chunk=32, attention_impl="auto"):
     """Logits of every decode step after prefilling tokens[:, :prompt], and the final state."""
-    state = kvjax.prefill(m, tokens[:, :prompt], policy, max_new_tokens=tokens.shape[1] - prompt, chunk_size=chunk)
+    state = kvjax.prefill(m, tokens[:, :prompt], policy, max_new_tokens=tokens.shape[1] - prompt, chunk_size=chunk,
+                          attention_impl=attention_impl)
     logits = []
     for t in range(prompt, tokens.shape[1]):
-        step, state = kvjax.decode_step(m, state, tokens[:, t], policy)
+        step, state = kvjax.decode_step(m, state, tokens[:, t], policy, attention_impl=attention_impl)
         logits.append(np.asarray(step))
     return np.stack(logits), state
 
@@ -74,16 +75,16 @@ def test_duo_retrieval_heads_prefill_through_the_pallas_kernel(tiny_model):
     heads through the reference; the last logits and every kept entry equal the reference path's."""
     m = tiny_model
     heads = ((0,), (1,))
-    policy = DuoAttention(heads, sink=4, recent=16, attention_impl="gpu-interpret")
-    reference = DuoAttention(heads, sink=4, recent=16, attention_impl="reference")
+    policy = DuoAttention(heads, sink=4, recent=16)
+    kernel, reference = kvjax.inference.Execution("gpu-interpret"), kvjax.inference.Execution("reference")
     tokens, lengths = random_tokens(12, (2, 60), m.config.vocab_size), np.array([60, 33], np.int32)
     run = lambda t, n: kvjax.inference._prefill(  # noqa: E731
-        m.graphdef, m.params, t, n, policy=policy, chunk=24, max_new_tokens=4)
+        m.graphdef, m.params, None, t, n, policy=policy, chunk=24, max_new_tokens=4, run=kernel)
     padded = np.pad(tokens, ((0, 0), (0, 12)))  # three chunks of 24
     traced = str(jax.make_jaxpr(run)(jnp.asarray(padded), jnp.asarray(lengths)))
     assert traced.count("pallas_call") == m.config.num_layers  # one retrieval segment per layer
-    fast, fast_logits = kvjax.inference._run_prefill(m, tokens, lengths, policy, 24, 4)
-    slow, slow_logits = kvjax.inference._run_prefill(m, tokens, lengths, reference, 24, 4)
+    fast, fast_logits = kvjax.inference._run_prefill(m, tokens, lengths, policy, 24, 4, kernel)
+    slow, slow_logits = kvjax.inference._run_prefill(m, tokens, lengths, policy, 24, 4, reference)
     np.testing.assert_allclose(np.asarray(fast_logits), np.asarray(slow_logits), atol=2e-5, rtol=0)
     for fast_layer, slow_layer in zip(fast.layers, slow.layers):
         for fast_seg, slow_seg in zip(fast_layer, slow_layer):
@@ -237,14 +238,15 @@ def test_razor_decode_through_the_pallas_kernel_matches_the_reference(tiny_model
     reference's logits; the compensation sums stay the reference's."""
     m = tiny_model
     heads = ((1,), ())  # layer 0: one retrieval and one compensated head; layer 1: both compensated
-    policy = RazorAttention(heads, sink=4, recent=20, attention_impl=impl)
-    reference = RazorAttention(heads, sink=4, recent=20, attention_impl="reference")
+    policy = RazorAttention(heads, sink=4, recent=20)
     tokens = random_tokens(16, (2, 60), m.config.vocab_size)
-    state = kvjax.prefill(m, tokens[:, :50], policy, max_new_tokens=10, chunk_size=32)
-    traced = jax.make_jaxpr(lambda s, t: kvjax.inference._forward_token(m.module(), policy, s, t))(state, tokens[:, 50])
+    state = kvjax.prefill(m, tokens[:, :50], policy, max_new_tokens=10, chunk_size=32, attention_impl=impl)
+    run = kvjax.inference.Execution(impl)
+    traced = jax.make_jaxpr(lambda s, t: kvjax.inference._forward_token(m.module(), policy, s, t, run))(
+        state, tokens[:, 50])
     assert str(traced).count("pallas_call") == 3  # 2 segments in layer 0, 1 in layer 1
-    fast, fast_state = decode_logits(m, policy, tokens, 50)
-    slow, slow_state = decode_logits(m, reference, tokens, 50)
+    fast, fast_state = decode_logits(m, policy, tokens, 50, attention_impl=impl)
+    slow, slow_state = decode_logits(m, policy, tokens, 50, attention_impl="reference")
     assert float(slow_state.layers[1][0].n_dropped.min()) > 0  # the token really takes part
     np.testing.assert_allclose(fast, slow, atol=2e-5, rtol=0)
     for a, b in zip(jax.tree.leaves(fast_state), jax.tree.leaves(slow_state)):

@@ -12,6 +12,7 @@ import pytest
 import kvjax
 from kvjax import inference as gen
 from kvjax import ModelConfig, init_model
+from kvjax.layer_step import Decode, LayerContext, Prefill, StepInputs
 from kvjax.policies import KIVI, Full
 from pallas_kernels import kv_quant
 from tests.conftest import random_tokens
@@ -34,19 +35,18 @@ class _ScaledSlab(KIVI):
 
     factor: float = 1.0
 
-    def cache_step(self, layer, segments, *args, **kwargs):
-        (seg,) = segments
-        slab, f = seg.slab, self.factor
+    def segment_step(self, ctx, segment, x, phase):
+        slab, f = segment.slab, self.factor
         wrong = slab.replace(k_scale=slab.k_scale * f, v_scale=slab.v_scale * f)
-        out, (new,) = super().cache_step(layer, (seg.replace(slab=wrong),), *args, **kwargs)
+        out, new = super().segment_step(ctx, segment.replace(slab=wrong), x, phase)
         # Groups that were already stored get their true scales back; new groups keep theirs.
-        old_k = (jnp.arange(slab.k_scale.shape[2]) < seg.slab_length[:, None] // G)[:, None, :, None]
-        old_v = (jnp.arange(slab.capacity) < seg.slab_length[:, None])[:, None, None, :]
+        old_k = (jnp.arange(slab.k_scale.shape[2]) < segment.slab_length[:, None] // G)[:, None, :, None]
+        old_v = (jnp.arange(slab.capacity) < segment.slab_length[:, None])[:, None, None, :]
         fixed = new.slab.replace(
             k_scale=jnp.where(old_k, slab.k_scale, new.slab.k_scale),
             v_scale=jnp.where(old_v, slab.v_scale, new.slab.v_scale),
         )
-        return out, (new.replace(slab=fixed),)
+        return out, new.replace(slab=fixed)
 
 
 def _run(m, policy, tokens):
@@ -146,10 +146,10 @@ def test_decode_kernel_path_matches_reference(model, runs):
     _, prefilled, _ = out["kivi4"]
     lengths = np.asarray(LENGTHS)
     state_ref, state_ker = (jax.tree.map(jnp.copy, prefilled) for _ in range(2))  # both donated
-    kernel = KIVI(4, attention_impl="tpu-interpret")
     for i in range(1):
-        ref, state_ref = kvjax.decode_step(model, state_ref, tokens[np.arange(2), lengths + i], KIVI(4))
-        ker, state_ker = kvjax.decode_step(model, state_ker, tokens[np.arange(2), lengths + i], kernel)
+        token = tokens[np.arange(2), lengths + i]
+        ref, state_ref = kvjax.decode_step(model, state_ref, token, KIVI(4))
+        ker, state_ker = kvjax.decode_step(model, state_ker, token, KIVI(4), attention_impl="tpu-interpret")
         np.testing.assert_allclose(np.asarray(ker), np.asarray(ref), atol=1e-4, rtol=0)
 
 
@@ -187,7 +187,7 @@ def test_generate_ragged_batch_is_the_greedy_chain(model, runs):
     out = np.asarray(kvjax.generate(
         model, prompts, NEW, policy, lengths=lengths, eos_token_id=(), chunk_size=CHUNK
     ))
-    state, logits = gen._run_prefill(model, prompts, lengths, policy, CHUNK, NEW)
+    state, logits = gen._run_prefill(model, prompts, lengths, policy, CHUNK, NEW, gen.Execution())
     chain = [np.asarray(jnp.argmax(logits, -1))]
     for _ in range(NEW - 1):
         logits, state = kvjax.decode_step(model, state, chain[-1], policy)
@@ -204,10 +204,16 @@ def test_sliding_window_masks_the_slab():
     k = jnp.asarray(rng.normal(size=(1, 70, 2, 32)), jnp.float32)
     v = jnp.asarray(rng.normal(size=(1, 70, 2, 32)), jnp.float32)
     pos = jnp.arange(70, dtype=jnp.int32)[None]
+    ctx, prompt = LayerContext(0, 16, 32**-0.5), Prefill(jnp.asarray([64], jnp.int32))
     outs = {}
     for name, policy in (("full", Full()), ("kivi", KIVI(4, residual=32))):
         state = policy.allocate(cfg, 1, 64, 6, 64, jnp.float32)
-        step = jax.jit(lambda segs, q, k, v, p, policy=policy: policy.cache_step(0, segs, q, k, v, p, p, 16, 32**-0.5))
+
+        @jax.jit
+        def step(segs, q, k, v, p, policy=policy):  # no RoPE here: q and k stand for the pre-RoPE ones too
+            phase = prompt if q.shape[1] > 1 else Decode()  # the 64-token prompt, then one token at a time
+            return policy.step(ctx, segs, StepInputs(q, k, v, q, k, p, p), phase)
+
         segs, res = state.layers[0], []
         for lo, hi in ((0, 64),) + tuple((t, t + 1) for t in range(64, 70)):
             out, segs = step(segs, q[:, lo:hi], k[:, lo:hi], v[:, lo:hi], pos[:, lo:hi])

@@ -19,13 +19,12 @@ from kvjax import ModelConfig
 from kvjax.checkpoint import CheckpointError
 from kvjax.eval.harness import with_budget
 from kvjax.kv_state import count, round_capacity
-from kvjax.models.llama import retaining_head_scores
 from kvjax.policies import Full, Locret
 from kvjax.policies.locret import (
-    HEADS_DIR, HEADS_JSON, attach_retaining_heads, load_retaining_heads, random_retaining_heads,
-    retaining_heads_of, retaining_scores, save_retaining_heads, with_retaining_heads,
+    HEADS_DIR, HEADS_JSON, load_retaining_heads, random_retaining_heads, retaining_head_scores, retaining_scores,
+    save_retaining_heads,
 )
-from kvjax.train.locret_heads import LocretHeadConfig, features_and_targets, make_batch, train_locret_heads
+from kvjax.policies.locret.training import LocretHeadConfig, features_and_targets, make_batch, train_locret_heads
 from tests.conftest import random_tokens
 from tests.interrupted_run import straight_and_resumed
 from tests.policy_reference import causal_probs, layer_queries_keys
@@ -39,10 +38,15 @@ CLI_ARGS = ["--hidden", str(HIDDEN), "--tasks", "niah_single,passkey", "--min-le
 
 
 @pytest.fixture(scope="module")
-def headed(byte_model):
-    """The byte model carrying fixed random retaining heads."""
+def heads(byte_model):
+    """Fixed random retaining heads for the byte model."""
     model, _ = byte_model
-    return attach_retaining_heads(model, random_retaining_heads(model.config, HIDDEN, seed=3))
+    return random_retaining_heads(model.config, HIDDEN, seed=3)
+
+
+def _locret(heads, **hyper) -> Locret:
+    """Locret with the given heads as its parameters."""
+    return Locret(**hyper, params=heads)
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +58,7 @@ def trained(byte_model, tmp_path_factory):
     return out, heads, result
 
 
-def _layer0_numpy(m, tokens: np.ndarray, rope: bool) -> np.ndarray:
+def _layer0_numpy(m, heads, tokens: np.ndarray, rope: bool) -> np.ndarray:
     """float64[B, T, K] layer-0 retaining-head scores from the weights in numpy; rope=True feeds post-RoPE q, k."""
     p = nnx.to_pure_dict(m.params)
     block = p["blocks"][0]
@@ -67,21 +71,24 @@ def _layer0_numpy(m, tokens: np.ndarray, rope: bool) -> np.ndarray:
         q, k, _ = layer_queries_keys(m, tokens)[0]
     b, t = tokens.shape
     f = np.concatenate([q.reshape(b, t, -1), k.reshape(b, t, -1), v.reshape(b, t, -1)], -1)
-    h = f @ np.asarray(block["attn"]["retain"]["fc1"], np.float64)
+    h = f @ np.asarray(heads["fc1"][0], np.float64)
     h = h / (1 + np.exp(-h))  # silu
-    return h @ np.asarray(block["attn"]["retain"]["fc2"], np.float64)
+    return h @ np.asarray(heads["fc2"][0], np.float64)
 
 
-def test_retaining_heads_read_pre_rope_projections(headed):
-    m = headed
+def test_retaining_heads_read_pre_rope_projections(byte_model, heads):
+    m, _ = byte_model
+    policy = _locret(heads, budget_tokens=200, stabilizers=50, local_len=4)
     tokens = random_tokens(0, (2, 96), m.config.vocab_size)
-    scores = np.asarray(retaining_scores(m, tokens))  # [L, B, T, K]
-    np.testing.assert_allclose(scores[0], _layer0_numpy(m, tokens, rope=False), atol=1e-4, rtol=1e-4)
-    assert np.abs(scores[0] - _layer0_numpy(m, tokens, rope=True)).max() > 1e-2  # post-RoPE inputs would differ
+    scores = np.asarray(retaining_scores(m, policy, tokens))  # [L, B, T, K]
+    np.testing.assert_allclose(scores[0], _layer0_numpy(m, heads, tokens, rope=False), atol=1e-4, rtol=1e-4)
+    # post-RoPE inputs would differ
+    assert np.abs(scores[0] - _layer0_numpy(m, heads, tokens, rope=True)).max() > 1e-2
     # Pre-RoPE inputs: shifting every position leaves every layer's scores unchanged (attention is relative).
-    np.testing.assert_allclose(np.asarray(retaining_scores(m, tokens, offset=777)), scores, atol=1e-4, rtol=1e-4)
-    # The attention layer hands these same scores to the cache step: a budget covering the prompt stores them all.
-    state = kvjax.prefill(m, tokens, Locret(budget_tokens=200, stabilizers=50, local_len=4), chunk_size=32)
+    np.testing.assert_allclose(np.asarray(retaining_scores(m, policy, tokens, offset=777)), scores, atol=1e-4,
+                               rtol=1e-4)
+    # The policy's layer step scores the same way: a budget covering the prompt stores them all.
+    state = kvjax.prefill(m, tokens, policy, chunk_size=32)
     for layer, (seg,) in enumerate(state.layers):
         pos = np.asarray(seg.pos)  # [B, K, C]
         assert (np.sort(pos, -1)[..., -96:] == np.arange(96)).all()
@@ -131,15 +138,15 @@ def _reference_keep(scores: np.ndarray, n: int, chunk: int, budget: int, stabili
     return set(held)
 
 
-def test_prefill_keeps_exactly_the_top_budget_of_each_chunk_rule(headed):
+def test_prefill_keeps_exactly_the_top_budget_of_each_chunk_rule(byte_model, heads):
     """Ragged rows; 196's local tokens straddle a chunk boundary. Layer 0's scores depend on the tokens
     alone, so the numpy simulation is exact there; every layer keeps its local tokens within budget."""
-    m = headed
-    policy = Locret(budget_tokens=40, stabilizers=16, local_len=8)
+    m, _ = byte_model
+    policy = _locret(heads, budget_tokens=40, stabilizers=16, local_len=8)
     lengths = [256, 196]
     tokens = random_tokens(2, (2, 256), m.config.vocab_size)
     state = kvjax.prefill(m, tokens, policy, lengths=lengths, chunk_size=64)
-    scores = np.asarray(retaining_scores(m, tokens))[0]  # [B, T, K]
+    scores = np.asarray(retaining_scores(m, policy, tokens))[0]  # [B, T, K]
     pos = np.asarray(state.layers[0][0].pos)
     for b, n in enumerate(lengths):
         for h in range(m.config.num_kv_heads):
@@ -154,14 +161,15 @@ def test_prefill_keeps_exactly_the_top_budget_of_each_chunk_rule(headed):
             assert (held[b] < n).all()
 
 
-def test_decode_evicts_the_lowest_score_outside_the_local_window(headed):
-    m = headed
-    policy = Locret(budget_tokens=20, stabilizers=8, local_len=4)
+def test_decode_evicts_the_lowest_score_outside_the_local_window(byte_model, heads):
+    m, _ = byte_model
+    policy = _locret(heads, budget_tokens=20, stabilizers=8, local_len=4)
     tokens = random_tokens(3, (2, 64), m.config.vocab_size)
     state = kvjax.prefill(m, tokens, policy, chunk_size=32, max_new_tokens=6)
     shapes = jax.tree.map(jnp.shape, state)
     assert state.layers[0][0].capacity == round_capacity(24 + 1)
-    token_scores = np.asarray(retaining_scores(m, np.arange(m.config.vocab_size)[None]))[0, 0]  # [V, K]: layer 0
+    vocab = np.arange(m.config.vocab_size)[None]
+    token_scores = np.asarray(retaining_scores(m, policy, vocab))[0, 0]  # [V, K]: layer 0
     new_tokens = random_tokens(4, (6, 2), m.config.vocab_size)
     for step, new in enumerate(new_tokens):
         seg = state.layers[0][0]
@@ -179,11 +187,12 @@ def test_decode_evicts_the_lowest_score_outside_the_local_window(headed):
                 assert set(after[b, h][after[b, h] >= 0].tolist()) == set(held), (step, b, h)
 
 
-def test_kv_bytes_shrink_with_the_budget(headed):
-    m = headed
+def test_kv_bytes_shrink_with_the_budget(byte_model, heads):
+    m, _ = byte_model
     tokens = random_tokens(5, (1, 512), m.config.vocab_size)
     full = kvjax.kv_bytes(kvjax.prefill(m, tokens, chunk_size=128))
-    states = [kvjax.prefill(m, tokens, Locret(budget_tokens=b, stabilizers=b // 4, local_len=16), chunk_size=128)
+    states = [kvjax.prefill(m, tokens, _locret(heads, budget_tokens=b, stabilizers=b // 4, local_len=16),
+                            chunk_size=128)
               for b in (224, 96, 32)]
     sizes = [kvjax.kv_bytes(s) for s in states]
     assert full > sizes[0] > sizes[1] > sizes[2]
@@ -191,10 +200,10 @@ def test_kv_bytes_shrink_with_the_budget(headed):
     assert sizes[2] < full / 7  # 64 slots (48 + 1, rounded) plus a float32 score each, instead of 512
 
 
-def test_budget_covering_the_context_equals_full(headed):
-    m = headed
+def test_budget_covering_the_context_equals_full(byte_model, heads):
+    m, _ = byte_model
     tokens = random_tokens(4, (2, 150), m.config.vocab_size)
-    policy = Locret(budget_tokens=500, stabilizers=100, local_len=10)
+    policy = _locret(heads, budget_tokens=500, stabilizers=100, local_len=10)
     ref = kvjax.prefill(m, tokens[:, :120], Full(), max_new_tokens=30, chunk_size=32)
     got = kvjax.prefill(m, tokens[:, :120], policy, max_new_tokens=30, chunk_size=32)
     for t in range(120, 150):
@@ -211,19 +220,20 @@ def test_training_lowers_the_loss_and_the_heads_round_trip(byte_model, trained):
     assert (out / "loss_curve.json").is_file() and (out / "checkpoints" / "8").is_dir()
     info = json.loads((out / HEADS_JSON).read_text())
     assert info["hidden"] == HIDDEN and info["num_layers"] == 2 and info["step"] == 8
-    m = with_retaining_heads(model, out)
-    assert m.config.retaining_hidden == HIDDEN and model.config.retaining_hidden is None
-    stored = retaining_heads_of(m)
+    policy = Locret.from_pretrained(out, model.config)
+    policy.check_model(model.config)  # the saved heads fit the model they were trained for
+    assert policy.activation == model.config.hidden_act == info["activation"]
+    assert policy.params["fc1"].shape[-1] == HIDDEN and policy.params["fc1"].dtype == jnp.float32
     for name in ("fc1", "fc2"):
-        np.testing.assert_array_equal(np.asarray(stored[name]), heads[name])
-    # The model's scores are what training optimised: the same head on the same pre-RoPE features.
+        np.testing.assert_array_equal(np.asarray(policy.params[name]), heads[name])
+    # The policy's scores are what training optimised: the same head on the same pre-RoPE features.
     batch = make_batch(model.tokenizer, LocretHeadConfig(**SMALL), 0, 0, 0)
     features, _ = jax.jit(features_and_targets, static_argnums=(0, 5))(
         model.graphdef, model.params, batch["tokens"], batch["valid"], batch["answer"], 128)
     head = lambda f, a, b: retaining_head_scores(f, a, b, "silu")  # noqa: E731
     trained_pred = jax.vmap(head)(features, heads["fc1"], heads["fc2"])
     real = batch["valid"][0]  # the padding tail is masked in training, attended in this plain forward
-    np.testing.assert_allclose(np.asarray(retaining_scores(m, batch["tokens"]))[:, :, real],
+    np.testing.assert_allclose(np.asarray(retaining_scores(model, policy, batch["tokens"]))[:, :, real],
                                np.asarray(trained_pred)[:, :, real], atol=1e-5, rtol=1e-5)
 
 
@@ -231,17 +241,28 @@ def test_clear_errors(byte_model, trained, tmp_path, capsys):
     model, model_dir = byte_model
     out, heads, _ = trained
     tokens = random_tokens(6, (1, 64), model.config.vocab_size)
-    with pytest.raises(ValueError, match="with_retaining_heads"):
+    with pytest.raises(ValueError, match="from_pretrained"):
         kvjax.prefill(model, tokens, Locret())
+    with pytest.raises(ValueError, match="from_pretrained"):
+        kvjax.generate(model, tokens, 4, Locret())
+    with pytest.raises(ValueError, match="from_pretrained"):
+        retaining_scores(model, Locret(), tokens)
     with pytest.raises(CheckpointError, match="not a Locret retaining-heads folder"):
-        with_retaining_heads(model, tmp_path / "nowhere")
+        Locret.from_pretrained(tmp_path / "nowhere", model.config)
     other = ModelConfig(family="llama", vocab_size=300, hidden_size=64, intermediate_size=128, num_layers=3,
                         num_heads=4, num_kv_heads=2, head_dim=16, max_position_embeddings=2048)
     save_retaining_heads(tmp_path / "other", random_retaining_heads(other, HIDDEN), other)
     with pytest.raises(ValueError, match="do not fit"):
-        with_retaining_heads(model, tmp_path / "other")
+        Locret.from_pretrained(tmp_path / "other", model.config)
+    misfit = Locret(params=random_retaining_heads(other, HIDDEN))  # heads of another model, built in Python
     with pytest.raises(ValueError, match="do not fit"):
-        attach_retaining_heads(model, random_retaining_heads(other, HIDDEN))
+        misfit.check_model(model.config)
+    with pytest.raises(ValueError, match="do not fit"):
+        kvjax.prefill(model, tokens, misfit)
+    old = json.loads(model.config.to_json())  # a config saved when the model carried the heads
+    assert ModelConfig.from_json(json.dumps({**old, "retaining_hidden": None})) == model.config
+    with pytest.raises(ValueError, match="Locret.from_pretrained"):
+        ModelConfig.from_json(json.dumps({**old, "retaining_hidden": HIDDEN}))
     broken = tmp_path / "broken"
     shutil.copytree(out, broken)
     for f in (broken / HEADS_DIR).rglob("*"):
@@ -275,7 +296,8 @@ def test_eval_runs_locret_with_trained_heads(byte_model, trained, tmp_path, caps
     printed = capsys.readouterr().out
     assert rc == 0, printed
     (row,) = json.loads((tmp_path / "eval" / "results.json").read_text())
-    assert row["policy"] == "locret@96" and "budget_tokens=48, stabilizers=24, local_len=48)" in row["policy_repr"]
+    assert row["policy"] == "locret@96"
+    assert "budget_tokens=48, stabilizers=24, local_len=48, activation='silu')" in row["policy_repr"]
     assert row["compression_ratio"] > 3  # 96 (+1, rounded) slots instead of the ~400-token prompt plus the answer
 
 

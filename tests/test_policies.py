@@ -202,32 +202,35 @@ def test_bad_policy_arguments_raise():
 
 
 @pytest.mark.parametrize("impl", ["tpu-interpret", "gpu-interpret"])
-@pytest.mark.parametrize("policy_cls", [
-    lambda impl: kvjax.policies.Full(attention_impl=impl),
-    lambda impl: StreamingLLM(sink=4, window=27, attention_impl=impl),  # decode capacity 32
+@pytest.mark.parametrize("policy", [
+    Full(),
+    StreamingLLM(sink=4, window=27),  # decode capacity 32
 ])
-def test_decode_through_the_pallas_kernel_matches_the_reference(tiny_model, impl, policy_cls):
+def test_decode_through_the_pallas_kernel_matches_the_reference(tiny_model, impl, policy):
     """The kernel dispatch (what GPU and TPU run) gives the reference's logits on a ragged batch."""
     m = tiny_model
-    policy = policy_cls(impl)
-    reference = policy_cls("reference")
     prompts = [random_tokens(6, (n,), m.config.vocab_size).tolist() for n in (40, 57)]
-    fast = kvjax.prefill(m, prompts, policy, max_new_tokens=24, chunk_size=32)
-    slow = kvjax.prefill(m, prompts, reference, max_new_tokens=24, chunk_size=32)
+    fast = kvjax.prefill(m, prompts, policy, max_new_tokens=24, chunk_size=32, attention_impl=impl)
+    slow = kvjax.prefill(m, prompts, policy, max_new_tokens=24, chunk_size=32, attention_impl="reference")
     token = jnp.asarray([p[-1] for p in prompts])
-    traced = str(jax.make_jaxpr(lambda s, t: kvjax.inference._forward_token(m.module(), policy, s, t))(fast, token))
+    unrolled = kvjax.inference.Execution(impl, scan_layers=False)  # one traced attention per layer
+    step = lambda s, t: kvjax.inference._forward_token(m.module(), policy, s, t, unrolled)  # noqa: E731
+    traced = str(jax.make_jaxpr(step)(fast, token))
     assert traced.count("pallas_call") == m.config.num_layers  # the kernel really runs
     for _ in range(4):
-        fast_logits, fast = kvjax.decode_step(m, fast, token, policy)
-        slow_logits, slow = kvjax.decode_step(m, slow, token, reference)
+        fast_logits, fast = kvjax.decode_step(m, fast, token, policy, attention_impl=impl)
+        slow_logits, slow = kvjax.decode_step(m, slow, token, policy, attention_impl="reference")
         np.testing.assert_allclose(np.asarray(fast_logits), np.asarray(slow_logits), atol=2e-5, rtol=0)
         token = jnp.argmax(slow_logits, -1).astype(jnp.int32)
 
 
-def _prefill_kernel_calls(m, policy, tokens, lengths, chunk, max_new_tokens) -> int:
-    """Pallas calls in the traced chunked prefill (the scan body is traced once: one per kernel use)."""
+def _prefill_kernel_calls(m, policy, impl, tokens, lengths, chunk, max_new_tokens) -> int:
+    """Pallas calls in the traced chunked prefill by `impl` (the chunks' scan body is traced once and
+    the layers are unrolled: one per layer's kernel use)."""
+    unrolled = kvjax.inference.Execution(impl, scan_layers=False)
     run = lambda t, n: kvjax.inference._prefill(  # noqa: E731
-        m.graphdef, m.params, t, n, policy=policy, chunk=chunk, max_new_tokens=max_new_tokens)
+        m.graphdef, m.params, policy.params, t, n, policy=policy, chunk=chunk, max_new_tokens=max_new_tokens,
+        run=unrolled)
     return str(jax.make_jaxpr(run)(jnp.asarray(tokens), jnp.asarray(lengths))).count("pallas_call")
 
 
@@ -258,20 +261,21 @@ def test_prefill_through_the_pallas_kernel_matches_the_reference(tiny_model, imp
     if window is not None:
         config = dataclasses.replace(m.config, sliding_windows=(window,) + (None,) * (m.config.num_layers - 1))
         m = kvjax.init_model(config, seed=0, dtype=jnp.float32)
-    policy, reference = Full(attention_impl=impl), Full(attention_impl="reference")
+    policy, run = Full(), kvjax.inference.Execution
     prompts = [random_tokens(8, (n,), m.config.vocab_size).tolist() for n in (21, 57)]
     tokens, lengths = kvjax.inference._prompt_batch(prompts, None)
     new = 3  # Full's capacity: round_capacity(padded prompt + 3) = 80 slots
     padded = np.pad(tokens, ((0, 0), (0, -tokens.shape[1] % chunk)))
-    assert _prefill_kernel_calls(m, policy, padded, lengths, chunk, new) == m.config.num_layers
-    fast, fast_logits = kvjax.inference._run_prefill(m, tokens, lengths, policy, chunk, new)
-    slow, slow_logits = kvjax.inference._run_prefill(m, tokens, lengths, reference, chunk, new)
+    assert _prefill_kernel_calls(m, policy, impl, padded, lengths, chunk, new) == m.config.num_layers
+    fast, fast_logits = kvjax.inference._run_prefill(m, tokens, lengths, policy, chunk, new, run(impl))
+    slow, slow_logits = kvjax.inference._run_prefill(m, tokens, lengths, policy, chunk, new, run("reference"))
     np.testing.assert_allclose(np.asarray(fast_logits), np.asarray(slow_logits), atol=2e-5, rtol=0)
     _assert_same_entries(fast, slow, atol=2e-5)
     if generate:
-        np.testing.assert_array_equal(
-            np.asarray(kvjax.generate(m, prompts, new, policy, eos_token_id=(), chunk_size=chunk)),
-            np.asarray(kvjax.generate(m, prompts, new, reference, eos_token_id=(), chunk_size=chunk)))
+        fast_tokens, slow_tokens = (
+            np.asarray(kvjax.generate(m, prompts, new, policy, eos_token_id=(), chunk_size=chunk, attention_impl=i))
+            for i in (impl, "reference"))
+        np.testing.assert_array_equal(fast_tokens, slow_tokens)
 
 
 @pytest.mark.parametrize("impl,grid", [
@@ -301,13 +305,12 @@ def test_snapkv_prefill_takes_the_kernel_and_keeps_the_reference_choice(tiny_mod
     the block-sparse prefill kernel; only the observation window's weights come from jnp. Ragged rows,
     two chunks of 32, row 0's window (37-44) across them."""
     m, chunk, new = tiny_model, 32, 3
-    policy = SnapKV(budget_tokens=40, window=8, kernel=5, attention_impl="gpu-interpret")
-    reference = dataclasses.replace(policy, attention_impl="reference")
+    policy, run = SnapKV(budget_tokens=40, window=8, kernel=5), kvjax.inference.Execution
     prompts = [random_tokens(9, (n,), m.config.vocab_size).tolist() for n in (45, 64)]
     tokens, lengths = kvjax.inference._prompt_batch(prompts, None)
-    assert _prefill_kernel_calls(m, policy, tokens, lengths, chunk, new) == m.config.num_layers
-    fast, fast_logits = kvjax.inference._run_prefill(m, tokens, lengths, policy, chunk, new)
-    slow, slow_logits = kvjax.inference._run_prefill(m, tokens, lengths, reference, chunk, new)
+    assert _prefill_kernel_calls(m, policy, "gpu-interpret", tokens, lengths, chunk, new) == m.config.num_layers
+    fast, fast_logits = kvjax.inference._run_prefill(m, tokens, lengths, policy, chunk, new, run("gpu-interpret"))
+    slow, slow_logits = kvjax.inference._run_prefill(m, tokens, lengths, policy, chunk, new, run("reference"))
     np.testing.assert_allclose(np.asarray(fast_logits), np.asarray(slow_logits), atol=2e-5, rtol=0)
     _assert_same_entries(fast, slow, atol=2e-5)
     for layer in slow.layers:  # both rows were really compressed: the comparison covers a selection

@@ -10,10 +10,16 @@ import pytest
 from jax._src.pallas.mosaic.interpret import interpret_pallas_call as tpu_interpreter  # race detector's state
 from jax.experimental.pallas import tpu as pltpu
 
+import kvjax.attention
 from pallas_kernels import kv_quant
+from pallas_kernels.lowering import Lowering
 from pallas_kernels.quantized_decode_attention import (
-    QuantizedDecodeConfig, decode_attention, decode_attention_reference,
-    quantized_decode_attention, quantized_decode_attention_reference)
+    QuantizedDecodeConfig,
+    decode_attention,
+    decode_attention_reference,
+    quantized_decode_attention,
+    quantized_decode_attention_reference,
+)
 
 IMPLEMENTATIONS = ("tpu", "gpu")
 G = kv_quant.DEFAULT_GROUP_SIZE
@@ -259,6 +265,60 @@ def test_default_block_is_the_lowerings_own():
     with pytest.raises(ValueError, match=r"multiple of block_k \(256\)"):
         quantized_decode_attention(q, cache, lengths, k_res, v_res, res_lengths,
                                    implementation="tpu", interpret=True)
+
+
+@pytest.mark.parametrize("capacity,head_dim,name,block_k", [
+    (1024, 128, "gpu", 128),
+    (1024, 128, "tpu", 256),
+    (384, 128, "tpu", 128),  # the lowering's block, halved until it divides the slab
+    (512, 96, "tpu", 256),
+    (512, 96, "gpu", None),  # Triton unpacks whole power-of-two rows: Phi-3's 96 runs the reference
+    (512, 8, "gpu", None),
+    (512, 128, "mosaic_gpu", None),  # no Mosaic GPU lowering
+    (512, 128, "reference", None),
+    (40, 128, "tpu", None),  # no block of 16 or more divides the slab
+])
+def test_config_for_shape_or_none_for_the_reference(capacity, head_dim, name, block_k):
+    config = QuantizedDecodeConfig.for_shape(capacity, head_dim, Lowering.parse(name))
+    assert config == (None if block_k is None else QuantizedDecodeConfig(block_k=block_k))
+    if name in ("tpu", "gpu"):  # the interpreter takes what the compiled kernel takes
+        assert QuantizedDecodeConfig.for_shape(capacity, head_dim, Lowering.parse(name + "-interpret")) == config
+
+
+def test_entries_take_the_lowering_names():
+    q, cache, k_res, v_res = _quantized_case(2, 1, 2, 2, 1, 64, 32, 64, 4)
+    lengths, res_lengths = jnp.array([50]), jnp.array([7])
+    run = functools.partial(quantized_decode_attention, config=QuantizedDecodeConfig(block_k=32))
+    flag = run(q, cache, lengths, k_res, v_res, res_lengths, implementation="tpu", interpret=True)
+    for implementation in ("tpu-interpret", Lowering("tpu", True)):
+        np.testing.assert_array_equal(run(q, cache, lengths, k_res, v_res, res_lengths,
+                                          implementation=implementation), flag)
+    with pytest.raises(ValueError, match=r"implementation must be one of \('auto', 'reference', 'tpu', 'gpu', "
+                                         r"'tpu-interpret', 'gpu-interpret'\) here, got 'mosaic_gpu'"):
+        run(q, cache, lengths, k_res, v_res, res_lengths, implementation="mosaic_gpu")
+
+
+def test_kvjax_decode_runs_the_kernel_where_its_config_takes_the_slab(monkeypatch):
+    """kvjax's `attend_quantized` calls the kernel entry with the name it was given and the config of
+    `QuantizedDecodeConfig.for_shape` (the window padded to its block), else with "reference"."""
+    calls = []
+    monkeypatch.setattr(kvjax.attention, "quantized_decode_attention",
+                        lambda *args, **kwargs: calls.append(kwargs) or quantized_decode_attention(*args, **kwargs))
+    batch, kv_heads, group, capacity, window = 2, 2, 2, 64, 20
+    for head_dim, impl, block_k in [(64, "tpu-interpret", 64), (96, "gpu-interpret", None)]:
+        q, cache, k_win, v_win = _quantized_case(head_dim, batch, kv_heads, group, 1, capacity, window, head_dim, 4)
+        q = q.reshape(batch, 1, kv_heads, group, head_dim)
+        slab_length, win_length = jnp.array([64, 32]), jnp.array([20, 9])
+        win_pos = jnp.where(jnp.arange(window) < win_length[:, None], slab_length[:, None] + jnp.arange(window), -1)
+        win_pos = jnp.broadcast_to(win_pos[:, None], (batch, kv_heads, window))
+        q_pos = (slab_length + win_length - 1)[:, None]
+        args = (q, cache, slab_length, k_win, v_win, win_pos, q_pos, None, head_dim**-0.5)
+        expected = kvjax.attention.attend_quantized(*args, "reference")
+        calls.clear()
+        out = kvjax.attention.attend_quantized(*args, impl)
+        np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5)
+        config = QuantizedDecodeConfig() if block_k is None else QuantizedDecodeConfig(block_k=block_k)
+        assert [(c["implementation"], c["config"]) for c in calls] == [(impl if block_k else "reference", config)]
 
 
 def test_cpu_default_is_the_reference_and_errors_are_clear():

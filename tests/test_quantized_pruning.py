@@ -168,9 +168,9 @@ def test_decode_kernel_path_matches_reference(model, runs):
     tokens, out = runs
     lengths = np.asarray(LENGTHS)
     state_ref, state_ker = (jax.tree.map(jnp.copy, out["qp4"][1]) for _ in range(2))  # both donated
-    kernel = QuantizedPruning(_base(), 4, attention_impl="tpu-interpret")
-    ref, _ = kvjax.decode_step(model, state_ref, tokens[np.arange(2), lengths], QuantizedPruning(_base(), 4))
-    ker, _ = kvjax.decode_step(model, state_ker, tokens[np.arange(2), lengths], kernel)
+    policy, token = QuantizedPruning(_base(), 4), tokens[np.arange(2), lengths]
+    ref, _ = kvjax.decode_step(model, state_ref, token, policy)
+    ker, _ = kvjax.decode_step(model, state_ker, token, policy, attention_impl="tpu-interpret")
     np.testing.assert_allclose(np.asarray(ker), np.asarray(ref), atol=1e-4, rtol=0)
 
 
@@ -236,7 +236,7 @@ def test_generate_ragged_batch_is_the_greedy_chain(model, runs):
     out = np.asarray(kvjax.generate(
         model, prompts, NEW, policy, lengths=lengths, eos_token_id=(), chunk_size=CHUNK
     ))
-    state, logits = gen._run_prefill(model, prompts, lengths, policy, CHUNK, NEW)
+    state, logits = gen._run_prefill(model, prompts, lengths, policy, CHUNK, NEW, gen.Execution())
     chain = [np.asarray(jnp.argmax(logits, -1))]
     for _ in range(NEW - 1):
         logits, state = kvjax.decode_step(model, state, chain[-1], policy)

@@ -61,9 +61,9 @@ def test_decode_attends_exactly_over_the_top_pages(impl, window):
     case = DecodeCase.random(len(impl) + (window or 0))
     lo, hi = case.bounds()
     seg = PagedSegment(kv=case.segment(), k_min=jnp.asarray(lo), k_max=jnp.asarray(hi))
-    policy = Quest(budget_tokens=48, page=PAGE, attention_impl=impl)  # 3 of 10 (or 6) pages
+    policy = Quest(budget_tokens=48, page=PAGE)  # 3 of 10 (or 6) pages
     scale = case.q.shape[-1] ** -0.5
-    out, new_seg = case.step(policy, seg, window, scale)
+    out, new_seg = case.step(policy, seg, window, scale, impl)
     b, _, h, _, _ = case.q.shape
     for i in range(b):
         for j in range(h):

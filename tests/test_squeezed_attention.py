@@ -220,9 +220,9 @@ def test_decode_through_the_kernel_matches_the_reference(model, runs):
     # The GPU lowering, interpreted (both lowerings take slot masks in test_block_sparse_decode).
     tokens, results = runs
     logits, state = results["squeezed"][0], jax.tree.map(jnp.copy, results["squeezed"][1])
-    policy = SqueezedAttention(attention_impl="gpu-interpret")
     for i in range(2):
-        step, state = kvjax.decode_step(model, state, tokens[np.arange(len(LENGTHS)), np.array(LENGTHS) + i], policy)
+        token = tokens[np.arange(len(LENGTHS)), np.array(LENGTHS) + i]
+        step, state = kvjax.decode_step(model, state, token, SqueezedAttention(), attention_impl="gpu-interpret")
         np.testing.assert_allclose(np.asarray(step), logits[:, i], atol=2e-5, rtol=0)
 
 

@@ -74,9 +74,9 @@ def _numpy_twilight_pages(q, k_hat, pos, position, candidates, window, p, scale)
                                          ("tpu-interpret", None)])  # each kernel's window path is test_quest's
 def test_decode_attends_exactly_over_the_pages_covering_p_of_the_estimate(impl, window):
     case = DecodeCase.random(7 + len(impl) + (window or 0))
-    policy = Twilight(budget_tokens=128, page=PAGE, top_p=0.6, attention_impl=impl)  # 8 of 10 (or 6) pages
+    policy = Twilight(budget_tokens=128, page=PAGE, top_p=0.6)  # 8 of 10 (or 6) pages
     scale = case.q.shape[-1] ** -0.5
-    out, new_seg = case.step(policy, _estimated_segment(case, policy.bits), window, scale)
+    out, new_seg = case.step(policy, _estimated_segment(case, policy.bits), window, scale, impl)
     k_hat = _estimate_keys(new_seg)
     b, _, h, _, _ = case.q.shape
     pruned = []

@@ -1,12 +1,7 @@
 """The evaluation harness behind `kvjax eval`: every policy x budget on every task x length, scored as RULER does.
 
-Budgets map onto each policy's own fields (`with_budget`): `budget_tokens` (SnapKV, PyramidKV, TOVA,
-Knorm) is set to B (an observation `window` >= B shrinks to B // 2); Locret keeps `budget_tokens` +
-`local_len`, so they split B (local_len at most B // 2) with `stabilizers` capped at half the scored
-budget; `heavy` + `window` (H2O, A2SF, VATP) split B evenly, as H2O's paper does; `sink` + `window`
-(StreamingLLM) and `sink` + `recent` (DuoAttention, RazorAttention streaming heads) keep the sink
-and give the rest to the window; a policy held in a field (AdaKV's `base`) is mapped recursively.
-Policies with none of these (Full, KIVI, CSKV) have no token budget: they run once at their defaults.
+Each policy maps a token budget onto its own fields (`Policy.with_budget`); policies without one (Full,
+KIVI, CSKV) run once at their settings.
 """
 
 from __future__ import annotations
@@ -61,35 +56,9 @@ def make_policy(name: str) -> Policy:
 
 
 def with_budget(policy: Policy, budget: int) -> Policy | None:
-    """`policy` keeping about `budget` tokens per KV head (see the module docstring), or None when it
-    has no token budget."""
-    if budget < 1:
-        raise ValueError(f"budget must be positive; got {budget}")
-    fields = {f.name for f in dataclasses.fields(policy)}
-    if {"budget_tokens", "stabilizers", "local_len"} <= fields:  # Locret: scored budget + local tokens = B
-        local = min(policy.local_len, budget // 2)
-        scored = budget - local
-        return dataclasses.replace(policy, budget_tokens=scored, local_len=local,
-                                   stabilizers=min(policy.stabilizers, scored // 2))
-    if "budget_tokens" in fields:
-        changes = {"budget_tokens": budget}
-        if "window" in fields and policy.window >= budget:
-            changes["window"] = max(1, budget // 2)
-        return dataclasses.replace(policy, **changes)
-    if {"heavy", "window"} <= fields:
-        return dataclasses.replace(policy, heavy=budget // 2, window=budget - budget // 2)
-    for recent in ("window", "recent"):
-        if {"sink", recent} <= fields:
-            if budget <= policy.sink:
-                raise ValueError(f"budget {budget} must exceed {type(policy).__name__}'s sink ({policy.sink})")
-            return dataclasses.replace(policy, **{recent: budget - policy.sink})
-    for f in dataclasses.fields(policy):  # a wrapped policy (AdaKV's base) carries the budget
-        inner = getattr(policy, f.name)
-        if isinstance(inner, Policy):
-            mapped = with_budget(inner, budget)
-            if mapped is not None:
-                return dataclasses.replace(policy, **{f.name: mapped})
-    return None
+    """`policy` keeping about `budget` tokens per KV head by its own rule (`Policy.with_budget`), or None
+    when it has no token budget."""
+    return policy.with_budget(budget)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -61,8 +61,9 @@ def echo_induction_mass(probs: jax.Array, tokens: jax.Array, q_pos: jax.Array) -
     return echo_mass, ind_mass, jnp.sum(counted, axis=-1, dtype=jnp.float32)
 
 
-def _probe_step(tokens, block, layer, carry, q, k, v, q_pos, new_pos, window, scale):
-    """A cache step that attends causally over the whole probe in query blocks and adds the scores."""
+def _probe_step(tokens, block, ctx, carry, shared, x):
+    """A layer step that attends causally over the whole probe in query blocks and adds the scores."""
+    q, k, v, window, scale = x.q, x.k, x.v, ctx.window, ctx.scale
     b, t, kh, g, d = q.shape
     pad = -t % block
     q_blocks = jnp.pad(q, ((0, 0), (0, pad), (0, 0), (0, 0), (0, 0)))  # [B, T + pad, K, G, D]
@@ -84,7 +85,7 @@ def _probe_step(tokens, block, layer, carry, q, k, v, q_pos, new_pos, window, sc
     out, (echo, ind, n) = jax.lax.map(one, (q_blocks, starts))
     out = out.swapaxes(0, 1).reshape(b, -1, kh, g, d)[:, :t]  # [B, T, K, G, D]
     echo_sum, ind_sum, n_sum = carry
-    return out, (echo_sum + echo.sum(0), ind_sum + ind.sum(0), n_sum + n.sum(0))
+    return out, (echo_sum + echo.sum(0), ind_sum + ind.sum(0), n_sum + n.sum(0)), shared
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "block"))
@@ -95,7 +96,7 @@ def _probe_forward(graphdef, params, tokens, block):
     positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
     zeros = jnp.zeros((b, cfg.num_kv_heads, cfg.group_size), jnp.float32)
     carry = ((zeros, zeros, jnp.zeros((b,), jnp.float32)),) * cfg.num_layers
-    _, carry = model(tokens, positions, jnp.ones((b, t), bool), carry, functools.partial(_probe_step, tokens, block))
+    _, carry, _ = model(tokens, positions, jnp.ones((b, t), bool), carry, functools.partial(_probe_step, tokens, block))
     echo = jnp.stack([c[0] for c in carry])  # [L, B, K, G]
     ind = jnp.stack([c[1] for c in carry])  # [L, B, K, G]
     n = carry[0][2]  # [B]

@@ -99,18 +99,19 @@ def haystack_tests(
     return tests
 
 
-def _record_step(recording, layer, carry, q, k, v, q_pos, new_pos, window, scale):
+def _record_step(recording, ctx, carry, shared, x):
     """Full-cache step (slot = position) that also returns each query head's top-1 attended position
     for the chunk's last query (only when recording: prefill does not build the weights)."""
     seg, _ = carry
-    b, t, kh, g, _ = q.shape
-    seg = write_entries(seg, k, v, new_pos, q_pos[:, 0])
+    b, t, kh, g, _ = x.q.shape
+    seg = write_entries(seg, x.k, x.v, x.new_pos, x.q_pos[:, 0])
     if not recording:
-        return attend(q, seg.k, seg.v, seg.pos, q_pos, window, scale), (seg, jnp.full((b, kh * g), -1, jnp.int32))
-    out, probs = attend_with_probs(q, seg.k, seg.v, seg.pos, q_pos, window, scale)  # probs [B, K, G, T, C]
+        out = attend(x.q, seg.k, seg.v, seg.pos, x.q_pos, ctx.window, ctx.scale)
+        return out, (seg, jnp.full((b, kh * g), -1, jnp.int32)), shared
+    out, probs = attend_with_probs(x.q, seg.k, seg.v, seg.pos, x.q_pos, ctx.window, ctx.scale)  # [B, K, G, T, C]
     slot = jnp.argmax(probs[:, :, :, -1, :], axis=-1)  # [B, K, G]
     top = jnp.take_along_axis(seg.pos[:, :, None, :], slot[..., None], axis=-1)[..., 0]  # [B, K, G]
-    return out, (seg, top.reshape(b, kh * g))
+    return out, (seg, top.reshape(b, kh * g)), shared
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "recording"), donate_argnames=("carry",))
@@ -119,7 +120,9 @@ def _forward(graphdef, params, carry, tokens, start, recording):
     model = nnx.merge(graphdef, params)
     b, t = tokens.shape
     positions = start + jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))  # [B, T]
-    hidden, carry = model(tokens, positions, jnp.ones((b, t), bool), carry, functools.partial(_record_step, recording))
+    hidden, carry, _ = model(
+        tokens, positions, jnp.ones((b, t), bool), carry, functools.partial(_record_step, recording)
+    )
     token = jnp.argmax(model.logits(hidden[:, -1]), axis=-1).astype(jnp.int32)  # [B]
     return token, carry, jnp.stack([c[1] for c in carry])
 

@@ -6,28 +6,28 @@ and returns the updated segments, so the hot path stays a pure function of (para
 
 from __future__ import annotations
 
-from typing import Callable
+import functools
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
-from flax import nnx
+from flax import nnx, struct
 
 from kvjax.attention import attend
 from kvjax.config import ModelConfig
-from kvjax.kv_state import KVSegment
+from kvjax.layer_step import LayerContext, StepInputs
 from kvjax.rope import apply_rope, rope_tables
 
-_ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
+ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
     "silu": jax.nn.silu,
     "gelu": lambda x: jax.nn.gelu(x, approximate=False),
     "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
     "relu": jax.nn.relu,
 }
 
-# Signature of the cache step a policy supplies: (layer, segments, q, k, v, q_pos, new_pos, window,
-# scale) -> (attention output [B, T, K, G, D], updated segments). A policy that reads Locret's
-# retaining heads (`Policy.reads_retaining_scores`) also takes `retain_scores=` float32[B, T, K].
-CacheStep = Callable[..., tuple[jax.Array, tuple[KVSegment, ...]]]
+# What the model calls per layer with a cache: the policy's `layer_step` for the current phase,
+# (LayerContext, layer state, shared state, StepInputs) -> (output [B, T, K, G, D], layer state, shared).
+LayerFn = Callable[[LayerContext, Any, Any, StepInputs], tuple[jax.Array, Any, Any]]
 
 
 def _param(rngs: nnx.Rngs, shape: tuple[int, ...], dtype, fan_in: int) -> nnx.Param:
@@ -47,48 +47,12 @@ class RMSNorm(nnx.Module):
         return self.weight[...] * x32.astype(x.dtype)
 
 
-def retaining_features(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
-    """[B, T, (H + 2K) * D]: a retaining head's input, q, k and v of each token flattened and concatenated.
-
-    q [B, T, H, D], k and v [B, T, K, D] straight from the projections, before rotary embedding, so the
-    score of a token depends on what it is, not on where it sits.
-    """
-    b, t = q.shape[:2]
-    return jnp.concatenate([q.reshape(b, t, -1), k.reshape(b, t, -1), v.reshape(b, t, -1)], axis=-1)
-
-
-def retaining_head_scores(features: jax.Array, fc1: jax.Array, fc2: jax.Array, act: str) -> jax.Array:
-    """float32[..., K]: Locret's retaining head, fc2(act(fc1(features))), both layers without bias.
-
-    features [..., C] with C = (H + 2K) * D; fc1 [C, F]; fc2 [F, K]. The one implementation both
-    inference (RetainingHead) and training (kvjax.train.locret_heads) run.
-    """
-    hidden = _ACTIVATIONS[act](jnp.einsum("...c,cf->...f", features, fc1, preferred_element_type=jnp.float32))
-    return jnp.einsum("...f,fk->...k", hidden.astype(fc2.dtype), fc2, preferred_element_type=jnp.float32)
-
-
-class RetainingHead(nnx.Module):
-    """Locret's retaining head of one layer: an importance score per token and KV head, predicted from
-    that token's pre-RoPE q, k, v (Huang et al., 2024). Present only when config.retaining_hidden is set."""
-
-    def __init__(self, config: ModelConfig, dtype, rngs: nnx.Rngs):
-        c = (config.num_heads + 2 * config.num_kv_heads) * config.head_dim
-        f, k = config.retaining_hidden, config.num_kv_heads
-        self.act = config.hidden_act
-        self.fc1 = _param(rngs, (c, f), dtype, c)  # [C, F]
-        self.fc2 = _param(rngs, (f, k), dtype, f)  # [F, K]
-
-    def __call__(self, q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
-        """float32[B, T, K] from q [B, T, H, D], k and v [B, T, K, D] before rotary embedding."""
-        return retaining_head_scores(retaining_features(q, k, v), self.fc1[...], self.fc2[...], self.act)
-
-
 class Attention(nnx.Module):
     """Grouped-query attention with rotary embeddings and optional q/k/v and output biases."""
 
-    def __init__(self, config: ModelConfig, layer: int, dtype, rngs: nnx.Rngs):
+    def __init__(self, config: ModelConfig, dtype, rngs: nnx.Rngs):
         e, h, k, d = config.hidden_size, config.num_heads, config.num_kv_heads, config.head_dim
-        self.config, self.layer = config, layer
+        self.config = config
         self.q_proj = _param(rngs, (e, h, d), dtype, e)  # [E, H, D]
         self.k_proj = _param(rngs, (e, k, d), dtype, e)  # [E, K, D]
         self.v_proj = _param(rngs, (e, k, d), dtype, e)  # [E, K, D]
@@ -99,8 +63,6 @@ class Attention(nnx.Module):
             self.v_bias = nnx.Param(jnp.zeros((k, d), dtype))
         if config.o_bias:
             self.o_bias = nnx.Param(jnp.zeros((e,), dtype))
-        if config.retaining_hidden is not None:
-            self.retain = RetainingHead(config, dtype, rngs)
 
     def project(self, x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
         """q [B, T, H, D], k and v [B, T, K, D], before rotary embedding."""
@@ -113,30 +75,28 @@ class Attention(nnx.Module):
 
     def __call__(
         self, x: jax.Array, positions: jax.Array, valid: jax.Array, rope: tuple[jax.Array, jax.Array],
-        segments: tuple[KVSegment, ...] | None, cache_step: CacheStep | None, retaining_scores: bool = False,
-    ) -> tuple[jax.Array, tuple[KVSegment, ...] | None]:
+        ctx: LayerContext, segments: Any, shared: Any, layer_fn: LayerFn | None,
+    ) -> tuple[jax.Array, Any, Any]:
+        """Output [B, T, E], the layer's new state and the new shared state. Without a cache
+        (`layer_fn` None) the chunk attends causally to itself."""
         cfg = self.config
         b, t, _ = x.shape
-        q, k, v = self.project(x)
-        step_kwargs = {}
-        if retaining_scores:  # Locret: scores from the projections, before RoPE, handed to its cache step
-            if cfg.retaining_hidden is None:
-                raise ValueError("the policy reads Locret retaining-head scores but this model carries no retaining "
-                                 "heads; attach them with kvjax.policies.locret.with_retaining_heads(model, DIR)")
-            step_kwargs["retain_scores"] = self.retain(q, k, v)  # float32[B, T, K]
-        q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        q = q.reshape(b, t, cfg.num_kv_heads, cfg.group_size, cfg.head_dim)  # [B, T, K, G, D]
+        q_raw, k_raw, v = self.project(x)
+        q, k = apply_rope(q_raw, *rope), apply_rope(k_raw, *rope)
+        grouped = (b, t, cfg.num_kv_heads, cfg.group_size, cfg.head_dim)
         new_pos = jnp.where(valid, positions, -1)  # [B, T]
-        window, scale = cfg.sliding_window(self.layer), cfg.head_dim**-0.5
-        if segments is None:  # full causal forward over the chunk itself, no cache
+        if layer_fn is None:
             k_pos = jnp.broadcast_to(new_pos[:, None, :], (b, cfg.num_kv_heads, t))  # [B, K, T]
-            out = attend(q, k.swapaxes(1, 2), v.swapaxes(1, 2), k_pos, positions, window, scale)
+            out = attend(q.reshape(grouped), k.swapaxes(1, 2), v.swapaxes(1, 2), k_pos, positions, ctx.window,
+                         ctx.scale, ctx.impl)
         else:
-            out, segments = cache_step(self.layer, segments, q, k, v, positions, new_pos, window, scale, **step_kwargs)
+            inputs = StepInputs(q=q.reshape(grouped), k=k, v=v, q_raw=q_raw.reshape(grouped), k_raw=k_raw,
+                                q_pos=positions, new_pos=new_pos)
+            out, segments, shared = layer_fn(ctx, segments, shared, inputs)
         out = jnp.einsum("bthd,hde->bte", out.reshape(b, t, cfg.num_heads, cfg.head_dim), self.o_proj[...])
         if cfg.o_bias:
             out = out + self.o_bias[...]
-        return out, segments
+        return out, segments, shared
 
 
 class MLP(nnx.Module):
@@ -144,7 +104,7 @@ class MLP(nnx.Module):
 
     def __init__(self, config: ModelConfig, dtype, rngs: nnx.Rngs):
         e, f = config.hidden_size, config.intermediate_size
-        self.act = _ACTIVATIONS[config.hidden_act]
+        self.act = ACTIVATIONS[config.hidden_act]
         self.gate_proj = _param(rngs, (e, f), dtype, e)  # [E, F]
         self.up_proj = _param(rngs, (e, f), dtype, e)  # [E, F]
         self.down_proj = _param(rngs, (f, e), dtype, f)  # [F, E]
@@ -164,20 +124,55 @@ class MLP(nnx.Module):
 
 
 class Block(nnx.Module):
-    """Pre-norm decoder block: x + attn(norm(x)), then x + mlp(norm(x))."""
+    """Pre-norm decoder block: x + attn(norm(x)), then x + mlp(norm(x)). Every block of a model has
+    the same graph, so runs of blocks can be scanned over stacked parameters."""
 
-    def __init__(self, config: ModelConfig, layer: int, dtype, rngs: nnx.Rngs):
+    def __init__(self, config: ModelConfig, dtype, rngs: nnx.Rngs):
         self.input_norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
-        self.attn = Attention(config, layer, dtype, rngs)
+        self.attn = Attention(config, dtype, rngs)
         self.post_attention_norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
         self.mlp = MLP(config, dtype, rngs)
 
-    def __call__(self, x, positions, valid, rope, segments, cache_step, retaining_scores: bool = False):
-        attn_out, segments = self.attn(
-            self.input_norm(x), positions, valid, rope, segments, cache_step, retaining_scores
+    def __call__(self, x, positions, valid, rope, ctx, segments, shared, layer_fn):
+        attn_out, segments, shared = self.attn(
+            self.input_norm(x), positions, valid, rope, ctx, segments, shared, layer_fn
         )
         x = x + attn_out
-        return x + self.mlp(self.post_attention_norm(x)), segments
+        return x + self.mlp(self.post_attention_norm(x)), segments, shared
+
+
+def layer_runs(config: ModelConfig, cache: tuple | None) -> tuple[tuple[int, int], ...]:
+    """[start, stop) ranges of consecutive layers that share a sliding window and a state layout
+    (pytree structure, static fields, leaf shapes and dtypes): each runs as one `lax.scan`."""
+
+    def key(i: int):
+        if cache is None:
+            return config.sliding_window(i)
+        leaves, treedef = jax.tree.flatten(cache[i])
+        return config.sliding_window(i), treedef, tuple((x.shape, x.dtype) for x in leaves)
+
+    runs, start = [], 0
+    for i in range(1, config.num_layers + 1):
+        if i == config.num_layers or key(i) != key(start):
+            runs.append((start, i))
+            start = i
+    return tuple(runs)
+
+
+def _stack(trees: list) -> Any:
+    return jax.tree.map(lambda *xs: jnp.stack(xs), *trees)
+
+
+@struct.dataclass(frozen=True)
+class LayerStack:
+    """How a forward runs its layers: `runs` ([start, stop) ranges, static) and, per run of more than
+    one layer, its blocks' parameters stacked on a new leading axis (None for a single layer).
+
+    Built once outside a loop (prefill's chunks, decode's tokens) so the stacking is not repeated per
+    step; it holds a second copy of the scanned blocks' weights while it lives."""
+
+    runs: tuple[tuple[int, int], ...] = struct.field(pytree_node=False)
+    params: tuple[Any, ...]
 
 
 class Transformer(nnx.Module):
@@ -188,35 +183,70 @@ class Transformer(nnx.Module):
         self.embed = nnx.Param(
             jax.random.normal(rngs.params(), (config.vocab_size, config.hidden_size)).astype(dtype)
         )  # [V, E]
-        self.blocks = nnx.List([Block(config, i, dtype, rngs) for i in range(config.num_layers)])
+        self.blocks = nnx.List([Block(config, dtype, rngs) for _ in range(config.num_layers)])
         self.final_norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
         if not config.tie_word_embeddings:
             self.lm_head = _param(rngs, (config.hidden_size, config.vocab_size), dtype, config.hidden_size)
 
+    def layer_stack(self, cache: tuple | None, scan_layers: bool = True) -> LayerStack:
+        """The runs of layers sharing a layout in `cache` (one run per layer when `scan_layers` is False)
+        and their stacked block parameters."""
+        if scan_layers:
+            runs = layer_runs(self.config, cache)
+        else:
+            runs = tuple((i, i + 1) for i in range(self.config.num_layers))
+        params = tuple(
+            None if stop - start == 1 else _stack([nnx.split(self.blocks[i])[1] for i in range(start, stop)])
+            for start, stop in runs
+        )
+        return LayerStack(runs=runs, params=params)
+
     def __call__(
-        self, tokens: jax.Array, positions: jax.Array, valid: jax.Array,
-        cache: tuple[tuple[KVSegment, ...], ...] | None = None, cache_step: CacheStep | None = None,
-        seq_len: jax.Array | None = None, retaining_scores: bool = False,
-    ) -> tuple[jax.Array, tuple[tuple[KVSegment, ...], ...] | None]:
-        """Final-normed hidden states [B, T, E] for tokens int32[B, T] at positions int32[B, T].
+        self, tokens: jax.Array, positions: jax.Array, valid: jax.Array, cache: tuple | None = None,
+        layer_fn: LayerFn | None = None, *, shared: Any = None, seq_len: jax.Array | None = None,
+        attention_impl: str = "auto", stack: LayerStack | None = None,
+    ) -> tuple[jax.Array, tuple | None, Any]:
+        """Final-normed hidden states [B, T, E] for tokens int32[B, T] at positions int32[B, T], the new
+        per-layer cache and the new shared state.
 
         `valid` bool[B, T] marks real tokens (padding is never written to the cache nor attended).
-        With a cache, `cache_step` (from the policy) writes and attends; the new cache is returned.
+        With a cache (per layer, its state), `layer_fn` (the policy's step) writes and attends.
         `seq_len` is the sequence length this call belongs to (it picks LongRoPE's factors); by
-        default the largest real position plus one, which is right for a single forward.
-        `retaining_scores` (static) hands each layer's Locret retaining-head scores to `cache_step`.
+        default the largest real position plus one, which is right for a single forward. Runs of
+        identically laid-out layers run under one `lax.scan`, so compile time does not grow with
+        depth; `stack` (`layer_stack`, default: built here) says which.
         """
+        cfg = self.config
+        stack = self.layer_stack(cache) if stack is None else stack
         x = self.embed[...][tokens]  # [B, T, E]
         if seq_len is None:
             seq_len = jnp.max(jnp.where(valid, positions + 1, 0))
-        rope = rope_tables(self.config.rope, self.config.head_dim, positions, seq_len)
-        new_cache = []
-        for i, block in enumerate(self.blocks):
-            x, segments = block(
-                x, positions, valid, rope, None if cache is None else cache[i], cache_step, retaining_scores
-            )
-            new_cache.append(segments)
-        return self.final_norm(x), None if cache is None else tuple(new_cache)
+        rope = rope_tables(cfg.rope, cfg.head_dim, positions, seq_len)
+        scale = cfg.head_dim**-0.5
+        layers = [None] * cfg.num_layers if cache is None else list(cache)
+        for (start, stop), params in zip(stack.runs, stack.params):
+            ctx = functools.partial(LayerContext, window=cfg.sliding_window(start), scale=scale, impl=attention_impl)
+            if params is None:
+                x, layers[start], shared = self.blocks[start](
+                    x, positions, valid, rope, ctx(start), layers[start], shared, layer_fn
+                )
+                continue
+            graphdef = nnx.split(self.blocks[start])[0]
+
+            def body(carry, xs, graphdef=graphdef, ctx=ctx):
+                h, shared = carry
+                block_params, state, index = xs
+                h, state, shared = nnx.merge(graphdef, block_params)(
+                    h, positions, valid, rope, ctx(index), state, shared, layer_fn
+                )
+                return (h, shared), state
+
+            run_state = None if cache is None else _stack(layers[start:stop])
+            indices = jnp.arange(start, stop, dtype=jnp.int32)
+            (x, shared), run_state = jax.lax.scan(body, (x, shared), (params, run_state, indices))
+            if cache is not None:
+                layers[start:stop] = [jax.tree.map(lambda a, j=j: a[j], run_state) for j in range(stop - start)]
+        return self.final_norm(x), None if cache is None else tuple(layers), shared
 
     def logits(self, hidden: jax.Array) -> jax.Array:
         """float32[..., V] next-token logits from final-normed hidden states [..., E]."""

@@ -76,24 +76,27 @@ class AdaKV(Policy):
         if not 0.0 <= self.alpha <= 1.0:
             raise ValueError(f"AdaKV alpha must be in [0, 1]; got {self.alpha}")
 
+    def with_budget(self, tokens):
+        """The base policy's budget."""
+        base = self.base.with_budget(tokens)
+        return None if base is None else dataclasses.replace(self, base=base)
+
     def layout(self, config: ModelConfig, prompt_len: int, max_new_tokens: int, chunk: int) -> Layout:
         return self.base.layout(config, prompt_len, max_new_tokens, chunk)
 
     def scored(self) -> bool:
         return self.base.scored()
 
-    def cache_step(self, layer, segments, q, k, v, q_pos, new_pos, window, scale, *, prompt_lengths=None):
+    def step(self, ctx, segments, x, phase):
         if not isinstance(segments[0], PooledSegment):  # prefill: the base policy, unchanged
-            return self.base.cache_step(
-                layer, segments, q, k, v, q_pos, new_pos, window, scale, prompt_lengths=prompt_lengths
-            )
+            return self.base.step(ctx, segments, x, phase)
         (pool,) = segments
-        pool = _append(pool, k, v, new_pos)
+        pool = _append(pool, x.k, x.v, x.new_pos)
         k_all = jnp.broadcast_to(pool.k[:, None], (pool.k.shape[0], len(pool.heads)) + pool.k.shape[1:])
         v_all = jnp.broadcast_to(pool.v[:, None], k_all.shape)  # [B, K, C, D] views of one buffer
         # The reference, not `attend`: the decode kernels assume each row's entries fill a prefix of
         # its slots, which a head's masked view of the pool does not.
-        out = reference_attention(q, k_all, v_all, pool.head_positions(), q_pos, window, scale)
+        out = reference_attention(x.q, k_all, v_all, pool.head_positions(), x.q_pos, ctx.window, ctx.scale)
         return out, (pool,)
 
     def finalize(self, config: ModelConfig, state: KVState, prompt_len: int, max_new_tokens: int) -> KVState:

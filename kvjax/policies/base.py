@@ -1,15 +1,19 @@
-"""What every compression policy provides: its buffer layout and its per-layer cache step."""
+"""What every compression policy provides: its buffer layout and its per-layer step."""
 
 from __future__ import annotations
 
 import abc
 import dataclasses
+import os
+from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
 
 from kvjax.config import ModelConfig
-from kvjax.kv_state import KVSegment, KVState, empty_segment
+from kvjax.kv_state import KVState, empty_segment
+from kvjax.layer_step import LayerContext, Phase, StepInputs, merge_heads
+
 
 @dataclasses.dataclass(frozen=True)
 class SegmentSpec:
@@ -27,29 +31,57 @@ Layout = tuple[tuple[SegmentSpec, ...], ...]  # per layer, its segments
 class Policy(abc.ABC):
     """A frozen, hashable set of hyperparameters plus pure functions; static under jit.
 
-    Subclasses decide capacities at trace time (`layout`) and how each layer's segments change when
-    a prefill chunk or a decode token arrives (`cache_step`). `attention_impl` picks how attention
-    runs (kvjax.attention.ATTENTION_IMPLS); keyword-only so subclasses keep positional fields.
+    Subclasses decide capacities at trace time (`layout`) and how a segment changes when a prefill
+    chunk or a decode token arrives (`segment_step`, called per segment by `step`, which a policy
+    overrides only when its segments are not independent). A learned policy keeps its arrays in
+    `params` (a pytree, excluded from hashing): the jitted paths pass them as traced arguments.
     """
 
-    attention_impl: str = dataclasses.field(default="auto", kw_only=True)
+    params: Any = dataclasses.field(default=None, kw_only=True, compare=False, hash=False, repr=False)
+    # What a policy is built from besides its fields (for the CLI's --policy-file), or None.
+    file_needed: ClassVar[str | None] = None
+
+    @classmethod
+    def from_file(cls, path: str | os.PathLike, config: ModelConfig, **options) -> "Policy":
+        """The policy built from `file_needed` for a model of `config`, with `options` for its fields."""
+        raise ValueError(f"{cls.__name__} is not built from a file; set its fields instead")
+
+    def with_budget(self, tokens: int) -> "Policy | None":
+        """This policy keeping about `tokens` entries per KV head, by its own rule for splitting them, or
+        None when it has no token budget (it then runs at its own settings: Full, KIVI, CSKV, ...)."""
+        if tokens < 1:
+            raise ValueError(f"a token budget must be positive; got {tokens}")
+        return None
 
     @abc.abstractmethod
     def layout(self, config: ModelConfig, prompt_len: int, max_new_tokens: int, chunk: int) -> Layout:
         """Segments and capacities while prefilling a prompt of `prompt_len` tokens in chunks."""
 
-    @abc.abstractmethod
-    def cache_step(
-        self, layer: int, segments: tuple[KVSegment, ...], q: jax.Array, k: jax.Array, v: jax.Array,
-        q_pos: jax.Array, new_pos: jax.Array, window: int | None, scale: float, *,
-        prompt_lengths: jax.Array | None = None,
-    ) -> tuple[jax.Array, tuple[KVSegment, ...]]:
-        """Writes a chunk's (or a decode token's) k, v into a layer's segments and attends.
+    def step(
+        self, ctx: LayerContext, segments: tuple[Any, ...], x: StepInputs, phase: Phase
+    ) -> tuple[jax.Array, tuple[Any, ...]]:
+        """Writes the step into a layer's segments and attends: the output [B, T, K, G, D] and the new
+        segments. By default each segment independently, through `segment_step`."""
+        outs, updated = [], []
+        for seg in segments:
+            out, seg = self.segment_step(ctx, seg, x.heads(seg.heads), phase)
+            outs.append(out)
+            updated.append(seg)
+        return merge_heads(outs, segments, axis=2), tuple(updated)
 
-        q: [B, T, K, G, D] after RoPE; k, v: [B, T, K, D]; q_pos: int32[B, T]; new_pos: the positions
-        to record (-1 for padding); prompt_lengths: int32[B] while prefilling, None while decoding.
-        Returns the output [B, T, K, G, D] and the new segments.
-        """
+    def segment_step(
+        self, ctx: LayerContext, segment: Any, x: StepInputs, phase: Phase
+    ) -> tuple[jax.Array, Any]:
+        """One segment's step; x holds only its heads. Returns ([B, T, Hs, G, D], new segment)."""
+        raise NotImplementedError(f"{type(self).__name__} implements neither step nor segment_step")
+
+    def layer_step(
+        self, ctx: LayerContext, segments: tuple[Any, ...], shared: Any, x: StepInputs, phase: Phase
+    ) -> tuple[jax.Array, tuple[Any, ...], Any]:
+        """What the model calls per layer: `step`, plus `shared`, the state carried from layer to layer
+        (`KVState.shared`, e.g. a cross-layer merge), returned unchanged unless a policy overrides this."""
+        out, segments = self.step(ctx, segments, x, phase)
+        return out, segments, shared
 
     def finalize(self, config: ModelConfig, state: KVState, prompt_len: int, max_new_tokens: int) -> KVState:
         """The state decoding starts from, after the last prefill chunk (e.g. the prompt compressed)."""
@@ -59,10 +91,9 @@ class Policy(abc.ABC):
         """Whether segments carry a per-entry score buffer."""
         return False
 
-    def reads_retaining_scores(self) -> bool:
-        """Whether `cache_step` takes the model's Locret retaining-head scores (`retain_scores=`
-        float32[B, T, K], computed from pre-RoPE q, k, v); only then does the model compute them."""
-        return False
+    def check_model(self, config: ModelConfig) -> None:
+        """Raises ValueError when this policy cannot run on a model of `config` (e.g. learned
+        parameters of other shapes)."""
 
     def allocate(
         self, config: ModelConfig, batch: int, prompt_len: int, max_new_tokens: int, chunk: int, dtype
@@ -76,3 +107,13 @@ class Policy(abc.ABC):
             for layer in self.layout(config, prompt_len, max_new_tokens, chunk)
         )
         return KVState(layers=layers, length=jnp.zeros((batch,), jnp.int32))
+
+
+def split_params(policy: Policy) -> tuple[Policy, Any]:
+    """(the policy without its arrays: hashable, a jit static argument; its `params` pytree)."""
+    return dataclasses.replace(policy, params=None), policy.params
+
+
+def bind_params(policy: Policy, params: Any) -> Policy:
+    """The inverse of `split_params`, inside jit: the static policy with traced `params`."""
+    return policy if params is None else dataclasses.replace(policy, params=params)

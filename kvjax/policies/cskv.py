@@ -129,16 +129,15 @@ class CSKV(Policy):
         heads = tuple(range(config.num_kv_heads))
         return ((SegmentSpec(heads, round_capacity(prompt_len)),),) * config.num_layers
 
-    def cache_step(self, layer, segments, q, k, v, q_pos, new_pos, window, scale, *, prompt_lengths=None):
-        if not isinstance(segments[0], LowRankSegment):  # prefill
-            return write_in_place_then_attend(segments, q, k, v, q_pos, new_pos, window, scale, self.attention_impl)
-        (seg,) = segments
-        if q.shape[1] != 1:
-            raise ValueError(f"CSKV decodes one token per step; got {q.shape[1]}")
-        seg = seg.replace(window=write_free_slot(seg.window, k, v, new_pos))
-        keys, values, pos = seg.assembled()  # [B, K, C + W, ...]
-        out = attend(q, keys, values, pos, q_pos, window, scale, self.attention_impl)
-        return out, (self._retire_oldest(seg),)
+    def segment_step(self, ctx, segment, x, phase):
+        if not isinstance(segment, LowRankSegment):  # prefill
+            return write_in_place_then_attend(ctx, segment, x)
+        if x.q.shape[1] != 1:
+            raise ValueError(f"CSKV decodes one token per step; got {x.q.shape[1]}")
+        seg = segment.replace(window=write_free_slot(segment.window, x.k, x.v, x.new_pos))
+        keys, values, pos = seg.assembled()  # [B, Hs, C + W, ...]
+        out = attend(x.q, keys, values, pos, x.q_pos, ctx.window, ctx.scale, ctx.impl)
+        return out, self._retire_oldest(seg)
 
     def _retire_oldest(self, seg: LowRankSegment) -> LowRankSegment:
         """Moves each row's oldest window token into the features when the window holds more than `residual`.

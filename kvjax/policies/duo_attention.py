@@ -7,8 +7,8 @@ exchanged as DuoAttention's `full_attention_heads.tsv` (numpy `savetxt`, L rows 
 separated); kvjax's own gate files are that same format (`write_gates_tsv` / `read_gates_tsv`).
 
 Retrieval heads follow Full (slot = position), streaming heads follow StreamingLLM(sink, recent)
-exactly (same step, same finalize), each on its own heads via take_heads/merge_heads, so the
-shared attention dispatch (`attention_impl`) sends single-token decode over either buffer to the
+exactly (same step, same finalize), each on its own heads, so the shared attention dispatch (the
+`attention_impl` of prefill and generate) sends single-token decode over either buffer to the
 Pallas `block_sparse_decode` kernel on GPU/TPU and to the jnp reference on CPU. Prefill chunks over
 the retrieval buffer (slot = position, declared with `slot_is_position=True`) go to the
 `block_sparse_prefill` kernel in chunk mode; streaming buffers hold no such layout while
@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kvjax.cached_attention import merge_heads, write_in_place_then_attend
+from kvjax.cached_attention import write_in_place_then_attend
 from kvjax.config import ModelConfig
 from kvjax.kv_state import KVSegment, KVState
 from kvjax.policies.base import Layout, Policy, SegmentSpec
@@ -134,6 +134,20 @@ class DuoAttention(Policy):
             raise ValueError(f"DuoAttention needs sink >= 0 and recent >= 1; got {self.sink}, {self.recent}")
         object.__setattr__(self, "retrieval_heads", _normalise(self.retrieval_heads))
 
+    def with_budget(self, tokens):
+        """Streaming heads keep `tokens`: the sink stays, `recent` takes the rest (retrieval heads keep all)."""
+        super().with_budget(tokens)
+        if tokens <= self.sink:
+            raise ValueError(f"{type(self).__name__}: a budget of {tokens} tokens must exceed the sink ({self.sink})")
+        return dataclasses.replace(self, recent=tokens - self.sink)
+
+    file_needed = "full_attention_heads.tsv: gates from `kvjax train-gates --method duo` or DuoAttention's release"
+
+    @classmethod
+    def from_file(cls, path, config, **options) -> "DuoAttention":
+        """`from_tsv(path, **options)` (sparsity, sink, recent, break_ties)."""
+        return cls.from_tsv(path, **options)
+
     @classmethod
     def from_gates(cls, gates, sparsity: float = 0.5, sink: int = 64, recent: int = 256,
                    break_ties: bool = False) -> "DuoAttention":
@@ -153,23 +167,13 @@ class DuoAttention(Policy):
         return split_layout(config, self.retrieval_heads, self.sink + self.recent, prompt_len, max_new_tokens, chunk)
 
     def streaming(self) -> StreamingLLM:
-        """The policy streaming heads follow: same sink, recent window and attention implementation."""
-        return StreamingLLM(sink=self.sink, window=self.recent, attention_impl=self.attention_impl)
+        """The policy streaming heads follow: same sink and recent window."""
+        return StreamingLLM(sink=self.sink, window=self.recent)
 
-    def cache_step(self, layer, segments, q, k, v, q_pos, new_pos, window, scale, *, prompt_lengths=None):
-        outs, updated = [], []
-        for seg in segments:
-            if seg.budget is None:  # retrieval heads: slot = position, as Full
-                out, (seg,) = write_in_place_then_attend(
-                    (seg,), q, k, v, q_pos, new_pos, window, scale, self.attention_impl
-                )
-            else:  # streaming heads: exactly StreamingLLM's step on this segment's heads
-                out, (seg,) = self.streaming().cache_step(
-                    layer, (seg,), q, k, v, q_pos, new_pos, window, scale, prompt_lengths=prompt_lengths
-                )
-            outs.append(out)
-            updated.append(seg)
-        return merge_heads(outs, segments, axis=2), tuple(updated)
+    def segment_step(self, ctx, segment, x, phase):
+        if segment.budget is None:  # retrieval heads: slot = position, as Full
+            return write_in_place_then_attend(ctx, segment, x)
+        return self.streaming().segment_step(ctx, segment, x, phase)  # streaming heads: StreamingLLM's step
 
     def finalize(self, config, state: KVState, prompt_len, max_new_tokens) -> KVState:
         """Streaming buffers shrink as StreamingLLM's (sink + recent + a spare slot); retrieval ones stay."""

@@ -17,5 +17,5 @@ class Full(Policy):
         heads = tuple(range(config.num_kv_heads))
         return ((SegmentSpec(heads, position_capacity(prompt_len + max_new_tokens)),),) * config.num_layers
 
-    def cache_step(self, layer, segments, q, k, v, q_pos, new_pos, window, scale, *, prompt_lengths=None):
-        return write_in_place_then_attend(segments, q, k, v, q_pos, new_pos, window, scale, self.attention_impl)
+    def segment_step(self, ctx, segment, x, phase):
+        return write_in_place_then_attend(ctx, segment, x)

@@ -21,6 +21,11 @@ class H2O(TokenEviction):
         if self.heavy < 0 or self.window < 1:
             raise ValueError(f"H2O needs heavy >= 0 and window >= 1; got {self.heavy}, {self.window}")
 
+    def with_budget(self, tokens):
+        """`heavy` and `window` split the tokens evenly, as H2O's paper does."""
+        super().with_budget(tokens)
+        return dataclasses.replace(self, heavy=tokens // 2, window=tokens - tokens // 2)
+
     def scored(self):
         return True
 

@@ -89,22 +89,14 @@ class KIVI(Policy):
         )
         return KVState(layers=((layer,),) * config.num_layers, length=jnp.zeros((batch,), jnp.int32))
 
-    def cache_step(
-        self, layer: int, segments: tuple[QuantizedSegment, ...], q: jax.Array, k: jax.Array,
-        v: jax.Array, q_pos: jax.Array, new_pos: jax.Array, window: int | None, scale: float, *,
-        prompt_lengths: jax.Array | None = None,
-    ) -> tuple[jax.Array, tuple[QuantizedSegment, ...]]:
-        """Appends the chunk (or token) to the window, attends over slab + window, flushes groups.
-
-        q: [B, T, K, G, D]; k, v: [B, T, K, D]; new_pos int32[B, T] (-1 for right padding).
-        """
-        (seg,) = segments
-        t, capacity = q.shape[1], seg.window.capacity
+    def segment_step(self, ctx, segment: QuantizedSegment, x, phase) -> tuple[jax.Array, QuantizedSegment]:
+        """Appends the chunk (or token) to the window, attends over slab + window, flushes groups."""
+        t, capacity = x.q.shape[1], segment.window.capacity
         held_max = min(self.residual + self.group - 1, capacity)  # window tokens between steps
-        seg = grow_window(seg, held_max + t - capacity)  # room for T more without clamping
-        seg = seg.replace(window=write_entries(seg.window, k, v, new_pos, seg.window_length()))
+        seg = grow_window(segment, held_max + t - capacity)  # room for T more without clamping
+        seg = seg.replace(window=write_entries(seg.window, x.k, x.v, x.new_pos, seg.window_length()))
         w = seg.window
         out = attend_quantized(
-            q, seg.slab, seg.slab_length, w.k, w.v, w.pos, q_pos, window, scale, self.attention_impl
+            x.q, seg.slab, seg.slab_length, w.k, w.v, w.pos, x.q_pos, ctx.window, ctx.scale, ctx.impl
         )
-        return out, (flush_window(seg, self.residual, capacity),)
+        return out, flush_window(seg, self.residual, capacity)

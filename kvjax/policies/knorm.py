@@ -29,6 +29,11 @@ class Knorm(TokenEviction):
         if self.budget_tokens < 1:
             raise ValueError(f"Knorm budget_tokens must be >= 1; got {self.budget_tokens}")
 
+    def with_budget(self, tokens):
+        """`budget_tokens` = tokens."""
+        super().with_budget(tokens)
+        return dataclasses.replace(self, budget_tokens=tokens)
+
     def budget(self, config, layer):
         return self.budget_tokens
 

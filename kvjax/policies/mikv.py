@@ -23,12 +23,12 @@ import jax.numpy as jnp
 from flax import struct
 
 from kvjax.attention import attend_with_probs, reference_attention
-from kvjax.cached_attention import merge_heads, take_heads
 from kvjax.config import ModelConfig
 from kvjax.kv_state import (
     KVSegment, KVState, count, dropped_by_keep_top, keep_top, lowest_over_budget, round_capacity,
     write_entries, write_free_slot,
 )
+from kvjax.layer_step import Decode
 from kvjax.policies.base import Layout, Policy
 from kvjax.policies.h2o import H2O
 from kvjax.policies.token_eviction import TokenEviction
@@ -139,6 +139,11 @@ class MiKV(Policy):
         kv_quant.check_bits(self.bits)
         kv_quant.check_group_size(self.group, self.bits)
 
+    def with_budget(self, tokens):
+        """The base policy's budget."""
+        base = self.base.with_budget(tokens)
+        return None if base is None else dataclasses.replace(self, base=base)
+
     def low_capacity(self, budget: int, prompt_len: int, max_new_tokens: int, most: int) -> int:
         """Slots for the demoted entries: all tokens beyond the budget, plus room for one more
         demotion of `most` entries (writes never clamp)."""
@@ -169,43 +174,34 @@ class MiKV(Policy):
 
         return state.replace(layers=tuple(tuple(mixed(s) for s in layer) for layer in state.layers))
 
-    def cache_step(self, layer, segments, q, k, v, q_pos, new_pos, window, scale, *, prompt_lengths=None):
+    def segment_step(self, ctx, segment, x, phase):
         """Writes the chunk (or token) at full precision, attends over both precisions, then demotes
-        what the base would evict: down to the budget after a chunk, one entry per step when decoding.
-
-        q: [B, T, K, G, D]; k, v: [B, T, K, D]; q_pos, new_pos: int32[B, T].
-        """
-        decoding = prompt_lengths is None
-        total = q.shape[2]
-        outs, updated = [], []
-        for seg in segments:
-            high, low = seg.high, seg.low
-            k_seg, v_seg = take_heads(k, seg.heads, 2, total), take_heads(v, seg.heads, 2, total)
-            if decoding:
-                high = write_free_slot(high, k_seg, v_seg, new_pos)
-            else:
-                high = write_entries(high, k_seg, v_seg, new_pos, count(high))
-            k_low, v_low = low.dequantize(high.k.dtype)
-            keys = jnp.concatenate([high.k, k_low], axis=2)  # [B, Hs, Ch + Cl, D]
-            values = jnp.concatenate([high.v, v_low], axis=2)
-            pos = jnp.concatenate([high.pos, low.pos], axis=2)
-            q_seg = take_heads(q, seg.heads, 2, total)
-            if self.base.needs_attention(decoding):
-                out, probs = attend_with_probs(q_seg, keys, values, pos, q_pos, window, scale)
-                high = high.replace(score=self.base.observe(high, probs[..., : high.capacity], new_pos, prompt_lengths))
-            else:
-                out = reference_attention(q_seg, keys, values, pos, q_pos, window, scale)
-            priority = self.base.priority(high)
-            if decoding:
-                dropped = lowest_over_budget(high, priority, high.budget)
-                low = demote(low, high, dropped, 1)
-                high = high.replace(pos=jnp.where(dropped, -1, high.pos))
-            elif high.budget < high.capacity:
-                low = demote(low, high, dropped_by_keep_top(high, priority, high.budget), high.capacity - high.budget)
-                high = keep_top(high, priority, high.budget, high.capacity)
-            outs.append(out)
-            updated.append(MixedSegment(high=high, low=low))
-        return merge_heads(outs, segments, axis=2), tuple(updated)
+        what the base would evict: down to the budget after a chunk, one entry per step when decoding."""
+        decoding = isinstance(phase, Decode)
+        prompt_lengths = None if decoding else phase.prompt_lengths
+        high, low = segment.high, segment.low
+        if decoding:
+            high = write_free_slot(high, x.k, x.v, x.new_pos)
+        else:
+            high = write_entries(high, x.k, x.v, x.new_pos, count(high))
+        k_low, v_low = low.dequantize(high.k.dtype)
+        keys = jnp.concatenate([high.k, k_low], axis=2)  # [B, Hs, Ch + Cl, D]
+        values = jnp.concatenate([high.v, v_low], axis=2)
+        pos = jnp.concatenate([high.pos, low.pos], axis=2)
+        if self.base.needs_attention(decoding):
+            out, probs = attend_with_probs(x.q, keys, values, pos, x.q_pos, ctx.window, ctx.scale)
+            high = high.replace(score=self.base.observe(high, probs[..., : high.capacity], x.new_pos, prompt_lengths))
+        else:
+            out = reference_attention(x.q, keys, values, pos, x.q_pos, ctx.window, ctx.scale)
+        priority = self.base.priority(high)
+        if decoding:
+            dropped = lowest_over_budget(high, priority, high.budget)
+            low = demote(low, high, dropped, 1)
+            high = high.replace(pos=jnp.where(dropped, -1, high.pos))
+        elif high.budget < high.capacity:
+            low = demote(low, high, dropped_by_keep_top(high, priority, high.budget), high.capacity - high.budget)
+            high = keep_top(high, priority, high.budget, high.capacity)
+        return out, MixedSegment(high=high, low=low)
 
     def finalize(self, config: ModelConfig, state: KVState, prompt_len: int, max_new_tokens: int) -> KVState:
         """The base's decode-time high buffers (nothing is over budget after prefill, so nothing is

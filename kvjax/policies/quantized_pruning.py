@@ -42,9 +42,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from kvjax.attention import attend_quantized, reference_attention
-from kvjax.cached_attention import merge_heads, take_heads
 from kvjax.config import ModelConfig
 from kvjax.kv_state import KVSegment, KVState, kv_bytes, round_capacity, write_entries
+from kvjax.layer_step import Prefill
 from kvjax.policies.base import Layout, Policy
 from kvjax.policies.kivi import KIVI
 from kvjax.policies.token_eviction import TokenEviction
@@ -75,9 +75,14 @@ class QuantizedPruning(Policy):
             )
         self.kivi()  # validates bits, group and residual exactly as KIVI does
 
+    def with_budget(self, tokens):
+        """The base policy's budget."""
+        base = self.base.with_budget(tokens)
+        return None if base is None else dataclasses.replace(self, base=base)
+
     def kivi(self) -> KIVI:
         """The KIVI policy whose grouping, residual rule and capacities the kept tokens follow."""
-        return KIVI(self.bits, self.group, self.residual, attention_impl=self.attention_impl)
+        return KIVI(self.bits, self.group, self.residual)
 
     # -- prefill: the base, unchanged ----------------------------------------------------------
 
@@ -105,7 +110,7 @@ class QuantizedPruning(Policy):
             tuple(self._quantize_kept(seg, prompt_len, max_new_tokens) for seg in layer)
             for layer in state.layers
         )
-        return state.replace(layers=layers, stats=None)
+        return state.replace(layers=layers)
 
     def _quantize_kept(self, seg: KVSegment, prompt_len: int, max_new_tokens: int) -> QuantizedSegment:
         """A finalized base segment (kept entries a valid prefix in position order, the same count
@@ -125,34 +130,23 @@ class QuantizedPruning(Policy):
 
     # -- decode: KIVI's append and flush over the kept tokens ------------------------------------
 
-    def cache_step(self, layer, segments, q, k, v, q_pos, new_pos, window, scale, *, prompt_lengths=None):
-        """Prefill chunks go to the base; a decode token joins the window, attends, and flushes.
+    def step(self, ctx, segments, x, phase):
+        """Prefill chunks go to the base; a decode token joins each segment's window, attends, and flushes."""
+        if isinstance(phase, Prefill):
+            return self.base.step(ctx, segments, x, phase)
+        return super().step(ctx, segments, x, phase)
 
-        q: [B, T, K, G, D]; k, v: [B, T, K, D]; q_pos, new_pos: int32[B, T].
-        """
-        if prompt_lengths is not None:
-            return self.base.cache_step(
-                layer, segments, q, k, v, q_pos, new_pos, window, scale, prompt_lengths=prompt_lengths
-            )
-        total, t = q.shape[2], q.shape[1]
-        outs, updated = [], []
-        for seg in segments:
-            capacity = seg.window.capacity
-            held_max = min(self.residual + self.group - 1, capacity)  # window tokens between steps
-            seg = grow_window(seg, held_max + t - capacity)
-            k_seg, v_seg = take_heads(k, seg.heads, 2, total), take_heads(v, seg.heads, 2, total)
-            seg = seg.replace(window=write_entries(seg.window, k_seg, v_seg, new_pos, seg.window_length()))
-            q_seg, w = take_heads(q, seg.heads, 2, total), seg.window  # q_seg [B, T, Hs, G, D]
-            if window is None:  # every slab entry is in the past: slab_length alone masks it
-                out = attend_quantized(
-                    q_seg, seg.slab, seg.slab_length, w.k, w.v, w.pos, q_pos, None, scale,
-                    self.attention_impl,
-                )
-            else:  # sliding-window layers mask by the recorded positions
-                out = attend_dequantized(q_seg, seg, q_pos, window, scale)
-            outs.append(out)
-            updated.append(flush_window(seg, self.residual, capacity))
-        return merge_heads(outs, segments, axis=2), tuple(updated)
+    def segment_step(self, ctx, segment, x, phase):
+        t, capacity = x.q.shape[1], segment.window.capacity
+        held_max = min(self.residual + self.group - 1, capacity)  # window tokens between steps
+        seg = grow_window(segment, held_max + t - capacity)
+        seg = seg.replace(window=write_entries(seg.window, x.k, x.v, x.new_pos, seg.window_length()))
+        w = seg.window
+        if ctx.window is None:  # every slab entry is in the past: slab_length alone masks it
+            out = attend_quantized(x.q, seg.slab, seg.slab_length, w.k, w.v, w.pos, x.q_pos, None, ctx.scale, ctx.impl)
+        else:  # sliding-window layers mask by the recorded positions
+            out = attend_dequantized(x.q, seg, x.q_pos, ctx.window, ctx.scale)
+        return out, flush_window(seg, self.residual, capacity)
 
     # -- memory -----------------------------------------------------------------------------------
 
@@ -166,7 +160,7 @@ class QuantizedPruning(Policy):
     def for_memory(
         cls, base: Callable[[int], TokenEviction], memory_fraction: float, bits: int = 4, *,
         config: ModelConfig, prompt_len: int, max_new_tokens: int = 0, dtype=jnp.bfloat16,
-        group: int = 32, residual: int = 128, attention_impl: str = "auto",
+        group: int = 32, residual: int = 128,
     ) -> "QuantizedPruning":
         """The policy over `base(n)` (a class or factory taking the token budget) with the largest n
         whose decode state fits `memory_fraction` of Full's bytes for the same prompt and new tokens.
@@ -186,7 +180,7 @@ class QuantizedPruning(Policy):
             except ValueError as e:
                 raise ValueError(f"{memory_fraction} of Full's memory fits {n} tokens per head at "
                                  f"{bits} bits, which the base rejects: {e}") from e
-            return cls(pruned, bits, group, residual, attention_impl=attention_impl)
+            return cls(pruned, bits, group, residual)
 
         def fits(n: int) -> bool:
             return decode_state_bytes(make(n), config, prompt_len, max_new_tokens, dtype) <= memory

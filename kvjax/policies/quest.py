@@ -25,9 +25,10 @@ import jax.numpy as jnp
 from flax import struct
 
 from kvjax.attention import attend_pages
-from kvjax.cached_attention import merge_heads, take_heads, write_in_place_then_attend
+from kvjax.cached_attention import write_in_place_then_attend
 from kvjax.config import ModelConfig
 from kvjax.kv_state import KVSegment, KVState, position_capacity, write_entries
+from kvjax.layer_step import Prefill
 from kvjax.policies.base import Layout, Policy, SegmentSpec
 from pallas_kernels.block_masks import DecodeBlockTable, decode_table_top_k, page_key_bounds, page_scores
 
@@ -66,6 +67,11 @@ class Quest(Policy):
         if self.dense_layers < 0:
             raise ValueError(f"{type(self).__name__} dense_layers must be >= 0; got {self.dense_layers}")
 
+    def with_budget(self, tokens):
+        """`budget_tokens` = tokens read per KV head and decode step (at least one page)."""
+        super().with_budget(tokens)
+        return dataclasses.replace(self, budget_tokens=tokens)
+
     @property
     def pages_read(self) -> int:
         """Pages each sparse layer's decode query reads per KV head."""
@@ -90,25 +96,16 @@ class Quest(Policy):
         )
         return state.replace(layers=layers)
 
-    def cache_step(self, layer, segments, q, k, v, q_pos, new_pos, window, scale, *, prompt_lengths=None):
-        """Prefill and dense layers: Full's step. A sparse layer's decode token: written in place, its
-        page's bounds widened, then attention over the chosen pages.
-
-        q: [B, 1, K, G, D] after RoPE; k, v: [B, 1, K, D]; q_pos, new_pos: int32[B, 1] while decoding.
-        """
-        if prompt_lengths is not None or layer < self.dense_layers:
-            return write_in_place_then_attend(segments, q, k, v, q_pos, new_pos, window, scale, self.attention_impl)
-        total = q.shape[2]
-        outs, updated = [], []
-        for seg in segments:
-            k_seg = take_heads(k, seg.heads, 2, total)  # [B, 1, Hs, D]
-            seg = self.append(seg, k_seg, take_heads(v, seg.heads, 2, total), q_pos, new_pos)
-            q_seg = take_heads(q, seg.heads, 2, total)  # [B, 1, Hs, G, D]
-            table = self.choose_pages(q_seg, seg, q_pos, window, scale)
-            k_all, v_all, pos = seg.kv.k, seg.kv.v, seg.kv.pos
-            outs.append(attend_pages(q_seg, k_all, v_all, pos, q_pos, table, window, scale, self.attention_impl))
-            updated.append(seg)
-        return merge_heads(outs, segments, axis=2), tuple(updated)
+    def segment_step(self, ctx, segment, x, phase):
+        """Prefill and dense layers (plain segments): Full's step. A sparse layer's decode token
+        (a `PagedSegment`): written in place, its page's bounds widened, then attention over the
+        chosen pages. x.q: [B, 1, Hs, G, D]; x.k, x.v: [B, 1, Hs, D] while decoding."""
+        if isinstance(phase, Prefill) or not isinstance(segment, PagedSegment):
+            return write_in_place_then_attend(ctx, segment, x)
+        seg = self.append(segment, x.k, x.v, x.q_pos, x.new_pos)
+        table = self.choose_pages(x.q, seg, x.q_pos, ctx.window, ctx.scale)
+        kv = seg.kv
+        return attend_pages(x.q, kv.k, kv.v, kv.pos, x.q_pos, table, ctx.window, ctx.scale, ctx.impl), seg
 
     def append(
         self, seg: PagedSegment, k: jax.Array, v: jax.Array, q_pos: jax.Array, new_pos: jax.Array

@@ -22,12 +22,13 @@ import jax.numpy as jnp
 from flax import struct
 
 from kvjax.attention import decode_with_lse, visibility_mask
-from kvjax.cached_attention import merge_heads, take_heads, write_in_place_then_attend
+from kvjax.cached_attention import write_in_place_then_attend
 from kvjax.config import ModelConfig
 from kvjax.kv_state import (
     KVSegment, KVState, count, dropped_by_keep_top, evict_lowest, keep_top, lowest_over_budget, round_capacity,
     write_entries, write_free_slot,
 )
+from kvjax.layer_step import Decode
 from kvjax.policies.base import Layout, Policy
 from kvjax.policies.duo_attention import HeadSets, _normalise, sink_recent_priority, split_layout
 
@@ -133,6 +134,13 @@ class RazorAttention(Policy):
             raise ValueError(f"RazorAttention needs sink >= 0 and recent >= 1; got {self.sink}, {self.recent}")
         object.__setattr__(self, "retrieval_heads", _normalise(self.retrieval_heads))
 
+    def with_budget(self, tokens):
+        """Streaming heads keep `tokens`: the sink stays, `recent` takes the rest (retrieval heads keep all)."""
+        super().with_budget(tokens)
+        if tokens <= self.sink:
+            raise ValueError(f"{type(self).__name__}: a budget of {tokens} tokens must exceed the sink ({self.sink})")
+        return dataclasses.replace(self, recent=tokens - self.sink)
+
     def layout(self, config: ModelConfig, prompt_len, max_new_tokens, chunk) -> Layout:
         return split_layout(config, self.retrieval_heads, self.sink + self.recent, prompt_len, max_new_tokens, chunk)
 
@@ -144,39 +152,28 @@ class RazorAttention(Policy):
     def _priority(self, segment):
         return sink_recent_priority(segment, self.sink)
 
-    def cache_step(self, layer, segments, q, k, v, q_pos, new_pos, window, scale, *, prompt_lengths=None):
-        total = q.shape[2]
-        outs, updated = [], []
-        for seg in segments:
-            if seg.budget is None:  # retrieval heads: slot = position, as Full
-                out, (seg,) = write_in_place_then_attend(
-                    (seg,), q, k, v, q_pos, new_pos, window, scale, self.attention_impl
-                )
-                outs.append(out)
-                updated.append(seg)
-                continue
-            k_seg, v_seg = take_heads(k, seg.heads, 2, total), take_heads(v, seg.heads, 2, total)
-            q_seg = take_heads(q, seg.heads, 2, total)
-            if prompt_lengths is None:  # decode: fill a free slot, attend, evict one
-                seg = write_free_slot(seg, k_seg, v_seg, new_pos)
-                outs.append(self._attend(q_seg, seg, q_pos, window, scale))
-                seg = evict_one(seg, self._priority(seg)) if self.compensate else evict_lowest(
-                    seg, self._priority(seg), seg.budget)
-            else:  # prefill chunk: append, attend, keep sink + recent
-                seg = write_entries(seg, k_seg, v_seg, new_pos, count(seg))
-                outs.append(self._attend(q_seg, seg, q_pos, window, scale))
-                if seg.budget < seg.capacity:
-                    seg = compress(seg, self._priority(seg), seg.budget, seg.capacity)
-            updated.append(seg)
-        return merge_heads(outs, segments, axis=2), tuple(updated)
+    def segment_step(self, ctx, segment, x, phase):
+        if segment.budget is None:  # retrieval heads: slot = position, as Full
+            return write_in_place_then_attend(ctx, segment, x)
+        if isinstance(phase, Decode):  # fill a free slot, attend, evict one
+            seg = write_free_slot(segment, x.k, x.v, x.new_pos)
+            out = self._attend(ctx, x.q, seg, x.q_pos)
+            seg = evict_one(seg, self._priority(seg)) if self.compensate else evict_lowest(
+                seg, self._priority(seg), seg.budget)
+            return out, seg
+        seg = write_entries(segment, x.k, x.v, x.new_pos, count(segment))  # prefill: append, attend, keep
+        out = self._attend(ctx, x.q, seg, x.q_pos)  # sink + recent
+        if seg.budget < seg.capacity:
+            seg = compress(seg, self._priority(seg), seg.budget, seg.capacity)
+        return out, seg
 
-    def _attend(self, q, seg, q_pos, window, scale):
+    def _attend(self, ctx, q, seg, q_pos):
         if not self.compensate:
             seg = seg.replace(n_dropped=jnp.zeros_like(seg.n_dropped))
-        held = decode_with_lse(q, seg.k, seg.v, seg.pos, window, scale, self.attention_impl)
+        held = decode_with_lse(q, seg.k, seg.v, seg.pos, ctx.window, ctx.scale, ctx.impl)
         if held is None:  # prefill chunks, and wherever no kernel applies
-            return compensated_attention(q, seg, q_pos, window, scale)
-        return fold_compensation(q, seg, *held, scale)
+            return compensated_attention(q, seg, q_pos, ctx.window, ctx.scale)
+        return fold_compensation(q, seg, *held, ctx.scale)
 
     def finalize(self, config, state: KVState, prompt_len, max_new_tokens) -> KVState:
         """Non-retrieval buffers shrink to sink + recent + one spare slot; what leaves is compensated."""

@@ -44,6 +44,12 @@ class SnapKV(TokenEviction):
         if self.pooling not in ("avg", "max"):
             raise ValueError(f"SnapKV pooling must be 'avg' or 'max'; got {self.pooling!r}")
 
+    def with_budget(self, tokens):
+        """`budget_tokens` = tokens; an observation window at least as large shrinks to tokens // 2."""
+        super().with_budget(tokens)
+        window = self.window if self.window < tokens else max(1, tokens // 2)
+        return dataclasses.replace(self, budget_tokens=tokens, window=window)
+
     def scored(self):
         return True
 

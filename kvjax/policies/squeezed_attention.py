@@ -52,10 +52,10 @@ import jax.numpy as jnp
 from flax import struct
 
 from kvjax.attention import attend_pages, reference_attention
-from kvjax.cached_attention import merge_heads, take_heads, write_in_place_then_attend
 from kvjax.config import ModelConfig
 from kvjax.kmeans import cluster_means, kmeans
 from kvjax.kv_state import SLOT_MULTIPLE, KVSegment, KVState, write_entries
+from kvjax.layer_step import Decode, take_heads
 from kvjax.policies.base import Layout, Policy
 from kvjax.policies.full import Full
 from pallas_kernels.block_masks import decode_table_from_slots
@@ -68,6 +68,7 @@ class ObservedQueries:
     """While prefilling: a layer's last `recent` prompt queries after RoPE, which calibrate the threshold."""
 
     q: jax.Array  # float32[B, K, R, G, D], times 1/sqrt(D); row r: position length - R + r (zero if < 0)
+    heads: tuple[int, ...] = struct.field(pytree_node=False)  # every KV head of the layer
 
 
 @struct.dataclass(frozen=True)
@@ -136,38 +137,26 @@ class SqueezedAttention(Policy):
         state = super().allocate(config, batch, prompt_len, max_new_tokens, chunk, dtype)
         group = config.num_heads // config.num_kv_heads
         shape = (batch, config.num_kv_heads, self.recent, group, config.head_dim)
-        observed = ObservedQueries(jnp.zeros(shape, jnp.float32))
+        observed = ObservedQueries(jnp.zeros(shape, jnp.float32), tuple(range(config.num_kv_heads)))
         return state.replace(layers=tuple(layer + (observed,) for layer in state.layers))
 
-    def cache_step(self, layer, segments, q, k, v, q_pos, new_pos, window, scale, *, prompt_lengths=None):
+    def step(self, ctx, segments, x, phase):
         """Prefill: Full's step, and the chunk's queries among the prompt's last `recent` recorded.
-        Decode: the token is written in place and attends over its selected entries.
+        Decode: per segment, the token is written in place and attends over its selected entries."""
+        if isinstance(phase, Decode):
+            return super().step(ctx, segments, x, phase)
+        *kv_segments, observed = segments
+        out, kv_segments = Full().step(ctx, tuple(kv_segments), x, phase)
+        row = x.q_pos - (phase.prompt_lengths - self.recent)[:, None]  # [B, T]
+        row = jnp.where((x.new_pos >= 0) & (row >= 0), row, self.recent)  # out of range: dropped
+        b = jnp.arange(x.q.shape[0])[:, None]  # [B, 1]
+        scaled = x.q.astype(jnp.float32) * ctx.scale  # [B, T, K, G, D]
+        written = observed.q.at[b, :, row].set(scaled, mode="drop")  # rows [B, T] <- [B, T, K, G, D]
+        return out, (*kv_segments, observed.replace(q=written))
 
-        q: [B, T, K, G, D]; k, v: [B, T, K, D]; q_pos, new_pos: int32[B, T].
-        """
-        if prompt_lengths is not None:
-            *kv_segments, observed = segments
-            out, kv_segments = write_in_place_then_attend(
-                tuple(kv_segments), q, k, v, q_pos, new_pos, window, scale, self.attention_impl
-            )
-            row = q_pos - (prompt_lengths - self.recent)[:, None]  # [B, T]
-            row = jnp.where((new_pos >= 0) & (row >= 0), row, self.recent)  # out of range: dropped
-            b = jnp.arange(q.shape[0])[:, None]  # [B, 1]
-            scaled = q.astype(jnp.float32) * scale  # [B, T, K, G, D]
-            written = observed.q.at[b, :, row].set(scaled, mode="drop")  # rows [B, T] <- [B, T, K, G, D]
-            return out, (*kv_segments, ObservedQueries(written))
-        total = q.shape[2]
-        outs, updated = [], []
-        for seg in segments:
-            kv = write_entries(
-                seg.kv, take_heads(k, seg.heads, 2, total), take_heads(v, seg.heads, 2, total), new_pos, q_pos[:, 0]
-            )
-            seg = seg.replace(kv=kv)
-            outs.append(attend_selected(
-                take_heads(q, seg.heads, 2, total), seg, q_pos, window, scale, self.attention_impl
-            ))
-            updated.append(seg)
-        return merge_heads(outs, segments, axis=2), tuple(updated)
+    def segment_step(self, ctx, segment, x, phase):
+        seg = segment.replace(kv=write_entries(segment.kv, x.k, x.v, x.new_pos, x.q_pos[:, 0]))
+        return attend_selected(x.q, seg, x.q_pos, ctx.window, ctx.scale, ctx.impl), seg
 
     # -- finalize: cluster the context keys, calibrate the threshold --------------------------------
 
@@ -200,7 +189,7 @@ class SqueezedAttention(Policy):
             return seg.replace(threshold=threshold)
 
         layers = tuple(tuple(calibrated(seg) for seg in layer) for layer in layers)
-        return state.replace(layers=layers, stats=None)
+        return state.replace(layers=layers)
 
     def _cluster(self, key: jax.Array, seg: KVSegment, lengths: jax.Array, prompt_len: int) -> ClusteredSegment:
         """k-means on the L2-normalised context keys of every (sequence, head) row, centroids the clusters'

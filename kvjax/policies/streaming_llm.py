@@ -20,6 +20,13 @@ class StreamingLLM(TokenEviction):
         if self.sink < 0 or self.window < 1:
             raise ValueError(f"StreamingLLM needs sink >= 0 and window >= 1; got {self.sink}, {self.window}")
 
+    def with_budget(self, tokens):
+        """The sink stays; the window takes the rest."""
+        super().with_budget(tokens)
+        if tokens <= self.sink:
+            raise ValueError(f"StreamingLLM: a budget of {tokens} tokens must exceed the sink ({self.sink})")
+        return dataclasses.replace(self, window=tokens - self.sink)
+
     def budget(self, config, layer):
         return self.sink + self.window
 

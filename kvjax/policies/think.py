@@ -28,9 +28,9 @@ import jax.numpy as jnp
 from flax import struct
 
 from kvjax.attention import visible_softmax
-from kvjax.cached_attention import merge_heads, take_heads
 from kvjax.config import ModelConfig
 from kvjax.kv_state import KVSegment, KVState, count, round_capacity, write_free_slot
+from kvjax.layer_step import Decode, take_heads
 from kvjax.policies.base import Layout, Policy
 from kvjax.policies.full import Full
 from kvjax.policies.snapkv import SnapKV
@@ -42,6 +42,7 @@ class QueryEnergy:
     """While prefilling: per (sequence, KV head, channel), the sum of the observation queries' squares."""
 
     sum_sq: jax.Array  # float32[B, K, D], summed over the observed queries and their GQA group
+    heads: tuple[int, ...] = struct.field(pytree_node=False)  # every KV head of the layer
 
 
 @struct.dataclass(frozen=True)
@@ -85,6 +86,11 @@ class ThinK(Policy):
         if self.observe < 1 or self.recent < 0:
             raise ValueError(f"ThinK needs observe >= 1 and recent >= 0; got {self.observe}, {self.recent}")
 
+    def with_budget(self, tokens):
+        """The base policy's budget."""
+        base = self.base.with_budget(tokens)
+        return None if base is None else dataclasses.replace(self, base=base)
+
     def kept_channels(self, head_dim: int) -> int:
         """Key channels each thin entry keeps: D - floor(ratio * D), as the authors count them."""
         return head_dim - int(head_dim * self.ratio)
@@ -100,34 +106,26 @@ class ThinK(Policy):
     def allocate(self, config, batch, prompt_len, max_new_tokens, chunk, dtype) -> KVState:
         """The base's prefill state, each layer followed by a zero `QueryEnergy`."""
         state = self.base.allocate(config, batch, prompt_len, max_new_tokens, chunk, dtype)
-        energy = QueryEnergy(jnp.zeros((batch, config.num_kv_heads, config.head_dim), jnp.float32))
+        energy = QueryEnergy(jnp.zeros((batch, config.num_kv_heads, config.head_dim), jnp.float32),
+                             tuple(range(config.num_kv_heads)))
         return state.replace(layers=tuple(layer + (energy,) for layer in state.layers))
 
-    def cache_step(self, layer, segments, q, k, v, q_pos, new_pos, window, scale, *, prompt_lengths=None):
+    def step(self, ctx, segments, x, phase):
         """Prefill: the base's step, and the chunk's observation queries added to the energy.
-        Decode: the token joins the full-key entries and attends over thin and full keys.
+        Decode: per segment, the token joins the full-key entries and attends over thin and full keys."""
+        if isinstance(phase, Decode):
+            return super().step(ctx, segments, x, phase)
+        *base_segments, energy = segments
+        out, base_segments = self.base.step(ctx, tuple(base_segments), x, phase)
+        observed = (x.new_pos >= 0) & (x.q_pos >= (phase.prompt_lengths - self.observe)[:, None])  # [B, T]
+        q32 = x.q.astype(jnp.float32)
+        added = jnp.einsum("btkgd,btkgd,bt->bkd", q32, q32, observed.astype(jnp.float32))  # [B, K, D]
+        return out, (*base_segments, energy.replace(sum_sq=energy.sum_sq + added))
 
-        q: [B, T, K, G, D]; k, v: [B, T, K, D]; q_pos, new_pos: int32[B, T].
-        """
-        if prompt_lengths is not None:
-            *base_segments, energy = segments
-            out, base_segments = self.base.cache_step(
-                layer, tuple(base_segments), q, k, v, q_pos, new_pos, window, scale, prompt_lengths=prompt_lengths
-            )
-            observed = (new_pos >= 0) & (q_pos >= (prompt_lengths - self.observe)[:, None])  # [B, T]
-            q32 = q.astype(jnp.float32)
-            added = jnp.einsum("btkgd,btkgd,bt->bkd", q32, q32, observed.astype(jnp.float32))  # [B, K, D]
-            return out, (*base_segments, QueryEnergy(energy.sum_sq + added))
-        total = q.shape[2]
-        outs, updated = [], []
-        for seg in segments:
-            full = write_free_slot(
-                seg.full, take_heads(k, seg.heads, 2, total), take_heads(v, seg.heads, 2, total), new_pos
-            )
-            seg = seg.replace(full=full)
-            outs.append(attend_thin_keys(take_heads(q, seg.heads, 2, total), seg, q_pos, window, scale))
-            updated.append(seg)
-        return merge_heads(outs, segments, axis=2), tuple(updated)
+    def segment_step(self, ctx, segment, x, phase):
+        full = write_free_slot(segment.full, x.k, x.v, x.new_pos)
+        seg = segment.replace(full=full)
+        return attend_thin_keys(x.q, seg, x.q_pos, ctx.window, ctx.scale), seg
 
     # -- finalize: pick channels, split the kept entries -----------------------------------------
 
@@ -146,7 +144,7 @@ class ThinK(Policy):
             )
             for layer, e in zip(state.layers, energies)
         )
-        return state.replace(layers=layers, stats=None)
+        return state.replace(layers=layers)
 
     def _thin(
         self, seg: KVSegment, q_sum_sq: jax.Array, queries: jax.Array, prompt_len: int, max_new_tokens: int

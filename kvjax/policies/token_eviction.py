@@ -19,11 +19,11 @@ import jax
 import jax.numpy as jnp
 
 from kvjax.attention import attend, attend_with_probs, attention_probs
-from kvjax.cached_attention import merge_heads, take_heads
 from kvjax.config import ModelConfig
 from kvjax.kv_state import (
     KVSegment, KVState, count, evict_lowest, keep_top, round_capacity, write_entries, write_free_slot,
 )
+from kvjax.layer_step import Decode
 from kvjax.policies.base import Layout, Policy, SegmentSpec
 
 
@@ -80,41 +80,35 @@ class TokenEviction(Policy, abc.ABC):
             layers.append((SegmentSpec(heads, budget + chunk if evicting else prompt_len, budget),))
         return tuple(layers)
 
-    def cache_step(self, layer, segments, q, k, v, q_pos, new_pos, window, scale, *, prompt_lengths=None):
-        decoding = prompt_lengths is None
-        total = q.shape[2]
-        outs, updated = [], []
-        for seg in segments:
-            k_seg, v_seg = take_heads(k, seg.heads, 2, total), take_heads(v, seg.heads, 2, total)
-            if decoding:
-                seg = write_free_slot(seg, k_seg, v_seg, new_pos)
-            else:
-                seg = write_entries(seg, k_seg, v_seg, new_pos, count(seg))
-            q_seg = take_heads(q, seg.heads, 2, total)
-            evicting = not decoding and self.evict_while_prefilling and seg.budget < seg.capacity
-            observing = self.needs_attention(decoding)
-            picked = None if decoding or not observing else self.observed_queries(q_pos, new_pos, prompt_lengths)
-            if observing and picked is None:  # every query's weights
-                out, probs = attend_with_probs(q_seg, seg.k, seg.v, seg.pos, q_pos, window, scale)
-                seg = seg.replace(score=self.observe(seg, probs, new_pos, prompt_lengths))
-            else:
-                # A prefill that evicts nothing yet holds the prompt at slot = position (the kernel's layout).
-                out = attend(q_seg, seg.k, seg.v, seg.pos, q_pos, window, scale, self.attention_impl,
-                             slot_is_position=not decoding and not evicting)
-            if picked is not None:  # the picked queries' weights only
-                at = jnp.maximum(picked, 0)  # [B, W]
-                q_obs = jnp.take_along_axis(q_seg, at[:, :, None, None, None], axis=1)  # [B, W, K, G, D]
-                pos_obs = jnp.take_along_axis(q_pos, at, axis=1)  # [B, W]
-                probs = attention_probs(q_obs, seg.k, seg.pos, pos_obs, window, scale)  # [B, K, G, W, C]
-                seen = jnp.where(picked >= 0, jnp.take_along_axis(new_pos, at, axis=1), -1)  # [B, W]
-                seg = seg.replace(score=self.observe(seg, probs, seen, prompt_lengths))
-            if decoding and self.evict_while_decoding:
-                seg = evict_lowest(seg, self.priority(seg), seg.budget)
-            elif evicting:
-                seg = keep_top(seg, self.priority(seg), seg.budget, seg.capacity)
-            outs.append(out)
-            updated.append(seg)
-        return merge_heads(outs, segments, axis=2), tuple(updated)
+    def segment_step(self, ctx, segment, x, phase):
+        decoding = isinstance(phase, Decode)
+        prompt_lengths = None if decoding else phase.prompt_lengths
+        if decoding:
+            seg = write_free_slot(segment, x.k, x.v, x.new_pos)
+        else:
+            seg = write_entries(segment, x.k, x.v, x.new_pos, count(segment))
+        evicting = not decoding and self.evict_while_prefilling and seg.budget < seg.capacity
+        observing = self.needs_attention(decoding)
+        picked = None if decoding or not observing else self.observed_queries(x.q_pos, x.new_pos, prompt_lengths)
+        if observing and picked is None:  # every query's weights
+            out, probs = attend_with_probs(x.q, seg.k, seg.v, seg.pos, x.q_pos, ctx.window, ctx.scale)
+            seg = seg.replace(score=self.observe(seg, probs, x.new_pos, prompt_lengths))
+        else:
+            # A prefill that evicts nothing yet holds the prompt at slot = position (the kernel's layout).
+            out = attend(x.q, seg.k, seg.v, seg.pos, x.q_pos, ctx.window, ctx.scale, ctx.impl,
+                         slot_is_position=not decoding and not evicting)
+        if picked is not None:  # the picked queries' weights only
+            at = jnp.maximum(picked, 0)  # [B, W]
+            q_obs = jnp.take_along_axis(x.q, at[:, :, None, None, None], axis=1)  # [B, W, Hs, G, D]
+            pos_obs = jnp.take_along_axis(x.q_pos, at, axis=1)  # [B, W]
+            probs = attention_probs(q_obs, seg.k, seg.pos, pos_obs, ctx.window, ctx.scale)  # [B, Hs, G, W, C]
+            seen = jnp.where(picked >= 0, jnp.take_along_axis(x.new_pos, at, axis=1), -1)  # [B, W]
+            seg = seg.replace(score=self.observe(seg, probs, seen, prompt_lengths))
+        if decoding and self.evict_while_decoding:
+            seg = evict_lowest(seg, self.priority(seg), seg.budget)
+        elif evicting:
+            seg = keep_top(seg, self.priority(seg), seg.budget, seg.capacity)
+        return out, seg
 
     def finalize(self, config: ModelConfig, state: KVState, prompt_len: int, max_new_tokens: int) -> KVState:
         """Compresses the prompt to each segment's budget and resizes buffers for decoding."""

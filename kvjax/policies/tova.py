@@ -28,6 +28,11 @@ class TOVA(TokenEviction):
         if self.budget_tokens < 1:
             raise ValueError(f"TOVA budget_tokens must be >= 1; got {self.budget_tokens}")
 
+    def with_budget(self, tokens):
+        """`budget_tokens` = tokens."""
+        super().with_budget(tokens)
+        return dataclasses.replace(self, budget_tokens=tokens)
+
     def scored(self):
         return True
 

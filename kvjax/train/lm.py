@@ -332,7 +332,7 @@ def make_loss_fn(graphdef: nnx.GraphDef):
         del rng  # no dropout
         model = nnx.merge(graphdef, params)
         tokens, valid, positions = batch["tokens"], batch["valid"], batch["positions"]
-        hidden, _ = model(tokens, positions, valid)  # [B, T, E]
+        hidden, _, _ = model(tokens, positions, valid)  # [B, T, E]
         logits = model.logits(hidden[:, :-1])  # [B, T-1, V]: position t predicts token t+1
         targets = tokens[:, 1:]  # [B, T-1]
         logp = jax.nn.log_softmax(logits, axis=-1)

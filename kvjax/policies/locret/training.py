@@ -1,7 +1,7 @@
 """Locret retaining-head training (Huang et al., 2024): each layer learns which tokens later queries need.
 
 The model is frozen; only the retaining heads train (fc1 float32[L, C, F], fc2 float32[L, F, Hkv],
-C = (H + 2 Hkv) D, the layout kvjax.policies.locret saves and attaches). Each step:
+C = (H + 2 Hkv) D, the layout kvjax.policies.locret.heads saves and loads). Each step:
 - data: one prompt of the evaluation suite (kvjax.eval.tasks.make_sample, a task drawn per step)
   followed by its answer tokens; the answer tokens are the "later queries";
 - labels: the model's own full causal forward, computed exactly in jnp (post-RoPE attention in
@@ -37,9 +37,9 @@ from flax import nnx
 from kvjax.attention import attention_probs, join_query_chunks, split_query_chunks
 from kvjax.eval.tasks import default_tasks, get_task, make_sample
 from kvjax.language_model import LanguageModel
-from kvjax.models.llama import retaining_features, retaining_head_scores
-from kvjax.policies.locret import random_retaining_heads, save_retaining_heads
-from kvjax.rope import rope_tables
+from kvjax.policies.locret.heads import (
+    random_retaining_heads, retaining_features, retaining_head_scores, save_retaining_heads,
+)
 from kvjax.train.loop import LoopConfig, TrainResult, train
 
 RUN_JSON = "locret_run.json"
@@ -172,23 +172,21 @@ def features_and_targets(
     cfg = model.config
     b, t = tokens.shape
     positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))  # [B, T]
-    rope = rope_tables(cfg.rope, cfg.head_dim, positions, jnp.sum(valid, axis=-1).max())
     answer = answer & valid
 
-    def label_step(layer, segments, q, k, v, q_pos, new_pos, window, scale):
-        k_pos = jnp.broadcast_to(new_pos[:, None, :], (b, cfg.num_kv_heads, t))  # [B, K, T]
+    def label_step(ctx, layer, shared, x):  # the layer's features and labels, where a policy keeps segments
+        k_pos = jnp.broadcast_to(x.new_pos[:, None, :], (b, cfg.num_kv_heads, t))  # [B, K, T]
         out, target = attention_and_targets(
-            q, k.swapaxes(1, 2), v.swapaxes(1, 2), q_pos, k_pos, answer, window, scale, chunk
+            x.q, x.k.swapaxes(1, 2), x.v.swapaxes(1, 2), x.q_pos, k_pos, answer, ctx.window, ctx.scale, chunk
         )
-        return out, target.swapaxes(1, 2)  # [B, T, K]
+        return out, (retaining_features(x.q_raw, x.k_raw, x.v), target.swapaxes(1, 2)), shared  # [B, T, C], [B, T, K]
 
-    x = model.embed[...][tokens]  # [B, T, E]
-    features, targets = [], []
-    for block in model.blocks:
-        features.append(retaining_features(*block.attn.project(block.input_norm(x))))  # [B, T, C]
-        x, target = block(x, positions, valid, rope, (), label_step)
-        targets.append(target)
-    return jax.lax.stop_gradient(jnp.stack(features)), jax.lax.stop_gradient(jnp.stack(targets))
+    c = (cfg.num_heads + 2 * cfg.num_kv_heads) * cfg.head_dim
+    empty = (jnp.zeros((b, t, c), model.embed.dtype), jnp.zeros((b, t, cfg.num_kv_heads), jnp.float32))
+    _, layers, _ = model(tokens, positions, valid, (empty,) * cfg.num_layers, label_step,
+                         seq_len=jnp.sum(valid, axis=-1).max())
+    features, targets = (jnp.stack(parts) for parts in zip(*layers))
+    return jax.lax.stop_gradient(features), jax.lax.stop_gradient(targets)
 
 
 def locret_loss(pred: jax.Array, target: jax.Array, prefix: jax.Array, smoothness: float) -> tuple[jax.Array, dict]:
@@ -253,7 +251,7 @@ def train_locret_heads(
     progress: bool = True, plot: bool = True,
 ) -> tuple[dict[str, np.ndarray], TrainResult]:
     """Trains retaining heads for `model` and writes them to `out` (`retaining_heads/` and
-    `retaining_heads.json`, for kvjax.policies.locret.with_retaining_heads) with the loop's orbax
+    `retaining_heads.json`, for `Locret.from_pretrained`) with the loop's orbax
     checkpoints and loss curve; rerunning with the same `out` resumes the run exactly."""
     if model.tokenizer is None:
         raise ValueError(f"model {model.name or ''} has no tokenizer; the task prompts need one")
