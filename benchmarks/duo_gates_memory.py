@@ -26,7 +26,7 @@ import jax.numpy as jnp
 
 from kvjax.config import ModelConfig, RopeConfig
 from kvjax.language_model import abstract_model
-from kvjax.train.duo_gates import DuoGateConfig, make_loss_fn, make_optimizer
+from kvjax.policies.duo_attention.training import DuoGateConfig, make_loss_fn, make_optimizer
 from kvjax.train.loop import _make_update
 
 LLAMA3_8B = ModelConfig(

@@ -59,38 +59,33 @@ def _generate(args) -> None:
 
 
 def _model_and_runs(args) -> tuple:
-    """The model and the policy runs of `generate`, `eval` and `bench`: names x budgets, DuoAttention's head
-    split from --duo-gates, Locret's retaining heads from --locret-heads; checked before the model loads."""
+    """The model and the policy runs of `generate`, `eval` and `bench`: policy specs x budgets, each policy
+    built from its fields or from its --policy-file; the specs are checked before the model loads."""
     import jax.numpy as jnp
 
     from kvjax.checkpoint import load
-    from kvjax.eval.harness import parse_length, resolve_policies
+    from kvjax.eval.harness import PolicySpec, parse_length, policy_classes, resolve_policies, split_top_level
 
     if args.model is None and not bundled_models():
         raise CheckpointError(
             "no --model given and no bundled model is installed (kvjax's own long-context model has not "
             "shipped in this install yet); pass --model NAME_OR_DIR, e.g. a `kvjax convert` or `kvjax train-lm` output"
         )
-    names = [n.strip().lower() for n in args.policies.split(",") if n.strip()]
+    specs = [PolicySpec.parse(text) for text in split_top_level(args.policies)]
     budgets = [parse_length(b) for b in args.budgets.split(",") if b.strip()] if args.budgets else []
-    bases = {}
-    if args.duo_gates:
-        from kvjax.policies import DuoAttention
-
-        bases["duoattention"] = DuoAttention.from_tsv(args.duo_gates, sparsity=args.duo_sparsity)
-    elif "duoattention" in names:
-        raise ValueError("policy duoattention needs its head split: pass --duo-gates FILE (the "
-                         "full_attention_heads.tsv of `kvjax train-gates --method duo` or of DuoAttention's release)")
-    if "locret" in names and not args.locret_heads:
-        raise ValueError("policy locret needs trained retaining heads: pass --locret-heads DIR (the --out folder of "
-                         "`kvjax train-gates --method locret`)")
+    files = {}
+    for item in args.policy_file:
+        name, sep, path = item.partition("=")
+        if not sep or name.strip().lower() not in policy_classes():
+            raise ValueError(f"--policy-file takes NAME=PATH with a policy name; got {item!r}")
+        files[name.strip().lower()] = path
+    for spec in specs:
+        needed = policy_classes()[spec.name].file_needed
+        if needed is not None and spec.name not in files:
+            raise ValueError(f"policy {spec.name} is built from {needed}; pass --policy-file {spec.name}=PATH")
     mesh = _mesh(args.mesh) if args.mesh else None
     m = load(args.model or _default_model(), dtype=jnp.dtype(args.dtype), mesh=mesh)
-    if args.locret_heads:
-        from kvjax.policies import Locret
-
-        bases["locret"] = Locret.from_pretrained(args.locret_heads, m.config)
-    return m, resolve_policies(names, budgets, bases=bases)
+    return m, resolve_policies(specs, budgets, config=m.config, files=files)
 
 
 def _mesh(text: str):
@@ -219,7 +214,7 @@ def _train_gates(args) -> None:
                   checkpoint_every=args.checkpoint_every)
     locret_only = _given(warmup=args.warmup, hidden=args.hidden, tasks=args.tasks)
     if args.method == "duo":
-        from kvjax.train.duo_gates import GATES_TSV, DuoGateConfig, train_duo_gates
+        from kvjax.policies.duo_attention.training import GATES_TSV, DuoGateConfig, train_duo_gates
 
         if locret_only:
             raise ValueError(f"--{', --'.join(locret_only)} apply to --method locret only")
@@ -244,31 +239,28 @@ def _train_gates(args) -> None:
 
 
 def _policy_options(p: argparse.ArgumentParser, many: bool) -> None:
-    """The model, the policies (several for eval and bench, one for generate), what some policies need
-    (DuoAttention's head split, Locret's retaining heads) and the dtype: read by `_model_and_runs`."""
+    """The model, the policies (several for eval and bench, one for generate), the files learned policies
+    are built from, and the dtype: read by `_model_and_runs`."""
     p.add_argument("--model", help="checkpoint directory or bundled model name (default: bundled)")
     budget_help = "mapped onto each policy's budget fields; policies without one run at their defaults"
     if many:
         p.add_argument("--policies", default="full,streaming,h2o,snapkv",
-                       help="comma-separated lower-case kvjax.policies names (plus 'streaming' for StreamingLLM)")
+                       help="comma-separated lower-case kvjax.policies names ('streaming' for StreamingLLM), each "
+                            "with optional fields: NAME(FIELD=VALUE,...), e.g. full,snapkv(window=64),kivi(bits=2)")
         p.add_argument("--budgets", default="",
                        help=f"comma-separated token budgets per KV head (e.g. 128,256,1k), {budget_help}")
     else:
         p.add_argument("--policy", dest="policies", default="full",
-                       help="a lower-case kvjax.policies name (plus 'streaming' for StreamingLLM); default full")
+                       help="a lower-case kvjax.policies name ('streaming' for StreamingLLM) with optional fields: "
+                            "NAME(FIELD=VALUE,...); default full")
         p.add_argument("--budget", dest="budgets", default="", help=f"token budget per KV head (e.g. 1k), {budget_help}")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     p.add_argument("--mesh", default=None,
                    help="shard the model and KV cache over devices: DATAxMODEL (e.g. 1x8: attention heads, MLP "
                         "and vocabulary over 8 devices; 2x4: also the batch over 2), or auto (all devices on model)")
-    p.add_argument("--locret-heads", default=None,
-                   help="folder of Locret retaining heads (`kvjax train-gates --method locret --out DIR`) that "
-                        "the locret policy ranks tokens with")
-    p.add_argument("--duo-gates", default=None,
-                   help="full_attention_heads.tsv (`kvjax train-gates --method duo` or DuoAttention's release) "
-                        "that the duoattention policy splits its heads by")
-    p.add_argument("--duo-sparsity", type=float, default=0.5,
-                   help="fraction of KV heads made streaming heads from --duo-gates (default 0.5)")
+    p.add_argument("--policy-file", action="append", default=[], metavar="NAME=PATH",
+                   help="the file a learned policy is built from (repeatable): duoattention=full_attention_heads.tsv, "
+                        "locret=DIR of retaining heads")
 
 
 def _sweep_options(p: argparse.ArgumentParser, lengths: str) -> None:

@@ -18,7 +18,7 @@ from kvjax.language_model import abstract_model
 from kvjax.policies.duo_attention import DuoAttention, read_gates_tsv
 from kvjax.tokenizer import Tokenizer
 from kvjax.train.byte_tokenizer import write_byte_tokenizer
-from kvjax.train.duo_gates import (
+from kvjax.policies.duo_attention.training import (
     GATES_TSV, DuoGateConfig, _Spec, duo_forward, lr_multiplier, make_batch, make_loss_fn, mixed_attention,
     passkey_sample, train_duo_gates,
 )

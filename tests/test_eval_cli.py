@@ -1,4 +1,4 @@
-"""`kvjax eval` on a tiny random model: policy discovery, budget mapping, and the files it writes."""
+"""`kvjax eval` on a tiny random model: policy specs, budget mapping, and the files it writes."""
 
 from __future__ import annotations
 
@@ -12,9 +12,8 @@ from flax import nnx
 
 import kvjax
 from kvjax.eval.harness import (
-    EvalConfig, make_policy, parse_length, policy_classes, resolve_policies, run_eval, with_budget,
+    EvalConfig, PolicySpec, build_policy, parse_length, policy_classes, resolve_policies, run_eval,
 )
-from kvjax.policies import Policy
 
 
 @pytest.fixture(scope="module")
@@ -31,44 +30,45 @@ def tiny_checkpoint(tmp_path_factory):
     return save_checkpoint(root / "model", m.config, nnx.to_pure_dict(m.params), files, {"note": "random"})
 
 
-def test_every_exported_policy_is_discovered():
-    classes = policy_classes()
-    for name in kvjax.policies.__all__:
-        obj = getattr(kvjax.policies, name)
-        if isinstance(obj, type) and issubclass(obj, Policy) and obj not in (Policy,):
-            if not getattr(obj, "__abstractmethods__", None):
-                assert classes[name.lower()] is obj
-    assert classes["streaming"] is kvjax.policies.StreamingLLM
-    assert isinstance(make_policy("SnapKV"), kvjax.policies.SnapKV)
-    with pytest.raises(ValueError, match="unknown policy"):
-        make_policy("magic")
+def test_policy_specs_name_a_class_and_its_fields():
+    assert isinstance(build_policy("SnapKV"), kvjax.policies.SnapKV)
+    assert build_policy("streaming") == kvjax.policies.StreamingLLM()
+    assert build_policy("kivi(bits=2)") == kvjax.policies.KIVI(bits=2)
+    spec = PolicySpec.parse(" snapkv(window=64, pooling='max') ")
+    assert spec.options == (("window", 64), ("pooling", "max")) and spec.label == "snapkv(window=64,pooling=max)"
+    assert build_policy(spec) == kvjax.policies.SnapKV(window=64, pooling="max")
+    for bad, match in (("magic", "unknown policy"), ("snapkv(64)", "FIELD=VALUE"), ("snapkv(windw=3)", "windw"),
+                       ("snapkv(", "cannot read"), ("duoattention", "--policy-file duoattention=PATH")):
+        with pytest.raises(ValueError, match=match):
+            build_policy(bad)
+    with pytest.raises(ValueError, match="not built from a file"):
+        build_policy("full", files={"full": "x.tsv"})
 
 
 def test_budgets_map_onto_each_policy():
     P = kvjax.policies
-    assert with_budget(P.StreamingLLM(), 256) == P.StreamingLLM(sink=4, window=252)
-    assert with_budget(P.H2O(), 256) == P.H2O(heavy=128, window=128)
-    assert with_budget(P.SnapKV(), 256) == P.SnapKV(budget_tokens=256)
-    assert with_budget(P.SnapKV(), 16) == P.SnapKV(budget_tokens=16, window=8)  # window must stay < budget
-    assert with_budget(P.Quest(), 256) == P.Quest(budget_tokens=256)
-    assert with_budget(P.Twilight(), 256) == P.Twilight(budget_tokens=256)  # the candidates before top-p
-    assert with_budget(P.Full(), 256) is None
-    for name, cls in policy_classes().items():  # every policy either maps or says it has no budget
-        try:
-            policy = cls()
-        except TypeError:
-            continue
-        mapped = with_budget(policy, 200)
-        assert mapped is None or (isinstance(mapped, cls) and mapped != policy), name
+    assert P.StreamingLLM().with_budget(256) == P.StreamingLLM(sink=4, window=252)
+    assert P.H2O().with_budget(256) == P.H2O(heavy=128, window=128)
+    assert P.A2SF().with_budget(255) == P.A2SF(heavy=127, window=128)
+    assert P.SnapKV().with_budget(256) == P.SnapKV(budget_tokens=256)
+    assert P.SnapKV().with_budget(16) == P.SnapKV(budget_tokens=16, window=8)  # window must stay < budget
+    assert P.Quest().with_budget(256) == P.Quest(budget_tokens=256)
+    assert P.Twilight().with_budget(256) == P.Twilight(budget_tokens=256)  # the candidates before top-p
+    assert P.AdaKV().with_budget(128) == P.AdaKV(base=P.SnapKV(budget_tokens=128))  # a wrapper: its base's
+    assert P.ThinK(base=P.Full()).with_budget(128) is None
+    assert P.DuoAttention(((0, 1),)).with_budget(100) == P.DuoAttention(((0, 1),), sink=64, recent=36)
+    for policy in (P.Full(), P.KIVI(), P.CSKV(), P.SqueezedAttention()):
+        assert policy.with_budget(256) is None
     with pytest.raises(ValueError, match="sink"):
-        with_budget(P.StreamingLLM(), 4)
+        P.StreamingLLM().with_budget(4)
+    with pytest.raises(ValueError, match="positive"):
+        P.H2O().with_budget(0)
     messages = []
-    optional = [n for n in ("kivi", "duoattention") if n in policy_classes()]  # being added by others
-    runs = resolve_policies(["full", "streaming", *optional], [64, 128], log=messages.append)
-    assert [r.label for r in runs][:3] == ["full", "streaming@64", "streaming@128"]
-    assert [r.budget for r in runs][:3] == [None, 64, 128]
-    assert not any(m.startswith("full") for m in messages)
-    assert len(messages) == len(optional)  # KIVI: no token budget; DuoAttention: needs its head split
+    runs = resolve_policies(["full", "streaming", "kivi(bits=2)"], [64, 128], log=messages.append)
+    assert [r.label for r in runs] == ["full", "streaming@64", "streaming@128", "kivi(bits=2)"]
+    assert [r.budget for r in runs] == [None, 64, 128, None]
+    assert runs[3].policy == P.KIVI(bits=2)
+    assert messages == ["kivi(bits=2): no token budget to set; --budgets ignored, running its settings"]
     assert parse_length("2k") == 2048 and parse_length("1.5k") == 1536 and parse_length("300") == 300
     with pytest.raises(ValueError, match="bad length"):
         parse_length("lots")
@@ -83,7 +83,7 @@ def test_kvjax_eval_writes_results_csv_and_plots(tiny_checkpoint, tmp_path, caps
     out, gates = tmp_path / "eval", tmp_path / "full_attention_heads.tsv"
     write_gates_tsv(gates, [[0.9, 0.1]])  # 1 layer, 2 KV heads: head 0 retrieves, head 1 streams
     rc = main(["eval", "--model", str(tiny_checkpoint), "--policies", "full,streaming,duoattention", "--budgets",
-               "96", "--duo-gates", str(gates), "--lengths", "512", "--tasks", "niah_single", "--samples", "2",
+               "96", "--policy-file", f"duoattention={gates}", "--lengths", "512", "--tasks", "niah_single", "--samples", "2",
                "--dtype", "float32", "--out", str(out), "--no-progress"])
     printed = capsys.readouterr().out
     assert rc == 0, printed
@@ -137,7 +137,10 @@ def test_duoattention_without_gates_fails_clearly(tiny_checkpoint, capsys):
     from kvjax.cli import main
 
     assert main(["eval", "--model", str(tiny_checkpoint), "--policies", "full,duoattention", "--out", "unused"]) == 2
-    assert "--duo-gates" in capsys.readouterr().err
+    assert "--policy-file duoattention=PATH" in capsys.readouterr().err
+    assert main(["eval", "--model", str(tiny_checkpoint), "--policies", "full", "--policy-file", "nothing=x",
+                 "--out", "unused"]) == 2
+    assert "NAME=PATH with a policy name" in capsys.readouterr().err
 
 
 def test_kvjax_generate_under_a_policy(tiny_checkpoint, capsys):
@@ -164,4 +167,4 @@ def test_kvjax_generate_under_a_policy(tiny_checkpoint, capsys):
     assert main([*args, "--policy", "streaming", "--budget", "64,128"]) == 2
     assert "one policy and one budget" in capsys.readouterr().err
     assert main([*args, "--policy", "duoattention"]) == 2
-    assert "--duo-gates" in capsys.readouterr().err
+    assert "--policy-file duoattention=PATH" in capsys.readouterr().err

@@ -17,7 +17,6 @@ from flax import nnx
 import kvjax
 from kvjax import ModelConfig
 from kvjax.checkpoint import CheckpointError
-from kvjax.eval.harness import with_budget
 from kvjax.kv_state import count, round_capacity
 from kvjax.policies import Full, Locret
 from kvjax.policies.locret import (
@@ -276,11 +275,11 @@ def test_clear_errors(byte_model, trained, tmp_path, capsys):
             Locret(**bad)
     with pytest.raises(ValueError, match="warmup"):
         LocretHeadConfig(steps=10, warmup=20)
-    assert with_budget(Locret(), 256) == Locret(budget_tokens=156, stabilizers=78, local_len=100)
+    assert Locret().with_budget(256) == Locret(budget_tokens=156, stabilizers=78, local_len=100)
     from kvjax.cli import main
 
     assert main(["eval", "--model", str(model_dir), "--policies", "locret", "--out", str(tmp_path / "e")]) == 2
-    assert "--locret-heads" in capsys.readouterr().err
+    assert "--policy-file locret=PATH" in capsys.readouterr().err
     assert main(["train-gates", "--method", "duo", "--warmup", "5", "--model", "nowhere", "--out", "x"]) == 2
     assert "locret only" in capsys.readouterr().err
 
@@ -291,7 +290,7 @@ def test_eval_runs_locret_with_trained_heads(byte_model, trained, tmp_path, caps
     _, model_dir = byte_model
     out, _, _ = trained
     rc = main(["eval", "--model", str(model_dir), "--policies", "locret", "--budgets", "96", "--lengths", "400",
-               "--tasks", "passkey", "--samples", "1", "--dtype", "float32", "--no-timing", "--locret-heads", str(out),
+               "--tasks", "passkey", "--samples", "1", "--dtype", "float32", "--no-timing", "--policy-file", f"locret={out}",
                "--out", str(tmp_path / "eval"), "--no-progress"])
     printed = capsys.readouterr().out
     assert rc == 0, printed

@@ -6,6 +6,7 @@ KIVI, CSKV) run once at their settings.
 
 from __future__ import annotations
 
+import ast
 import csv
 import dataclasses
 import inspect
@@ -14,7 +15,7 @@ import math
 import re
 import time
 from pathlib import Path
-from typing import Callable, Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import jax
 import numpy as np
@@ -24,6 +25,7 @@ import kvjax
 from kvjax.eval.haystack import haystack_from_name
 from kvjax.eval.prompting import encode_prompt, resolve_chat
 from kvjax.eval.tasks import Sample, default_tasks, digit_match, get_task, make_samples, string_match_all
+from kvjax.config import ModelConfig
 from kvjax.inference import greedy_decode
 from kvjax.language_model import LanguageModel
 from kvjax.policies import Policy
@@ -41,24 +43,68 @@ def policy_classes() -> dict[str, type]:
     return out
 
 
-def make_policy(name: str) -> Policy:
-    """A policy with its default hyperparameters, by lower-case class name (or `streaming`)."""
-    classes = policy_classes()
-    key = name.strip().lower()
-    if key not in classes:
-        raise ValueError(f"unknown policy {name!r}; known: {', '.join(sorted(classes))}")
+@dataclasses.dataclass(frozen=True)
+class PolicySpec:
+    """A policy as the command line names it: `name` or `name(field=value, ...)`, values as Python
+    literals (`kivi(bits=2)`, `snapkv(window=64,pooling='max')`)."""
+
+    name: str  # a key of policy_classes()
+    options: tuple[tuple[str, Any], ...] = ()
+
+    @property
+    def label(self) -> str:
+        return self.name + (f"({','.join(f'{k}={v}' for k, v in self.options)})" if self.options else "")
+
+    @classmethod
+    def parse(cls, text: str) -> "PolicySpec":
+        match = re.fullmatch(r"\s*([A-Za-z0-9_]+)\s*(?:\((.*)\))?\s*", text)
+        if match is None:
+            raise ValueError(f"cannot read policy {text!r}: expected NAME or NAME(FIELD=VALUE, ...)")
+        name, args = match.group(1).lower(), match.group(2)
+        if name not in policy_classes():
+            raise ValueError(f"unknown policy {name!r}; known: {', '.join(sorted(policy_classes()))}")
+        options = []
+        for item in split_top_level(args or ""):
+            key, sep, value = item.partition("=")
+            if not sep or not key.strip().isidentifier():
+                raise ValueError(f"policy {text!r}: options are FIELD=VALUE; got {item!r}")
+            try:
+                parsed = ast.literal_eval(value.strip())
+            except (ValueError, SyntaxError):
+                parsed = value.strip()  # a bare word: a string
+            options.append((key.strip(), parsed))
+        return cls(name, tuple(options))
+
+
+def split_top_level(text: str) -> list[str]:
+    """`text` split at the commas outside parentheses and brackets; empty parts dropped."""
+    parts, depth, start = [], 0, 0
+    for i, char in enumerate(text + ","):
+        depth += (char in "([") - (char in ")]")
+        if char == "," and depth == 0:
+            parts.append(text[start:i].strip())
+            start = i + 1
+    return [p for p in parts if p]
+
+
+def build_policy(spec: PolicySpec | str, config: ModelConfig | None = None,
+                 files: Mapping[str, str] | None = None) -> Policy:
+    """The policy a spec names: from its file (`files[name]`, for a policy with `file_needed`, for a
+    model of `config`) or from its fields alone."""
+    spec = PolicySpec.parse(spec) if isinstance(spec, str) else spec
+    cls, options, path = policy_classes()[spec.name], dict(spec.options), (files or {}).get(spec.name)
+    if cls.file_needed is not None:
+        if path is None:
+            raise ValueError(f"policy {spec.name} is built from {cls.file_needed}; pass --policy-file {spec.name}=PATH")
+        if config is None:
+            raise ValueError(f"policy {spec.name} is built for a model: pass its config")
+        return cls.from_file(path, config, **options)
+    if path is not None:
+        raise ValueError(f"policy {spec.name} is not built from a file; drop --policy-file {spec.name}=...")
     try:
-        return classes[key]()
+        return cls(**options)
     except TypeError as err:
-        raise ValueError(
-            f"policy {name!r} has required arguments ({err}); build it in Python and pass it to run_eval"
-        ) from err
-
-
-def with_budget(policy: Policy, budget: int) -> Policy | None:
-    """`policy` keeping about `budget` tokens per KV head by its own rule (`Policy.with_budget`), or None
-    when it has no token budget."""
-    return policy.with_budget(budget)
+        raise ValueError(f"policy {spec.label}: {err}") from err
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,37 +118,24 @@ class PolicyRun:
 
 
 def resolve_policies(
-    names: Iterable[str], budgets: Sequence[int] = (), log: Callable[[str], None] = print,
-    bases: Mapping[str, Policy] | None = None,
+    specs: Iterable[str | PolicySpec], budgets: Sequence[int] = (), log: Callable[[str], None] = print, *,
+    config: ModelConfig | None = None, files: Mapping[str, str] | None = None,
 ) -> list[PolicyRun]:
-    """Policy runs from names: one per budget for policies with a token budget, one at defaults otherwise.
-    `bases` gives the starting policy for names that need arguments (DuoAttention's head split); other
-    policies that cannot be built from defaults alone are skipped with a message."""
+    """Policy runs from specs (`build_policy`): one per budget for policies with a token budget
+    (`Policy.with_budget`), one at their settings otherwise."""
     runs = []
-    for name in names:
-        key = name.strip().lower()
-        if bases and key in bases:
-            base = bases[key]
-        elif key in policy_classes():
-            try:
-                base = make_policy(name)
-            except ValueError as err:  # e.g. DuoAttention needs its head split: skip, say why
-                log(f"{key}: skipped; {err}")
-                continue
+    for spec in specs:
+        spec = PolicySpec.parse(spec) if isinstance(spec, str) else spec
+        base = build_policy(spec, config, files)
+        mapped = [(b, base.with_budget(b)) for b in budgets]
+        if not mapped or mapped[0][1] is None:
+            if mapped and spec.name != "full":
+                log(f"{spec.label}: no token budget to set; --budgets ignored, running its settings")
+            runs.append(PolicyRun(spec.label, spec.name, None, base))
         else:
-            base = make_policy(name)  # raises: unknown name
-        if not budgets:
-            runs.append(PolicyRun(key, key, None, base))
-            continue
-        mapped = [(b, with_budget(base, b)) for b in budgets]
-        if mapped[0][1] is None:
-            if key != "full":
-                log(f"{key}: no token budget to set; --budgets ignored, running its defaults")
-            runs.append(PolicyRun(key, key, None, base))
-        else:
-            runs += [PolicyRun(f"{key}@{b}", key, b, p) for b, p in mapped]
+            runs += [PolicyRun(f"{spec.label}@{b}", spec.name, b, p) for b, p in mapped]
     if not runs:
-        raise ValueError(f"none of the policies {list(names)} can run from the command line")
+        raise ValueError("no policy to run")
     return runs
 
 

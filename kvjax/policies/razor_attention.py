@@ -30,7 +30,7 @@ from kvjax.kv_state import (
 )
 from kvjax.layer_step import Decode
 from kvjax.policies.base import Layout, Policy
-from kvjax.policies.duo_attention import HeadSets, _normalise, sink_recent_priority, split_layout
+from kvjax.policies.duo_attention.policy import HeadSets, _normalise, sink_recent_priority, split_layout
 
 _MASKED = float(jnp.finfo(jnp.float32).min)
 

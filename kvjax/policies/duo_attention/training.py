@@ -34,7 +34,7 @@ from flax import nnx
 from kvjax.attention import join_query_chunks, split_query_chunks, visibility_mask
 from kvjax.eval.haystack import haystack_from_name
 from kvjax.language_model import LanguageModel
-from kvjax.policies.duo_attention import write_gates_tsv
+from kvjax.policies.duo_attention.policy import write_gates_tsv
 from kvjax.rope import apply_rope, rope_tables
 from kvjax.train.loop import LoopConfig, TrainResult, train
 
