@@ -21,7 +21,8 @@ from kvjax.policies.quest import PagedSegment
 from kvjax.policies.squeezed_attention import ClusteredSegment
 from kvjax.quantized_segment import QuantizedSegment
 from kvjax.sharding import device_kv_bytes, make_mesh, param_shardings, shard_model
-from tests.conftest import random_tokens
+from tests.support.jaxprs import kernel_calls
+from tests.support.random_data import random_tokens
 
 CONFIG = ModelConfig(
     family="llama", vocab_size=256, hidden_size=64, intermediate_size=128, num_layers=2,
@@ -131,19 +132,6 @@ def test_sharded_generate_and_state_match_one_device(model, sharded, prompts, na
         assert device_kv_bytes(state) == (kvjax.kv_bytes(state) - 8) // 8 + 4
 
 
-def _kernel_calls(jaxpr) -> tuple[int, int]:
-    """(pallas calls inside a shard_map body, pallas calls anywhere) in a traced program."""
-    inside = total = 0
-    for eqn in jaxpr.eqns:
-        if eqn.primitive.name == "pallas_call":
-            total += 1
-        for sub in jax.extend.core.jaxprs_in_params(eqn.params):
-            sub_inside, sub_total = _kernel_calls(sub)
-            total += sub_total
-            inside += sub_total if eqn.primitive.name == "shard_map" else sub_inside
-    return inside, total
-
-
 @pytest.mark.parametrize("name", ["full", "kivi", "twilight", "squeezed"])
 def test_kernels_run_per_device_under_shard_map(model, sharded, prompts, name):
     """On the kernel path (interpreted here) the prefill, decode, page-selecting (Quest, Twilight; Squeezed
@@ -159,9 +147,9 @@ def test_kernels_run_per_device_under_shard_map(model, sharded, prompts, name):
         run = kvjax.inference.Execution(impl, scan_layers)
         decode = lambda s, t, run=run: kvjax.inference._decode_step(  # noqa: E731
             model.graphdef, model.params, None, s, t, policy=policy, run=run)
-        _, one_device = _kernel_calls(jax.make_jaxpr(decode)(reference, token).jaxpr)
+        _, one_device = kernel_calls(jax.make_jaxpr(decode)(reference, token).jaxpr)
         with jax.set_mesh(sharded.mesh):
-            assert _kernel_calls(jax.make_jaxpr(decode)(state, token).jaxpr) == (one_device, one_device)
+            assert kernel_calls(jax.make_jaxpr(decode)(state, token).jaxpr) == (one_device, one_device)
         assert one_device >= layers  # the kernel path is taken at all
         if name == "full":  # prefill chunks over slot = position take the prefill kernel, per device too
             prefill = lambda t, n, run=run: kvjax.inference._prefill(  # noqa: E731
@@ -169,7 +157,7 @@ def test_kernels_run_per_device_under_shard_map(model, sharded, prompts, name):
             tokens, lengths = kvjax.inference.batch_prompts(prompts)
             args = jnp.asarray(np.pad(tokens, ((0, 0), (0, 42)))), jnp.asarray(lengths)  # three chunks of 64
             with jax.set_mesh(sharded.mesh):
-                assert _kernel_calls(jax.make_jaxpr(prefill)(*args).jaxpr) == (layers,) * 2
+                assert kernel_calls(jax.make_jaxpr(prefill)(*args).jaxpr) == (layers,) * 2
     for _ in range(3):
         many_logits, state = kvjax.decode_step(sharded, state, token, policy, attention_impl=impl)
         one_logits, reference = kvjax.decode_step(model, reference, token, policy, attention_impl=impl)

@@ -16,7 +16,7 @@ import pytest
 import kvjax
 from kvjax.eval.speed import BenchConfig, run_bench
 from kvjax.inference import greedy_decode
-from tests.conftest import random_tokens
+from tests.support.random_data import random_tokens
 
 
 def _script(name: str, monkeypatch) -> types.ModuleType:

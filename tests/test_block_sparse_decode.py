@@ -11,7 +11,9 @@ import kvjax.attention
 from pallas_kernels import block_masks as bm
 from pallas_kernels.block_sparse_decode import DecodeConfig, block_sparse_decode, block_sparse_decode_reference
 from pallas_kernels.lowering import NAMES, Lowering, resolve
-from tests.mosaic_gpu_interpreter import interpreted
+from tests.support.mosaic_gpu_interpreter import interpreted
+
+pytestmark = pytest.mark.slow  # over ~20 s of a core; `-m "not slow"` skips it
 
 IMPLEMENTATIONS = ("tpu", "gpu")
 

@@ -17,7 +17,7 @@ from kvjax.eval.tasks import get_task, make_sample, string_match_all
 
 LENGTH = 2048
 SEEDS = range(10)
-pytestmark = pytest.mark.usefixtures("optimized_xla")  # 2K-token prompts through a real model
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("optimized_xla")]  # 2K-token prompts through a real model
 
 
 @pytest.fixture(scope="module")

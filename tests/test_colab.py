@@ -9,6 +9,8 @@ from pathlib import Path
 import matplotlib
 import pytest
 
+pytestmark = pytest.mark.slow  # over ~20 s of a core; `-m "not slow"` skips it
+
 NOTEBOOK = Path(__file__).parents[1] / "colab" / "kvjax_quickstart.ipynb"
 
 

@@ -13,7 +13,7 @@ import kvjax
 from checkpoints_convert import ConversionError, convert
 from kvjax.checkpoint import CheckpointError, load
 from kvjax.config import UnsupportedModelError, config_from_hf
-from tests.conftest import random_tokens
+from tests.support.random_data import random_tokens
 
 safetensors_numpy = pytest.importorskip("safetensors.numpy")
 

@@ -14,8 +14,8 @@ from kvjax.policies import CSKV, Full
 from kvjax.policies.cskv import LowRankSegment
 from kvjax.rope import apply_rope, rope_tables, rotate_at
 from kvjax import init_model
-from tests.conftest import random_tokens
-from tests.quantized_fixtures import (
+from tests.support.random_data import random_tokens
+from tests.support.quantized_fixtures import (
     assert_generate_is_the_greedy_chain, head_dim_32_config, llama8b_cache_config, teacher_forced,
 )
 

@@ -22,7 +22,7 @@ from kvjax.policies.duo_attention.training import (
     GATES_TSV, DuoGateConfig, _Spec, duo_forward, lr_multiplier, make_batch, make_loss_fn, mixed_attention,
     passkey_sample, train_duo_gates,
 )
-from tests.interrupted_run import straight_and_resumed
+from tests.support.interrupted_run import straight_and_resumed
 
 SINK, RECENT = 8, 32
 SMALL = dict(sink=SINK, recent=RECENT, min_len=300, max_len=600, num_passkeys=2, passkey_words=4,
@@ -158,6 +158,7 @@ def test_cli_errors(capsys, monkeypatch):
     assert "no bundled model" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_sigkilled_run_resumes_to_the_same_gates(byte_model, tmp_path):
     _, model_dir = byte_model
     steps = 12

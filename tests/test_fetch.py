@@ -14,7 +14,7 @@ import pytest
 
 from kvjax.checkpoint import CheckpointError, load
 from kvjax.fetch import REGISTRY, FetchError, fetch, model_dir
-from tests.gguf_fixtures import write_tiny_gguf
+from tests.support.gguf_fixtures import write_tiny_gguf
 
 NAME = "smollm2-135m-instruct"
 pytest.importorskip("gguf")

@@ -10,7 +10,7 @@ import pytest
 import kvjax
 from kvjax import inference as gen
 from kvjax.sampling import SamplingParams, filtered_logits, sample
-from tests.conftest import random_tokens
+from tests.support.random_data import random_tokens
 
 
 def test_prefill_then_decode_equals_full_forward(tiny_model):

@@ -15,8 +15,10 @@ from checkpoints_convert import ConversionError, convert
 from checkpoints_convert.gguf_checkpoint import SUPPORTED_TYPES, unpermute_rows
 from checkpoints_convert.weight_map import hf_targets
 from kvjax.checkpoint import load
-from tests.conftest import random_tokens
-from tests.gguf_fixtures import SMALL, interleave_rows, write_tiny_gguf
+from tests.support.random_data import random_tokens
+from tests.support.gguf_fixtures import SMALL, interleave_rows, write_tiny_gguf
+
+pytestmark = pytest.mark.slow  # over ~20 s of a core; `-m "not slow"` skips it
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")

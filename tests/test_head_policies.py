@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -15,13 +16,13 @@ from kvjax.config import ModelConfig
 from kvjax.heads import razor_heads, retrieval_score
 from kvjax.kv_state import count, empty_segment
 from kvjax.policies import DuoAttention, Full, RazorAttention, StreamingLLM
-from kvjax.policies.duo_attention import quantile_head_sets, read_gates_tsv, write_gates_tsv
+from kvjax.policies.duo_attention import pattern_file, quantile_head_sets, read_gates_tsv, write_gates_tsv
 from kvjax.policies.razor_attention import compensated, compensated_attention
-from tests.conftest import random_tokens
-from tests.policy_reference import causal_probs, layer_queries_keys
+from tests.support.random_data import random_tokens
+from tests.support.policy_reference import causal_probs, layer_queries_keys
+from tests.support.jaxprs import pallas_calls
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
-LLAMA31_TSV = SHARED / "duo_attention_patterns" / "Meta-Llama-3.1-8B-Instruct" / "full_attention_heads.tsv"
+LLAMA31_TSV = pattern_file("Meta-Llama-3.1-8B-Instruct")
 
 
 def kept_positions(state, layer: int) -> dict[int, list[set[int]]]:
@@ -81,8 +82,8 @@ def test_duo_retrieval_heads_prefill_through_the_pallas_kernel(tiny_model):
     run = lambda t, n: kvjax.inference._prefill(  # noqa: E731
         m.graphdef, m.params, None, t, n, policy=policy, chunk=24, max_new_tokens=4, run=kernel)
     padded = np.pad(tokens, ((0, 0), (0, 12)))  # three chunks of 24
-    traced = str(jax.make_jaxpr(run)(jnp.asarray(padded), jnp.asarray(lengths)))
-    assert traced.count("pallas_call") == m.config.num_layers  # one retrieval segment per layer
+    traced = jax.make_jaxpr(run)(jnp.asarray(padded), jnp.asarray(lengths))
+    assert len(pallas_calls(traced)) == m.config.num_layers  # one retrieval segment per layer
     fast, fast_logits = kvjax.inference._run_prefill(m, tokens, lengths, policy, 24, 4, kernel)
     slow, slow_logits = kvjax.inference._run_prefill(m, tokens, lengths, policy, 24, 4, reference)
     np.testing.assert_allclose(np.asarray(fast_logits), np.asarray(slow_logits), atol=2e-5, rtol=0)
@@ -122,7 +123,6 @@ def _quantile_rule(gates: np.ndarray, sparsity: float) -> list[list[int]]:
     return [[h for h in range(gates.shape[1]) if gates[layer, h] >= threshold] for layer in range(gates.shape[0])]
 
 
-@pytest.mark.skipif(not LLAMA31_TSV.exists(), reason="../shared/data (DuoAttention's pattern files) is absent")
 @pytest.mark.parametrize("sparsity", [0.5, 0.75])
 def test_official_llama31_pattern_gives_the_quantile_head_set(sparsity):
     gates = np.loadtxt(LLAMA31_TSV, delimiter="\t")
@@ -244,7 +244,7 @@ def test_razor_decode_through_the_pallas_kernel_matches_the_reference(tiny_model
     run = kvjax.inference.Execution(impl)
     traced = jax.make_jaxpr(lambda s, t: kvjax.inference._forward_token(m.module(), policy, s, t, run))(
         state, tokens[:, 50])
-    assert str(traced).count("pallas_call") == 3  # 2 segments in layer 0, 1 in layer 1
+    assert len(pallas_calls(traced)) == 3  # 2 segments in layer 0, 1 in layer 1
     fast, fast_state = decode_logits(m, policy, tokens, 50, attention_impl=impl)
     slow, slow_state = decode_logits(m, policy, tokens, 50, attention_impl="reference")
     assert float(slow_state.layers[1][0].n_dropped.min()) > 0  # the token really takes part
@@ -355,10 +355,15 @@ def test_retrieval_score_matches_numpy(tiny_model):
     assert retrieval_score.kv_head_sets(((1, 3), ()), 4, 2) == ((0, 1), ())
 
 
-@pytest.mark.skipif(not (SHARED / "haystack").exists(), reason="../shared/data/haystack is absent")
-def test_haystack_tests_place_the_needle():
+def test_haystack_tests_place_the_needle(tmp_path):
+    (tmp_path / "PaulGrahamEssays").mkdir()  # the layout of the public haystack, with text of our own
+    for i in range(2):
+        (tmp_path / "PaulGrahamEssays" / f"{i}.txt").write_text(f"Essay {i} talks about many things at length. " * 40)
+    needles = [{"needle": f"The secret word {i} is pebble{i}.", "question": f"What is secret word {i}?",
+                "real_needle": f"pebble{i}"} for i in range(3)]
+    (tmp_path / "retrieval_head_needles.jsonl").write_text("\n".join(json.dumps(n) for n in needles))
     encode = lambda text: list(text.encode("utf-8"))  # noqa: E731  a byte "tokenizer"
-    tests = retrieval_score.haystack_tests(encode, [600], [0.0, 0.5, 1.0], root=SHARED / "haystack", bos=[1])
+    tests = retrieval_score.haystack_tests(encode, [600], [0.0, 0.5, 1.0], root=tmp_path, bos=[1])
     assert len(tests) == 9
     for test in tests:
         assert len(test.prompt) == 600 and test.prompt[0] == 1

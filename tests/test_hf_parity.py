@@ -11,7 +11,7 @@ import pytest
 import kvjax
 from checkpoints_convert.tiny_checkpoints import VARIANTS
 from kvjax.checkpoint import load
-from tests.conftest import random_tokens
+from tests.support.random_data import random_tokens
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")

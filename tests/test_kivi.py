@@ -15,8 +15,8 @@ from kvjax import ModelConfig, init_model
 from kvjax.layer_step import Decode, LayerContext, Prefill, StepInputs
 from kvjax.policies import KIVI, Full
 from pallas_kernels import kv_quant
-from tests.conftest import random_tokens
-from tests.quantized_fixtures import head_dim_32_config, llama8b_cache_config, rms, teacher_forced
+from tests.support.random_data import random_tokens
+from tests.support.quantized_fixtures import head_dim_32_config, llama8b_cache_config, rms, teacher_forced
 
 G, R = 32, 128
 LENGTHS = (250, 100)  # row 0 quantizes (and flushes 3 groups in one chunk); row 1 never leaves R + G

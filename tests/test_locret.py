@@ -24,9 +24,9 @@ from kvjax.policies.locret import (
     save_retaining_heads,
 )
 from kvjax.policies.locret.training import LocretHeadConfig, features_and_targets, make_batch, train_locret_heads
-from tests.conftest import random_tokens
-from tests.interrupted_run import straight_and_resumed
-from tests.policy_reference import causal_probs, layer_queries_keys
+from tests.support.random_data import random_tokens
+from tests.support.interrupted_run import straight_and_resumed
+from tests.support.policy_reference import causal_probs, layer_queries_keys
 
 HIDDEN = 32
 SMALL = dict(hidden=HIDDEN, tasks=("niah_single", "passkey"), min_len=400, max_len=600, pad_multiple=640, chunk=128,
@@ -300,6 +300,7 @@ def test_eval_runs_locret_with_trained_heads(byte_model, trained, tmp_path, caps
     assert row["compression_ratio"] > 3  # 96 (+1, rounded) slots instead of the ~400-token prompt plus the answer
 
 
+@pytest.mark.slow
 def test_sigkilled_run_resumes_to_the_same_heads(byte_model, tmp_path):
     model, model_dir = byte_model
     steps = 10

@@ -11,8 +11,8 @@ from kvjax.policies import H2O, KIVI, Full, MiKV, SnapKV, StreamingLLM
 from kvjax.policies.mikv import MixedSegment
 from kvjax.policies.quantized_pruning import decode_state_bytes
 from pallas_kernels import kv_quant
-from tests.conftest import random_tokens
-from tests.quantized_fixtures import (
+from tests.support.random_data import random_tokens
+from tests.support.quantized_fixtures import (
     assert_generate_is_the_greedy_chain, head_dim_32_config, llama8b_cache_config, rms, teacher_forced,
 )
 

@@ -13,8 +13,9 @@ import kvjax
 from kvjax.kv_state import count, empty_segment, keep_top
 from kvjax.policies import A2SF, H2O, TOVA, VATP, AdaKV, Full, Knorm, PyramidKV, SnapKV, StreamingLLM
 from kvjax.policies.snapkv import pool_1d
-from tests.conftest import random_tokens
-from tests.policy_reference import causal_probs, layer_queries_keys, masked_forward_logits
+from tests.support.random_data import random_tokens
+from tests.support.policy_reference import causal_probs, layer_queries_keys, masked_forward_logits
+from tests.support.jaxprs import pallas_calls, pallas_grids
 
 
 def kept_positions(state, layer: int) -> list[list[set[int]]]:
@@ -215,8 +216,7 @@ def test_decode_through_the_pallas_kernel_matches_the_reference(tiny_model, impl
     token = jnp.asarray([p[-1] for p in prompts])
     unrolled = kvjax.inference.Execution(impl, scan_layers=False)  # one traced attention per layer
     step = lambda s, t: kvjax.inference._forward_token(m.module(), policy, s, t, unrolled)  # noqa: E731
-    traced = str(jax.make_jaxpr(step)(fast, token))
-    assert traced.count("pallas_call") == m.config.num_layers  # the kernel really runs
+    assert len(pallas_calls(jax.make_jaxpr(step)(fast, token))) == m.config.num_layers  # the kernel really runs
     for _ in range(4):
         fast_logits, fast = kvjax.decode_step(m, fast, token, policy, attention_impl=impl)
         slow_logits, slow = kvjax.decode_step(m, slow, token, policy, attention_impl="reference")
@@ -231,7 +231,7 @@ def _prefill_kernel_calls(m, policy, impl, tokens, lengths, chunk, max_new_token
     run = lambda t, n: kvjax.inference._prefill(  # noqa: E731
         m.graphdef, m.params, policy.params, t, n, policy=policy, chunk=chunk, max_new_tokens=max_new_tokens,
         run=unrolled)
-    return str(jax.make_jaxpr(run)(jnp.asarray(tokens), jnp.asarray(lengths))).count("pallas_call")
+    return len(pallas_calls(jax.make_jaxpr(run)(jnp.asarray(tokens), jnp.asarray(lengths))))
 
 
 def _assert_same_entries(fast, slow, atol):
@@ -297,7 +297,7 @@ def test_prefill_chunk_blocks_follow_the_lowering(impl, grid):
     run = lambda impl: kvjax.attention.attend(  # noqa: E731
         q, k, v, k_pos, q_pos, None, d**-0.5, impl, slot_is_position=True)
     np.testing.assert_allclose(np.asarray(run(impl)), np.asarray(run("reference")), atol=2e-5, rtol=0)
-    assert f"grid={grid}" in str(jax.make_jaxpr(lambda: run(impl))())
+    assert pallas_grids(jax.make_jaxpr(lambda: run(impl))()) == [grid]
 
 
 def test_snapkv_prefill_takes_the_kernel_and_keeps_the_reference_choice(tiny_model):

@@ -1,4 +1,4 @@
-"""The public API of DESIGN.md, exactly as users write it, on a converted checkpoint."""
+"""The public API of the README, exactly as users write it, on a converted checkpoint."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import kvjax
-from tests.conftest import random_tokens
+from tests.support.random_data import random_tokens
 
 
 def test_design_public_api(hf_checkpoints):

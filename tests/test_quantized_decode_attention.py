@@ -21,6 +21,8 @@ from pallas_kernels.quantized_decode_attention import (
     quantized_decode_attention_reference,
 )
 
+pytestmark = pytest.mark.slow  # over ~20 s of a core; `-m "not slow"` skips it
+
 IMPLEMENTATIONS = ("tpu", "gpu")
 G = kv_quant.DEFAULT_GROUP_SIZE
 

@@ -18,8 +18,8 @@ from kvjax.policies.quantized_pruning import (
     attend_dequantized, decode_state_bytes, full_state_bytes, pruned_state_bytes, tokens_for_memory,
 )
 from pallas_kernels import kv_quant
-from tests.conftest import random_tokens
-from tests.quantized_fixtures import head_dim_32_config, rms, teacher_forced
+from tests.support.random_data import random_tokens
+from tests.support.quantized_fixtures import head_dim_32_config, rms, teacher_forced
 
 G, R = 32, 128
 BUDGET = 320  # SnapKV keeps 320 per head: row 0 quantizes 192 of them, row 1 (shorter) 64 of its 200

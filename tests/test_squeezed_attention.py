@@ -20,11 +20,13 @@ from kvjax.policies.quantized_pruning import decode_state_bytes
 from kvjax.policies.squeezed_attention import (
     PAGE, ClusteredSegment, CoarseClusters, attend_selected, selected_slots,
 )
-from tests.conftest import random_tokens
-from tests.quantized_fixtures import (
+from tests.support.random_data import random_tokens
+from tests.support.quantized_fixtures import (
     assert_generate_is_the_greedy_chain, eager_queries_and_keys, head_dim_32_config, llama8b_cache_config,
     teacher_forced,
 )
+
+pytestmark = pytest.mark.slow  # over ~20 s of a core; `-m "not slow"` skips it
 
 LENGTHS = (450, 230, 80)  # the last prompt is shorter than `recent`: nothing to cluster, it attends fully
 NEW = 16

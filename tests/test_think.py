@@ -12,8 +12,8 @@ from kvjax.policies import H2O, KIVI, Full, Knorm, SnapKV, ThinK
 from kvjax.policies.quantized_pruning import decode_state_bytes
 from kvjax.policies.think import ThinKSegment, attend_thin_keys
 from kvjax.kv_state import KVSegment
-from tests.conftest import random_tokens
-from tests.quantized_fixtures import (
+from tests.support.random_data import random_tokens
+from tests.support.quantized_fixtures import (
     assert_generate_is_the_greedy_chain, eager_queries_and_keys, head_dim_32_config, llama8b_cache_config,
     teacher_forced,
 )

@@ -23,7 +23,7 @@ class A2SF(H2O):
     """Scores each token by its attention received, decayed by `forgetting` per later query (GQA
     group mean); keeps the top `heavy` plus the `window` most recent; evicts as it goes."""
 
-    # The paper tunes lambda per model and task (0 < lambda < 1; DESIGN.md quotes 0.1-0.99) and
+    # The paper tunes lambda per model and task (0 < lambda < 1, 0.1-0.99 in its experiments) and
     # gives no single default; 0.95 keeps a ~20-query memory, a mild correction of H2O's bias
     # towards early tokens. lambda = 1 is H2O exactly.
     forgetting: float = 0.95

@@ -1,35 +1,13 @@
 """Quantized pruning ("More tokens, lower precision", Zhang et al., 2024): evict, then quantize what is kept.
 
-At equal memory, keeping ~3-4x more tokens at 4 bits beats fewer tokens at 16 bits (most on
-retrieval tasks). `QuantizedPruning(base, bits, group, residual)` composes a prompt-compressing
-`TokenEviction` policy with KIVI's quantization; `tokens_for_memory` and
-`QuantizedPruning.for_memory` turn a memory budget into the (tokens, bits) trade.
-
-Semantics, per (layer, sequence, KV head):
-  * prefill runs `base` unchanged (its layout, scoring, chunk eviction and attention);
-  * finalize runs `base.finalize` (it keeps n = min(budget, prompt length) entries in position
-    order), then quantizes the oldest Q = G * floor(max(n - R, 0) / G) kept entries into a packed
-    slab (KIVI's grouping: keys per channel over each group of G kept entries, values per token over
-    groups of G channels; kept entries need not be contiguous positions) and leaves the last n - Q
-    (R to R + G - 1 once n >= R) at full precision in a window. The slab records the original
-    position of each entry (`QuantizedSegment.slab_pos`, int32, for inspection and masks);
-  * decoding appends each token to the window and flushes whole groups of G to the slab as KIVI
-    does, so with m kept entries (prompt + generated) the slab holds the first
-    G * floor(max(m - R, 0) / G) of them and the window the rest. Nothing is evicted while decoding.
-  * The base's running statistics (scores) are dropped at finalize: nothing reads them afterwards.
-
-Only bases that compress the prompt once are supported (`TokenEviction` with
-`evict_while_decoding = False`: SnapKV, PyramidKV, Knorm). Bases that evict while decoding (H2O,
-A2SF, VATP, StreamingLLM, TOVA) would need to evict single entries out of packed groups whose key
-statistics they share; they raise ValueError at construction, as do non-`TokenEviction` policies
-(AdaKV's head-wise budgets would give heads different slab lengths).
-
-Bytes of the decode state per sequence (what `kvjax.kv_bytes` measures, batch 1), with n the kept
-prompt tokens per head, N new tokens, (Cq, W) = `KIVI.capacities(n, N)` (Cq rounded up to 128),
-D head dim, s the statistics' bytes (bf16: 2), e the model dtype's bytes:
-    L * (K * (Cq * (D * bits / 4 + 4 * s * D / G + 4) + W * (2 * D * e + 4)) + 4) + 4
-  = codes (keys and values) + scale/zero of both + slab positions, window k/v/pos, slab lengths,
-    and `KVState.length`.
+At equal memory, keeping ~3-4x more tokens at 4 bits beats fewer tokens at 16 bits. `QuantizedPruning(base,
+bits, group, residual)` composes a prompt-compressing `TokenEviction` base (SnapKV, PyramidKV, Knorm) with
+KIVI's quantization: prefill runs the base unchanged; finalize keeps the base's n entries and packs the oldest
+G * floor(max(n - R, 0) / G) of them into a KIVI slab (keys per channel, values per token, each entry's
+original position kept), the rest in a full-precision window; decoding appends to the window and flushes
+whole groups of G, evicting nothing. Bases that evict while decoding, or keep head-wise budgets, are refused
+at construction. `tokens_for_memory` and `QuantizedPruning.for_memory` turn a memory budget into the
+(tokens, bits) trade; the byte formula they solve is in docs/quantized_pruning.md.
 """
 
 from __future__ import annotations

@@ -1,46 +1,17 @@
 """Squeezed Attention (Hooper et al., 2024): cluster the prompt's keys once, then let each query attend
 only to the keys whose cluster centroid predicts a large attention weight.
 
-After prefill, per (layer, sequence, KV head), the context keys (every prompt token but the last
-`recent`) are grouped by k-means on their L2-normalised vectors into floor(clusters * n) clusters;
-each centroid is the mean of its cluster's raw keys. A query q estimates the weight of key i in
-cluster l(i) from the centroids alone:
-
-    S_i = exp(q . c_l(i) / sqrt(D)) / sum_j N_j exp(q . c_j / sqrt(D))        (N_j: keys in cluster j)
-
-and attends exactly over the context keys with S_i >= T, the last `recent` prompt tokens and every
-generated token. T is one global threshold per sequence: the (1 - keep) quantile, over every layer,
-KV head and context key, of S_i averaged over the last `recent` prompt queries, so those calibration
-queries keep a `keep` share of the context. With GQA a KV head's selection averages S over its query
-heads (the authors' models are MHA, where that average is over one head).
-
-This is the authors' one-level lookup, with their defaults (5% clusters, 100 observation tokens, the
-90th percentile), computed from the prompt itself in `finalize` rather than in an offline pass over a
-fixed context shared by many requests: k-means++ seeding, then at most `iterations` Lloyd updates of
-C x Kc x D multiply-adds per KV head. Keys are selected by S_i >= T (the authors: >), so keep=1
-attends to everything. It saves attention reads, not memory: every key stays in the cache (plus labels
-and centroids, counted by `kvjax.kv_bytes`).
-
-Coarse clusters: k-means then groups each row's L2-normalised centroids into floor(coarse_clusters * Kc)
-coarse clusters. `hierarchical=True` is the authors' two-level lookup: S over the coarse centroids
-(each the plain mean of its clusters' centroids, N its keys) against a coarse threshold calibrated the
-same way at 1 - coarse_keep (their default 70th percentile), then S over the fine centroids with N
-counting only the keys of the coarse clusters passed (their lookup drops the rest from the
-denominator) against T; a key is attended when both levels select it. Like the authors' evaluation
-code it scores every centroid, so it changes which keys are read, not the lookup's cost. Their
-repository leaves both cluster counts to the user; half as many coarse clusters as clusters is ours:
-with a fifth as many, the bundled model lost 3 of 10 needles at keep=0.02 where the one-level lookup
-lost none.
-
-What makes the reads sparse: `finalize` reorders each row's context slots so that every cluster's keys
-are contiguous, and numbers the clusters coarse cluster by coarse cluster, so clusters with similar
-centroids, which a query tends to select together, lie side by side (the recent and generated tokens
-stay at slot = position after them). A cluster is selected or not as a whole, so a decode query's
-selection is a few runs of slots; the block-sparse decode kernel (GPU/TPU) visits only the 16-slot
-pages holding a selected key and masks the unselected slots inside them (`slot_mask`), which is
-exact. Pages are 16 slots because clusters average 1 / clusters = 20 keys: larger pages would mostly
-read neighbours of the selected clusters. Elsewhere (CPU, sliding-window models, multi-token chunks)
-the selection is jnp masking over the whole cache.
+After prefill, per (layer, sequence, KV head), the context keys (all but the last `recent` prompt tokens)
+are grouped by k-means on their L2-normalised vectors into floor(clusters * n) clusters, each centroid the
+mean of its cluster's raw keys. A query estimates key i's weight from the centroids alone,
+`S_i = exp(q.c_l(i)/sqrt(D)) / sum_j N_j exp(q.c_j/sqrt(D))`, and attends exactly over the context keys with
+S_i >= T, the recent prompt tokens and every generated token; T is one global threshold per sequence, the
+(1 - keep) quantile of S averaged over the last `recent` prompt queries. `hierarchical=True` adds the
+authors' coarse level (clusters of the clusters, their own threshold at 1 - coarse_keep). Context slots are
+reordered cluster by cluster, so a selection is a few runs of 16-slot pages that the block-sparse decode
+kernel reads with a per-slot mask. It saves attention reads, not memory. Where kvjax differs from the
+authors (k-means on each prompt instead of an offline fixed context; S_i >= T where they use >; the coarse
+cluster count) and why: docs/squeezed_attention.md.
 """
 
 from __future__ import annotations

@@ -1,0 +1,1 @@
+"""Helpers the tests share: references, fixtures' builders, and the crash-rerun plugin."""
