@@ -57,13 +57,32 @@ class Shapes:
     decode_fraction: float
 
 
-FULL = Shapes(batch=1, num_heads=32, num_kv_heads=8, head_dim=128,
-              lengths=(8192, 32768, 131072), dtype="bfloat16", sink=64, recent=256,
-              decode_page=64, decode_fraction=0.1)
+FULL = Shapes(
+    batch=1,
+    num_heads=32,
+    num_kv_heads=8,
+    head_dim=128,
+    lengths=(8192, 32768, 131072),
+    dtype="bfloat16",
+    sink=64,
+    recent=256,
+    decode_page=64,
+    decode_fraction=0.1,
+)
 SECTIONS = ("prefill", "decode", "chunked")
 REFERENCE_MAX_LEN = 8192  # DuoAttention prefill checked against the dense reference up to here
-SMOKE = Shapes(batch=1, num_heads=4, num_kv_heads=2, head_dim=64, lengths=(100,),
-               dtype="bfloat16", sink=4, recent=16, decode_page=16, decode_fraction=0.25)
+SMOKE = Shapes(
+    batch=1,
+    num_heads=4,
+    num_kv_heads=2,
+    head_dim=64,
+    lengths=(100,),
+    dtype="bfloat16",
+    sink=4,
+    recent=16,
+    decode_page=16,
+    decode_fraction=0.25,
+)
 
 
 def try_time(timer: Callable, fn: Callable, *args, **kwargs) -> float | str:
@@ -75,14 +94,14 @@ def try_time(timer: Callable, fn: Callable, *args, **kwargs) -> float | str:
         return f"failed: {type(e).__name__}: {str(e).splitlines()[0][:200]}"
 
 
-def summarize(name: str, seq_len: int, kernel: float, baselines: dict[str, float | str],
-              **extra) -> dict:
+def summarize(name: str, seq_len: int, kernel: float, baselines: dict[str, float | str], **extra) -> dict:
     """One result row: times in ms and speedups against every baseline that ran."""
     ok = {k: v for k, v in baselines.items() if isinstance(v, float)}
     row = {
-        "name": name, "seq_len": seq_len, "kernel_ms": kernel * 1e3,
-        "baselines_ms": {k: (v * 1e3 if isinstance(v, float) else v)
-                         for k, v in baselines.items()},
+        "name": name,
+        "seq_len": seq_len,
+        "kernel_ms": kernel * 1e3,
+        "baselines_ms": {k: (v * 1e3 if isinstance(v, float) else v) for k, v in baselines.items()},
         "speedup": {k: v / kernel for k, v in ok.items()},
         **extra,
     }
@@ -92,13 +111,11 @@ def summarize(name: str, seq_len: int, kernel: float, baselines: dict[str, float
 
 def cudnn_or_xla(implementation: str, **kwargs) -> Callable:
     """jax.nn.dot_product_attention in [B, T, N, D] layout with a fixed implementation."""
-    return jax.jit(lambda q, k, v: jax.nn.dot_product_attention(
-        q, k, v, implementation=implementation, **kwargs))
+    return jax.jit(lambda q, k, v: jax.nn.dot_product_attention(q, k, v, implementation=implementation, **kwargs))
 
 
 def bench_prefill(shapes: Shapes, seq_len: int, kernel_kwargs: dict, repeats: int) -> list[dict]:
-    batch, heads, kv_heads, dim = (shapes.batch, shapes.num_heads, shapes.num_kv_heads,
-                                   shapes.head_dim)
+    batch, heads, kv_heads, dim = (shapes.batch, shapes.num_heads, shapes.num_kv_heads, shapes.head_dim)
     dtype = jnp.dtype(shapes.dtype)
     kq, kk, kv = jax.random.split(jax.random.key(0), 3)
     q = jax.random.normal(kq, (batch, heads, seq_len, dim), dtype)  # [B, H, T, D]
@@ -106,19 +123,22 @@ def bench_prefill(shapes: Shapes, seq_len: int, kernel_kwargs: dict, repeats: in
     v = jax.random.normal(kv, (batch, kv_heads, seq_len, dim), dtype)
     q_t, k_t, v_t = (x.transpose(0, 2, 1, 3) for x in (q, k, v))  # [B, T, N, D] for jax.nn
 
-    full_baselines = {impl: try_time(median_seconds, cudnn_or_xla(impl, is_causal=True), q_t,
-                                     k_t, v_t, repeats=repeats) for impl in ("cudnn", "xla")}
-    dense = jax.jit(lambda q, k, v: block_sparse_prefill(q, k, v, bm.DenseCausal(),
-                                                         **kernel_kwargs))
+    full_baselines = {
+        impl: try_time(median_seconds, cudnn_or_xla(impl, is_causal=True), q_t, k_t, v_t, repeats=repeats)
+        for impl in ("cudnn", "xla")
+    }
+    dense = jax.jit(lambda q, k, v: block_sparse_prefill(q, k, v, bm.DenseCausal(), **kernel_kwargs))
     agreement = {}  # same computation: the kernel must agree with the baselines that ran
     for impl, seconds in full_baselines.items():
         if isinstance(seconds, float):
             expected = cudnn_or_xla(impl, is_causal=True)(q_t, k_t, v_t).transpose(0, 2, 1, 3)
             diff = jnp.abs(dense(q, k, v).astype(jnp.float32) - expected.astype(jnp.float32))
             agreement[f"max_abs_diff_vs_{impl}"] = float(diff.max())
-    rows = [summarize("prefill_full_causal", seq_len,
-                      median_seconds(dense, q, k, v, repeats=repeats), full_baselines,
-                      **agreement)]
+    rows = [
+        summarize(
+            "prefill_full_causal", seq_len, median_seconds(dense, q, k, v, repeats=repeats), full_baselines, **agreement
+        )
+    ]
 
     # DuoAttention: first half of the KV heads retrieval (dense), second half streaming.
     streaming = bm.SinkLocal(shapes.sink, shapes.recent)
@@ -131,30 +151,53 @@ def bench_prefill(shapes: Shapes, seq_len: int, kernel_kwargs: dict, repeats: in
         full = cudnn_or_xla(implementation, is_causal=True)
         local = cudnn_or_xla(implementation, is_causal=True, local_window_size=(window - 1, 0))
         g_half = heads // 2
-        return jax.jit(lambda q, k, v: jnp.concatenate(
-            [full(q[:, :, :g_half], k[:, :, :half], v[:, :, :half]),
-             local(q[:, :, g_half:], k[:, :, half:], v[:, :, half:])], axis=2))
+        return jax.jit(
+            lambda q, k, v: jnp.concatenate(
+                [
+                    full(q[:, :, :g_half], k[:, :, :half], v[:, :, :half]),
+                    local(q[:, :, g_half:], k[:, :, half:], v[:, :, half:]),
+                ],
+                axis=2,
+            )
+        )
 
     duo_baselines = dict(full_baselines)
     for impl in ("cudnn", "xla"):
         duo_baselines[f"{impl}_split_by_head_group"] = try_time(
-            median_seconds, split_by_group(impl), q_t, k_t, v_t, repeats=repeats)
+            median_seconds, split_by_group(impl), q_t, k_t, v_t, repeats=repeats
+        )
     duo_agreement = {}
     if seq_len <= REFERENCE_MAX_LEN:  # the dense reference holds H x T x T float32 scores
-        diff = jnp.abs(duo_kernel(q, k, v).astype(jnp.float32)
-                       - block_sparse_prefill_reference(q, k, v, duo).astype(jnp.float32))
+        diff = jnp.abs(
+            duo_kernel(q, k, v).astype(jnp.float32) - block_sparse_prefill_reference(q, k, v, duo).astype(jnp.float32)
+        )
         duo_agreement["max_abs_diff_vs_reference"] = float(diff.max())
-    rows.append(summarize("prefill_duo_attention_50pct_streaming", seq_len,
-                          median_seconds(duo_kernel, q, k, v, repeats=repeats), duo_baselines,
-                          sink=shapes.sink, recent=shapes.recent, **duo_agreement))
+    rows.append(
+        summarize(
+            "prefill_duo_attention_50pct_streaming",
+            seq_len,
+            median_seconds(duo_kernel, q, k, v, repeats=repeats),
+            duo_baselines,
+            sink=shapes.sink,
+            recent=shapes.recent,
+            **duo_agreement,
+        )
+    )
     return rows
 
 
-def bench_decode(shapes: Shapes, seq_len: int, kernel_kwargs: dict, page: int,
-                 num_splits: int | None, num_stages: int, num_warps: int, repeats: int,
-                 inner: int) -> list[dict]:
-    batch, heads, kv_heads, dim = (shapes.batch, shapes.num_heads, shapes.num_kv_heads,
-                                   shapes.head_dim)
+def bench_decode(
+    shapes: Shapes,
+    seq_len: int,
+    kernel_kwargs: dict,
+    page: int,
+    num_splits: int | None,
+    num_stages: int,
+    num_warps: int,
+    repeats: int,
+    inner: int,
+) -> list[dict]:
+    batch, heads, kv_heads, dim = (shapes.batch, shapes.num_heads, shapes.num_kv_heads, shapes.head_dim)
     dtype = jnp.dtype(shapes.dtype)
     capacity = -(-seq_len // page) * page  # whole pages; the last one may be partly filled
     kq, kk, kv = jax.random.split(jax.random.key(1), 3)
@@ -165,17 +208,25 @@ def bench_decode(shapes: Shapes, seq_len: int, kernel_kwargs: dict, page: int,
     top_k = max(1, round(shapes.decode_fraction * capacity / page))
     k_min, k_max = jax.jit(lambda k: bm.page_key_bounds(k, lengths, block_size=page))(k)
 
-    config = DecodeConfig(block_size=page, num_splits=num_splits, num_stages=num_stages,
-                          num_warps=num_warps)
-    select = jax.jit(lambda q, k_min, k_max: bm.decode_table_top_k_pages(
-        q, k_min, k_max, lengths, top_k=top_k, block_size=page))
+    config = DecodeConfig(block_size=page, num_splits=num_splits, num_stages=num_stages, num_warps=num_warps)
+    select = jax.jit(
+        lambda q, k_min, k_max: bm.decode_table_top_k_pages(q, k_min, k_max, lengths, top_k=top_k, block_size=page)
+    )
     table = select(q, k_min, k_max)
-    kernel = jax.jit(lambda q, k, v, table: block_sparse_decode(
-        q, k, v, lengths, table, config=config, **kernel_kwargs))
-    select_and_kernel = jax.jit(lambda q, k, v, k_min, k_max: block_sparse_decode(
-        q, k, v, lengths, bm.decode_table_top_k_pages(q, k_min, k_max, lengths, top_k=top_k,
-                                                      block_size=page),
-        config=config, **kernel_kwargs))
+    kernel = jax.jit(
+        lambda q, k, v, table: block_sparse_decode(q, k, v, lengths, table, config=config, **kernel_kwargs)
+    )
+    select_and_kernel = jax.jit(
+        lambda q, k, v, k_min, k_max: block_sparse_decode(
+            q,
+            k,
+            v,
+            lengths,
+            bm.decode_table_top_k_pages(q, k_min, k_max, lengths, top_k=top_k, block_size=page),
+            config=config,
+            **kernel_kwargs,
+        )
+    )
 
     group = heads // kv_heads
 
@@ -191,33 +242,41 @@ def bench_decode(shapes: Shapes, seq_len: int, kernel_kwargs: dict, page: int,
     q_t = q[:, None]  # [B, 1, H, D]
     k_t, v_t = (x.transpose(0, 2, 1, 3) for x in (k, v))  # [B, C, Hkv, D]
     # name: (function, arguments); each function's output has its first argument's shape.
-    measured = {"decode_top_k_pages_kernel_only": (kernel, (q, k, v, table)),
-                "decode_top_k_pages_with_selection": (select_and_kernel, (q, k, v, k_min, k_max))}
+    measured = {
+        "decode_top_k_pages_kernel_only": (kernel, (q, k, v, table)),
+        "decode_top_k_pages_with_selection": (select_and_kernel, (q, k, v, k_min, k_max)),
+    }
     baseline_calls = {
         "xla_full_cache": (xla_decode, (q, k, v)),
         "cudnn_full_cache": (cudnn_or_xla("cudnn", key_value_seq_lengths=lengths), (q_t, k_t, v_t)),
     }
-    diff = jnp.abs(kernel(q, k, v, table).astype(jnp.float32) - block_sparse_decode_reference(
-        q, k, v, lengths, table).astype(jnp.float32))
-    extra = dict(page=page, pages_visited=top_k, pages_total=capacity // page,
-                 num_splits=num_splits or "auto", num_stages=num_stages, num_warps=num_warps,
-                 calls_per_sample=inner, max_abs_diff_vs_reference=float(diff.max()))
+    diff = jnp.abs(
+        kernel(q, k, v, table).astype(jnp.float32)
+        - block_sparse_decode_reference(q, k, v, lengths, table).astype(jnp.float32)
+    )
+    extra = dict(
+        page=page,
+        pages_visited=top_k,
+        pages_total=capacity // page,
+        num_splits=num_splits or "auto",
+        num_stages=num_stages,
+        num_warps=num_warps,
+        calls_per_sample=inner,
+        max_abs_diff_vs_reference=float(diff.max()),
+    )
     rows, kw = [], dict(repeats=repeats, inner=inner)
     # Chained on device (as generate's loop runs), then dispatched back to back by the host.
     for timing, timer in (("chained", chained_seconds), ("dispatched", median_seconds)):
         baselines = {name: try_time(timer, fn, *a, **kw) for name, (fn, a) in baseline_calls.items()}
         for name, (fn, a) in measured.items():
-            rows.append(summarize(name, seq_len, timer(fn, *a, **kw), baselines, timing=timing,
-                                  **extra))
+            rows.append(summarize(name, seq_len, timer(fn, *a, **kw), baselines, timing=timing, **extra))
     return rows
 
 
-def bench_chunked_prefill(shapes: Shapes, seq_len: int, chunk: int, kernel_impl: str,
-                          repeats: int) -> list[dict]:
+def bench_chunked_prefill(shapes: Shapes, seq_len: int, chunk: int, kernel_impl: str, repeats: int) -> list[dict]:
     """Attention of a whole prompt, chunk by chunk, through kvjax's dispatch (`attend` with
     slot_is_position=True, what Full's prefill calls) at kernel_impl and at "reference"."""
-    batch, heads, kv_heads, dim = (shapes.batch, shapes.num_heads, shapes.num_kv_heads,
-                                   shapes.head_dim)
+    batch, heads, kv_heads, dim = (shapes.batch, shapes.num_heads, shapes.num_kv_heads, shapes.head_dim)
     group, dtype = heads // kv_heads, jnp.dtype(shapes.dtype)
     num_chunks = -(-seq_len // chunk)
     capacity = -(-num_chunks * chunk // 128) * 128  # as kvjax rounds a Full cache; 128-blocks here
@@ -246,47 +305,68 @@ def bench_chunked_prefill(shapes: Shapes, seq_len: int, chunk: int, kernel_impl:
     baselines = {
         "reference_dispatch": try_time(median_seconds, reference, q, repeats=repeats),
         "cudnn_one_shot_full_causal": try_time(
-            median_seconds, cudnn_or_xla("cudnn", is_causal=True), q_t, k_t, v_t, repeats=repeats),
+            median_seconds, cudnn_or_xla("cudnn", is_causal=True), q_t, k_t, v_t, repeats=repeats
+        ),
     }
     extra = dict(chunk=chunk, num_chunks=num_chunks, capacity=capacity, impl=kernel_impl)
     if isinstance(baselines["reference_dispatch"], float):  # both ran: they must agree
         diff = jnp.abs(kernel(q).astype(jnp.float32) - reference(q).astype(jnp.float32))
         # Rows past the prompt are padding: the kernel zeroes them, the reference attends them.
         real = jnp.arange(num_chunks)[:, None] * chunk + jnp.arange(chunk) < seq_len  # [N, S]
-        extra["max_abs_diff_vs_reference"] = float(
-            jnp.where(real[:, None, :, None, None, None], diff, 0.0).max())
-    return [summarize("chunked_prefill_dispatch_full_causal", seq_len,
-                      median_seconds(kernel, q, repeats=repeats), baselines, **extra)]
+        extra["max_abs_diff_vs_reference"] = float(jnp.where(real[:, None, :, None, None, None], diff, 0.0).max())
+    return [
+        summarize(
+            "chunked_prefill_dispatch_full_causal",
+            seq_len,
+            median_seconds(kernel, q, repeats=repeats),
+            baselines,
+            **extra,
+        )
+    ]
 
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--smoke", action="store_true",
-                        help="tiny shapes; on CPU the kernels run interpreted (proves it runs)")
+    parser.add_argument(
+        "--smoke", action="store_true", help="tiny shapes; on CPU the kernels run interpreted (proves it runs)"
+    )
     parser.add_argument("--out", type=Path, default=Path("bench_block_sparse.json"))
     parser.add_argument("--lengths", type=int, nargs="*", help="override sequence lengths")
     parser.add_argument("--batch", type=int, help="override the batch size")
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--block-q", type=int, default=128)
     parser.add_argument("--block-k", type=int, default=128)
-    parser.add_argument("--num-splits", type=int, nargs="+",
-                        help="decode splits per (sequence, KV head); several: one row each "
-                             "(default: the kernel's pick, two programs per SM)")
-    parser.add_argument("--pages", type=int, nargs="+",
-                        help="decode page sizes; several: one row each (default: 64)")
-    parser.add_argument("--decode-inner", type=int, default=20,
-                        help="decode calls per timing sample, chained on device in one "
-                             "executable (rows timing=chained) or dispatched back to back by "
-                             "the host (timing=dispatched)")
+    parser.add_argument(
+        "--num-splits",
+        type=int,
+        nargs="+",
+        help="decode splits per (sequence, KV head); several: one row each "
+        "(default: the kernel's pick, two programs per SM)",
+    )
+    parser.add_argument("--pages", type=int, nargs="+", help="decode page sizes; several: one row each (default: 64)")
+    parser.add_argument(
+        "--decode-inner",
+        type=int,
+        default=20,
+        help="decode calls per timing sample, chained on device in one "
+        "executable (rows timing=chained) or dispatched back to back by "
+        "the host (timing=dispatched)",
+    )
     parser.add_argument("--sections", nargs="+", choices=SECTIONS, default=list(SECTIONS))
-    parser.add_argument("--num-stages", type=int, default=2,
-                        help="K/V blocks in flight (Triton pipelining; Mosaic GPU stage ring)")
-    parser.add_argument("--num-warps", type=int, default=None,
-                        help="Triton: warps per program (default: each kernel config's own)")
+    parser.add_argument(
+        "--num-stages", type=int, default=2, help="K/V blocks in flight (Triton pipelining; Mosaic GPU stage ring)"
+    )
+    parser.add_argument(
+        "--num-warps", type=int, default=None, help="Triton: warps per program (default: each kernel config's own)"
+    )
     parser.add_argument("--chunk", type=int, default=512, help="kvjax prefill chunk (dispatch row)")
-    parser.add_argument("--implementation", choices=("auto", "tpu", "gpu", "mosaic_gpu"), default="auto",
-                        help="force a lowering (default: from jax.default_backend()); "
-                             "mosaic_gpu: the Hopper kernels (prefill block_q 128)")
+    parser.add_argument(
+        "--implementation",
+        choices=("auto", "tpu", "gpu", "mosaic_gpu"),
+        default="auto",
+        help="force a lowering (default: from jax.default_backend()); "
+        "mosaic_gpu: the Hopper kernels (prefill block_q 128)",
+    )
     args = parser.parse_args(argv)
 
     shapes = SMOKE if args.smoke else FULL
@@ -301,12 +381,16 @@ def main(argv: list[str] | None = None) -> dict:
     repeats = 1 if args.smoke else args.repeats
     mosaic = args.implementation == "mosaic_gpu"
     if mosaic and interpret:
-        parser.error("the Mosaic GPU kernels need a GPU here (JAX's GPU interpreter runs them "
-                     "only as the tests extend it: tests/mosaic_gpu_interpreter.py)")
+        parser.error(
+            "the Mosaic GPU kernels need a GPU here (JAX's GPU interpreter runs them "
+            "only as the tests extend it: tests/mosaic_gpu_interpreter.py)"
+        )
     blocks = (16, 16) if args.smoke else (args.block_q, args.block_k)
     kernel_kwargs = dict(implementation=args.implementation, interpret=interpret)
-    prefill_kwargs = dict(kernel_kwargs, config=PrefillConfig(
-        *blocks, num_warps=args.num_warps or PrefillConfig.num_warps, num_stages=args.num_stages))
+    prefill_kwargs = dict(
+        kernel_kwargs,
+        config=PrefillConfig(*blocks, num_warps=args.num_warps or PrefillConfig.num_warps, num_stages=args.num_stages),
+    )
     # kvjax's attention_impl for the dispatch row (the kernels' names): the lowering asked for on an
     # accelerator ("auto": the kernel's own pick, Mosaic GPU prefill on Hopper where it fits, else
     # Triton), an interpreter on CPU (the TPU one unless --implementation gpu).
@@ -321,11 +405,18 @@ def main(argv: list[str] | None = None) -> dict:
         if "prefill" in args.sections:
             results += bench_prefill(shapes, seq_len, prefill_kwargs, repeats)
         if "decode" in args.sections:
-            for page, num_splits in itertools.product(args.pages or [shapes.decode_page],
-                                                      args.num_splits or [None]):
-                results += bench_decode(shapes, seq_len, kernel_kwargs, page, num_splits,
-                                        args.num_stages, args.num_warps or DecodeConfig.num_warps,
-                                        repeats, inner)
+            for page, num_splits in itertools.product(args.pages or [shapes.decode_page], args.num_splits or [None]):
+                results += bench_decode(
+                    shapes,
+                    seq_len,
+                    kernel_kwargs,
+                    page,
+                    num_splits,
+                    args.num_stages,
+                    args.num_warps or DecodeConfig.num_warps,
+                    repeats,
+                    inner,
+                )
         if "chunked" in args.sections:
             results += bench_chunked_prefill(shapes, seq_len, chunk, dispatch_impl, repeats)
     report = {
@@ -334,11 +425,19 @@ def main(argv: list[str] | None = None) -> dict:
         "jax_version": jax.__version__,
         "smoke": args.smoke,
         "interpreted": interpret,
-        "note": ("interpreted on CPU: times are meaningless" if interpret else
-                 "median wall time after warm-up; speedup = baseline / kernel, same run"),
+        "note": (
+            "interpreted on CPU: times are meaningless"
+            if interpret
+            else "median wall time after warm-up; speedup = baseline / kernel, same run"
+        ),
         "shapes": dataclasses.asdict(shapes),
-        "kernel_implementation": (args.implementation if args.implementation != "auto" else
-                                  "tpu" if interpret else f"{backend}: the kernels' default"),
+        "kernel_implementation": (
+            args.implementation
+            if args.implementation != "auto"
+            else "tpu"
+            if interpret
+            else f"{backend}: the kernels' default"
+        ),
         "prefill_blocks": list(blocks),
         "num_stages": args.num_stages,
         "num_warps": args.num_warps or "each config's default",

@@ -39,13 +39,27 @@ from kvjax.policies import CSKV, Full, Policy, Quest, SqueezedAttention, Twiligh
 from op_profile import profile_ops
 
 LLAMA31_8B = ModelConfig(
-    family="llama", vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_layers=32,
-    num_heads=32, num_kv_heads=8, head_dim=128, max_position_embeddings=131072,
+    family="llama",
+    vocab_size=128256,
+    hidden_size=4096,
+    intermediate_size=14336,
+    num_layers=32,
+    num_heads=32,
+    num_kv_heads=8,
+    head_dim=128,
+    max_position_embeddings=131072,
     rope=RopeConfig(theta=500000.0, kind="llama3", factor=8.0, original_max_position_embeddings=8192),
 )
 SMOKE = ModelConfig(
-    family="llama", vocab_size=512, hidden_size=128, intermediate_size=256, num_layers=3,
-    num_heads=4, num_kv_heads=2, head_dim=32, max_position_embeddings=4096,
+    family="llama",
+    vocab_size=512,
+    hidden_size=128,
+    intermediate_size=256,
+    num_layers=3,
+    num_heads=4,
+    num_kv_heads=2,
+    head_dim=32,
+    max_position_embeddings=4096,
 )
 
 
@@ -67,7 +81,8 @@ def filled_state(
         used = jnp.arange(shape[2]) < context
         pos = jnp.where(used, jnp.arange(shape[2]), -1).astype(jnp.int32)
         return seg.replace(
-            k=jax.random.normal(k1, shape, dtype), v=jax.random.normal(k2, shape, dtype),
+            k=jax.random.normal(k1, shape, dtype),
+            v=jax.random.normal(k2, shape, dtype),
             pos=jnp.broadcast_to(pos, shape[:3]),
         )
 
@@ -88,8 +103,9 @@ def weight_bytes_per_token(m: kvjax.LanguageModel) -> int:
     return int(total - (0 if m.config.tie_word_embeddings else embed.size * embed.dtype.itemsize))
 
 
-def time_decode(m, batch: int, context: int, steps: int, repeats: int, policy: Policy = Full(),
-                scan_layers: bool = False) -> float:
+def time_decode(
+    m, batch: int, context: int, steps: int, repeats: int, policy: Policy = Full(), scan_layers: bool = False
+) -> float:
     """Median seconds per decoded token of generate's jitted while_loop decode; layers unrolled unless
     `scan_layers` (kvjax.inference.Execution)."""
     times = []
@@ -104,13 +120,15 @@ def time_decode(m, batch: int, context: int, steps: int, repeats: int, policy: P
     return float(np.median(times))
 
 
-def profile_decode(m, batch: int, context: int, steps: int, top: int, policy: Policy = Full(),
-                   scan_layers: bool = False) -> dict:
+def profile_decode(
+    m, batch: int, context: int, steps: int, top: int, policy: Policy = Full(), scan_layers: bool = False
+) -> dict:
     """`op_profile.profile_ops` of one decode loop of `steps` tokens (compiled by `time_decode` at these
     shapes): which kernels and fusions a token's time goes to."""
     state = jax.block_until_ready(filled_state(m.config, batch, context, steps, m.dtype, policy))
-    run = functools.partial(greedy_decode, m, state, np.ones((batch,), np.int32), steps, policy,
-                            scan_layers=scan_layers)
+    run = functools.partial(
+        greedy_decode, m, state, np.ones((batch,), np.int32), steps, policy, scan_layers=scan_layers
+    )
     return profile_ops(run, steps, top, module="jit__decode")  # the loop, not the eager checks before it
 
 
@@ -126,21 +144,47 @@ def main():
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--steps", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--quest-budgets", type=int, nargs="*", default=[1024],
-                        help="Quest token budgets to time against Full (none: Full only)")
-    parser.add_argument("--twilight-budgets", type=int, nargs="*", default=[],
-                        help="Twilight candidate budgets (top_p 0.85) to time against Full")
-    parser.add_argument("--cskv-densities", type=float, nargs="*", default=[],
-                        help="CSKV key and value densities to time against Full")
-    parser.add_argument("--squeezed-keeps", type=float, nargs="*", default=[],
-                        help="Squeezed Attention keep shares (5%% clusters) to time against Full")
-    parser.add_argument("--squeezed-hierarchical", action="store_true",
-                        help="time each Squeezed Attention keep with the hierarchical lookup too")
-    parser.add_argument("--profile-top", type=int, default=0,
-                        help="add each row's N costliest device operations per token (0: no profile)")
-    parser.add_argument("--scan-layers", action="store_true",
-                        help="decode with runs of layers under one lax.scan (default: unrolled, kvjax's fastest "
-                             "decode where memory bandwidth rules; kvjax.inference.Execution)")
+    parser.add_argument(
+        "--quest-budgets",
+        type=int,
+        nargs="*",
+        default=[1024],
+        help="Quest token budgets to time against Full (none: Full only)",
+    )
+    parser.add_argument(
+        "--twilight-budgets",
+        type=int,
+        nargs="*",
+        default=[],
+        help="Twilight candidate budgets (top_p 0.85) to time against Full",
+    )
+    parser.add_argument(
+        "--cskv-densities", type=float, nargs="*", default=[], help="CSKV key and value densities to time against Full"
+    )
+    parser.add_argument(
+        "--squeezed-keeps",
+        type=float,
+        nargs="*",
+        default=[],
+        help="Squeezed Attention keep shares (5%% clusters) to time against Full",
+    )
+    parser.add_argument(
+        "--squeezed-hierarchical",
+        action="store_true",
+        help="time each Squeezed Attention keep with the hierarchical lookup too",
+    )
+    parser.add_argument(
+        "--profile-top",
+        type=int,
+        default=0,
+        help="add each row's N costliest device operations per token (0: no profile)",
+    )
+    parser.add_argument(
+        "--scan-layers",
+        action="store_true",
+        help="decode with runs of layers under one lax.scan (default: unrolled, kvjax's fastest "
+        "decode where memory bandwidth rules; kvjax.inference.Execution)",
+    )
     parser.add_argument("--bandwidth", type=float, default=3.1e12, help="bytes/s of HBM (H100: 3.1e12)")
     parser.add_argument("--smoke", action="store_true", help="tiny model and contexts (CPU check only)")
     parser.add_argument("--out", default=None)
@@ -149,11 +193,16 @@ def main():
         parser.error(f"--profile-top must be 0 (no profile) or more, got {args.profile_top}")
     config = SMOKE if args.smoke else LLAMA31_8B
     contexts = [256, 512] if args.smoke else args.contexts
-    sparse = ([Quest(budget_tokens=b) for b in ([64] if args.smoke else args.quest_budgets)]
-              + [Twilight(budget_tokens=b) for b in ([64] if args.smoke else args.twilight_budgets)]
-              + [CSKV(d, d) for d in ([0.5] if args.smoke else args.cskv_densities)]
-              + [SqueezedAttention(keep=k, hierarchical=h) for k in ([0.1] if args.smoke else args.squeezed_keeps)
-                 for h in ((False, True) if args.smoke or args.squeezed_hierarchical else (False,))])
+    sparse = (
+        [Quest(budget_tokens=b) for b in ([64] if args.smoke else args.quest_budgets)]
+        + [Twilight(budget_tokens=b) for b in ([64] if args.smoke else args.twilight_budgets)]
+        + [CSKV(d, d) for d in ([0.5] if args.smoke else args.cskv_densities)]
+        + [
+            SqueezedAttention(keep=k, hierarchical=h)
+            for k in ([0.1] if args.smoke else args.squeezed_keeps)
+            for h in ((False, True) if args.smoke or args.squeezed_hierarchical else (False,))
+        ]
+    )
     m = kvjax.init_model(config, seed=0, dtype=jnp.bfloat16)
     w_bytes = weight_bytes_per_token(m)
     rows = []
@@ -162,8 +211,9 @@ def main():
         if not args.profile_top:
             return row
         try:
-            row["device_ops"] = profile_decode(m, args.batch, row["context"], args.steps, args.profile_top, policy,
-                                               args.scan_layers)
+            row["device_ops"] = profile_decode(
+                m, args.batch, row["context"], args.steps, args.profile_top, policy, args.scan_layers
+            )
         except RuntimeError as error:  # a trace without operations (no CUPTI, say): keep the timings
             row["device_ops"] = {"error": str(error)}
             print(f"    no profile: {error}")
@@ -177,25 +227,52 @@ def main():
         kv_read = held_bytes(config, args.batch, context, args.steps, m.dtype)
         floor = (w_bytes + kv_read) / args.bandwidth
         print(f"context {context:>6}: {args.batch / per_token:8.1f} tok/s, {floor / per_token:6.1%} of roofline")
-        rows.append(profiled({
-            "policy": "Full", "context": context, "batch": args.batch, "seconds_per_token": per_token,
-            "tokens_per_second": args.batch / per_token, "weight_bytes": w_bytes, "kv_bytes": kv_read,
-            "roofline_seconds_per_token": floor, "fraction_of_roofline": floor / per_token,
-        }, Full()))
+        rows.append(
+            profiled(
+                {
+                    "policy": "Full",
+                    "context": context,
+                    "batch": args.batch,
+                    "seconds_per_token": per_token,
+                    "tokens_per_second": args.batch / per_token,
+                    "weight_bytes": w_bytes,
+                    "kv_bytes": kv_read,
+                    "roofline_seconds_per_token": floor,
+                    "fraction_of_roofline": floor / per_token,
+                },
+                Full(),
+            )
+        )
         for policy in sparse:
             sparse_per_token = time_decode(m, args.batch, context, args.steps, args.repeats, policy, args.scan_layers)
-            print(f"context {context:>6}: {label(policy)} {args.batch / sparse_per_token:8.1f} tok/s, "
-                  f"{per_token / sparse_per_token:5.2f}x Full")
-            rows.append(profiled({
-                "policy": label(policy), "context": context, "batch": args.batch,
-                "seconds_per_token": sparse_per_token, "tokens_per_second": args.batch / sparse_per_token,
-                "kv_bytes": held_bytes(config, args.batch, context, args.steps, m.dtype, policy),
-                "speedup_vs_full": per_token / sparse_per_token,
-            }, policy))
+            print(
+                f"context {context:>6}: {label(policy)} {args.batch / sparse_per_token:8.1f} tok/s, "
+                f"{per_token / sparse_per_token:5.2f}x Full"
+            )
+            rows.append(
+                profiled(
+                    {
+                        "policy": label(policy),
+                        "context": context,
+                        "batch": args.batch,
+                        "seconds_per_token": sparse_per_token,
+                        "tokens_per_second": args.batch / sparse_per_token,
+                        "kv_bytes": held_bytes(config, args.batch, context, args.steps, m.dtype, policy),
+                        "speedup_vs_full": per_token / sparse_per_token,
+                    },
+                    policy,
+                )
+            )
     report = {
-        "benchmark": "decode", "device": jax.devices()[0].device_kind, "backend": jax.default_backend(),
-        "jax": jax.__version__, "model": "smoke" if args.smoke else "llama-3.1-8b-shaped", "dtype": "bfloat16",
-        "bandwidth_bytes_per_s": args.bandwidth, "steps": args.steps, "scan_layers": args.scan_layers,
+        "benchmark": "decode",
+        "device": jax.devices()[0].device_kind,
+        "backend": jax.default_backend(),
+        "jax": jax.__version__,
+        "model": "smoke" if args.smoke else "llama-3.1-8b-shaped",
+        "dtype": "bfloat16",
+        "bandwidth_bytes_per_s": args.bandwidth,
+        "steps": args.steps,
+        "scan_layers": args.scan_layers,
         "results": rows,
     }
     text = json.dumps(report, indent=2)

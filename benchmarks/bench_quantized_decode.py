@@ -62,10 +62,14 @@ def _random_slab(key, shape: Shape, bits: int) -> QuantizedKV:
     codes = lambda k: jax.random.bits(k, (b, h, c // per, d), jnp.uint8)  # noqa: E731
     stat = lambda k, s: (0.1 * jax.random.normal(k, s)).astype(jnp.bfloat16)  # noqa: E731
     return QuantizedKV(
-        k_codes=codes(keys[0]), k_scale=stat(keys[1], (b, h, c // g, d)),
-        k_zero=stat(keys[2], (b, h, c // g, d)), v_codes=codes(keys[3]),
-        v_scale=stat(keys[4], (b, h, d // g, c)), v_zero=stat(keys[5], (b, h, d // g, c)),
-        bits=bits)
+        k_codes=codes(keys[0]),
+        k_scale=stat(keys[1], (b, h, c // g, d)),
+        k_zero=stat(keys[2], (b, h, c // g, d)),
+        v_codes=codes(keys[3]),
+        v_scale=stat(keys[4], (b, h, d // g, c)),
+        v_zero=stat(keys[5], (b, h, d // g, c)),
+        bits=bits,
+    )
 
 
 def _nbytes(*arrays) -> int:
@@ -79,11 +83,13 @@ def bench_shape(shape: Shape, args, backend: str) -> dict:
     q = jax.random.normal(kq, (b, shape.q_heads, d), jnp.bfloat16)  # [B, H, D]
     implementation = args.implementation or ("tpu" if backend == "tpu" else "gpu")
     block_k = args.block_k or QuantizedDecodeConfig().block_for(implementation)
-    config = QuantizedDecodeConfig(block_k=min(block_k, c), num_splits=args.num_splits,
-                                   num_warps=args.num_warps,
-                                   tpu_stage_tokens=args.tpu_stage_tokens)
-    kernel_kw = dict(config=config, implementation=implementation,
-                     interpret=backend not in ("gpu", "tpu"))
+    config = QuantizedDecodeConfig(
+        block_k=min(block_k, c),
+        num_splits=args.num_splits,
+        num_warps=args.num_warps,
+        tpu_stage_tokens=args.tpu_stage_tokens,
+    )
+    kernel_kw = dict(config=config, implementation=implementation, interpret=backend not in ("gpu", "tpu"))
     lengths = jnp.full((b,), c, jnp.int32)
     times, dispatched, read = {}, {}, {}
     kw = dict(repeats=args.repeats, inner=args.inner)
@@ -133,10 +139,10 @@ def bench_shape(shape: Shape, args, backend: str) -> dict:
         "median_us": {n: None if t is None else t * 1e6 for n, t in times.items()},
         "dispatched_median_us": {n: None if t is None else t * 1e6 for n, t in dispatched.items()},
         "bytes_read": read,
-        "hbm_fraction": {n: read[n] / t / args.bandwidth
-                         for n, t in times.items() if t is not None},
-        "time_over_best_baseline": {n: t / best for n, t in times.items()
-                                    if t is not None and best and n.endswith("_kernel")},
+        "hbm_fraction": {n: read[n] / t / args.bandwidth for n, t in times.items() if t is not None},
+        "time_over_best_baseline": {
+            n: t / best for n, t in times.items() if t is not None and best and n.endswith("_kernel")
+        },
     }
 
 
@@ -144,35 +150,47 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--smoke", action="store_true", help="tiny shapes on any backend")
     parser.add_argument("--out", default="bench_quantized_decode.json")
-    parser.add_argument("--block-k", type=int, default=None,
-                        help="tokens per KV block (default: the lowering's own)")
-    parser.add_argument("--num-splits", type=int, default=None,
-                        help="default: fill the GPU; 1 on TPU")
-    parser.add_argument("--num-warps", type=int, default=QuantizedDecodeConfig.num_warps,
-                        help="GPU: warps per program")
+    parser.add_argument("--block-k", type=int, default=None, help="tokens per KV block (default: the lowering's own)")
+    parser.add_argument("--num-splits", type=int, default=None, help="default: fill the GPU; 1 on TPU")
+    parser.add_argument("--num-warps", type=int, default=QuantizedDecodeConfig.num_warps, help="GPU: warps per program")
     parser.add_argument("--batches", type=int, nargs="+", help="only these batch sizes")
     parser.add_argument("--contexts", type=int, nargs="+", help="only these contexts")
-    parser.add_argument("--implementation", choices=("gpu", "tpu"), default=None,
-                        help="kernel lowering (default: the backend's; off GPU/TPU interpreted)")
-    parser.add_argument("--tpu-stage-tokens", type=int,
-                        default=QuantizedDecodeConfig.tpu_stage_tokens,
-                        help="TPU: tokens per DMA ring stage")
-    parser.add_argument("--bandwidth", type=float, default=H100_BYTES_PER_S,
-                        help="bytes/s of HBM for the roofline column (H100: 3.1e12 measured; "
-                             "TPU v5e: 8.19e11, v6e: 1.64e12, v5p: 2.76e12 spec sheets)")
+    parser.add_argument(
+        "--implementation",
+        choices=("gpu", "tpu"),
+        default=None,
+        help="kernel lowering (default: the backend's; off GPU/TPU interpreted)",
+    )
+    parser.add_argument(
+        "--tpu-stage-tokens",
+        type=int,
+        default=QuantizedDecodeConfig.tpu_stage_tokens,
+        help="TPU: tokens per DMA ring stage",
+    )
+    parser.add_argument(
+        "--bandwidth",
+        type=float,
+        default=H100_BYTES_PER_S,
+        help="bytes/s of HBM for the roofline column (H100: 3.1e12 measured; "
+        "TPU v5e: 8.19e11, v6e: 1.64e12, v5p: 2.76e12 spec sheets)",
+    )
     parser.add_argument("--repeats", type=int, default=None)
     parser.add_argument("--inner", type=int, default=None, help="calls per timing sample")
     args = parser.parse_args(argv)
     backend = jax.default_backend()
     if backend not in ("gpu", "tpu") and not args.smoke:
-        print("no GPU or TPU: the full benchmark needs one (times on CPU mean nothing); "
-              "use --smoke to check the script", file=sys.stderr)
+        print(
+            "no GPU or TPU: the full benchmark needs one (times on CPU mean nothing); use --smoke to check the script",
+            file=sys.stderr,
+        )
         return 2
     args.repeats = args.repeats or (2 if args.smoke else 7)
     args.inner = args.inner or (1 if args.smoke else 20)
-    shapes = [s for s in (SMOKE if args.smoke else FULL)
-              if (not args.batches or s.batch in args.batches)
-              and (not args.contexts or s.context in args.contexts)]
+    shapes = [
+        s
+        for s in (SMOKE if args.smoke else FULL)
+        if (not args.batches or s.batch in args.batches) and (not args.contexts or s.context in args.contexts)
+    ]
     results = []
     for shape in shapes:
         print(f"batch {shape.batch} context {shape.context} ...", flush=True)
@@ -183,8 +201,9 @@ def main(argv=None) -> int:
         "backend": jax.default_backend(),
         "jax_version": jax.__version__,
         "smoke": args.smoke,
-        "note": "smoke: interpreted kernels, times are meaningless" if args.smoke else
-                "quantized kernels also read a full 128-token bf16 window beyond `context`",
+        "note": "smoke: interpreted kernels, times are meaningless"
+        if args.smoke
+        else "quantized kernels also read a full 128-token bf16 window beyond `context`",
         "hbm_bytes_per_s": args.bandwidth,
         "results": results,
     }

@@ -74,32 +74,47 @@ def prefill_checks(implementation: str, seed: Iterator[int]) -> Iterator[Check]:
     for head_dim in (64, 128):
         for block_k in key_blocks:
             for mask_name, mask in PREFILL_MASKS.items():
+
                 def run(head_dim=head_dim, block_k=block_k, mask=mask, key=next(seed)):
                     batch, heads, kv_heads, seq_len = 2, 8, 2, 1000  # T not a multiple of a block
-                    q, k, v = qkv(key, (batch, heads, seq_len, head_dim),
-                                  (batch, kv_heads, seq_len, head_dim))
+                    q, k, v = qkv(key, (batch, heads, seq_len, head_dim), (batch, kv_heads, seq_len, head_dim))
                     lengths = jnp.array([seq_len, 777], jnp.int32)
-                    out = jax.jit(lambda q, k, v: block_sparse_prefill(
-                        q, k, v, mask, lengths=lengths, config=PrefillConfig(128, block_k),
-                        implementation=implementation))(q, k, v)
-                    ref = reference(block_sparse_prefill_reference, q, k, v, mask=mask,
-                                    lengths=lengths)
+                    out = jax.jit(
+                        lambda q, k, v: block_sparse_prefill(
+                            q,
+                            k,
+                            v,
+                            mask,
+                            lengths=lengths,
+                            config=PrefillConfig(128, block_k),
+                            implementation=implementation,
+                        )
+                    )(q, k, v)
+                    ref = reference(block_sparse_prefill_reference, q, k, v, mask=mask, lengths=lengths)
                     return relative_error(out, ref), BF16_TOLERANCE
 
                 yield f"prefill d{head_dim} bk{block_k} {mask_name}", run
 
         for mask_name in ("dense", "sink64_local256"):
+
             def chunk(head_dim=head_dim, mask=PREFILL_MASKS[mask_name], key=next(seed)):
                 batch, heads, kv_heads, chunk_len, capacity = 2, 8, 2, 256, 1024
-                q, k, v = qkv(key, (batch, heads, chunk_len, head_dim),
-                              (batch, kv_heads, capacity, head_dim))
+                q, k, v = qkv(key, (batch, heads, chunk_len, head_dim), (batch, kv_heads, capacity, head_dim))
                 offsets = jnp.array([640, 300], jnp.int32)
                 lengths = offsets + chunk_len - jnp.array([0, 9], jnp.int32)  # a ragged last row
-                out = jax.jit(lambda q, k, v, offsets: block_sparse_prefill(
-                    q, k, v, mask, lengths=lengths, q_offset=offsets,
-                    config=PrefillConfig(128, 128), implementation=implementation))(q, k, v, offsets)
-                ref = reference(block_sparse_prefill_reference, q, k, v, mask=mask,
-                                lengths=lengths, q_offset=offsets)
+                out = jax.jit(
+                    lambda q, k, v, offsets: block_sparse_prefill(
+                        q,
+                        k,
+                        v,
+                        mask,
+                        lengths=lengths,
+                        q_offset=offsets,
+                        config=PrefillConfig(128, 128),
+                        implementation=implementation,
+                    )
+                )(q, k, v, offsets)
+                ref = reference(block_sparse_prefill_reference, q, k, v, mask=mask, lengths=lengths, q_offset=offsets)
                 return relative_error(out, ref), BF16_TOLERANCE
 
             yield f"prefill chunk d{head_dim} {mask_name}", chunk
@@ -110,53 +125,62 @@ def decode_checks(implementation: str, seed: Iterator[int]) -> Iterator[Check]:
     for head_dim in (64, 128):
         for page in (64, 128):
             for group, num_splits in ((4, 1), (4, 4), (8, 3)):
-                def run(head_dim=head_dim, page=page, group=group, num_splits=num_splits,
-                        key=next(seed)):
+
+                def run(head_dim=head_dim, page=page, group=group, num_splits=num_splits, key=next(seed)):
                     batch, kv_heads, capacity = 2, 4, 4096
-                    q, k, v = qkv(key, (batch, kv_heads * group, head_dim),
-                                  (batch, kv_heads, capacity, head_dim))
+                    q, k, v = qkv(key, (batch, kv_heads * group, head_dim), (batch, kv_heads, capacity, head_dim))
                     lengths = jnp.array([capacity, 2500], jnp.int32)
                     k_min, k_max = bm.page_key_bounds(k, lengths, block_size=page)
-                    table = bm.decode_table_top_k_pages(q, k_min, k_max, lengths, top_k=7,
-                                                        block_size=page)
+                    table = bm.decode_table_top_k_pages(q, k_min, k_max, lengths, top_k=7, block_size=page)
                     config = DecodeConfig(block_size=page, num_splits=num_splits)
-                    out = jax.jit(lambda q, k, v: block_sparse_decode(
-                        q, k, v, lengths, table, config=config,
-                        implementation=implementation))(q, k, v)
-                    ref = reference(block_sparse_decode_reference, q, k, v, lengths=lengths,
-                                    table=table)
+                    out = jax.jit(
+                        lambda q, k, v: block_sparse_decode(
+                            q, k, v, lengths, table, config=config, implementation=implementation
+                        )
+                    )(q, k, v)
+                    ref = reference(block_sparse_decode_reference, q, k, v, lengths=lengths, table=table)
                     return relative_error(out, ref), BF16_TOLERANCE
 
                 yield f"decode top-k d{head_dim} page{page} g{group} splits{num_splits}", run
 
         def streaming(head_dim=head_dim, key=next(seed)):
             batch, kv_heads, group, capacity = 3, 4, 4, 2048
-            q, k, v = qkv(key, (batch, kv_heads * group, head_dim),
-                          (batch, kv_heads, capacity, head_dim))
+            q, k, v = qkv(key, (batch, kv_heads * group, head_dim), (batch, kv_heads, capacity, head_dim))
             lengths = jnp.array([2048, 1001, 200], jnp.int32)
             mask = bm.PerHead((bm.DenseCausal(), bm.SinkLocal(64, 256)) * 2)
-            out = jax.jit(lambda q, k, v: block_sparse_decode(
-                q, k, v, lengths, mask=mask, config=DecodeConfig(128, num_splits=2),
-                implementation=implementation))(q, k, v)
+            out = jax.jit(
+                lambda q, k, v: block_sparse_decode(
+                    q, k, v, lengths, mask=mask, config=DecodeConfig(128, num_splits=2), implementation=implementation
+                )
+            )(q, k, v)
             ref = reference(block_sparse_decode_reference, q, k, v, lengths=lengths, mask=mask)
             return relative_error(out, ref), BF16_TOLERANCE
 
         yield f"decode duo mask d{head_dim}", streaming
 
     if implementation == "gpu":  # slot masks: Triton only
+
         def slots(key=next(seed)):
             batch, kv_heads, group, capacity, head_dim = 2, 2, 4, 1024, 128
-            q, k, v = qkv(key, (batch, kv_heads * group, head_dim),
-                          (batch, kv_heads, capacity, head_dim))
+            q, k, v = qkv(key, (batch, kv_heads * group, head_dim), (batch, kv_heads, capacity, head_dim))
             lengths = jnp.array([1024, 700], jnp.int32)
-            slot_mask = jax.random.bernoulli(jax.random.fold_in(jax.random.key(key), 1), 0.05,
-                                             (batch, kv_heads, capacity))
+            slot_mask = jax.random.bernoulli(
+                jax.random.fold_in(jax.random.key(key), 1), 0.05, (batch, kv_heads, capacity)
+            )
             table = bm.decode_table_from_slots(slot_mask, block_size=128)
-            out = jax.jit(lambda q, k, v: block_sparse_decode(
-                q, k, v, lengths, table, config=DecodeConfig(128, num_splits=2),
-                implementation="gpu", slot_mask=slot_mask))(q, k, v)
-            ref = reference(block_sparse_decode_reference, q, k, v, lengths=lengths, table=table,
-                            slot_mask=slot_mask)
+            out = jax.jit(
+                lambda q, k, v: block_sparse_decode(
+                    q,
+                    k,
+                    v,
+                    lengths,
+                    table,
+                    config=DecodeConfig(128, num_splits=2),
+                    implementation="gpu",
+                    slot_mask=slot_mask,
+                )
+            )(q, k, v)
+            ref = reference(block_sparse_decode_reference, q, k, v, lengths=lengths, table=table, slot_mask=slot_mask)
             return relative_error(out, ref), BF16_TOLERANCE
 
         yield "decode slot mask d128", slots
@@ -166,9 +190,9 @@ def quantized_checks(seed: Iterator[int]) -> Iterator[Check]:
     """The plain and int4 / int2 decode kernels (the backend's lowering), 1 and 4 queries."""
     batch, heads, kv_heads, capacity, window, head_dim = 2, 32, 8, 4096, 128, 128
     for queries in (1, 4):
+
         def plain(queries=queries, key=next(seed)):
-            q, k, v = qkv(key, (batch, queries, heads, head_dim),
-                          (batch, kv_heads, capacity, head_dim))
+            q, k, v = qkv(key, (batch, queries, heads, head_dim), (batch, kv_heads, capacity, head_dim))
             lengths = jnp.array([capacity, 3001], jnp.int32)
             out = decode_attention(q, k, v, lengths)
             ref = reference(decode_attention_reference, q, k, v, lengths=lengths)
@@ -176,6 +200,7 @@ def quantized_checks(seed: Iterator[int]) -> Iterator[Check]:
 
         yield f"decode plain cache q{queries}", plain
         for bits in (4, 2):
+
             def quantized(queries=queries, bits=bits, key=next(seed)):
                 kq, kk, kv, kr, ks = jax.random.split(jax.random.key(key), 5)
                 q = normal(kq, (batch, queries, heads, head_dim))
@@ -187,8 +212,13 @@ def quantized_checks(seed: Iterator[int]) -> Iterator[Check]:
                 out = quantized_decode_attention(q, cache, lengths, k_res, v_res, res_lengths)
                 with jax.default_matmul_precision("highest"):
                     ref = quantized_decode_attention_reference(
-                        q.astype(jnp.float32), cache, lengths, k_res.astype(jnp.float32),
-                        v_res.astype(jnp.float32), res_lengths)
+                        q.astype(jnp.float32),
+                        cache,
+                        lengths,
+                        k_res.astype(jnp.float32),
+                        v_res.astype(jnp.float32),
+                        res_lengths,
+                    )
                 return relative_error(out, ref), BF16_TOLERANCE
 
             yield f"decode int{bits} slab + window q{queries}", quantized
@@ -220,22 +250,23 @@ def kvjax_checks() -> Iterator[Check]:
         """`attend` at Llama-3.1-8B's head shapes in bf16 (where Hopper takes Mosaic GPU) over a
         slot = position cache: a prefill chunk at an offset, or one decode token."""
         batch, kv_heads, group, head_dim, capacity = 2, 8, 4, 128, 2048
-        q, k, v = qkv(key, (batch, chunk_len, kv_heads, group, head_dim),
-                      (batch, kv_heads, capacity, head_dim))
+        q, k, v = qkv(key, (batch, chunk_len, kv_heads, group, head_dim), (batch, kv_heads, capacity, head_dim))
         ends = jnp.array([1536, 1100], jnp.int32)  # each row's keys end where its chunk does
         slots = jnp.arange(capacity, dtype=jnp.int32)
-        k_pos = jnp.broadcast_to(jnp.where(slots < ends[:, None], slots, -1)[:, None],
-                                 (batch, kv_heads, capacity))
+        k_pos = jnp.broadcast_to(jnp.where(slots < ends[:, None], slots, -1)[:, None], (batch, kv_heads, capacity))
         q_pos = (ends - chunk_len)[:, None] + jnp.arange(chunk_len, dtype=jnp.int32)  # [B, T]
 
         def run_impl(impl):
-            return jax.jit(lambda q, k, v: kvjax.attention.attend(
-                q, k, v, k_pos, q_pos, None, head_dim**-0.5, impl, slot_is_position=True))(q, k, v)
+            return jax.jit(
+                lambda q, k, v: kvjax.attention.attend(
+                    q, k, v, k_pos, q_pos, None, head_dim**-0.5, impl, slot_is_position=True
+                )
+            )(q, k, v)
 
         with jax.default_matmul_precision("highest"):
-            ref = jax.jit(lambda q, k, v: kvjax.attention.attend(
-                q, k, v, k_pos, q_pos, None, head_dim**-0.5, "reference"))(
-                    *(x.astype(jnp.float32) for x in (q, k, v)))
+            ref = jax.jit(
+                lambda q, k, v: kvjax.attention.attend(q, k, v, k_pos, q_pos, None, head_dim**-0.5, "reference")
+            )(*(x.astype(jnp.float32) for x in (q, k, v)))
         return relative_error(run_impl("auto"), ref), BF16_TOLERANCE
 
     yield "kvjax attend d128 bf16 prefill chunk 512", lambda: dispatch(512, 11)
@@ -261,8 +292,9 @@ def checks(group: str) -> Iterator[Check]:
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--groups", nargs="+", required=True,
-                        choices=("triton", "mosaic_gpu", "tpu", "quantized", "kvjax"))
+    parser.add_argument(
+        "--groups", nargs="+", required=True, choices=("triton", "mosaic_gpu", "tpu", "quantized", "kvjax")
+    )
     parser.add_argument("--out", type=Path, default=Path("check_kernels.json"))
     args = parser.parse_args(argv)
     if jax.default_backend() == "cpu":
@@ -276,16 +308,22 @@ def main(argv: list[str] | None = None) -> dict:
                 error, tolerance = run()
                 row.update(error=error, tolerance=tolerance, passed=bool(error < tolerance))
             except Exception as e:  # recorded, and the other checks go on
-                row.update(passed=False, failure=f"{type(e).__name__}: {e}"[:2000],
-                           traceback=traceback.format_exc()[-4000:])
+                row.update(
+                    passed=False, failure=f"{type(e).__name__}: {e}"[:2000], traceback=traceback.format_exc()[-4000:]
+                )
             row["seconds"] = round(time.perf_counter() - start, 2)
             rows.append(row)
             status = "ok  " if row["passed"] else "FAIL"
             detail = f"{row['error']:.2e}" if "error" in row else row["failure"].splitlines()[0][:150]
             print(f"{status} {group:10s} {name:45s} {detail}", flush=True)
-    report = {"device": jax.devices()[0].device_kind, "backend": jax.default_backend(),
-              "jax_version": jax.__version__, "passed": sum(r["passed"] for r in rows),
-              "failed": sum(not r["passed"] for r in rows), "checks": rows}
+    report = {
+        "device": jax.devices()[0].device_kind,
+        "backend": jax.default_backend(),
+        "jax_version": jax.__version__,
+        "passed": sum(r["passed"] for r in rows),
+        "failed": sum(not r["passed"] for r in rows),
+        "checks": rows,
+    }
     args.out.write_text(json.dumps(report, indent=2))
     print(f"{report['passed']} passed, {report['failed']} failed; wrote {args.out}")
     return report

@@ -73,17 +73,25 @@ def summarize(events: Iterable[tuple[str, str, str, float]], steps: int, top: in
                 group_calls[group(key)] += calls[key]
                 group_times[group(key)] += ns
         total = sum(group_times.values())
-        return [{**dict(zip(names, key)), "calls_per_step": group_calls[key] / steps,
-                 "us_per_step": ns / steps / 1e3, "share": ns / total if total else 0.0}
-                for key, ns in group_times.most_common(top)]
+        return [
+            {
+                **dict(zip(names, key)),
+                "calls_per_step": group_calls[key] / steps,
+                "us_per_step": ns / steps / 1e3,
+                "share": ns / total if total else 0.0,
+            }
+            for key, ns in group_times.most_common(top)
+        ]
 
     def selected(key: tuple) -> bool:
         return module is None or key[0] == module
 
-    return {"modules": ranked(lambda key: True, lambda key: key[:1], ("module",)),
-            "busy_us_per_step": sum(ns for key, ns in times.items() if selected(key)) / steps / 1e3,
-            "ops": ranked(selected, lambda key: key, ("module", "op", "kernel")),
-            "kinds": ranked(selected, lambda key: (_SUFFIX.sub("", key[2]),), ("kind",))}
+    return {
+        "modules": ranked(lambda key: True, lambda key: key[:1], ("module",)),
+        "busy_us_per_step": sum(ns for key, ns in times.items() if selected(key)) / steps / 1e3,
+        "ops": ranked(selected, lambda key: key, ("module", "op", "kernel")),
+        "kinds": ranked(selected, lambda key: (_SUFFIX.sub("", key[2]),), ("kind",)),
+    }
 
 
 def profile_ops(run: Callable[[], Any], steps: int = 1, top: int = 20, module: str | None = None) -> dict:
@@ -106,5 +114,4 @@ def profile_ops(run: Callable[[], Any], steps: int = 1, top: int = 20, module: s
     named = {m for m, *_ in events if m}
     if module is not None and named and module not in named:
         raise RuntimeError(f"the trace holds no operation of module {module!r}; it holds {sorted(named)}")
-    return {"wall_us_per_step": wall / steps * 1e6,
-            **summarize(events, steps, top, module if named else None)}
+    return {"wall_us_per_step": wall / steps * 1e6, **summarize(events, steps, top, module if named else None)}

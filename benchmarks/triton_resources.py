@@ -81,6 +81,7 @@ def triton_modules(fn: Callable, *shapes) -> list[str]:
 
 def _nvidia_tool(name: str) -> str:
     import triton
+
     return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", name)
 
 
@@ -88,8 +89,11 @@ def _ptxas(ptx_path: str, cubin_path: str) -> str:
     """ptxas -v's report; the first bundled ptxas that accepts the PTX's version."""
     errors = []
     for name in ("ptxas", "ptxas-blackwell"):
-        done = subprocess.run([_nvidia_tool(name), "-v", "--gpu-name", "sm_90a", ptx_path, "-o", cubin_path],
-                              capture_output=True, text=True)
+        done = subprocess.run(
+            [_nvidia_tool(name), "-v", "--gpu-name", "sm_90a", ptx_path, "-o", cubin_path],
+            capture_output=True,
+            text=True,
+        )
         if done.returncode == 0:
             return done.stderr
         errors.append(f"{name}: {done.stderr.strip()[-200:]}")
@@ -116,19 +120,22 @@ def compile_sm90(module: str, num_warps: int, num_stages: int) -> dict:
             f.write(module)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # triton's knob-default notices
-            compiled = triton.compile(ttir, target=GPUTarget("cuda", 90, 32),
-                                      options=dict(num_warps=num_warps, num_stages=num_stages))
+            compiled = triton.compile(
+                ttir, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=num_warps, num_stages=num_stages)
+            )
         ptx, cubin = os.path.join(tmp, "kernel.ptx"), os.path.join(tmp, "kernel.cubin")
         with open(ptx, "w") as f:
             f.write(compiled.asm["ptx"])
         report = _ptxas(ptx, cubin)
-        sass = subprocess.run([_nvidia_tool("cuobjdump"), "-sass", cubin],
-                              capture_output=True, text=True, check=True).stdout
+        sass = subprocess.run(
+            [_nvidia_tool("cuobjdump"), "-sass", cubin], capture_output=True, text=True, check=True
+        ).stdout
     registers = int(re.search(r"Used (\d+) registers", report).group(1))
     spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", report)
     opcodes = collections.Counter(
         match.group(1).split(".")[0]
-        for match in re.finditer(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)", sass))
+        for match in re.finditer(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)", sass)
+    )
     shared = int(compiled.metadata.shared)
     return {
         "registers": registers,
@@ -151,14 +158,15 @@ def _shape(*dims, dtype=jnp.bfloat16):
 
 
 def _quantized(bits: int, config: QuantizedDecodeConfig):
-    slab = jax.eval_shape(functools.partial(
-        kv_quant.empty_quantized_kv, BATCH, KV_HEADS, CONTEXT, HEAD_DIM, bits))
+    slab = jax.eval_shape(functools.partial(kv_quant.empty_quantized_kv, BATCH, KV_HEADS, CONTEXT, HEAD_DIM, bits))
     no_window = _shape(BATCH, KV_HEADS, 0, HEAD_DIM)  # only the slab's kernel is lowered
     lengths = _shape(BATCH, dtype=jnp.int32)
 
     def run(q, slab, lengths, k_res, v_res, res_lengths):
-        return quantized_decode_attention(q, slab, lengths, k_res, v_res, res_lengths,
-                                          config=config, implementation="gpu")
+        return quantized_decode_attention(
+            q, slab, lengths, k_res, v_res, res_lengths, config=config, implementation="gpu"
+        )
+
     return run, (_shape(BATCH, HEADS, HEAD_DIM), slab, lengths, no_window, no_window, lengths)
 
 
@@ -167,6 +175,7 @@ def _plain(config: QuantizedDecodeConfig):
 
     def run(q, k, v, lengths):
         return decode_attention(q, k, v, lengths, config=config, implementation="gpu")
+
     return run, (_shape(BATCH, HEADS, HEAD_DIM), kv, kv, _shape(BATCH, dtype=jnp.int32))
 
 
@@ -174,8 +183,8 @@ def _block_sparse_decode(config: DecodeConfig):
     kv = _shape(BATCH, KV_HEADS, CONTEXT, HEAD_DIM)
 
     def run(q, k, v, lengths):
-        return block_sparse_decode(q, k, v, lengths, mask=bm.DenseCausal(), config=config,
-                                   implementation="gpu")
+        return block_sparse_decode(q, k, v, lengths, mask=bm.DenseCausal(), config=config, implementation="gpu")
+
     return run, (_shape(BATCH, HEADS, HEAD_DIM), kv, kv, _shape(BATCH, dtype=jnp.int32))
 
 
@@ -185,22 +194,41 @@ def _block_sparse_prefill(config: PrefillConfig):
 
     def run(q, k, v):
         return block_sparse_prefill(q, k, v, bm.DenseCausal(), config=config, implementation="gpu")
+
     return run, (q, kv, kv)
 
 
 def cases() -> list[Case]:
-    quantized = [QuantizedDecodeConfig(block_k=k, num_splits=32, num_warps=w, num_stages=s)
-                 for k, w, s in itertools.product((64, 128, 256), (4, 8), (2, 3))]
+    quantized = [
+        QuantizedDecodeConfig(block_k=k, num_splits=32, num_warps=w, num_stages=s)
+        for k, w, s in itertools.product((64, 128, 256), (4, 8), (2, 3))
+    ]
     return [
-        *(Case(f"quantized_decode_int{bits}", c, functools.partial(_quantized, bits))
-          for bits in (4, 2) for c in quantized),
-        *(Case("plain_decode_bf16", QuantizedDecodeConfig(block_k=k, num_splits=32, num_warps=w),
-               _plain) for k, w in itertools.product((128, 256), (4, 8))),
-        *(Case("block_sparse_decode", DecodeConfig(block_size=p, num_splits=32, num_warps=w, num_stages=s),
-               _block_sparse_decode) for p, w, s in itertools.product((64, 128), (4, 8), (2, 4))),
-        *(Case("block_sparse_prefill", PrefillConfig(block_q=q, block_k=k, num_warps=w, num_stages=s),
-               _block_sparse_prefill)
-          for (q, k), w, s in itertools.product(((128, 128), (128, 64), (64, 64)), (4, 8), (2, 3))),
+        *(
+            Case(f"quantized_decode_int{bits}", c, functools.partial(_quantized, bits))
+            for bits in (4, 2)
+            for c in quantized
+        ),
+        *(
+            Case("plain_decode_bf16", QuantizedDecodeConfig(block_k=k, num_splits=32, num_warps=w), _plain)
+            for k, w in itertools.product((128, 256), (4, 8))
+        ),
+        *(
+            Case(
+                "block_sparse_decode",
+                DecodeConfig(block_size=p, num_splits=32, num_warps=w, num_stages=s),
+                _block_sparse_decode,
+            )
+            for p, w, s in itertools.product((64, 128), (4, 8), (2, 4))
+        ),
+        *(
+            Case(
+                "block_sparse_prefill",
+                PrefillConfig(block_q=q, block_k=k, num_warps=w, num_stages=s),
+                _block_sparse_prefill,
+            )
+            for (q, k), w, s in itertools.product(((128, 128), (128, 64), (64, 64)), (4, 8), (2, 3))
+        ),
     ]
 
 
@@ -219,23 +247,37 @@ def main(argv: list[str] | None = None) -> int:
     for i, case in enumerate(selected):
         fn, shapes = case.build(case.config)
         module, *_ = triton_modules(fn, *shapes)  # the first call is the kernel itself
-        row = {"kernel": case.kernel, "config": dataclasses.asdict(case.config),
-               **compile_sm90(module, case.config.num_warps, case.config.num_stages)}
+        row = {
+            "kernel": case.kernel,
+            "config": dataclasses.asdict(case.config),
+            **compile_sm90(module, case.config.num_warps, case.config.num_stages),
+        }
         rows.append(row)
-        print(f"[{i + 1}/{len(selected)}] {case.kernel} {row['config']}: {row['registers']} registers, "
-              f"{row['spill_store_bytes']} B spilled, {row['shared_bytes'] // 1024} KB shared, "
-              f"{row['resident_ctas_per_sm']} CTA/SM, {row['sass_instructions']} SASS", flush=True)
+        print(
+            f"[{i + 1}/{len(selected)}] {case.kernel} {row['config']}: {row['registers']} registers, "
+            f"{row['spill_store_bytes']} B spilled, {row['shared_bytes'] // 1024} KB shared, "
+            f"{row['resident_ctas_per_sm']} CTA/SM, {row['sass_instructions']} SASS",
+            flush=True,
+        )
     report = {
         "what": "static sm_90a resources of kvjax's Triton kernels, compiled on a machine without a GPU",
         "target": "sm_90a (H100)",
         "triton_version": triton.__version__,
         "jax_version": jax.__version__,
-        "shapes": {"batch": BATCH, "heads": HEADS, "kv_heads": KV_HEADS, "head_dim": HEAD_DIM,
-                   "decode_context": CONTEXT, "prefill_length": 8192, "dtype": "bfloat16"},
+        "shapes": {
+            "batch": BATCH,
+            "heads": HEADS,
+            "kv_heads": KV_HEADS,
+            "head_dim": HEAD_DIM,
+            "decode_context": CONTEXT,
+            "prefill_length": 8192,
+            "dtype": "bfloat16",
+        },
         "caveat": "XLA compiles these modules with its bundled Triton, whose passes may differ",
         "gpu_defaults": {
-            "quantized_decode": dict(dataclasses.asdict(QuantizedDecodeConfig()),
-                                     block_k=QuantizedDecodeConfig().block_for("gpu")),
+            "quantized_decode": dict(
+                dataclasses.asdict(QuantizedDecodeConfig()), block_k=QuantizedDecodeConfig().block_for("gpu")
+            ),
             "block_sparse_decode": dataclasses.asdict(DecodeConfig()),
             "block_sparse_prefill": dataclasses.asdict(PrefillConfig()),
         },

@@ -88,12 +88,11 @@ def convert(hf_dir, out_dir, dtype: str | None = None, progress: bool = True) ->
         raise ConversionError(str(err)) from err
     files = _weight_files(hf_dir)
     storage = _storage_dtype(hf_dir, dtype)
-    expected = {
-        tuple(path): variable.shape for path, variable in nnx.to_flat_state(abstract_model(config).params)
-    }
+    expected = {tuple(path): variable.shape for path, variable in nnx.to_flat_state(abstract_model(config).params)}
     arrays: dict[tuple, np.ndarray] = {}
-    bar = tqdm(total=sum(f.stat().st_size for f in files), unit="B", unit_scale=True, desc="converting",
-               disable=not progress)
+    bar = tqdm(
+        total=sum(f.stat().st_size for f in files), unit="B", unit_scale=True, desc="converting", disable=not progress
+    )
     for file in files:
         try:
             shard = SafetensorsFile(file)
@@ -103,12 +102,18 @@ def convert(hf_dir, out_dir, dtype: str | None = None, progress: bool = True) ->
             try:
                 targets = list(hf_targets(config, name, shard.read(name)))
             except KeyError:
-                raise ConversionError(f"unexpected tensor {name!r} in {file.name}: no {config.family} parameter takes it") from None
+                raise ConversionError(
+                    f"unexpected tensor {name!r} in {file.name}: no {config.family} parameter takes it"
+                ) from None
             except ValueError as err:
-                raise ConversionError(f"tensor {name!r} in {file.name} has shape {shard.shape(name)}, which does not fit the config ({err})") from None
+                raise ConversionError(
+                    f"tensor {name!r} in {file.name} has shape {shard.shape(name)}, which does not fit the config ({err})"
+                ) from None
             for path, value in targets:
                 if path not in expected:
-                    raise ConversionError(f"unexpected tensor {name!r} in {file.name}: the config has no {'.'.join(map(str, path))}")
+                    raise ConversionError(
+                        f"unexpected tensor {name!r} in {file.name}: the config has no {'.'.join(map(str, path))}"
+                    )
                 if value.shape != expected[path]:
                     raise ConversionError(
                         f"tensor {name!r} in {file.name} has shape {shard.shape(name)}; the config implies "
@@ -124,6 +129,12 @@ def convert(hf_dir, out_dir, dtype: str | None = None, progress: bool = True) ->
         raise ConversionError(f"missing tensors for {', '.join(missing[:5])}" + (" ..." if len(missing) > 5 else ""))
     tokenizer_files = {name: hf_dir / name for name in TOKENIZER_FILES if (hf_dir / name).is_file()}
     return save_checkpoint(
-        out_dir, config, _nest(arrays), tokenizer_files,
-        metadata={"converted_from": str(hf_dir.absolute()), "hf_config": json.loads((hf_dir / "config.json").read_text())},
+        out_dir,
+        config,
+        _nest(arrays),
+        tokenizer_files,
+        metadata={
+            "converted_from": str(hf_dir.absolute()),
+            "hf_config": json.loads((hf_dir / "config.json").read_text()),
+        },
     )

@@ -41,12 +41,24 @@ _LAYER_NAMES = {
 # llama.cpp token types (tokenizer.ggml.token_type).
 _NORMAL, _UNKNOWN, _CONTROL, _USER_DEFINED, _UNUSED, _BYTE = 1, 2, 3, 4, 5, 6
 # Byte-level BPE pre-tokenizer splits by `tokenizer.ggml.pre`, as llama.cpp names them (None: GPT-2's own).
-_LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
-                 r"|\s*[\r\n]+|\s+(?!\S)|\s+")
-_QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
-                r"|\s*[\r\n]+|\s+(?!\S)|\s+")
-_BPE_PRE = {"default": None, "gpt-2": None, "gpt2": None, "smollm": "digits", "llama-bpe": _LLAMA3_SPLIT,
-            "llama3": _LLAMA3_SPLIT, "llama-v3": _LLAMA3_SPLIT, "qwen2": _QWEN2_SPLIT}
+_LLAMA3_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+_QWEN2_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+_BPE_PRE = {
+    "default": None,
+    "gpt-2": None,
+    "gpt2": None,
+    "smollm": "digits",
+    "llama-bpe": _LLAMA3_SPLIT,
+    "llama3": _LLAMA3_SPLIT,
+    "llama-v3": _LLAMA3_SPLIT,
+    "qwen2": _QWEN2_SPLIT,
+}
 
 
 def is_gguf(path) -> bool:
@@ -77,8 +89,10 @@ def _reader(path: Path):
     size = path.stat().st_size
     for t in reader.tensors:
         if t.data_offset + t.n_bytes > size:
-            raise ConversionError(f"{path.name} is truncated: tensor {t.name!r} ends at byte "
-                                  f"{t.data_offset + t.n_bytes}, the file has {size}")
+            raise ConversionError(
+                f"{path.name} is truncated: tensor {t.name!r} ends at byte "
+                f"{t.data_offset + t.n_bytes}, the file has {size}"
+            )
     return reader
 
 
@@ -97,7 +111,8 @@ def _rope(reader, path: Path, head_dim: int, tensor_names: set[str]) -> RopeConf
     if "rope_freqs.weight" in tensor_names:
         raise UnsupportedModelError(
             f"{path.name} stores rope_freqs.weight (llama3-style per-frequency rope factors), which kvjax cannot "
-            "map back to a rope schedule; convert the Hugging Face checkpoint instead")
+            "map back to a rope schedule; convert the Hugging Face checkpoint instead"
+        )
     dims = _value(reader, path, "llama.rope.dimension_count", head_dim)
     if dims != head_dim:
         raise UnsupportedModelError(f"{path.name}: llama.rope.dimension_count {dims} differs from head_dim {head_dim}")
@@ -109,16 +124,19 @@ def _rope(reader, path: Path, head_dim: int, tensor_names: set[str]) -> RopeConf
         return RopeConfig(theta=theta)
     if kind == "linear":
         return RopeConfig(theta=theta, kind="linear", factor=float(factor))
-    raise UnsupportedModelError(f"{path.name}: unsupported llama.rope.scaling.type {kind!r}; kvjax converts "
-                                "GGUF rope scaling 'none' and 'linear'")
+    raise UnsupportedModelError(
+        f"{path.name}: unsupported llama.rope.scaling.type {kind!r}; kvjax converts "
+        "GGUF rope scaling 'none' and 'linear'"
+    )
 
 
 def gguf_config(reader, path: Path) -> ModelConfig:
     """The ModelConfig of a `llama` GGUF file's metadata (tied embeddings when there is no output.weight)."""
     arch = _value(reader, path, "general.architecture")
     if arch != "llama":
-        raise UnsupportedModelError(f"{path.name}: unsupported architecture {arch!r}; kvjax converts GGUF "
-                                    "files of architecture 'llama'")
+        raise UnsupportedModelError(
+            f"{path.name}: unsupported architecture {arch!r}; kvjax converts GGUF files of architecture 'llama'"
+        )
     names = {t.name for t in reader.tensors}
     hidden = int(_value(reader, path, "llama.embedding_length"))
     heads = int(_value(reader, path, "llama.attention.head_count"))
@@ -151,14 +169,28 @@ def gguf_config(reader, path: Path) -> ModelConfig:
 
 def _expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     """GGUF tensor name -> its numpy shape (GGUF lists dims innermost first; numpy's order is the reverse)."""
-    e, h, k, d, f, v = (cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.intermediate_size,
-                        cfg.vocab_size)
+    e, h, k, d, f, v = (
+        cfg.hidden_size,
+        cfg.num_heads,
+        cfg.num_kv_heads,
+        cfg.head_dim,
+        cfg.intermediate_size,
+        cfg.vocab_size,
+    )
     shapes = {"token_embd.weight": (v, e), "output_norm.weight": (e,)}
     if not cfg.tie_word_embeddings:
         shapes["output.weight"] = (v, e)
-    per_layer = {"attn_norm.weight": (e,), "attn_q.weight": (h * d, e), "attn_k.weight": (k * d, e),
-                 "attn_v.weight": (k * d, e), "attn_output.weight": (e, h * d), "ffn_norm.weight": (e,),
-                 "ffn_gate.weight": (f, e), "ffn_up.weight": (f, e), "ffn_down.weight": (e, f)}
+    per_layer = {
+        "attn_norm.weight": (e,),
+        "attn_q.weight": (h * d, e),
+        "attn_k.weight": (k * d, e),
+        "attn_v.weight": (k * d, e),
+        "attn_output.weight": (e, h * d),
+        "ffn_norm.weight": (e,),
+        "ffn_gate.weight": (f, e),
+        "ffn_up.weight": (f, e),
+        "ffn_down.weight": (e, f),
+    }
     for i in range(cfg.num_layers):
         shapes.update({f"blk.{i}.{name}": shape for name, shape in per_layer.items()})
     return shapes
@@ -191,15 +223,20 @@ def _check_tensors(reader, path: Path, cfg: ModelConfig) -> None:
         if t.name not in expected:
             raise ConversionError(f"unexpected tensor {t.name!r} in {path.name}: no llama parameter takes it")
         if t.tensor_type.name not in SUPPORTED_TYPES:
-            raise ConversionError(f"tensor {t.name!r} in {path.name} has type {t.tensor_type.name}, which kvjax "
-                                  f"does not convert (supported: {', '.join(SUPPORTED_TYPES)})")
+            raise ConversionError(
+                f"tensor {t.name!r} in {path.name} has type {t.tensor_type.name}, which kvjax "
+                f"does not convert (supported: {', '.join(SUPPORTED_TYPES)})"
+            )
         if shape != expected[t.name]:
-            raise ConversionError(f"tensor {t.name!r} in {path.name} has shape {shape}; the config implies "
-                                  f"{expected[t.name]}")
+            raise ConversionError(
+                f"tensor {t.name!r} in {path.name} has shape {shape}; the config implies {expected[t.name]}"
+            )
         seen.add(t.name)
     missing = [name for name in expected if name not in seen]
     if missing:
-        raise ConversionError(f"{path.name} lacks tensors {', '.join(missing[:5])}" + (" ..." if len(missing) > 5 else ""))
+        raise ConversionError(
+            f"{path.name} lacks tensors {', '.join(missing[:5])}" + (" ..." if len(missing) > 5 else "")
+        )
 
 
 def _dequantized(t) -> np.ndarray:
@@ -228,13 +265,19 @@ def _gpt2_tokenizer(tokens, merges, pre):
     if split is None:
         tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     elif split == "digits":  # llama.cpp's smollm: each digit alone, then GPT-2's split
-        tok.pre_tokenizer = pre_tokenizers.Sequence([
-            pre_tokenizers.Digits(individual_digits=True),
-            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)])
+        tok.pre_tokenizer = pre_tokenizers.Sequence(
+            [
+                pre_tokenizers.Digits(individual_digits=True),
+                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
+            ]
+        )
     else:
-        tok.pre_tokenizer = pre_tokenizers.Sequence([
-            pre_tokenizers.Split(Regex(split), behavior="isolated"),
-            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+        tok.pre_tokenizer = pre_tokenizers.Sequence(
+            [
+                pre_tokenizers.Split(Regex(split), behavior="isolated"),
+                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+            ]
+        )
     tok.decoder = decoders.ByteLevel()
     return tok
 
@@ -260,10 +303,12 @@ def _llama_tokenizer(tokens, scores, types, unk, add_space_prefix):
 
     merges = sentencepiece_merges(tokens, scores, types)
     unk_token = tokens[unk] if unk is not None else None
-    tok = Tokenizer(models.BPE({t: i for i, t in enumerate(tokens)}, merges, unk_token=unk_token, fuse_unk=True,
-                               byte_fallback=True))
-    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", split=False,
-                                                 prepend_scheme="first" if add_space_prefix else "never")
+    tok = Tokenizer(
+        models.BPE({t: i for i, t in enumerate(tokens)}, merges, unk_token=unk_token, fuse_unk=True, byte_fallback=True)
+    )
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(
+        replacement="\u2581", split=False, prepend_scheme="first" if add_space_prefix else "never"
+    )
     steps = [decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()]
     tok.decoder = decoders.Sequence(steps + ([decoders.Strip(" ", 1, 0)] if add_space_prefix else []))
     return tok
@@ -279,33 +324,45 @@ def write_gguf_tokenizer(reader, path: Path, out_dir: Path) -> dict[str, Path]:
     types = _value(reader, path, "tokenizer.ggml.token_type", None) or [_NORMAL] * len(tokens)
     if len(set(tokens)) != len(tokens) or len(types) != len(tokens):
         raise ConversionError(f"{path.name}: tokenizer.ggml.tokens has repeats or does not match token_type")
-    ids = {key: _value(reader, path, f"tokenizer.ggml.{key}_token_id", None)
-           for key in ("bos", "eos", "padding", "unknown")}
+    ids = {
+        key: _value(reader, path, f"tokenizer.ggml.{key}_token_id", None)
+        for key in ("bos", "eos", "padding", "unknown")
+    }
     for key, value in ids.items():
         if value is not None and not 0 <= value < len(tokens):
             raise ConversionError(f"{path.name}: tokenizer.ggml.{key}_token_id {value} is outside the vocabulary")
     if kind == "gpt2":
-        tok = _gpt2_tokenizer(tokens, _value(reader, path, "tokenizer.ggml.merges"),
-                              _value(reader, path, "tokenizer.ggml.pre", "default"))
+        tok = _gpt2_tokenizer(
+            tokens, _value(reader, path, "tokenizer.ggml.merges"), _value(reader, path, "tokenizer.ggml.pre", "default")
+        )
         add_bos_default = False
     elif kind == "llama":
         scores = _value(reader, path, "tokenizer.ggml.scores")
-        tok = _llama_tokenizer(tokens, scores, types, ids["unknown"],
-                               _value(reader, path, "tokenizer.ggml.add_space_prefix", True))
+        tok = _llama_tokenizer(
+            tokens, scores, types, ids["unknown"], _value(reader, path, "tokenizer.ggml.add_space_prefix", True)
+        )
         add_bos_default = True  # llama.cpp adds BOS to a SentencePiece vocabulary that does not say otherwise
     else:
         raise ConversionError(f"{path.name}: unsupported tokenizer.ggml.model {kind!r}; kvjax rebuilds gpt2 and llama")
-    tok.add_special_tokens([AddedToken(t, special=True, normalized=False)
-                            for t, kind in zip(tokens, types) if kind == _CONTROL])
-    tok.add_tokens([AddedToken(t, special=False, normalized=False)
-                    for t, kind in zip(tokens, types) if kind == _USER_DEFINED])
+    tok.add_special_tokens(
+        [AddedToken(t, special=True, normalized=False) for t, kind in zip(tokens, types) if kind == _CONTROL]
+    )
+    tok.add_tokens(
+        [AddedToken(t, special=False, normalized=False) for t, kind in zip(tokens, types) if kind == _USER_DEFINED]
+    )
     add_bos = bool(_value(reader, path, "tokenizer.ggml.add_bos_token", add_bos_default)) and ids["bos"] is not None
     add_eos = bool(_value(reader, path, "tokenizer.ggml.add_eos_token", False)) and ids["eos"] is not None
     if add_bos or add_eos:
         bos, eos = tokens[ids["bos"]] if add_bos else None, tokens[ids["eos"]] if add_eos else None
         single = " ".join([f"{bos}:0"] * add_bos + ["$A:0"] + [f"{eos}:0"] * add_eos)
-        pair = " ".join([f"{bos}:0"] * add_bos + ["$A:0"] + [f"{eos}:0"] * add_eos
-                        + [f"{bos}:1"] * add_bos + ["$B:1"] + [f"{eos}:1"] * add_eos)
+        pair = " ".join(
+            [f"{bos}:0"] * add_bos
+            + ["$A:0"]
+            + [f"{eos}:0"] * add_eos
+            + [f"{bos}:1"] * add_bos
+            + ["$B:1"]
+            + [f"{eos}:1"] * add_eos
+        )
         specials = [(t, ids[k]) for t, k, on in ((bos, "bos", add_bos), (eos, "eos", add_eos)) if on]
         tok.post_processor = processors.TemplateProcessing(single=single, pair=pair, special_tokens=specials)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -322,8 +379,11 @@ def write_gguf_tokenizer(reader, path: Path, out_dir: Path) -> dict[str, Path]:
 
 def _metadata(reader) -> dict:
     """The file's scalar metadata (vocabularies and other arrays left out), kept next to the checkpoint."""
-    return {key: field.contents() for key, field in reader.fields.items()
-            if not key.startswith("GGUF.") and len(field.types) == 1}
+    return {
+        key: field.contents()
+        for key, field in reader.fields.items()
+        if not key.startswith("GGUF.") and len(field.types) == 1
+    }
 
 
 def convert_gguf(gguf_path, out_dir, dtype: str | None = None, progress: bool = True) -> Path:
@@ -364,6 +424,9 @@ def convert_gguf(gguf_path, out_dir, dtype: str | None = None, progress: bool = 
                 arrays[target] = np.ascontiguousarray(value, dtype=storage)
             del w
         return save_checkpoint(
-            out_dir, config, _nest(arrays), tokenizer_files,
+            out_dir,
+            config,
+            _nest(arrays),
+            tokenizer_files,
             metadata={"converted_from": str(path.absolute()), "gguf_metadata": _metadata(reader)},
         )

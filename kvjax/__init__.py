@@ -8,7 +8,20 @@ from kvjax.kv_state import KVSegment, KVState, kv_bytes
 from kvjax.language_model import LanguageModel, init_model
 
 __all__ = [
-    "CheckpointError", "KVSegment", "KVState", "LanguageModel", "ModelConfig", "RopeConfig",
-    "UnsupportedModelError", "bundled_models", "decode_step", "generate", "init_model", "kv_bytes",
-    "load", "logits", "policies", "prefill",
+    "CheckpointError",
+    "KVSegment",
+    "KVState",
+    "LanguageModel",
+    "ModelConfig",
+    "RopeConfig",
+    "UnsupportedModelError",
+    "bundled_models",
+    "decode_step",
+    "generate",
+    "init_model",
+    "kv_bytes",
+    "load",
+    "logits",
+    "policies",
+    "prefill",
 ]

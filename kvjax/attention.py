@@ -57,8 +57,13 @@ def visible_softmax(logits: jax.Array, k_pos: jax.Array, q_pos: jax.Array, windo
 
 
 def reference_attention(
-    q: jax.Array, k: jax.Array, v: jax.Array, k_pos: jax.Array, q_pos: jax.Array,
-    window: int | None, scale: float,
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    k_pos: jax.Array,
+    q_pos: jax.Array,
+    window: int | None,
+    scale: float,
 ) -> jax.Array:
     """Exact softmax attention in plain jnp; the ground truth of every kernel and policy test.
 
@@ -94,8 +99,16 @@ def _lowering(impl: str) -> Lowering:
 
 
 def attend(
-    q: jax.Array, k: jax.Array, v: jax.Array, k_pos: jax.Array, q_pos: jax.Array,
-    window: int | None, scale: float, impl: str = "auto", *, slot_is_position: bool = False,
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    k_pos: jax.Array,
+    q_pos: jax.Array,
+    window: int | None,
+    scale: float,
+    impl: str = "auto",
+    *,
+    slot_is_position: bool = False,
 ) -> jax.Array:
     """The one dispatch point between the jnp reference and the Pallas kernels.
 
@@ -124,7 +137,13 @@ def attend(
 
 
 def decode_with_lse(
-    q: jax.Array, k: jax.Array, v: jax.Array, k_pos: jax.Array, window: int | None, scale: float, impl: str = "auto",
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    k_pos: jax.Array,
+    window: int | None,
+    scale: float,
+    impl: str = "auto",
 ) -> tuple[jax.Array, jax.Array] | None:
     """`attend`'s decode kernel for one token per sequence, with each query head's log-sum-exp, so a
     caller can fold in keys the segment does not hold (RazorAttention's compensation token).
@@ -142,7 +161,11 @@ def decode_with_lse(
     b, _, kv_heads, group, d = q.shape
     lengths = jnp.sum(k_pos >= 0, axis=-1, dtype=jnp.int32)  # [B, K]
     decode = functools.partial(
-        block_sparse_decode, sm_scale=scale, config=config, implementation=impl, return_lse=True,
+        block_sparse_decode,
+        sm_scale=scale,
+        config=config,
+        implementation=impl,
+        return_lse=True,
     )
     out, lse = per_device(decode, b, kv_heads, (1, 1, 1, 1), (1, 1))(
         q.reshape(b, kv_heads * group, d), k, v, lengths
@@ -151,8 +174,16 @@ def decode_with_lse(
 
 
 def attend_pages(
-    q: jax.Array, k: jax.Array, v: jax.Array, k_pos: jax.Array, q_pos: jax.Array, table: DecodeBlockTable,
-    window: int | None, scale: float, impl: str = "auto", slot_mask: jax.Array | None = None,
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    k_pos: jax.Array,
+    q_pos: jax.Array,
+    table: DecodeBlockTable,
+    window: int | None,
+    scale: float,
+    impl: str = "auto",
+    slot_mask: jax.Array | None = None,
 ) -> jax.Array:
     """One decode token per sequence over only the cache pages `table` lists (query-aware selection).
 
@@ -163,8 +194,9 @@ def attend_pages(
     attends over the same slots by masking the others. slot_mask (bool[B, K, C]) also hides single
     slots of listed pages. Returns [B, 1, K, G, D].
     """
-    config = DecodeConfig.for_shape(k.shape[2], q.shape[-1], _lowering(impl), block_size=table.block_size,
-                                    slot_mask=slot_mask is not None)
+    config = DecodeConfig.for_shape(
+        k.shape[2], q.shape[-1], _lowering(impl), block_size=table.block_size, slot_mask=slot_mask is not None
+    )
     if config is None:
         listed = decode_table_mask(table, k.shape[2])  # [B, K, C]
         if slot_mask is not None:
@@ -175,8 +207,16 @@ def attend_pages(
 
     def decode(q, k, v, lengths, table, *slot_mask):
         return block_sparse_decode(
-            q, k, v, lengths, table, mask=None if window is None else SinkLocal(0, window), sm_scale=scale,
-            config=config, implementation=impl, slot_mask=slot_mask[0] if slot_mask else None,
+            q,
+            k,
+            v,
+            lengths,
+            table,
+            mask=None if window is None else SinkLocal(0, window),
+            sm_scale=scale,
+            config=config,
+            implementation=impl,
+            slot_mask=slot_mask[0] if slot_mask else None,
         )
 
     masks = () if slot_mask is None else (slot_mask,)
@@ -187,8 +227,15 @@ def attend_pages(
 
 
 def _prefill_chunk(
-    q: jax.Array, k: jax.Array, v: jax.Array, k_pos: jax.Array, q_pos: jax.Array,
-    window: int | None, scale: float, impl: str, config: PrefillConfig,
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    k_pos: jax.Array,
+    q_pos: jax.Array,
+    window: int | None,
+    scale: float,
+    impl: str,
+    config: PrefillConfig,
 ) -> jax.Array:
     """A chunk of queries over a slot = position segment through the block-sparse prefill kernel.
 
@@ -205,7 +252,14 @@ def _prefill_chunk(
 
     def prefill(q_heads, k, v, lengths, q_offset):
         return block_sparse_prefill(
-            q_heads, k, v, mask, lengths=lengths, q_offset=q_offset, sm_scale=scale, config=config,
+            q_heads,
+            k,
+            v,
+            mask,
+            lengths=lengths,
+            q_offset=q_offset,
+            sm_scale=scale,
+            config=config,
             # The name, not its Lowering: "auto" is the kernel's own pick (Mosaic GPU on Hopper where it fits).
             implementation=impl,
         )
@@ -217,8 +271,13 @@ def _prefill_chunk(
 
 
 def attend_with_probs(
-    q: jax.Array, k: jax.Array, v: jax.Array, k_pos: jax.Array, q_pos: jax.Array,
-    window: int | None, scale: float,
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    k_pos: jax.Array,
+    q_pos: jax.Array,
+    window: int | None,
+    scale: float,
 ) -> tuple[jax.Array, jax.Array]:
     """Attention output [B, T, K, G, D] and the weights [B, K, G, T, C] that scoring policies read."""
     probs = attention_probs(q, k, k_pos, q_pos, window, scale)
@@ -226,8 +285,16 @@ def attend_with_probs(
 
 
 def attend_quantized(
-    q: jax.Array, slab: QuantizedKV, slab_length: jax.Array, k_win: jax.Array, v_win: jax.Array,
-    win_pos: jax.Array, q_pos: jax.Array, window: int | None, scale: float, impl: str = "auto",
+    q: jax.Array,
+    slab: QuantizedKV,
+    slab_length: jax.Array,
+    k_win: jax.Array,
+    v_win: jax.Array,
+    win_pos: jax.Array,
+    q_pos: jax.Array,
+    window: int | None,
+    scale: float,
+    impl: str = "auto",
 ) -> jax.Array:
     """Attention over a quantized slab (slot i = position i, for i < slab_length[b]) and a window.
 

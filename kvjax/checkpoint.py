@@ -34,7 +34,10 @@ def bundled_models() -> list[str]:
 
 
 def save_checkpoint(
-    directory: Path, config: ModelConfig, params: dict, tokenizer_files: dict[str, Path] | None = None,
+    directory: Path,
+    config: ModelConfig,
+    params: dict,
+    tokenizer_files: dict[str, Path] | None = None,
     metadata: dict | None = None,
 ) -> Path:
     """Writes a checkpoint to a temporary sibling directory, then renames it into place.
@@ -78,8 +81,10 @@ def resolve(path_or_name: str | os.PathLike) -> Path:
         fetched = model_dir(str(path_or_name))
         if (fetched / "kvjax.json").is_file():
             return fetched
-        raise CheckpointError(f"{path_or_name} is not fetched yet; run `kvjax fetch {path_or_name}` first "
-                              f"(it downloads and converts it once, into {fetched})")
+        raise CheckpointError(
+            f"{path_or_name} is not fetched yet; run `kvjax fetch {path_or_name}` first "
+            f"(it downloads and converts it once, into {fetched})"
+        )
     if (path / "config.json").is_file():
         raise CheckpointError(
             f"{path} looks like a Hugging Face checkpoint, not a kvjax one; convert it first with "

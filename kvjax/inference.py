@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -58,9 +58,7 @@ def _chunking(prompt_len: int, chunk_size: int) -> tuple[int, int]:
 def _check_context(m: LanguageModel, total: int):
     limit = m.config.max_position_embeddings
     if total > limit:
-        raise ValueError(
-            f"prompt plus new tokens ({total}) is longer than the model's context ({limit} positions)"
-        )
+        raise ValueError(f"prompt plus new tokens ({total}) is longer than the model's context ({limit} positions)")
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef",))
@@ -96,8 +94,9 @@ class Execution:
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "policy", "chunk", "max_new_tokens", "run"))
-def _prefill(graphdef, params, policy_params, tokens, lengths, *, policy: Policy, chunk: int, max_new_tokens: int,
-             run: Execution):
+def _prefill(
+    graphdef, params, policy_params, tokens, lengths, *, policy: Policy, chunk: int, max_new_tokens: int, run: Execution
+):
     """Runs the prompt through the model chunk by chunk; returns the state and last-token logits."""
     model = nnx.merge(graphdef, params)
     policy = bind_params(policy, policy_params)
@@ -116,9 +115,15 @@ def _prefill(graphdef, params, policy_params, tokens, lengths, *, policy: Policy
         chunk_tokens, start = inputs  # [B, S], scalar
         positions = jnp.broadcast_to(start + offsets, (b, chunk))  # [B, S]
         hidden, layers, shared = model(
-            chunk_tokens, positions, positions < lengths[:, None], layers, layer_fn, shared=shared,
+            chunk_tokens,
+            positions,
+            positions < lengths[:, None],
+            layers,
+            layer_fn,
+            shared=shared,
             seq_len=jnp.max(lengths),  # the whole prompt's length, as a one-shot forward would see
-            attention_impl=run.attention_impl, stack=stack,
+            attention_impl=run.attention_impl,
+            stack=stack,
         )
         here = (last >= start) & (last < start + chunk)  # [B] final token falls in this chunk
         picked = jnp.take_along_axis(hidden, jnp.clip(last - start, 0, chunk - 1)[:, None, None], axis=1)
@@ -148,8 +153,15 @@ def _run_prefill(m, tokens: np.ndarray, lengths: np.ndarray, policy, chunk_size,
     tokens = np.pad(tokens, ((0, 0), (0, padded - tokens.shape[1])))
     policy, policy_params = split_params(_checked(m, policy))
     return _prefill(
-        m.graphdef, m.params, policy_params, jnp.asarray(tokens), jnp.asarray(lengths),
-        policy=policy, chunk=chunk, max_new_tokens=max_new_tokens, run=run,
+        m.graphdef,
+        m.params,
+        policy_params,
+        jnp.asarray(tokens),
+        jnp.asarray(lengths),
+        policy=policy,
+        chunk=chunk,
+        max_new_tokens=max_new_tokens,
+        run=run,
     )
 
 
@@ -162,8 +174,14 @@ def _checked(m: LanguageModel, policy: Policy | None) -> Policy:
 
 @on_model_mesh
 def prefill(
-    m: LanguageModel, tokens, policy: Policy | None = None, *, lengths=None,
-    chunk_size: int = DEFAULT_CHUNK, max_new_tokens: int = 0, attention_impl: str = "auto",
+    m: LanguageModel,
+    tokens,
+    policy: Policy | None = None,
+    *,
+    lengths=None,
+    chunk_size: int = DEFAULT_CHUNK,
+    max_new_tokens: int = 0,
+    attention_impl: str = "auto",
     scan_layers: bool = True,
 ) -> KVState:
     """The (compressed) KV state after the prompt, built chunk by chunk.
@@ -186,8 +204,14 @@ def _forward_token(model, policy: Policy, state: KVState, token: jax.Array, run:
         return policy.layer_step(ctx, segments, shared, x, phase)
 
     hidden, layers, shared = model(
-        token[:, None], positions, jnp.ones_like(positions, bool), state.layers, layer_fn, shared=state.shared,
-        attention_impl=run.attention_impl, stack=stack or model.layer_stack(state.layers, run.scan_layers),
+        token[:, None],
+        positions,
+        jnp.ones_like(positions, bool),
+        state.layers,
+        layer_fn,
+        shared=state.shared,
+        attention_impl=run.attention_impl,
+        stack=stack or model.layer_stack(state.layers, run.scan_layers),
     )
     new_state = state.replace(layers=layers, shared=shared, length=state.length + 1)
     return model.logits(hidden[:, 0]), constrain_state(new_state)
@@ -199,13 +223,21 @@ def _decode_step(graphdef, params, policy_params, state, token, *, policy, run):
 
 
 @on_model_mesh
-def decode_step(m: LanguageModel, state: KVState, token, policy: Policy | None = None, *,
-                attention_impl: str = "auto", scan_layers: bool = True):
+def decode_step(
+    m: LanguageModel,
+    state: KVState,
+    token,
+    policy: Policy | None = None,
+    *,
+    attention_impl: str = "auto",
+    scan_layers: bool = True,
+):
     """(float32[B, V] logits, new state) after feeding int32[B] tokens; the old state is donated."""
     run = Execution(attention_impl, scan_layers)
     policy, policy_params = split_params(_checked(m, policy))
-    return _decode_step(m.graphdef, m.params, policy_params, state, jnp.asarray(token, jnp.int32), policy=policy,
-                        run=run)
+    return _decode_step(
+        m.graphdef, m.params, policy_params, state, jnp.asarray(token, jnp.int32), policy=policy, run=run
+    )
 
 
 @struct.dataclass(frozen=True)
@@ -226,14 +258,19 @@ def _start_loop(kv, logits, tokens, step, done, sampling, key, eos_ids, pad_id):
     key, sub = jax.random.split(key)
     token = jnp.where(done, pad_id, sample(logits, sampling, sub))
     return DecodeLoop(
-        step=step + 1, tokens=tokens.at[:, step].set(token), last=token,
-        done=done | jnp.isin(token, eos_ids), key=key, kv=kv,
+        step=step + 1,
+        tokens=tokens.at[:, step].set(token),
+        last=token,
+        done=done | jnp.isin(token, eos_ids),
+        key=key,
+        kv=kv,
     )
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "policy", "run"), donate_argnames=("loop",))
-def _decode(graphdef, params, policy_params, loop: DecodeLoop, sampling, eos_ids, pad_id, stop_length, *, policy,
-            run: Execution):
+def _decode(
+    graphdef, params, policy_params, loop: DecodeLoop, sampling, eos_ids, pad_id, stop_length, *, policy, run: Execution
+):
     """Decodes until every row is done, the output is full, or the longest row reaches `stop_length`."""
     model = nnx.merge(graphdef, params)
     policy = bind_params(policy, policy_params)
@@ -248,8 +285,12 @@ def _decode(graphdef, params, policy_params, loop: DecodeLoop, sampling, eos_ids
         key, sub = jax.random.split(s.key)
         token = jnp.where(s.done, pad_id, sample(step_logits, sampling, sub))
         return DecodeLoop(
-            step=s.step + 1, tokens=s.tokens.at[:, s.step].set(token), last=token,
-            done=s.done | jnp.isin(token, eos_ids), key=key, kv=kv,
+            step=s.step + 1,
+            tokens=s.tokens.at[:, s.step].set(token),
+            last=token,
+            done=s.done | jnp.isin(token, eos_ids),
+            key=key,
+            kv=kv,
         )
 
     return jax.lax.while_loop(keep_going, body, loop)
@@ -261,14 +302,26 @@ def _open_loop(kv, token, steps):
     `_start_loop`'s are, and `_decode` reuses what generate compiled at the same shapes."""
     batch = token.shape[0]
     return DecodeLoop(
-        step=jnp.int32(0), tokens=jnp.zeros((batch, steps), jnp.int32), last=token,
-        done=jnp.zeros((batch,), bool), key=jax.random.key(0), kv=kv,
+        step=jnp.int32(0),
+        tokens=jnp.zeros((batch, steps), jnp.int32),
+        last=token,
+        done=jnp.zeros((batch,), bool),
+        key=jax.random.key(0),
+        kv=kv,
     )
 
 
 @on_model_mesh
-def greedy_decode(m: LanguageModel, state: KVState, token, steps: int, policy: Policy | None = None, *,
-                  attention_impl: str = "auto", scan_layers: bool = True) -> jax.Array:
+def greedy_decode(
+    m: LanguageModel,
+    state: KVState,
+    token,
+    steps: int,
+    policy: Policy | None = None,
+    *,
+    attention_impl: str = "auto",
+    scan_layers: bool = True,
+) -> jax.Array:
     """int32[B, steps]: greedy tokens after feeding int32[B] `token`, by generate's jitted decode loop
     with no EOS stop (so benchmarks time exactly `steps` steps); the state is donated."""
     if steps < 1:
@@ -279,8 +332,9 @@ def greedy_decode(m: LanguageModel, state: KVState, token, steps: int, policy: P
     loop = _open_loop(state, jnp.asarray(token, jnp.int32), steps)
     no_eos, no_stop = jnp.asarray([-1], jnp.int32), jnp.int32(np.iinfo(np.int32).max)
     sampling = SamplingParams.create(loop.last.shape[0])
-    return _decode(m.graphdef, m.params, policy_params, loop, sampling, no_eos, jnp.int32(0), no_stop, policy=policy,
-                   run=run).tokens
+    return _decode(
+        m.graphdef, m.params, policy_params, loop, sampling, no_eos, jnp.int32(0), no_stop, policy=policy, run=run
+    ).tokens
 
 
 def _rope_switch_length(m: LanguageModel) -> int:
@@ -292,9 +346,19 @@ def _rope_switch_length(m: LanguageModel) -> int:
 
 @on_model_mesh
 def generate(
-    m: LanguageModel, tokens, max_new_tokens: int = 64, policy: Policy | None = None, *,
-    lengths=None, temperature=0.0, top_k=0, top_p=1.0, seed: int = 0,
-    eos_token_id: int | Sequence[int] | None = None, chunk_size: int = DEFAULT_CHUNK, attention_impl: str = "auto",
+    m: LanguageModel,
+    tokens,
+    max_new_tokens: int = 64,
+    policy: Policy | None = None,
+    *,
+    lengths=None,
+    temperature=0.0,
+    top_k=0,
+    top_p=1.0,
+    seed: int = 0,
+    eos_token_id: int | Sequence[int] | None = None,
+    chunk_size: int = DEFAULT_CHUNK,
+    attention_impl: str = "auto",
     scan_layers: bool = True,
 ) -> jax.Array:
     """int32[B, max_new_tokens]: new tokens only; after a sequence's EOS its row holds the pad id.
@@ -321,8 +385,15 @@ def generate(
     switch = _rope_switch_length(m)
     stop = switch if int(lengths.max()) <= switch else np.iinfo(np.int32).max
     loop = _start_loop(
-        kv, logits, jnp.full((batch, max_new_tokens), pad, jnp.int32), jnp.int32(0),
-        jnp.zeros((batch,), bool), sampling, jax.random.key(seed), eos, pad,
+        kv,
+        logits,
+        jnp.full((batch, max_new_tokens), pad, jnp.int32),
+        jnp.int32(0),
+        jnp.zeros((batch,), bool),
+        sampling,
+        jax.random.key(seed),
+        eos,
+        pad,
     )
     loop = decode(loop, sampling, eos, pad, jnp.int32(stop))
     step = int(loop.step)
@@ -333,9 +404,7 @@ def generate(
         for row, prompt, new, n in zip(history, prompts, generated, lengths):
             row[: n + step] = np.concatenate([prompt[:n], new])
         kv, logits = _run_prefill(m, history, lengths + step, policy, chunk_size, max_new_tokens - step, run)
-        loop = _start_loop(
-            kv, logits, loop.tokens, jnp.int32(step), loop.done, sampling, loop.key, eos, pad
-        )
+        loop = _start_loop(kv, logits, loop.tokens, jnp.int32(step), loop.done, sampling, loop.key, eos, pad)
         no_stop = jnp.int32(np.iinfo(np.int32).max)
         loop = decode(loop, sampling, eos, pad, no_stop)
     return loop.tokens

@@ -71,7 +71,12 @@ class KVState:
 
 
 def empty_segment(
-    batch: int, heads: tuple[int, ...], capacity: int, head_dim: int, dtype, scored: bool = False,
+    batch: int,
+    heads: tuple[int, ...],
+    capacity: int,
+    head_dim: int,
+    dtype,
+    scored: bool = False,
     budget: int | None = None,
 ) -> KVSegment:
     """A segment with every slot empty (with a zeroed score buffer when the policy keeps one)."""
@@ -87,7 +92,11 @@ def empty_segment(
 
 
 def write_entries(
-    segment: KVSegment, k: jax.Array, v: jax.Array, pos: jax.Array, start: jax.Array,
+    segment: KVSegment,
+    k: jax.Array,
+    v: jax.Array,
+    pos: jax.Array,
+    start: jax.Array,
     score: jax.Array | None = None,
 ) -> KVSegment:
     """Writes T new entries per sequence into consecutive slots [start, start + T) of each head.
@@ -107,9 +116,9 @@ def write_entries(
         k=per_row(segment.k, k.swapaxes(1, 2), start),
         v=per_row(segment.v, v.swapaxes(1, 2), start),
         pos=per_row(segment.pos, pos, start),
-        score=None if segment.score is None else per_row(
-            segment.score, jnp.zeros((b, hs, t)) if score is None else score.swapaxes(1, 2), start
-        ),
+        score=None
+        if segment.score is None
+        else per_row(segment.score, jnp.zeros((b, hs, t)) if score is None else score.swapaxes(1, 2), start),
     )
 
 
@@ -146,7 +155,8 @@ def keep_top(segment: KVSegment, priority: jax.Array, keep: int, capacity: int) 
         return jnp.pad(picked, widths + ((0, 0),) * (x.ndim - 3))
 
     return segment.replace(
-        k=gather(segment.k), v=gather(segment.v),
+        k=gather(segment.k),
+        v=gather(segment.v),
         pos=jnp.pad(jnp.take_along_axis(top_pos, order, axis=-1), widths, constant_values=-1),
         score=None if segment.score is None else gather(segment.score),
     )

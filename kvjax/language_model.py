@@ -33,13 +33,13 @@ class LanguageModel:
         """The NNX module (for training or inspection); inference paths merge inside jit instead."""
         return nnx.merge(self.graphdef, self.params)
 
-    def with_config(self, config: ModelConfig) -> "LanguageModel":
+    def with_config(self, config: ModelConfig) -> LanguageModel:
         """The same parameters under another config of identical shapes (the graphdef carries the
         config the jitted paths see, so both change together)."""
         graphdef = abstract_model(config, self.dtype).graphdef
         return dataclasses.replace(self, config=config, graphdef=graphdef)
 
-    def astype(self, dtype) -> "LanguageModel":
+    def astype(self, dtype) -> LanguageModel:
         params = jax.tree.map(lambda x: x.astype(dtype), self.params)
         return dataclasses.replace(self, params=params)
 

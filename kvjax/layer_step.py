@@ -66,11 +66,16 @@ class StepInputs:
     def num_kv_heads(self) -> int:
         return self.k.shape[2]
 
-    def heads(self, heads: tuple[int, ...]) -> "StepInputs":
+    def heads(self, heads: tuple[int, ...]) -> StepInputs:
         """These inputs for the given KV heads only (every per-head array along its head axis)."""
         pick = lambda x: None if x is None else take_heads(x, heads, 2, self.num_kv_heads)  # noqa: E731
         return dataclasses.replace(
-            self, q=pick(self.q), k=pick(self.k), v=pick(self.v), q_raw=pick(self.q_raw), k_raw=pick(self.k_raw),
+            self,
+            q=pick(self.q),
+            k=pick(self.k),
+            v=pick(self.v),
+            q_raw=pick(self.q_raw),
+            k_raw=pick(self.k_raw),
             score=pick(self.score),
         )
 

@@ -19,8 +19,12 @@ from pallas_kernels.kv_quant import QuantizedKV
 
 # Per slab field: (token axis, tokens per index along it), for [B, Hs, ...] arrays.
 _SLAB_TILING = {
-    "k_codes": (2, "per"), "k_scale": (2, "group"), "k_zero": (2, "group"),
-    "v_codes": (2, "per"), "v_scale": (3, 1), "v_zero": (3, 1),
+    "k_codes": (2, "per"),
+    "k_scale": (2, "group"),
+    "k_zero": (2, "group"),
+    "v_codes": (2, "per"),
+    "v_scale": (3, 1),
+    "v_zero": (3, 1),
 }
 
 
@@ -56,23 +60,36 @@ class QuantizedSegment:
 
 
 def empty_quantized_segment(
-    batch: int, heads: tuple[int, ...], slab_capacity: int, window_capacity: int, head_dim: int,
-    bits: int, group: int, dtype, scale_dtype=jnp.bfloat16,
+    batch: int,
+    heads: tuple[int, ...],
+    slab_capacity: int,
+    window_capacity: int,
+    head_dim: int,
+    bits: int,
+    group: int,
+    dtype,
+    scale_dtype=jnp.bfloat16,
 ) -> QuantizedSegment:
     """An empty segment; the slab is built from zeros directly (no full-precision temporary)."""
     h, per = len(heads), kv_quant.codes_per_byte(bits)
     codes = (batch, h, slab_capacity // per, head_dim)
     k_stats, v_stats = (batch, h, slab_capacity // group, head_dim), (batch, h, head_dim // group, slab_capacity)
     slab = QuantizedKV(
-        k_codes=jnp.zeros(codes, jnp.uint8), k_scale=jnp.zeros(k_stats, scale_dtype),
-        k_zero=jnp.zeros(k_stats, scale_dtype), v_codes=jnp.zeros(codes, jnp.uint8),
-        v_scale=jnp.zeros(v_stats, scale_dtype), v_zero=jnp.zeros(v_stats, scale_dtype),
-        bits=bits, group_size=group,
+        k_codes=jnp.zeros(codes, jnp.uint8),
+        k_scale=jnp.zeros(k_stats, scale_dtype),
+        k_zero=jnp.zeros(k_stats, scale_dtype),
+        v_codes=jnp.zeros(codes, jnp.uint8),
+        v_scale=jnp.zeros(v_stats, scale_dtype),
+        v_zero=jnp.zeros(v_stats, scale_dtype),
+        bits=bits,
+        group_size=group,
     )
     shape = (batch, h, window_capacity, head_dim)
     window = KVSegment(
-        k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype),
-        pos=jnp.full(shape[:3], -1, jnp.int32), heads=heads,
+        k=jnp.zeros(shape, dtype),
+        v=jnp.zeros(shape, dtype),
+        pos=jnp.full(shape[:3], -1, jnp.int32),
+        heads=heads,
     )
     return QuantizedSegment(slab=slab, slab_length=jnp.zeros((batch,), jnp.int32), window=window)
 
@@ -83,15 +100,16 @@ def grow_window(segment: QuantizedSegment, extra: int) -> QuantizedSegment:
         return segment
     w = segment.window
     pad = ((0, 0), (0, 0), (0, extra))
-    return segment.replace(window=w.replace(
-        k=jnp.pad(w.k, pad + ((0, 0),)), v=jnp.pad(w.v, pad + ((0, 0),)),
-        pos=jnp.pad(w.pos, pad, constant_values=-1),
-    ))
+    return segment.replace(
+        window=w.replace(
+            k=jnp.pad(w.k, pad + ((0, 0),)),
+            v=jnp.pad(w.v, pad + ((0, 0),)),
+            pos=jnp.pad(w.pos, pad, constant_values=-1),
+        )
+    )
 
 
-def write_slab_groups(
-    slab: QuantizedKV, k: jax.Array, v: jax.Array, start: jax.Array, count: jax.Array
-) -> QuantizedKV:
+def write_slab_groups(slab: QuantizedKV, k: jax.Array, v: jax.Array, start: jax.Array, count: jax.Array) -> QuantizedKV:
     """Quantizes k, v [B, Hs, F, D] (F a multiple of G) and stores their first count[b] tokens at
     slab tokens [start[b], start[b] + count[b]); start, count: int32[B], multiples of G.
 
@@ -112,15 +130,15 @@ def write_slab_groups(
 
         return jax.vmap(one)(dst, src, start, count)
 
-    return slab.replace(**{
-        name: write(getattr(slab, name), getattr(chunk, name), axis, tokens_per.get(per, per))
-        for name, (axis, per) in _SLAB_TILING.items()
-    })
+    return slab.replace(
+        **{
+            name: write(getattr(slab, name), getattr(chunk, name), axis, tokens_per.get(per, per))
+            for name, (axis, per) in _SLAB_TILING.items()
+        }
+    )
 
 
-def write_slab_positions(
-    slab_pos: jax.Array, pos: jax.Array, start: jax.Array, count: jax.Array
-) -> jax.Array:
+def write_slab_positions(slab_pos: jax.Array, pos: jax.Array, start: jax.Array, count: jax.Array) -> jax.Array:
     """slab_pos int32[B, Hs, Cq] with pos[b, :, :count[b]] (int32[B, Hs, F]) stored at slots
     [start[b], start[b] + count[b]); a dropping scatter like `write_slab_groups`."""
     idx = jnp.arange(pos.shape[-1], dtype=jnp.int32)  # [F]
@@ -143,9 +161,7 @@ def flush_window(segment: QuantizedSegment, residual: int, capacity: int) -> Qua
     held = segment.window_length()  # [B]
     moved = g * (jnp.maximum(held - residual, 0) // g)  # [B] tokens leaving the window
     span = g * (max(w.capacity - residual, 0) // g)  # static: the most any sequence can move
-    slab = write_slab_groups(
-        segment.slab, w.k[:, :, :span], w.v[:, :, :span], segment.slab_length, moved
-    )
+    slab = write_slab_groups(segment.slab, w.k[:, :, :span], w.v[:, :, :span], segment.slab_length, moved)
     slab_pos = segment.slab_pos
     if slab_pos is not None:  # recorded positions move with their entries
         slab_pos = write_slab_positions(slab_pos, w.pos[:, :, :span], segment.slab_length, moved)
@@ -155,6 +171,4 @@ def flush_window(segment: QuantizedSegment, residual: int, capacity: int) -> Qua
         return jax.vmap(lambda row, m: jax.lax.dynamic_slice_in_dim(row, m, capacity, axis=1))(x, moved)
 
     window = w.replace(k=shift(w.k), v=shift(w.v), pos=shift(w.pos))
-    return segment.replace(
-        slab=slab, slab_length=segment.slab_length + moved, window=window, slab_pos=slab_pos
-    )
+    return segment.replace(slab=slab, slab_length=segment.slab_length + moved, window=window, slab_pos=slab_pos)

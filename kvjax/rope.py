@@ -50,9 +50,7 @@ def inverse_frequencies(rope: RopeConfig, head_dim: int) -> tuple[np.ndarray, np
     attention_factor = rope.attention_factor
     if attention_factor is None:
         original = rope.original_max_position_embeddings
-        attention_factor = (
-            1.0 if rope.factor <= 1.0 else math.sqrt(1 + math.log(rope.factor) / math.log(original))
-        )
+        attention_factor = 1.0 if rope.factor <= 1.0 else math.sqrt(1 + math.log(rope.factor) / math.log(original))
     base = _base_theta_powers(rope, dim)
     short = 1.0 / (np.asarray(rope.short_factor, np.float32) * base)
     long = 1.0 / (np.asarray(rope.long_factor, np.float32) * base)

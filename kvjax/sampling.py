@@ -19,7 +19,7 @@ class SamplingParams:
     top_p: jax.Array  # float32[B]
 
     @classmethod
-    def create(cls, batch: int, temperature=0.0, top_k=0, top_p=1.0) -> "SamplingParams":
+    def create(cls, batch: int, temperature=0.0, top_k=0, top_p=1.0) -> SamplingParams:
         temperature = jnp.broadcast_to(jnp.asarray(temperature, jnp.float32), (batch,))
         top_k = jnp.broadcast_to(jnp.asarray(top_k, jnp.int32), (batch,))
         top_p = jnp.broadcast_to(jnp.asarray(top_p, jnp.float32), (batch,))

@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import TYPE_CHECKING, Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
 
 import jax
-from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import AxisType, Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from kvjax.kv_state import KVState
 
@@ -27,11 +29,17 @@ DATA, MODEL = "data", "model"
 # column-parallel projections split their output heads or width, the row-parallel ones their input,
 # so each block needs one all-reduce after attention and one after the MLP). Absent: replicated.
 _PARAM_MODEL_AXIS = {
-    "q_proj": 1, "k_proj": 1, "v_proj": 1,  # [E, H | K, D]
-    "q_bias": 0, "k_bias": 0, "v_bias": 0,  # [H | K, D]
+    "q_proj": 1,
+    "k_proj": 1,
+    "v_proj": 1,  # [E, H | K, D]
+    "q_bias": 0,
+    "k_bias": 0,
+    "v_bias": 0,  # [H | K, D]
     "o_proj": 0,  # [H, D, E]
-    "gate_proj": 1, "up_proj": 1,  # [E, F]
-    "gate_bias": 0, "up_bias": 0,  # [F]
+    "gate_proj": 1,
+    "up_proj": 1,  # [E, F]
+    "gate_bias": 0,
+    "up_bias": 0,  # [F]
     "down_proj": 0,  # [F, E]
     "embed": 0,  # [V, E]: vocabulary-parallel lookup (and tied output head)
     "lm_head": 1,  # [E, V]
@@ -83,7 +91,7 @@ def param_shardings(mesh: Mesh, params: Any) -> Any:
     )
 
 
-def shard_model(m: "LanguageModel", mesh: Mesh) -> "LanguageModel":
+def shard_model(m: LanguageModel, mesh: Mesh) -> LanguageModel:
     """The model with its parameters laid out on `mesh`, which kvjax's entry points then run under."""
     params = jax.device_put(m.params, param_shardings(mesh, m.params))
     return dataclasses.replace(m, params=params, mesh=mesh)

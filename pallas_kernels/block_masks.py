@@ -77,8 +77,7 @@ class PerHead:
             raise ValueError(f"PerHead.patterns must be a non-empty tuple, got {self.patterns!r}")
         for i, p in enumerate(self.patterns):
             if not isinstance(p, (DenseCausal, SinkLocal)):
-                raise ValueError(
-                    f"PerHead.patterns[{i}] must be DenseCausal or SinkLocal, got {p!r}")
+                raise ValueError(f"PerHead.patterns[{i}] must be DenseCausal or SinkLocal, got {p!r}")
 
 
 MaskDescription: TypeAlias = DenseCausal | SinkLocal | PerHead
@@ -102,7 +101,8 @@ def head_sink_window(
         else:
             raise ValueError(
                 f"PerHead has {len(mask.patterns)} patterns; expected one per query head "
-                f"({num_heads}) or per KV head ({num_kv_heads})")
+                f"({num_heads}) or per KV head ({num_kv_heads})"
+            )
     else:
         raise ValueError(f"not a mask description: {mask!r}")
     sink_window = np.asarray([p.sink_window for p in patterns], np.int32)  # [H, 2]
@@ -114,14 +114,13 @@ def token_visible(q_pos, k_pos, sink, window):
     return (k_pos <= q_pos) & ((k_pos < sink) | (q_pos - k_pos < window))
 
 
-def dense_mask(
-    mask: MaskDescription, num_heads: int, num_kv_heads: int | None, seq_len: int
-) -> jax.Array:
+def dense_mask(mask: MaskDescription, num_heads: int, num_kv_heads: int | None, seq_len: int) -> jax.Array:
     """bool[H, T, T] visibility of a description, for references and tests (O(T^2) memory)."""
     sink, window = head_sink_window(mask, num_heads, num_kv_heads)  # int32[H], int32[H]
     pos = jnp.arange(seq_len, dtype=jnp.int32)
-    return token_visible(pos[None, :, None], pos[None, None, :],
-                         sink[:, None, None], window[:, None, None])  # [H, T, T]
+    return token_visible(
+        pos[None, :, None], pos[None, None, :], sink[:, None, None], window[:, None, None]
+    )  # [H, T, T]
 
 
 # ----------------------------------------------------------------------------------------
@@ -202,8 +201,9 @@ def _block_bounds_visibility(xp, q0, q1, k0, k1, sink, window):
     return any_visible, all_visible
 
 
-def _block_visibility(sink: int, window: int, block_q: int, block_k: int,
-                      seq_len: int) -> tuple[np.ndarray, np.ndarray]:
+def _block_visibility(
+    sink: int, window: int, block_q: int, block_k: int, seq_len: int
+) -> tuple[np.ndarray, np.ndarray]:
     """(any visible, all visible) bool[nq, nk] for one pattern, in closed form per block."""
     q0 = np.arange(0, seq_len, block_q, dtype=np.int64)[:, None]  # [nq, 1] first query
     k0 = np.arange(0, seq_len, block_k, dtype=np.int64)[None, :]  # [1, nk] first key
@@ -237,8 +237,9 @@ def prefill_block_table(
     sink, window = head_sink_window(mask, num_heads, num_kv_heads)  # int32[H] each
     pairs, head_pattern = np.unique(np.stack([sink, window], -1), axis=0, return_inverse=True)
     length = padded_length(seq_len, block_q, block_k)
-    any_vis, all_vis = zip(*(_block_visibility(int(s), int(w), block_q, block_k, length)
-                             for s, w in pairs), strict=True)
+    any_vis, all_vis = zip(
+        *(_block_visibility(int(s), int(w), block_q, block_k, length) for s, w in pairs), strict=True
+    )
     any_vis, all_vis = np.stack(any_vis), np.stack(all_vis)  # bool[P, nq, nk]
     kv_blocks, counts = _compact_rows(any_vis)  # int32[P, nq, n_max], int32[P, nq]
     partial = ~np.take_along_axis(all_vis, kv_blocks, axis=-1)  # bool[P, nq, n_max]
@@ -265,8 +266,9 @@ def prefill_table_from_blocks(
     Visited blocks that cross the diagonal are flagged partial so causality still holds.
     """
     if kv_blocks.ndim != 3 or counts.shape != kv_blocks.shape[:2]:
-        raise ValueError(f"expected kv_blocks [H, nq, n_max] and counts [H, nq], got "
-                         f"{kv_blocks.shape} and {counts.shape}")
+        raise ValueError(
+            f"expected kv_blocks [H, nq, n_max] and counts [H, nq], got {kv_blocks.shape} and {counts.shape}"
+        )
     num_heads, num_q_blocks, _ = kv_blocks.shape
     seq_len = num_q_blocks * block_q
     if seq_len % block_k:
@@ -308,8 +310,7 @@ def prefill_chunk_block_table(
     block's window can reach, so a sink + local (or sliding window) chunk visits a handful of
     blocks even deep into a long prompt.
     """
-    for name, value in (("chunk_len", chunk_len), ("kv_len", kv_len), ("block_q", block_q),
-                        ("block_k", block_k)):
+    for name, value in (("chunk_len", chunk_len), ("kv_len", kv_len), ("block_q", block_q), ("block_k", block_k)):
         _check_int(name, value, 1)
     q_offset = jnp.asarray(q_offset, jnp.int32)
     if q_offset.ndim != 1:
@@ -328,7 +329,8 @@ def prefill_chunk_block_table(
     p_sink = jnp.asarray(pairs[:, 0], jnp.int32)[:, None, None]  # [P, 1, 1]
     p_window = jnp.asarray(pairs[:, 1], jnp.int32)[:, None, None]  # [P, 1, 1]
     any_vis, all_vis = _block_bounds_visibility(
-        jnp, q0, q1, k0, k0 + block_k - 1, p_sink, p_window)  # bool[B, P, nq, nk] each
+        jnp, q0, q1, k0, k0 + block_k - 1, p_sink, p_window
+    )  # bool[B, P, nq, nk] each
     kv_blocks, counts = _compact_rows_jnp(any_vis, n_max)  # int32[B, P, nq, n_max], int32[B, P, nq]
     partial = ~jnp.take_along_axis(all_vis, kv_blocks, axis=-1)  # bool[B, P, nq, n_max]
     return PrefillBlockTable(
@@ -359,8 +361,9 @@ def prefill_table_mask(table: PrefillBlockTable) -> jax.Array:
     if table.is_chunk:
         q_pos = table.q_offset[:, None, None] + q_pos  # [B, 1, Tq]
     k_pos = jnp.arange(num_k_blocks * table.block_k, dtype=jnp.int32)  # [Tk]
-    element = token_visible(q_pos[..., :, None], k_pos, table.sink[:, None, None],
-                            table.window[:, None, None])  # [..., P, Tq, Tk]
+    element = token_visible(
+        q_pos[..., :, None], k_pos, table.sink[:, None, None], table.window[:, None, None]
+    )  # [..., P, Tq, Tk]
     return jnp.take(listed & element, table.head_pattern, axis=-3)  # [..., H, Tq, Tk]
 
 
@@ -414,15 +417,16 @@ def decode_lengths(lengths: jax.Array, batch: int, num_kv_heads: int) -> jax.Arr
         return jnp.broadcast_to(lengths[:, None], (batch, num_kv_heads))
     if lengths.shape == (batch, num_kv_heads):
         return lengths
-    raise ValueError(f"lengths must be int32[B]={batch} or [B, Hkv]={batch, num_kv_heads}, "
-                     f"got shape {lengths.shape}")
+    raise ValueError(f"lengths must be int32[B]={batch} or [B, Hkv]={batch, num_kv_heads}, got shape {lengths.shape}")
 
 
 def _check_capacity(capacity: int, block_size: int) -> int:
     _check_int("block_size", block_size, 1)
     if capacity % block_size:
-        raise ValueError(f"cache capacity {capacity} is not a multiple of block_size {block_size}; "
-                         "allocate the cache in whole blocks")
+        raise ValueError(
+            f"cache capacity {capacity} is not a multiple of block_size {block_size}; "
+            "allocate the cache in whole blocks"
+        )
     return capacity // block_size
 
 
@@ -444,21 +448,17 @@ def decode_table_from_mask(
     batch = jnp.shape(lengths)[0]
     lengths = decode_lengths(lengths, batch, num_kv_heads)  # [B, Hkv]
     sink, window = head_sink_window(mask, num_kv_heads)  # int32[Hkv] each
-    local_blocks = [-(-int(s) // block_size) + -(-int(w) // block_size) + 1
-                    for s, w in zip(sink, window, strict=True)]
+    local_blocks = [-(-int(s) // block_size) + -(-int(w) // block_size) + 1 for s, w in zip(sink, window, strict=True)]
     n_max = min(num_blocks, max(local_blocks))
     start = jnp.arange(num_blocks, dtype=jnp.int32) * block_size  # [nb] first slot per block
     end = start + block_size - 1
     last = lengths[..., None] - 1  # [B, Hkv, 1] query position
-    selected = ((start <= last)
-                & ((start < sink[:, None]) | (last - end < window[:, None])))  # [B, Hkv, nb]
+    selected = (start <= last) & ((start < sink[:, None]) | (last - end < window[:, None]))  # [B, Hkv, nb]
     kv_blocks, counts = _compact_rows_jnp(selected, n_max)
     return DecodeBlockTable(kv_blocks=kv_blocks, counts=counts, block_size=block_size)
 
 
-def page_key_bounds(
-    k: jax.Array, lengths: jax.Array, *, block_size: int
-) -> tuple[jax.Array, jax.Array]:
+def page_key_bounds(k: jax.Array, lengths: jax.Array, *, block_size: int) -> tuple[jax.Array, jax.Array]:
     """Per-page channel min and max of the valid keys (Quest metadata).
 
     k: [B, Hkv, C, D]; lengths int32[B] or [B, Hkv]. Returns (k_min, k_max), each
@@ -489,14 +489,13 @@ def page_scores(q: jax.Array, k_min: jax.Array, k_max: jax.Array) -> jax.Array:
         raise ValueError(f"query heads {num_heads} not a multiple of KV heads {num_kv_heads}")
     group = num_heads // num_kv_heads
     qg = q.astype(jnp.float32).reshape(batch, num_kv_heads, group, head_dim)  # [B, Hkv, g, D]
-    upper = (jnp.einsum("bkgd,bkpd->bkp", jnp.maximum(qg, 0.0), k_max.astype(jnp.float32))
-             + jnp.einsum("bkgd,bkpd->bkp", jnp.minimum(qg, 0.0), k_min.astype(jnp.float32)))
+    upper = jnp.einsum("bkgd,bkpd->bkp", jnp.maximum(qg, 0.0), k_max.astype(jnp.float32)) + jnp.einsum(
+        "bkgd,bkpd->bkp", jnp.minimum(qg, 0.0), k_min.astype(jnp.float32)
+    )
     return upper / group  # [B, Hkv, nb]
 
 
-def decode_table_top_k(
-    scores: jax.Array, page_valid: jax.Array, *, top_k: int, block_size: int
-) -> DecodeBlockTable:
+def decode_table_top_k(scores: jax.Array, page_valid: jax.Array, *, top_k: int, block_size: int) -> DecodeBlockTable:
     """The `top_k` highest-scoring valid pages of each row in ascending order (fewer when fewer are
     valid). scores: float32[B, Hkv, nb]; page_valid: bool[B, Hkv, nb]. Only the top_k winners are
     sorted, not every page: this runs on every decode step.

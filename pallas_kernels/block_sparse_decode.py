@@ -76,19 +76,17 @@ class DecodeConfig:
 
     def __post_init__(self):
         if not _positive_int(self.block_size) or self.block_size & (self.block_size - 1):
-            raise ValueError(
-                f"DecodeConfig.block_size must be a power of two, got {self.block_size!r}")
+            raise ValueError(f"DecodeConfig.block_size must be a power of two, got {self.block_size!r}")
         if self.num_splits is not None and not _positive_int(self.num_splits):
-            raise ValueError(f"DecodeConfig.num_splits must be a positive int or None, "
-                             f"got {self.num_splits!r}")
+            raise ValueError(f"DecodeConfig.num_splits must be a positive int or None, got {self.num_splits!r}")
         for name in ("num_warps", "num_stages", "tpu_stage_tokens"):
             if not _positive_int(getattr(self, name)):
-                raise ValueError(f"DecodeConfig.{name} must be a positive int, "
-                                 f"got {getattr(self, name)!r}")
+                raise ValueError(f"DecodeConfig.{name} must be a positive int, got {getattr(self, name)!r}")
 
     @classmethod
-    def for_shape(cls, capacity: int, head_dim: int, lowering: Lowering, *, block_size: int | None = None,
-                  slot_mask: bool = False) -> DecodeConfig | None:
+    def for_shape(
+        cls, capacity: int, head_dim: int, lowering: Lowering, *, block_size: int | None = None, slot_mask: bool = False
+    ) -> DecodeConfig | None:
         """The config that runs a cache of `capacity` slots of `head_dim` under `lowering`, or None
         where the kernel cannot take it (the caller runs the reference): the reference lowering;
         Triton ("gpu") with a head dim not a multiple of 16 (its smallest column piece); Mosaic GPU
@@ -162,6 +160,7 @@ def _decode_kernel_tpu(
 
     def for_each_entry(group, slot, fn):
         """fn(cache block, ring slot, place in the stage) for the group's table entries below `last`."""
+
         def body(j, carry):
             local = group * stage_blocks + j  # place in this program's share of the row
 
@@ -176,8 +175,10 @@ def _decode_kernel_tpu(
     def copies(kv_block, slot, j):
         """The DMAs that bring cache block `kv_block` into place j of ring slot `slot`."""
         start = pl.multiple_of(kv_block * block_size, block_size)
-        pairs = [(k_hbm.at[b, h, pl.ds(start, block_size)], k_ring.at[slot, j]),
-                 (v_hbm.at[b, h, pl.ds(start, block_size)], v_ring.at[slot, j])]
+        pairs = [
+            (k_hbm.at[b, h, pl.ds(start, block_size)], k_ring.at[slot, j]),
+            (v_hbm.at[b, h, pl.ds(start, block_size)], v_ring.at[slot, j]),
+        ]
         if with_slots:
             pairs.append((slot_hbm.at[b, h, kv_block], slot_ring.at[slot, j]))
         # A stage's copies share one semaphore per tensor: all are awaited before any is read.
@@ -193,18 +194,20 @@ def _decode_kernel_tpu(
             if with_slots:
                 visible &= slot_ring[slot, j] != 0  # [1, bs] broadcast over the group
             m_ref[...], l_ref[...], acc_ref[...] = attend_block(
-                q, k_ring[slot, j], v_ring[slot, j], m_ref[...], l_ref[...], acc_ref[...], visible, sm_scale)
+                q, k_ring[slot, j], v_ring[slot, j], m_ref[...], l_ref[...], acc_ref[...], visible, sm_scale
+            )
 
     ring_pipeline(
-        num_groups, num_stages,
+        num_groups,
+        num_stages,
         start=lambda group, slot: for_each_entry(group, slot, lambda *at: [c.start() for c in copies(*at)]),
         wait=lambda group, slot: for_each_entry(group, slot, lambda *at: [c.wait() for c in copies(*at)]),
-        consume=lambda group, slot: for_each_entry(group, slot, attend))
+        consume=lambda group, slot: for_each_entry(group, slot, attend),
+    )
     o_ref[...], lse_ref[...] = _split_result(acc_ref[...], l_ref[...], m_ref[...])
 
 
-def _decode_tpu(qg, k, v, lengths, table, sink, window, sm_scale, num_splits, interpret,
-                config, slot_mask):
+def _decode_tpu(qg, k, v, lengths, table, sink, window, sm_scale, num_splits, interpret, config, slot_mask):
     batch, num_kv_heads, group, head_dim = qg.shape
     block_size, max_blocks = table.block_size, table.max_blocks
     per_split = pl.cdiv(max_blocks, num_splits)
@@ -217,8 +220,10 @@ def _decode_tpu(qg, k, v, lengths, table, sink, window, sm_scale, num_splits, in
     shares = jnp.pad(table.kv_blocks, ((0, 0), (0, 0), (0, num_splits * per_split - max_blocks)))
     shares = shares.reshape(-1, 1, per_split)  # [B * Hkv * splits, 1, per_split]
     share_spec = pl.BlockSpec(
-        (squeezed, 1, per_split), lambda b, h, split, *_: ((b * num_kv_heads + h) * num_splits + split, 0, 0),
-        memory_space=pltpu.SMEM)
+        (squeezed, 1, per_split),
+        lambda b, h, split, *_: ((b * num_kv_heads + h) * num_splits + split, 0, 0),
+        memory_space=pltpu.SMEM,
+    )
     hbm = pl.BlockSpec(memory_space=pl.ANY)  # left in HBM: copied block by block
     slot_inputs, slot_specs, slot_scratch = (), [], []
     if slot_mask is not None:
@@ -227,35 +232,47 @@ def _decode_tpu(qg, k, v, lengths, table, sink, window, sm_scale, num_splits, in
         slot_specs = [hbm]
         slot_scratch = [pltpu.VMEM((*ring, 1, block_size), jnp.int32)]
     kernel = functools.partial(
-        _decode_kernel_tpu, sm_scale=sm_scale, block_size=block_size, num_kv_heads=num_kv_heads,
-        per_split=per_split)
+        _decode_kernel_tpu, sm_scale=sm_scale, block_size=block_size, num_kv_heads=num_kv_heads, per_split=per_split
+    )
     grid_spec = pltpu.PrefetchScalarGridSpec(
         num_scalar_prefetch=4,
         grid=(batch, num_kv_heads, num_splits),
-        in_specs=[share_spec, pl.BlockSpec((squeezed, squeezed, group, head_dim), row_map), hbm, hbm,
-                  *slot_specs],
-        out_specs=[pl.BlockSpec((squeezed, squeezed, squeezed, group, head_dim), split_map),
-                   pl.BlockSpec((squeezed, squeezed, squeezed, group, 1), split_map)],
-        scratch_shapes=[pltpu.VMEM((*ring, block_size, head_dim), k.dtype),
-                        pltpu.VMEM((*ring, block_size, head_dim), v.dtype),
-                        *slot_scratch,
-                        pltpu.SemaphoreType.DMA((2 + len(slot_inputs), ring[0])),
-                        pltpu.VMEM((group, 1), jnp.float32),
-                        pltpu.VMEM((group, 1), jnp.float32),
-                        pltpu.VMEM((group, head_dim), jnp.float32)],
+        in_specs=[share_spec, pl.BlockSpec((squeezed, squeezed, group, head_dim), row_map), hbm, hbm, *slot_specs],
+        out_specs=[
+            pl.BlockSpec((squeezed, squeezed, squeezed, group, head_dim), split_map),
+            pl.BlockSpec((squeezed, squeezed, squeezed, group, 1), split_map),
+        ],
+        scratch_shapes=[
+            pltpu.VMEM((*ring, block_size, head_dim), k.dtype),
+            pltpu.VMEM((*ring, block_size, head_dim), v.dtype),
+            *slot_scratch,
+            pltpu.SemaphoreType.DMA((2 + len(slot_inputs), ring[0])),
+            pltpu.VMEM((group, 1), jnp.float32),
+            pltpu.VMEM((group, 1), jnp.float32),
+            pltpu.VMEM((group, head_dim), jnp.float32),
+        ],
     )
     split_shape = (batch, num_kv_heads, num_splits, group)
     return pl.pallas_call(
         kernel,
         grid_spec=grid_spec,
-        out_shape=[jax.ShapeDtypeStruct(split_shape + (head_dim,), jnp.float32),
-                   jax.ShapeDtypeStruct(split_shape + (1,), jnp.float32)],
+        out_shape=[
+            jax.ShapeDtypeStruct(split_shape + (head_dim,), jnp.float32),
+            jax.ShapeDtypeStruct(split_shape + (1,), jnp.float32),
+        ],
         compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "parallel")),
         interpret=tpu_interpret(interpret),
         name="block_sparse_decode_tpu",
     )(
-        table.counts.reshape(-1), lengths.reshape(-1), jnp.asarray(sink), jnp.asarray(window),
-        shares, qg, k, v, *slot_inputs,
+        table.counts.reshape(-1),
+        lengths.reshape(-1),
+        jnp.asarray(sink),
+        jnp.asarray(window),
+        shares,
+        qg,
+        k,
+        v,
+        *slot_inputs,
     )
 
 
@@ -307,8 +324,7 @@ def _decode_kernel_gpu(
     lse_ref[...] = lse
 
 
-def _decode_gpu(qg, k, v, lengths, table, sink, window, sm_scale, num_splits, interpret,
-                config, slot_mask):
+def _decode_gpu(qg, k, v, lengths, table, sink, window, sm_scale, num_splits, interpret, config, slot_mask):
     batch, num_kv_heads, group, head_dim = qg.shape
     capacity = k.shape[2]
     rows = max(_TRITON_MIN_ROWS, pl.next_power_of_2(group))
@@ -322,8 +338,9 @@ def _decode_gpu(qg, k, v, lengths, table, sink, window, sm_scale, num_splits, in
     if slot_mask is not None:
         slot_inputs = (slot_mask.astype(jnp.int32),)
         slot_specs = [pl.BlockSpec((squeezed, squeezed, capacity), lambda b, h, s: (b, h, 0))]
-    kernel = functools.partial(_decode_kernel_gpu, sm_scale=sm_scale,
-                               block_size=table.block_size, num_splits=num_splits)
+    kernel = functools.partial(
+        _decode_kernel_gpu, sm_scale=sm_scale, block_size=table.block_size, num_splits=num_splits
+    )
     split_shape = (batch, num_kv_heads, num_splits, rows)
     out, lse = pl.pallas_call(
         kernel,
@@ -335,12 +352,15 @@ def _decode_gpu(qg, k, v, lengths, table, sink, window, sm_scale, num_splits, in
             pl.BlockSpec((squeezed, squeezed, capacity, head_dim), row_map),
             *slot_specs,
         ],
-        out_specs=[pl.BlockSpec((squeezed, squeezed, squeezed, rows, head_dim), split_map),
-                   pl.BlockSpec((squeezed, squeezed, squeezed, rows, 1), split_map)],
-        out_shape=[jax.ShapeDtypeStruct(split_shape + (head_dim,), jnp.float32),
-                   jax.ShapeDtypeStruct(split_shape + (1,), jnp.float32)],
-        compiler_params=pltriton.CompilerParams(num_warps=config.num_warps,
-                                                num_stages=config.num_stages),
+        out_specs=[
+            pl.BlockSpec((squeezed, squeezed, squeezed, rows, head_dim), split_map),
+            pl.BlockSpec((squeezed, squeezed, squeezed, rows, 1), split_map),
+        ],
+        out_shape=[
+            jax.ShapeDtypeStruct(split_shape + (head_dim,), jnp.float32),
+            jax.ShapeDtypeStruct(split_shape + (1,), jnp.float32),
+        ],
+        compiler_params=pltriton.CompilerParams(num_warps=config.num_warps, num_stages=config.num_stages),
         interpret=interpret,
         name="block_sparse_decode_gpu",
     )(*scalars, qg, k, v, *slot_inputs)
@@ -368,8 +388,7 @@ def combine_splits(out: jax.Array, lse: jax.Array) -> tuple[jax.Array, jax.Array
 
 def _check_inputs(q, k, v):
     if q.ndim != 3 or k.ndim != 4 or k.shape != v.shape:
-        raise ValueError(f"expected q [B, H, D] and k, v [B, Hkv, C, D], got q {q.shape}, "
-                         f"k {k.shape}, v {v.shape}")
+        raise ValueError(f"expected q [B, H, D] and k, v [B, Hkv, C, D], got q {q.shape}, k {k.shape}, v {v.shape}")
     batch, num_heads, head_dim = q.shape
     if k.shape[0] != batch or k.shape[3] != head_dim:
         raise ValueError(f"k/v {k.shape} do not match q {q.shape} in batch or head dim")
@@ -386,14 +405,16 @@ def _check_table(table: DecodeBlockTable, batch: int, num_kv_heads: int, capacit
     if not isinstance(table, DecodeBlockTable):
         raise ValueError(f"table must be a DecodeBlockTable or None, got {type(table).__name__}")
     if table.kv_blocks.ndim != 3 or table.kv_blocks.shape[:2] != (batch, num_kv_heads):
-        raise ValueError(f"table.kv_blocks must be int32[B={batch}, Hkv={num_kv_heads}, n_max], "
-                         f"got {table.kv_blocks.shape}")
+        raise ValueError(
+            f"table.kv_blocks must be int32[B={batch}, Hkv={num_kv_heads}, n_max], got {table.kv_blocks.shape}"
+        )
     if table.counts.shape != (batch, num_kv_heads):
-        raise ValueError(f"table.counts must be int32[{batch}, {num_kv_heads}], "
-                         f"got {table.counts.shape}")
+        raise ValueError(f"table.counts must be int32[{batch}, {num_kv_heads}], got {table.counts.shape}")
     if capacity % table.block_size:
-        raise ValueError(f"cache capacity {capacity} is not a multiple of the table's block size "
-                         f"{table.block_size}; allocate the cache in whole blocks")
+        raise ValueError(
+            f"cache capacity {capacity} is not a multiple of the table's block size "
+            f"{table.block_size}; allocate the cache in whole blocks"
+        )
 
 
 def _resolve(k, lengths, table, mask, block_size):
@@ -404,11 +425,14 @@ def _resolve(k, lengths, table, mask, block_size):
     sink, window = block_masks.head_sink_window(mask, num_kv_heads)
     if table is None:
         table = block_masks.decode_table_from_mask(
-            mask, lengths, num_kv_heads=num_kv_heads, capacity=capacity, block_size=block_size)
+            mask, lengths, num_kv_heads=num_kv_heads, capacity=capacity, block_size=block_size
+        )
     _check_table(table, batch, num_kv_heads, capacity)
-    table = DecodeBlockTable(kv_blocks=jnp.asarray(table.kv_blocks, jnp.int32),
-                             counts=jnp.asarray(table.counts, jnp.int32),
-                             block_size=table.block_size)
+    table = DecodeBlockTable(
+        kv_blocks=jnp.asarray(table.kv_blocks, jnp.int32),
+        counts=jnp.asarray(table.counts, jnp.int32),
+        block_size=table.block_size,
+    )
     return lengths, table, sink, window
 
 
@@ -438,9 +462,9 @@ def block_sparse_decode_reference(
     block_size = capacity if table is None else table.block_size
     lengths, table, sink, window = _resolve(k, lengths, table, mask, block_size)
     pos = jnp.arange(capacity, dtype=jnp.int32)
-    visible = (block_masks.decode_table_mask(table, capacity)
-               & block_masks.token_visible(lengths[..., None] - 1, pos, sink[:, None],
-                                           window[:, None]))  # [B, Hkv, C]
+    visible = block_masks.decode_table_mask(table, capacity) & block_masks.token_visible(
+        lengths[..., None] - 1, pos, sink[:, None], window[:, None]
+    )  # [B, Hkv, C]
     if slot_mask is not None:
         visible &= jnp.asarray(slot_mask, bool)
     qg = q.reshape(batch, num_kv_heads, -1, 1, head_dim)  # [B, Hkv, g, 1, D]
@@ -485,33 +509,36 @@ def block_sparse_decode(
     if not isinstance(config, DecodeConfig):
         raise ValueError(f"config must be a DecodeConfig, got {config!r}")
     if table is not None and table.block_size != config.block_size:
-        raise ValueError(f"table.block_size {table.block_size} differs from "
-                         f"config.block_size {config.block_size}")
+        raise ValueError(f"table.block_size {table.block_size} differs from config.block_size {config.block_size}")
     _check_slot_mask(slot_mask, k)
     lowering = resolve(implementation, interpret)
     implementation, interpret = lowering.platform, pallas_interpret(lowering, interpret)
     if implementation == "reference":
-        return block_sparse_decode_reference(q, k, v, lengths, table, mask=mask, sm_scale=sm_scale,
-                                             slot_mask=slot_mask, return_lse=return_lse)
+        return block_sparse_decode_reference(
+            q, k, v, lengths, table, mask=mask, sm_scale=sm_scale, slot_mask=slot_mask, return_lse=return_lse
+        )
     if implementation == "mosaic_gpu" and slot_mask is not None:
         raise ValueError('implementation="mosaic_gpu" takes no slot_mask; use "gpu" (Triton)')
     batch, num_heads, head_dim = q.shape
     num_kv_heads = k.shape[1]
     sm_scale = head_dim**-0.5 if sm_scale is None else sm_scale
     lengths, table, sink, window = _resolve(k, lengths, table, mask, config.block_size)
-    num_splits = min(config.num_splits or decode_splits(batch * num_kv_heads, table.max_blocks,
-                                                        MIN_SPLIT_BLOCKS, gpu_processors(interpret)),
-                     table.max_blocks)
+    num_splits = min(
+        config.num_splits
+        or decode_splits(batch * num_kv_heads, table.max_blocks, MIN_SPLIT_BLOCKS, gpu_processors(interpret)),
+        table.max_blocks,
+    )
     qg = q.reshape(batch, num_kv_heads, num_heads // num_kv_heads, head_dim)  # [B, Hkv, g, D]
     if implementation == "tpu":
-        out, lse = _decode_tpu(qg, k, v, lengths, table, sink, window, sm_scale, num_splits,
-                               interpret, config, slot_mask)
+        out, lse = _decode_tpu(
+            qg, k, v, lengths, table, sink, window, sm_scale, num_splits, interpret, config, slot_mask
+        )
     elif implementation == "mosaic_gpu":
-        out, lse = decode_mosaic_gpu(qg, k, v, lengths, table, sink, window, sm_scale, num_splits,
-                                     config.num_stages)
+        out, lse = decode_mosaic_gpu(qg, k, v, lengths, table, sink, window, sm_scale, num_splits, config.num_stages)
     else:
-        out, lse = _decode_gpu(qg, k, v, lengths, table, sink, window, sm_scale, num_splits,
-                               interpret, config, slot_mask)
+        out, lse = _decode_gpu(
+            qg, k, v, lengths, table, sink, window, sm_scale, num_splits, interpret, config, slot_mask
+        )
     out, lse = combine_splits(out, lse)  # [B, Hkv, g, D], [B, Hkv, g]
     out = out.reshape(q.shape).astype(q.dtype)  # [B, H, D]
     return (out, lse.reshape(batch, num_heads)) if return_lse else out

@@ -43,8 +43,9 @@ _SWIZZLED = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
 _WG = "wg"  # the warpgroup axis: consumers 0 .. n-1, then the producer
 
 
-def unsupported(dtype, head_dim: int, block_k: int, stages: int, other_bytes: int,
-                block_q: int | None = None, group: int = 1) -> str | None:
+def unsupported(
+    dtype, head_dim: int, block_k: int, stages: int, other_bytes: int, block_q: int | None = None, group: int = 1
+) -> str | None:
     """The first thing these kernels cannot take, or None. other_bytes: the shared memory the
     kernel needs besides its K/V stages; block_q: prefill's query tile."""
     if dtype not in (jnp.bfloat16, jnp.float16):
@@ -52,18 +53,21 @@ def unsupported(dtype, head_dim: int, block_k: int, stages: int, other_bytes: in
     if head_dim % 64:
         return f"the Mosaic GPU kernels need head_dim a multiple of 64, got {head_dim}"
     if block_q not in (None, PREFILL_CONSUMERS * ROWS):
-        return (f"the Mosaic GPU prefill needs block_q {PREFILL_CONSUMERS * ROWS} "
-                f"({PREFILL_CONSUMERS} consumer warpgroups of {ROWS} rows), got block_q {block_q}")
+        return (
+            f"the Mosaic GPU prefill needs block_q {PREFILL_CONSUMERS * ROWS} "
+            f"({PREFILL_CONSUMERS} consumer warpgroups of {ROWS} rows), got block_q {block_q}"
+        )
     if block_k not in BLOCK_K:
-        return (f"the Mosaic GPU kernels need block_k (decode: block_size) in {BLOCK_K}, "
-                f"got block_k {block_k}")
+        return f"the Mosaic GPU kernels need block_k (decode: block_size) in {BLOCK_K}, got block_k {block_k}"
     if group > ROWS:
         return f"the Mosaic GPU decode takes GQA groups of at most {ROWS}, got {group}"
     needed = other_bytes + stages * 2 * block_k * head_dim * jnp.dtype(dtype).itemsize
     if stages < 2 or needed > SMEM_BYTES:
-        return (f"the Mosaic GPU kernels need 2 or more K/V stages (num_stages) within "
-                f"{SMEM_BYTES} bytes of shared memory: {stages} stages of block {block_k} x "
-                f"head_dim {head_dim} take {needed}")
+        return (
+            f"the Mosaic GPU kernels need 2 or more K/V stages (num_stages) within "
+            f"{SMEM_BYTES} bytes of shared memory: {stages} stages of block {block_k} x "
+            f"head_dim {head_dim} take {needed}"
+        )
     return None
 
 
@@ -148,8 +152,7 @@ def _meet(barrier) -> None:
     plgpu.barrier_wait(barrier)
 
 
-def _consume(q_smem, ring: _Ring, count, block_start, length, block_visible, needs_mask,
-             sm_scale, schedule):
+def _consume(q_smem, ring: _Ring, count, block_start, length, block_visible, needs_mask, sm_scale, schedule):
     """Consumer: online softmax over the live entries as the producer delivers them:
     (acc [rows, D], m, l [rows]), m in log2 units. block_visible(start, shape) -> bool mask
     of the block starting at key slot `start`; needs_mask(entry) -> whether to apply it
@@ -184,12 +187,12 @@ def _consume(q_smem, ring: _Ring, count, block_start, length, block_visible, nee
         plgpu.barrier_arrive(ring.k_freed.at[slot])
         s = s * (sm_scale * _LOG2E)  # [rows, bk] base-2 scores
         masked = lambda: softmax_step(  # noqa: E731
-            s, m, l, block_visible(block_start(entry), s.shape))
+            s, m, l, block_visible(block_start(entry), s.shape)
+        )
         if needs_mask is None:
             p, m, l, alpha = masked()
         else:
-            p, m, l, alpha = jax.lax.cond(needs_mask(entry), masked,
-                                          lambda: softmax_step(s, m, l, None))
+            p, m, l, alpha = jax.lax.cond(needs_mask(entry), masked, lambda: softmax_step(s, m, l, None))
         if schedule is not None:
             plgpu.barrier_arrive(schedule)  # softmax done
         plgpu.barrier_wait(ring.v_loaded.at[slot])
@@ -204,9 +207,11 @@ def _consume(q_smem, ring: _Ring, count, block_start, length, block_visible, nee
         plgpu.barrier_arrive(ring.v_freed.at[slot])
         return acc * jax.lax.broadcast_in_dim(alpha, acc.shape, [0]) + pv, m, l
 
-    init = (plgpu.layout_cast(jnp.zeros((rows, head_dim), jnp.float32), plgpu.Layout.WGMMA),
-            plgpu.layout_cast(jnp.full((rows,), MASK_VALUE, jnp.float32), row_layout),
-            plgpu.layout_cast(jnp.zeros((rows,), jnp.float32), row_layout))
+    init = (
+        plgpu.layout_cast(jnp.zeros((rows, head_dim), jnp.float32), plgpu.Layout.WGMMA),
+        plgpu.layout_cast(jnp.full((rows,), MASK_VALUE, jnp.float32), row_layout),
+        plgpu.layout_cast(jnp.zeros((rows,), jnp.float32), row_layout),
+    )
     return _live_entries(count, block_start, length, visit, init)[1]
 
 
@@ -271,47 +276,50 @@ def _prefill_kernel(
         own_first = tile_first + wg * rows  # this consumer's first query row
         q_first = q_offset_ref[b] + own_first  # ... and its position
         rows_smem = q_smem.at[wg]
-        plgpu.copy_gmem_to_smem(q_gmem.at[b, h, pl.ds(own_first, rows)], rows_smem,
-                                q_loaded.at[wg])
+        plgpu.copy_gmem_to_smem(q_gmem.at[b, h, pl.ds(own_first, rows)], rows_smem, q_loaded.at[wg])
         plgpu.barrier_wait(q_loaded.at[wg])
 
         def block_visible(start, shape):
             k_pos = _positions(start, shape, 1)
-            return (block_masks.token_visible(_positions(q_first, shape, 0), k_pos, sink, window)
-                    & (k_pos < length))
+            return block_masks.token_visible(_positions(q_first, shape, 0), k_pos, sink, window) & (k_pos < length)
 
         def needs_mask(entry):  # the tile's flag: conservative for each consumer's half
             return (partial_ref[row, q_tile, entry] != 0) | (block_start(entry) + block_k > length)
 
         pl.when(wg == 1)(functools.partial(_meet, schedule))  # consumer 1 starts half a turn
-        acc, _, l = _consume(rows_smem, ring, count, block_start, length, block_visible,
-                             needs_mask, sm_scale, schedule)
+        acc, _, l = _consume(rows_smem, ring, count, block_start, length, block_visible, needs_mask, sm_scale, schedule)
         pl.when(wg == 0)(functools.partial(_meet, schedule))  # ... behind: 0 meets once more
         q_pos = _positions(q_first, (rows,), 0, plgpu.Layout.WGMMA.reduce(1))
         keep = (l > 0.0) & (q_pos < length)  # rows that saw no key, or past the length: zeros
         inverse = jnp.where(keep, 1.0 / jnp.where(keep, l, 1.0), 0.0)
-        rows_smem[...] = (acc * jax.lax.broadcast_in_dim(inverse, acc.shape, [0])).astype(
-            rows_smem.dtype)
+        rows_smem[...] = (acc * jax.lax.broadcast_in_dim(inverse, acc.shape, [0])).astype(rows_smem.dtype)
         plgpu.commit_smem()
         plgpu.copy_smem_to_gmem(rows_smem, o_gmem.at[b, h, pl.ds(own_first, rows)])
         plgpu.wait_smem_to_gmem(0)
 
 
-def prefill_mosaic_gpu(q, k, v, tables, table: PrefillBlockTable, batch_stride: int,
-                       sm_scale: float, stages: int) -> jax.Array:
+def prefill_mosaic_gpu(
+    q, k, v, tables, table: PrefillBlockTable, batch_stride: int, sm_scale: float, stages: int
+) -> jax.Array:
     """q [B, H, S_pad, D], k, v [B, Hkv, C_pad, D] padded to the table's blocks -> [B, H, S_pad, D].
 
     tables: the flattened table rows, head patterns, sink, window, query offsets and lengths
     (int32; `block_sparse_prefill._flat_tables` + lengths)."""
     batch, num_heads, _, head_dim = q.shape
-    check_supported(q.dtype, head_dim, table.block_k, stages, prefill_q_bytes(head_dim, q.dtype),
-                    table.block_q)
-    kernel = functools.partial(_prefill_kernel, sm_scale=sm_scale, group=num_heads // k.shape[1],
-                               batch_stride=batch_stride, num_q_tiles=table.num_q_blocks)
-    scratch = [plgpu.SMEM((PREFILL_CONSUMERS, ROWS, head_dim), q.dtype, transforms=_SWIZZLED),
-               _Ring.scratch(stages, table.block_k, head_dim, q.dtype, PREFILL_CONSUMERS),
-               plgpu.Barrier(num_barriers=PREFILL_CONSUMERS),
-               plgpu.Barrier(num_arrivals=PREFILL_CONSUMERS)]
+    check_supported(q.dtype, head_dim, table.block_k, stages, prefill_q_bytes(head_dim, q.dtype), table.block_q)
+    kernel = functools.partial(
+        _prefill_kernel,
+        sm_scale=sm_scale,
+        group=num_heads // k.shape[1],
+        batch_stride=batch_stride,
+        num_q_tiles=table.num_q_blocks,
+    )
+    scratch = [
+        plgpu.SMEM((PREFILL_CONSUMERS, ROWS, head_dim), q.dtype, transforms=_SWIZZLED),
+        _Ring.scratch(stages, table.block_k, head_dim, q.dtype, PREFILL_CONSUMERS),
+        plgpu.Barrier(num_barriers=PREFILL_CONSUMERS),
+        plgpu.Barrier(num_arrivals=PREFILL_CONSUMERS),
+    ]
     return plgpu.kernel(
         kernel,
         out_type=jax.ShapeDtypeStruct(q.shape, q.dtype),
@@ -369,15 +377,12 @@ def _decode_kernel(
         plgpu.barrier_wait(q_loaded)
 
         def block_visible(start, shape):  # the query sits at position length - 1
-            return block_masks.token_visible(length - 1, _positions(start, shape, 1), sink,
-                                             window)
+            return block_masks.token_visible(length - 1, _positions(start, shape, 1), sink, window)
 
-        acc, m, l = _consume(q_smem, ring, count, block_start, length, block_visible, None,
-                             sm_scale, None)
+        acc, m, l = _consume(q_smem, ring, count, block_start, length, block_visible, None, sm_scale, None)
         seen = l > 0.0
         safe_l = jnp.where(seen, l, 1.0)
-        o_smem[...] = acc * jax.lax.broadcast_in_dim(jnp.where(seen, 1.0 / safe_l, 0.0),
-                                                     acc.shape, [0])
+        o_smem[...] = acc * jax.lax.broadcast_in_dim(jnp.where(seen, 1.0 / safe_l, 0.0), acc.shape, [0])
         lse_smem[...] = jnp.where(seen, m / _LOG2E + jnp.log(safe_l), MASK_VALUE)
         plgpu.commit_smem()
         # Only the group's rows leave: 64 would write up to 16x the bytes at g = 4.
@@ -386,8 +391,9 @@ def _decode_kernel(
         plgpu.wait_smem_to_gmem(0)
 
 
-def decode_mosaic_gpu(qg, k, v, lengths, table: DecodeBlockTable, sink, window,
-                      sm_scale: float, num_splits: int, stages: int) -> tuple[jax.Array, jax.Array]:
+def decode_mosaic_gpu(
+    qg, k, v, lengths, table: DecodeBlockTable, sink, window, sm_scale: float, num_splits: int, stages: int
+) -> tuple[jax.Array, jax.Array]:
     """qg [B, Hkv, g, D], k, v [B, Hkv, C, D] -> per-split (out f32[B, Hkv, splits, g, D],
     lse f32[B, Hkv, splits, g, 1]), merged by `block_sparse_decode.combine_splits`."""
     batch, num_kv_heads, group, head_dim = qg.shape
@@ -396,20 +402,25 @@ def decode_mosaic_gpu(qg, k, v, lengths, table: DecodeBlockTable, sink, window,
     q = jnp.pad(qg, ((0, 0), (0, 0), (0, ROWS - group), (0, 0)))  # [B, Hkv, 64, D]
     split_shape = (batch, num_kv_heads, num_splits)
     kernel = functools.partial(_decode_kernel, sm_scale=sm_scale, num_splits=num_splits)
-    scratch = [plgpu.SMEM((ROWS, head_dim), qg.dtype, transforms=_SWIZZLED),
-               _Ring.scratch(stages, table.block_size, head_dim, qg.dtype, 1), plgpu.Barrier(),
-               plgpu.SMEM((ROWS, head_dim), jnp.float32), plgpu.SMEM((ROWS,), jnp.float32)]
+    scratch = [
+        plgpu.SMEM((ROWS, head_dim), qg.dtype, transforms=_SWIZZLED),
+        _Ring.scratch(stages, table.block_size, head_dim, qg.dtype, 1),
+        plgpu.Barrier(),
+        plgpu.SMEM((ROWS, head_dim), jnp.float32),
+        plgpu.SMEM((ROWS,), jnp.float32),
+    ]
     out, lse = plgpu.kernel(
         kernel,
-        out_type=(jax.ShapeDtypeStruct(split_shape + (group, head_dim), jnp.float32),
-                  # All 64 rows: a TMA copy's rows span 16 bytes, g floats may not.
-                  jax.ShapeDtypeStruct(split_shape + (ROWS,), jnp.float32)),
+        out_type=(
+            jax.ShapeDtypeStruct(split_shape + (group, head_dim), jnp.float32),
+            # All 64 rows: a TMA copy's rows span 16 bytes, g floats may not.
+            jax.ShapeDtypeStruct(split_shape + (ROWS,), jnp.float32),
+        ),
         scratch_types=scratch,
         grid=(batch, num_kv_heads, num_splits),
         grid_names=("batch", "kv_heads", "splits"),
         num_threads=2,
         thread_name=_WG,
         compiler_params=plgpu.CompilerParams(approx_math=True),
-    )(table.kv_blocks, table.counts, lengths, jnp.asarray(sink, jnp.int32),
-      jnp.asarray(window, jnp.int32), q, k, v)
+    )(table.kv_blocks, table.counts, lengths, jnp.asarray(sink, jnp.int32), jnp.asarray(window, jnp.int32), q, k, v)
     return out, lse[:, :, :, :group, None]

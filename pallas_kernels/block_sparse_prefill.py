@@ -139,13 +139,15 @@ def _flat_tables(table: PrefillBlockTable, q_offset: jax.Array):
     """The table as the kernels read it: rows flattened to R = P (shared by the batch) or B * P
     (chunk tables), then head patterns, sink, window, and the per-sequence query offsets."""
     rows = -1, table.num_q_blocks
-    return (jnp.asarray(table.kv_blocks, jnp.int32).reshape(*rows, table.max_blocks),  # [R, nq, n]
-            jnp.asarray(table.counts, jnp.int32).reshape(rows),  # [R, nq]
-            jnp.asarray(table.partial, jnp.int32).reshape(*rows, table.max_blocks),  # [R, nq, n]
-            jnp.asarray(table.head_pattern, jnp.int32),  # [H]
-            jnp.asarray(table.sink, jnp.int32),  # [P]
-            jnp.asarray(table.window, jnp.int32),  # [P]
-            q_offset)  # [B]
+    return (
+        jnp.asarray(table.kv_blocks, jnp.int32).reshape(*rows, table.max_blocks),  # [R, nq, n]
+        jnp.asarray(table.counts, jnp.int32).reshape(rows),  # [R, nq]
+        jnp.asarray(table.partial, jnp.int32).reshape(*rows, table.max_blocks),  # [R, nq, n]
+        jnp.asarray(table.head_pattern, jnp.int32),  # [H]
+        jnp.asarray(table.sink, jnp.int32),  # [P]
+        jnp.asarray(table.window, jnp.int32),  # [P]
+        q_offset,
+    )  # [B]
 
 
 def _batch_stride(table: PrefillBlockTable) -> int:
@@ -202,10 +204,12 @@ def _prefill_kernel_tpu(
     def update(masked: bool):
         visible = None
         if masked:
-            visible = _block_visible(q_first, kv_block, block_q, block_k,
-                                     sink_ref[pattern], window_ref[pattern], length)
-        m, l, acc = attend_block(q_ref[...], k_ref[...], v_ref[...], m_ref[...][:, :1],
-                                  l_ref[...][:, :1], acc_ref[...], visible, sm_scale)
+            visible = _block_visible(
+                q_first, kv_block, block_q, block_k, sink_ref[pattern], window_ref[pattern], length
+            )
+        m, l, acc = attend_block(
+            q_ref[...], k_ref[...], v_ref[...], m_ref[...][:, :1], l_ref[...][:, :1], acc_ref[...], visible, sm_scale
+        )
         m_ref[...] = jnp.broadcast_to(m, m_ref.shape)
         l_ref[...] = jnp.broadcast_to(l, l_ref.shape)
         acc_ref[...] = acc
@@ -235,7 +239,8 @@ def _check_tables_fit_smem(scalars, interpret) -> None:
         raise ValueError(
             f"block_sparse_prefill's block tables take {needed / 1024:.0f} KiB of scalar memory, "
             f"more than this TPU's SMEM ({capacity / 1024:.0f} KiB): prefill in chunks (q_offset; "
-            "kvjax.prefill does) or use larger blocks, e.g. PrefillConfig(block_q=512, block_k=512)")
+            "kvjax.prefill does) or use larger blocks, e.g. PrefillConfig(block_q=512, block_k=512)"
+        )
 
 
 def _prefill_tpu(q, k, v, table: PrefillBlockTable, q_offset, lengths, sm_scale, interpret):
@@ -248,8 +253,7 @@ def _prefill_tpu(q, k, v, table: PrefillBlockTable, q_offset, lengths, sm_scale,
     def q_map(b, h, q_block, step, *_):
         return b, h, q_block, 0
 
-    def kv_map(b, h, q_block, step, kv_blocks, counts, partial, head_pattern, sink, window,
-               q_offset, lengths):
+    def kv_map(b, h, q_block, step, kv_blocks, counts, partial, head_pattern, sink, window, q_offset, lengths):
         del counts, partial, sink, window, q_offset
         entry = ((b * stride + head_pattern[h]) * num_q_blocks + q_block) * max_blocks + step
         # Never fetch past the sequence: later entries resolve to the last block with data.
@@ -260,8 +264,14 @@ def _prefill_tpu(q, k, v, table: PrefillBlockTable, q_offset, lengths, sm_scale,
     q_spec = pl.BlockSpec((squeezed, squeezed, block_q, head_dim), q_map)
     kv_spec = pl.BlockSpec((squeezed, squeezed, block_k, head_dim), kv_map)
     kernel = functools.partial(
-        _prefill_kernel_tpu, sm_scale=sm_scale, block_q=block_q, block_k=block_k,
-        num_q_blocks=num_q_blocks, max_blocks=max_blocks, batch_stride=stride)
+        _prefill_kernel_tpu,
+        sm_scale=sm_scale,
+        block_q=block_q,
+        block_k=block_k,
+        num_q_blocks=num_q_blocks,
+        max_blocks=max_blocks,
+        batch_stride=stride,
+    )
     grid_spec = pltpu.PrefetchScalarGridSpec(
         num_scalar_prefetch=8,
         grid=(batch, num_heads, num_q_blocks, max_blocks),
@@ -279,8 +289,7 @@ def _prefill_tpu(q, k, v, table: PrefillBlockTable, q_offset, lengths, sm_scale,
         kernel,
         grid_spec=grid_spec,
         out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
-        compiler_params=pltpu.CompilerParams(
-            dimension_semantics=("parallel", "parallel", "parallel", "arbitrary")),
+        compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "parallel", "arbitrary")),
         interpret=tpu_interpret(interpret),
         name="block_sparse_prefill_tpu",
     )(*scalars, q, k, v)
@@ -332,9 +341,8 @@ def _prefill_kernel_gpu(
 
         needs_mask = (partial_ref[row, q_block, step] != 0) | (start + block_k > length)
         return jax.lax.cond(
-            start < length,
-            lambda: jax.lax.cond(needs_mask, lambda: attend(True), lambda: attend(False)),
-            lambda: carry)
+            start < length, lambda: jax.lax.cond(needs_mask, lambda: attend(True), lambda: attend(False)), lambda: carry
+        )
 
     init = initial_pieces(block_q, [piece.stop - piece.start for piece in pieces])
     count = jnp.where(q_first < length, counts_ref[row, q_block], 0)
@@ -343,8 +351,7 @@ def _prefill_kernel_gpu(
         o_ref[:, piece] = _finalize(acc, l, q_first, length).astype(o_ref.dtype)
 
 
-def _prefill_gpu(q, k, v, table: PrefillBlockTable, q_offset, lengths, sm_scale, interpret,
-                 config):
+def _prefill_gpu(q, k, v, table: PrefillBlockTable, q_offset, lengths, sm_scale, interpret, config):
     batch, num_heads, _, head_dim = q.shape
     kv_len, group = k.shape[2], num_heads // k.shape[1]
     block_q, block_k = table.block_q, table.block_k
@@ -352,18 +359,17 @@ def _prefill_gpu(q, k, v, table: PrefillBlockTable, q_offset, lengths, sm_scale,
     whole = lambda x: pl.BlockSpec(x.shape, lambda b, h, i: (0,) * x.ndim)  # noqa: E731
     tables = (*_flat_tables(table, q_offset), lengths)
     q_spec = pl.BlockSpec((squeezed, squeezed, block_q, head_dim), lambda b, h, i: (b, h, i, 0))
-    kv_spec = pl.BlockSpec((squeezed, squeezed, kv_len, head_dim),
-                           lambda b, h, i: (b, jax.lax.div(h, group), 0, 0))
-    kernel = functools.partial(_prefill_kernel_gpu, sm_scale=sm_scale, block_q=block_q,
-                               block_k=block_k, batch_stride=_batch_stride(table))
+    kv_spec = pl.BlockSpec((squeezed, squeezed, kv_len, head_dim), lambda b, h, i: (b, jax.lax.div(h, group), 0, 0))
+    kernel = functools.partial(
+        _prefill_kernel_gpu, sm_scale=sm_scale, block_q=block_q, block_k=block_k, batch_stride=_batch_stride(table)
+    )
     return pl.pallas_call(
         kernel,
         grid=(batch, num_heads, table.num_q_blocks),
         in_specs=[*(whole(x) for x in tables), q_spec, kv_spec, kv_spec],
         out_specs=q_spec,
         out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
-        compiler_params=pltriton.CompilerParams(num_warps=config.num_warps,
-                                                num_stages=config.num_stages),
+        compiler_params=pltriton.CompilerParams(num_warps=config.num_warps, num_stages=config.num_stages),
         interpret=interpret,
         name="block_sparse_prefill_gpu",
     )(*tables, q, k, v)
@@ -381,12 +387,13 @@ def _is_chunk(mask, q_offset) -> bool:
 
 def _check_inputs(q, k, v, lengths, chunk: bool):
     if q.ndim != 4 or k.ndim != 4 or k.shape != v.shape:
-        raise ValueError(f"expected q [B, H, T, D] and k, v [B, Hkv, T, D], got q {q.shape}, "
-                         f"k {k.shape}, v {v.shape}")
+        raise ValueError(f"expected q [B, H, T, D] and k, v [B, Hkv, T, D], got q {q.shape}, k {k.shape}, v {v.shape}")
     batch, num_heads, seq_len, head_dim = q.shape
     if k.shape[0] != batch or k.shape[3] != head_dim or (not chunk and k.shape[2] != seq_len):
-        raise ValueError(f"k/v {k.shape} do not match q {q.shape} in batch, length or head dim "
-                         "(keys of another length need q_offset: chunk mode)")
+        raise ValueError(
+            f"k/v {k.shape} do not match q {q.shape} in batch, length or head dim "
+            "(keys of another length need q_offset: chunk mode)"
+        )
     if num_heads % k.shape[1]:
         raise ValueError(f"query heads {num_heads} not a multiple of KV heads {k.shape[1]}")
     if lengths is not None and jnp.shape(lengths) != (batch,):
@@ -421,22 +428,27 @@ def _resolve_table(mask, q_offset, num_heads, num_kv_heads, q_len, kv_len, block
             covered = (mask.seq_len, mask.kv_len)
             needed = (padded_length(q_len, mask.block_q, 1), padded_length(kv_len, mask.block_k, 1))
             if covered != needed:
-                raise ValueError(f"chunk table covers (queries, keys) {covered}, inputs pad to "
-                                 f"{needed}")
+                raise ValueError(f"chunk table covers (queries, keys) {covered}, inputs pad to {needed}")
             return mask
         if q_offset is not None:
-            raise ValueError("q_offset needs a description or a chunk table "
-                             "(block_masks.prefill_chunk_block_table)")
+            raise ValueError("q_offset needs a description or a chunk table (block_masks.prefill_chunk_block_table)")
         if mask.seq_len < q_len or mask.seq_len >= q_len + np.lcm(mask.block_q, mask.block_k):
             raise ValueError(f"table covers {mask.seq_len} tokens, sequence has {q_len}")
         return mask
     if q_offset is not None:
         return block_masks.prefill_chunk_block_table(
-            mask, q_offset, num_heads=num_heads, num_kv_heads=num_kv_heads, chunk_len=q_len,
-            kv_len=kv_len, block_q=block_q, block_k=block_k)
+            mask,
+            q_offset,
+            num_heads=num_heads,
+            num_kv_heads=num_kv_heads,
+            chunk_len=q_len,
+            kv_len=kv_len,
+            block_q=block_q,
+            block_k=block_k,
+        )
     return block_masks.prefill_block_table(
-        mask, num_heads=num_heads, num_kv_heads=num_kv_heads, seq_len=q_len,
-        block_q=block_q, block_k=block_k)
+        mask, num_heads=num_heads, num_kv_heads=num_kv_heads, seq_len=q_len, block_q=block_q, block_k=block_k
+    )
 
 
 def block_sparse_prefill_reference(
@@ -464,16 +476,18 @@ def block_sparse_prefill_reference(
     lengths = _sequence_lengths(lengths, batch, kv_len)
     offsets = None if q_offset is None else _query_offsets(q_offset, batch)
     if isinstance(mask, PrefillBlockTable):
-        _resolve_table(mask, offsets, num_heads, num_kv_heads, q_len, kv_len, mask.block_q,
-                       mask.block_k)
+        _resolve_table(mask, offsets, num_heads, num_kv_heads, q_len, kv_len, mask.block_q, mask.block_k)
         offsets = mask.q_offset if chunk else None
         visible = block_masks.prefill_table_mask(mask)[..., :q_len, :kv_len]  # [(B,) H, S, C]
     elif chunk:
         sink, window = block_masks.head_sink_window(mask, num_heads, num_kv_heads)  # int32[H]
         q_abs = offsets[:, None] + jnp.arange(q_len, dtype=jnp.int32)  # [B, S]
         visible = block_masks.token_visible(
-            q_abs[:, None, :, None], jnp.arange(kv_len, dtype=jnp.int32),
-            sink[None, :, None, None], window[None, :, None, None])  # [B, H, S, C]
+            q_abs[:, None, :, None],
+            jnp.arange(kv_len, dtype=jnp.int32),
+            sink[None, :, None, None],
+            window[None, :, None, None],
+        )  # [B, H, S, C]
     else:
         visible = block_masks.dense_mask(mask, num_heads, num_kv_heads, q_len)  # [H, T, T]
     q_pos = jnp.arange(q_len, dtype=jnp.int32)[None]  # [1, S]
@@ -527,21 +541,19 @@ def block_sparse_prefill(
     _check_inputs(q, k, v, lengths, chunk)
     if not isinstance(config, PrefillConfig):
         raise ValueError(f"config must be a PrefillConfig, got {config!r}")
-    if isinstance(mask, PrefillBlockTable) and (
-            (mask.block_q, mask.block_k) != (config.block_q, config.block_k)):
-        raise ValueError(f"table block sizes {(mask.block_q, mask.block_k)} differ from "
-                         f"config's {(config.block_q, config.block_k)}")
+    if isinstance(mask, PrefillBlockTable) and ((mask.block_q, mask.block_k) != (config.block_q, config.block_k)):
+        raise ValueError(
+            f"table block sizes {(mask.block_q, mask.block_k)} differ from config's {(config.block_q, config.block_k)}"
+        )
     lowering = _default_to_hopper(q, config, implementation, resolve(implementation, interpret))
     implementation, interpret = lowering.platform, pallas_interpret(lowering, interpret)
     if implementation == "reference":
-        return block_sparse_prefill_reference(q, k, v, mask, lengths=lengths, q_offset=q_offset,
-                                              sm_scale=sm_scale)
+        return block_sparse_prefill_reference(q, k, v, mask, lengths=lengths, q_offset=q_offset, sm_scale=sm_scale)
     batch, num_heads, q_len, head_dim = q.shape
     kv_len = k.shape[2]
     sm_scale = head_dim**-0.5 if sm_scale is None else sm_scale
     offsets = None if q_offset is None else _query_offsets(q_offset, batch)
-    table = _resolve_table(mask, offsets, num_heads, k.shape[1], q_len, kv_len, config.block_q,
-                           config.block_k)
+    table = _resolve_table(mask, offsets, num_heads, k.shape[1], q_len, kv_len, config.block_q, config.block_k)
     if table.is_chunk:
         offsets = table.q_offset
         if jnp.shape(offsets) != (batch,):
@@ -556,8 +568,7 @@ def block_sparse_prefill(
         out = _prefill_tpu(q_p, k_p, v_p, table, offsets, lengths, sm_scale, interpret)
     elif implementation == "mosaic_gpu":
         tables = (*_flat_tables(table, offsets), lengths)
-        out = prefill_mosaic_gpu(q_p, k_p, v_p, tables, table, _batch_stride(table), sm_scale,
-                                 config.num_stages)
+        out = prefill_mosaic_gpu(q_p, k_p, v_p, tables, table, _batch_stride(table), sm_scale, config.num_stages)
     else:
         out = _prefill_gpu(q_p, k_p, v_p, table, offsets, lengths, sm_scale, interpret, config)
     return out[:, :, :q_len]
@@ -570,8 +581,9 @@ def _default_to_hopper(q, config: PrefillConfig, requested: str | Lowering, pick
     if requested != "auto" or picked != Lowering("gpu") or not on_hopper():
         return picked
     head_dim = q.shape[-1]
-    reason = unsupported(q.dtype, head_dim, config.block_k, config.num_stages,
-                         prefill_q_bytes(head_dim, q.dtype), config.block_q)
+    reason = unsupported(
+        q.dtype, head_dim, config.block_k, config.num_stages, prefill_q_bytes(head_dim, q.dtype), config.block_q
+    )
     return picked if reason else Lowering("mosaic_gpu")
 
 

@@ -12,8 +12,7 @@ from jax.experimental import pallas as pl
 StageFn = Callable[[jax.Array, jax.Array], None]  # (stage index, ring slot) -> None
 
 
-def ring_pipeline(num_groups: jax.Array, ring_depth: int, start: StageFn, wait: StageFn,
-                  consume: StageFn) -> None:
+def ring_pipeline(num_groups: jax.Array, ring_depth: int, start: StageFn, wait: StageFn, consume: StageFn) -> None:
     """Runs consume(i, slot) for i in [0, num_groups), each after wait(i, slot), slot = i % ring_depth.
 
     start(i, slot) issues stage i's copies ring_depth - 1 stages ahead, into the slot that stage

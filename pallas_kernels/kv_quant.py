@@ -45,8 +45,7 @@ def check_group_size(group_size: object, bits: int) -> None:
     if not isinstance(group_size, int) or isinstance(group_size, bool) or group_size <= 0:
         raise ValueError(f"group_size must be a positive int, got {group_size!r}")
     if group_size % per:
-        raise ValueError(
-            f"group_size ({group_size}) must be a multiple of {per} for {bits}-bit codes")
+        raise ValueError(f"group_size ({group_size}) must be a multiple of {per} for {bits}-bit codes")
 
 
 def _check_divisible(name: str, size: int, group_size: int) -> None:
@@ -72,16 +71,15 @@ def pack(codes: jax.Array, bits: int, group_size: int = DEFAULT_GROUP_SIZE) -> j
     return packed.reshape(*lead, seq // per, dim)
 
 
-def unpack(
-    packed: jax.Array, bits: int, group_size: int = DEFAULT_GROUP_SIZE, dtype=jnp.uint8
-) -> jax.Array:
+def unpack(packed: jax.Array, bits: int, group_size: int = DEFAULT_GROUP_SIZE, dtype=jnp.uint8) -> jax.Array:
     """Inverse of `pack`: uint8[..., C * bits / 8, D] -> codes [..., C, D] in token order."""
     check_group_size(group_size, bits)
     *lead, packed_rows, dim = packed.shape
     per, rows = codes_per_byte(bits), group_size // codes_per_byte(bits)
     if packed_rows % rows:
-        raise ValueError(f"packed rows ({packed_rows}) must be a multiple of {rows} "
-                         f"(group_size {group_size} at {bits} bits)")
+        raise ValueError(
+            f"packed rows ({packed_rows}) must be a multiple of {rows} (group_size {group_size} at {bits} bits)"
+        )
     groups = packed_rows // rows
     x = packed.astype(jnp.int32).reshape(*lead, groups, 1, rows, dim)  # [..., n, 1, rows, D]
     shifts = jax.lax.broadcasted_iota(jnp.int32, (per, 1, 1), 0) * bits  # [per, 1, 1]
@@ -276,8 +274,7 @@ def check_quantized_kv(cache: QuantizedKV) -> None:
         if tuple(array.shape) != shape:
             raise ValueError(f"QuantizedKV.{name} has shape {tuple(array.shape)}, expected {shape}")
         if dtype is not None and array.dtype != dtype:
-            raise ValueError(
-                f"QuantizedKV.{name} has dtype {array.dtype}, expected {np.dtype(dtype)}")
+            raise ValueError(f"QuantizedKV.{name} has dtype {array.dtype}, expected {np.dtype(dtype)}")
 
 
 def quantize_kv(
@@ -317,9 +314,7 @@ def empty_quantized_kv(
     return quantize_kv(zeros, zeros, bits, group_size, scale_dtype)
 
 
-def write_quantized(
-    cache: QuantizedKV, k: jax.Array, v: jax.Array, start: jax.Array
-) -> QuantizedKV:
+def write_quantized(cache: QuantizedKV, k: jax.Array, v: jax.Array, start: jax.Array) -> QuantizedKV:
     """Quantizes k, v [B, Hkv, T, D] (T a multiple of G) into tokens [start[b], start[b] + T).
 
     start: int32[B], each a multiple of G (a traced value, so not checked): a flushed window
@@ -339,8 +334,7 @@ def write_quantized(
             "v_zero": (0, 0, start),
         }
         return {
-            name: jax.lax.dynamic_update_slice(
-                slab[name], new[name].astype(slab[name].dtype), offset)
+            name: jax.lax.dynamic_update_slice(slab[name], new[name].astype(slab[name].dtype), offset)
             for name, offset in offsets.items()
         }
 

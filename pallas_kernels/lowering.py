@@ -23,7 +23,8 @@ NAMES = ("auto", "reference", "tpu", "gpu", "mosaic_gpu", "tpu-interpret", "gpu-
 _INTERPRET = "-interpret"
 _NO_MOSAIC_GPU_INTERPRETER = (
     "the Mosaic GPU kernels cannot run interpreted here: JAX 0.10's GPU interpreter lacks their "
-    "transposed and register-operand wgmma (the test suite adds them: tests/mosaic_gpu_interpreter.py)")
+    "transposed and register-operand wgmma (the test suite adds them: tests/mosaic_gpu_interpreter.py)"
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,8 +70,11 @@ def check_name(name: object, what: str = "lowering") -> None:
         raise ValueError(f"{what} must be one of {NAMES}, got {name!r}")
 
 
-def resolve(implementation: str | Lowering, interpret: bool | pltpu.InterpretParams = False,
-            platforms: tuple[str, ...] = PLATFORMS) -> Lowering:
+def resolve(
+    implementation: str | Lowering,
+    interpret: bool | pltpu.InterpretParams = False,
+    platforms: tuple[str, ...] = PLATFORMS,
+) -> Lowering:
     """The lowering a kernel entry point runs for its `implementation` (a name of `NAMES` or a
     `Lowering`) and `interpret` arguments.
 
@@ -90,8 +94,9 @@ def resolve(implementation: str | Lowering, interpret: bool | pltpu.InterpretPar
     if interpret and lowering.platform != "reference":
         lowering = Lowering(lowering.platform, True)  # refuses "mosaic_gpu"
     if isinstance(interpret, pltpu.InterpretParams) and lowering.platform != "tpu":
-        raise ValueError(f"pltpu.InterpretParams configure the TPU kernel's interpreter, not "
-                         f"implementation={lowering.name!r}")
+        raise ValueError(
+            f"pltpu.InterpretParams configure the TPU kernel's interpreter, not implementation={lowering.name!r}"
+        )
     return lowering
 
 

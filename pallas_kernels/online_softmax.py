@@ -30,8 +30,12 @@ def attend_block_pieces(qs, ks, vs, m_prev, l_prev, accs, visible, sm_scale):
 
     qs, ks: tuples of [M, w], [N, w]; vs: [N, w'] and accs [M, w'] alike. Returns (m, l, accs).
     """
-    s = functools.reduce(operator.add, (jnp.einsum("md,nd->mn", q, k, preferred_element_type=jnp.float32)
-                                        for q, k in zip(qs, ks))) * sm_scale  # [M, N]
+    s = (
+        functools.reduce(
+            operator.add, (jnp.einsum("md,nd->mn", q, k, preferred_element_type=jnp.float32) for q, k in zip(qs, ks))
+        )
+        * sm_scale
+    )  # [M, N]
     if visible is not None:
         s = jnp.where(visible, s, MASK_VALUE)
     m_new = jnp.maximum(m_prev, jnp.max(s, axis=-1, keepdims=True))  # [M, 1]
@@ -42,7 +46,8 @@ def attend_block_pieces(qs, ks, vs, m_prev, l_prev, accs, visible, sm_scale):
     l_new = alpha * l_prev + jnp.sum(p, axis=-1, keepdims=True)  # [M, 1]
     accs = tuple(
         alpha * acc + jnp.einsum("mn,nd->md", p.astype(v.dtype), v, preferred_element_type=jnp.float32)
-        for v, acc in zip(vs, accs))  # each [M, w']
+        for v, acc in zip(vs, accs)
+    )  # each [M, w']
     return m_new, l_new, accs
 
 
@@ -54,8 +59,11 @@ def initial_state(rows: int, head_dim: int) -> tuple[jax.Array, jax.Array, jax.A
 
 def initial_pieces(rows: int, widths) -> tuple[jax.Array, jax.Array, tuple[jax.Array, ...]]:
     """(m, l, accs) before any block, one float32 accumulator [rows, w] per piece width."""
-    return (jnp.full((rows, 1), MASK_VALUE, jnp.float32), jnp.zeros((rows, 1), jnp.float32),
-            tuple(jnp.zeros((rows, w), jnp.float32) for w in widths))
+    return (
+        jnp.full((rows, 1), MASK_VALUE, jnp.float32),
+        jnp.zeros((rows, 1), jnp.float32),
+        tuple(jnp.zeros((rows, w), jnp.float32) for w in widths),
+    )
 
 
 def column_pieces(head_dim: int) -> tuple[slice, ...]:
@@ -66,8 +74,7 @@ def column_pieces(head_dim: int) -> tuple[slice, ...]:
     wide (tl.dot), so head_dim must be a multiple of 16.
     """
     if head_dim % 16:
-        raise ValueError(f"the GPU (Triton) kernels need a head dim that is a multiple of 16, "
-                         f"got {head_dim}")
+        raise ValueError(f"the GPU (Triton) kernels need a head dim that is a multiple of 16, got {head_dim}")
     pieces, start = [], 0
     for bit in reversed(range(head_dim.bit_length())):
         if head_dim >> bit & 1:

@@ -65,14 +65,12 @@ class QuantizedDecodeConfig:
 
     def __post_init__(self):
         if self.block_k is not None and (not _is_power_of_two(self.block_k) or self.block_k < 16):
-            raise ValueError(
-                f"QuantizedDecodeConfig.block_k must be a power of two >= 16, got {self.block_k!r}")
+            raise ValueError(f"QuantizedDecodeConfig.block_k must be a power of two >= 16, got {self.block_k!r}")
         names = ("num_warps", "num_stages", "tpu_stage_tokens")
         for name in names if self.num_splits is None else ("num_splits", *names):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(
-                    f"QuantizedDecodeConfig.{name} must be a positive int, got {value!r}")
+                raise ValueError(f"QuantizedDecodeConfig.{name} must be a positive int, got {value!r}")
 
     def block_for(self, implementation: str) -> int:
         """The KV block a lowering ("tpu" or "gpu") uses: block_k, or that lowering's default."""
@@ -108,8 +106,15 @@ class _Plan:
     stage_blocks: int
 
 
-def _plan(capacity: int, config: QuantizedDecodeConfig, implementation: str, group_size: int,
-          what: str, rows: int, processors: int | None) -> _Plan:
+def _plan(
+    capacity: int,
+    config: QuantizedDecodeConfig,
+    implementation: str,
+    group_size: int,
+    what: str,
+    rows: int,
+    processors: int | None,
+) -> _Plan:
     """rows: (sequence, KV head) programs before splitting; processors: the GPU's SMs, which
     pick the split count where the config leaves it None."""
     block_k = min(config.block_for(implementation), capacity)
@@ -125,8 +130,9 @@ def _plan(capacity: int, config: QuantizedDecodeConfig, implementation: str, gro
     total_stages = num_blocks // stage_blocks
     num_splits = config.num_splits or decode_splits(rows, total_stages, 1, processors)
     stages_per_split = pl.cdiv(total_stages, min(num_splits, total_stages))
-    return _Plan(block_k, num_blocks, pl.cdiv(total_stages, stages_per_split),
-                 stages_per_split * stage_blocks, stage_blocks)
+    return _Plan(
+        block_k, num_blocks, pl.cdiv(total_stages, stages_per_split), stages_per_split * stage_blocks, stage_blocks
+    )
 
 
 # ----------------------------------------------------------------------------------------
@@ -145,8 +151,7 @@ class _Layout:
     def operands(self, cache) -> tuple[jax.Array, ...]:
         if self.bits is None:
             return cache  # (k, v), each [B, Hkv, C, D]
-        return (cache.k_codes, cache.k_scale, cache.k_zero,
-                cache.v_codes, cache.v_scale, cache.v_zero)
+        return (cache.k_codes, cache.k_scale, cache.k_zero, cache.v_codes, cache.v_scale, cache.v_zero)
 
     def token_tiling(self) -> tuple[tuple[int, int], ...]:
         """Per operand: (axis of its per-head [X, Y] tile that indexes tokens, tokens per index)."""
@@ -232,22 +237,24 @@ def _decode_kernel_tpu(
 ):
     tiling = layout.token_tiling()
     n = len(tiling)
-    cache_hbm, (o_ref, m_ref, l_ref), rings = refs[:n], refs[n:n + 3], refs[n + 3:2 * n + 3]
-    sems, m_scratch, l_scratch, acc_scratch = refs[2 * n + 3:]
+    cache_hbm, (o_ref, m_ref, l_ref), rings = refs[:n], refs[n : n + 3], refs[n + 3 : 2 * n + 3]
+    sems, m_scratch, l_scratch, acc_scratch = refs[2 * n + 3 :]
     b, h = pl.program_id(0), pl.program_id(1)
     length = lengths_ref[b]
     stage_tokens = plan.stage_blocks * plan.block_k
     stages_per_split = plan.blocks_per_split // plan.stage_blocks
     first = pl.program_id(2) * stages_per_split  # this split's first stage
     # Stages holding a token below the length: the ones past it are never copied.
-    stages_here = jnp.maximum(
-        jnp.minimum(first + stages_per_split, _blocks_holding(length, stage_tokens)) - first, 0)
+    stages_here = jnp.maximum(jnp.minimum(first + stages_per_split, _blocks_holding(length, stage_tokens)) - first, 0)
 
     def copies(i, slot):
         """Stage i's DMAs: one per operand, the stage's contiguous tokens into ring slot `slot`."""
-        return [pltpu.make_async_copy(_tile(hbm.at[b, h], axis, tokens, first + i, stage_tokens),
-                                      ring.at[slot], sems.at[o, slot])
-                for o, (hbm, ring, (axis, tokens)) in enumerate(zip(cache_hbm, rings, tiling))]
+        return [
+            pltpu.make_async_copy(
+                _tile(hbm.at[b, h], axis, tokens, first + i, stage_tokens), ring.at[slot], sems.at[o, slot]
+            )
+            for o, (hbm, ring, (axis, tokens)) in enumerate(zip(cache_hbm, rings, tiling))
+        ]
 
     m_scratch[...], l_scratch[...], acc_scratch[...] = initial_state(*acc_scratch.shape)
     q = q_ref[...]  # [R, D]
@@ -260,34 +267,43 @@ def _decode_kernel_tpu(
 
             @pl.when(block * plan.block_k < length)
             def _update():
-                tiles = tuple(_tile(ring.at[slot], axis, tokens, j, plan.block_k)[...]
-                              for ring, (axis, tokens) in zip(rings, tiling))
+                tiles = tuple(
+                    _tile(ring.at[slot], axis, tokens, j, plan.block_k)[...]
+                    for ring, (axis, tokens) in zip(rings, tiling)
+                )
                 k, v = layout.to_kv(tiles, q.dtype)  # [Tk, D] each
-                visible = _visible(block * plan.block_k, plan.block_k, length, q.shape[0], q_len,
-                                   group, causal)
+                visible = _visible(block * plan.block_k, plan.block_k, length, q.shape[0], q_len, group, causal)
                 m_scratch[...], l_scratch[...], acc_scratch[...] = attend_block(
-                    q, k, v, m_scratch[...], l_scratch[...], acc_scratch[...], visible, sm_scale)
+                    q, k, v, m_scratch[...], l_scratch[...], acc_scratch[...], visible, sm_scale
+                )
 
-    ring_pipeline(stages_here, rings[0].shape[0],
-                  start=lambda i, slot: [copy.start() for copy in copies(i, slot)],
-                  wait=lambda i, slot: [copy.wait() for copy in copies(i, slot)],
-                  consume=attend)
+    ring_pipeline(
+        stages_here,
+        rings[0].shape[0],
+        start=lambda i, slot: [copy.start() for copy in copies(i, slot)],
+        wait=lambda i, slot: [copy.wait() for copy in copies(i, slot)],
+        consume=attend,
+    )
     o_ref[...], m_ref[...], l_ref[...] = acc_scratch[...], m_scratch[...], l_scratch[...]
 
 
-def _partials_tpu(q_rows, operands, lengths, layout, plan, sm_scale, q_len, group, causal,
-                  interpret, config):
+def _partials_tpu(q_rows, operands, lengths, layout, plan, sm_scale, q_len, group, causal, interpret, config):
     batch, num_kv_heads, rows, head_dim = q_rows.shape
     ring_depth = max(2, config.num_stages)
     stage_tokens = plan.stage_blocks * plan.block_k
-    rings = [pltpu.VMEM((ring_depth, *_tile_shape(x, axis, tokens, stage_tokens)), x.dtype)
-             for x, (axis, tokens) in zip(operands, layout.token_tiling())]
+    rings = [
+        pltpu.VMEM((ring_depth, *_tile_shape(x, axis, tokens, stage_tokens)), x.dtype)
+        for x, (axis, tokens) in zip(operands, layout.token_tiling())
+    ]
     row_spec = lambda width: pl.BlockSpec(  # noqa: E731
-        (None, None, None, rows, width), lambda b, h, split, lengths_ref: (b, h, split, 0, 0))
+        (None, None, None, rows, width), lambda b, h, split, lengths_ref: (b, h, split, 0, 0)
+    )
     partial_shape = lambda width: jax.ShapeDtypeStruct(  # noqa: E731
-        (batch, num_kv_heads, plan.num_splits, rows, width), jnp.float32)
-    kernel = functools.partial(_decode_kernel_tpu, layout=layout, plan=plan, sm_scale=sm_scale,
-                               q_len=q_len, group=group, causal=causal)
+        (batch, num_kv_heads, plan.num_splits, rows, width), jnp.float32
+    )
+    kernel = functools.partial(
+        _decode_kernel_tpu, layout=layout, plan=plan, sm_scale=sm_scale, q_len=q_len, group=group, causal=causal
+    )
     grid_spec = pltpu.PrefetchScalarGridSpec(
         num_scalar_prefetch=1,
         grid=(batch, num_kv_heads, plan.num_splits),
@@ -308,8 +324,7 @@ def _partials_tpu(q_rows, operands, lengths, layout, plan, sm_scale, q_len, grou
         kernel,
         grid_spec=grid_spec,
         out_shape=[partial_shape(head_dim), partial_shape(1), partial_shape(1)],
-        compiler_params=pltpu.CompilerParams(
-            dimension_semantics=("parallel", "parallel", "parallel")),
+        compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "parallel")),
         interpret=tpu_interpret(interpret),
         name="quantized_decode_attention_tpu" if layout.bits else "decode_attention_tpu",
     )(lengths, q_rows, *operands)
@@ -332,18 +347,20 @@ def _decode_kernel_gpu(
     causal: bool,
 ):
     tiling = layout.token_tiling()
-    cache_refs = refs[:len(tiling)]
-    o_ref, m_ref, l_ref = refs[len(tiling):]
+    cache_refs = refs[: len(tiling)]
+    o_ref, m_ref, l_ref = refs[len(tiling) :]
     length = lengths_ref[0]
     first = pl.program_id(2) * plan.blocks_per_split
-    stop = jnp.minimum(jnp.minimum(first + plan.blocks_per_split, plan.num_blocks),
-                       _blocks_holding(length, plan.block_k))
+    stop = jnp.minimum(
+        jnp.minimum(first + plan.blocks_per_split, plan.num_blocks), _blocks_holding(length, plan.block_k)
+    )
     q = q_ref[...]
     rows, head_dim = q.shape
 
     def body(block, carry):
-        tiles = tuple(_tile(ref, axis, tokens, block, plan.block_k)[...]
-                      for ref, (axis, tokens) in zip(cache_refs, tiling))
+        tiles = tuple(
+            _tile(ref, axis, tokens, block, plan.block_k)[...] for ref, (axis, tokens) in zip(cache_refs, tiling)
+        )
         k, v = layout.to_kv(tiles, q.dtype)  # [Tk, D] each
         visible = _visible(block * plan.block_k, plan.block_k, length, rows, q_len, group, causal)
         return attend_block(q, k, v, *carry, visible, sm_scale)
@@ -352,26 +369,29 @@ def _decode_kernel_gpu(
     o_ref[...], m_ref[...], l_ref[...] = acc, m, l
 
 
-def _partials_gpu(q_rows, operands, lengths, layout, plan, sm_scale, q_len, group, causal,
-                  interpret, config):
+def _partials_gpu(q_rows, operands, lengths, layout, plan, sm_scale, q_len, group, causal, interpret, config):
     batch, num_kv_heads, rows, head_dim = q_rows.shape
-    whole = lambda x: pl.BlockSpec(  # noqa: E731  (one (batch, head) slab: the loop slices it)
-        (None, None, *x.shape[2:]), lambda b, h, split: (b, h, 0, 0))
+    whole = (
+        lambda x: pl.BlockSpec(  # noqa: E731  (one (batch, head) slab: the loop slices it)
+            (None, None, *x.shape[2:]), lambda b, h, split: (b, h, 0, 0)
+        )
+    )
     row_spec = lambda width: pl.BlockSpec(  # noqa: E731
-        (None, None, None, rows, width), lambda b, h, split: (b, h, split, 0, 0))
+        (None, None, None, rows, width), lambda b, h, split: (b, h, split, 0, 0)
+    )
     partial_shape = lambda width: jax.ShapeDtypeStruct(  # noqa: E731
-        (batch, num_kv_heads, plan.num_splits, rows, width), jnp.float32)
-    kernel = functools.partial(_decode_kernel_gpu, layout=layout, plan=plan, sm_scale=sm_scale,
-                               q_len=q_len, group=group, causal=causal)
+        (batch, num_kv_heads, plan.num_splits, rows, width), jnp.float32
+    )
+    kernel = functools.partial(
+        _decode_kernel_gpu, layout=layout, plan=plan, sm_scale=sm_scale, q_len=q_len, group=group, causal=causal
+    )
     return pl.pallas_call(
         kernel,
         grid=(batch, num_kv_heads, plan.num_splits),
-        in_specs=[pl.BlockSpec((1,), lambda b, h, split: (b,)), whole(q_rows),
-                  *(whole(x) for x in operands)],
+        in_specs=[pl.BlockSpec((1,), lambda b, h, split: (b,)), whole(q_rows), *(whole(x) for x in operands)],
         out_specs=[row_spec(head_dim), row_spec(1), row_spec(1)],
         out_shape=[partial_shape(head_dim), partial_shape(1), partial_shape(1)],
-        compiler_params=pltriton.CompilerParams(num_warps=config.num_warps,
-                                                num_stages=config.num_stages),
+        compiler_params=pltriton.CompilerParams(num_warps=config.num_warps, num_stages=config.num_stages),
         interpret=interpret,
         name="quantized_decode_attention_gpu" if layout.bits else "decode_attention_gpu",
     )(lengths, q_rows, *operands)
@@ -396,8 +416,7 @@ def _check_cache(q4, k, v, lengths, what: str) -> None:
     if k.ndim != 4 or k.shape != v.shape:
         raise ValueError(f"{what} k and v must both be [B, Hkv, C, D], got {k.shape} and {v.shape}")
     if k.shape[0] != batch or k.shape[3] != head_dim:
-        raise ValueError(
-            f"{what} [B, Hkv, C, D] = {k.shape} does not match q [B, T, H, D] = {q4.shape}")
+        raise ValueError(f"{what} [B, Hkv, C, D] = {k.shape} does not match q [B, T, H, D] = {q4.shape}")
     if num_heads % k.shape[1]:
         raise ValueError(f"query heads ({num_heads}) must be a multiple of KV heads ({k.shape[1]})")
     if lengths.shape != (batch,) or not jnp.issubdtype(lengths.dtype, jnp.integer):
@@ -418,27 +437,43 @@ def _from_rows(out_rows: jax.Array, q4: jax.Array) -> jax.Array:
     """[B, Hkv, R, D] -> [B, T, H, D] in q's dtype."""
     batch, q_len, num_heads, head_dim = q4.shape
     num_kv_heads = out_rows.shape[1]
-    out = out_rows[:, :, :q_len * num_heads // num_kv_heads]  # [B, Hkv, T*g, D]
+    out = out_rows[:, :, : q_len * num_heads // num_kv_heads]  # [B, Hkv, T*g, D]
     out = out.reshape(batch, num_kv_heads, q_len, num_heads // num_kv_heads, head_dim)
     return jnp.swapaxes(out, 1, 2).reshape(q4.shape).astype(q4.dtype)  # [B, T, H, D]
 
 
-def _partials(q4, layout, cache, capacity, lengths, causal, sm_scale, config, implementation,
-              interpret):
+def _partials(q4, layout, cache, capacity, lengths, causal, sm_scale, config, implementation, interpret):
     """(acc, m, l) partials of q over one cache with the chosen kernel."""
     batch, num_kv_heads = layout.operands(cache)[0].shape[:2]
-    plan = _plan(capacity, config, implementation, layout.group_size,
-                 "quantized" if layout.bits else "cache", batch * num_kv_heads,
-                 gpu_processors(interpret))
+    plan = _plan(
+        capacity,
+        config,
+        implementation,
+        layout.group_size,
+        "quantized" if layout.bits else "cache",
+        batch * num_kv_heads,
+        gpu_processors(interpret),
+    )
     if implementation == "gpu":
         head_dim = q4.shape[-1]
         if not _is_power_of_two(head_dim) or not _is_power_of_two(plan.block_k):
             raise ValueError(
                 f"the GPU (Triton) kernel needs a power-of-two head dim ({head_dim}) and block "
-                f"({plan.block_k}; a capacity below block_k is used as the block)")
+                f"({plan.block_k}; a capacity below block_k is used as the block)"
+            )
     q_rows = _query_rows(q4, num_kv_heads, _ROW_MULTIPLE[implementation])
-    args = (q_rows, layout.operands(cache), lengths.astype(jnp.int32), layout, plan, sm_scale,
-            q4.shape[1], q4.shape[2] // num_kv_heads, causal, interpret)
+    args = (
+        q_rows,
+        layout.operands(cache),
+        lengths.astype(jnp.int32),
+        layout,
+        plan,
+        sm_scale,
+        q4.shape[1],
+        q4.shape[2] // num_kv_heads,
+        causal,
+        interpret,
+    )
     return (_partials_tpu if implementation == "tpu" else _partials_gpu)(*args, config)
 
 
@@ -469,9 +504,10 @@ def decode_attention(
     implementation, interpret = lowering.platform, pallas_interpret(lowering, interpret)
     if implementation == "reference":
         return decode_attention_reference(q, k, v, lengths, sm_scale=sm_scale)
-    sm_scale = q4.shape[-1]**-0.5 if sm_scale is None else sm_scale
-    partials = _partials(q4, _Layout(None), (k, v), k.shape[2], lengths, True, sm_scale, config,
-                         implementation, interpret)
+    sm_scale = q4.shape[-1] ** -0.5 if sm_scale is None else sm_scale
+    partials = _partials(
+        q4, _Layout(None), (k, v), k.shape[2], lengths, True, sm_scale, config, implementation, interpret
+    )
     return _from_rows(_combine([partials]), q4).reshape(q.shape)
 
 
@@ -501,18 +537,30 @@ def quantized_decode_attention(
     lowering = resolve(implementation, interpret, WITHOUT_MOSAIC_GPU)
     implementation, interpret = lowering.platform, pallas_interpret(lowering, interpret)
     if implementation == "reference":
-        return quantized_decode_attention_reference(q, cache, lengths, k_res, v_res, res_lengths,
-                                                    sm_scale=sm_scale)
-    sm_scale = q4.shape[-1]**-0.5 if sm_scale is None else sm_scale
+        return quantized_decode_attention_reference(q, cache, lengths, k_res, v_res, res_lengths, sm_scale=sm_scale)
+    sm_scale = q4.shape[-1] ** -0.5 if sm_scale is None else sm_scale
     partials = []
     if cache.capacity:
         layout = _Layout(cache.bits, cache.group_size)
-        partials.append(_partials(q4, layout, cache, cache.capacity, lengths, False, sm_scale,
-                                  config, implementation, interpret))
+        partials.append(
+            _partials(q4, layout, cache, cache.capacity, lengths, False, sm_scale, config, implementation, interpret)
+        )
     if k_res.shape[2]:
         window_config = dataclasses.replace(config, num_splits=1)
-        partials.append(_partials(q4, _Layout(None), (k_res, v_res), k_res.shape[2], res_lengths,
-                                  True, sm_scale, window_config, implementation, interpret))
+        partials.append(
+            _partials(
+                q4,
+                _Layout(None),
+                (k_res, v_res),
+                k_res.shape[2],
+                res_lengths,
+                True,
+                sm_scale,
+                window_config,
+                implementation,
+                interpret,
+            )
+        )
     if not partials:
         return jnp.zeros_like(q)
     return _from_rows(_combine(partials), q4).reshape(q.shape)
@@ -523,8 +571,7 @@ def _check_quantized_inputs(q4, cache, lengths, k_res, v_res, res_lengths) -> No
     batch, num_kv_heads, _, head_dim = cache.shape
     _check_cache(q4, k_res, v_res, res_lengths, "residual")
     if (batch, num_kv_heads, head_dim) != (k_res.shape[0], k_res.shape[1], k_res.shape[3]):
-        raise ValueError(f"quantized slab {cache.shape} and residual window {k_res.shape} disagree "
-                         f"on [B, Hkv, ., D]")
+        raise ValueError(f"quantized slab {cache.shape} and residual window {k_res.shape} disagree on [B, Hkv, ., D]")
     if lengths.shape != (batch,) or not jnp.issubdtype(lengths.dtype, jnp.integer):
         raise ValueError(f"lengths must be int[{batch}], got {lengths.dtype}{lengths.shape}")
 
@@ -539,17 +586,20 @@ def _attention_reference(q4, k, v, visible, sm_scale):
     batch, q_len, num_heads, head_dim = q4.shape
     num_kv_heads = k.shape[1]
     sm_scale = head_dim**-0.5 if sm_scale is None else sm_scale
-    q5 = q4.astype(jnp.float32).reshape(batch, q_len, num_kv_heads, num_heads // num_kv_heads,
-                                        head_dim)  # [B, T, Hkv, g, D]
-    s = jnp.einsum("btkgd,bksd->btkgs", q5, k.astype(jnp.float32),
-                   precision=jax.lax.Precision.HIGHEST) * sm_scale  # [B, T, Hkv, g, S]
+    q5 = q4.astype(jnp.float32).reshape(
+        batch, q_len, num_kv_heads, num_heads // num_kv_heads, head_dim
+    )  # [B, T, Hkv, g, D]
+    s = (
+        jnp.einsum("btkgd,bksd->btkgs", q5, k.astype(jnp.float32), precision=jax.lax.Precision.HIGHEST) * sm_scale
+    )  # [B, T, Hkv, g, S]
     mask = visible[:, :, None, None, :]  # [B, T, 1, 1, S]
     s = jnp.where(mask, s, -jnp.inf)
     m = jnp.max(s, axis=-1, keepdims=True)
     p = jnp.where(mask, jnp.exp(s - jnp.where(jnp.isfinite(m), m, 0.0)), 0.0)  # [B, T, Hkv, g, S]
     l = jnp.sum(p, axis=-1, keepdims=True)
-    o = jnp.einsum("btkgs,bksd->btkgd", p / jnp.where(l > 0, l, 1.0), v.astype(jnp.float32),
-                   precision=jax.lax.Precision.HIGHEST)  # [B, T, Hkv, g, D]
+    o = jnp.einsum(
+        "btkgs,bksd->btkgd", p / jnp.where(l > 0, l, 1.0), v.astype(jnp.float32), precision=jax.lax.Precision.HIGHEST
+    )  # [B, T, Hkv, g, D]
     return o.reshape(q4.shape)
 
 
@@ -567,8 +617,7 @@ def decode_attention_reference(q, k, v, lengths, *, sm_scale=None) -> jax.Array:
     return _attention_reference(q4, k, v, visible, sm_scale).reshape(q.shape).astype(q.dtype)
 
 
-def quantized_decode_attention_reference(q, cache, lengths, k_res, v_res, res_lengths, *,
-                                         sm_scale=None) -> jax.Array:
+def quantized_decode_attention_reference(q, cache, lengths, k_res, v_res, res_lengths, *, sm_scale=None) -> jax.Array:
     """Dequantize the slab, append the window, attend (same contract as the kernel)."""
     q4 = _as_4d(q)
     k_q, v_q = kv_quant.dequantize_kv(cache)  # [B, Hkv, C, D] each

@@ -66,8 +66,15 @@ def tiny_model():
     from kvjax import ModelConfig, init_model
 
     config = ModelConfig(
-        family="llama", vocab_size=256, hidden_size=64, intermediate_size=128, num_layers=2,
-        num_heads=4, num_kv_heads=2, head_dim=16, max_position_embeddings=4096,
+        family="llama",
+        vocab_size=256,
+        hidden_size=64,
+        intermediate_size=128,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=2,
+        head_dim=16,
+        max_position_embeddings=4096,
     )
     return init_model(config, seed=0, dtype=jnp.float32)
 
@@ -87,8 +94,15 @@ def byte_model(tmp_path_factory):
     files = write_byte_tokenizer(root / "tokenizer")
     tokenizer = Tokenizer(root / "tokenizer")
     config = ModelConfig(
-        family="llama", vocab_size=tokenizer.vocab_size, hidden_size=64, intermediate_size=128, num_layers=2,
-        num_heads=4, num_kv_heads=2, head_dim=16, max_position_embeddings=2048,
+        family="llama",
+        vocab_size=tokenizer.vocab_size,
+        hidden_size=64,
+        intermediate_size=128,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=2,
+        head_dim=16,
+        max_position_embeddings=2048,
     )
     model = init_model(config, seed=0, dtype=jnp.float32, tokenizer=tokenizer)
     path = save_checkpoint(root / "model", config, nnx.to_pure_dict(model.params), files)

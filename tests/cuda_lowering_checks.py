@@ -21,8 +21,15 @@ PHI3_HEAD_DIM = 96  # Phi-3/3.5-mini: hidden 3072 over 32 heads
 @pytest.fixture(scope="module")
 def phi3_shaped():
     config = ModelConfig(
-        family="llama", vocab_size=256, hidden_size=2 * PHI3_HEAD_DIM, intermediate_size=256, num_layers=1,
-        num_heads=2, num_kv_heads=1, head_dim=PHI3_HEAD_DIM, max_position_embeddings=4096,
+        family="llama",
+        vocab_size=256,
+        hidden_size=2 * PHI3_HEAD_DIM,
+        intermediate_size=256,
+        num_layers=1,
+        num_heads=2,
+        num_kv_heads=1,
+        head_dim=PHI3_HEAD_DIM,
+        max_position_embeddings=4096,
     )
     return init_model(config, seed=0, dtype=jnp.float32)
 
@@ -33,20 +40,24 @@ def _lowered_for_cuda(m, policy, prompt: int, chunk: int) -> list[str]:
     tokens, lengths = jnp.zeros((1, prompt), jnp.int32), jnp.array([prompt - 24], jnp.int32)
     run = kvjax.inference.Execution()  # attention_impl "auto"
     prefill = kvjax.inference._prefill.trace(
-        m.graphdef, m.params, None, tokens, lengths, policy=policy, chunk=chunk, max_new_tokens=8, run=run)
+        m.graphdef, m.params, None, tokens, lengths, policy=policy, chunk=chunk, max_new_tokens=8, run=run
+    )
     decode = kvjax.inference._decode_step.trace(
-        m.graphdef, m.params, None, prefill.out_info[0], jax.ShapeDtypeStruct((1,), jnp.int32), policy=policy,
-        run=run)
+        m.graphdef, m.params, None, prefill.out_info[0], jax.ShapeDtypeStruct((1,), jnp.int32), policy=policy, run=run
+    )
     return [traced.lower(lowering_platforms=("cuda",)).as_text() for traced in (prefill, decode)]
 
 
-@pytest.mark.parametrize("policy,kernels", [
-    (Full(), (1, 1)),  # (prefill, decode) Triton calls: chunk prefill and block-sparse decode
-    (Quest(), (1, 1)),  # page-selected decode
-    (DuoAttention(((),)), (0, 1)),  # the one KV head streaming: its decode
-    (RazorAttention(((),)), (0, 1)),  # the kernel's log-sum-exp takes in the compensation token
-    (KIVI(4), (0, 0)),  # its Triton kernel unpacks power-of-two rows: the reference instead
-])
+@pytest.mark.parametrize(
+    "policy,kernels",
+    [
+        (Full(), (1, 1)),  # (prefill, decode) Triton calls: chunk prefill and block-sparse decode
+        (Quest(), (1, 1)),  # page-selected decode
+        (DuoAttention(((),)), (0, 1)),  # the one KV head streaming: its decode
+        (RazorAttention(((),)), (0, 1)),  # the kernel's log-sum-exp takes in the compensation token
+        (KIVI(4), (0, 0)),  # its Triton kernel unpacks power-of-two rows: the reference instead
+    ],
+)
 def test_prefill_and_decode_lower_to_triton(phi3_shaped, monkeypatch, policy, kernels):
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")  # what attention_impl="auto" reads
     lowered = _lowered_for_cuda(phi3_shaped, policy, prompt=1024, chunk=512)
@@ -55,8 +66,17 @@ def test_prefill_and_decode_lower_to_triton(phi3_shaped, monkeypatch, policy, ke
 
 def test_a_head_dim_triton_cannot_tile_runs_the_reference(monkeypatch):
     """Head dim 24 (not a multiple of 16, tl.dot's smallest side): the reference, not an error."""
-    config = ModelConfig(family="llama", vocab_size=256, hidden_size=48, intermediate_size=64, num_layers=1,
-                         num_heads=2, num_kv_heads=1, head_dim=24, max_position_embeddings=4096)
+    config = ModelConfig(
+        family="llama",
+        vocab_size=256,
+        hidden_size=48,
+        intermediate_size=64,
+        num_layers=1,
+        num_heads=2,
+        num_kv_heads=1,
+        head_dim=24,
+        max_position_embeddings=4096,
+    )
     m = init_model(config, seed=0, dtype=jnp.float32)
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
     assert all("triton" not in text for text in _lowered_for_cuda(m, Full(), prompt=256, chunk=128))
@@ -72,8 +92,9 @@ def test_kernels_lower_head_dims_that_are_not_powers_of_two(head_dim):
     scalar = jax.ShapeDtypeStruct((1,), jnp.int32)
 
     def decode(q, k, v, lengths):
-        return block_sparse_decode(q, k, v, lengths, mask=bm.SinkLocal(4, 256),
-                                   config=DecodeConfig(num_splits=2), implementation="gpu")
+        return block_sparse_decode(
+            q, k, v, lengths, mask=bm.SinkLocal(4, 256), config=DecodeConfig(num_splits=2), implementation="gpu"
+        )
 
     def prefill(q, k, v, offset):
         return block_sparse_prefill(q, k, v, bm.DenseCausal(), q_offset=offset, implementation="gpu")

@@ -25,8 +25,15 @@ from tests.support.jaxprs import kernel_calls
 from tests.support.random_data import random_tokens
 
 CONFIG = ModelConfig(
-    family="llama", vocab_size=256, hidden_size=64, intermediate_size=128, num_layers=2,
-    num_heads=8, num_kv_heads=4, head_dim=16, max_position_embeddings=4096,
+    family="llama",
+    vocab_size=256,
+    hidden_size=64,
+    intermediate_size=128,
+    num_layers=2,
+    num_heads=8,
+    num_kv_heads=4,
+    head_dim=16,
+    max_position_embeddings=4096,
 )
 
 
@@ -58,11 +65,16 @@ def test_parameters_are_split_megatron_style(sharded):
     the vocabulary is split, norms are replicated; each device holds 1/4 of a split parameter."""
     leaves = _leaves(sharded.params)
     expected = {
-        "q_proj": (P(None, "model", None), (64, 2, 16)), "k_proj": (P(None, "model", None), (64, 1, 16)),
-        "v_proj": (P(None, "model", None), (64, 1, 16)), "o_proj": (P("model", None, None), (2, 16, 64)),
-        "gate_proj": (P(None, "model"), (64, 32)), "up_proj": (P(None, "model"), (64, 32)),
-        "down_proj": (P("model", None), (32, 64)), "embed": (P("model", None), (64, 64)),
-        "lm_head": (P(None, "model"), (64, 64)), "input_norm": (P(), (64,)),
+        "q_proj": (P(None, "model", None), (64, 2, 16)),
+        "k_proj": (P(None, "model", None), (64, 1, 16)),
+        "v_proj": (P(None, "model", None), (64, 1, 16)),
+        "o_proj": (P("model", None, None), (2, 16, 64)),
+        "gate_proj": (P(None, "model"), (64, 32)),
+        "up_proj": (P(None, "model"), (64, 32)),
+        "down_proj": (P("model", None), (32, 64)),
+        "embed": (P("model", None), (64, 64)),
+        "lm_head": (P(None, "model"), (64, 64)),
+        "input_norm": (P(), (64,)),
     }
     for name, (spec, shard_shape) in expected.items():
         found = [x for path, x in leaves.items() if f"'{name}'" in path]
@@ -146,14 +158,16 @@ def test_kernels_run_per_device_under_shard_map(model, sharded, prompts, name):
     for scan_layers, layers in ((False, CONFIG.num_layers), (True, 1)):
         run = kvjax.inference.Execution(impl, scan_layers)
         decode = lambda s, t, run=run: kvjax.inference._decode_step(  # noqa: E731
-            model.graphdef, model.params, None, s, t, policy=policy, run=run)
+            model.graphdef, model.params, None, s, t, policy=policy, run=run
+        )
         _, one_device = kernel_calls(jax.make_jaxpr(decode)(reference, token).jaxpr)
         with jax.set_mesh(sharded.mesh):
             assert kernel_calls(jax.make_jaxpr(decode)(state, token).jaxpr) == (one_device, one_device)
         assert one_device >= layers  # the kernel path is taken at all
         if name == "full":  # prefill chunks over slot = position take the prefill kernel, per device too
             prefill = lambda t, n, run=run: kvjax.inference._prefill(  # noqa: E731
-                model.graphdef, model.params, None, t, n, policy=policy, chunk=64, max_new_tokens=4, run=run)
+                model.graphdef, model.params, None, t, n, policy=policy, chunk=64, max_new_tokens=4, run=run
+            )
             tokens, lengths = kvjax.inference.batch_prompts(prompts)
             args = jnp.asarray(np.pad(tokens, ((0, 0), (0, 42)))), jnp.asarray(lengths)  # three chunks of 64
             with jax.set_mesh(sharded.mesh):
@@ -185,8 +199,21 @@ def test_cli_mesh_option(byte_model, capsys):
     from kvjax.cli import main
 
     _, path = byte_model
-    args = ["generate", "--model", str(path), "--prompt", "Find the needle. " * 12, "--max-new-tokens", "5",
-            "--dtype", "float32", "--policy", "streaming", "--budget", "64"]
+    args = [
+        "generate",
+        "--model",
+        str(path),
+        "--prompt",
+        "Find the needle. " * 12,
+        "--max-new-tokens",
+        "5",
+        "--dtype",
+        "float32",
+        "--policy",
+        "streaming",
+        "--budget",
+        "64",
+    ]
     assert main(args) == 0
     expected = capsys.readouterr().out
     assert main([*args, "--mesh", "1x2"]) == 0
@@ -221,8 +248,9 @@ def test_locret_heads_run_on_a_sharded_model(model, sharded, prompts, tmp_path):
     policy = Locret(**hyper, params=heads)
     one = np.asarray(kvjax.generate(model, prompts, 5, policy=policy, chunk_size=64))
     for many_policy in (policy, Locret.from_pretrained(tmp_path / "heads", CONFIG, **hyper)):
-        np.testing.assert_array_equal(np.asarray(kvjax.generate(sharded, prompts, 5, policy=many_policy,
-                                                                chunk_size=64)), one)
+        np.testing.assert_array_equal(
+            np.asarray(kvjax.generate(sharded, prompts, 5, policy=many_policy, chunk_size=64)), one
+        )
     state = kvjax.prefill(sharded, prompts, policy, chunk_size=64, max_new_tokens=5)
     reference = kvjax.prefill(model, prompts, policy, chunk_size=64, max_new_tokens=5)
     for (seg,), (ref,) in zip(state.layers, reference.layers):

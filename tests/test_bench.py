@@ -64,7 +64,8 @@ def test_report_measures_each_policy_against_full(tiny_model):
     assert report["config"]["lengths"] == (200, 320) and report["mesh"] is None
     rows = report["rows"]
     assert [(r["length"], r["policy"]) for r in rows] == [
-        (n, p) for n in (200, 320) for p in ("full", "streaming")]  # Full added, measured first
+        (n, p) for n in (200, 320) for p in ("full", "streaming")
+    ]  # Full added, measured first
     for r in rows:
         policy = P.Full() if r["policy"] == "full" else policies[r["policy"]]
         prompts = np.zeros((2, r["length"]), np.int32)
@@ -95,8 +96,28 @@ def test_kvjax_bench_writes_report_and_plot(byte_model, tmp_path, capsys):
 
     _, path = byte_model
     out = tmp_path / "bench"
-    rc = main(["bench", "--model", str(path), "--policies", "streaming", "--budgets", "64", "--lengths", "256",
-               "--new-tokens", "2", "--repeats", "1", "--dtype", "float32", "--out", str(out), "--no-progress"])
+    rc = main(
+        [
+            "bench",
+            "--model",
+            str(path),
+            "--policies",
+            "streaming",
+            "--budgets",
+            "64",
+            "--lengths",
+            "256",
+            "--new-tokens",
+            "2",
+            "--repeats",
+            "1",
+            "--dtype",
+            "float32",
+            "--out",
+            str(out),
+            "--no-progress",
+        ]
+    )
     printed = capsys.readouterr().out
     assert rc == 0, printed
     assert "decode_x" in printed and "streaming@64" in printed
@@ -133,13 +154,17 @@ def test_decode_roofline_script_runs_on_a_state_shaped_as_prefill_leaves_it(tiny
     pages = seg.kv.k[:, :, :128].reshape(2, 2, 8, 16, -1)  # [B, Hkv, pages, page, D]: the 128 filled slots
     np.testing.assert_array_equal(seg.k_max[:, :, :8], pages.max(3))
     assert script.time_decode(tiny_model, 2, 128, 2, 1, quest) > 0
-    policies = (kvjax.policies.Twilight(budget_tokens=64, dense_layers=0), kvjax.policies.CSKV(),
-                kvjax.policies.SqueezedAttention(recent=32),
-                kvjax.policies.SqueezedAttention(recent=32, hierarchical=True))
+    policies = (
+        kvjax.policies.Twilight(budget_tokens=64, dense_layers=0),
+        kvjax.policies.CSKV(),
+        kvjax.policies.SqueezedAttention(recent=32),
+        kvjax.policies.SqueezedAttention(recent=32, hierarchical=True),
+    )
     for policy in policies:  # 4-bit keys; features; clusters; clusters of clusters
         filled = script.filled_state(tiny_model.config, 2, 128, 5, tiny_model.dtype, policy)
-        prefilled = jax.eval_shape(lambda p=policy: kvjax.prefill(tiny_model, random_tokens(0, (2, 128), 256), p,
-                                                                  max_new_tokens=5))
+        prefilled = jax.eval_shape(
+            lambda p=policy: kvjax.prefill(tiny_model, random_tokens(0, (2, 128), 256), p, max_new_tokens=5)
+        )
         assert jax.tree.structure(filled) == jax.tree.structure(prefilled)
         assert kvjax.kv_bytes(filled) == kvjax.kv_bytes(prefilled)
 
@@ -167,8 +192,10 @@ def test_block_sparse_decode_benchmark_reports_both_timings(tmp_path, monkeypatc
     assert json.loads((tmp_path / "b.json").read_text()) == json.loads(json.dumps(report))
     rows = report["results"]
     assert [(r["name"], r["timing"]) for r in rows] == [
-        (name, timing) for timing in ("chained", "dispatched")
-        for name in ("decode_top_k_pages_kernel_only", "decode_top_k_pages_with_selection")]
+        (name, timing)
+        for timing in ("chained", "dispatched")
+        for name in ("decode_top_k_pages_kernel_only", "decode_top_k_pages_with_selection")
+    ]
     for r in rows:
         assert r["kernel_ms"] > 0 and r["max_abs_diff_vs_reference"] < 1e-2  # bf16 output
         assert r["speedup"]["xla_full_cache"] == pytest.approx(r["baselines_ms"]["xla_full_cache"] / r["kernel_ms"])
@@ -184,20 +211,34 @@ def test_op_profile_counts_each_operation_once_by_module_op_and_kind(monkeypatch
     def event(name, start, end, **stats):
         return types.SimpleNamespace(name=name, start_ns=start, end_ns=end, stats=list(stats.items()))
 
-    line = [event("while.5", 0, 100, hlo_op="while.5", hlo_module="m"),
-            event("sine", 10, 50, hlo_op="sine", hlo_module="m"), event("add.2", 60, 90, hlo_op="add.2"),
-            event("block_sparse_decode_gpu", 100, 130, **kernel_note)]
+    line = [
+        event("while.5", 0, 100, hlo_op="while.5", hlo_module="m"),
+        event("sine", 10, 50, hlo_op="sine", hlo_module="m"),
+        event("add.2", 60, 90, hlo_op="add.2"),
+        event("block_sparse_decode_gpu", 100, 130, **kernel_note),
+    ]
     assert list(op_profile._outermost_removed(line)) == [
-        ("m", "sine", "sine", 40), ("", "add.2", "add.2", 30), ("jit_f", "custom-call.1", "block_sparse_decode_gpu", 30)]
-    events = [("m", "fusion.3", "loop_fusion.3", 300), ("m", "fusion.4", "loop_fusion.4", 100),
-              ("m", "custom-call.1", "block_sparse_decode_gpu", 600)]
+        ("m", "sine", "sine", 40),
+        ("", "add.2", "add.2", 30),
+        ("jit_f", "custom-call.1", "block_sparse_decode_gpu", 30),
+    ]
+    events = [
+        ("m", "fusion.3", "loop_fusion.3", 300),
+        ("m", "fusion.4", "loop_fusion.4", 100),
+        ("m", "custom-call.1", "block_sparse_decode_gpu", 600),
+    ]
     got = op_profile.summarize(events, steps=2, top=2)
     assert got["busy_us_per_step"] == pytest.approx(0.5) and got["modules"] == [
-        {"module": "m", "calls_per_step": 1.5, "us_per_step": pytest.approx(0.5), "share": 1.0}]
+        {"module": "m", "calls_per_step": 1.5, "us_per_step": pytest.approx(0.5), "share": 1.0}
+    ]
     assert [(o["op"], o["us_per_step"], o["share"]) for o in got["ops"]] == [
-        ("custom-call.1", pytest.approx(0.3), pytest.approx(0.6)), ("fusion.3", pytest.approx(0.15), pytest.approx(0.3))]
+        ("custom-call.1", pytest.approx(0.3), pytest.approx(0.6)),
+        ("fusion.3", pytest.approx(0.15), pytest.approx(0.3)),
+    ]
     assert [(k["kind"], k["calls_per_step"], k["share"]) for k in got["kinds"]] == [
-        ("block_sparse_decode_gpu", 0.5, pytest.approx(0.6)), ("loop_fusion", 1.0, pytest.approx(0.4))]
+        ("block_sparse_decode_gpu", 0.5, pytest.approx(0.6)),
+        ("loop_fusion", 1.0, pytest.approx(0.4)),
+    ]
 
 
 def test_decode_profile_attributes_each_token_s_device_time(tiny_model, monkeypatch):

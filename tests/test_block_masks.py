@@ -24,20 +24,21 @@ def _blocks_of(mask, block_q, block_k):
     return blocks.any((2, 3)), blocks.all((2, 3))
 
 
-@pytest.mark.parametrize("sink,window,block_q,block_k,seq_len", [
-    (0, bm.DENSE_WINDOW, 16, 16, 100),
-    (4, 24, 16, 8, 133),
-    (0, 1, 8, 32, 70),
-    (40, 16, 32, 16, 257),
-    (5, 300, 16, 64, 190),
-])
+@pytest.mark.parametrize(
+    "sink,window,block_q,block_k,seq_len",
+    [
+        (0, bm.DENSE_WINDOW, 16, 16, 100),
+        (4, 24, 16, 8, 133),
+        (0, 1, 8, 32, 70),
+        (40, 16, 32, 16, 257),
+        (5, 300, 16, 64, 190),
+    ],
+)
 def test_prefill_table_matches_token_mask(sink, window, block_q, block_k, seq_len):
     desc = bm.DenseCausal() if window == bm.DENSE_WINDOW else bm.SinkLocal(sink, window)
-    table = bm.prefill_block_table(desc, num_heads=2, seq_len=seq_len, block_q=block_q,
-                                   block_k=block_k)
+    table = bm.prefill_block_table(desc, num_heads=2, seq_len=seq_len, block_q=block_q, block_k=block_k)
     length = table.seq_len
-    assert length % block_q == 0 and length % block_k == 0 and 0 <= length - seq_len < max(
-        block_q, block_k)
+    assert length % block_q == 0 and length % block_k == 0 and 0 <= length - seq_len < max(block_q, block_k)
     any_vis, all_vis = _blocks_of(_token_mask(length, sink, window), block_q, block_k)
     assert table.kv_blocks.shape[0] == 1  # both heads share one pattern row
     np.testing.assert_array_equal(table.head_pattern, [0, 0])
@@ -49,23 +50,27 @@ def test_prefill_table_matches_token_mask(sink, window, block_q, block_k, seq_le
         padding = table.kv_blocks[0, qi, count:]
         np.testing.assert_array_equal(padding, listed[-1] if count else 0)
     # The table's own token mask is exactly the description's.
-    np.testing.assert_array_equal(np.asarray(bm.prefill_table_mask(table))[0],
-                                  _token_mask(length, sink, window))
+    np.testing.assert_array_equal(np.asarray(bm.prefill_table_mask(table))[0], _token_mask(length, sink, window))
 
 
-@pytest.mark.parametrize("sink,window,block_q,block_k,chunk_len,kv_len,offsets", [
-    (0, bm.DENSE_WINDOW, 16, 16, 32, 96, [0, 37, 64]),  # offsets on and off the block grid
-    (4, 24, 16, 8, 40, 136, [1, 90, 96]),
-    (0, 7, 8, 32, 24, 128, [100, 13, 0]),  # a sliding window smaller than a key block
-    (40, 16, 32, 16, 50, 208, [150, 41, 7]),
-])
-def test_chunk_table_matches_token_mask_at_traced_offsets(sink, window, block_q, block_k, chunk_len,
-                                                          kv_len, offsets):
+@pytest.mark.parametrize(
+    "sink,window,block_q,block_k,chunk_len,kv_len,offsets",
+    [
+        (0, bm.DENSE_WINDOW, 16, 16, 32, 96, [0, 37, 64]),  # offsets on and off the block grid
+        (4, 24, 16, 8, 40, 136, [1, 90, 96]),
+        (0, 7, 8, 32, 24, 128, [100, 13, 0]),  # a sliding window smaller than a key block
+        (40, 16, 32, 16, 50, 208, [150, 41, 7]),
+    ],
+)
+def test_chunk_table_matches_token_mask_at_traced_offsets(sink, window, block_q, block_k, chunk_len, kv_len, offsets):
     """A chunk at offset o lists exactly the key blocks its queries o..o+S-1 see, per sequence,
     with offsets traced (as inside kvjax's scan over chunks) and a width that does not depend on them."""
     desc = bm.DenseCausal() if window == bm.DENSE_WINDOW else bm.SinkLocal(sink, window)
-    build = jax.jit(lambda off: bm.prefill_chunk_block_table(
-        desc, off, num_heads=2, chunk_len=chunk_len, kv_len=kv_len, block_q=block_q, block_k=block_k))
+    build = jax.jit(
+        lambda off: bm.prefill_chunk_block_table(
+            desc, off, num_heads=2, chunk_len=chunk_len, kv_len=kv_len, block_q=block_q, block_k=block_k
+        )
+    )
     table = build(jnp.asarray(offsets, jnp.int32))
     nq, nk = -(-chunk_len // block_q), -(-kv_len // block_k)
     assert (table.seq_len, table.kv_len) == (nq * block_q, nk * block_k)
@@ -82,7 +87,7 @@ def test_chunk_table_matches_token_mask_at_traced_offsets(sink, window, block_q,
             count = int(table.counts[b, 0, qi])
             listed = np.asarray(table.kv_blocks[b, 0, qi, :count])
             np.testing.assert_array_equal(listed, np.flatnonzero(any_vis[qi]))
-            real_rows = mask[qi * block_q:(qi + 1) * block_q][real[qi * block_q:(qi + 1) * block_q, 0]]
+            real_rows = mask[qi * block_q : (qi + 1) * block_q][real[qi * block_q : (qi + 1) * block_q, 0]]
             full = real_rows.reshape(len(real_rows), nk, block_k).all((0, 2))  # [nk] over real rows
             np.testing.assert_array_equal(np.asarray(table.partial[b, 0, qi, :count]), ~full[listed])
         element = np.asarray(bm.prefill_table_mask(table))[b, 0]  # [Tq, Tk], queries at their offset
@@ -92,20 +97,17 @@ def test_chunk_table_matches_token_mask_at_traced_offsets(sink, window, block_q,
 def test_duo_attention_pattern_is_one_table_with_two_rows():
     retrieval, streaming = bm.DenseCausal(), bm.SinkLocal(8, 32)
     desc = bm.PerHead((retrieval, streaming, streaming, retrieval))  # per KV head
-    table = bm.prefill_block_table(desc, num_heads=8, num_kv_heads=4, seq_len=200, block_q=32,
-                                   block_k=32)
+    table = bm.prefill_block_table(desc, num_heads=8, num_kv_heads=4, seq_len=200, block_q=32, block_k=32)
     assert table.kv_blocks.shape[0] == 2
     sink, window = bm.head_sink_window(desc, num_heads=8, num_kv_heads=4)
     np.testing.assert_array_equal(sink, [0, 0, 8, 8, 8, 8, 0, 0])
     np.testing.assert_array_equal(window[2:6], [32] * 4)
-    expected = np.stack([_token_mask(table.seq_len, s, w)
-                         for s, w in zip(sink, window, strict=True)])
+    expected = np.stack([_token_mask(table.seq_len, s, w) for s, w in zip(sink, window, strict=True)])
     np.testing.assert_array_equal(np.asarray(bm.prefill_table_mask(table)), expected)
     # Streaming rows visit at most sink + window blocks (+1 for the diagonal), not all.
     streaming_row = table.head_pattern[2]
     assert table.counts[streaming_row].max() <= 3
-    np.testing.assert_array_equal(np.asarray(bm.dense_mask(desc, 8, 4, 50)),
-                                  expected[:, :50, :50])
+    np.testing.assert_array_equal(np.asarray(bm.dense_mask(desc, 8, 4, 50)), expected[:, :50, :50])
 
 
 def test_per_head_expansion_and_errors():
@@ -143,8 +145,9 @@ def test_configs_validate():
 @pytest.mark.parametrize("num_splits", [1, 3, 8, 33])
 def test_split_entries_cover_each_entry_once_evenly(num_splits):
     counts = jnp.array([0, 1, 5, 8, 33, 100, 2047], jnp.int32)
-    shares = jax.jit(lambda c: jnp.stack(jax.vmap(
-        lambda s: jnp.stack(bm.split_entries(s, c, num_splits)))(jnp.arange(num_splits))))(counts)
+    shares = jax.jit(
+        lambda c: jnp.stack(jax.vmap(lambda s: jnp.stack(bm.split_entries(s, c, num_splits)))(jnp.arange(num_splits)))
+    )(counts)
     first, last = np.asarray(shares[:, 0]), np.asarray(shares[:, 1])  # [splits, rows]
     np.testing.assert_array_equal(first[0], 0)
     np.testing.assert_array_equal(last[-1], counts)
@@ -170,8 +173,9 @@ def test_table_from_blocks_marks_diagonal_partial():
 def test_decode_table_from_mask_lists_exactly_the_visible_blocks(block_size):
     capacity, lengths = 128, np.array([[128, 1], [37, 0], [64, 9]], np.int32)  # [B=3, Hkv=2]
     desc = bm.PerHead((bm.SinkLocal(5, 20), bm.DenseCausal()))
-    table = bm.decode_table_from_mask(desc, jnp.asarray(lengths), num_kv_heads=2,
-                                      capacity=capacity, block_size=block_size)
+    table = bm.decode_table_from_mask(
+        desc, jnp.asarray(lengths), num_kv_heads=2, capacity=capacity, block_size=block_size
+    )
     sink, window = bm.head_sink_window(desc, 2)
     listed = np.asarray(bm.decode_table_mask(table, capacity))  # [B, Hkv, C]
     kv_blocks, counts = np.asarray(table.kv_blocks), np.asarray(table.counts)
@@ -198,7 +202,7 @@ def test_table_subset_keeps_the_marked_listed_blocks_in_order():
     table = bm.DecodeBlockTable(kv_blocks=jnp.asarray(kv_blocks, jnp.int32), counts=jnp.asarray(counts), block_size=16)
     sub = bm.decode_table_subset(table, jnp.asarray(keep))
     for h in range(3):
-        want = kv_blocks[0, h, :counts[0, h]][keep[0, h, :counts[0, h]]]
+        want = kv_blocks[0, h, : counts[0, h]][keep[0, h, : counts[0, h]]]
         count = int(sub.counts[0, h])
         assert count == len(want)
         np.testing.assert_array_equal(np.asarray(sub.kv_blocks[0, h, :count]), want)
@@ -214,8 +218,9 @@ def test_top_k_pages_match_brute_force_quest_scores():
     k = np.asarray(jax.random.normal(kk, (batch, num_kv_heads, capacity, head_dim)))
     lengths = np.array([[96, 20], [13, 5]], np.int32)
     k_min, k_max = bm.page_key_bounds(jnp.asarray(k), jnp.asarray(lengths), block_size=page)
-    table = bm.decode_table_top_k_pages(jnp.asarray(q), k_min, k_max, jnp.asarray(lengths),
-                                        top_k=top_k, block_size=page)
+    table = bm.decode_table_top_k_pages(
+        jnp.asarray(q), k_min, k_max, jnp.asarray(lengths), top_k=top_k, block_size=page
+    )
     kv_blocks, counts, k_max = (np.asarray(x) for x in (table.kv_blocks, table.counts, k_max))
     group = num_heads // num_kv_heads
     for b in range(batch):
@@ -224,13 +229,13 @@ def test_top_k_pages_match_brute_force_quest_scores():
             num_pages = -(-n // page)
             scores = []
             for p in range(num_pages):
-                keys = k[b, h, p * page:min((p + 1) * page, n)]  # valid keys of the page
+                keys = k[b, h, p * page : min((p + 1) * page, n)]  # valid keys of the page
                 lo, hi = keys.min(0), keys.max(0)
-                qs = q[b, h * group:(h + 1) * group]  # [g, D]
+                qs = q[b, h * group : (h + 1) * group]  # [g, D]
                 scores.append(np.maximum(qs * hi, qs * lo).sum(-1).mean())
             expected = np.sort(np.argsort(scores)[::-1][:top_k])
             count = counts[b, h]
             assert count == min(top_k, num_pages)
             np.testing.assert_array_equal(kv_blocks[b, h, :count], expected)
             np.testing.assert_array_equal(kv_blocks[b, h, count:], expected[-1])  # padding repeats the last
-            np.testing.assert_allclose(k_max[b, h, 0], k[b, h, :min(page, n)].max(0), rtol=1e-6)
+            np.testing.assert_allclose(k_max[b, h, 0], k[b, h, : min(page, n)].max(0), rtol=1e-6)

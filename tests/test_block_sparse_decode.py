@@ -56,7 +56,7 @@ def _listed(kv_blocks, counts, capacity, block_size):
     """bool[B, Hkv, C]: slots of the blocks a table lists."""
     listed = np.zeros(counts.shape + (capacity // block_size,), bool)
     for b, h in np.ndindex(counts.shape):
-        listed[b, h, kv_blocks[b, h, :counts[b, h]]] = True
+        listed[b, h, kv_blocks[b, h, : counts[b, h]]] = True
     return np.repeat(listed, block_size, axis=-1)
 
 
@@ -77,9 +77,15 @@ def test_dense_decode_with_short_and_empty_sequences(implementation):
     # Slots past each length are never read, except the tail of the last partial block.
     past = slots >= -(-lengths[:, None, None] // block) * block  # [B, 1, C]
     k_bad, v_bad = _poison_unlisted(k, v, ~past)
-    out = block_sparse_decode(q, k_bad, v_bad, jnp.asarray(lengths, jnp.int32),
-                              config=DecodeConfig(block_size=block), implementation=implementation,
-                              interpret=True)
+    out = block_sparse_decode(
+        q,
+        k_bad,
+        v_bad,
+        jnp.asarray(lengths, jnp.int32),
+        config=DecodeConfig(block_size=block),
+        implementation=implementation,
+        interpret=True,
+    )
     np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5)
     np.testing.assert_array_equal(out[2], 0.0)
 
@@ -95,14 +101,22 @@ def test_duo_attention_streaming_heads(implementation):
     n = lengths[:, None]
     visible = np.stack([slots < n, (slots < n) & ((slots < 4) | (n - 1 - slots < 40))], axis=1)
     expected = _dense_decode(q, k, v, visible)
-    table = bm.decode_table_from_mask(desc, jnp.asarray(lengths), num_kv_heads=kv_heads,
-                                      capacity=capacity, block_size=block)
+    table = bm.decode_table_from_mask(
+        desc, jnp.asarray(lengths), num_kv_heads=kv_heads, capacity=capacity, block_size=block
+    )
     assert int(table.counts[:, 1].max()) <= 1 + 3 + 1  # sink block + window blocks + 1
     listed = _listed(np.asarray(table.kv_blocks), np.asarray(table.counts), capacity, block)
     k_bad, v_bad = _poison_unlisted(k, v, listed)
-    out = block_sparse_decode(q, k_bad, v_bad, jnp.asarray(lengths), mask=desc,
-                              config=DecodeConfig(block_size=block, num_splits=3),
-                              implementation=implementation, interpret=True)
+    out = block_sparse_decode(
+        q,
+        k_bad,
+        v_bad,
+        jnp.asarray(lengths),
+        mask=desc,
+        config=DecodeConfig(block_size=block, num_splits=3),
+        implementation=implementation,
+        interpret=True,
+    )
     np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5)
     reference = block_sparse_decode_reference(q, k, v, jnp.asarray(lengths), mask=desc)
     np.testing.assert_allclose(reference, expected, rtol=1e-5, atol=1e-5)
@@ -118,10 +132,10 @@ def test_random_table_gqa8_per_head_lengths(implementation, num_splits):
     kv_blocks = np.zeros((batch, kv_heads, 4), np.int32)
     counts = np.zeros((batch, kv_heads), np.int32)
     for b, h in np.ndindex(batch, kv_heads):
-        chosen = rng.permutation(6)[:rng.integers(1, 5)]  # unordered; may list blocks past length
+        chosen = rng.permutation(6)[: rng.integers(1, 5)]  # unordered; may list blocks past length
         counts[b, h] = len(chosen)
-        kv_blocks[b, h, :len(chosen)] = chosen
-        kv_blocks[b, h, len(chosen):] = chosen[-1]
+        kv_blocks[b, h, : len(chosen)] = chosen
+        kv_blocks[b, h, len(chosen) :] = chosen[-1]
     table = bm.DecodeBlockTable(jnp.asarray(kv_blocks), jnp.asarray(counts), block_size=block)
     listed = _listed(kv_blocks, counts, capacity, block)
     visible = listed & (np.arange(capacity) < lengths[..., None])
@@ -129,9 +143,17 @@ def test_random_table_gqa8_per_head_lengths(implementation, num_splits):
     assert (seen[..., :2].any(-1) & seen[..., 2:].any(-1)).any()  # a row whose two splits both see keys
     expected = _dense_decode(q, k, v, visible)
     k_bad, v_bad = _poison_unlisted(k, v, listed)
-    out, lse = block_sparse_decode(q, k_bad, v_bad, jnp.asarray(lengths), table,
-                                   config=DecodeConfig(block_size=block, num_splits=num_splits),
-                                   implementation=implementation, interpret=True, return_lse=True)
+    out, lse = block_sparse_decode(
+        q,
+        k_bad,
+        v_bad,
+        jnp.asarray(lengths),
+        table,
+        config=DecodeConfig(block_size=block, num_splits=num_splits),
+        implementation=implementation,
+        interpret=True,
+        return_lse=True,
+    )
     np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(lse, _dense_lse(q, k, visible), rtol=1e-5, atol=1e-5)  # merged over splits
     reference, reference_lse = block_sparse_decode_reference(q, k, v, jnp.asarray(lengths), table, return_lse=True)
@@ -149,9 +171,16 @@ def test_many_splits_over_a_table_wider_than_its_counts(implementation):
     visible = (np.arange(capacity) < lengths[:, None])[:, None]  # [B, 1, C]
     past = np.arange(capacity) >= -(-lengths[:, None, None] // block) * block  # [B, 1, C]
     k_bad, v_bad = _poison_unlisted(k, v, ~past)
-    out, lse = block_sparse_decode(q, k_bad, v_bad, jnp.asarray(lengths, jnp.int32),
-                                   config=DecodeConfig(block_size=block, num_splits=8),
-                                   implementation=implementation, interpret=True, return_lse=True)
+    out, lse = block_sparse_decode(
+        q,
+        k_bad,
+        v_bad,
+        jnp.asarray(lengths, jnp.int32),
+        config=DecodeConfig(block_size=block, num_splits=8),
+        implementation=implementation,
+        interpret=True,
+        return_lse=True,
+    )
     np.testing.assert_allclose(out, _dense_decode(q, k, v, visible), rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(lse, _dense_lse(q, k, visible), rtol=1e-5, atol=1e-5)
 
@@ -160,8 +189,7 @@ def test_many_splits_over_a_table_wider_than_its_counts(implementation):
 def test_top_k_page_selection_end_to_end_bfloat16(implementation):
     """Quest-style: bounds -> top-k pages -> kernel equals dense attention over those pages."""
     batch, heads, kv_heads, capacity, head_dim, page, top_k = 2, 8, 2, 160, 128, 16, 3
-    q, k, v = _inputs(jax.random.key(3), batch, heads, kv_heads, capacity, head_dim,
-                      jnp.bfloat16)
+    q, k, v = _inputs(jax.random.key(3), batch, heads, kv_heads, capacity, head_dim, jnp.bfloat16)
     lengths = jnp.array([160, 70], jnp.int32)
     k_min, k_max = bm.page_key_bounds(k, lengths, block_size=page)
     table = bm.decode_table_top_k_pages(q, k_min, k_max, lengths, top_k=top_k, block_size=page)
@@ -169,9 +197,16 @@ def test_top_k_page_selection_end_to_end_bfloat16(implementation):
     listed = _listed(np.asarray(table.kv_blocks), np.asarray(table.counts), capacity, page)
     visible = listed & (np.arange(capacity) < np.asarray(lengths)[:, None, None])
     expected = _dense_decode(q, k, v, visible)
-    out = block_sparse_decode(q, k, v, lengths, table,
-                              config=DecodeConfig(block_size=page, num_splits=2),
-                              implementation=implementation, interpret=True)
+    out = block_sparse_decode(
+        q,
+        k,
+        v,
+        lengths,
+        table,
+        config=DecodeConfig(block_size=page, num_splits=2),
+        implementation=implementation,
+        interpret=True,
+    )
     assert out.dtype == jnp.bfloat16
     np.testing.assert_allclose(np.asarray(out, np.float32), expected, rtol=2e-2, atol=2e-2)
 
@@ -197,23 +232,44 @@ def test_slot_mask_reads_only_blocks_with_a_visible_slot(implementation, num_spl
     k_bad, v_bad = _poison_unlisted(k, v, listed)
     k_bad = jnp.where((listed & ~slot_mask)[..., None], 30.0, k_bad)  # would dominate if attended
     config = DecodeConfig(block_size=block, num_splits=num_splits)
-    out, lse = block_sparse_decode(q, k_bad, v_bad, jnp.asarray(lengths), table, config=config,
-                                   implementation=implementation, interpret=True, slot_mask=jnp.asarray(slot_mask),
-                                   return_lse=True)
+    out, lse = block_sparse_decode(
+        q,
+        k_bad,
+        v_bad,
+        jnp.asarray(lengths),
+        table,
+        config=config,
+        implementation=implementation,
+        interpret=True,
+        slot_mask=jnp.asarray(slot_mask),
+        return_lse=True,
+    )
     np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5)
     expected_lse = _dense_lse(q, k, slot_mask)
     assert np.isneginf(expected_lse[1, 4:]).all()  # the head that sees nothing
     np.testing.assert_allclose(lse, expected_lse, rtol=1e-5, atol=1e-5)
-    reference = block_sparse_decode_reference(q, k_bad, v, jnp.asarray(lengths), table,
-                                              slot_mask=jnp.asarray(slot_mask))
+    reference = block_sparse_decode_reference(
+        q, k_bad, v, jnp.asarray(lengths), table, slot_mask=jnp.asarray(slot_mask)
+    )
     np.testing.assert_allclose(reference, expected, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="slot_mask must be bool"):
-        block_sparse_decode(q, k, v, jnp.asarray(lengths), table, config=config,
-                            implementation=implementation, interpret=True, slot_mask=jnp.asarray(slot_mask[0]))
+        block_sparse_decode(
+            q,
+            k,
+            v,
+            jnp.asarray(lengths),
+            table,
+            config=config,
+            implementation=implementation,
+            interpret=True,
+            slot_mask=jnp.asarray(slot_mask[0]),
+        )
 
 
-@pytest.mark.parametrize("stages,stage_blocks,dma,slots", [
-    (2, 1, "eager", False), (3, 2, "on_wait", True), (2, 3, "eager", True), (2, 16, "on_wait", False)])
+@pytest.mark.parametrize(
+    "stages,stage_blocks,dma,slots",
+    [(2, 1, "eager", False), (3, 2, "on_wait", True), (2, 3, "eager", True), (2, 16, "on_wait", False)],
+)
 def test_tpu_ring_prefetch_has_no_races(stages, stage_blocks, dma, slots):
     """The TPU kernel copies the listed blocks by hand into a ring of `stages` stages of
     `stage_blocks` blocks, S - 1 stages ahead of the one it attends. Stages shorter and longer
@@ -227,8 +283,8 @@ def test_tpu_ring_prefetch_has_no_races(stages, stage_blocks, dma, slots):
     kv_blocks = np.zeros((batch, kv_heads, 16), np.int32)
     counts = np.array([[16, 11], [6, 0]], np.int32)  # up to every block, split 2 ways
     for b, h in np.ndindex(batch, kv_heads):
-        chosen = rng.permutation(16)[:counts[b, h]]
-        kv_blocks[b, h, :len(chosen)] = chosen
+        chosen = rng.permutation(16)[: counts[b, h]]
+        kv_blocks[b, h, : len(chosen)] = chosen
     table = bm.DecodeBlockTable(jnp.asarray(kv_blocks), jnp.asarray(counts), block_size=block)
     listed = _listed(kv_blocks, counts, capacity, block)
     slot_mask = rng.random((batch, kv_heads, capacity)) < (0.5 if slots else 1.0)
@@ -236,17 +292,25 @@ def test_tpu_ring_prefetch_has_no_races(stages, stage_blocks, dma, slots):
     k_bad, v_bad = _poison_unlisted(k, v, listed)
     params = pltpu.InterpretParams(dma_execution_mode=dma, detect_races=True)
     out = block_sparse_decode(
-        q, k_bad, v_bad, jnp.asarray(lengths), table,
+        q,
+        k_bad,
+        v_bad,
+        jnp.asarray(lengths),
+        table,
         config=DecodeConfig(block_size=block, num_splits=2, num_stages=stages, tpu_stage_tokens=stage_blocks * block),
-        implementation="tpu", interpret=params, slot_mask=jnp.asarray(slot_mask) if slots else None)
+        implementation="tpu",
+        interpret=params,
+        slot_mask=jnp.asarray(slot_mask) if slots else None,
+    )
     np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5)
     assert not tpu_interpreter.races.races_found
 
 
 @pytest.mark.parametrize("head_dim,block_size,top_k", [(128, 128, False), (64, 64, True)])
-@pytest.mark.parametrize("implementation,platform,call", [
-    ("tpu", "tpu", "tpu_custom_call"), ("gpu", "cuda", "triton"),
-    ("mosaic_gpu", "cuda", "mosaic_gpu")])
+@pytest.mark.parametrize(
+    "implementation,platform,call",
+    [("tpu", "tpu", "tpu_custom_call"), ("gpu", "cuda", "triton"), ("mosaic_gpu", "cuda", "mosaic_gpu")],
+)
 def test_lowers_for_hardware(implementation, platform, call, head_dim, block_size, top_k):
     """The kernel lowers to Mosaic TPU / Triton / Mosaic GPU on this CPU-only machine (not run
     there): GQA 4 with dense and streaming KV heads, or a traced top-k page table, 4 splits."""
@@ -258,13 +322,10 @@ def test_lowers_for_hardware(implementation, platform, call, head_dim, block_siz
 
     def run(q, k, v, lengths):
         if not top_k:
-            return block_sparse_decode(q, k, v, lengths, mask=desc, config=config,
-                                       implementation=implementation)
+            return block_sparse_decode(q, k, v, lengths, mask=desc, config=config, implementation=implementation)
         lower, upper = bm.page_key_bounds(k, lengths, block_size=block_size)
-        table = bm.decode_table_top_k_pages(q, lower, upper, lengths, top_k=8,
-                                            block_size=block_size)
-        return block_sparse_decode(q, k, v, lengths, table, config=config,
-                                   implementation=implementation)
+        table = bm.decode_table_top_k_pages(q, lower, upper, lengths, top_k=8, block_size=block_size)
+        return block_sparse_decode(q, k, v, lengths, table, config=config, implementation=implementation)
 
     lowered = jax.jit(run).trace(q, k, k, lengths).lower(lowering_platforms=(platform,))
     assert call in lowered.as_text()
@@ -281,8 +342,16 @@ def test_slot_mask_lowers_for_hardware(implementation, platform, call):
 
     def run(q, k, v, lengths, slots):
         table = bm.decode_table_from_slots(slots, block_size=16)
-        return block_sparse_decode(q, k, v, lengths, table, config=DecodeConfig(block_size=16, num_splits=2),
-                                   implementation=implementation, slot_mask=slots)
+        return block_sparse_decode(
+            q,
+            k,
+            v,
+            lengths,
+            table,
+            config=DecodeConfig(block_size=16, num_splits=2),
+            implementation=implementation,
+            slot_mask=slots,
+        )
 
     lowered = jax.jit(run).trace(q, k, k, lengths, slots).lower(lowering_platforms=(platform,))
     assert call in lowered.as_text()
@@ -292,42 +361,58 @@ def test_mosaic_gpu_names_what_it_cannot_take():
     q = jnp.zeros((1, 4, 64), jnp.bfloat16)
     k = jnp.zeros((1, 1, 128, 64), jnp.bfloat16)
     lengths, config = jnp.array([100], jnp.int32), DecodeConfig(block_size=64)
-    cases = [((q.astype(jnp.float32), k.astype(jnp.float32), config), "bfloat16 or float16"),
-             ((q[..., :32], k[..., :32], config), "head_dim a multiple of 64"),
-             ((q, k, DecodeConfig(block_size=32)), "block_k 32"),
-             ((jnp.zeros((1, 65, 64), jnp.bfloat16), k, config), "groups of at most 64")]
+    cases = [
+        ((q.astype(jnp.float32), k.astype(jnp.float32), config), "bfloat16 or float16"),
+        ((q[..., :32], k[..., :32], config), "head_dim a multiple of 64"),
+        ((q, k, DecodeConfig(block_size=32)), "block_k 32"),
+        ((jnp.zeros((1, 65, 64), jnp.bfloat16), k, config), "groups of at most 64"),
+    ]
     for (q_, k_, cfg), message in cases:
         with pytest.raises(ValueError, match=message):
             block_sparse_decode(q_, k_, k_, lengths, config=cfg, implementation="mosaic_gpu")
     with pytest.raises(ValueError, match="takes no slot_mask"):
-        block_sparse_decode(q, k, k, lengths, config=config, implementation="mosaic_gpu",
-                            slot_mask=jnp.ones((1, 1, 128), bool))
+        block_sparse_decode(
+            q, k, k, lengths, config=config, implementation="mosaic_gpu", slot_mask=jnp.ones((1, 1, 128), bool)
+        )
     with pytest.raises(ValueError, match="cannot run interpreted"):
-        block_sparse_decode(q, k, k, lengths, config=config, implementation="mosaic_gpu",
-                            interpret=True)
+        block_sparse_decode(q, k, k, lengths, config=config, implementation="mosaic_gpu", interpret=True)
 
 
 def test_default_on_cpu_is_the_reference_and_errors_are_clear():
     q, k, v = _inputs(jax.random.key(4), 2, 4, 2, 64, 64)
     lengths = jnp.array([64, 10], jnp.int32)
-    np.testing.assert_array_equal(block_sparse_decode(q, k, v, lengths),
-                                  block_sparse_decode_reference(q, k, v, lengths))
+    np.testing.assert_array_equal(
+        block_sparse_decode(q, k, v, lengths), block_sparse_decode_reference(q, k, v, lengths)
+    )
     with pytest.raises(ValueError, match="multiple of the block size|multiple of block_size"):
-        block_sparse_decode(q, k[:, :, :60], v[:, :, :60], lengths, implementation="gpu",
-                            config=DecodeConfig(block_size=16), interpret=True)
+        block_sparse_decode(
+            q,
+            k[:, :, :60],
+            v[:, :, :60],
+            lengths,
+            implementation="gpu",
+            config=DecodeConfig(block_size=16),
+            interpret=True,
+        )
     with pytest.raises(ValueError, match="lengths"):
         block_sparse_decode(q, k, v, jnp.array([1, 2, 3]), implementation="gpu", interpret=True)
     with pytest.raises(ValueError, match="differs"):
-        table = bm.decode_table_from_mask(bm.DenseCausal(), lengths, num_kv_heads=2,
-                                          capacity=64, block_size=16)
+        table = bm.decode_table_from_mask(bm.DenseCausal(), lengths, num_kv_heads=2, capacity=64, block_size=16)
         block_sparse_decode(q, k, v, lengths, table, config=DecodeConfig(block_size=32))
     with pytest.raises(ValueError, match="expected q"):
         block_sparse_decode(q[:, None], k, v, lengths)
     with pytest.raises(ValueError, match="InterpretParams configure the TPU kernel"):
         block_sparse_decode(q, k, v, lengths, implementation="gpu", interpret=pltpu.InterpretParams())
     with pytest.raises(ValueError, match="head dim that is a multiple of 16, got 24"):
-        block_sparse_decode(q[..., :24], k[..., :24], v[..., :24], lengths, config=DecodeConfig(block_size=16),
-                            implementation="gpu", interpret=True)
+        block_sparse_decode(
+            q[..., :24],
+            k[..., :24],
+            v[..., :24],
+            lengths,
+            config=DecodeConfig(block_size=16),
+            implementation="gpu",
+            interpret=True,
+        )
 
 
 # ----------------------------------------------------------------------------------------
@@ -346,13 +431,15 @@ def test_one_vocabulary_names_every_lowering(monkeypatch):
         assert Lowering.parse("auto") == Lowering(platform)
         assert resolve("auto", interpret=True) == Lowering("gpu" if backend == "gpu" else "tpu", True)
     monkeypatch.undo()
-    errors = [(lambda: Lowering.parse("cuda"), r"lowering must be one of \('auto', 'reference', 'tpu', 'gpu'"),
-              (lambda: Lowering.parse("mosaic_gpu-interpret"), "cannot run interpreted"),
-              (lambda: kvjax.attention.check_impl("triton"), "attention implementation must be one of"),
-              (lambda: kvjax.attention.check_impl("mosaic_gpu-interpret"), "cannot run interpreted"),
-              (lambda: Lowering("cuda"), "Lowering.platform must be one of"),
-              (lambda: Lowering("gpu", 1), "Lowering.interpret must be a bool"),
-              (lambda: Lowering("reference", True), "no interpreter")]
+    errors = [
+        (lambda: Lowering.parse("cuda"), r"lowering must be one of \('auto', 'reference', 'tpu', 'gpu'"),
+        (lambda: Lowering.parse("mosaic_gpu-interpret"), "cannot run interpreted"),
+        (lambda: kvjax.attention.check_impl("triton"), "attention implementation must be one of"),
+        (lambda: kvjax.attention.check_impl("mosaic_gpu-interpret"), "cannot run interpreted"),
+        (lambda: Lowering("cuda"), "Lowering.platform must be one of"),
+        (lambda: Lowering("gpu", 1), "Lowering.interpret must be a bool"),
+        (lambda: Lowering("reference", True), "no interpreter"),
+    ]
     for make, message in errors:
         with pytest.raises(ValueError, match=message):
             make()
@@ -363,24 +450,28 @@ def test_one_vocabulary_names_every_lowering(monkeypatch):
     flag = block_sparse_decode(q, k, v, lengths, config=config, implementation="gpu", interpret=True)
     for implementation in ("gpu-interpret", Lowering("gpu", True)):
         np.testing.assert_array_equal(
-            block_sparse_decode(q, k, v, lengths, config=config, implementation=implementation), flag)
+            block_sparse_decode(q, k, v, lengths, config=config, implementation=implementation), flag
+        )
     with pytest.raises(ValueError, match="implementation must be one of"):
         block_sparse_decode(q, k, v, lengths, implementation=None)
 
 
-@pytest.mark.parametrize("capacity,head_dim,name,block_size", [
-    (4096, 128, "gpu", 128),
-    (4160, 128, "tpu", 64),  # kvjax rounds capacities to 16: the largest page dividing
-    (48, 96, "gpu", 16),  # D 96: Triton attends 64 + 32 columns
-    (256, 24, "tpu", 128),
-    (256, 24, "gpu", None),  # Triton's smallest column piece is 16
-    (4096, 128, "mosaic_gpu", 128),
-    (192, 64, "mosaic_gpu", 64),
-    (96, 128, "mosaic_gpu", None),  # pages of 64 or 128 only
-    (4096, 96, "mosaic_gpu", None),  # head dim not a multiple of 64
-    (4096, 128, "reference", None),
-    (40, 128, "gpu", None),  # no page of 16 or more divides the capacity
-])
+@pytest.mark.parametrize(
+    "capacity,head_dim,name,block_size",
+    [
+        (4096, 128, "gpu", 128),
+        (4160, 128, "tpu", 64),  # kvjax rounds capacities to 16: the largest page dividing
+        (48, 96, "gpu", 16),  # D 96: Triton attends 64 + 32 columns
+        (256, 24, "tpu", 128),
+        (256, 24, "gpu", None),  # Triton's smallest column piece is 16
+        (4096, 128, "mosaic_gpu", 128),
+        (192, 64, "mosaic_gpu", 64),
+        (96, 128, "mosaic_gpu", None),  # pages of 64 or 128 only
+        (4096, 96, "mosaic_gpu", None),  # head dim not a multiple of 64
+        (4096, 128, "reference", None),
+        (40, 128, "gpu", None),  # no page of 16 or more divides the capacity
+    ],
+)
 def test_config_for_shape_or_none_for_the_reference(capacity, head_dim, name, block_size):
     config = DecodeConfig.for_shape(capacity, head_dim, Lowering.parse(name))
     assert config == (None if block_size is None else DecodeConfig(block_size=block_size))
@@ -402,11 +493,18 @@ def test_kvjax_decode_runs_the_kernel_where_its_config_takes_the_cache(monkeypat
     """kvjax's decode dispatch (`decode_with_lse`, `attend_pages`) calls the kernel, with the name it
     was given, exactly where `DecodeConfig.for_shape` gives a config; elsewhere the reference."""
     calls = []
-    monkeypatch.setattr(kvjax.attention, "block_sparse_decode",
-                        lambda *args, **kwargs: calls.append(kwargs) or block_sparse_decode(*args, **kwargs))
+    monkeypatch.setattr(
+        kvjax.attention,
+        "block_sparse_decode",
+        lambda *args, **kwargs: calls.append(kwargs) or block_sparse_decode(*args, **kwargs),
+    )
     batch, kv_heads, group = 2, 2, 2
-    for capacity, head_dim, impl, block_size in [(48, 32, "gpu-interpret", 16), (48, 24, "gpu-interpret", None),
-                                                 (40, 32, "tpu-interpret", None), (64, 32, "reference", None)]:
+    for capacity, head_dim, impl, block_size in [
+        (48, 32, "gpu-interpret", 16),
+        (48, 24, "gpu-interpret", None),
+        (40, 32, "tpu-interpret", None),
+        (64, 32, "reference", None),
+    ]:
         keys = jax.random.split(jax.random.key(capacity + head_dim), 3)
         q = jax.random.normal(keys[0], (batch, 1, kv_heads, group, head_dim))
         k, v = (jax.random.normal(x, (batch, kv_heads, capacity, head_dim)) for x in keys[1:])
@@ -426,8 +524,9 @@ def test_kvjax_decode_runs_the_kernel_where_its_config_takes_the_cache(monkeypat
     k, v = jnp.concatenate([k, k], axis=-1), jnp.concatenate([v, v], axis=-1)
     table = bm.decode_table_from_mask(bm.DenseCausal(), ends, num_kv_heads=kv_heads, capacity=64, block_size=64)
     calls.clear()
-    out = kvjax.attention.attend_pages(q, k, v, k_pos, (ends - 1)[:, None], table, None, 0.125, "mosaic_gpu",
-                                       slot_mask=k_pos >= 0)
+    out = kvjax.attention.attend_pages(
+        q, k, v, k_pos, (ends - 1)[:, None], table, None, 0.125, "mosaic_gpu", slot_mask=k_pos >= 0
+    )
     assert calls == [] and out.shape == q.shape
 
 
@@ -447,14 +546,23 @@ def test_mosaic_gpu_streaming_heads_on_the_gpu_interpreter():
     slots, n = np.arange(capacity), lengths[:, None]
     visible = np.stack([slots < n, (slots < n) & ((slots < 8) | (n - 1 - slots < 70))], axis=1)
     expected = _dense_decode(q, k, v, visible)
-    table = bm.decode_table_from_mask(desc, jnp.asarray(lengths), num_kv_heads=kv_heads,
-                                      capacity=capacity, block_size=block)
+    table = bm.decode_table_from_mask(
+        desc, jnp.asarray(lengths), num_kv_heads=kv_heads, capacity=capacity, block_size=block
+    )
     listed = _listed(np.asarray(table.kv_blocks), np.asarray(table.counts), capacity, block)
     assert (~listed).sum() >= 4 * block  # something is poisoned in both sequences
     k_bad, v_bad = _poison_unlisted(k, v, listed)
-    run = jax.jit(lambda q, k, v, lengths: block_sparse_decode(
-        q, k, v, lengths, mask=desc, config=DecodeConfig(block_size=block, num_splits=2),
-        implementation="mosaic_gpu"))
+    run = jax.jit(
+        lambda q, k, v, lengths: block_sparse_decode(
+            q,
+            k,
+            v,
+            lengths,
+            mask=desc,
+            config=DecodeConfig(block_size=block, num_splits=2),
+            implementation="mosaic_gpu",
+        )
+    )
     with interpreted() as found_race:
         out = np.asarray(run(q, k_bad, v_bad, jnp.asarray(lengths, jnp.int32)), np.float32)
         assert not found_race()
@@ -470,12 +578,13 @@ def test_mosaic_gpu_top_k_pages_on_the_gpu_interpreter():
     lower, upper = bm.page_key_bounds(k, lengths, block_size=page)
     table = bm.decode_table_top_k_pages(q, lower, upper, lengths, top_k=2, block_size=page)
     listed = _listed(np.asarray(table.kv_blocks), np.asarray(table.counts), capacity, page)
-    expected = _dense_decode(q, k, v, listed & (np.arange(capacity) < np.asarray(lengths)[:, None,
-                                                                                           None]))
+    expected = _dense_decode(q, k, v, listed & (np.arange(capacity) < np.asarray(lengths)[:, None, None]))
     k_bad, v_bad = _poison_unlisted(k, v, listed)
-    run = jax.jit(lambda q, k, v, lengths, table: block_sparse_decode(
-        q, k, v, lengths, table, config=DecodeConfig(block_size=page),
-        implementation="mosaic_gpu"))
+    run = jax.jit(
+        lambda q, k, v, lengths, table: block_sparse_decode(
+            q, k, v, lengths, table, config=DecodeConfig(block_size=page), implementation="mosaic_gpu"
+        )
+    )
     with interpreted() as found_race:
         out = np.asarray(run(q, k_bad, v_bad, lengths, table), np.float32)
         assert not found_race()

@@ -103,7 +103,9 @@ def test_shipped_tokenizer_is_the_word_tokenizer_builders_output(tmp_path, bundl
     shipped = BUNDLED_DIR / bundled_models()[0]
     vocab = bundled.config.vocab_size
     write_word_tokenizer(tmp_path, vocab_size=vocab)
-    assert json.loads((tmp_path / "tokenizer.json").read_text()) == json.loads((shipped / "tokenizer" / "tokenizer.json").read_text())
+    assert json.loads((tmp_path / "tokenizer.json").read_text()) == json.loads(
+        (shipped / "tokenizer" / "tokenizer.json").read_text()
+    )
     tok = Tokenizer(tmp_path)
     assert tok.encode("x")[0] == tok.token_id("<bos>") and tok.padding_id() == tok.token_id("<pad>")
     digits = tok.encode(" 7258439", add_special_tokens=False)

@@ -30,8 +30,15 @@ def test_notebook_is_committed_clean(notebook):
 def test_notebook_runs_on_cpu(notebook, tmp_path, monkeypatch):
     matplotlib.use("Agg")
     monkeypatch.chdir(tmp_path)
-    small = dict(POLICIES="full,streaming", LENGTHS=(512,), SAMPLES=2, TIMING=False, BENCH_LENGTHS=(512,), REPEATS=1,
-                 OUT=str(tmp_path / "out"))
+    small = dict(
+        POLICIES="full,streaming",
+        LENGTHS=(512,),
+        SAMPLES=2,
+        TIMING=False,
+        BENCH_LENGTHS=(512,),
+        REPEATS=1,
+        OUT=str(tmp_path / "out"),
+    )
     namespace: dict = {}
     for i, cell in enumerate(notebook["cells"]):
         tags = cell["metadata"].get("tags", [])
@@ -47,7 +54,8 @@ def test_notebook_runs_on_cpu(notebook, tmp_path, monkeypatch):
     assert all(b < full_bytes / 1.5 for label, (b, _) in one_prompt.items() if label != "full")
     rows = namespace["rows"]
     assert {(r["policy"], r["task"]) for r in rows} == {
-        (p, t) for p in ("full", "streaming@256") for t in ("niah_single", "passkey")}
+        (p, t) for p in ("full", "streaming@256") for t in ("niah_single", "passkey")
+    }
     assert all(r["accuracy"] == 1.0 for r in rows if r["policy"] == "full")
     out = tmp_path / "out"
     for name in ("results.json", "results.csv", "accuracy_vs_compression.png", "bench.json", "bench.png"):

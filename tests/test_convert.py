@@ -139,7 +139,9 @@ def test_tokenizer_and_chat_template_match_transformers(hf_checkpoints):
     assert ours.encode(text) == theirs(text)["input_ids"]
     assert ours.decode(ours.encode(text)) == text
     messages = [{"role": "user", "content": "Where is the needle?"}]
-    assert ours.apply_chat_template(messages) == theirs.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    assert ours.apply_chat_template(messages) == theirs.apply_chat_template(
+        messages, tokenize=False, add_generation_prompt=True
+    )
 
 
 def test_cli_converts_and_generates(hf_checkpoints, tmp_path, capsys):
@@ -148,7 +150,22 @@ def test_cli_converts_and_generates(hf_checkpoints, tmp_path, capsys):
     hf_dir, _ = hf_checkpoints("mistral")
     out = tmp_path / "cli-out"
     assert main(["convert", str(hf_dir), str(out), "--dtype", "float32"]) == 0
-    assert main(["generate", "--model", str(out), "--prompt", "The quick brown", "--max-new-tokens", "8", "--dtype", "float32"]) == 0
+    assert (
+        main(
+            [
+                "generate",
+                "--model",
+                str(out),
+                "--prompt",
+                "The quick brown",
+                "--max-new-tokens",
+                "8",
+                "--dtype",
+                "float32",
+            ]
+        )
+        == 0
+    )
     printed = capsys.readouterr().out.strip().splitlines()[-1]
     m = load(out, jnp.float32)
     ids = np.asarray(kvjax.generate(m, [m.tokenizer.encode("The quick brown")], max_new_tokens=8))[0]

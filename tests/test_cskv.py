@@ -9,15 +9,18 @@ import numpy as np
 import pytest
 
 import kvjax
+from kvjax import init_model
 from kvjax.config import RopeConfig
 from kvjax.policies import CSKV, Full
 from kvjax.policies.cskv import LowRankSegment
 from kvjax.rope import apply_rope, rope_tables, rotate_at
-from kvjax import init_model
-from tests.support.random_data import random_tokens
 from tests.support.quantized_fixtures import (
-    assert_generate_is_the_greedy_chain, head_dim_32_config, llama8b_cache_config, teacher_forced,
+    assert_generate_is_the_greedy_chain,
+    head_dim_32_config,
+    llama8b_cache_config,
+    teacher_forced,
 )
+from tests.support.random_data import random_tokens
 
 LENGTHS = (70, 20)  # row 1 starts shorter than the exact window and grows past it while decoding
 NEW = 12
@@ -144,8 +147,13 @@ def test_generate_ragged_batch_is_the_greedy_chain(model, runs):
 
 
 def test_inverse_rotation_undoes_the_model_rotation_with_longrope_gain():
-    rope = RopeConfig(theta=10000.0, kind="longrope", original_max_position_embeddings=64,
-                      short_factor=(1.0,) * 8, long_factor=(2.0,) * 8)
+    rope = RopeConfig(
+        theta=10000.0,
+        kind="longrope",
+        original_max_position_embeddings=64,
+        short_factor=(1.0,) * 8,
+        long_factor=(2.0,) * 8,
+    )
     x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 5, 3, 16)), jnp.float32)
     pos = jnp.asarray([[0, 7, 80, 100, 127], [3, 4, 5, 6, 7]], jnp.int32)
     for seq_len in (32, 128):  # short and long factors; the long ones scale cos and sin by 1.2
@@ -159,9 +167,11 @@ def test_kv_bytes():
     cfg, n = llama8b_cache_config(), 4096
 
     def decoding(policy):
-        return jax.eval_shape(lambda: policy.finalize(
-            cfg, policy.allocate(cfg, 1, n, 0, 512, jnp.bfloat16).replace(length=jnp.full((1,), n, jnp.int32)), n, 0
-        ))
+        return jax.eval_shape(
+            lambda: policy.finalize(
+                cfg, policy.allocate(cfg, 1, n, 0, 512, jnp.bfloat16).replace(length=jnp.full((1,), n, jnp.int32)), n, 0
+            )
+        )
 
     shrunk, full = decoding(CSKV()), jax.eval_shape(lambda: Full().allocate(cfg, 1, n, 0, 512, jnp.bfloat16))
     x = 8 * 128

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 
 import kvjax
-from tests.support.own_process import run_in_own_process
 from tests.cuda_lowering_checks import PHI3_HEAD_DIM
 from tests.support.jaxprs import pallas_calls
+from tests.support.own_process import run_in_own_process
 
 pytestmark = pytest.mark.slow  # over ~20 s of a core; `-m "not slow"` skips it
 
@@ -35,6 +35,7 @@ def test_the_triton_kernels_match_the_reference_at_head_dim_96(t):
     k_pos = jnp.broadcast_to(jnp.where(slots < ends[:, None], slots, -1)[:, None], (b, kv_heads, capacity))
     q_pos = (ends - t)[:, None] + jnp.arange(t, dtype=jnp.int32)  # [B, T]
     run = lambda impl: kvjax.attention.attend(  # noqa: E731
-        q, k, v, k_pos, q_pos, None, PHI3_HEAD_DIM**-0.5, impl, slot_is_position=True)
+        q, k, v, k_pos, q_pos, None, PHI3_HEAD_DIM**-0.5, impl, slot_is_position=True
+    )
     assert len(pallas_calls(jax.make_jaxpr(lambda: run("gpu-interpret"))())) == 1
     np.testing.assert_allclose(np.asarray(run("gpu-interpret")), np.asarray(run("reference")), atol=2e-5, rtol=0)

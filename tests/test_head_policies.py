@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -18,9 +17,9 @@ from kvjax.kv_state import count, empty_segment
 from kvjax.policies import DuoAttention, Full, RazorAttention, StreamingLLM
 from kvjax.policies.duo_attention import pattern_file, quantile_head_sets, read_gates_tsv, write_gates_tsv
 from kvjax.policies.razor_attention import compensated, compensated_attention
-from tests.support.random_data import random_tokens
-from tests.support.policy_reference import causal_probs, layer_queries_keys
 from tests.support.jaxprs import pallas_calls
+from tests.support.policy_reference import causal_probs, layer_queries_keys
+from tests.support.random_data import random_tokens
 
 LLAMA31_TSV = pattern_file("Meta-Llama-3.1-8B-Instruct")
 
@@ -37,8 +36,14 @@ def kept_positions(state, layer: int) -> dict[int, list[set[int]]]:
 
 def decode_logits(m, policy, tokens, prompt, chunk=32, attention_impl="auto"):
     """Logits of every decode step after prefilling tokens[:, :prompt], and the final state."""
-    state = kvjax.prefill(m, tokens[:, :prompt], policy, max_new_tokens=tokens.shape[1] - prompt, chunk_size=chunk,
-                          attention_impl=attention_impl)
+    state = kvjax.prefill(
+        m,
+        tokens[:, :prompt],
+        policy,
+        max_new_tokens=tokens.shape[1] - prompt,
+        chunk_size=chunk,
+        attention_impl=attention_impl,
+    )
     logits = []
     for t in range(prompt, tokens.shape[1]):
         step, state = kvjax.decode_step(m, state, tokens[:, t], policy, attention_impl=attention_impl)
@@ -80,7 +85,8 @@ def test_duo_retrieval_heads_prefill_through_the_pallas_kernel(tiny_model):
     kernel, reference = kvjax.inference.Execution("gpu-interpret"), kvjax.inference.Execution("reference")
     tokens, lengths = random_tokens(12, (2, 60), m.config.vocab_size), np.array([60, 33], np.int32)
     run = lambda t, n: kvjax.inference._prefill(  # noqa: E731
-        m.graphdef, m.params, None, t, n, policy=policy, chunk=24, max_new_tokens=4, run=kernel)
+        m.graphdef, m.params, None, t, n, policy=policy, chunk=24, max_new_tokens=4, run=kernel
+    )
     padded = np.pad(tokens, ((0, 0), (0, 12)))  # three chunks of 24
     traced = jax.make_jaxpr(run)(jnp.asarray(padded), jnp.asarray(lengths))
     assert len(pallas_calls(traced)) == m.config.num_layers  # one retrieval segment per layer
@@ -102,7 +108,10 @@ def test_duo_mixed_heads_keep_what_their_class_keeps(tiny_model):
     tokens = random_tokens(12, (2, 200), m.config.vocab_size)
     policy = DuoAttention(((1,), (0,)), sink=4, recent=28)
     layout = policy.layout(m.config, 192, 8, 32)
-    assert [[(s.heads, s.budget) for s in layer] for layer in layout] == [[((1,), None), ((0,), 32)], [((0,), None), ((1,), 32)]]
+    assert [[(s.heads, s.budget) for s in layer] for layer in layout] == [
+        [((1,), None), ((0,), 32)],
+        [((0,), None), ((1,), 32)],
+    ]
     assert all(layer[1].capacity == 32 + 32 for layer in layout)
     state = kvjax.prefill(m, tokens[:, :192], policy, lengths=[192, 150], max_new_tokens=8, chunk_size=32)
     shapes = jax.tree.map(jnp.shape, state)
@@ -191,9 +200,12 @@ def test_compensation_token_matches_its_closed_form():
     pos = np.tile(np.arange(100, 100 + c), (b, h, 1))
     pos[0, 1, -1] = -1  # an empty slot
     seg = seg.replace(
-        k=jnp.asarray(keys, jnp.float32), v=jnp.asarray(values, jnp.float32), pos=jnp.asarray(pos, jnp.int32),
+        k=jnp.asarray(keys, jnp.float32),
+        v=jnp.asarray(values, jnp.float32),
+        pos=jnp.asarray(pos, jnp.int32),
         k_dropped=jnp.asarray((dropped_k * live[..., None]).sum(2), jnp.float32),
-        v_dropped=jnp.asarray((dropped_v * live[..., None]).sum(2), jnp.float32), n_dropped=jnp.asarray(n_d),
+        v_dropped=jnp.asarray((dropped_v * live[..., None]).sum(2), jnp.float32),
+        n_dropped=jnp.asarray(n_d),
     )
     q = rng.normal(size=(b, t, h, g, d))
     q_pos = np.tile(np.arange(110, 110 + t), (b, 1))
@@ -243,7 +255,8 @@ def test_razor_decode_through_the_pallas_kernel_matches_the_reference(tiny_model
     state = kvjax.prefill(m, tokens[:, :50], policy, max_new_tokens=10, chunk_size=32, attention_impl=impl)
     run = kvjax.inference.Execution(impl)
     traced = jax.make_jaxpr(lambda s, t: kvjax.inference._forward_token(m.module(), policy, s, t, run))(
-        state, tokens[:, 50])
+        state, tokens[:, 50]
+    )
     assert len(pallas_calls(traced)) == 3  # 2 segments in layer 0, 1 in layer 1
     fast, fast_state = decode_logits(m, policy, tokens, 50, attention_impl=impl)
     slow, slow_state = decode_logits(m, policy, tokens, 50, attention_impl="reference")
@@ -305,7 +318,8 @@ def test_planted_echo_and_induction_heads_are_found():
         rows = target.sum(-1, keepdims=True)
         probs[head] = np.where(rows > 0, target / np.maximum(rows, 1), probs[head])
     echo, ind, n = razor_heads.echo_induction_mass(
-        jnp.asarray(probs, jnp.float32)[None, :, None], jnp.asarray(tokens)[None], jnp.arange(t))
+        jnp.asarray(probs, jnp.float32)[None, :, None], jnp.asarray(tokens)[None], jnp.arange(t)
+    )
     echo, ind = np.asarray(echo[0, :, 0] / n[0]), np.asarray(ind[0, :, 0] / n[0])
     assert echo[7] == pytest.approx(1.0) and ind[13] == pytest.approx(1.0, abs=0.02)
     heads = razor_heads.select_retrieval_heads(echo.reshape(4, 5), ind.reshape(4, 5), 5, 0.05, 0.05)
@@ -330,11 +344,11 @@ def test_retrieval_score_matches_numpy(tiny_model):
     scores, out, tops = retrieval_score.per_test_scores(m, test, max_new_tokens=6)
     prompt, t = np.asarray(test.prompt), len(test.prompt)
     seq = np.concatenate([prompt, out[:-1]])  # everything fed to the model
-    assert out == np.argmax(np.asarray(kvjax.logits(m, seq[None]))[0, t - 1:], -1).tolist()
+    assert out == np.argmax(np.asarray(kvjax.logits(m, seq[None]))[0, t - 1 :], -1).tolist()
     ref_tops = np.zeros_like(tops)
     for layer, (q, k, _) in enumerate(layer_queries_keys(m, seq[None])):
         p = causal_probs(q, k, m.config.group_size)[0].reshape(m.config.num_heads, len(seq), len(seq))
-        ref_tops[:, layer] = p[:, t - 1: t - 1 + len(out)].argmax(-1).T  # [S, H]
+        ref_tops[:, layer] = p[:, t - 1 : t - 1 + len(out)].argmax(-1).T  # [S, H]
     np.testing.assert_array_equal(tops, ref_tops)
     np.testing.assert_allclose(scores, retrieval_score.copy_paste_scores(tops, out, prompt, 30, 42))
     # Planted: 3 steps, 2 layers x 2 heads; needle [2, 6) of the prompt.
@@ -359,13 +373,19 @@ def test_haystack_tests_place_the_needle(tmp_path):
     (tmp_path / "PaulGrahamEssays").mkdir()  # the layout of the public haystack, with text of our own
     for i in range(2):
         (tmp_path / "PaulGrahamEssays" / f"{i}.txt").write_text(f"Essay {i} talks about many things at length. " * 40)
-    needles = [{"needle": f"The secret word {i} is pebble{i}.", "question": f"What is secret word {i}?",
-                "real_needle": f"pebble{i}"} for i in range(3)]
+    needles = [
+        {
+            "needle": f"The secret word {i} is pebble{i}.",
+            "question": f"What is secret word {i}?",
+            "real_needle": f"pebble{i}",
+        }
+        for i in range(3)
+    ]
     (tmp_path / "retrieval_head_needles.jsonl").write_text("\n".join(json.dumps(n) for n in needles))
     encode = lambda text: list(text.encode("utf-8"))  # noqa: E731  a byte "tokenizer"
     tests = retrieval_score.haystack_tests(encode, [600], [0.0, 0.5, 1.0], root=tmp_path, bos=[1])
     assert len(tests) == 9
     for test in tests:
         assert len(test.prompt) == 600 and test.prompt[0] == 1
-        needle = bytes(test.prompt[test.needle_start:test.needle_end]).decode()
+        needle = bytes(test.prompt[test.needle_start : test.needle_end]).decode()
         assert needle.strip().endswith(".") and bytes(test.answer).decode().lower() in needle.lower()

@@ -55,7 +55,7 @@ def test_greedy_generation_matches_transformers(hf_checkpoints, variant):
     with torch.no_grad():
         ref = hf.generate(torch.tensor(prompt, dtype=torch.long), max_new_tokens=32, do_sample=False)
     ours = np.asarray(kvjax.generate(m, prompt, max_new_tokens=32, eos_token_id=()))
-    np.testing.assert_array_equal(ours, ref[:, prompt.shape[1]:].numpy())
+    np.testing.assert_array_equal(ours, ref[:, prompt.shape[1] :].numpy())
 
 
 @pytest.mark.parametrize("prompt_len", [240, 256])
@@ -80,8 +80,8 @@ def test_eos_stops_like_transformers(hf_checkpoints):
     prompt = random_tokens(2, (1, 20), m.config.vocab_size)  # this prompt reaches EOS (id 1) early
     with torch.no_grad():
         ref = _hf_model(hf_dir).generate(torch.tensor(prompt, dtype=torch.long), max_new_tokens=32, do_sample=False)
-    ref = ref[0, prompt.shape[1]:].numpy()
+    ref = ref[0, prompt.shape[1] :].numpy()
     assert ref[-1] == m.config.eos_token_ids[0] and len(ref) < 32
     ours = np.asarray(kvjax.generate(m, prompt, max_new_tokens=32))[0]
     np.testing.assert_array_equal(ours[: len(ref)], ref)
-    assert (ours[len(ref):] == m.config.pad_token_id).all()
+    assert (ours[len(ref) :] == m.config.pad_token_id).all()

@@ -10,13 +10,13 @@ import numpy as np
 import pytest
 
 import kvjax
-from kvjax import inference as gen
 from kvjax import ModelConfig, init_model
+from kvjax import inference as gen
 from kvjax.layer_step import Decode, LayerContext, Prefill, StepInputs
 from kvjax.policies import KIVI, Full
 from pallas_kernels import kv_quant
-from tests.support.random_data import random_tokens
 from tests.support.quantized_fixtures import head_dim_32_config, llama8b_cache_config, rms, teacher_forced
+from tests.support.random_data import random_tokens
 
 G, R = 32, 128
 LENGTHS = (250, 100)  # row 0 quantizes (and flushes 3 groups in one chunk); row 1 never leaves R + G
@@ -57,7 +57,9 @@ def _run(m, policy, tokens):
 def runs(model):
     tokens = random_tokens(0, (2, max(LENGTHS) + NEW), model.config.vocab_size)
     policies = {
-        "full": Full(), "kivi4": KIVI(4), "kivi2": KIVI(2),
+        "full": Full(),
+        "kivi4": KIVI(4),
+        "kivi2": KIVI(2),
         "no_window": KIVI(4, residual=0),  # bug: "forgot the residual window"
         "scale": _ScaledSlab(4, factor=16 / 15),  # bug: scale = range / 2^b instead of / (2^b - 1)
     }
@@ -184,9 +186,7 @@ def test_generate_ragged_batch_is_the_greedy_chain(model, runs):
     tokens, _ = runs
     prompts, lengths = tokens[:, : max(LENGTHS)], np.asarray(LENGTHS, np.int32)
     policy = KIVI(4)
-    out = np.asarray(kvjax.generate(
-        model, prompts, NEW, policy, lengths=lengths, eos_token_id=(), chunk_size=CHUNK
-    ))
+    out = np.asarray(kvjax.generate(model, prompts, NEW, policy, lengths=lengths, eos_token_id=(), chunk_size=CHUNK))
     state, logits = gen._run_prefill(model, prompts, lengths, policy, CHUNK, NEW, gen.Execution())
     chain = [np.asarray(jnp.argmax(logits, -1))]
     for _ in range(NEW - 1):
@@ -225,8 +225,17 @@ def test_sliding_window_masks_the_slab():
 
 
 @pytest.mark.parametrize(
-    "kwargs", [dict(bits=3), dict(bits=True), dict(group=0), dict(group=24), dict(group=2, bits=2),
-               dict(residual=-1), dict(residual=1.5), dict(group=32.0)],
+    "kwargs",
+    [
+        dict(bits=3),
+        dict(bits=True),
+        dict(group=0),
+        dict(group=24),
+        dict(group=2, bits=2),
+        dict(residual=-1),
+        dict(residual=1.5),
+        dict(group=32.0),
+    ],
 )
 def test_bad_arguments_raise(kwargs):
     with pytest.raises(ValueError):

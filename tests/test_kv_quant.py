@@ -35,8 +35,7 @@ def test_error_within_half_a_step(bits, scale_dtype):
     cache = kv_quant.quantize_kv(k, v, bits, scale_dtype=scale_dtype)
     kv_quant.check_quantized_kv(cache)
     k_hat, v_hat = kv_quant.dequantize_kv(cache)
-    for x, x_hat, scale in ((k, k_hat, _expand_key_stat(cache.k_scale)),
-                            (v, v_hat, _expand_value_stat(cache.v_scale))):
+    for x, x_hat, scale in ((k, k_hat, _expand_key_stat(cache.k_scale)), (v, v_hat, _expand_value_stat(cache.v_scale))):
         err = np.abs(np.asarray(x) - np.asarray(x_hat))
         eps = 4 * np.finfo(np.float32).eps * np.abs(np.asarray(x)).max()
         assert np.all(err <= scale / 2 + eps), float((err - scale / 2).max())
@@ -54,8 +53,7 @@ def test_pack_layout_and_round_trip(bits):
     # Byte [n * rows + r, d] holds token n * G + i * rows + r in bits [i * b, (i + 1) * b).
     for n in range(2):
         for r in range(rows):
-            expected = sum(codes[:, n * G + i * rows + r].astype(int) << (i * bits)
-                           for i in range(per))
+            expected = sum(codes[:, n * G + i * rows + r].astype(int) << (i * bits) for i in range(per))
             np.testing.assert_array_equal(packed[:, n * rows + r], expected)
     np.testing.assert_array_equal(np.asarray(kv_quant.unpack(jnp.asarray(packed), bits)), codes)
 
@@ -82,8 +80,8 @@ def test_write_quantized_fills_a_window_per_sequence():
     written = kv_quant.dequantize_kv(slab)
     for b, start in enumerate((G, 3 * G)):
         for x_direct, x_slab in zip(direct, written):
-            np.testing.assert_array_equal(x_slab[b, :, start:start + G], x_direct[b])
-            np.testing.assert_array_equal(np.delete(x_slab[b], np.s_[start:start + G], 1), 0.0)
+            np.testing.assert_array_equal(x_slab[b, :, start : start + G], x_direct[b])
+            np.testing.assert_array_equal(np.delete(x_slab[b], np.s_[start : start + G], 1), 0.0)
 
 
 def test_pytree_bytes_and_static_fields():

@@ -20,20 +20,51 @@ from kvjax.checkpoint import CheckpointError
 from kvjax.kv_state import count, round_capacity
 from kvjax.policies import Full, Locret
 from kvjax.policies.locret import (
-    HEADS_DIR, HEADS_JSON, load_retaining_heads, random_retaining_heads, retaining_head_scores, retaining_scores,
+    HEADS_DIR,
+    HEADS_JSON,
+    load_retaining_heads,
+    random_retaining_heads,
+    retaining_head_scores,
+    retaining_scores,
     save_retaining_heads,
 )
 from kvjax.policies.locret.training import LocretHeadConfig, features_and_targets, make_batch, train_locret_heads
-from tests.support.random_data import random_tokens
 from tests.support.interrupted_run import straight_and_resumed
 from tests.support.policy_reference import causal_probs, layer_queries_keys
+from tests.support.random_data import random_tokens
 
 HIDDEN = 32
-SMALL = dict(hidden=HIDDEN, tasks=("niah_single", "passkey"), min_len=400, max_len=600, pad_multiple=640, chunk=128,
-             warmup=2, lr=3e-3)
-CLI_ARGS = ["--hidden", str(HIDDEN), "--tasks", "niah_single,passkey", "--min-len", "400", "--max-len", "600",
-            "--pad-multiple", "640", "--chunk", "128", "--warmup", "2", "--lr", "3e-3", "--dtype", "float32",
-            "--no-progress"]
+SMALL = dict(
+    hidden=HIDDEN,
+    tasks=("niah_single", "passkey"),
+    min_len=400,
+    max_len=600,
+    pad_multiple=640,
+    chunk=128,
+    warmup=2,
+    lr=3e-3,
+)
+CLI_ARGS = [
+    "--hidden",
+    str(HIDDEN),
+    "--tasks",
+    "niah_single,passkey",
+    "--min-len",
+    "400",
+    "--max-len",
+    "600",
+    "--pad-multiple",
+    "640",
+    "--chunk",
+    "128",
+    "--warmup",
+    "2",
+    "--lr",
+    "3e-3",
+    "--dtype",
+    "float32",
+    "--no-progress",
+]
 
 
 @pytest.fixture(scope="module")
@@ -64,8 +95,9 @@ def _layer0_numpy(m, heads, tokens: np.ndarray, rope: bool) -> np.ndarray:
     x = np.asarray(p["embed"], np.float64)[tokens]  # [B, T, E]
     x = x / np.sqrt(np.mean(x * x, -1, keepdims=True) + m.config.rms_norm_eps)
     x = x * np.asarray(block["input_norm"]["weight"])
-    q, k, v = (np.einsum("bte,ehd->bthd", x, np.asarray(block["attn"][n], np.float64))
-               for n in ("q_proj", "k_proj", "v_proj"))
+    q, k, v = (
+        np.einsum("bte,ehd->bthd", x, np.asarray(block["attn"][n], np.float64)) for n in ("q_proj", "k_proj", "v_proj")
+    )
     if rope:
         q, k, _ = layer_queries_keys(m, tokens)[0]
     b, t = tokens.shape
@@ -84,8 +116,9 @@ def test_retaining_heads_read_pre_rope_projections(byte_model, heads):
     # post-RoPE inputs would differ
     assert np.abs(scores[0] - _layer0_numpy(m, heads, tokens, rope=True)).max() > 1e-2
     # Pre-RoPE inputs: shifting every position leaves every layer's scores unchanged (attention is relative).
-    np.testing.assert_allclose(np.asarray(retaining_scores(m, policy, tokens, offset=777)), scores, atol=1e-4,
-                               rtol=1e-4)
+    np.testing.assert_allclose(
+        np.asarray(retaining_scores(m, policy, tokens, offset=777)), scores, atol=1e-4, rtol=1e-4
+    )
     # The policy's layer step scores the same way: a budget covering the prompt stores them all.
     state = kvjax.prefill(m, tokens, policy, chunk_size=32)
     for layer, (seg,) in enumerate(state.layers):
@@ -190,9 +223,10 @@ def test_kv_bytes_shrink_with_the_budget(byte_model, heads):
     m, _ = byte_model
     tokens = random_tokens(5, (1, 512), m.config.vocab_size)
     full = kvjax.kv_bytes(kvjax.prefill(m, tokens, chunk_size=128))
-    states = [kvjax.prefill(m, tokens, _locret(heads, budget_tokens=b, stabilizers=b // 4, local_len=16),
-                            chunk_size=128)
-              for b in (224, 96, 32)]
+    states = [
+        kvjax.prefill(m, tokens, _locret(heads, budget_tokens=b, stabilizers=b // 4, local_len=16), chunk_size=128)
+        for b in (224, 96, 32)
+    ]
     sizes = [kvjax.kv_bytes(s) for s in states]
     assert full > sizes[0] > sizes[1] > sizes[2]
     assert [s.layers[0][0].capacity for s in states] == [round_capacity(b + 16 + 1) for b in (224, 96, 32)]
@@ -228,12 +262,17 @@ def test_training_lowers_the_loss_and_the_heads_round_trip(byte_model, trained):
     # The policy's scores are what training optimised: the same head on the same pre-RoPE features.
     batch = make_batch(model.tokenizer, LocretHeadConfig(**SMALL), 0, 0, 0)
     features, _ = jax.jit(features_and_targets, static_argnums=(0, 5))(
-        model.graphdef, model.params, batch["tokens"], batch["valid"], batch["answer"], 128)
+        model.graphdef, model.params, batch["tokens"], batch["valid"], batch["answer"], 128
+    )
     head = lambda f, a, b: retaining_head_scores(f, a, b, "silu")  # noqa: E731
     trained_pred = jax.vmap(head)(features, heads["fc1"], heads["fc2"])
     real = batch["valid"][0]  # the padding tail is masked in training, attended in this plain forward
-    np.testing.assert_allclose(np.asarray(retaining_scores(model, policy, batch["tokens"]))[:, :, real],
-                               np.asarray(trained_pred)[:, :, real], atol=1e-5, rtol=1e-5)
+    np.testing.assert_allclose(
+        np.asarray(retaining_scores(model, policy, batch["tokens"]))[:, :, real],
+        np.asarray(trained_pred)[:, :, real],
+        atol=1e-5,
+        rtol=1e-5,
+    )
 
 
 def test_clear_errors(byte_model, trained, tmp_path, capsys):
@@ -248,8 +287,17 @@ def test_clear_errors(byte_model, trained, tmp_path, capsys):
         retaining_scores(model, Locret(), tokens)
     with pytest.raises(CheckpointError, match="not a Locret retaining-heads folder"):
         Locret.from_pretrained(tmp_path / "nowhere", model.config)
-    other = ModelConfig(family="llama", vocab_size=300, hidden_size=64, intermediate_size=128, num_layers=3,
-                        num_heads=4, num_kv_heads=2, head_dim=16, max_position_embeddings=2048)
+    other = ModelConfig(
+        family="llama",
+        vocab_size=300,
+        hidden_size=64,
+        intermediate_size=128,
+        num_layers=3,
+        num_heads=4,
+        num_kv_heads=2,
+        head_dim=16,
+        max_position_embeddings=2048,
+    )
     save_retaining_heads(tmp_path / "other", random_retaining_heads(other, HIDDEN), other)
     with pytest.raises(ValueError, match="do not fit"):
         Locret.from_pretrained(tmp_path / "other", model.config)
@@ -269,8 +317,11 @@ def test_clear_errors(byte_model, trained, tmp_path, capsys):
             f.write_bytes(b"garbage")
     with pytest.raises(CheckpointError, match="corrupted"):
         load_retaining_heads(broken, model.config)
-    for bad, match in ((dict(budget_tokens=0), "budget_tokens >= 1"), (dict(local_len=-1), "local_len >= 0"),
-                       (dict(budget_tokens=100, stabilizers=100), "stabilizers < budget_tokens")):
+    for bad, match in (
+        (dict(budget_tokens=0), "budget_tokens >= 1"),
+        (dict(local_len=-1), "local_len >= 0"),
+        (dict(budget_tokens=100, stabilizers=100), "stabilizers < budget_tokens"),
+    ):
         with pytest.raises(ValueError, match=match):
             Locret(**bad)
     with pytest.raises(ValueError, match="warmup"):
@@ -289,9 +340,31 @@ def test_eval_runs_locret_with_trained_heads(byte_model, trained, tmp_path, caps
 
     _, model_dir = byte_model
     out, _, _ = trained
-    rc = main(["eval", "--model", str(model_dir), "--policies", "locret", "--budgets", "96", "--lengths", "400",
-               "--tasks", "passkey", "--samples", "1", "--dtype", "float32", "--no-timing", "--policy-file", f"locret={out}",
-               "--out", str(tmp_path / "eval"), "--no-progress"])
+    rc = main(
+        [
+            "eval",
+            "--model",
+            str(model_dir),
+            "--policies",
+            "locret",
+            "--budgets",
+            "96",
+            "--lengths",
+            "400",
+            "--tasks",
+            "passkey",
+            "--samples",
+            "1",
+            "--dtype",
+            "float32",
+            "--no-timing",
+            "--policy-file",
+            f"locret={out}",
+            "--out",
+            str(tmp_path / "eval"),
+            "--no-progress",
+        ]
+    )
     printed = capsys.readouterr().out
     assert rc == 0, printed
     (row,) = json.loads((tmp_path / "eval" / "results.json").read_text())
@@ -304,8 +377,23 @@ def test_eval_runs_locret_with_trained_heads(byte_model, trained, tmp_path, caps
 def test_sigkilled_run_resumes_to_the_same_heads(byte_model, tmp_path):
     model, model_dir = byte_model
     steps = 10
-    command = [sys.executable, "-m", "kvjax.cli", "train-gates", "--method", "locret", "--model", str(model_dir),
-               "--steps", str(steps), "--checkpoint-every", "1", "--seed", "7", *CLI_ARGS]
+    command = [
+        sys.executable,
+        "-m",
+        "kvjax.cli",
+        "train-gates",
+        "--method",
+        "locret",
+        "--model",
+        str(model_dir),
+        "--steps",
+        str(steps),
+        "--checkpoint-every",
+        "1",
+        "--seed",
+        "7",
+        *CLI_ARGS,
+    ]
     straight, killed = straight_and_resumed(command, tmp_path, steps, HEADS_JSON)
     a, _ = load_retaining_heads(straight, model.config)
     b, _ = load_retaining_heads(killed, model.config)

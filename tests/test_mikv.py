@@ -11,10 +11,14 @@ from kvjax.policies import H2O, KIVI, Full, MiKV, SnapKV, StreamingLLM
 from kvjax.policies.mikv import MixedSegment
 from kvjax.policies.quantized_pruning import decode_state_bytes
 from pallas_kernels import kv_quant
-from tests.support.random_data import random_tokens
 from tests.support.quantized_fixtures import (
-    assert_generate_is_the_greedy_chain, head_dim_32_config, llama8b_cache_config, rms, teacher_forced,
+    assert_generate_is_the_greedy_chain,
+    head_dim_32_config,
+    llama8b_cache_config,
+    rms,
+    teacher_forced,
 )
+from tests.support.random_data import random_tokens
 
 LENGTHS = (450, 200)
 NEW = 20
@@ -31,8 +35,11 @@ def model():
 def runs(model):
     tokens = random_tokens(2, (2, max(LENGTHS) + NEW), model.config.vocab_size)
     policies = {
-        "full": Full(), "h2o": H2O(HEAVY, WINDOW), "mikv4": MiKV(H2O(HEAVY, WINDOW), 4),
-        "mikv2": MiKV(H2O(HEAVY, WINDOW), 2), "streaming": MiKV(StreamingLLM(4, 60), 4),
+        "full": Full(),
+        "h2o": H2O(HEAVY, WINDOW),
+        "mikv4": MiKV(H2O(HEAVY, WINDOW), 4),
+        "mikv2": MiKV(H2O(HEAVY, WINDOW), 2),
+        "streaming": MiKV(StreamingLLM(4, 60), 4),
     }
     return tokens, {name: teacher_forced(model, p, tokens, LENGTHS, NEW, CHUNK) for name, p in policies.items()}
 
@@ -60,7 +67,7 @@ def test_no_token_left_behind(runs, name, phase):
                 recent = 60 if name == "streaming" else WINDOW
                 assert set(range(seen - recent, seen)) <= set(high.tolist())
                 if name == "streaming":
-                    np.testing.assert_array_equal(np.sort(high), np.r_[0:4, seen - 60:seen])
+                    np.testing.assert_array_equal(np.sort(high), np.r_[0:4, seen - 60 : seen])
 
 
 @pytest.mark.parametrize("name", ["mikv4", "mikv2"])
@@ -82,7 +89,8 @@ def test_demoted_entries_are_the_originals_quantized_per_token(runs, name):
             high_slots = np.flatnonzero(np.asarray(seg.high.pos[b, h]) >= 0)
             np.testing.assert_allclose(
                 np.asarray(seg.high.k[b, h])[high_slots],
-                np.asarray(full.k[b, h])[np.asarray(seg.high.pos[b, h])[high_slots]], atol=1e-6,
+                np.asarray(full.k[b, h])[np.asarray(seg.high.pos[b, h])[high_slots]],
+                atol=1e-6,
             )
 
 

@@ -13,9 +13,9 @@ import kvjax
 from kvjax.kv_state import count, empty_segment, keep_top
 from kvjax.policies import A2SF, H2O, TOVA, VATP, AdaKV, Full, Knorm, PyramidKV, SnapKV, StreamingLLM
 from kvjax.policies.snapkv import pool_1d
-from tests.support.random_data import random_tokens
-from tests.support.policy_reference import causal_probs, layer_queries_keys, masked_forward_logits
 from tests.support.jaxprs import pallas_calls, pallas_grids
+from tests.support.policy_reference import causal_probs, layer_queries_keys, masked_forward_logits
+from tests.support.random_data import random_tokens
 
 
 def kept_positions(state, layer: int) -> list[list[set[int]]]:
@@ -60,7 +60,9 @@ def test_h2o_keeps_exactly_the_heavy_hitters(tiny_model):
         held = np.asarray(seg.pos)
         np.testing.assert_allclose(
             np.asarray(seg.score)[held >= 0],
-            np.take_along_axis(scores, np.maximum(held, 0), axis=-1)[held >= 0], rtol=1e-4, atol=1e-6,
+            np.take_along_axis(scores, np.maximum(held, 0), axis=-1)[held >= 0],
+            rtol=1e-4,
+            atol=1e-6,
         )
 
 
@@ -72,7 +74,9 @@ def _reference_snapkv(m, tokens, budget, window, kernel, layer):
     padded = np.pad(votes, ((0, 0), (0, 0), (kernel // 2, kernel // 2)))
     pooled = np.stack([padded[..., i : i + t - window] for i in range(kernel)]).mean(0)
     keep = budget - window
-    return [[set(np.argsort(-p, kind="stable")[:keep].tolist()) | set(range(t - window, t)) for p in seq] for seq in pooled]
+    return [
+        [set(np.argsort(-p, kind="stable")[:keep].tolist()) | set(range(t - window, t)) for p in seq] for seq in pooled
+    ]
 
 
 @pytest.mark.parametrize("chunk", [256, 64])
@@ -129,10 +133,16 @@ def test_pooling_matches_torch_semantics():
     np.testing.assert_allclose(pool_1d(x, 3, "max"), [[5, 5, 5, 3, 3]])
 
 
-@pytest.mark.parametrize("policy", [
-    StreamingLLM(sink=4, window=28), H2O(heavy=16, window=16), A2SF(heavy=16, window=16),
-    TOVA(budget_tokens=32), VATP(heavy=16, window=16),
-])
+@pytest.mark.parametrize(
+    "policy",
+    [
+        StreamingLLM(sink=4, window=28),
+        H2O(heavy=16, window=16),
+        A2SF(heavy=16, window=16),
+        TOVA(budget_tokens=32),
+        VATP(heavy=16, window=16),
+    ],
+)
 def test_evicting_budgets_hold_through_a_long_decode(tiny_model, policy):
     m = tiny_model
     tokens = random_tokens(3, (2, 100), m.config.vocab_size)
@@ -151,12 +161,20 @@ def test_evicting_budgets_hold_through_a_long_decode(tiny_model, policy):
         assert all(head == set(range(4)) | set(range(172, 200)) for seq in kept_positions(state, 1) for head in seq)
 
 
-@pytest.mark.parametrize("policy", [
-    StreamingLLM(sink=4, window=1000), H2O(heavy=500, window=500), SnapKV(budget_tokens=1000, window=32),
-    A2SF(heavy=500, window=500), TOVA(budget_tokens=1000), VATP(heavy=500, window=500),
-    Knorm(budget_tokens=1000), PyramidKV(budget_tokens=4000, window=32),
-    AdaKV(SnapKV(budget_tokens=1000, window=32)),
-])
+@pytest.mark.parametrize(
+    "policy",
+    [
+        StreamingLLM(sink=4, window=1000),
+        H2O(heavy=500, window=500),
+        SnapKV(budget_tokens=1000, window=32),
+        A2SF(heavy=500, window=500),
+        TOVA(budget_tokens=1000),
+        VATP(heavy=500, window=500),
+        Knorm(budget_tokens=1000),
+        PyramidKV(budget_tokens=4000, window=32),
+        AdaKV(SnapKV(budget_tokens=1000, window=32)),
+    ],
+)
 def test_budget_covering_the_context_equals_full(tiny_model, policy):
     """A budget at least as large as prompt + decode keeps everything: Full's logits to 1e-5."""
     m = tiny_model
@@ -181,6 +199,7 @@ def test_compressed_states_hold_fewer_bytes(tiny_model):
 def test_long_caches_are_whole_128_slot_blocks(tiny_model):
     """Kernels read a cache in the largest block dividing its capacity: a 32K prompt with room for
     32 tokens must not be read 32 slots at a time. Short caches waste at most 15 slots."""
+
     def capacity(prompt, new):
         state = jax.eval_shape(lambda: Full().allocate(tiny_model.config, 1, prompt, new, 512, jnp.bfloat16))
         return state.layers[0][0].capacity
@@ -203,10 +222,13 @@ def test_bad_policy_arguments_raise():
 
 
 @pytest.mark.parametrize("impl", ["tpu-interpret", "gpu-interpret"])
-@pytest.mark.parametrize("policy", [
-    Full(),
-    StreamingLLM(sink=4, window=27),  # decode capacity 32
-])
+@pytest.mark.parametrize(
+    "policy",
+    [
+        Full(),
+        StreamingLLM(sink=4, window=27),  # decode capacity 32
+    ],
+)
 def test_decode_through_the_pallas_kernel_matches_the_reference(tiny_model, impl, policy):
     """The kernel dispatch (what GPU and TPU run) gives the reference's logits on a ragged batch."""
     m = tiny_model
@@ -229,30 +251,42 @@ def _prefill_kernel_calls(m, policy, impl, tokens, lengths, chunk, max_new_token
     the layers are unrolled: one per layer's kernel use)."""
     unrolled = kvjax.inference.Execution(impl, scan_layers=False)
     run = lambda t, n: kvjax.inference._prefill(  # noqa: E731
-        m.graphdef, m.params, policy.params, t, n, policy=policy, chunk=chunk, max_new_tokens=max_new_tokens,
-        run=unrolled)
+        m.graphdef,
+        m.params,
+        policy.params,
+        t,
+        n,
+        policy=policy,
+        chunk=chunk,
+        max_new_tokens=max_new_tokens,
+        run=unrolled,
+    )
     return len(pallas_calls(jax.make_jaxpr(run)(jnp.asarray(tokens), jnp.asarray(lengths))))
 
 
 def _assert_same_entries(fast, slow, atol):
     """Equal positions everywhere, equal keys and values wherever an entry is held."""
-    for fast_seg, slow_seg in zip((s for layer in fast.layers for s in layer),
-                                  (s for layer in slow.layers for s in layer)):
+    for fast_seg, slow_seg in zip(
+        (s for layer in fast.layers for s in layer), (s for layer in slow.layers for s in layer)
+    ):
         pos = np.asarray(slow_seg.pos)
         np.testing.assert_array_equal(np.asarray(fast_seg.pos), pos)
         for a, b in ((fast_seg.k, slow_seg.k), (fast_seg.v, slow_seg.v)):
             np.testing.assert_allclose(np.asarray(a)[pos >= 0], np.asarray(b)[pos >= 0], atol=atol, rtol=0)
 
 
-@pytest.mark.parametrize("impl,window,chunk,generate", [
-    # Two chunks over 80 slots (the interpreted TPU grid is slow). Prefill then decode through the
-    # TPU kernels is also test_decode_through_the_pallas_kernel_matches_the_reference's Full case.
-    ("tpu-interpret", None, 32, False),
-    # Three chunks of 24 (offsets 0, 24, 48) over 80 slots: 16-token key blocks, query blocks of
-    # 16 (the chunk padded to 32), so chunks start off the block grid.
-    ("gpu-interpret", None, 24, True),
-    ("gpu-interpret", 24, 24, True),  # a Mistral-style sliding window on layer 0: the local mask
-])
+@pytest.mark.parametrize(
+    "impl,window,chunk,generate",
+    [
+        # Two chunks over 80 slots (the interpreted TPU grid is slow). Prefill then decode through the
+        # TPU kernels is also test_decode_through_the_pallas_kernel_matches_the_reference's Full case.
+        ("tpu-interpret", None, 32, False),
+        # Three chunks of 24 (offsets 0, 24, 48) over 80 slots: 16-token key blocks, query blocks of
+        # 16 (the chunk padded to 32), so chunks start off the block grid.
+        ("gpu-interpret", None, 24, True),
+        ("gpu-interpret", 24, 24, True),  # a Mistral-style sliding window on layer 0: the local mask
+    ],
+)
 def test_prefill_through_the_pallas_kernel_matches_the_reference(tiny_model, impl, window, chunk, generate):
     """Full's chunked prefill (slot = position) runs the block-sparse prefill kernel at a traced
     offset per chunk, and gives the reference's last logits, cache and greedy tokens on a ragged
@@ -274,14 +308,18 @@ def test_prefill_through_the_pallas_kernel_matches_the_reference(tiny_model, imp
     if generate:
         fast_tokens, slow_tokens = (
             np.asarray(kvjax.generate(m, prompts, new, policy, eos_token_id=(), chunk_size=chunk, attention_impl=i))
-            for i in (impl, "reference"))
+            for i in (impl, "reference")
+        )
         np.testing.assert_array_equal(fast_tokens, slow_tokens)
 
 
-@pytest.mark.parametrize("impl,grid", [
-    ("tpu-interpret", (1, 4, 1, 2)),  # one 512-query block over two 512-key blocks
-    ("gpu-interpret", (1, 4, 4)),  # four 128-query blocks, each looping over its key blocks
-])
+@pytest.mark.parametrize(
+    "impl,grid",
+    [
+        ("tpu-interpret", (1, 4, 1, 2)),  # one 512-query block over two 512-key blocks
+        ("gpu-interpret", (1, 4, 4)),  # four 128-query blocks, each looping over its key blocks
+    ],
+)
 def test_prefill_chunk_blocks_follow_the_lowering(impl, grid):
     """A chunk of 512 queries at offset 256 over a 1024-slot cache: the TPU kernel takes 512-token
     blocks (a Mosaic grid step costs ~0.35 us, more than a 128 x 128 block's MXU work), the GPU
@@ -295,7 +333,8 @@ def test_prefill_chunk_blocks_follow_the_lowering(impl, grid):
     k_pos = jnp.broadcast_to(jnp.where(slots < start + t, slots, -1), (b, kv_heads, capacity))
     q_pos = (start + jnp.arange(t, dtype=jnp.int32))[None]  # [1, T]
     run = lambda impl: kvjax.attention.attend(  # noqa: E731
-        q, k, v, k_pos, q_pos, None, d**-0.5, impl, slot_is_position=True)
+        q, k, v, k_pos, q_pos, None, d**-0.5, impl, slot_is_position=True
+    )
     np.testing.assert_allclose(np.asarray(run(impl)), np.asarray(run("reference")), atol=2e-5, rtol=0)
     assert pallas_grids(jax.make_jaxpr(lambda: run(impl))()) == [grid]
 

@@ -22,7 +22,22 @@ def test_design_public_api(hf_checkpoints):
     small = kvjax.prefill(m, tokens, policy=policy)
     assert 0 < kvjax.kv_bytes(small) < kvjax.kv_bytes(state)
     np.testing.assert_array_equal(np.asarray(state.length), [48, 48])
-    assert all(name in kvjax.policies.__all__ for name in (
-        "Full", "StreamingLLM", "H2O", "A2SF", "SnapKV", "PyramidKV", "TOVA", "Knorm", "VATP", "AdaKV",
-        "RazorAttention", "DuoAttention", "KIVI", "QuantizedPruning",
-    ))
+    assert all(
+        name in kvjax.policies.__all__
+        for name in (
+            "Full",
+            "StreamingLLM",
+            "H2O",
+            "A2SF",
+            "SnapKV",
+            "PyramidKV",
+            "TOVA",
+            "Knorm",
+            "VATP",
+            "AdaKV",
+            "RazorAttention",
+            "DuoAttention",
+            "KIVI",
+            "QuantizedPruning",
+        )
+    )

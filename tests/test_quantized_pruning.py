@@ -10,16 +10,20 @@ import numpy as np
 import pytest
 
 import kvjax
-from kvjax import inference as gen
 from kvjax import ModelConfig, init_model
+from kvjax import inference as gen
 from kvjax.attention import attend_quantized, reference_attention
 from kvjax.policies import H2O, KIVI, TOVA, Full, PyramidKV, QuantizedPruning, SnapKV, StreamingLLM
 from kvjax.policies.quantized_pruning import (
-    attend_dequantized, decode_state_bytes, full_state_bytes, pruned_state_bytes, tokens_for_memory,
+    attend_dequantized,
+    decode_state_bytes,
+    full_state_bytes,
+    pruned_state_bytes,
+    tokens_for_memory,
 )
 from pallas_kernels import kv_quant
-from tests.support.random_data import random_tokens
 from tests.support.quantized_fixtures import head_dim_32_config, rms, teacher_forced
+from tests.support.random_data import random_tokens
 
 G, R = 32, 128
 BUDGET = 320  # SnapKV keeps 320 per head: row 0 quantizes 192 of them, row 1 (shorter) 64 of its 200
@@ -62,7 +66,9 @@ def _run(m, policy, tokens):
 def runs(model):
     tokens = random_tokens(0, (2, max(LENGTHS) + NEW), model.config.vocab_size)
     policies = {
-        "snapkv": _base(), "qp4": QuantizedPruning(_base(), 4), "qp2": QuantizedPruning(_base(), 2),
+        "snapkv": _base(),
+        "qp4": QuantizedPruning(_base(), 4),
+        "qp2": QuantizedPruning(_base(), 2),
         "scale": _ScaledSlab(_base(), 4, factor=16 / 15),  # bug: scale = range / 2^b, not / (2^b - 1)
     }
     return tokens, {name: _run(model, p, tokens) for name, p in policies.items()}
@@ -204,9 +210,7 @@ def test_equal_memory_keeps_3x_more_tokens_at_4_bits(fraction):
     n4 = tokens_for_memory(cfg, ratio_of_full=fraction, bits=4, prompt_len=prompt, max_new_tokens=new)
     n2 = tokens_for_memory(cfg, ratio_of_full=fraction, bits=2, prompt_len=prompt, max_new_tokens=new)
     assert n4 >= 3 * n16 and n2 >= min(5 * n16, prompt)  # 2 bits: 100 bytes a token (capped at the prompt)
-    pruned = QuantizedPruning.for_memory(
-        _base, fraction, 4, config=cfg, prompt_len=prompt, max_new_tokens=new
-    )
+    pruned = QuantizedPruning.for_memory(_base, fraction, 4, config=cfg, prompt_len=prompt, max_new_tokens=new)
     assert pruned.base == _base(n4)
     for bytes_of, n in (
         (lambda n: decode_state_bytes(_base(n), cfg, prompt, new), n16),
@@ -233,9 +237,7 @@ def test_generate_ragged_batch_is_the_greedy_chain(model, runs):
     tokens, _ = runs
     prompts, lengths = tokens[:, : max(LENGTHS)], np.asarray(LENGTHS, np.int32)
     policy = QuantizedPruning(_base(), 4)
-    out = np.asarray(kvjax.generate(
-        model, prompts, NEW, policy, lengths=lengths, eos_token_id=(), chunk_size=CHUNK
-    ))
+    out = np.asarray(kvjax.generate(model, prompts, NEW, policy, lengths=lengths, eos_token_id=(), chunk_size=CHUNK))
     state, logits = gen._run_prefill(model, prompts, lengths, policy, CHUNK, NEW, gen.Execution())
     chain = [np.asarray(jnp.argmax(logits, -1))]
     for _ in range(NEW - 1):

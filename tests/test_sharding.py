@@ -13,5 +13,7 @@ pytestmark = pytest.mark.slow  # over ~20 s of a core; `-m "not slow"` skips it
 
 
 def test_sharded_inference_on_eight_cpu_devices():
-    run_in_own_process(Path(__file__).with_name("sharded_checks.py"),
-                       xla_flags=f"--xla_force_host_platform_device_count=8 {JAXLIB_010_FLAGS}")
+    run_in_own_process(
+        Path(__file__).with_name("sharded_checks.py"),
+        xla_flags=f"--xla_force_host_platform_device_count=8 {JAXLIB_010_FLAGS}",
+    )

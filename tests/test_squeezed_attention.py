@@ -18,13 +18,20 @@ from kvjax.kv_state import KVSegment, position_capacity
 from kvjax.policies import Full, SqueezedAttention
 from kvjax.policies.quantized_pruning import decode_state_bytes
 from kvjax.policies.squeezed_attention import (
-    PAGE, ClusteredSegment, CoarseClusters, attend_selected, selected_slots,
+    PAGE,
+    ClusteredSegment,
+    CoarseClusters,
+    attend_selected,
+    selected_slots,
 )
-from tests.support.random_data import random_tokens
 from tests.support.quantized_fixtures import (
-    assert_generate_is_the_greedy_chain, eager_queries_and_keys, head_dim_32_config, llama8b_cache_config,
+    assert_generate_is_the_greedy_chain,
+    eager_queries_and_keys,
+    head_dim_32_config,
+    llama8b_cache_config,
     teacher_forced,
 )
+from tests.support.random_data import random_tokens
 
 pytestmark = pytest.mark.slow  # over ~20 s of a core; `-m "not slow"` skips it
 
@@ -42,9 +49,13 @@ def model():
 @pytest.fixture(scope="module")
 def runs(model):
     tokens = random_tokens(2, (len(LENGTHS), max(LENGTHS) + NEW), model.config.vocab_size)
-    policies = {"full": Full(), "squeezed": SqueezedAttention(), "keep_all": SqueezedAttention(keep=1.0),
-                "hierarchical": SqueezedAttention(hierarchical=True),
-                "coarse_keep_all": SqueezedAttention(hierarchical=True, coarse_keep=1.0)}
+    policies = {
+        "full": Full(),
+        "squeezed": SqueezedAttention(),
+        "keep_all": SqueezedAttention(keep=1.0),
+        "hierarchical": SqueezedAttention(hierarchical=True),
+        "coarse_keep_all": SqueezedAttention(hierarchical=True, coarse_keep=1.0),
+    }
     return tokens, {name: teacher_forced(model, p, tokens, LENGTHS, NEW, CHUNK) for name, p in policies.items()}
 
 
@@ -260,7 +271,7 @@ def test_threshold_is_the_quantile_of_the_calibration_weights(model, runs, seen,
             (seg,) = state.layers[layer]
             for h in range(model.config.num_kv_heads):
                 centroids, sizes, labels, threshold, keep = (np.asarray(x) for x in LEVELS[level](seg, b, h))
-                s = _weights(q[b, max(length - RECENT, 0): length, h] * scale, centroids.astype(np.float64), sizes)
+                s = _weights(q[b, max(length - RECENT, 0) : length, h] * scale, centroids.astype(np.float64), sizes)
                 per_key.append(s[labels[labels >= 0]])
                 thresholds.add(float(threshold))
         (threshold,) = thresholds
@@ -293,13 +304,15 @@ def test_coarse_clusters_group_the_clusters_into_a_kmeans_fixed_point(model, run
                     assert live[:n_live].all() and np.all(np.diff(parents[:n_live]) >= 0)
                     assert parents.max() < max(1, int(0.5 * clusters))
                     coarse_sizes = np.asarray(seg.coarse.sizes[b, h])
-                    np.testing.assert_array_equal(coarse_sizes, np.bincount(parents[live], sizes[live],
-                                                                            minlength=len(coarse_sizes)))
+                    np.testing.assert_array_equal(
+                        coarse_sizes, np.bincount(parents[live], sizes[live], minlength=len(coarse_sizes))
+                    )
                     fine = np.asarray(seg.centroids[b, h], np.float64)[live]
                     used = np.unique(parents[live])
                     means = np.stack([fine[parents[live] == j].mean(0) for j in used])
-                    np.testing.assert_allclose(np.asarray(seg.coarse.centroids[b, h], np.float64)[used], means,
-                                               atol=1e-5)
+                    np.testing.assert_allclose(
+                        np.asarray(seg.coarse.centroids[b, h], np.float64)[used], means, atol=1e-5
+                    )
                     unit = fine / np.linalg.norm(fine, axis=-1, keepdims=True)
                     unit_means = np.stack([unit[parents[live] == j].mean(0) for j in used])
                     d = ((unit[:, None] - unit_means[None]) ** 2).sum(-1)  # [live clusters, coarse used]
@@ -324,35 +337,60 @@ def test_hierarchical_selection_is_the_authors_two_level_lookup():
     labels = np.where(slots < context[:, None, None], np.sort(rng.integers(0, kc, (b, h, c)), -1), -1).astype(np.int32)
     sizes = np.stack([[np.bincount(row[row >= 0], minlength=kc) for row in heads] for heads in labels])
     parents = np.where(sizes > 0, np.sort(rng.integers(0, kq, (b, h, kc)), -1), -1).astype(np.int32)
-    coarse_sizes = np.stack([[np.bincount(p[p >= 0], n[p >= 0], minlength=kq) for p, n in zip(ps, ns)]
-                             for ps, ns in zip(parents, sizes)]).astype(np.int32)
+    coarse_sizes = np.stack(
+        [[np.bincount(p[p >= 0], n[p >= 0], minlength=kq) for p, n in zip(ps, ns)] for ps, ns in zip(parents, sizes)]
+    ).astype(np.int32)
     centroids, coarse_centroids = (rng.normal(size=(b, h, n, d)).astype(np.float32) for n in (kc, kq))
     q = rng.normal(size=(b, 1, h, g, d)).astype(np.float32)
-    coarse_w = np.stack([[_weights(q[i, :, j].astype(np.float64) * scale, coarse_centroids[i, j], coarse_sizes[i, j])
-                          for j in range(h)] for i in range(b)])  # [B, Hs, Kq]
+    coarse_w = np.stack(
+        [
+            [
+                _weights(q[i, :, j].astype(np.float64) * scale, coarse_centroids[i, j], coarse_sizes[i, j])
+                for j in range(h)
+            ]
+            for i in range(b)
+        ]
+    )  # [B, Hs, Kq]
     coarse_threshold = np.array([np.median(w[w > 0]) for w in coarse_w])
     open_fine = np.take_along_axis(coarse_w >= coarse_threshold[:, None, None], np.maximum(parents, 0), -1)
     restricted = np.where(open_fine & (parents >= 0), sizes, 0)
-    fine_w = np.stack([[_weights(q[i, :, j].astype(np.float64) * scale, centroids[i, j], restricted[i, j])
-                        for j in range(h)] for i in range(b)])  # [B, Hs, Kc]
+    fine_w = np.stack(
+        [
+            [_weights(q[i, :, j].astype(np.float64) * scale, centroids[i, j], restricted[i, j]) for j in range(h)]
+            for i in range(b)
+        ]
+    )  # [B, Hs, Kc]
     threshold = np.array([np.median(w[w > 0]) for w in fine_w])
     chosen = (fine_w >= threshold[:, None, None]) & (restricted > 0)
     assert 0 < open_fine[sizes > 0].mean() < 1 and 0 < chosen[restricted > 0].mean() < 1
     seg = ClusteredSegment(
         kv=KVSegment(k=jnp.zeros((b, h, c, d)), v=jnp.zeros((b, h, c, d)), pos=jnp.asarray(pos), heads=(0, 1)),
-        labels=jnp.asarray(labels), centroids=jnp.asarray(centroids), sizes=jnp.asarray(sizes, jnp.int32),
+        labels=jnp.asarray(labels),
+        centroids=jnp.asarray(centroids),
+        sizes=jnp.asarray(sizes, jnp.int32),
         threshold=jnp.asarray(threshold, jnp.float32),
-        coarse=CoarseClusters(jnp.asarray(parents), jnp.asarray(coarse_centroids), jnp.asarray(coarse_sizes),
-                              jnp.asarray(coarse_threshold, jnp.float32)),
+        coarse=CoarseClusters(
+            jnp.asarray(parents),
+            jnp.asarray(coarse_centroids),
+            jnp.asarray(coarse_sizes),
+            jnp.asarray(coarse_threshold, jnp.float32),
+        ),
     )
     want = (pos >= 0) & ((labels < 0) | np.take_along_axis(chosen, np.maximum(labels, 0), -1))
     np.testing.assert_array_equal(np.asarray(selected_slots(jnp.asarray(q), seg, scale)), want)
 
 
-@pytest.mark.parametrize("t,window,impl", [
-    (1, None, "reference"), (3, None, "reference"), (1, 40, "reference"), (3, 40, "reference"),
-    (1, None, "gpu-interpret"), (1, None, "tpu-interpret"),  # one decode token: the kernel over selected pages
-])
+@pytest.mark.parametrize(
+    "t,window,impl",
+    [
+        (1, None, "reference"),
+        (3, None, "reference"),
+        (1, 40, "reference"),
+        (3, 40, "reference"),
+        (1, None, "gpu-interpret"),
+        (1, None, "tpu-interpret"),  # one decode token: the kernel over selected pages
+    ],
+)
 def test_attention_is_exact_over_the_selected_keys(t, window, impl):
     rng = np.random.default_rng(t)
     b, h, g, d, c, kc = 2, 2, 3, 16, 64, 6
@@ -365,14 +403,20 @@ def test_attention_is_exact_over_the_selected_keys(t, window, impl):
     k, v, centroids = (rng.normal(size=s).astype(np.float32) for s in [(b, h, c, d), (b, h, c, d), (b, h, kc, d)])
     q = rng.normal(size=(b, t, h, g, d)).astype(np.float32)
     scale = d**-0.5
-    weights = np.stack([[_weights(q[i, :, j].astype(np.float64) * scale, centroids[i, j], sizes[i, j])
-                         for j in range(h)] for i in range(b)])  # [B, Hs, Kc]
+    weights = np.stack(
+        [
+            [_weights(q[i, :, j].astype(np.float64) * scale, centroids[i, j], sizes[i, j]) for j in range(h)]
+            for i in range(b)
+        ]
+    )  # [B, Hs, Kc]
     threshold = np.array([np.median(weights[i][sizes[i] > 0]) for i in range(b)], np.float32)
     chosen = weights >= threshold[:, None, None]
     assert 0 < chosen[sizes > 0].mean() < 1
     seg = ClusteredSegment(
         kv=KVSegment(k=jnp.asarray(k), v=jnp.asarray(v), pos=jnp.asarray(pos), heads=(0, 1)),
-        labels=jnp.asarray(labels), centroids=jnp.asarray(centroids), sizes=jnp.asarray(sizes, jnp.int32),
+        labels=jnp.asarray(labels),
+        centroids=jnp.asarray(centroids),
+        sizes=jnp.asarray(sizes, jnp.int32),
         threshold=jnp.asarray(threshold),
     )
     q_pos = (held - 1)[:, None] - (t - 1) + np.arange(t)  # [B, T]: the last queries over held entries
@@ -421,9 +465,21 @@ def test_kv_bytes_keep_every_key_plus_labels_and_centroids():
     assert decode_state_bytes(SqueezedAttention(hierarchical=True), cfg, prompt, new) == hierarchical
 
 
-@pytest.mark.parametrize("kwargs", [{"clusters": 0.0}, {"clusters": 1.5}, {"keep": 0.0}, {"keep": 1.2},
-                                    {"recent": 0}, {"iterations": 0}, {"coarse_clusters": 0.0},
-                                    {"coarse_clusters": 2.0}, {"coarse_keep": 0.0}, {"coarse_keep": 1.5}])
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"clusters": 0.0},
+        {"clusters": 1.5},
+        {"keep": 0.0},
+        {"keep": 1.2},
+        {"recent": 0},
+        {"iterations": 0},
+        {"coarse_clusters": 0.0},
+        {"coarse_clusters": 2.0},
+        {"coarse_keep": 0.0},
+        {"coarse_keep": 1.5},
+    ],
+)
 def test_bad_arguments_raise(kwargs):
     with pytest.raises(ValueError, match="SqueezedAttention"):
         SqueezedAttention(**kwargs)

@@ -8,15 +8,18 @@ import pytest
 
 from kvjax import init_model
 from kvjax.attention import reference_attention
+from kvjax.kv_state import KVSegment
 from kvjax.policies import H2O, KIVI, Full, Knorm, SnapKV, ThinK
 from kvjax.policies.quantized_pruning import decode_state_bytes
 from kvjax.policies.think import ThinKSegment, attend_thin_keys
-from kvjax.kv_state import KVSegment
-from tests.support.random_data import random_tokens
 from tests.support.quantized_fixtures import (
-    assert_generate_is_the_greedy_chain, eager_queries_and_keys, head_dim_32_config, llama8b_cache_config,
+    assert_generate_is_the_greedy_chain,
+    eager_queries_and_keys,
+    head_dim_32_config,
+    llama8b_cache_config,
     teacher_forced,
 )
+from tests.support.random_data import random_tokens
 
 LENGTHS = (450, 200)
 NEW = 24
@@ -33,9 +36,14 @@ def model():
 def runs(model):
     tokens = random_tokens(1, (2, max(LENGTHS) + NEW), model.config.vocab_size)
     policies = {
-        "full": Full(), "snapkv": SnapKV(128, window=32), "knorm": Knorm(300),
-        "think_full": ThinK(Full()), "think_snapkv": ThinK(SnapKV(128, window=32)), "think_knorm": ThinK(Knorm(300)),
-        "think_full_0": ThinK(Full(), ratio=0.0), "think_snapkv_0": ThinK(SnapKV(128, window=32), ratio=0.0),
+        "full": Full(),
+        "snapkv": SnapKV(128, window=32),
+        "knorm": Knorm(300),
+        "think_full": ThinK(Full()),
+        "think_snapkv": ThinK(SnapKV(128, window=32)),
+        "think_knorm": ThinK(Knorm(300)),
+        "think_full_0": ThinK(Full(), ratio=0.0),
+        "think_snapkv_0": ThinK(SnapKV(128, window=32), ratio=0.0),
     }
     return tokens, {name: teacher_forced(model, p, tokens, LENGTHS, NEW, CHUNK) for name, p in policies.items()}
 
@@ -60,7 +68,7 @@ def test_channels_are_the_papers_score_over_the_bases_kept_keys(model, runs, bas
         for b, length in enumerate(LENGTHS):
             for h in range(model.config.num_kv_heads):
                 kept = _kept(seg, b, h)
-                q_energy = np.mean(q[b, length - OBSERVE: length, h] ** 2, axis=(0, 1))  # [D]
+                q_energy = np.mean(q[b, length - OBSERVE : length, h] ** 2, axis=(0, 1))  # [D]
                 k_energy = np.mean(k[b, kept, h] ** 2, axis=0)  # [D]
                 expected = np.sort(np.argsort(-(q_energy * k_energy))[:keep])
                 np.testing.assert_array_equal(np.asarray(thin.channels[b, h]), expected)
@@ -133,8 +141,8 @@ def test_attention_equals_dense_attention_with_dropped_channels_zeroed(t, window
     seg, (k, v, pos) = _segments(rng, b, h, d, 10, 48, 32, np.array([40, 7]), np.array([20, 32]))
     q = jnp.asarray(rng.normal(size=(b, t, h, g, d)).astype(np.float32))
     q_pos = jnp.asarray(np.array([[150] * t, [100] * t]) + np.arange(t), jnp.int32)
-    got = attend_thin_keys(q, seg, q_pos, window, d ** -0.5)
-    want = reference_attention(q, jnp.asarray(k), jnp.asarray(v), jnp.asarray(pos), q_pos, window, d ** -0.5)
+    got = attend_thin_keys(q, seg, q_pos, window, d**-0.5)
+    want = reference_attention(q, jnp.asarray(k), jnp.asarray(v), jnp.asarray(pos), q_pos, window, d**-0.5)
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=2e-6)
 
 
@@ -152,7 +160,9 @@ def test_kv_bytes_store_thin_keys(base):
     per_head = thin * (77 * 2 + 128 * 2 + 4) + 77 * 4 + full * (2 * 128 * 2 + 4)
     expected = cfg.num_layers * cfg.num_kv_heads * per_head + 4
     assert decode_state_bytes(ThinK(base), cfg, prompt, new) == expected
-    assert decode_state_bytes(ThinK(base), cfg, prompt, new) < 0.83 * decode_state_bytes(base, cfg, prompt, new)  # ideal: (77 + 128) / 256 = 0.80
+    assert decode_state_bytes(ThinK(base), cfg, prompt, new) < 0.83 * decode_state_bytes(
+        base, cfg, prompt, new
+    )  # ideal: (77 + 128) / 256 = 0.80
 
 
 @pytest.mark.parametrize("base", [H2O(), KIVI()], ids=lambda p: type(p).__name__)

@@ -11,7 +11,7 @@ import optax
 import orbax.checkpoint as ocp
 import pytest
 
-from kvjax.train.loop import NonFiniteLossError, LoopConfig, train
+from kvjax.train.loop import LoopConfig, NonFiniteLossError, train
 
 TRUE_W = np.array([1.5, -2.0, 0.5, 3.0], np.float32)
 
@@ -66,8 +66,7 @@ def test_resume_after_interruption_equals_an_uninterrupted_run(tmp_path):
 
 def test_a_stage_ending_at_stop_at_resumes_to_the_uninterrupted_run(tmp_path):
     straight = train(init_params(), regression_loss, optimizer(), regression_batch, config(12), tmp_path / "a")
-    stage = train(init_params(), regression_loss, optimizer(), regression_batch, config(12, stop_at=5),
-                  tmp_path / "b")
+    stage = train(init_params(), regression_loss, optimizer(), regression_batch, config(12, stop_at=5), tmp_path / "b")
     assert stage.step == 5 and len(stage.history) == 5
     assert ocp.CheckpointManager(tmp_path / "b" / "checkpoints").latest_step() == 5  # saved off the 3-step grid
     resumed = train(init_params(), regression_loss, optimizer(), regression_batch, config(12), tmp_path / "b")
@@ -96,8 +95,14 @@ def test_nan_guard_stops_and_keeps_the_last_good_checkpoint(tmp_path):
 def test_loss_curve_png_and_validation(tmp_path):
     import matplotlib.image
 
-    train(init_params(), regression_loss, optimizer(), regression_batch,
-          LoopConfig(steps=4, checkpoint_every=10, progress=False), tmp_path)
+    train(
+        init_params(),
+        regression_loss,
+        optimizer(),
+        regression_batch,
+        LoopConfig(steps=4, checkpoint_every=10, progress=False),
+        tmp_path,
+    )
     assert matplotlib.image.imread(tmp_path / "loss_curve.png").shape[-1] in (3, 4)
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["4"]  # the last step is saved
     with pytest.raises(ValueError, match="steps"):
@@ -119,8 +124,13 @@ def test_language_model_loss_falls_on_a_tiny_transformer(tmp_path):
     data = DataConfig(seq_len=96, batch_size=4, tasks=(), text_fraction=1.0, answer_reserve=8)
     batch_fn = lambda seed, step: make_batch(tok, data, PAD_ID, EOS_ID, seed, step)  # noqa: E731
     assert (batch_fn(0, 1)["tokens"] == batch_fn(0, 1)["tokens"]).all()
-    result = train(nnx.to_pure_dict(m.params), make_loss_fn(m.graphdef), make_optimizer(1e-2, 12, 2), batch_fn,
-                   LoopConfig(steps=12, progress=False, plot=False))
+    result = train(
+        nnx.to_pure_dict(m.params),
+        make_loss_fn(m.graphdef),
+        make_optimizer(1e-2, 12, 2),
+        batch_fn,
+        LoopConfig(steps=12, progress=False, plot=False),
+    )
     losses = [h["loss"] for h in result.history]
     assert np.mean(losses[-3:]) < 0.8 * np.mean(losses[:2])
 
@@ -131,9 +141,34 @@ def test_train_lm_cli_writes_a_loadable_checkpoint(tmp_path):
     from kvjax.cli import main
 
     out = tmp_path / "model"
-    argv = ["train-lm", "--out", str(out), "--steps", "2", "--seq-len", "448", "--batch-size", "2", "--layers", "1",
-            "--hidden", "32", "--heads", "2", "--kv-heads", "1", "--head-dim", "16", "--intermediate", "64",
-            "--max-positions", "1024", "--tasks", "niah_single,passkey", "--no-progress"]
+    argv = [
+        "train-lm",
+        "--out",
+        str(out),
+        "--steps",
+        "2",
+        "--seq-len",
+        "448",
+        "--batch-size",
+        "2",
+        "--layers",
+        "1",
+        "--hidden",
+        "32",
+        "--heads",
+        "2",
+        "--kv-heads",
+        "1",
+        "--head-dim",
+        "16",
+        "--intermediate",
+        "64",
+        "--max-positions",
+        "1024",
+        "--tasks",
+        "niah_single,passkey",
+        "--no-progress",
+    ]
     assert main([*argv, "--stop-at", "1"]) == 0  # a first stage: a checkpoint, no model
     assert not out.exists() and (tmp_path / "model.train" / "checkpoints" / "1").is_dir()
     assert main([*argv, "--stop-at", "3"]) == 2 and not out.exists()  # past --steps: refused
@@ -153,7 +188,10 @@ def test_curriculum_phases_parse_and_reject_bad_specs():
     from kvjax.train.lm import Phase, parse_curriculum
 
     assert parse_curriculum("128x32:900=copy, 512x16:350, 1024X8:200@8192") == (
-        Phase(128, 32, 900, None, copy_only=True), Phase(512, 16, 350), Phase(1024, 8, 200, 8192))
+        Phase(128, 32, 900, None, copy_only=True),
+        Phase(512, 16, 350),
+        Phase(1024, 8, 200, 8192),
+    )
     for bad in ("", "512x16", "512:3", "axb:1", "512x0:3", "512x16:3@x", "512x16:3=text"):
         with pytest.raises(ValueError):
             parse_curriculum(bad)
@@ -184,7 +222,9 @@ def test_learning_rate_warms_up_holds_then_decays_to_a_tenth():
 
     f = lr_schedule(2e-3, steps=1000, warmup=100)
     lrs = np.array([float(f(i)) for i in range(1001)])
-    np.testing.assert_allclose(lrs[[0, 50, 100, 500, 800, 900, 1000]], [0, 1e-3, 2e-3, 2e-3, 2e-3, 1.1e-3, 2e-4], rtol=1e-5, atol=1e-9)
+    np.testing.assert_allclose(
+        lrs[[0, 50, 100, 500, 800, 900, 1000]], [0, 1e-3, 2e-3, 2e-3, 2e-3, 1.1e-3, 2e-4], rtol=1e-5, atol=1e-9
+    )
     assert (np.diff(lrs[:100]) > 0).all() and (np.diff(lrs[800:]) < 0).all()
 
 
@@ -239,7 +279,6 @@ def test_pose_positions_rise_inside_chunks_and_stay_in_the_span():
     assert (pose_positions(np.random.default_rng(0), 300, 300) == np.arange(300)).all()
     spans = [pose_positions(np.random.default_rng(s), 300, 4096)[-1] for s in range(50)]
     assert max(spans) > 2000  # the long distances are actually reached
-
 
 
 def test_word_tokenizer_is_reproducible_keeps_keys_short_splits_digits_and_encodes_any_text(tmp_path):

@@ -14,11 +14,14 @@ from kvjax.policies import Full, Quest, Twilight
 from kvjax.policies.quantized_pruning import decode_state_bytes
 from kvjax.policies.twilight import EstimatedPagedSegment, smallest_covering
 from pallas_kernels import kv_quant
-from tests.support.random_data import random_tokens
 from tests.support.page_reference import PAGE, DecodeCase, attend, on_pages, quest_pages, visible_slots
 from tests.support.quantized_fixtures import (
-    assert_generate_is_the_greedy_chain, head_dim_32_config, llama8b_cache_config, teacher_forced,
+    assert_generate_is_the_greedy_chain,
+    head_dim_32_config,
+    llama8b_cache_config,
+    teacher_forced,
 )
+from tests.support.random_data import random_tokens
 
 LENGTHS = (300, 170, 40)
 NEW = 12
@@ -48,8 +51,15 @@ def test_smallest_covering_is_the_shortest_prefix_of_the_sorted_mass(p):
 def _estimated_segment(case: DecodeCase, bits: int) -> EstimatedPagedSegment:
     lo, hi = case.bounds()
     codes, scale, zero = kv_quant.quantize_tokens(jnp.asarray(case.k), bits, case.k.shape[-1], jnp.bfloat16)
-    return EstimatedPagedSegment(kv=case.segment(), k_min=jnp.asarray(lo), k_max=jnp.asarray(hi),
-                                 k_codes=codes, k_scale=scale, k_zero=zero, bits=bits)
+    return EstimatedPagedSegment(
+        kv=case.segment(),
+        k_min=jnp.asarray(lo),
+        k_max=jnp.asarray(hi),
+        k_codes=codes,
+        k_scale=scale,
+        k_zero=zero,
+        bits=bits,
+    )
 
 
 def _estimate_keys(seg: EstimatedPagedSegment) -> np.ndarray:
@@ -70,8 +80,9 @@ def _numpy_twilight_pages(q, k_hat, pos, position, candidates, window, p, scale)
     return np.array(sorted(kept))
 
 
-@pytest.mark.parametrize("impl,window", [("reference", None), ("reference", 40), ("gpu-interpret", 40),
-                                         ("tpu-interpret", None)])  # each kernel's window path is test_quest's
+@pytest.mark.parametrize(
+    "impl,window", [("reference", None), ("reference", 40), ("gpu-interpret", 40), ("tpu-interpret", None)]
+)  # each kernel's window path is test_quest's
 def test_decode_attends_exactly_over_the_pages_covering_p_of_the_estimate(impl, window):
     case = DecodeCase.random(7 + len(impl) + (window or 0))
     policy = Twilight(budget_tokens=128, page=PAGE, top_p=0.6)  # 8 of 10 (or 6) pages
@@ -88,8 +99,9 @@ def test_decode_attends_exactly_over_the_pages_covering_p_of_the_estimate(impl, 
             step = (k.max(-1) - k.min(-1)) / 15 + 2**-7 * np.abs(k).max(-1)
             assert np.all(np.abs(k_hat[i, j] - k)[held] <= 0.5 * step[held, None] + 1e-6)
             candidates = quest_pages(case.q[i, 0, j], k, pos, case.held[i], 8, window)
-            kept = _numpy_twilight_pages(case.q[i, 0, j], k_hat[i, j], pos, case.held[i], candidates, window,
-                                         policy.top_p, scale)
+            kept = _numpy_twilight_pages(
+                case.q[i, 0, j], k_hat[i, j], pos, case.held[i], candidates, window, policy.top_p, scale
+            )
             pruned.append(len(candidates) - len(kept))
             attended = on_pages(kept, len(pos)) & visible_slots(pos, case.held[i], window)
             np.testing.assert_allclose(out[i, 0, j], attend(case.q[i, 0, j], k, v, attended, scale), atol=2e-6)
@@ -106,11 +118,14 @@ def test_a_query_aimed_at_one_key_reads_that_keys_page_alone():
     @jax.jit
     def choose(seg, q, k, v):
         seg = policy.append(seg, k, v, q_pos, q_pos)
-        return (Quest.choose_pages(policy, q, seg, q_pos, None, 32**-0.5),
-                policy.choose_pages(q, seg, q_pos, None, 32**-0.5))
+        return (
+            Quest.choose_pages(policy, q, seg, q_pos, None, 32**-0.5),
+            policy.choose_pages(q, seg, q_pos, None, 32**-0.5),
+        )
 
-    candidates, table = choose(_estimated_segment(case, policy.bits), jnp.asarray(q), jnp.asarray(case.k_new),
-                               jnp.asarray(case.v_new))
+    candidates, table = choose(
+        _estimated_segment(case, policy.bits), jnp.asarray(q), jnp.asarray(case.k_new), jnp.asarray(case.v_new)
+    )
     assert int(candidates.counts[0, 0]) == 10
     assert int(table.counts[0, 0]) == 1 and int(table.kv_blocks[0, 0, 0]) == target // PAGE
 
@@ -123,9 +138,12 @@ def model():
 @pytest.fixture(scope="module")
 def runs(model):
     tokens = random_tokens(4, (len(LENGTHS), max(LENGTHS) + NEW), model.config.vocab_size)
-    policies = {"full": Full(), "quest": Quest(budget_tokens=64, dense_layers=1),
-                "whole": Twilight(budget_tokens=1024, top_p=1.0, dense_layers=1),
-                "pruned": Twilight(budget_tokens=64, top_p=0.3, dense_layers=1)}
+    policies = {
+        "full": Full(),
+        "quest": Quest(budget_tokens=64, dense_layers=1),
+        "whole": Twilight(budget_tokens=1024, top_p=1.0, dense_layers=1),
+        "pruned": Twilight(budget_tokens=64, top_p=0.3, dense_layers=1),
+    }
     return tokens, {name: teacher_forced(model, p, tokens, LENGTHS, NEW, CHUNK) for name, p in policies.items()}
 
 
@@ -149,8 +167,9 @@ def test_decoded_estimate_keys_are_the_cache_keys_quantized(model, runs):
 
 def test_generate_ragged_batch_is_the_greedy_chain(model, runs):
     tokens, _ = runs
-    assert_generate_is_the_greedy_chain(model, Twilight(budget_tokens=64, top_p=0.5, dense_layers=1), tokens,
-                                        LENGTHS, 6, CHUNK)
+    assert_generate_is_the_greedy_chain(
+        model, Twilight(budget_tokens=64, top_p=0.5, dense_layers=1), tokens, LENGTHS, 6, CHUNK
+    )
 
 
 def test_kv_bytes_add_a_4_bit_key_per_token_to_quests():

@@ -14,18 +14,19 @@ import json
 import math
 import re
 import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any
 
 import jax
 import numpy as np
 from tqdm.auto import tqdm
 
 import kvjax
+from kvjax.config import ModelConfig
 from kvjax.eval.haystack import haystack_from_name
 from kvjax.eval.prompting import encode_prompt, resolve_chat
 from kvjax.eval.tasks import Sample, default_tasks, digit_match, get_task, make_samples, string_match_all
-from kvjax.config import ModelConfig
 from kvjax.inference import greedy_decode
 from kvjax.language_model import LanguageModel
 from kvjax.policies import Policy
@@ -56,7 +57,7 @@ class PolicySpec:
         return self.name + (f"({','.join(f'{k}={v}' for k, v in self.options)})" if self.options else "")
 
     @classmethod
-    def parse(cls, text: str) -> "PolicySpec":
+    def parse(cls, text: str) -> PolicySpec:
         match = re.fullmatch(r"\s*([A-Za-z0-9_]+)\s*(?:\((.*)\))?\s*", text)
         if match is None:
             raise ValueError(f"cannot read policy {text!r}: expected NAME or NAME(FIELD=VALUE, ...)")
@@ -87,8 +88,9 @@ def split_top_level(text: str) -> list[str]:
     return [p for p in parts if p]
 
 
-def build_policy(spec: PolicySpec | str, config: ModelConfig | None = None,
-                 files: Mapping[str, str] | None = None) -> Policy:
+def build_policy(
+    spec: PolicySpec | str, config: ModelConfig | None = None, files: Mapping[str, str] | None = None
+) -> Policy:
     """The policy a spec names: from its file (`files[name]`, for a policy with `file_needed`, for a
     model of `config`) or from its fields alone."""
     spec = PolicySpec.parse(spec) if isinstance(spec, str) else spec
@@ -118,8 +120,12 @@ class PolicyRun:
 
 
 def resolve_policies(
-    specs: Iterable[str | PolicySpec], budgets: Sequence[int] = (), log: Callable[[str], None] = print, *,
-    config: ModelConfig | None = None, files: Mapping[str, str] | None = None,
+    specs: Iterable[str | PolicySpec],
+    budgets: Sequence[int] = (),
+    log: Callable[[str], None] = print,
+    *,
+    config: ModelConfig | None = None,
+    files: Mapping[str, str] | None = None,
 ) -> list[PolicyRun]:
     """Policy runs from specs (`build_policy`): one per budget for policies with a token budget
     (`Policy.with_budget`), one at their settings otherwise."""
@@ -219,7 +225,10 @@ def _time_prefill_and_decode(m: LanguageModel, ids: list[list[int]], policy: Pol
 
 
 def run_eval(
-    m: LanguageModel, policies, config: EvalConfig = EvalConfig(), progress: bool = True,
+    m: LanguageModel,
+    policies,
+    config: EvalConfig = EvalConfig(),
+    progress: bool = True,
     log: Callable[[str], None] = print,
 ) -> tuple[list[dict], list[dict]]:
     """(rows, sample rows): one row per (task, length, policy) with accuracy (string_match_all), digits
@@ -234,21 +243,28 @@ def run_eval(
     for length in config.lengths:
         longest = length + max(config.max_new_tokens or t.max_new_tokens for t in tasks)
         if longest > m.config.max_position_embeddings:
-            raise ValueError(f"length {length} plus the answer ({longest} tokens) exceeds the model's "
-                             f"context of {m.config.max_position_embeddings}")
+            raise ValueError(
+                f"length {length} plus the answer ({longest} tokens) exceeds the model's "
+                f"context of {m.config.max_position_embeddings}"
+            )
     n_batches = math.ceil(config.samples / config.batch_size)
-    bar = tqdm(total=len(tasks) * len(config.lengths) * len(runs) * n_batches, desc="eval", disable=not progress,
-               dynamic_ncols=True)
+    bar = tqdm(
+        total=len(tasks) * len(config.lengths) * len(runs) * n_batches,
+        desc="eval",
+        disable=not progress,
+        dynamic_ncols=True,
+    )
     rows, sample_rows = [], []
     try:
         for task in tasks:
             new = config.max_new_tokens or task.max_new_tokens
             for length in config.lengths:
                 samples = make_samples(task, m.tokenizer, length, config.samples, config.seed, chat=chat)
-                batches = [samples[i: i + config.batch_size] for i in range(0, len(samples), config.batch_size)]
+                batches = [samples[i : i + config.batch_size] for i in range(0, len(samples), config.batch_size)]
                 encoded = [[encode_prompt(m.tokenizer, s.prompt, s.chat) for s in batch] for batch in batches]
-                full_bytes = np.mean([_bytes_per_sequence(m, ids, kvjax.policies.Full(), config.chunk_size, new)
-                                      for ids in encoded])
+                full_bytes = np.mean(
+                    [_bytes_per_sequence(m, ids, kvjax.policies.Full(), config.chunk_size, new) for ids in encoded]
+                )
                 for run in runs:
                     bar.set_description(f"{task.name} {length} {run.label}")
                     try:
@@ -267,12 +283,14 @@ def run_eval(
     return rows, sample_rows
 
 
-def _evaluate(m, run: PolicyRun, task: str, length: int, batches: list[list[Sample]], encoded, new: int,
-              config: EvalConfig, bar) -> tuple[dict, list[dict]]:
+def _evaluate(
+    m, run: PolicyRun, task: str, length: int, batches: list[list[Sample]], encoded, new: int, config: EvalConfig, bar
+) -> tuple[dict, list[dict]]:
     scores, digits, per_sample, bytes_, prefill_s, decode_s = [], [], [], [], [], []
     for batch, ids in zip(batches, encoded):
         gen = lambda eos=None: kvjax.generate(  # noqa: E731
-            m, ids, new, policy=run.policy, chunk_size=config.chunk_size, eos_token_id=eos)
+            m, ids, new, policy=run.policy, chunk_size=config.chunk_size, eos_token_id=eos
+        )
         out = np.asarray(gen())
         bytes_.append(_bytes_per_sequence(m, ids, run.policy, config.chunk_size, new))
         if config.timing:
@@ -283,30 +301,55 @@ def _evaluate(m, run: PolicyRun, task: str, length: int, batches: list[list[Samp
             score, partial = string_match_all(prediction, sample.answers), digit_match(prediction, sample.answers)
             scores.append(score)
             digits.append(partial)
-            per_sample.append({
-                "policy": run.label, "task": task, "length": length, "seed": sample.seed,
-                "depth": sample.depth, "num_tokens": sample.num_tokens, "answers": list(sample.answers),
-                "prediction": prediction, "score": score, "digits": partial,
-            })
+            per_sample.append(
+                {
+                    "policy": run.label,
+                    "task": task,
+                    "length": length,
+                    "seed": sample.seed,
+                    "depth": sample.depth,
+                    "num_tokens": sample.num_tokens,
+                    "answers": list(sample.answers),
+                    "prediction": prediction,
+                    "score": score,
+                    "digits": partial,
+                }
+            )
         bar.update(1)
     row = {
-        "policy": run.label, "policy_name": run.name, "budget": run.budget, "policy_repr": repr(run.policy),
-        "task": task, "length": length, "samples": len(scores), "accuracy": float(np.mean(scores)),
+        "policy": run.label,
+        "policy_name": run.name,
+        "budget": run.budget,
+        "policy_repr": repr(run.policy),
+        "task": task,
+        "length": length,
+        "samples": len(scores),
+        "accuracy": float(np.mean(scores)),
         "digits": float(np.mean(digits)),
-        "kv_bytes": int(np.mean(bytes_)), "batch_size": len(batches[0]),
+        "kv_bytes": int(np.mean(bytes_)),
+        "batch_size": len(batches[0]),
         "prefill_ms": float(np.mean(prefill_s) * 1e3) if prefill_s else None,
         "decode_ms_per_token": float(np.mean(decode_s) * 1e3) if decode_s else None,
     }
     return row, per_sample
 
 
-EVAL_COLUMNS = (("task", "task"), ("length", "length"), ("policy", "policy"), ("accuracy", "accuracy"),
-                ("digits", "digits"), ("kv_bytes", "kv_bytes/seq"), ("compression_ratio", "compression"),
-                ("prefill_ms", "prefill_ms"), ("decode_ms_per_token", "decode_ms/tok"))
+EVAL_COLUMNS = (
+    ("task", "task"),
+    ("length", "length"),
+    ("policy", "policy"),
+    ("accuracy", "accuracy"),
+    ("digits", "digits"),
+    ("kv_bytes", "kv_bytes/seq"),
+    ("compression_ratio", "compression"),
+    ("prefill_ms", "prefill_ms"),
+    ("decode_ms_per_token", "decode_ms/tok"),
+)
 
 
 def format_table(rows: list[dict], columns: tuple[tuple[str, str], ...] = EVAL_COLUMNS) -> str:
     """A plain-text table of the rows' (key, header) columns: text left-aligned, numbers right-aligned."""
+
     def cell(value):
         if value is None:
             return "-"

@@ -20,30 +20,94 @@ _SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
 
 # Word lists of the synthetic prose generator (no digits, so numeric needles stay unique).
 _SUBJECTS = (
-    "the old farmer", "a quiet engineer", "the river", "my neighbour", "the committee", "a small bird",
-    "the city council", "the young painter", "an elderly sailor", "the library", "our teacher",
-    "the travelling merchant", "a curious child", "the baker", "the orchestra", "a tired doctor",
-    "the mountain village", "the night train", "a patient gardener", "the lighthouse keeper",
+    "the old farmer",
+    "a quiet engineer",
+    "the river",
+    "my neighbour",
+    "the committee",
+    "a small bird",
+    "the city council",
+    "the young painter",
+    "an elderly sailor",
+    "the library",
+    "our teacher",
+    "the travelling merchant",
+    "a curious child",
+    "the baker",
+    "the orchestra",
+    "a tired doctor",
+    "the mountain village",
+    "the night train",
+    "a patient gardener",
+    "the lighthouse keeper",
 )
 _VERBS = (
-    "walked along", "wrote about", "looked at", "forgot", "repaired", "painted", "described", "visited",
-    "argued about", "remembered", "carried", "studied", "ignored", "admired", "cleaned", "measured",
-    "followed", "planted", "questioned", "collected",
+    "walked along",
+    "wrote about",
+    "looked at",
+    "forgot",
+    "repaired",
+    "painted",
+    "described",
+    "visited",
+    "argued about",
+    "remembered",
+    "carried",
+    "studied",
+    "ignored",
+    "admired",
+    "cleaned",
+    "measured",
+    "followed",
+    "planted",
+    "questioned",
+    "collected",
 )
 _OBJECTS = (
-    "the wooden bridge", "a forgotten letter", "the northern hills", "an empty market", "the broken clock",
-    "a field of barley", "the harbour wall", "a stack of old maps", "the narrow street", "a silver kettle",
-    "the winter garden", "a long novel", "the stone chapel", "a basket of apples", "the muddy road",
-    "an unfinished song", "the quiet lake", "a pair of boots", "the crowded station", "a faded photograph",
+    "the wooden bridge",
+    "a forgotten letter",
+    "the northern hills",
+    "an empty market",
+    "the broken clock",
+    "a field of barley",
+    "the harbour wall",
+    "a stack of old maps",
+    "the narrow street",
+    "a silver kettle",
+    "the winter garden",
+    "a long novel",
+    "the stone chapel",
+    "a basket of apples",
+    "the muddy road",
+    "an unfinished song",
+    "the quiet lake",
+    "a pair of boots",
+    "the crowded station",
+    "a faded photograph",
 )
 _TIMES = (
-    "In the morning", "After the storm", "Every autumn", "Later that week", "Before dinner", "At dawn",
-    "During the festival", "Long ago", "On most evenings", "When the snow melted",
+    "In the morning",
+    "After the storm",
+    "Every autumn",
+    "Later that week",
+    "Before dinner",
+    "At dawn",
+    "During the festival",
+    "Long ago",
+    "On most evenings",
+    "When the snow melted",
 )
 _CLAUSES = (
-    "because nobody else would", "while the wind kept rising", "as if it mattered a great deal",
-    "without saying a word", "although it was getting late", "and then went home", "with great care",
-    "for reasons nobody understood", "just as the bells rang", "before anyone noticed",
+    "because nobody else would",
+    "while the wind kept rising",
+    "as if it mattered a great deal",
+    "without saying a word",
+    "although it was getting late",
+    "and then went home",
+    "with great care",
+    "for reasons nobody understood",
+    "just as the bells rang",
+    "before anyone noticed",
 )
 
 
@@ -57,7 +121,9 @@ def _prose_sentence(rng: np.random.Generator) -> str:
         return f"{subject.capitalize()} {verb} {obj} {rng.choice(_CLAUSES)}."
     if shape == 2:
         return f"{rng.choice(_TIMES)}, {subject} {verb} {obj} {rng.choice(_CLAUSES)}."
-    return f"{subject.capitalize()} {verb} {obj}, and {rng.choice(_SUBJECTS)} {rng.choice(_VERBS)} {rng.choice(_OBJECTS)}."
+    return (
+        f"{subject.capitalize()} {verb} {obj}, and {rng.choice(_SUBJECTS)} {rng.choice(_VERBS)} {rng.choice(_OBJECTS)}."
+    )
 
 
 @dataclasses.dataclass(frozen=True)

@@ -37,7 +37,8 @@ def render_prompt(tokenizer: Tokenizer, instruction: str, answer_prefix: str, ch
     if not has_chat_template(tokenizer):
         raise ValueError("chat prompts need a tokenizer with a chat template; this one has none (use plain prompts)")
     return tokenizer.apply_chat_template([{"role": "user", "content": instruction}], add_generation_prompt=True) + (
-        answer_prefix)
+        answer_prefix
+    )
 
 
 def encode_prompt(tokenizer: Tokenizer, prompt: str, chat: bool) -> list[int]:
@@ -53,4 +54,6 @@ def token_counter(tokenizer: Tokenizer, chat: bool = False) -> Callable[[str], i
         raise ValueError("chat prompts need a tokenizer with .encode and a chat template, not a counting function")
     if callable(tokenizer):
         return tokenizer
-    raise ValueError(f"tokenizer must have .encode(text) or be a callable text -> token count; got {type(tokenizer).__name__}")
+    raise ValueError(
+        f"tokenizer must have .encode(text) or be a callable text -> token count; got {type(tokenizer).__name__}"
+    )

@@ -11,8 +11,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import jax
 import numpy as np
@@ -62,8 +62,9 @@ def measure(m: LanguageModel, policy, prompts: np.ndarray, config: BenchConfig) 
     prefill_s, decode_s = [], []
     for repeat in range(config.repeats + 1):
         start = time.perf_counter()
-        state = jax.block_until_ready(kvjax.prefill(
-            m, prompts, policy, chunk_size=config.chunk_size, max_new_tokens=config.new_tokens))
+        state = jax.block_until_ready(
+            kvjax.prefill(m, prompts, policy, chunk_size=config.chunk_size, max_new_tokens=config.new_tokens)
+        )
         prefilled = time.perf_counter()
         kv_bytes, per_device = kvjax.kv_bytes(state), device_kv_bytes(state)
         decode_start = time.perf_counter()
@@ -77,20 +78,33 @@ def measure(m: LanguageModel, policy, prompts: np.ndarray, config: BenchConfig) 
 def _row(run: PolicyRun, length: int, config: BenchConfig, got: Measurement, full: Measurement) -> dict:
     prefill, decode = float(np.median(got.prefill_s)), float(np.median(got.decode_s_per_token))
     return {
-        "policy": run.label, "policy_name": run.name, "budget": run.budget, "policy_repr": repr(run.policy),
-        "length": length, "batch_size": config.batch_size, "new_tokens": config.new_tokens,
-        "kv_bytes": got.kv_bytes, "full_kv_bytes": full.kv_bytes, "compression_ratio": full.kv_bytes / got.kv_bytes,
+        "policy": run.label,
+        "policy_name": run.name,
+        "budget": run.budget,
+        "policy_repr": repr(run.policy),
+        "length": length,
+        "batch_size": config.batch_size,
+        "new_tokens": config.new_tokens,
+        "kv_bytes": got.kv_bytes,
+        "full_kv_bytes": full.kv_bytes,
+        "compression_ratio": full.kv_bytes / got.kv_bytes,
         "kv_bytes_per_device": got.kv_bytes_per_device,
-        "prefill_ms": prefill * 1e3, "prefill_tokens_per_s": config.batch_size * length / prefill,
+        "prefill_ms": prefill * 1e3,
+        "prefill_tokens_per_s": config.batch_size * length / prefill,
         "prefill_speedup": float(np.median(full.prefill_s)) / prefill,
-        "decode_ms_per_token": decode * 1e3, "decode_tokens_per_s": config.batch_size / decode,
+        "decode_ms_per_token": decode * 1e3,
+        "decode_tokens_per_s": config.batch_size / decode,
         "decode_speedup": float(np.median(full.decode_s_per_token)) / decode,
-        "prefill_s_repeats": list(got.prefill_s), "decode_s_per_token_repeats": list(got.decode_s_per_token),
+        "prefill_s_repeats": list(got.prefill_s),
+        "decode_s_per_token_repeats": list(got.decode_s_per_token),
     }
 
 
 def run_bench(
-    m: LanguageModel, policies, config: BenchConfig = BenchConfig(), progress: bool = True,
+    m: LanguageModel,
+    policies,
+    config: BenchConfig = BenchConfig(),
+    progress: bool = True,
     log: Callable[[str], None] = print,
 ) -> dict:
     """A report (device, model shapes, config, and one row per (length, policy)) of each policy's speed
@@ -102,8 +116,10 @@ def run_bench(
     baseline = runs[0]
     longest = max(config.lengths) + config.new_tokens
     if longest > m.config.max_position_embeddings:
-        raise ValueError(f"prompt length {max(config.lengths)} plus {config.new_tokens} new tokens exceeds the "
-                         f"model's context of {m.config.max_position_embeddings}")
+        raise ValueError(
+            f"prompt length {max(config.lengths)} plus {config.new_tokens} new tokens exceeds the "
+            f"model's context of {m.config.max_position_embeddings}"
+        )
     rng = np.random.default_rng(config.seed)
     rows = []
     bar = tqdm(total=len(config.lengths) * len(runs), desc="bench", disable=not progress, dynamic_ncols=True)
@@ -128,12 +144,23 @@ def run_bench(
         bar.close()
     c = m.config
     return {
-        "benchmark": "kvjax bench", "device": jax.devices()[0].device_kind, "backend": jax.default_backend(),
-        "jax": jax.__version__, "model": m.name or None, "dtype": str(m.dtype),
+        "benchmark": "kvjax bench",
+        "device": jax.devices()[0].device_kind,
+        "backend": jax.default_backend(),
+        "jax": jax.__version__,
+        "model": m.name or None,
+        "dtype": str(m.dtype),
         "mesh": None if m.mesh is None else dict(m.mesh.shape),
-        "shapes": {"layers": c.num_layers, "heads": c.num_heads, "kv_heads": c.num_kv_heads, "head_dim": c.head_dim,
-                   "hidden": c.hidden_size, "vocab": c.vocab_size},
-        "config": dataclasses.asdict(config), "rows": rows,
+        "shapes": {
+            "layers": c.num_layers,
+            "heads": c.num_heads,
+            "kv_heads": c.num_kv_heads,
+            "head_dim": c.head_dim,
+            "hidden": c.hidden_size,
+            "vocab": c.vocab_size,
+        },
+        "config": dataclasses.asdict(config),
+        "rows": rows,
     }
 
 
@@ -145,8 +172,11 @@ def plot_bench(rows: list[dict], path: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    panels = (("prefill_ms", "prefill (ms)"), ("decode_ms_per_token", "decode (ms / token)"),
-              ("kv_bytes", "KV cache (MiB)"))
+    panels = (
+        ("prefill_ms", "prefill (ms)"),
+        ("decode_ms_per_token", "decode (ms / token)"),
+        ("kv_bytes", "KV cache (MiB)"),
+    )
     lengths = sorted({r["length"] for r in rows})
     fig, axes = plt.subplots(1, len(panels), figsize=(13, 3.8))
     for ax, (key, title) in zip(axes, panels):
@@ -179,6 +209,13 @@ def write_bench(report: dict, out_dir: str | Path, plots: bool = True) -> list[P
     return paths
 
 
-BENCH_COLUMNS = (("length", "length"), ("policy", "policy"), ("kv_bytes", "kv_bytes"),
-                 ("compression_ratio", "compression"), ("prefill_ms", "prefill_ms"), ("prefill_speedup", "prefill_x"),
-                 ("decode_ms_per_token", "decode_ms/tok"), ("decode_speedup", "decode_x"))
+BENCH_COLUMNS = (
+    ("length", "length"),
+    ("policy", "policy"),
+    ("kv_bytes", "kv_bytes"),
+    ("compression_ratio", "compression"),
+    ("prefill_ms", "prefill_ms"),
+    ("prefill_speedup", "prefill_x"),
+    ("decode_ms_per_token", "decode_ms/tok"),
+    ("decode_speedup", "decode_x"),
+)

@@ -24,21 +24,112 @@ from kvjax.eval.prompting import Tokenizer, render_prompt, token_counter
 
 # Keys are "adjective-noun" words, as RULER's wonderwords keys.
 _ADJECTIVES = (
-    "ancient", "bitter", "brave", "bright", "calm", "clever", "crimson", "curious", "damp", "eager",
-    "fancy", "fragile", "gentle", "gloomy", "golden", "hollow", "humble", "icy", "jolly", "lazy",
-    "loud", "lucky", "mellow", "misty", "noble", "odd", "pale", "proud", "quick", "quiet", "rapid",
-    "rusty", "shy", "silent", "sleepy", "smooth", "sour", "spicy", "steady", "stormy", "sweet",
-    "tender", "tidy", "vast", "wicked", "wild", "witty", "wooden", "young", "zealous",
+    "ancient",
+    "bitter",
+    "brave",
+    "bright",
+    "calm",
+    "clever",
+    "crimson",
+    "curious",
+    "damp",
+    "eager",
+    "fancy",
+    "fragile",
+    "gentle",
+    "gloomy",
+    "golden",
+    "hollow",
+    "humble",
+    "icy",
+    "jolly",
+    "lazy",
+    "loud",
+    "lucky",
+    "mellow",
+    "misty",
+    "noble",
+    "odd",
+    "pale",
+    "proud",
+    "quick",
+    "quiet",
+    "rapid",
+    "rusty",
+    "shy",
+    "silent",
+    "sleepy",
+    "smooth",
+    "sour",
+    "spicy",
+    "steady",
+    "stormy",
+    "sweet",
+    "tender",
+    "tidy",
+    "vast",
+    "wicked",
+    "wild",
+    "witty",
+    "wooden",
+    "young",
+    "zealous",
 )
 _NOUNS = (
-    "anchor", "badger", "banner", "barrel", "beacon", "blanket", "bottle", "bucket", "cabin", "candle",
-    "canyon", "castle", "cherry", "cloud", "comet", "cottage", "crystal", "desert", "dragon", "engine",
-    "falcon", "feather", "forest", "garden", "glacier", "harbor", "helmet", "island", "jacket", "kettle",
-    "ladder", "lantern", "meadow", "mirror", "needle", "orchard", "otter", "pebble", "pepper", "pillow",
-    "planet", "puzzle", "quarry", "rabbit", "ribbon", "saddle", "tunnel", "violin", "walrus", "window",
+    "anchor",
+    "badger",
+    "banner",
+    "barrel",
+    "beacon",
+    "blanket",
+    "bottle",
+    "bucket",
+    "cabin",
+    "candle",
+    "canyon",
+    "castle",
+    "cherry",
+    "cloud",
+    "comet",
+    "cottage",
+    "crystal",
+    "desert",
+    "dragon",
+    "engine",
+    "falcon",
+    "feather",
+    "forest",
+    "garden",
+    "glacier",
+    "harbor",
+    "helmet",
+    "island",
+    "jacket",
+    "kettle",
+    "ladder",
+    "lantern",
+    "meadow",
+    "mirror",
+    "needle",
+    "orchard",
+    "otter",
+    "pebble",
+    "pepper",
+    "pillow",
+    "planet",
+    "puzzle",
+    "quarry",
+    "rabbit",
+    "ribbon",
+    "saddle",
+    "tunnel",
+    "violin",
+    "walrus",
+    "window",
 )
 # RULER draws random needle depths from 40 evenly spaced percentages.
 _DEPTH_GRID = np.linspace(0.0, 1.0, 40)
+
 
 @dataclasses.dataclass(frozen=True)
 class Sample:
@@ -127,19 +218,30 @@ class NeedleTask:
             answers += [values[q * self.num_values + v] for v in range(self.num_values)]
         first = next(i for i, (_, k, v) in enumerate(needles) if k == queried[0] and v == 0)
         depths[first] = depth
-        query = keys[queried[0]] if len(queried) == 1 else (
-            ", ".join(keys[q] for q in queried[:-1]) + f", and {keys[queried[-1]]}")
+        query = (
+            keys[queried[0]]
+            if len(queried) == 1
+            else (", ".join(keys[q] for q in queried[:-1]) + f", and {keys[queried[-1]]}")
+        )
         if len(answers) == 1:
             prefix = f"A special magic {kind} is hidden in the text below. Memorize it; I will ask you about it afterwards.\n"
             question = f"\nWhat is the special magic {kind} for {query} in the text above?"
             answer_prefix = f"The special magic {kind} for {query} in the text above is"
         else:
-            prefix = (f"Some special magic {kind}s are hidden in the text below. Memorize them; "
-                      f"I will ask you about them afterwards.\n")
+            prefix = (
+                f"Some special magic {kind}s are hidden in the text below. Memorize them; "
+                f"I will ask you about them afterwards.\n"
+            )
             question = f"\nWhat are all the special magic {kind}s for {query} in the text above?"
             answer_prefix = f"The special magic {kind}s for {query} in the text above are"
-        return Draft(tuple((n, d) for (n, _, _), d in zip(needles, depths)), prefix, question, answer_prefix,
-                     tuple(answers), first)
+        return Draft(
+            tuple((n, d) for (n, _, _), d in zip(needles, depths)),
+            prefix,
+            question,
+            answer_prefix,
+            tuple(answers),
+            first,
+        )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -152,10 +254,18 @@ class PasskeyTask:
 
     def draft(self, rng: np.random.Generator, depth: float) -> Draft:
         key = str(int(rng.integers(10_000, 100_000)))
-        prefix = ("There is an important piece of information hidden inside a lot of irrelevant text. "
-                  "Find it and remember it; I will ask you about it.\n")
-        return Draft(((f"The pass key is {key}. Remember it.", depth),), prefix, "\nWhat is the pass key?",
-                     "The pass key is", (key,), 0)
+        prefix = (
+            "There is an important piece of information hidden inside a lot of irrelevant text. "
+            "Find it and remember it; I will ask you about it.\n"
+        )
+        return Draft(
+            ((f"The pass key is {key}. Remember it.", depth),),
+            prefix,
+            "\nWhat is the pass key?",
+            "The pass key is",
+            (key,),
+            0,
+        )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -181,8 +291,10 @@ class VariableTrackingTask:
         later = sorted(float(d) for d in rng.uniform(depth, 1.0, size=self.num_hops))
         prefix = "Memorize and track the chain of variable assignments hidden in the text below.\n\n"
         question = f"\nQuestion: Which variables are assigned the value {value} in the text above?"
-        answer_prefix = (f"Answer: Following the chain of variable assignments in the text above, {self.num_hops + 1} "
-                         f"variables are assigned the value {value}, they are:")
+        answer_prefix = (
+            f"Answer: Following the chain of variable assignments in the text above, {self.num_hops + 1} "
+            f"variables are assigned the value {value}, they are:"
+        )
         return Draft(tuple(zip(statements, [depth] + later)), prefix, question, answer_prefix, tuple(names), 0)
 
 
@@ -274,14 +386,27 @@ def make_sample(
         lo, hi = (mid, hi) if count(build(mid)[0]) <= length else (lo, mid)
     prompt, context, where = build(lo)
     return Sample(
-        task=task.name, prompt=prompt, answers=draft.answers, target=" " + ", ".join(draft.answers) + ".",
-        depth=where, length=length, num_tokens=count(prompt), seed=seed, context=context,
-        answer_prefix=draft.answer_prefix, chat=chat,
+        task=task.name,
+        prompt=prompt,
+        answers=draft.answers,
+        target=" " + ", ".join(draft.answers) + ".",
+        depth=where,
+        length=length,
+        num_tokens=count(prompt),
+        seed=seed,
+        context=context,
+        answer_prefix=draft.answer_prefix,
+        chat=chat,
     )
 
 
 def make_samples(
-    task: Task, tokenizer: Tokenizer, length: int, num_samples: int, seed: int = 0, spread_depths: bool = True,
+    task: Task,
+    tokenizer: Tokenizer,
+    length: int,
+    num_samples: int,
+    seed: int = 0,
+    spread_depths: bool = True,
     chat: bool = False,
 ) -> list[Sample]:
     """`num_samples` samples with seeds seed, seed+1, ...; depths evenly spaced over [0, 1] when

@@ -27,7 +27,11 @@ HeadSets = tuple[tuple[int, ...], ...]
 
 
 def probe_tokens(
-    vocab_size: int, num_tokens: int = 2500, repeats: int = 4, seed: int = 0, bos_id: int | None = None,
+    vocab_size: int,
+    num_tokens: int = 2500,
+    repeats: int = 4,
+    seed: int = 0,
+    bos_id: int | None = None,
     exclude=(),
 ) -> np.ndarray:
     """int32[(1) + num_tokens * repeats]: BOS (if given), then random ids (never `exclude`d) repeated."""
@@ -115,7 +119,11 @@ def probe_scores(m, tokens, query_block: int = 256) -> tuple[np.ndarray, np.ndar
 
 
 def select_retrieval_heads(
-    echo, induction, num_kv_heads: int, echo_frac: float = 0.01, induction_frac: float = 0.14,
+    echo,
+    induction,
+    num_kv_heads: int,
+    echo_frac: float = 0.01,
+    induction_frac: float = 0.14,
 ) -> HeadSets:
     """Per layer, the KV heads among the top `echo_frac` by echo or top `induction_frac` by induction.
 
@@ -124,8 +132,10 @@ def select_retrieval_heads(
     """
     echo, induction = np.asarray(echo, np.float64), np.asarray(induction, np.float64)
     if echo.shape != induction.shape or echo.ndim != 2 or echo.shape[1] % num_kv_heads:
-        raise ValueError(f"echo {echo.shape} and induction {induction.shape} must be float[L, H], H a multiple "
-                         f"of num_kv_heads={num_kv_heads}")
+        raise ValueError(
+            f"echo {echo.shape} and induction {induction.shape} must be float[L, H], H a multiple "
+            f"of num_kv_heads={num_kv_heads}"
+        )
     layers = echo.shape[0]
     per_kv = lambda s: s.reshape(layers, num_kv_heads, -1).max(-1).reshape(-1)  # noqa: E731  [L * Hkv]
     keep = np.zeros(layers * num_kv_heads, bool)
@@ -138,8 +148,13 @@ def select_retrieval_heads(
 
 
 def identify_retrieval_heads(
-    m, seed: int = 0, num_tokens: int = 2500, repeats: int = 4, echo_frac: float = 0.01,
-    induction_frac: float = 0.14, query_block: int = 256,
+    m,
+    seed: int = 0,
+    num_tokens: int = 2500,
+    repeats: int = 4,
+    echo_frac: float = 0.01,
+    induction_frac: float = 0.14,
+    query_block: int = 256,
 ) -> HeadSets:
     """RazorAttention's retrieval KV heads of model `m`, per layer (~15% of heads by default)."""
     cfg = m.config

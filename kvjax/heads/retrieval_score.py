@@ -12,8 +12,8 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -24,8 +24,10 @@ from kvjax.attention import attend, attend_with_probs
 from kvjax.kv_state import empty_segment, write_entries
 
 DEFAULT_HAYSTACK = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "haystack"
-PROMPT = ("This is a very long story book: <book> {context} </book>.\n"
-          "Based on the content of the book, Question: {question}\nAnswer:")
+PROMPT = (
+    "This is a very long story book: <book> {context} </book>.\n"
+    "Based on the content of the book, Question: {question}\nAnswer:"
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,8 +42,10 @@ class NeedleTest:
 
     def __post_init__(self):
         if not 0 <= self.needle_start < self.needle_end <= len(self.prompt):
-            raise ValueError(f"needle span [{self.needle_start}, {self.needle_end}) is not inside the "
-                             f"{len(self.prompt)}-token prompt")
+            raise ValueError(
+                f"needle span [{self.needle_start}, {self.needle_end}) is not inside the "
+                f"{len(self.prompt)}-token prompt"
+            )
 
     def correct(self, generated: Sequence[int]) -> bool:
         """Whether the generation recalls at least `min_recall` of the answer's tokens (multiset
@@ -57,8 +61,12 @@ class NeedleTest:
 
 
 def needle_test(
-    haystack: Sequence[int], needle: Sequence[int], suffix: Sequence[int], depth: float,
-    prefix: Sequence[int] = (), answer: Sequence[int] | None = None,
+    haystack: Sequence[int],
+    needle: Sequence[int],
+    suffix: Sequence[int],
+    depth: float,
+    prefix: Sequence[int] = (),
+    answer: Sequence[int] | None = None,
 ) -> NeedleTest:
     """prefix + haystack with the needle inserted at `depth` in [0, 1] + suffix (the question), as ids."""
     if not 0 <= depth <= 1 or not needle:
@@ -66,13 +74,20 @@ def needle_test(
     cut = int(round(depth * len(haystack)))
     start = len(prefix) + cut
     prompt = (*prefix, *haystack[:cut], *needle, *haystack[cut:], *suffix)
-    return NeedleTest(tuple(int(t) for t in prompt), start, start + len(needle),
-                      None if answer is None else tuple(int(t) for t in answer))
+    return NeedleTest(
+        tuple(int(t) for t in prompt),
+        start,
+        start + len(needle),
+        None if answer is None else tuple(int(t) for t in answer),
+    )
 
 
 def haystack_tests(
-    encode: Callable[[str], list[int]], context_lengths: Sequence[int], depths: Sequence[float],
-    root: str | Path = DEFAULT_HAYSTACK, bos: Sequence[int] = (),
+    encode: Callable[[str], list[int]],
+    context_lengths: Sequence[int],
+    depths: Sequence[float],
+    root: str | Path = DEFAULT_HAYSTACK,
+    bos: Sequence[int] = (),
 ) -> list[NeedleTest]:
     """Tests from the shared haystack (Paul Graham essays) and the paper's needles, one per
     (needle, context length, depth). `encode(text)` returns ids without special tokens."""
@@ -137,7 +152,9 @@ def copy_paste_scores(tops, generated, prompt, needle_start: int, needle_end: in
     return copied.sum(0) / (needle_end - needle_start)
 
 
-def per_test_scores(m, test: NeedleTest, max_new_tokens: int = 50, stop_ids=()) -> tuple[np.ndarray, list[int], np.ndarray]:
+def per_test_scores(
+    m, test: NeedleTest, max_new_tokens: int = 50, stop_ids=()
+) -> tuple[np.ndarray, list[int], np.ndarray]:
     """One test: float64[L, H] copy-paste scores, the greedy tokens generated, and each step's
     top-1 attended positions int32[S, L, H]."""
     cfg = m.config
@@ -153,7 +170,9 @@ def per_test_scores(m, test: NeedleTest, max_new_tokens: int = 50, stop_ids=()) 
     _, carry, _ = _forward(m.graphdef, m.params, carry, jnp.asarray(prompt[:, :-1]), jnp.int32(0), False)
     feed, generated, tops = prompt[:, -1], [], []
     for step in range(max_new_tokens):
-        token, carry, top = _forward(m.graphdef, m.params, carry, jnp.asarray(feed)[:, None], jnp.int32(t - 1 + step), True)
+        token, carry, top = _forward(
+            m.graphdef, m.params, carry, jnp.asarray(feed)[:, None], jnp.int32(t - 1 + step), True
+        )
         generated.append(int(token[0]))
         tops.append(np.asarray(top[:, 0]))  # [L, H]
         if generated[-1] in stop_ids:

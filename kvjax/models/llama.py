@@ -7,7 +7,8 @@ and returns the updated segments, so the hot path stays a pure function of (para
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -74,8 +75,15 @@ class Attention(nnx.Module):
         return q, k, v
 
     def __call__(
-        self, x: jax.Array, positions: jax.Array, valid: jax.Array, rope: tuple[jax.Array, jax.Array],
-        ctx: LayerContext, segments: Any, shared: Any, layer_fn: LayerFn | None,
+        self,
+        x: jax.Array,
+        positions: jax.Array,
+        valid: jax.Array,
+        rope: tuple[jax.Array, jax.Array],
+        ctx: LayerContext,
+        segments: Any,
+        shared: Any,
+        layer_fn: LayerFn | None,
     ) -> tuple[jax.Array, Any, Any]:
         """Output [B, T, E], the layer's new state and the new shared state. Without a cache
         (`layer_fn` None) the chunk attends causally to itself."""
@@ -87,11 +95,26 @@ class Attention(nnx.Module):
         new_pos = jnp.where(valid, positions, -1)  # [B, T]
         if layer_fn is None:
             k_pos = jnp.broadcast_to(new_pos[:, None, :], (b, cfg.num_kv_heads, t))  # [B, K, T]
-            out = attend(q.reshape(grouped), k.swapaxes(1, 2), v.swapaxes(1, 2), k_pos, positions, ctx.window,
-                         ctx.scale, ctx.impl)
+            out = attend(
+                q.reshape(grouped),
+                k.swapaxes(1, 2),
+                v.swapaxes(1, 2),
+                k_pos,
+                positions,
+                ctx.window,
+                ctx.scale,
+                ctx.impl,
+            )
         else:
-            inputs = StepInputs(q=q.reshape(grouped), k=k, v=v, q_raw=q_raw.reshape(grouped), k_raw=k_raw,
-                                q_pos=positions, new_pos=new_pos)
+            inputs = StepInputs(
+                q=q.reshape(grouped),
+                k=k,
+                v=v,
+                q_raw=q_raw.reshape(grouped),
+                k_raw=k_raw,
+                q_pos=positions,
+                new_pos=new_pos,
+            )
             out, segments, shared = layer_fn(ctx, segments, shared, inputs)
         out = jnp.einsum("bthd,hde->bte", out.reshape(b, t, cfg.num_heads, cfg.head_dim), self.o_proj[...])
         if cfg.o_bias:
@@ -202,9 +225,17 @@ class Transformer(nnx.Module):
         return LayerStack(runs=runs, params=params)
 
     def __call__(
-        self, tokens: jax.Array, positions: jax.Array, valid: jax.Array, cache: tuple | None = None,
-        layer_fn: LayerFn | None = None, *, shared: Any = None, seq_len: jax.Array | None = None,
-        attention_impl: str = "auto", stack: LayerStack | None = None,
+        self,
+        tokens: jax.Array,
+        positions: jax.Array,
+        valid: jax.Array,
+        cache: tuple | None = None,
+        layer_fn: LayerFn | None = None,
+        *,
+        shared: Any = None,
+        seq_len: jax.Array | None = None,
+        attention_impl: str = "auto",
+        stack: LayerStack | None = None,
     ) -> tuple[jax.Array, tuple | None, Any]:
         """Final-normed hidden states [B, T, E] for tokens int32[B, T] at positions int32[B, T], the new
         per-layer cache and the new shared state.

@@ -38,6 +38,6 @@ class A2SF(H2O):
         n = jnp.sum(real, axis=1, dtype=jnp.int32)  # [B] real queries in this step
         later = n[:, None] - jnp.cumsum(real, axis=1, dtype=jnp.int32)  # [B, T] real queries after t
         lam = jnp.float32(self.forgetting)
-        weights = jnp.where(real, lam ** later, 0.0)  # [B, T]
+        weights = jnp.where(real, lam**later, 0.0)  # [B, T]
         added = jnp.sum(group_mean(probs, new_pos) * weights[:, None, :, None], axis=2)  # [B, K, C]
-        return (lam ** n)[:, None, None] * segment.score + added
+        return (lam**n)[:, None, None] * segment.score + added

@@ -131,7 +131,8 @@ class AdaKV(Policy):
             return jnp.pad(picked, ((0, 0), (0, pad), (0, 0)))
 
         return PooledSegment(
-            k=gather(seg.k), v=gather(seg.v),
+            k=gather(seg.k),
+            v=gather(seg.v),
             pos=jnp.pad(pos, ((0, 0), (0, pad)), constant_values=-1),
             head=jnp.pad(jnp.where(pos >= 0, owner, 0), ((0, 0), (0, pad))).astype(jnp.int32),
             heads=seg.heads,

@@ -42,11 +42,11 @@ class Policy(abc.ABC):
     file_needed: ClassVar[str | None] = None
 
     @classmethod
-    def from_file(cls, path: str | os.PathLike, config: ModelConfig, **options) -> "Policy":
+    def from_file(cls, path: str | os.PathLike, config: ModelConfig, **options) -> Policy:
         """The policy built from `file_needed` for a model of `config`, with `options` for its fields."""
         raise ValueError(f"{cls.__name__} is not built from a file; set its fields instead")
 
-    def with_budget(self, tokens: int) -> "Policy | None":
+    def with_budget(self, tokens: int) -> Policy | None:
         """This policy keeping about `tokens` entries per KV head, by its own rule for splitting them, or
         None when it has no token budget (it then runs at its own settings: Full, KIVI, CSKV, ...)."""
         if tokens < 1:
@@ -69,9 +69,7 @@ class Policy(abc.ABC):
             updated.append(seg)
         return merge_heads(outs, segments, axis=2), tuple(updated)
 
-    def segment_step(
-        self, ctx: LayerContext, segment: Any, x: StepInputs, phase: Phase
-    ) -> tuple[jax.Array, Any]:
+    def segment_step(self, ctx: LayerContext, segment: Any, x: StepInputs, phase: Phase) -> tuple[jax.Array, Any]:
         """One segment's step; x holds only its heads. Returns ([B, T, Hs, G, D], new segment)."""
         raise NotImplementedError(f"{type(self).__name__} implements neither step nor segment_step")
 

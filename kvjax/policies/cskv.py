@@ -165,7 +165,8 @@ class CSKV(Policy):
 
         leaving = over[:, None, None] & (jnp.arange(win.capacity) == oldest[:, None])[:, None, :]  # [B, 1, W]
         return seg.replace(
-            k_latent=put(seg.k_latent, k_feat), v_latent=put(seg.v_latent, v_feat),
+            k_latent=put(seg.k_latent, k_feat),
+            v_latent=put(seg.v_latent, v_feat),
             latent_length=seg.latent_length + over.astype(jnp.int32),
             window=win.replace(pos=jnp.where(leaving, -1, win.pos)),
         )
@@ -194,12 +195,20 @@ class CSKV(Policy):
                 feat = jnp.where(old, feat, 0.0).astype(seg.k.dtype)
                 return jnp.pad(feat, ((0, 0), (0, capacity - c), (0, 0)))[:, None]
 
-            layers.append((LowRankSegment(
-                k_latent=features(k, k_basis), v_latent=features(v, v_basis),
-                k_basis=k_basis[:, None], v_basis=v_basis[:, None],
-                latent_length=latent_length, rope_length=rope_length,
-                window=_tail(seg, latent_length, window_capacity), rope=config.rope,
-            ),))
+            layers.append(
+                (
+                    LowRankSegment(
+                        k_latent=features(k, k_basis),
+                        v_latent=features(v, v_basis),
+                        k_basis=k_basis[:, None],
+                        v_basis=v_basis[:, None],
+                        latent_length=latent_length,
+                        rope_length=rope_length,
+                        window=_tail(seg, latent_length, window_capacity),
+                        rope=config.rope,
+                    ),
+                )
+            )
         return state.replace(layers=tuple(layers))
 
 

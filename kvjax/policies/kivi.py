@@ -84,9 +84,7 @@ class KIVI(Policy):
             )
         slab, window = self.capacities(prompt_len, max_new_tokens)
         heads = tuple(range(config.num_kv_heads))
-        layer = empty_quantized_segment(
-            batch, heads, slab, window, config.head_dim, self.bits, self.group, dtype
-        )
+        layer = empty_quantized_segment(batch, heads, slab, window, config.head_dim, self.bits, self.group, dtype)
         return KVState(layers=((layer,),) * config.num_layers, length=jnp.zeros((batch,), jnp.int32))
 
     def segment_step(self, ctx, segment: QuantizedSegment, x, phase) -> tuple[jax.Array, QuantizedSegment]:

@@ -25,8 +25,15 @@ from flax import struct
 from kvjax.attention import attend_with_probs, reference_attention
 from kvjax.config import ModelConfig
 from kvjax.kv_state import (
-    KVSegment, KVState, count, dropped_by_keep_top, keep_top, lowest_over_budget, round_capacity,
-    write_entries, write_free_slot,
+    KVSegment,
+    KVState,
+    count,
+    dropped_by_keep_top,
+    keep_top,
+    lowest_over_budget,
+    round_capacity,
+    write_entries,
+    write_free_slot,
 )
 from kvjax.layer_step import Decode
 from kvjax.policies.base import Layout, Policy
@@ -57,8 +64,10 @@ class LowPrecisionEntries:
 
     def dequantize(self, dtype) -> tuple[jax.Array, jax.Array]:
         """k, v [B, Hs, C, D] in `dtype`."""
-        return (kv_quant.dequantize_tokens(self.k_codes, self.k_scale, self.k_zero, self.bits, self.group, dtype),
-                kv_quant.dequantize_tokens(self.v_codes, self.v_scale, self.v_zero, self.bits, self.group, dtype))
+        return (
+            kv_quant.dequantize_tokens(self.k_codes, self.k_scale, self.k_zero, self.bits, self.group, dtype),
+            kv_quant.dequantize_tokens(self.v_codes, self.v_scale, self.v_zero, self.bits, self.group, dtype),
+        )
 
 
 @struct.dataclass(frozen=True)
@@ -82,13 +91,21 @@ def empty_low(batch: int, heads: int, capacity: int, head_dim: int, bits: int, g
     codes = jnp.zeros((batch, heads, capacity, head_dim * bits // 8), jnp.uint8)
     stats = jnp.zeros((batch, heads, capacity, head_dim // group), SCALE_DTYPE)
     return LowPrecisionEntries(
-        k_codes=codes, k_scale=stats, k_zero=stats, v_codes=codes, v_scale=stats, v_zero=stats,
-        pos=jnp.full((batch, heads, capacity), -1, jnp.int32), bits=bits, group=group,
+        k_codes=codes,
+        k_scale=stats,
+        k_zero=stats,
+        v_codes=codes,
+        v_scale=stats,
+        v_zero=stats,
+        pos=jnp.full((batch, heads, capacity), -1, jnp.int32),
+        bits=bits,
+        group=group,
     )
 
 
 def resize_low(low: LowPrecisionEntries, capacity: int) -> LowPrecisionEntries:
     """The same entries (a valid prefix) in `capacity` slots: trimmed or padded with empty slots."""
+
     def fit(x, fill=0):
         if x.shape[2] >= capacity:
             return x[:, :, :capacity]
@@ -128,13 +145,17 @@ class MiKV(Policy):
     group: int = 32
 
     def __post_init__(self):
-        if not (isinstance(self.base, TokenEviction) and self.base.evict_while_prefilling
-                and self.base.evict_while_decoding):
+        if not (
+            isinstance(self.base, TokenEviction) and self.base.evict_while_prefilling and self.base.evict_while_decoding
+        ):
             raise ValueError(
                 "MiKV demotes what a token-eviction base evicts while prefilling and decoding (H2O, A2SF, "
                 f"VATP, TOVA, StreamingLLM); got {type(self.base).__name__}, which "
-                + ("compresses the prompt once" if isinstance(self.base, TokenEviction)
-                   else "is not a TokenEviction policy")
+                + (
+                    "compresses the prompt once"
+                    if isinstance(self.base, TokenEviction)
+                    else "is not a TokenEviction policy"
+                )
             )
         kv_quant.check_bits(self.bits)
         kv_quant.check_group_size(self.group, self.bits)

@@ -13,7 +13,7 @@ at construction. `tokens_for_memory` and `QuantizedPruning.for_memory` turn a me
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -48,8 +48,11 @@ class QuantizedPruning(Policy):
                 "QuantizedPruning supports token-eviction bases that compress the prompt once "
                 "(TokenEviction with evict_while_decoding=False: SnapKV, PyramidKV, Knorm); got "
                 f"{type(self.base).__name__}, which "
-                + ("evicts while decoding (entries of packed groups cannot be evicted one by one)"
-                   if isinstance(self.base, TokenEviction) else "is not a TokenEviction policy")
+                + (
+                    "evicts while decoding (entries of packed groups cannot be evicted one by one)"
+                    if isinstance(self.base, TokenEviction)
+                    else "is not a TokenEviction policy"
+                )
             )
         self.kivi()  # validates bits, group and residual exactly as KIVI does
 
@@ -85,8 +88,7 @@ class QuantizedPruning(Policy):
         """The base's compressed prompt, its oldest whole groups of G kept entries quantized."""
         state = self.base.finalize(config, state, prompt_len, max_new_tokens)
         layers = tuple(
-            tuple(self._quantize_kept(seg, prompt_len, max_new_tokens) for seg in layer)
-            for layer in state.layers
+            tuple(self._quantize_kept(seg, prompt_len, max_new_tokens) for seg in layer) for layer in state.layers
         )
         return state.replace(layers=layers)
 
@@ -100,7 +102,8 @@ class QuantizedPruning(Policy):
             batch, seg.heads, slab_capacity, 0, head_dim, self.bits, self.group, seg.k.dtype, SCALE_DTYPE
         )
         everything = QuantizedSegment(
-            slab=empty.slab, slab_length=empty.slab_length,
+            slab=empty.slab,
+            slab_length=empty.slab_length,
             window=seg.replace(score=None, budget=None),  # all kept entries, exact, for now
             slab_pos=jnp.full((batch, heads, slab_capacity), -1, jnp.int32),
         )
@@ -136,10 +139,18 @@ class QuantizedPruning(Policy):
 
     @classmethod
     def for_memory(
-        cls, base: Callable[[int], TokenEviction], memory_fraction: float, bits: int = 4, *,
-        config: ModelConfig, prompt_len: int, max_new_tokens: int = 0, dtype=jnp.bfloat16,
-        group: int = 32, residual: int = 128,
-    ) -> "QuantizedPruning":
+        cls,
+        base: Callable[[int], TokenEviction],
+        memory_fraction: float,
+        bits: int = 4,
+        *,
+        config: ModelConfig,
+        prompt_len: int,
+        max_new_tokens: int = 0,
+        dtype=jnp.bfloat16,
+        group: int = 32,
+        residual: int = 128,
+    ) -> QuantizedPruning:
         """The policy over `base(n)` (a class or factory taking the token budget) with the largest n
         whose decode state fits `memory_fraction` of Full's bytes for the same prompt and new tokens.
 
@@ -148,16 +159,24 @@ class QuantizedPruning(Policy):
         """
         memory = memory_fraction * full_state_bytes(config, prompt_len, max_new_tokens, dtype)
         n = tokens_for_memory(
-            config, memory, bits=bits, prompt_len=prompt_len, max_new_tokens=max_new_tokens,
-            group=group, residual=residual, dtype=dtype,
+            config,
+            memory,
+            bits=bits,
+            prompt_len=prompt_len,
+            max_new_tokens=max_new_tokens,
+            group=group,
+            residual=residual,
+            dtype=dtype,
         )
 
         def make(n: int) -> QuantizedPruning:
             try:
                 pruned = base(n)
             except ValueError as e:
-                raise ValueError(f"{memory_fraction} of Full's memory fits {n} tokens per head at "
-                                 f"{bits} bits, which the base rejects: {e}") from e
+                raise ValueError(
+                    f"{memory_fraction} of Full's memory fits {n} tokens per head at "
+                    f"{bits} bits, which the base rejects: {e}"
+                ) from e
             return cls(pruned, bits, group, residual)
 
         def fits(n: int) -> bool:
@@ -204,9 +223,7 @@ def attend_dequantized(
 # -- the (tokens, bits) trade ----------------------------------------------------------------------
 
 
-def full_state_bytes(
-    config: ModelConfig, prompt_len: int, max_new_tokens: int = 0, dtype=jnp.bfloat16
-) -> int:
+def full_state_bytes(config: ModelConfig, prompt_len: int, max_new_tokens: int = 0, dtype=jnp.bfloat16) -> int:
     """Bytes per sequence of Full's state for `prompt_len + max_new_tokens` positions:
     L * K * round16(P + N) * (2 * D * e + 4) + 4 (k, v, positions; `KVState.length`)."""
     slots = round_capacity(prompt_len + max_new_tokens)
@@ -215,8 +232,16 @@ def full_state_bytes(
 
 
 def pruned_state_bytes(
-    config: ModelConfig, budget: int, bits: int | None, prompt_len: int, max_new_tokens: int = 0, *,
-    group: int = 32, residual: int = 128, dtype=jnp.bfloat16, scored: bool = False,
+    config: ModelConfig,
+    budget: int,
+    bits: int | None,
+    prompt_len: int,
+    max_new_tokens: int = 0,
+    *,
+    group: int = 32,
+    residual: int = 128,
+    dtype=jnp.bfloat16,
+    scored: bool = False,
 ) -> int:
     """Bytes per sequence of the decode state keeping `budget` prompt tokens per (layer, KV head).
 
@@ -238,9 +263,17 @@ def pruned_state_bytes(
 
 
 def tokens_for_memory(
-    config: ModelConfig, memory_bytes_per_sequence: float | None = None, *,
-    ratio_of_full: float | None = None, bits: int | None = 4, prompt_len: int, max_new_tokens: int = 0,
-    group: int = 32, residual: int = 128, dtype=jnp.bfloat16, scored: bool = False,
+    config: ModelConfig,
+    memory_bytes_per_sequence: float | None = None,
+    *,
+    ratio_of_full: float | None = None,
+    bits: int | None = 4,
+    prompt_len: int,
+    max_new_tokens: int = 0,
+    group: int = 32,
+    residual: int = 128,
+    dtype=jnp.bfloat16,
+    scored: bool = False,
 ) -> int:
     """The largest token budget per (layer, KV head), at most `prompt_len`, whose decode state
     (`pruned_state_bytes`) fits the memory: bytes per sequence, or a ratio of Full's bytes.
@@ -257,7 +290,14 @@ def tokens_for_memory(
 
     def size(n: int) -> int:
         return pruned_state_bytes(
-            config, n, bits, prompt_len, max_new_tokens, group=group, residual=residual, dtype=dtype,
+            config,
+            n,
+            bits,
+            prompt_len,
+            max_new_tokens,
+            group=group,
+            residual=residual,
+            dtype=dtype,
             scored=scored,
         )
 

@@ -59,11 +59,15 @@ class Quest(Policy):
 
     def __post_init__(self):
         if self.page < _SMALLEST_PAGE or self.page & (self.page - 1):
-            raise ValueError(f"{type(self).__name__} page must be a power of two >= {_SMALLEST_PAGE} (the decode "
-                             f"kernels' smallest block); got {self.page}")
+            raise ValueError(
+                f"{type(self).__name__} page must be a power of two >= {_SMALLEST_PAGE} (the decode "
+                f"kernels' smallest block); got {self.page}"
+            )
         if self.budget_tokens < self.page:
-            raise ValueError(f"{type(self).__name__} budget_tokens ({self.budget_tokens}) must cover at least "
-                             f"one page ({self.page} tokens)")
+            raise ValueError(
+                f"{type(self).__name__} budget_tokens ({self.budget_tokens}) must cover at least "
+                f"one page ({self.page} tokens)"
+            )
         if self.dense_layers < 0:
             raise ValueError(f"{type(self).__name__} dense_layers must be >= 0; got {self.dense_layers}")
 

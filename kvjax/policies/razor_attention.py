@@ -25,8 +25,16 @@ from kvjax.attention import decode_with_lse, visibility_mask
 from kvjax.cached_attention import write_in_place_then_attend
 from kvjax.config import ModelConfig
 from kvjax.kv_state import (
-    KVSegment, KVState, count, dropped_by_keep_top, evict_lowest, keep_top, lowest_over_budget, round_capacity,
-    write_entries, write_free_slot,
+    KVSegment,
+    KVState,
+    count,
+    dropped_by_keep_top,
+    evict_lowest,
+    keep_top,
+    lowest_over_budget,
+    round_capacity,
+    write_entries,
+    write_free_slot,
 )
 from kvjax.layer_step import Decode
 from kvjax.policies.base import Layout, Policy
@@ -49,7 +57,9 @@ def compensated(segment: KVSegment) -> CompensatedSegment:
     b, hs, _, d = segment.k.shape
     fields = {f.name: getattr(segment, f.name) for f in dataclasses.fields(KVSegment)}
     return CompensatedSegment(
-        **fields, k_dropped=jnp.zeros((b, hs, d), jnp.float32), v_dropped=jnp.zeros((b, hs, d), jnp.float32),
+        **fields,
+        k_dropped=jnp.zeros((b, hs, d), jnp.float32),
+        v_dropped=jnp.zeros((b, hs, d), jnp.float32),
         n_dropped=jnp.zeros((b, hs), jnp.float32),
     )
 
@@ -88,7 +98,11 @@ def _compensation(segment: CompensatedSegment, q: jax.Array, scale: float) -> tu
 
 
 def compensated_attention(
-    q: jax.Array, segment: CompensatedSegment, q_pos: jax.Array, window: int | None, scale: float,
+    q: jax.Array,
+    segment: CompensatedSegment,
+    q_pos: jax.Array,
+    window: int | None,
+    scale: float,
 ) -> jax.Array:
     """Softmax attention over the held entries plus the compensation token: [B, T, Hs, G, D].
 
@@ -106,7 +120,11 @@ def compensated_attention(
 
 
 def fold_compensation(
-    q: jax.Array, segment: CompensatedSegment, held: jax.Array, held_lse: jax.Array, scale: float,
+    q: jax.Array,
+    segment: CompensatedSegment,
+    held: jax.Array,
+    held_lse: jax.Array,
+    scale: float,
 ) -> jax.Array:
     """`compensated_attention` of one decode token, from attention over the held entries alone: held
     [B, 1, Hs, G, D] with its log-sum-exp held_lse float32[B, 1, Hs, G] (the decode kernel's). The
@@ -158,8 +176,11 @@ class RazorAttention(Policy):
         if isinstance(phase, Decode):  # fill a free slot, attend, evict one
             seg = write_free_slot(segment, x.k, x.v, x.new_pos)
             out = self._attend(ctx, x.q, seg, x.q_pos)
-            seg = evict_one(seg, self._priority(seg)) if self.compensate else evict_lowest(
-                seg, self._priority(seg), seg.budget)
+            seg = (
+                evict_one(seg, self._priority(seg))
+                if self.compensate
+                else evict_lowest(seg, self._priority(seg), seg.budget)
+            )
             return out, seg
         seg = write_entries(segment, x.k, x.v, x.new_pos, count(segment))  # prefill: append, attend, keep
         out = self._attend(ctx, x.q, seg, x.q_pos)  # sink + recent

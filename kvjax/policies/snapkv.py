@@ -38,7 +38,9 @@ class SnapKV(TokenEviction):
 
     def __post_init__(self):
         if self.window < 1 or self.budget_tokens <= self.window:
-            raise ValueError(f"SnapKV needs 1 <= window < budget; got window {self.window}, budget {self.budget_tokens}")
+            raise ValueError(
+                f"SnapKV needs 1 <= window < budget; got window {self.window}, budget {self.budget_tokens}"
+            )
         if self.kernel < 1 or self.kernel % 2 == 0:
             raise ValueError(f"SnapKV pooling kernel must be odd and positive; got {self.kernel}")
         if self.pooling not in ("avg", "max"):

@@ -202,8 +202,12 @@ class SqueezedAttention(Policy):
             coarse_sizes = keys_in(sizes, jnp.where(parents >= 0, parents, num_coarse))  # [B, Hs, Kq]
             coarse = CoarseClusters(parents, coarse_centroids.astype(seg.k.dtype), coarse_sizes, no_threshold)
         return ClusteredSegment(
-            kv=grouped, labels=jnp.take_along_axis(labels, order, axis=2), centroids=centroids.astype(seg.k.dtype),
-            sizes=sizes, threshold=no_threshold, coarse=coarse,
+            kv=grouped,
+            labels=jnp.take_along_axis(labels, order, axis=2),
+            centroids=centroids.astype(seg.k.dtype),
+            sizes=sizes,
+            threshold=no_threshold,
+            coarse=coarse,
         )
 
 
@@ -313,7 +317,11 @@ def selected_slots(q: jax.Array, seg: ClusteredSegment, scale: float) -> jax.Arr
 
 
 def attend_selected(
-    q: jax.Array, seg: ClusteredSegment, q_pos: jax.Array, window: int | None, scale: float,
+    q: jax.Array,
+    seg: ClusteredSegment,
+    q_pos: jax.Array,
+    window: int | None,
+    scale: float,
     impl: str = "reference",
 ) -> jax.Array:
     """Exact attention over the `selected_slots` of a query chunk. One decode token (no sliding window)

@@ -73,13 +73,17 @@ class ThinK(Policy):
     recent: int = 32
 
     def __post_init__(self):
-        if not (isinstance(self.base, Full) or (isinstance(self.base, TokenEviction)
-                                                and not self.base.evict_while_decoding)):
+        if not (
+            isinstance(self.base, Full) or (isinstance(self.base, TokenEviction) and not self.base.evict_while_decoding)
+        ):
             raise ValueError(
                 "ThinK stacks on Full or on a token-eviction base that compresses the prompt once "
                 f"(SnapKV, PyramidKV, Knorm); got {type(self.base).__name__}, which "
-                + ("evicts while decoding (it would have to evict across thin and full keys)"
-                   if isinstance(self.base, TokenEviction) else "is neither")
+                + (
+                    "evicts while decoding (it would have to evict across thin and full keys)"
+                    if isinstance(self.base, TokenEviction)
+                    else "is neither"
+                )
             )
         if not 0.0 <= self.ratio < 1.0:
             raise ValueError(f"ThinK ratio (the share of key channels dropped) must be in [0, 1); got {self.ratio}")
@@ -106,8 +110,9 @@ class ThinK(Policy):
     def allocate(self, config, batch, prompt_len, max_new_tokens, chunk, dtype) -> KVState:
         """The base's prefill state, each layer followed by a zero `QueryEnergy`."""
         state = self.base.allocate(config, batch, prompt_len, max_new_tokens, chunk, dtype)
-        energy = QueryEnergy(jnp.zeros((batch, config.num_kv_heads, config.head_dim), jnp.float32),
-                             tuple(range(config.num_kv_heads)))
+        energy = QueryEnergy(
+            jnp.zeros((batch, config.num_kv_heads, config.head_dim), jnp.float32), tuple(range(config.num_kv_heads))
+        )
         return state.replace(layers=tuple(layer + (energy,) for layer in state.layers))
 
     def step(self, ctx, segments, x, phase):
@@ -138,8 +143,9 @@ class ThinK(Policy):
         queries = jnp.minimum(state.length, self.observe) * (config.num_heads // config.num_kv_heads)  # [B]
         layers = tuple(
             tuple(
-                self._thin(seg, take_heads(e.sum_sq, seg.heads, 1, config.num_kv_heads), queries,
-                           prompt_len, max_new_tokens)
+                self._thin(
+                    seg, take_heads(e.sum_sq, seg.heads, 1, config.num_kv_heads), queries, prompt_len, max_new_tokens
+                )
                 for seg in layer
             )
             for layer, e in zip(state.layers, energies)
@@ -171,7 +177,8 @@ class ThinK(Policy):
             k=jnp.take_along_axis(seg.k[:, :, :thin_cap], channels[:, :, None, :], axis=3),  # [B, Hs, Ct, Dk]
             v=seg.v[:, :, :thin_cap],
             pos=jnp.where(in_thin, seg.pos[:, :, :thin_cap], -1),
-            score=None, budget=None,
+            score=None,
+            budget=None,
         )
         full_cap = round_capacity(min(self.recent, kept_max) + max_new_tokens)
         slot = jnp.arange(full_cap)  # [Cf]
@@ -187,9 +194,7 @@ class ThinK(Policy):
         return ThinKSegment(thin=thin, channels=channels, full=full)
 
 
-def attend_thin_keys(
-    q: jax.Array, seg: ThinKSegment, q_pos: jax.Array, window: int | None, scale: float
-) -> jax.Array:
+def attend_thin_keys(q: jax.Array, seg: ThinKSegment, q_pos: jax.Array, window: int | None, scale: float) -> jax.Array:
     """Exact attention over thin-key and full-key entries in one softmax.
 
     q: [B, T, Hs, G, D] after RoPE; thin entries are scored with q's kept channels only. The scale
@@ -197,11 +202,18 @@ def attend_thin_keys(
     Returns [B, T, Hs, G, D].
     """
     q_thin = jnp.take_along_axis(q, seg.channels[:, None, :, None, :], axis=-1)  # [B, T, Hs, G, Dk]
-    logits = jnp.concatenate([
-        jnp.einsum("btkgc,bksc->bkgts", q_thin, seg.thin.k, preferred_element_type=jnp.float32),
-        jnp.einsum("btkgd,bksd->bkgts", q, seg.full.k, preferred_element_type=jnp.float32),
-    ], axis=-1) * scale  # [B, Hs, G, T, Ct + Cf]
+    logits = (
+        jnp.concatenate(
+            [
+                jnp.einsum("btkgc,bksc->bkgts", q_thin, seg.thin.k, preferred_element_type=jnp.float32),
+                jnp.einsum("btkgd,bksd->bkgts", q, seg.full.k, preferred_element_type=jnp.float32),
+            ],
+            axis=-1,
+        )
+        * scale
+    )  # [B, Hs, G, T, Ct + Cf]
     probs = visible_softmax(logits, seg.positions(), q_pos, window)  # [B, Hs, G, T, Ct + Cf]
     thin_probs, full_probs = jnp.split(probs.astype(seg.full.v.dtype), [seg.thin.capacity], axis=-1)
-    return (jnp.einsum("bkgts,bksd->btkgd", thin_probs, seg.thin.v)
-            + jnp.einsum("bkgts,bksd->btkgd", full_probs, seg.full.v))
+    return jnp.einsum("bkgts,bksd->btkgd", thin_probs, seg.thin.v) + jnp.einsum(
+        "bkgts,bksd->btkgd", full_probs, seg.full.v
+    )

@@ -21,7 +21,14 @@ import jax.numpy as jnp
 from kvjax.attention import attend, attend_with_probs, attention_probs
 from kvjax.config import ModelConfig
 from kvjax.kv_state import (
-    KVSegment, KVState, count, evict_lowest, keep_top, round_capacity, write_entries, write_free_slot,
+    KVSegment,
+    KVState,
+    count,
+    evict_lowest,
+    keep_top,
+    round_capacity,
+    write_entries,
+    write_free_slot,
 )
 from kvjax.layer_step import Decode
 from kvjax.policies.base import Layout, Policy, SegmentSpec
@@ -95,8 +102,17 @@ class TokenEviction(Policy, abc.ABC):
             seg = seg.replace(score=self.observe(seg, probs, x.new_pos, prompt_lengths))
         else:
             # A prefill that evicts nothing yet holds the prompt at slot = position (the kernel's layout).
-            out = attend(x.q, seg.k, seg.v, seg.pos, x.q_pos, ctx.window, ctx.scale, ctx.impl,
-                         slot_is_position=not decoding and not evicting)
+            out = attend(
+                x.q,
+                seg.k,
+                seg.v,
+                seg.pos,
+                x.q_pos,
+                ctx.window,
+                ctx.scale,
+                ctx.impl,
+                slot_is_position=not decoding and not evicting,
+            )
         if picked is not None:  # the picked queries' weights only
             at = jnp.maximum(picked, 0)  # [B, W]
             q_obs = jnp.take_along_axis(x.q, at[:, :, None, None, None], axis=1)  # [B, W, Hs, G, D]

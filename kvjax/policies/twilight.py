@@ -50,6 +50,7 @@ class EstimatedPagedSegment(PagedSegment):
     def estimate_logits(self, q: jax.Array, slots: jax.Array) -> jax.Array:
         """float32[B, Hs, G, T]: q.k for q [B, Hs, G, D] and the quantized keys of the slots int32[B, Hs, T].
         One scale s and zero z per token give q.k = s (q.codes) + z sum(q): no key is dequantized."""
+
         def take(x):
             return jnp.take_along_axis(x, slots[..., None], axis=2)
 
@@ -94,13 +95,15 @@ class Twilight(Quest):
             if not isinstance(seg, PagedSegment):  # a dense layer
                 return seg
             codes, scale, zero = kv_quant.quantize_tokens(seg.kv.k, self.bits, config.head_dim, SCALE_DTYPE)
-            return EstimatedPagedSegment(kv=seg.kv, k_min=seg.k_min, k_max=seg.k_max, k_codes=codes,
-                                         k_scale=scale, k_zero=zero, bits=self.bits)
+            return EstimatedPagedSegment(
+                kv=seg.kv, k_min=seg.k_min, k_max=seg.k_max, k_codes=codes, k_scale=scale, k_zero=zero, bits=self.bits
+            )
 
         return state.replace(layers=tuple(tuple(estimated(seg) for seg in layer) for layer in state.layers))
 
-    def append(self, seg: EstimatedPagedSegment, k: jax.Array, v: jax.Array, q_pos: jax.Array,
-               new_pos: jax.Array) -> EstimatedPagedSegment:
+    def append(
+        self, seg: EstimatedPagedSegment, k: jax.Array, v: jax.Array, q_pos: jax.Array, new_pos: jax.Array
+    ) -> EstimatedPagedSegment:
         """Quest's append, and the token's quantized key at its slot. k, v: [B, 1, Hs, D]."""
         seg = super().append(seg, k, v, q_pos, new_pos)
         codes, scale, zero = kv_quant.quantize_tokens(k.swapaxes(1, 2), self.bits, k.shape[-1], SCALE_DTYPE)
@@ -123,8 +126,13 @@ class Twilight(Quest):
         return decode_table_subset(candidates, smallest_covering(mass, self.top_p).any(axis=2))
 
     def estimated_page_mass(
-        self, q: jax.Array, seg: EstimatedPagedSegment, table: DecodeBlockTable, q_pos: jax.Array,
-        window: int | None, scale: float,
+        self,
+        q: jax.Array,
+        seg: EstimatedPagedSegment,
+        table: DecodeBlockTable,
+        q_pos: jax.Array,
+        window: int | None,
+        scale: float,
     ) -> jax.Array:
         """float32[B, Hs, G, n]: each query head's softmax weight over the visible tokens of the listed
         pages, from the quantized keys, summed per table entry (0 past a row's count)."""

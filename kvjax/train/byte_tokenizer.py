@@ -18,7 +18,9 @@ VOCAB_SIZE = 259
 
 def _byte_to_char() -> dict[int, str]:
     """GPT-2's printable stand-in character for each byte (what the ByteLevel pre-tokenizer emits)."""
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    printable = (
+        list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    )
     chars, extra = {b: chr(b) for b in printable}, 0
     for b in range(256):
         if b not in chars:
@@ -47,4 +49,7 @@ def write_byte_tokenizer(directory: str | Path) -> dict[str, Path]:
     build_byte_tokenizer().save(str(directory / "tokenizer.json"))
     config = {"bos_token": BOS, "eos_token": EOS, "pad_token": PAD, "tokenizer_class": "kvjax-bytes"}
     (directory / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
-    return {"tokenizer.json": directory / "tokenizer.json", "tokenizer_config.json": directory / "tokenizer_config.json"}
+    return {
+        "tokenizer.json": directory / "tokenizer.json",
+        "tokenizer_config.json": directory / "tokenizer_config.json",
+    }

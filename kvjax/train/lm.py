@@ -30,8 +30,8 @@ from kvjax.eval.tasks import default_tasks, distinct_values, get_task, make_samp
 from kvjax.language_model import init_model
 from kvjax.tokenizer import Tokenizer
 from kvjax.train.byte_tokenizer import write_byte_tokenizer
-from kvjax.train.word_tokenizer import DEFAULT_VOCAB, write_word_tokenizer
 from kvjax.train.loop import CURVE_JSON, CURVE_PNG, LoopConfig, train
+from kvjax.train.word_tokenizer import DEFAULT_VOCAB, write_word_tokenizer
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,7 +74,9 @@ class DataConfig:
         if self.position_span and self.position_span < self.seq_len:
             raise ValueError(f"position_span {self.position_span} is shorter than seq_len {self.seq_len}")
         if self.seq_len <= self.answer_reserve + 16:
-            raise ValueError(f"seq_len {self.seq_len} leaves no room for a prompt (answer_reserve {self.answer_reserve})")
+            raise ValueError(
+                f"seq_len {self.seq_len} leaves no room for a prompt (answer_reserve {self.answer_reserve})"
+            )
         if not self.tasks and sum(shares) < 1.0:
             raise ValueError("no tasks given: set text_fraction + copy_fraction + drill_fraction to 1")
 
@@ -131,15 +133,25 @@ def phase_data(data: DataConfig, phase: Phase, tokenizer: Tokenizer) -> DataConf
 def model_config(size: ModelSize, vocab_size: int, bos: int | None, eos: int, pad: int | None) -> ModelConfig:
     """The kvjax ModelConfig of a `size` model over a tokenizer's vocabulary."""
     return ModelConfig(
-        family="llama", vocab_size=vocab_size, hidden_size=size.hidden, intermediate_size=size.intermediate,
-        num_layers=size.layers, num_heads=size.heads, num_kv_heads=size.kv_heads, head_dim=size.head_dim,
-        max_position_embeddings=size.max_positions, rope=RopeConfig(theta=size.rope_theta),
-        bos_token_id=bos, eos_token_ids=(eos,), pad_token_id=pad,
+        family="llama",
+        vocab_size=vocab_size,
+        hidden_size=size.hidden,
+        intermediate_size=size.intermediate,
+        num_layers=size.layers,
+        num_heads=size.heads,
+        num_kv_heads=size.kv_heads,
+        head_dim=size.head_dim,
+        max_position_embeddings=size.max_positions,
+        rope=RopeConfig(theta=size.rope_theta),
+        bos_token_id=bos,
+        eos_token_ids=(eos,),
+        pad_token_id=pad,
     )
 
 
 def special_ids(tokenizer: Tokenizer) -> tuple[int | None, int, int]:
     """(bos, eos, pad) ids from the tokenizer's config; pad falls back to eos."""
+
     def lookup(key):
         name = tokenizer.config.get(key)
         name = name.get("content") if isinstance(name, dict) else name
@@ -186,7 +198,9 @@ def _copy_row(tokenizer: Tokenizer, rng: np.random.Generator, length: int) -> tu
     return ids[:length], weights[:length]
 
 
-def _drill_row(tokenizer: Tokenizer, data: DataConfig, rng: np.random.Generator, length: int) -> tuple[list[int], list[float]]:
+def _drill_row(
+    tokenizer: Tokenizer, data: DataConfig, rng: np.random.Generator, length: int
+) -> tuple[list[int], list[float]]:
     """Needles "One special magic number for K is: V." spread through a haystack, then questions "The special
     magic number for K in the text above is V." for most keys in random order, trained on the values only.
 
@@ -203,8 +217,10 @@ def _drill_row(tokenizer: Tokenizer, data: DataConfig, rng: np.random.Generator,
         return tokenizer.encode(text, add_special_tokens=False)
 
     needles = [encode(f" One special magic {noun} for {k} is: {v}.") for k, v in zip(keys, values)]
-    questions = [(encode(f" The special magic {noun} for {k} in the text above is"), encode(f" {v}."))
-                 for k, v in zip(keys, values)]
+    questions = [
+        (encode(f" The special magic {noun} for {k} in the text above is"), encode(f" {v}."))
+        for k, v in zip(keys, values)
+    ]
     asked = [int(i) for i in rng.permutation(n_keys)[:n_queries]]
 
     def fixed_cost(n: int) -> int:  # tokens of the first n needles and of the questions about them
@@ -215,7 +231,9 @@ def _drill_row(tokenizer: Tokenizer, data: DataConfig, rng: np.random.Generator,
     asked = [i for i in asked if i < n_keys] or [0]
     ids = tokenizer.encode("")
     room = length - len(ids) - fixed_cost(n_keys) - 1
-    haystack = NoiseHaystack() if rng.uniform() < 0.3 else haystack_from_name(data.text[int(rng.integers(len(data.text)))])
+    haystack = (
+        NoiseHaystack() if rng.uniform() < 0.3 else haystack_from_name(data.text[int(rng.integers(len(data.text)))])
+    )
     units, used = [], 0
     for unit in haystack.units(int(rng.integers(2**31)), max(1, room // 4)):
         unit_ids = encode(" " + unit)
@@ -357,7 +375,11 @@ def lr_schedule(lr: float, steps: int, warmup: int, decay_fraction: float = 0.2)
     warmup = max(1, min(warmup, steps - 1))
     decay = max(1, min(int(steps * decay_fraction), steps - warmup))
     return optax.join_schedules(
-        [optax.linear_schedule(0.0, lr, warmup), optax.constant_schedule(lr), optax.linear_schedule(lr, lr / 10, decay)],
+        [
+            optax.linear_schedule(0.0, lr, warmup),
+            optax.constant_schedule(lr),
+            optax.linear_schedule(lr, lr / 10, decay),
+        ],
         [warmup, steps - decay],
     )
 
@@ -365,7 +387,9 @@ def lr_schedule(lr: float, steps: int, warmup: int, decay_fraction: float = 0.2)
 def make_optimizer(lr: float, steps: int, warmup: int, clip: float = 1.0, weight_decay: float = 0.01):
     """AdamW on the warmup-stable-decay schedule, after global-norm clipping."""
     schedule = lr_schedule(lr, steps, warmup)
-    return optax.chain(optax.clip_by_global_norm(clip), optax.adamw(schedule, b1=0.9, b2=0.95, weight_decay=weight_decay))
+    return optax.chain(
+        optax.clip_by_global_norm(clip), optax.adamw(schedule, b1=0.9, b2=0.95, weight_decay=weight_decay)
+    )
 
 
 def _tokenizer_files(spec: str, build_dir: Path) -> tuple[Path, dict[str, Path]]:
@@ -380,8 +404,10 @@ def _tokenizer_files(spec: str, build_dir: Path) -> tuple[Path, dict[str, Path]]
         if not (build_dir / "tokenizer.json").is_file():  # learning the merges takes a while; resume reuses them
             write_word_tokenizer(build_dir, int(vocab))
         elif Tokenizer(build_dir).vocab_size != int(vocab):
-            raise ValueError(f"{build_dir} holds a tokenizer of another vocabulary size than {spec!r} (a previous run "
-                             f"with this work dir); choose a new --work-dir or --out")
+            raise ValueError(
+                f"{build_dir} holds a tokenizer of another vocabulary size than {spec!r} (a previous run "
+                f"with this work dir); choose a new --work-dir or --out"
+            )
         return build_dir, {name: build_dir / name for name in ("tokenizer.json", "tokenizer_config.json")}
     folder = Path(spec)
     if not (folder / "tokenizer.json").is_file():
@@ -390,10 +416,22 @@ def _tokenizer_files(spec: str, build_dir: Path) -> tuple[Path, dict[str, Path]]
 
 
 def train_lm(
-    out: str | Path, size: ModelSize = ModelSize(), data: DataConfig = DataConfig(), *, steps: int = 1000,
-    lr: float = 1e-3, warmup: int = 100, seed: int = 0, checkpoint_every: int = 200, tokenizer: str = "byte",
-    work_dir: str | Path | None = None, save_dtype: str = "float32", progress: bool = True,
-    command: str | None = None, curriculum: tuple[Phase, ...] = (), stop_at: int | None = None,
+    out: str | Path,
+    size: ModelSize = ModelSize(),
+    data: DataConfig = DataConfig(),
+    *,
+    steps: int = 1000,
+    lr: float = 1e-3,
+    warmup: int = 100,
+    seed: int = 0,
+    checkpoint_every: int = 200,
+    tokenizer: str = "byte",
+    work_dir: str | Path | None = None,
+    save_dtype: str = "float32",
+    progress: bool = True,
+    command: str | None = None,
+    curriculum: tuple[Phase, ...] = (),
+    stop_at: int | None = None,
 ) -> Path | None:
     """Trains a model from scratch and writes it as a kvjax checkpoint at `out` (with its loss curve).
 
@@ -412,8 +450,14 @@ def train_lm(
     work = Path(work_dir).absolute() if work_dir else out.with_name(out.name + ".train")
     phases = curriculum or (Phase(data.seq_len, data.batch_size, steps),)
     steps = sum(p.steps for p in phases)
-    loop = LoopConfig(steps=steps, seed=seed, checkpoint_every=checkpoint_every, progress=progress,
-                      description="train-lm", stop_at=stop_at)  # checked before anything is written
+    loop = LoopConfig(
+        steps=steps,
+        seed=seed,
+        checkpoint_every=checkpoint_every,
+        progress=progress,
+        description="train-lm",
+        stop_at=stop_at,
+    )  # checked before anything is written
     tok_dir, files = _tokenizer_files(tokenizer, work / "tokenizer")
     tokenizer_name, tokenizer = tokenizer, Tokenizer(tok_dir)
     bos, eos, pad = special_ids(tokenizer)
@@ -440,9 +484,16 @@ def train_lm(
     n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(result.params))
     saved = jax.tree.map(lambda x: jnp.asarray(x, jnp.dtype(save_dtype)), result.params)
     metadata = {
-        "trained_by": "kvjax train-lm", "command": command or " ".join(sys.argv), "steps": steps, "seed": seed,
-        "parameters": n_params, "final_loss": result.history[-1]["loss"] if result.history else None,
-        "model_size": dataclasses.asdict(size), "data": dataclasses.asdict(data), "lr": lr, "warmup": warmup,
+        "trained_by": "kvjax train-lm",
+        "command": command or " ".join(sys.argv),
+        "steps": steps,
+        "seed": seed,
+        "parameters": n_params,
+        "final_loss": result.history[-1]["loss"] if result.history else None,
+        "model_size": dataclasses.asdict(size),
+        "data": dataclasses.asdict(data),
+        "lr": lr,
+        "warmup": warmup,
         "curriculum": [dataclasses.asdict(p) for p in curriculum],
         "tokenizer": tokenizer_name,
     }

@@ -12,8 +12,9 @@ import dataclasses
 import json
 import math
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -87,7 +88,13 @@ def _make_update(loss_fn: LossFn, optimizer: optax.GradientTransformation):
         new_params = optax.apply_updates(params, updates)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         keep = lambda new, old: jnp.where(finite, new, old)  # noqa: E731
-        return jax.tree.map(keep, new_params, params), jax.tree.map(keep, new_opt_state, opt_state), loss, aux, grad_norm
+        return (
+            jax.tree.map(keep, new_params, params),
+            jax.tree.map(keep, new_opt_state, opt_state),
+            loss,
+            aux,
+            grad_norm,
+        )
 
     return jax.jit(update, donate_argnums=(0, 1))
 
@@ -129,8 +136,12 @@ def plot_loss_curve(history, path: Path, title: str = "training loss") -> Path:
 
 
 def train(
-    params: Any, loss_fn: LossFn, optimizer: optax.GradientTransformation, batch_fn: BatchFn,
-    config: LoopConfig, out_dir: str | os.PathLike | None = None,
+    params: Any,
+    loss_fn: LossFn,
+    optimizer: optax.GradientTransformation,
+    batch_fn: BatchFn,
+    config: LoopConfig,
+    out_dir: str | os.PathLike | None = None,
 ) -> TrainResult:
     """Trains `params` for `config.steps` optimizer steps (or up to `config.stop_at`).
 
@@ -165,8 +176,9 @@ def train(
                 history = [h for h in json.loads((out / CURVE_JSON).read_text()) if h["step"] <= latest]
 
     update = _make_update(loss_fn, optimizer)
-    bar = tqdm(total=config.end, initial=start, desc=config.description, disable=not config.progress,
-               dynamic_ncols=True)
+    bar = tqdm(
+        total=config.end, initial=start, desc=config.description, disable=not config.progress, dynamic_ncols=True
+    )
     try:
         for step in range(start, config.end):
             params, opt_state, loss, aux, grad_norm = update(

@@ -40,13 +40,17 @@ def build_word_tokenizer(vocab_size: int = DEFAULT_VOCAB, seed: int = 0) -> Toke
     if vocab_size < 256 + 3 + 16:
         raise ValueError(f"vocab_size {vocab_size} leaves no room for merges (the 256 bytes and 3 specials come first)")
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Digits(individual_digits=True),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
-    ])
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Digits(individual_digits=True),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
+        ]
+    )
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=[PAD, BOS, EOS], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        vocab_size=vocab_size,
+        special_tokens=[PAD, BOS, EOS],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
     tok.train_from_iterator(training_corpus(seed), trainer=trainer)
@@ -61,4 +65,7 @@ def write_word_tokenizer(directory: str | Path, vocab_size: int = DEFAULT_VOCAB,
     build_word_tokenizer(vocab_size, seed).save(str(directory / "tokenizer.json"))
     config = {"bos_token": BOS, "eos_token": EOS, "pad_token": PAD, "tokenizer_class": f"kvjax-bpe{vocab_size}"}
     (directory / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
-    return {"tokenizer.json": directory / "tokenizer.json", "tokenizer_config.json": directory / "tokenizer_config.json"}
+    return {
+        "tokenizer.json": directory / "tokenizer.json",
+        "tokenizer_config.json": directory / "tokenizer_config.json",
+    }

@@ -18,8 +18,10 @@ CHAT_TEMPLATE = (
     "{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}{{ eos_token }}{% endfor %}"
     "{% if add_generation_prompt %}<|assistant|>{% endif %}"
 )
-_TEXT = ("The quick brown fox jumps over the lazy dog. A needle hides in a haystack of many words; "
-         "long contexts need small caches. Keys and values, queries and heads, tokens and positions. ") * 4
+_TEXT = (
+    "The quick brown fox jumps over the lazy dog. A needle hides in a haystack of many words; "
+    "long contexts need small caches. Keys and values, queries and heads, tokens and positions. "
+) * 4
 
 
 def interleave_rows(w: np.ndarray, n_heads: int) -> np.ndarray:
@@ -34,15 +36,28 @@ def gpt2_vocab() -> dict:
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    trainer = trainers.BpeTrainer(vocab_size=320, special_tokens=["<s>", "</s>", "<pad>"], show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=320,
+        special_tokens=["<s>", "</s>", "<pad>"],
+        show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
     tok.train_from_iterator([_TEXT], trainer)
     saved = json.loads(tok.to_str())["model"]
     tokens = sorted(saved["vocab"], key=saved["vocab"].get)
     merges = [" ".join(m) if isinstance(m, list) else m for m in saved["merges"]]
     types = [3, 3, 3] + [1] * (len(tokens) - 3)
-    return {"model": "gpt2", "pre": "gpt-2", "tokens": tokens, "merges": merges, "types": types,
-            "bos": 0, "eos": 1, "pad": 2, "unk": None}
+    return {
+        "model": "gpt2",
+        "pre": "gpt-2",
+        "tokens": tokens,
+        "merges": merges,
+        "types": types,
+        "bos": 0,
+        "eos": 1,
+        "pad": 2,
+        "unk": None,
+    }
 
 
 def llama_vocab() -> dict:
@@ -57,8 +72,16 @@ def llama_vocab() -> dict:
     tokens = ["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)] + pieces
     scores = [0.0] * 259 + [-float(i) for i in range(len(pieces))]
     types = [2, 3, 3] + [6] * 256 + [1] * len(pieces)
-    return {"model": "llama", "tokens": tokens, "scores": scores, "types": types,
-            "bos": 1, "eos": 2, "pad": None, "unk": 0}
+    return {
+        "model": "llama",
+        "tokens": tokens,
+        "scores": scores,
+        "types": types,
+        "bos": 1,
+        "eos": 2,
+        "pad": None,
+        "unk": 0,
+    }
 
 
 def _k_quant_blocks(rng, qtype: str, shape: tuple[int, int], target: float = 0.15) -> np.ndarray:
@@ -95,9 +118,15 @@ def llama_weights(sizes: dict, vocab_size: int, layers: int, tie: bool, seed: in
     import transformers
 
     config = transformers.LlamaConfig(
-        vocab_size=vocab_size, hidden_size=sizes["hidden"], intermediate_size=sizes["intermediate"],
-        num_hidden_layers=layers, num_attention_heads=sizes["heads"], num_key_value_heads=sizes["kv_heads"],
-        head_dim=sizes["head_dim"], tie_word_embeddings=tie, initializer_range=0.2,
+        vocab_size=vocab_size,
+        hidden_size=sizes["hidden"],
+        intermediate_size=sizes["intermediate"],
+        num_hidden_layers=layers,
+        num_attention_heads=sizes["heads"],
+        num_key_value_heads=sizes["kv_heads"],
+        head_dim=sizes["head_dim"],
+        tie_word_embeddings=tie,
+        initializer_range=0.2,
     )
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
@@ -105,9 +134,18 @@ def llama_weights(sizes: dict, vocab_size: int, layers: int, tie: bool, seed: in
 
 
 def write_tiny_gguf(
-    path, qtype: str = "F32", vocab: str = "gpt2", tie: bool = False, layers: int = 2, seed: int = 0,
-    arch: str = "llama", drop_keys: tuple[str, ...] = (), drop_tensors: tuple[str, ...] = (),
-    replace_tensors: dict | None = None, extra_metadata: dict | None = None, sizes: dict | None = None,
+    path,
+    qtype: str = "F32",
+    vocab: str = "gpt2",
+    tie: bool = False,
+    layers: int = 2,
+    seed: int = 0,
+    arch: str = "llama",
+    drop_keys: tuple[str, ...] = (),
+    drop_tensors: tuple[str, ...] = (),
+    replace_tensors: dict | None = None,
+    extra_metadata: dict | None = None,
+    sizes: dict | None = None,
 ) -> Path:
     """Writes a tiny llama GGUF: metadata as llama.cpp names it, the tokenizer of `vocab` ('gpt2' or 'llama'),
     weights in `qtype` (norms F32), `sizes` as SMALL or K_SIZED. The drop/replace arguments make damaged files for the error tests."""
@@ -120,12 +158,22 @@ def write_tiny_gguf(
     n_vocab = len(spec["tokens"])
     hf = llama_weights(sizes, n_vocab, layers, tie, seed)
     h, k, d, e = sizes["heads"], sizes["kv_heads"], sizes["head_dim"], sizes["hidden"]
-    names = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
-             "lm_head.weight": "output.weight"}
-    per_layer = {"input_layernorm": "attn_norm", "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
-                 "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",
-                 "post_attention_layernorm": "ffn_norm", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
-                 "mlp.down_proj": "ffn_down"}
+    names = {
+        "model.embed_tokens.weight": "token_embd.weight",
+        "model.norm.weight": "output_norm.weight",
+        "lm_head.weight": "output.weight",
+    }
+    per_layer = {
+        "input_layernorm": "attn_norm",
+        "self_attn.q_proj": "attn_q",
+        "self_attn.k_proj": "attn_k",
+        "self_attn.v_proj": "attn_v",
+        "self_attn.o_proj": "attn_output",
+        "post_attention_layernorm": "ffn_norm",
+        "mlp.gate_proj": "ffn_gate",
+        "mlp.up_proj": "ffn_up",
+        "mlp.down_proj": "ffn_down",
+    }
     for i in range(layers):
         names.update({f"model.layers.{i}.{a}.weight": f"blk.{i}.{b}.weight" for a, b in per_layer.items()})
     tensors = {}
@@ -141,25 +189,42 @@ def write_tiny_gguf(
     tensors.update(replace_tensors or {})
 
     meta = {
-        "llama.vocab_size": ("uint32", n_vocab), "llama.context_length": ("uint32", 2048),
-        "llama.embedding_length": ("uint32", e), "llama.feed_forward_length": ("uint32", sizes["intermediate"]),
-        "llama.block_count": ("uint32", layers), "llama.attention.head_count": ("uint32", h),
-        "llama.attention.head_count_kv": ("uint32", k), "llama.rope.freq_base": ("float32", 10000.0),
-        "llama.attention.layer_norm_rms_epsilon": ("float32", 1e-6), "llama.rope.dimension_count": ("uint32", d),
-        "tokenizer.ggml.model": ("string", spec["model"]), "tokenizer.ggml.tokens": ("array", spec["tokens"]),
-        "tokenizer.ggml.token_type": ("array", spec["types"]), "tokenizer.ggml.bos_token_id": ("uint32", spec["bos"]),
-        "tokenizer.ggml.eos_token_id": ("uint32", spec["eos"]), "tokenizer.chat_template": ("string", CHAT_TEMPLATE),
+        "llama.vocab_size": ("uint32", n_vocab),
+        "llama.context_length": ("uint32", 2048),
+        "llama.embedding_length": ("uint32", e),
+        "llama.feed_forward_length": ("uint32", sizes["intermediate"]),
+        "llama.block_count": ("uint32", layers),
+        "llama.attention.head_count": ("uint32", h),
+        "llama.attention.head_count_kv": ("uint32", k),
+        "llama.rope.freq_base": ("float32", 10000.0),
+        "llama.attention.layer_norm_rms_epsilon": ("float32", 1e-6),
+        "llama.rope.dimension_count": ("uint32", d),
+        "tokenizer.ggml.model": ("string", spec["model"]),
+        "tokenizer.ggml.tokens": ("array", spec["tokens"]),
+        "tokenizer.ggml.token_type": ("array", spec["types"]),
+        "tokenizer.ggml.bos_token_id": ("uint32", spec["bos"]),
+        "tokenizer.ggml.eos_token_id": ("uint32", spec["eos"]),
+        "tokenizer.chat_template": ("string", CHAT_TEMPLATE),
     }
     if d != e // h:
         meta["llama.attention.key_length"] = ("uint32", d)
         meta["llama.attention.value_length"] = ("uint32", d)
     if spec["model"] == "gpt2":
-        meta.update({"tokenizer.ggml.pre": ("string", spec["pre"]), "tokenizer.ggml.merges": ("array", spec["merges"]),
-                     "tokenizer.ggml.padding_token_id": ("uint32", spec["pad"]),
-                     "tokenizer.ggml.add_bos_token": ("bool", True)})
+        meta.update(
+            {
+                "tokenizer.ggml.pre": ("string", spec["pre"]),
+                "tokenizer.ggml.merges": ("array", spec["merges"]),
+                "tokenizer.ggml.padding_token_id": ("uint32", spec["pad"]),
+                "tokenizer.ggml.add_bos_token": ("bool", True),
+            }
+        )
     else:
-        meta.update({"tokenizer.ggml.scores": ("array", spec["scores"]),
-                     "tokenizer.ggml.unknown_token_id": ("uint32", spec["unk"])})
+        meta.update(
+            {
+                "tokenizer.ggml.scores": ("array", spec["scores"]),
+                "tokenizer.ggml.unknown_token_id": ("uint32", spec["unk"]),
+            }
+        )
     meta.update(extra_metadata or {})
     writer = gguf.GGUFWriter(str(path), arch)
     for key, (kind, value) in meta.items():

@@ -22,15 +22,19 @@ def loss_curve(out: Path) -> list[float]:
     return [h["loss"] for h in json.loads((out / "loss_curve.json").read_text())]
 
 
-def straight_and_resumed(command: list[str], root: Path, steps: int, final_file: str, timeout: float = 300) -> tuple[Path, Path]:
+def straight_and_resumed(
+    command: list[str], root: Path, steps: int, final_file: str, timeout: float = 300
+) -> tuple[Path, Path]:
     """(straight, killed) output folders: `command --out straight` runs uninterrupted; `command --out killed`
     is SIGKILLed once 3 checkpoints exist (asserting `final_file` was not yet written), then rerun to the end."""
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
     straight_dir, killed_dir = root / "straight", root / "killed"
-    straight = subprocess.Popen([*command, "--out", str(straight_dir)], env=env, stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE)
-    killed = subprocess.Popen([*command, "--out", str(killed_dir)], env=env, stdout=subprocess.DEVNULL,
-                              stderr=subprocess.DEVNULL)
+    straight = subprocess.Popen(
+        [*command, "--out", str(straight_dir)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    killed = subprocess.Popen(
+        [*command, "--out", str(killed_dir)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     deadline = time.time() + timeout
     while latest_checkpoint(killed_dir) < 3 and killed.poll() is None and time.time() < deadline:
         time.sleep(0.02)

@@ -29,8 +29,9 @@ def visible_slots(pos: np.ndarray, position: int, window: int | None) -> np.ndar
     return visible if window is None else visible & (pos > position - window)
 
 
-def quest_pages(q: np.ndarray, k: np.ndarray, pos: np.ndarray, position: int, pages_read: int,
-                window: int | None) -> np.ndarray:
+def quest_pages(
+    q: np.ndarray, k: np.ndarray, pos: np.ndarray, position: int, pages_read: int, window: int | None
+) -> np.ndarray:
     """The pages (best first) a query group q [G, D] reads from a row k [C, D]: the pages_read visible
     pages with the largest mean-over-G bound sum_d max(q_d M_d, q_d m_d)."""
     lo, hi = page_bounds(k, pos)
@@ -70,15 +71,18 @@ class DecodeCase:
     v_new: np.ndarray
 
     @classmethod
-    def random(cls, seed: int, held=(150, 93), heads: int = 2, group: int = 3, head_dim: int = 32,
-               capacity: int = 160) -> DecodeCase:
+    def random(
+        cls, seed: int, held=(150, 93), heads: int = 2, group: int = 3, head_dim: int = 32, capacity: int = 160
+    ) -> DecodeCase:
         rng = np.random.default_rng(seed)
         b, held = len(held), np.asarray(held)
         slots = np.arange(capacity)
         pos = np.broadcast_to(np.where(slots < held[:, None], slots, -1)[:, None], (b, heads, capacity))
         pos = pos.astype(np.int32)
-        k, v = (np.where(pos[..., None] >= 0, rng.normal(size=(b, heads, capacity, head_dim)), 0.0).astype(np.float32)
-                for _ in range(2))
+        k, v = (
+            np.where(pos[..., None] >= 0, rng.normal(size=(b, heads, capacity, head_dim)), 0.0).astype(np.float32)
+            for _ in range(2)
+        )
         q = rng.normal(size=(b, 1, heads, group, head_dim)).astype(np.float32)
         k_new, v_new = (rng.normal(size=(b, 1, heads, head_dim)).astype(np.float32) for _ in range(2))
         return cls(k=k, v=v, pos=pos, held=held, q=q, k_new=k_new, v_new=v_new)

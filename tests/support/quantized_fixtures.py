@@ -17,8 +17,15 @@ def head_dim_32_config(**kw) -> ModelConfig:
     """One-layer float32 Llama with head_dim 32: values quantize over groups of G = 32 channels
     (the conftest model has 16); one layer keeps compiles short and its k/v are checked exactly."""
     base = dict(
-        family="llama", vocab_size=256, hidden_size=64, intermediate_size=128, num_layers=1,
-        num_heads=4, num_kv_heads=2, head_dim=32, max_position_embeddings=4096,
+        family="llama",
+        vocab_size=256,
+        hidden_size=64,
+        intermediate_size=128,
+        num_layers=1,
+        num_heads=4,
+        num_kv_heads=2,
+        head_dim=32,
+        max_position_embeddings=4096,
     )
     return ModelConfig(**{**base, **kw})
 
@@ -32,9 +39,7 @@ def teacher_forced(m, policy, tokens, lengths, new: int, chunk: int):
     """Prefill `lengths`, then `new` decode steps fed the known next tokens:
     (logits [B, new, V], state after prefill, state after decoding)."""
     lengths = np.asarray(lengths, np.int32)
-    state = kvjax.prefill(
-        m, tokens[:, : lengths.max()], policy, lengths=lengths, max_new_tokens=new, chunk_size=chunk
-    )
+    state = kvjax.prefill(m, tokens[:, : lengths.max()], policy, lengths=lengths, max_new_tokens=new, chunk_size=chunk)
     prefilled = jax.tree.map(jnp.copy, state)  # decode_step donates its input
     steps = []
     for i in range(new):

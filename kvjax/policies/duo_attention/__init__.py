@@ -4,7 +4,12 @@ the authors' gate files for six released models in `patterns/`, MIT, and gate tr
 from pathlib import Path
 
 from kvjax.policies.duo_attention.policy import (
-    DuoAttention, HeadSets, quantile_head_sets, read_gates_tsv, split_layout, write_gates_tsv,
+    DuoAttention,
+    HeadSets,
+    quantile_head_sets,
+    read_gates_tsv,
+    split_layout,
+    write_gates_tsv,
 )
 
 PATTERNS = Path(__file__).parent / "patterns"
@@ -23,6 +28,13 @@ def pattern_file(model: str) -> Path:
 
 
 __all__ = [
-    "PATTERNS", "DuoAttention", "HeadSets", "pattern_file", "quantile_head_sets", "read_gates_tsv",
-    "released_patterns", "split_layout", "write_gates_tsv",
+    "PATTERNS",
+    "DuoAttention",
+    "HeadSets",
+    "pattern_file",
+    "quantile_head_sets",
+    "read_gates_tsv",
+    "released_patterns",
+    "split_layout",
+    "write_gates_tsv",
 ]

@@ -97,7 +97,12 @@ def sink_recent_priority(segment: KVSegment, sink: int) -> jax.Array:
 
 
 def split_layout(
-    config: ModelConfig, retrieval: HeadSets, keep: int, prompt_len: int, max_new_tokens: int, chunk: int,
+    config: ModelConfig,
+    retrieval: HeadSets,
+    keep: int,
+    prompt_len: int,
+    max_new_tokens: int,
+    chunk: int,
 ) -> Layout:
     """Per layer: retrieval heads (if any) in one buffer sized as Full's, the other heads (if any) in
     a `keep`-entry buffer sized as StreamingLLM's (never more than keep + one chunk while prefilling)."""
@@ -144,19 +149,21 @@ class DuoAttention(Policy):
     file_needed = "full_attention_heads.tsv: gates from `kvjax train-gates --method duo` or DuoAttention's release"
 
     @classmethod
-    def from_file(cls, path, config, **options) -> "DuoAttention":
+    def from_file(cls, path, config, **options) -> DuoAttention:
         """`from_tsv(path, **options)` (sparsity, sink, recent, break_ties)."""
         return cls.from_tsv(path, **options)
 
     @classmethod
-    def from_gates(cls, gates, sparsity: float = 0.5, sink: int = 64, recent: int = 256,
-                   break_ties: bool = False) -> "DuoAttention":
+    def from_gates(
+        cls, gates, sparsity: float = 0.5, sink: int = 64, recent: int = 256, break_ties: bool = False
+    ) -> DuoAttention:
         """Head split from gates float[L, Hkv] by the quantile rule (sparsity 0.5 GQA, 0.75 MHA)."""
         return cls(quantile_head_sets(gates, sparsity, break_ties), sink, recent)
 
     @classmethod
-    def from_tsv(cls, path: str | os.PathLike, sparsity: float = 0.5, sink: int = 64, recent: int = 256,
-                 break_ties: bool = False) -> "DuoAttention":
+    def from_tsv(
+        cls, path: str | os.PathLike, sparsity: float = 0.5, sink: int = 64, recent: int = 256, break_ties: bool = False
+    ) -> DuoAttention:
         """Head split from a `full_attention_heads.tsv` (DuoAttention's release or kvjax's gate file)."""
         return cls.from_gates(read_gates_tsv(path), sparsity, sink, recent, break_ties)
 

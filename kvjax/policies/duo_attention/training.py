@@ -42,9 +42,32 @@ GATES_TSV = "full_attention_heads.tsv"
 RUN_JSON = "duo_gates.json"
 
 NATO = (
-    "alpha", "bravo", "charlie", "delta", "echo", "foxtrot", "golf", "hotel", "india", "juliett", "kilo",
-    "lima", "mike", "november", "oscar", "papa", "quebec", "romeo", "sierra", "tango", "uniform", "victor",
-    "whiskey", "xray", "yankee", "zulu",
+    "alpha",
+    "bravo",
+    "charlie",
+    "delta",
+    "echo",
+    "foxtrot",
+    "golf",
+    "hotel",
+    "india",
+    "juliett",
+    "kilo",
+    "lima",
+    "mike",
+    "november",
+    "oscar",
+    "papa",
+    "quebec",
+    "romeo",
+    "sierra",
+    "tango",
+    "uniform",
+    "victor",
+    "whiskey",
+    "xray",
+    "yankee",
+    "zulu",
 )
 _MASKED = float(jnp.finfo(jnp.float32).min)
 
@@ -73,7 +96,9 @@ class DuoGateConfig:
 
     def __post_init__(self):
         if self.steps < 1 or self.lr <= 0 or self.reg_weight < 0:
-            raise ValueError(f"need steps >= 1, lr > 0, reg_weight >= 0; got {self.steps}, {self.lr}, {self.reg_weight}")
+            raise ValueError(
+                f"need steps >= 1, lr > 0, reg_weight >= 0; got {self.steps}, {self.lr}, {self.reg_weight}"
+            )
         if self.sink < 0 or self.recent < 1:
             raise ValueError(f"need sink >= 0 and recent >= 1; got sink {self.sink}, recent {self.recent}")
         if not 0.0 <= self.init_gate <= 1.0:
@@ -115,8 +140,9 @@ def passkey_sample(tokenizer, config: DuoGateConfig, seed: int, step: int) -> Pa
     footer = "</book>\nAnswer the questions about the book."
     tail: list[tuple[list[int], bool]] = []  # (ids, supervised), encoded piece by piece
     for i, key in enumerate(keys):
-        tail.append((tokenizer.encode(f"\nWhat is passkey {i + 1}? Passkey {i + 1} is:",
-                                      add_special_tokens=False), False))
+        tail.append(
+            (tokenizer.encode(f"\nWhat is passkey {i + 1}? Passkey {i + 1} is:", add_special_tokens=False), False)
+        )
         tail.append((tokenizer.encode(f" {key}.", add_special_tokens=False), True))
     tail_len = sum(len(p) for p, _ in tail)
 
@@ -182,8 +208,18 @@ def _softmax_out(logits: jax.Array, mask: jax.Array, v: jax.Array) -> jax.Array:
 
 
 def mixed_attention(
-    q: jax.Array, k: jax.Array, v: jax.Array, q_pos: jax.Array, k_pos: jax.Array, alpha: jax.Array | None, *,
-    sink: int, recent: int, window: int | jax.Array | None, scale: float, chunk: int = 512,
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    q_pos: jax.Array,
+    k_pos: jax.Array,
+    alpha: jax.Array | None,
+    *,
+    sink: int,
+    recent: int,
+    window: int | jax.Array | None,
+    scale: float,
+    chunk: int = 512,
 ) -> jax.Array:
     """alpha * full + (1 - alpha) * streaming attention per KV head (its whole query group); alpha None:
     full attention only. Queries run in rematerialised chunks, one logits matrix serving both softmaxes.
@@ -229,8 +265,17 @@ def _block_forward(graphdef, state, x, alpha, positions, k_pos, rope, window, sp
     q, k = apply_rope(q, *rope), apply_rope(k, *rope)
     q = q.reshape(b, t, cfg.num_kv_heads, cfg.group_size, cfg.head_dim)  # [B, T, K, G, D]
     out = mixed_attention(
-        q, k.swapaxes(1, 2), v.swapaxes(1, 2), positions, k_pos, alpha, sink=spec.sink, recent=spec.recent,
-        window=window, scale=cfg.head_dim**-0.5, chunk=spec.chunk,
+        q,
+        k.swapaxes(1, 2),
+        v.swapaxes(1, 2),
+        positions,
+        k_pos,
+        alpha,
+        sink=spec.sink,
+        recent=spec.recent,
+        window=window,
+        scale=cfg.head_dim**-0.5,
+        chunk=spec.chunk,
     )  # [B, T, K, G, D]
     out = jnp.einsum("bthd,hde->bte", out.reshape(b, t, cfg.num_heads, cfg.head_dim), block.attn.o_proj[...])
     if cfg.o_bias:
@@ -359,15 +404,21 @@ def make_optimizer(lr: float, steps: int) -> optax.GradientTransformation:
 
 
 def train_duo_gates(
-    model: LanguageModel, out: str | os.PathLike, config: DuoGateConfig = DuoGateConfig(), *,
-    progress: bool = True, plot: bool = True,
+    model: LanguageModel,
+    out: str | os.PathLike,
+    config: DuoGateConfig = DuoGateConfig(),
+    *,
+    progress: bool = True,
+    plot: bool = True,
 ) -> tuple[np.ndarray, TrainResult]:
     """Trains the gates of `model` and writes `out/full_attention_heads.tsv` (float[L, Hkv]), the loop's
     orbax checkpoints and loss curve; rerunning with the same `out` resumes the run exactly."""
     if model.tokenizer is None:
         raise ValueError(f"model {model.name or ''} has no tokenizer; the passkey prompts need one")
     if config.max_len > model.config.max_position_embeddings:
-        raise ValueError(f"max_len {config.max_len} exceeds the model's {model.config.max_position_embeddings} positions")
+        raise ValueError(
+            f"max_len {config.max_len} exceeds the model's {model.config.max_position_embeddings} positions"
+        )
     out = Path(out).absolute()
     out.mkdir(parents=True, exist_ok=True)
     passkey_sample(model.tokenizer, dataclasses.replace(config, max_len=config.min_len), config.seed, 0)  # fails early
@@ -385,12 +436,20 @@ def train_duo_gates(
         return {**make_batch(model.tokenizer, config, pad, seed, step), "model": params}
 
     result = train(
-        gates, make_loss_fn(model.graphdef, config), make_optimizer(config.lr, config.steps), batch_fn,
-        LoopConfig(steps=config.steps, seed=config.seed, checkpoint_every=config.checkpoint_every,
-                   progress=progress, plot=plot, description="train-gates duo"),
+        gates,
+        make_loss_fn(model.graphdef, config),
+        make_optimizer(config.lr, config.steps),
+        batch_fn,
+        LoopConfig(
+            steps=config.steps,
+            seed=config.seed,
+            checkpoint_every=config.checkpoint_every,
+            progress=progress,
+            plot=plot,
+            description="train-gates duo",
+        ),
         out,
     )
     trained = np.asarray(result.params["gates"], np.float64)
     write_gates_tsv(out / GATES_TSV, trained)
     return trained, result
-

@@ -67,8 +67,12 @@ def random_retaining_heads(config: ModelConfig, hidden: int = 1024, seed: int = 
 
 
 def _model_shape(config: ModelConfig) -> dict:
-    return {"num_layers": config.num_layers, "num_heads": config.num_heads, "num_kv_heads": config.num_kv_heads,
-            "head_dim": config.head_dim}
+    return {
+        "num_layers": config.num_layers,
+        "num_heads": config.num_heads,
+        "num_kv_heads": config.num_kv_heads,
+        "head_dim": config.head_dim,
+    }
 
 
 def save_retaining_heads(
@@ -93,8 +97,14 @@ def save_retaining_heads(
         os.rename(staging / "params", target)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    info = {"format": HEADS_FORMAT, **_model_shape(config), "hidden": hidden, "activation": config.hidden_act,
-            "input": "concat(q, k, v) from the projections, before RoPE", **(metadata or {})}
+    info = {
+        "format": HEADS_FORMAT,
+        **_model_shape(config),
+        "hidden": hidden,
+        "activation": config.hidden_act,
+        "input": "concat(q, k, v) from the projections, before RoPE",
+        **(metadata or {}),
+    }
     tmp = directory / f".{HEADS_JSON}.tmp"
     tmp.write_text(json.dumps(info, indent=1))
     os.replace(tmp, directory / HEADS_JSON)
@@ -106,8 +116,10 @@ def load_retaining_heads(directory: str | os.PathLike, config: ModelConfig) -> t
     directory = Path(directory)
     info_file = directory / HEADS_JSON
     if not info_file.is_file():
-        raise CheckpointError(f"{directory}: no {HEADS_JSON}, so not a Locret retaining-heads folder; train one "
-                              f"with `kvjax train-gates --method locret --out DIR`")
+        raise CheckpointError(
+            f"{directory}: no {HEADS_JSON}, so not a Locret retaining-heads folder; train one "
+            f"with `kvjax train-gates --method locret --out DIR`"
+        )
     try:
         info = json.loads(info_file.read_text())
         hidden = int(info["hidden"])

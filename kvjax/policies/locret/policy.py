@@ -31,7 +31,10 @@ from kvjax.kv_state import KVSegment, count, evict_lowest, keep_top, write_entri
 from kvjax.language_model import LanguageModel
 from kvjax.layer_step import Decode, LayerContext, StepInputs
 from kvjax.policies.locret.heads import (
-    head_shapes, load_retaining_heads, retaining_features, retaining_head_scores,
+    head_shapes,
+    load_retaining_heads,
+    retaining_features,
+    retaining_head_scores,
 )
 from kvjax.policies.token_eviction import TokenEviction, newest
 
@@ -53,11 +56,14 @@ class Locret(TokenEviction):
 
     def __post_init__(self):
         if self.budget_tokens < 1 or self.local_len < 0:
-            raise ValueError(f"Locret needs budget_tokens >= 1 and local_len >= 0; got {self.budget_tokens}, "
-                             f"{self.local_len}")
+            raise ValueError(
+                f"Locret needs budget_tokens >= 1 and local_len >= 0; got {self.budget_tokens}, {self.local_len}"
+            )
         if not 0 <= self.stabilizers < self.budget_tokens:
-            raise ValueError(f"Locret needs 0 <= stabilizers < budget_tokens (else the scores never choose); "
-                             f"got stabilizers {self.stabilizers}, budget_tokens {self.budget_tokens}")
+            raise ValueError(
+                f"Locret needs 0 <= stabilizers < budget_tokens (else the scores never choose); "
+                f"got stabilizers {self.stabilizers}, budget_tokens {self.budget_tokens}"
+            )
 
     def with_budget(self, tokens):
         """Scored entries + `local_len` = tokens (local_len at most tokens // 2), `stabilizers` at most half
@@ -65,17 +71,18 @@ class Locret(TokenEviction):
         super().with_budget(tokens)
         local = min(self.local_len, tokens // 2)
         scored = tokens - local
-        return dataclasses.replace(self, budget_tokens=scored, local_len=local,
-                                   stabilizers=min(self.stabilizers, scored // 2))
+        return dataclasses.replace(
+            self, budget_tokens=scored, local_len=local, stabilizers=min(self.stabilizers, scored // 2)
+        )
 
     file_needed = "a retaining-heads folder: the --out of `kvjax train-gates --method locret`"
 
     @classmethod
-    def from_file(cls, path, config, **options) -> "Locret":
+    def from_file(cls, path, config, **options) -> Locret:
         return cls.from_pretrained(path, config, **options)
 
     @classmethod
-    def from_pretrained(cls, directory: str | os.PathLike, config: ModelConfig, **hyperparameters) -> "Locret":
+    def from_pretrained(cls, directory: str | os.PathLike, config: ModelConfig, **hyperparameters) -> Locret:
         """The policy with the heads trained into `directory` for a model of `config`."""
         heads, info = load_retaining_heads(directory, config)
         return cls(**hyperparameters, activation=info.get("activation", config.hidden_act), params=heads)
@@ -87,9 +94,11 @@ class Locret(TokenEviction):
         want = head_shapes(config, hidden)
         got = {k: tuple(self.params[k].shape) for k in want}
         if got != want:
-            raise ValueError(f"Locret's retaining heads {got} do not fit this model (expected {want}: "
-                             f"{config.num_layers} layers, {config.num_heads} query and {config.num_kv_heads} "
-                             f"KV heads of dim {config.head_dim})")
+            raise ValueError(
+                f"Locret's retaining heads {got} do not fit this model (expected {want}: "
+                f"{config.num_layers} layers, {config.num_heads} query and {config.num_kv_heads} "
+                f"KV heads of dim {config.head_dim})"
+            )
 
     def scored(self):
         return True
@@ -126,9 +135,9 @@ class Locret(TokenEviction):
         ranked = jnp.where(held & ~local, jnp.where(stable, jnp.inf, segment.score), -jnp.inf)  # [B, Hs, C]
         _, top = jax.lax.top_k(ranked, min(self.budget_tokens, segment.capacity))  # [B, Hs, budget]
         b, hs, _ = ranked.shape
-        chosen = jnp.zeros(ranked.shape, bool).at[
-            jnp.arange(b)[:, None, None], jnp.arange(hs)[None, :, None], top
-        ].set(True)  # exactly the top budget, ties included or not by top_k's order
+        chosen = (
+            jnp.zeros(ranked.shape, bool).at[jnp.arange(b)[:, None, None], jnp.arange(hs)[None, :, None], top].set(True)
+        )  # exactly the top budget, ties included or not by top_k's order
         keep = jnp.where(local, jnp.inf, jnp.where(chosen & (ranked > -jnp.inf), ranked, -jnp.inf))
         return keep_top(segment, keep, segment.budget, segment.capacity)
 

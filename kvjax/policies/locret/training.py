@@ -38,7 +38,10 @@ from kvjax.attention import attention_probs, join_query_chunks, split_query_chun
 from kvjax.eval.tasks import default_tasks, get_task, make_sample
 from kvjax.language_model import LanguageModel
 from kvjax.policies.locret.heads import (
-    random_retaining_heads, retaining_features, retaining_head_scores, save_retaining_heads,
+    random_retaining_heads,
+    retaining_features,
+    retaining_head_scores,
+    save_retaining_heads,
 )
 from kvjax.train.loop import LoopConfig, TrainResult, train
 
@@ -71,8 +74,10 @@ class LocretHeadConfig:
         if self.steps < 1 or not 0 <= self.warmup <= self.steps:
             raise ValueError(f"need steps >= 1 and 0 <= warmup <= steps; got steps {self.steps}, warmup {self.warmup}")
         if self.lr <= 0 or self.clip <= 0 or self.smoothness < 0 or self.weight_decay < 0:
-            raise ValueError(f"need lr > 0, clip > 0, smoothness >= 0, weight_decay >= 0; got {self.lr}, {self.clip}, "
-                             f"{self.smoothness}, {self.weight_decay}")
+            raise ValueError(
+                f"need lr > 0, clip > 0, smoothness >= 0, weight_decay >= 0; got {self.lr}, {self.clip}, "
+                f"{self.smoothness}, {self.weight_decay}"
+            )
         if self.hidden < 1:
             raise ValueError(f"hidden must be >= 1; got {self.hidden}")
         if not self.tasks:
@@ -80,8 +85,10 @@ class LocretHeadConfig:
         for name in self.tasks:
             get_task(name)  # raises on an unknown name
         if not 1 <= self.min_len <= self.max_len or self.answer_reserve < 1 or self.answer_reserve >= self.min_len:
-            raise ValueError(f"need 1 <= answer_reserve < min_len <= max_len; got {self.answer_reserve}, "
-                             f"{self.min_len}, {self.max_len}")
+            raise ValueError(
+                f"need 1 <= answer_reserve < min_len <= max_len; got {self.answer_reserve}, "
+                f"{self.min_len}, {self.max_len}"
+            )
         if self.chunk < 1 or self.pad_multiple < 1 or self.pad_multiple % min(self.chunk, self.pad_multiple):
             raise ValueError(f"chunk {self.chunk} must divide pad_multiple {self.pad_multiple}")
 
@@ -136,8 +143,15 @@ def make_batch(tokenizer, config: LocretHeadConfig, pad_id: int, seed: int, step
 
 
 def attention_and_targets(
-    q: jax.Array, k: jax.Array, v: jax.Array, q_pos: jax.Array, k_pos: jax.Array, answer: jax.Array,
-    window: int | None, scale: float, chunk: int = 512,
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    q_pos: jax.Array,
+    k_pos: jax.Array,
+    answer: jax.Array,
+    window: int | None,
+    scale: float,
+    chunk: int = 512,
 ) -> tuple[jax.Array, jax.Array]:
     """Exact causal attention in query chunks, and Locret's labels.
 
@@ -183,8 +197,9 @@ def features_and_targets(
 
     c = (cfg.num_heads + 2 * cfg.num_kv_heads) * cfg.head_dim
     empty = (jnp.zeros((b, t, c), model.embed.dtype), jnp.zeros((b, t, cfg.num_kv_heads), jnp.float32))
-    _, layers, _ = model(tokens, positions, valid, (empty,) * cfg.num_layers, label_step,
-                         seq_len=jnp.sum(valid, axis=-1).max())
+    _, layers, _ = model(
+        tokens, positions, valid, (empty,) * cfg.num_layers, label_step, seq_len=jnp.sum(valid, axis=-1).max()
+    )
     features, targets = (jnp.stack(parts) for parts in zip(*layers))
     return jax.lax.stop_gradient(features), jax.lax.stop_gradient(targets)
 
@@ -247,8 +262,12 @@ def make_optimizer(config: LocretHeadConfig) -> optax.GradientTransformation:
 
 
 def train_locret_heads(
-    model: LanguageModel, out: str | os.PathLike, config: LocretHeadConfig = LocretHeadConfig(), *,
-    progress: bool = True, plot: bool = True,
+    model: LanguageModel,
+    out: str | os.PathLike,
+    config: LocretHeadConfig = LocretHeadConfig(),
+    *,
+    progress: bool = True,
+    plot: bool = True,
 ) -> tuple[dict[str, np.ndarray], TrainResult]:
     """Trains retaining heads for `model` and writes them to `out` (`retaining_heads/` and
     `retaining_heads.json`, for `Locret.from_pretrained`) with the loop's orbax
@@ -276,14 +295,23 @@ def train_locret_heads(
         return {**make_batch(model.tokenizer, config, pad, seed, step), "model": params}
 
     result = train(
-        heads, make_loss_fn(model.graphdef, config, model.config.hidden_act), make_optimizer(config), batch_fn,
-        LoopConfig(steps=config.steps, seed=config.seed, checkpoint_every=config.checkpoint_every,
-                   progress=progress, plot=plot, description="train-gates locret"),
+        heads,
+        make_loss_fn(model.graphdef, config, model.config.hidden_act),
+        make_optimizer(config),
+        batch_fn,
+        LoopConfig(
+            steps=config.steps,
+            seed=config.seed,
+            checkpoint_every=config.checkpoint_every,
+            progress=progress,
+            plot=plot,
+            description="train-gates locret",
+        ),
         out,
     )
     trained = {k: np.asarray(v, np.float32) for k, v in result.params.items()}
     last = result.history[-1]["loss"] if result.history else None
-    save_retaining_heads(out, trained, model.config,
-                         {"model": model.name, "step": result.step, "final_loss": last, "training": record})
+    save_retaining_heads(
+        out, trained, model.config, {"model": model.name, "step": result.step, "final_loss": last, "training": record}
+    )
     return trained, result
-
