@@ -18,6 +18,8 @@ from kvjax.eval.speed import BenchConfig, run_bench
 from kvjax.inference import greedy_decode
 from tests.support.random_data import random_tokens
 
+pytestmark = pytest.mark.slow  # over ~20 s of a core; `-m "not slow"` skips it
+
 
 def _script(name: str, monkeypatch) -> types.ModuleType:
     """benchmarks/<name>.py as a module, with benchmarks/ first on sys.path as `python benchmarks/...` puts it."""

@@ -21,6 +21,8 @@ from tests.support.jaxprs import pallas_calls
 from tests.support.policy_reference import causal_probs, layer_queries_keys
 from tests.support.random_data import random_tokens
 
+pytestmark = pytest.mark.slow  # over ~20 s of a core; `-m "not slow"` skips it
+
 LLAMA31_TSV = pattern_file("Meta-Llama-3.1-8B-Instruct")
 
 

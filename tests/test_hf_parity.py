@@ -13,6 +13,8 @@ from checkpoints_convert.tiny_checkpoints import VARIANTS
 from kvjax.checkpoint import load
 from tests.support.random_data import random_tokens
 
+pytestmark = pytest.mark.slow  # over ~20 s of a core; `-m "not slow"` skips it
+
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 

@@ -18,6 +18,8 @@ from pallas_kernels import kv_quant
 from tests.support.quantized_fixtures import head_dim_32_config, llama8b_cache_config, rms, teacher_forced
 from tests.support.random_data import random_tokens
 
+pytestmark = pytest.mark.slow  # over ~20 s of a core; `-m "not slow"` skips it
+
 G, R = 32, 128
 LENGTHS = (250, 100)  # row 0 quantizes (and flushes 3 groups in one chunk); row 1 never leaves R + G
 NEW = 30  # teacher-forced decode steps: row 0 crosses a flush at length 256

@@ -20,6 +20,8 @@ from tests.support.quantized_fixtures import (
 )
 from tests.support.random_data import random_tokens
 
+pytestmark = pytest.mark.slow  # over ~20 s of a core; `-m "not slow"` skips it
+
 LENGTHS = (450, 200)
 NEW = 20
 CHUNK = 128

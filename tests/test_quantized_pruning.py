@@ -25,6 +25,8 @@ from pallas_kernels import kv_quant
 from tests.support.quantized_fixtures import head_dim_32_config, rms, teacher_forced
 from tests.support.random_data import random_tokens
 
+pytestmark = pytest.mark.slow  # over ~20 s of a core; `-m "not slow"` skips it
+
 G, R = 32, 128
 BUDGET = 320  # SnapKV keeps 320 per head: row 0 quantizes 192 of them, row 1 (shorter) 64 of its 200
 LENGTHS = (450, 200)

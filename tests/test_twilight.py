@@ -23,6 +23,8 @@ from tests.support.quantized_fixtures import (
 )
 from tests.support.random_data import random_tokens
 
+pytestmark = pytest.mark.slow  # over ~20 s of a core; `-m "not slow"` skips it
+
 LENGTHS = (300, 170, 40)
 NEW = 12
 CHUNK = 128
