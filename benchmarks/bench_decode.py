@@ -32,24 +32,13 @@ import jax.numpy as jnp
 import numpy as np
 
 import kvjax
-from kvjax.config import ModelConfig, RopeConfig
+from kvjax.config import ModelConfig
 from kvjax.inference import greedy_decode
 from kvjax.kv_state import KVSegment
 from kvjax.policies import CSKV, Full, Policy, Quest, SqueezedAttention, Twilight
+from model_shapes import LLAMA31_8B
 from op_profile import profile_ops
 
-LLAMA31_8B = ModelConfig(
-    family="llama",
-    vocab_size=128256,
-    hidden_size=4096,
-    intermediate_size=14336,
-    num_layers=32,
-    num_heads=32,
-    num_kv_heads=8,
-    head_dim=128,
-    max_position_embeddings=131072,
-    rope=RopeConfig(theta=500000.0, kind="llama3", factor=8.0, original_max_position_embeddings=8192),
-)
 SMOKE = ModelConfig(
     family="llama",
     vocab_size=512,

@@ -26,35 +26,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kvjax.config import ModelConfig, RopeConfig
+from model_shapes import LLAMA31_8B, SMOLLM2_135M
 
-SHAPES = {
-    "smollm2-135m": ModelConfig(
-        family="llama",
-        vocab_size=49152,
-        hidden_size=576,
-        intermediate_size=1536,
-        num_layers=30,
-        num_heads=9,
-        num_kv_heads=3,
-        head_dim=64,
-        max_position_embeddings=8192,
-        tie_word_embeddings=True,
-        rope=RopeConfig(theta=100000.0),
-    ),
-    "llama-3.1-8b": ModelConfig(
-        family="llama",
-        vocab_size=128256,
-        hidden_size=4096,
-        intermediate_size=14336,
-        num_layers=32,
-        num_heads=32,
-        num_kv_heads=8,
-        head_dim=128,
-        max_position_embeddings=131072,
-        rope=RopeConfig(theta=500000.0, kind="llama3", factor=8.0, original_max_position_embeddings=8192),
-    ),
-}
+SHAPES = {"smollm2-135m": SMOLLM2_135M, "llama-3.1-8b": LLAMA31_8B}
 POLICIES = {"full": "Full()", "snapkv": "SnapKV(budget_tokens=256)", "pyramidkv": "PyramidKV(budget_tokens=256)"}
 
 

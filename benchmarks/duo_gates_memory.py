@@ -24,23 +24,11 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 
-from kvjax.config import ModelConfig, RopeConfig
+from kvjax.config import ModelConfig
 from kvjax.language_model import abstract_model
 from kvjax.policies.duo_attention.training import DuoGateConfig, make_loss_fn, make_optimizer
 from kvjax.train.loop import _make_update
-
-LLAMA3_8B = ModelConfig(
-    family="llama",
-    vocab_size=128256,
-    hidden_size=4096,
-    intermediate_size=14336,
-    num_layers=32,
-    num_heads=32,
-    num_kv_heads=8,
-    head_dim=128,
-    max_position_embeddings=131072,
-    rope=RopeConfig(theta=500000.0, kind="llama3", factor=8.0, original_max_position_embeddings=8192),
-)
+from model_shapes import LLAMA31_8B
 
 
 def step_memory(config: ModelConfig, seq_len: int, train: DuoGateConfig = DuoGateConfig(), dtype=jnp.bfloat16) -> dict:
@@ -86,7 +74,7 @@ def main(argv=None) -> dict:
     train = DuoGateConfig(chunk=args.chunk, max_len=args.seq_len, min_len=min(DuoGateConfig.min_len, args.seq_len))
     rows = []
     for layers in args.layers:
-        config = dataclasses.replace(LLAMA3_8B, num_layers=layers)
+        config = dataclasses.replace(LLAMA31_8B, num_layers=layers)
         rows.append(step_memory(config, args.seq_len, train))
         print(json.dumps(rows[-1]), flush=True)
     # Least-squares temp bytes per added layer, over 2+ layers: with one layer the scans run once and
@@ -96,7 +84,7 @@ def main(argv=None) -> dict:
     if len({x for x, _ in fit}) >= 2:
         mx, my = sum(x for x, _ in fit) / len(fit), sum(y for _, y in fit) / len(fit)
         slope = sum((x - mx) * (y - my) for x, y in fit) / sum((x - mx) ** 2 for x, _ in fit)
-    base = dataclasses.asdict(LLAMA3_8B)
+    base = dataclasses.asdict(LLAMA31_8B)
     base.pop("num_layers")
     report = {
         "what": "memory_analysis() of one compiled DuoAttention gate-training step (gradient + AdamW), abstract args",
@@ -112,7 +100,7 @@ def main(argv=None) -> dict:
         "recent": train.recent,
         "rows": rows,
         "temp_bytes_per_layer": None if slope is None else int(slope),
-        "hidden_state_bytes": args.seq_len * LLAMA3_8B.hidden_size * 2,  # one bf16 [T, E]
+        "hidden_state_bytes": args.seq_len * LLAMA31_8B.hidden_size * 2,  # one bf16 [T, E]
     }
     text = json.dumps(report, indent=1)
     print(text)

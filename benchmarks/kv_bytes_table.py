@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 
 import kvjax
-from kvjax.config import ModelConfig, RopeConfig
+from kvjax.config import ModelConfig
 from kvjax.policies import (
     A2SF,
     CSKV,
@@ -38,19 +38,8 @@ from kvjax.policies import (
     ThinK,
     Twilight,
 )
+from model_shapes import LLAMA31_8B
 
-LLAMA31_8B = ModelConfig(
-    family="llama",
-    vocab_size=128256,
-    hidden_size=4096,
-    intermediate_size=14336,
-    num_layers=32,
-    num_heads=32,
-    num_kv_heads=8,
-    head_dim=128,
-    max_position_embeddings=131072,
-    rope=RopeConfig(theta=500000.0, kind="llama3", factor=8.0, original_max_position_embeddings=8192),
-)
 PROMPTS = (4096, 32768)
 MAX_NEW = 256
 CHUNK = 512
