@@ -87,17 +87,16 @@ class AdaKV(Policy):
     def scored(self) -> bool:
         return self.base.scored()
 
-    def step(self, ctx, segments, x, phase):
-        if not isinstance(segments[0], PooledSegment):  # prefill: the base policy, unchanged
-            return self.base.step(ctx, segments, x, phase)
-        (pool,) = segments
-        pool = _append(pool, x.k, x.v, x.new_pos)
+    def segment_step(self, ctx, segment, x, phase):
+        if not isinstance(segment, PooledSegment):  # prefill: the base policy, unchanged
+            return self.base.segment_step(ctx, segment, x, phase)
+        pool = _append(segment, x.k, x.v, x.new_pos)  # the pool holds every KV head of the layer
         k_all = jnp.broadcast_to(pool.k[:, None], (pool.k.shape[0], len(pool.heads)) + pool.k.shape[1:])
         v_all = jnp.broadcast_to(pool.v[:, None], k_all.shape)  # [B, K, C, D] views of one buffer
         # The reference, not `attend`: the decode kernels assume each row's entries fill a prefix of
         # its slots, which a head's masked view of the pool does not.
         out = reference_attention(x.q, k_all, v_all, pool.head_positions(), x.q_pos, ctx.window, ctx.scale)
-        return out, (pool,)
+        return out, pool
 
     def finalize(self, config: ModelConfig, state: KVState, prompt_len: int, max_new_tokens: int) -> KVState:
         layers = []

@@ -61,7 +61,7 @@ class Policy(abc.ABC):
         self, ctx: LayerContext, segments: tuple[Any, ...], x: StepInputs, phase: Phase
     ) -> tuple[jax.Array, tuple[Any, ...]]:
         """Writes the step into a layer's segments and attends: the output [B, T, K, G, D] and the new
-        segments. By default each segment independently, through `segment_step`."""
+        segments: each segment independently, through `segment_step`, unless a policy overrides this."""
         outs, updated = [], []
         for seg in segments:
             out, seg = self.segment_step(ctx, seg, x.heads(seg.heads), phase)
@@ -69,9 +69,9 @@ class Policy(abc.ABC):
             updated.append(seg)
         return merge_heads(outs, segments, axis=2), tuple(updated)
 
+    @abc.abstractmethod
     def segment_step(self, ctx: LayerContext, segment: Any, x: StepInputs, phase: Phase) -> tuple[jax.Array, Any]:
         """One segment's step; x holds only its heads. Returns ([B, T, Hs, G, D], new segment)."""
-        raise NotImplementedError(f"{type(self).__name__} implements neither step nor segment_step")
 
     def layer_step(
         self, ctx: LayerContext, segments: tuple[Any, ...], shared: Any, x: StepInputs, phase: Phase
