@@ -176,7 +176,7 @@ Haystack = NoiseHaystack | ProseHaystack | TextDirHaystack
 
 
 def haystack_from_name(name: str) -> Haystack:
-    """`noise`, `prose`, or a folder of .txt files (e.g. ../shared/data/haystack/PaulGrahamEssays)."""
+    """`noise`, `prose`, or a folder of .txt files (e.g. the essays of the public needle-in-a-haystack test)."""
     if name == "noise":
         return NoiseHaystack()
     if name == "prose":

@@ -23,7 +23,6 @@ from flax import nnx
 from kvjax.attention import attend, attend_with_probs
 from kvjax.kv_state import empty_segment, write_entries
 
-DEFAULT_HAYSTACK = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "haystack"
 PROMPT = (
     "This is a very long story book: <book> {context} </book>.\n"
     "Based on the content of the book, Question: {question}\nAnswer:"
@@ -86,11 +85,12 @@ def haystack_tests(
     encode: Callable[[str], list[int]],
     context_lengths: Sequence[int],
     depths: Sequence[float],
-    root: str | Path = DEFAULT_HAYSTACK,
+    root: str | Path,
     bos: Sequence[int] = (),
 ) -> list[NeedleTest]:
-    """Tests from the shared haystack (Paul Graham essays) and the paper's needles, one per
-    (needle, context length, depth). `encode(text)` returns ids without special tokens."""
+    """Tests from a haystack folder laid out as the paper's public data (`root/PaulGrahamEssays/*.txt`
+    and `root/retrieval_head_needles.jsonl`), one per (needle, context length, depth). `encode(text)`
+    returns ids without special tokens."""
     root = Path(root)
     needles_file, essays = root / "retrieval_head_needles.jsonl", sorted((root / "PaulGrahamEssays").glob("*.txt"))
     if not needles_file.exists() or not essays:
