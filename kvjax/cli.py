@@ -384,8 +384,11 @@ def parser() -> argparse.ArgumentParser:
         "--haystack", default=None, help="noise, prose or a folder of .txt files (default: each task's own, as RULER)"
     )
     ev.add_argument("--max-new-tokens", type=int, default=None, help="default: each task's own")
-    ev.add_argument("--batch-size", type=int, default=16)
+    ev.add_argument(
+        "--batch-size", type=int, default=None, help="prompts per batch (default: as many as half the free memory holds)"
+    )
     ev.add_argument("--out", default="kvjax-eval", help="folder for results.json, results.csv and plots")
+    ev.add_argument("--overwrite", action="store_true", help="replace the results already in --out")
     ev.add_argument("--no-timing", action="store_true", help="skip the separate prefill/decode timing runs")
     ev.add_argument(
         "--chat",

@@ -227,3 +227,45 @@ def test_kvjax_generate_under_a_policy(tiny_checkpoint, capsys):
     assert "one policy and one budget" in capsys.readouterr().err
     assert main([*args, "--policy", "duoattention"]) == 2
     assert "--policy-file duoattention=PATH" in capsys.readouterr().err
+
+
+def test_batches_are_sorted_balanced_and_topped_up():
+    from kvjax.eval.harness import plan_batches
+
+    lengths = [50, 30, 90, 10, 70]
+    batches = plan_batches(lengths, 2)
+    assert [len(idx) for idx, _ in batches] == [2, 2, 2]  # one shape: one compile
+    real = [i for idx, n in batches for i in idx[:n]]
+    assert sorted(real) == list(range(5)) and [lengths[i] for i in real] == sorted(lengths)
+    assert batches[-1] == ([2, 2], 1)  # the short last batch repeats its prompt as filler
+    assert [len(idx) for idx, _ in plan_batches(lengths, 4)] == [3, 3]  # balanced: not 4 + 1
+    with pytest.raises(ValueError, match="batch_size"):
+        plan_batches(lengths, 0)
+
+
+def test_batched_eval_answers_as_batch_one_with_one_compile(tiny_checkpoint):
+    from kvjax.checkpoint import load
+    from kvjax.inference import _prefill
+
+    m = load(tiny_checkpoint, dtype=jnp.float32)
+    policies = {"full": kvjax.policies.Full(), "snapkv": kvjax.policies.SnapKV(budget_tokens=96, window=8)}
+    config = EvalConfig(tasks=("niah_single",), lengths=(300,), samples=3, timing=False, batch_size=1)
+    rows_1, samples_1 = run_eval(m, policies, config, progress=False)
+    compiled = _prefill._cache_size()
+    rows_2, samples_2 = run_eval(m, policies, dataclasses.replace(config, batch_size=2), progress=False)
+    assert _prefill._cache_size() == compiled + 2  # one more shape (2 prompts, one bucket) per policy
+    assert [s["prediction"] for s in samples_2] == [s["prediction"] for s in samples_1]
+    assert [(r["accuracy"], r["digits"], r["kv_bytes"]) for r in rows_2] == [
+        (r["accuracy"], r["digits"], r["kv_bytes"]) for r in rows_1
+    ]
+    assert [r["batch_size"] for r in rows_2] == [2, 2]
+
+
+def test_default_batch_size_follows_free_memory():
+    from kvjax.eval.harness import batch_size_for_memory
+
+    config = kvjax.load("needle-llama").config
+    one = batch_size_for_memory(config, 2048, 16, 512, 4, free=10**12)
+    assert batch_size_for_memory(config, 2048, 16, 512, 4, free=10**12 // 4) in range(one // 4 - 1, one // 4 + 2)
+    assert batch_size_for_memory(config, 8192, 16, 512, 4, free=10**12) < one  # longer prompts: fewer
+    assert batch_size_for_memory(config, 2048, 16, 512, 4, free=1) == 1  # never zero

@@ -12,6 +12,7 @@ import dataclasses
 import inspect
 import json
 import math
+import os
 import re
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -184,14 +185,53 @@ class EvalConfig:
     seed: int = 0
     haystack: str | None = None  # None: each task's RULER default; else noise / prose / a folder
     max_new_tokens: int | None = None  # None: each task's default
-    batch_size: int = 16
+    batch_size: int | None = None  # prompts per batch; None: as many as half the free memory holds
     chunk_size: int = 512
     timing: bool = True  # time the prompt and the decode steps separately (each batch again, compiled first)
     chat: bool | None = None  # prompts through the chat template, answer prefix pre-filled; None: when it has one
 
     def __post_init__(self):
-        if self.samples < 1 or self.batch_size < 1 or not self.lengths or not self.tasks:
+        if self.samples < 1 or (self.batch_size or 1) < 1 or not self.lengths or not self.tasks:
             raise ValueError("need samples >= 1, batch_size >= 1, and at least one task and one length")
+
+
+def plan_batches(lengths: Sequence[int], batch_size: int) -> list[tuple[list[int], int]]:
+    """Prompt indices in batches of one size: sorted by length (a batch pads only to its own longest),
+    as few batches as `batch_size` allows, balanced, the last topped up with repeats of its final prompt.
+    Returns (indices, real) per batch: the first `real` indices are its own, the rest are filler whose
+    outputs are dropped. Equal shapes mean one compile per (policy, length bucket) rather than one more
+    for a short last batch; rows do not interact, so answers do not depend on the batching."""
+    if batch_size < 1 or not lengths:
+        raise ValueError(f"need at least one prompt and batch_size >= 1; got {len(lengths)}, {batch_size}")
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    size = math.ceil(len(order) / math.ceil(len(order) / batch_size))
+    batches = []
+    for start in range(0, len(order), size):
+        own = order[start : start + size]
+        batches.append((own + [own[-1]] * (size - len(own)), len(own)))
+    return batches
+
+
+def free_memory_bytes() -> int:
+    """Bytes the default device can still allocate: its allocator's limit on an accelerator, the
+    host's available memory on CPU."""
+    stats = jax.devices()[0].memory_stats() or {}
+    if "bytes_limit" in stats:
+        return int(stats["bytes_limit"] - stats.get("bytes_in_use", 0))
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def batch_size_for_memory(
+    config: ModelConfig, prompt_len: int, max_new_tokens: int, chunk: int, itemsize: int, free: int
+) -> int:
+    """The most prompts of `prompt_len` tokens whose prefill fits in half of `free` bytes: per sequence,
+    Full's cache (the largest any policy allocates) plus one chunk's activations (float32 attention
+    weights against the whole cache, held a few times over, and the MLP's hidden states)."""
+    slots = prompt_len + max_new_tokens
+    cache = config.num_layers * config.num_kv_heads * slots * (2 * config.head_dim * itemsize + 4)
+    weights = 3 * config.num_heads * chunk * slots * 4
+    hidden = chunk * (6 * config.hidden_size + 3 * config.intermediate_size) * 4
+    return max(1, (free // 2) // (cache + weights + hidden))
 
 
 def _predictions(m: LanguageModel, out: np.ndarray) -> list[str]:
@@ -247,9 +287,8 @@ def run_eval(
                 f"length {length} plus the answer ({longest} tokens) exceeds the model's "
                 f"context of {m.config.max_position_embeddings}"
             )
-    n_batches = math.ceil(config.samples / config.batch_size)
     bar = tqdm(
-        total=len(tasks) * len(config.lengths) * len(runs) * n_batches,
+        total=len(tasks) * len(config.lengths) * len(runs) * config.samples,
         desc="eval",
         disable=not progress,
         dynamic_ncols=True,
@@ -260,18 +299,26 @@ def run_eval(
             new = config.max_new_tokens or task.max_new_tokens
             for length in config.lengths:
                 samples = make_samples(task, m.tokenizer, length, config.samples, config.seed, chat=chat)
-                batches = [samples[i : i + config.batch_size] for i in range(0, len(samples), config.batch_size)]
-                encoded = [[encode_prompt(m.tokenizer, s.prompt, s.chat) for s in batch] for batch in batches]
+                encoded = [encode_prompt(m.tokenizer, s.prompt, s.chat) for s in samples]
+                batch_size = config.batch_size or batch_size_for_memory(
+                    m.config, max(map(len, encoded)), new, config.chunk_size, m.dtype.itemsize, free_memory_bytes()
+                )
+                batches = plan_batches([len(ids) for ids in encoded], batch_size)
                 full_bytes = np.mean(
-                    [_bytes_per_sequence(m, ids, kvjax.policies.Full(), config.chunk_size, new) for ids in encoded]
+                    [
+                        _bytes_per_sequence(m, [encoded[i] for i in idx], kvjax.policies.Full(), config.chunk_size, new)
+                        for idx, _ in batches
+                    ]
                 )
                 for run in runs:
                     bar.set_description(f"{task.name} {length} {run.label}")
                     try:
-                        row, per_sample = _evaluate(m, run, task.name, length, batches, encoded, new, config, bar)
+                        row, per_sample = _evaluate(
+                            m, run, task.name, length, samples, encoded, batches, new, config, bar
+                        )
                     except ValueError as err:  # a policy that cannot run on this model: say so, go on
                         log(f"{run.label} on {task.name} at {length}: skipped; {err}")
-                        bar.update(len(batches))
+                        bar.update(len(samples))
                         continue
                     row["chat"] = chat
                     row["full_kv_bytes"] = int(full_bytes)
@@ -284,38 +331,48 @@ def run_eval(
 
 
 def _evaluate(
-    m, run: PolicyRun, task: str, length: int, batches: list[list[Sample]], encoded, new: int, config: EvalConfig, bar
+    m,
+    run: PolicyRun,
+    task: str,
+    length: int,
+    samples: list[Sample],
+    encoded: list[list[int]],
+    batches: list[tuple[list[int], int]],
+    new: int,
+    config: EvalConfig,
+    bar,
 ) -> tuple[dict, list[dict]]:
-    scores, digits, per_sample, bytes_, prefill_s, decode_s = [], [], [], [], [], []
-    for batch, ids in zip(batches, encoded):
-        gen = lambda eos=None: kvjax.generate(  # noqa: E731
-            m, ids, new, policy=run.policy, chunk_size=config.chunk_size, eos_token_id=eos
-        )
-        out = np.asarray(gen())
+    predictions, bytes_, prefill_s, decode_s = {}, [], [], []
+    for idx, real in batches:
+        ids = [encoded[i] for i in idx]
+        out = np.asarray(kvjax.generate(m, ids, new, policy=run.policy, chunk_size=config.chunk_size))
         bytes_.append(_bytes_per_sequence(m, ids, run.policy, config.chunk_size, new))
         if config.timing:
             t_prefill, t_token = _time_prefill_and_decode(m, ids, run.policy, config.chunk_size, out[:, 0], new)
             prefill_s.append(t_prefill)
             decode_s.append(t_token)
-        for sample, prediction in zip(batch, _predictions(m, out)):
-            score, partial = string_match_all(prediction, sample.answers), digit_match(prediction, sample.answers)
-            scores.append(score)
-            digits.append(partial)
-            per_sample.append(
-                {
-                    "policy": run.label,
-                    "task": task,
-                    "length": length,
-                    "seed": sample.seed,
-                    "depth": sample.depth,
-                    "num_tokens": sample.num_tokens,
-                    "answers": list(sample.answers),
-                    "prediction": prediction,
-                    "score": score,
-                    "digits": partial,
-                }
-            )
-        bar.update(1)
+        predictions.update(zip(idx[:real], _predictions(m, out[:real])))
+        bar.update(real)
+    scores, digits, per_sample = [], [], []
+    for i, sample in enumerate(samples):
+        prediction = predictions[i]
+        score, partial = string_match_all(prediction, sample.answers), digit_match(prediction, sample.answers)
+        scores.append(score)
+        digits.append(partial)
+        per_sample.append(
+            {
+                "policy": run.label,
+                "task": task,
+                "length": length,
+                "seed": sample.seed,
+                "depth": sample.depth,
+                "num_tokens": sample.num_tokens,
+                "answers": list(sample.answers),
+                "prediction": prediction,
+                "score": score,
+                "digits": partial,
+            }
+        )
     row = {
         "policy": run.label,
         "policy_name": run.name,
@@ -327,7 +384,7 @@ def _evaluate(
         "accuracy": float(np.mean(scores)),
         "digits": float(np.mean(digits)),
         "kv_bytes": int(np.mean(bytes_)),
-        "batch_size": len(batches[0]),
+        "batch_size": len(batches[0][0]),
         "prefill_ms": float(np.mean(prefill_s) * 1e3) if prefill_s else None,
         "decode_ms_per_token": float(np.mean(decode_s) * 1e3) if decode_s else None,
     }
