@@ -226,7 +226,7 @@ def _train_lm(args) -> None:
             stop_at=args.stop_at,
         )
     except NonFiniteLossError as err:
-        raise ValueError(str(err)) from err
+        raise ValueError(f"{err} For example: the same command with --lr {args.lr / 10:g}.") from err
     if out is None:
         work = args.work_dir or f"{args.out}.train"
         print(
@@ -284,7 +284,7 @@ def _train_gates(args) -> None:
     try:
         _, result = train_fn(m, args.out, config, progress=not args.no_progress)
     except NonFiniteLossError as err:
-        raise ValueError(str(err)) from err
+        raise ValueError(f"{err} For example: the same command with --lr {config.lr / 10:g}.") from err
     last = result.history[-1]["loss"] if result.history else float("nan")
     print(f"wrote {args.out}/{written} (step {result.step}, loss {last:.6f})")
 

@@ -30,7 +30,7 @@ from kvjax.eval.tasks import default_tasks, distinct_values, get_task, make_samp
 from kvjax.language_model import init_model
 from kvjax.tokenizer import Tokenizer
 from kvjax.train.byte_tokenizer import write_byte_tokenizer
-from kvjax.train.loop import CURVE_JSON, CURVE_PNG, LoopConfig, train
+from kvjax.train.loop import CURVE_JSON, CURVE_PNG, RUN_JSON, LoopConfig, check_learning_rate, train
 from kvjax.train.word_tokenizer import DEFAULT_VOCAB, write_word_tokenizer
 
 
@@ -447,6 +447,9 @@ def train_lm(
     out = Path(out).absolute()
     if out.exists():
         raise FileExistsError(f"{out} already exists; choose a new --out (training state resumes from the work dir)")
+    lr = check_learning_rate(lr)
+    if warmup < 0:
+        raise ValueError(f"warmup must be >= 0; got {warmup}")
     work = Path(work_dir).absolute() if work_dir else out.with_name(out.name + ".train")
     phases = curriculum or (Phase(data.seq_len, data.batch_size, steps),)
     steps = sum(p.steps for p in phases)
@@ -478,9 +481,30 @@ def train_lm(
 
     model = init_model(config, seed=seed, dtype=jnp.float32)
     params = nnx.to_pure_dict(model.params)
-    result = train(params, make_loss_fn(model.graphdef), make_optimizer(lr, steps, warmup), batch_fn, loop, work)
+    record = {
+        "command": command or " ".join(sys.argv),
+        "model_size": dataclasses.asdict(size),
+        "tokenizer": tokenizer_name,
+        "seed": seed,
+        "steps": steps,
+        "lr": lr,
+        "warmup": warmup,
+        "data": dataclasses.asdict(data),
+        "curriculum": [dataclasses.asdict(p) for p in curriculum],
+    }
+    result = train(
+        params,
+        make_loss_fn(model.graphdef),
+        make_optimizer(lr, steps, warmup),
+        batch_fn,
+        loop,
+        work,
+        record=record,
+        fixed=("model_size", "tokenizer"),  # a resume that changed them would not even restore
+    )
     if result.step < steps:
         return None
+    resumes = json.loads((work / RUN_JSON).read_text()).get("resumes", [])
     n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(result.params))
     saved = jax.tree.map(lambda x: jnp.asarray(x, jnp.dtype(save_dtype)), result.params)
     metadata = {
@@ -497,6 +521,8 @@ def train_lm(
         "curriculum": [dataclasses.asdict(p) for p in curriculum],
         "tokenizer": tokenizer_name,
     }
+    if resumes:  # every command that trained it: each resume's step and what it changed, as [old, new]
+        metadata["resumes"] = resumes
     save_checkpoint(out, config, saved, files, metadata)
     for name in (CURVE_JSON, CURVE_PNG):
         if (work / name).is_file():

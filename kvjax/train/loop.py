@@ -11,8 +11,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import numbers
 import os
-from collections.abc import Callable
+import sys
+from collections.abc import Callable, Collection
 from pathlib import Path
 from typing import Any
 
@@ -27,10 +29,18 @@ BatchFn = Callable[[int, int], Any]
 
 CURVE_JSON = "loss_curve.json"
 CURVE_PNG = "loss_curve.png"
+RUN_JSON = "run.json"  # the settings of the run in a training folder, and what each resume changed
 
 
 class NonFiniteLossError(FloatingPointError):
     """The loss or gradient became NaN/inf; training stopped and the last good checkpoint was kept."""
+
+
+def check_learning_rate(lr, name: str = "lr") -> float:
+    """`lr` as a float when it is a finite positive number (NaN, inf, 0 and negative rates are refused)."""
+    if isinstance(lr, bool) or not isinstance(lr, numbers.Real) or not math.isfinite(lr) or lr <= 0:
+        raise ValueError(f"{name} (the learning rate) must be a finite number > 0; got {lr!r}")
+    return float(lr)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,25 +88,25 @@ def step_rng(seed: int, step: int) -> jax.Array:
     return jax.random.fold_in(jax.random.key(seed), step)
 
 
-def _make_update(loss_fn: LossFn, optimizer: optax.GradientTransformation):
-    """A jitted step that leaves params and optimizer state unchanged when loss or gradients are not finite."""
+def _make_steps(loss_fn: LossFn, optimizer: optax.GradientTransformation):
+    """Two jitted halves of a step: the loss, aux, gradients and gradient norm of the current params (so
+    they can be checked, and the params checkpointed, before anything changes them), and the update."""
 
-    def update(params, opt_state, batch, rng):
+    def gradients(params, batch, rng):
         (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, batch, rng)
-        grad_norm = optax.tree.norm(grads)
-        updates, new_opt_state = optimizer.update(grads, opt_state, params)
-        new_params = optax.apply_updates(params, updates)
-        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-        keep = lambda new, old: jnp.where(finite, new, old)  # noqa: E731
-        return (
-            jax.tree.map(keep, new_params, params),
-            jax.tree.map(keep, new_opt_state, opt_state),
-            loss,
-            aux,
-            grad_norm,
-        )
+        floats = [x for x in jax.tree.leaves(params) if jnp.issubdtype(x.dtype, jnp.inexact)]
+        finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in floats])) if floats else jnp.bool_(True)
+        return loss, aux, grads, optax.tree.norm(grads), finite
 
-    return jax.jit(update, donate_argnums=(0, 1))
+    def update(params, opt_state, grads):
+        updates, new_opt_state = optimizer.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), new_opt_state
+
+    return jax.jit(gradients), jax.jit(update, donate_argnums=(0, 1, 2))
+
+
+def _all_finite(tree) -> bool:
+    return all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact))
 
 
 def _scalars(aux: Any) -> dict[str, float]:
@@ -135,6 +145,75 @@ def plot_loss_curve(history, path: Path, title: str = "training loss") -> Path:
     return Path(path)
 
 
+def _record_run(path: Path, record: dict, fixed: Collection[str], resumed_at: int | None) -> str | None:
+    """Writes a run's settings to `path`. When the run resumes a checkpoint made under other settings, it
+    refuses if any of the `fixed` ones changed, and otherwise keeps both: the file then holds the current
+    settings plus, under "resumes", each resume's step and every changed value as [old, new] (a command
+    included). Returns a note for the user about such a change, else None."""
+    record = json.loads(json.dumps(record))  # as stored: tuples become lists
+    old = None
+    if path.is_file():
+        try:
+            old = json.loads(path.read_text())
+        except ValueError as err:
+            raise ValueError(f"{path} is not valid JSON ({err}); move it away to start a new record") from None
+    if resumed_at is None or not isinstance(old, dict):
+        _write_json(path, record)
+        return None
+    resumes = old.pop("resumes", [])
+    changed = {k: [old.get(k), record.get(k)] for k in sorted(set(old) | set(record)) if old.get(k) != record.get(k)}
+    if not changed:
+        _write_json(path, {**record, "resumes": resumes} if resumes else record)
+        return None
+    refused = [k for k in changed if k in fixed]
+    if refused:
+        detail = "; ".join(f"{k}: {changed[k][0]!r} -> {changed[k][1]!r}" for k in refused)
+        raise ValueError(
+            f"{path.parent} holds a run (checkpoint {resumed_at}) with other settings than these ({detail}), "
+            f"which a resume cannot change; use another output folder or the recorded settings ({path})"
+        )
+    _write_json(path, {**record, "resumes": resumes + [{"step": resumed_at, "changed": changed}]})
+    return (
+        f"resuming at step {resumed_at} with changed settings ({', '.join(changed)}); the old and new values "
+        f"are recorded in {path}"
+    )
+
+
+def _restore_finite(manager, target) -> tuple[dict | None, int | None]:
+    """The newest checkpoint whose parameters and optimizer state are all finite, and its step. Older
+    runs could checkpoint parameters a blown-up step had made non-finite: those are deleted (with a
+    note), so the run rolls back to the last good one."""
+    for step in sorted(manager.all_steps(), reverse=True):
+        restored = manager.restore(step, args=ocp.args.StandardRestore(target))
+        if _all_finite(restored):
+            return restored, step
+        print(
+            f"checkpoint {step} in {manager.directory} holds non-finite values; deleted, rolling back",
+            file=sys.stderr,
+        )
+        manager.delete(step)
+    return None, None
+
+
+def _stop_message(step: int, loss: float, norm: float, params_finite: bool, last: int | None, out) -> str:
+    what = f"loss {loss} (gradient norm {norm})" + ("" if params_finite else " with non-finite parameters")
+    if last is not None:
+        where = (
+            f"rolled back to checkpoint {last} in {out / 'checkpoints'}, the last whose parameters, loss and "
+            f"gradient norm were all finite (nothing after it was saved). To go on with other settings, e.g. "
+            f"a lower learning rate or tighter gradient clipping, rerun with them: the run resumes from step "
+            f"{last} and records both settings."
+        )
+    elif out is not None:
+        where = (
+            "no checkpoint had passed the finiteness check yet, so nothing was saved. Rerun with other "
+            "settings, e.g. a lower learning rate: the run starts over."
+        )
+    else:
+        where = "lower the learning rate or tighten gradient clipping."
+    return f"{what} at step {step}: training stopped; {where}"
+
+
 def train(
     params: Any,
     loss_fn: LossFn,
@@ -142,17 +221,26 @@ def train(
     batch_fn: BatchFn,
     config: LoopConfig,
     out_dir: str | os.PathLike | None = None,
+    *,
+    record: dict | None = None,
+    record_file: str = RUN_JSON,
+    fixed: Collection[str] = (),
 ) -> TrainResult:
     """Trains `params` for `config.steps` optimizer steps (or up to `config.stop_at`).
 
     With `out_dir`, checkpoints go to `out_dir/checkpoints/<step>` every `checkpoint_every` steps and
     the loss curve to `out_dir/loss_curve.{json,png}`; a later call resumes from the newest checkpoint.
-    Raises NonFiniteLossError on a NaN/inf loss or gradient, without writing a checkpoint of that step.
+    A checkpoint holds only parameters that are finite and whose loss and gradient norm were finite (it is
+    written once the next step has computed them). On a NaN/inf loss, gradient or parameter the run stops
+    with NonFiniteLossError, naming the checkpoint it rolled back to and how to resume with new settings.
+    `record` (JSON-able settings, e.g. the command) goes to `out_dir/record_file`; resuming under other
+    settings refuses a change to the `fixed` keys and records both values of the others (`_record_run`).
     `params` is donated to the first step (and only a shape template when a checkpoint is resumed).
     """
     opt_state = optimizer.init(params)
     start, history, resumed_from, manager = 0, [], None, None
     out = Path(out_dir).absolute() if out_dir is not None else None
+    note = None
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
         manager = ocp.CheckpointManager(
@@ -161,49 +249,64 @@ def train(
                 max_to_keep=config.max_checkpoints, create=True, enable_async_checkpointing=False
             ),
         )
-        latest = manager.latest_step() if config.resume else None
-        if latest is not None:
+        if config.resume and manager.latest_step() is not None:
             target = jax.tree.map(ocp.utils.to_shape_dtype_struct, {"params": params, "opt_state": opt_state})
             try:
-                restored = manager.restore(latest, args=ocp.args.StandardRestore(target))
+                restored, latest = _restore_finite(manager, target)
             except Exception as err:  # orbax raises many types on structure mismatches
                 raise ValueError(
-                    f"{out}: checkpoint {latest} does not match these params/optimizer ({type(err).__name__}: {err}); "
-                    f"use another output folder or resume=False"
+                    f"{out}: checkpoint {manager.latest_step()} does not match these params/optimizer "
+                    f"({type(err).__name__}: {err}); use another output folder or resume=False"
                 ) from err
-            params, opt_state, start, resumed_from = restored["params"], restored["opt_state"], latest, latest
-            if (out / CURVE_JSON).is_file():
-                history = [h for h in json.loads((out / CURVE_JSON).read_text()) if h["step"] <= latest]
+            if restored is not None:
+                params, opt_state, start, resumed_from = restored["params"], restored["opt_state"], latest, latest
+                if (out / CURVE_JSON).is_file():
+                    history = [h for h in json.loads((out / CURVE_JSON).read_text()) if h["step"] <= latest]
+        if record is not None:
+            note = _record_run(out / record_file, record, fixed, resumed_from)
+    if note:
+        print(note, file=sys.stderr)
 
-    update = _make_update(loss_fn, optimizer)
+    gradients, update = _make_steps(loss_fn, optimizer)
+
+    def save(step: int) -> None:
+        # The curve first: a kill between the two leaves entries past the newest checkpoint, which
+        # resume drops; the other order could lose the entries up to a checkpoint that exists.
+        _write_json(out / CURVE_JSON, history)
+        manager.save(step, args=ocp.args.StandardSave({"params": params, "opt_state": opt_state}))
+        manager.wait_until_finished()
+
+    def check(step: int, batch_step: int):
+        """The loss, aux, gradients and norm of the current params on `batch_step`'s batch; stops the run
+        (NonFiniteLossError) unless the params, the loss and the gradient norm are all finite."""
+        loss, aux, grads, norm, params_finite = gradients(
+            params, batch_fn(config.seed, batch_step), step_rng(config.seed, batch_step)
+        )
+        loss_value, norm_value = float(loss), float(norm)
+        if not (math.isfinite(loss_value) and math.isfinite(norm_value) and bool(params_finite)):
+            if out is not None:
+                _write_json(out / CURVE_JSON, history)
+            last = manager.latest_step() if manager is not None else None
+            raise NonFiniteLossError(_stop_message(step, loss_value, norm_value, bool(params_finite), last, out))
+        return loss_value, norm_value, aux, grads
+
     bar = tqdm(
         total=config.end, initial=start, desc=config.description, disable=not config.progress, dynamic_ncols=True
     )
     try:
         for step in range(start, config.end):
-            params, opt_state, loss, aux, grad_norm = update(
-                params, opt_state, batch_fn(config.seed, step), step_rng(config.seed, step)
-            )
-            loss_value, norm_value = float(loss), float(grad_norm)
-            if not (math.isfinite(loss_value) and math.isfinite(norm_value)):
-                last = manager.latest_step() if manager is not None else None
-                where = f"checkpoint {last} in {out / 'checkpoints'}" if last is not None else "none was written"
-                if out is not None:
-                    _write_json(out / CURVE_JSON, history)
-                raise NonFiniteLossError(
-                    f"loss {loss_value} (gradient norm {norm_value}) at step {step}: training stopped; "
-                    f"the last good checkpoint is {where}. Lower the learning rate or tighten clipping, then resume."
-                )
+            loss_value, norm_value, aux, grads = check(step, step)
+            if manager is not None and step > start and step % config.checkpoint_every == 0:
+                save(step)  # the params after `step` steps, now known to be finite with a finite loss and gradient
+            params, opt_state = update(params, opt_state, grads)
             done = step + 1
             history.append({"step": done, "loss": loss_value, "grad_norm": norm_value, **_scalars(aux)})
             bar.update(1)
             bar.set_postfix(loss=f"{loss_value:.4f}")
-            if manager is not None and (done % config.checkpoint_every == 0 or done == config.end):
-                # The curve first: a kill between the two leaves entries past the newest checkpoint, which
-                # resume drops; the other order could lose the entries up to a checkpoint that exists.
-                _write_json(out / CURVE_JSON, history)
-                manager.save(done, args=ocp.args.StandardSave({"params": params, "opt_state": opt_state}))
-                manager.wait_until_finished()
+        if config.end > start:
+            check(config.end, config.end - 1)  # the final params, on the last step's batch
+            if manager is not None:
+                save(config.end)
     finally:
         bar.close()
         if manager is not None:

@@ -21,7 +21,6 @@ XLA assigns 25.5 GB of temporaries at 32 layers, 256 MiB more per layer, beside 
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from pathlib import Path
 
@@ -36,10 +35,12 @@ from kvjax.eval.haystack import haystack_from_name
 from kvjax.language_model import LanguageModel
 from kvjax.policies.duo_attention.policy import write_gates_tsv
 from kvjax.rope import apply_rope, rope_tables
-from kvjax.train.loop import LoopConfig, TrainResult, train
+from kvjax.train.loop import LoopConfig, TrainResult, check_learning_rate, train
 
 GATES_TSV = "full_attention_heads.tsv"
 RUN_JSON = "duo_gates.json"
+# Settings a resumed run may change (each change recorded in RUN_JSON); any other change is refused.
+RESUMABLE = frozenset({"lr", "steps", "checkpoint_every", "chunk"})
 
 NATO = (
     "alpha",
@@ -95,10 +96,9 @@ class DuoGateConfig:
     checkpoint_every: int = 100
 
     def __post_init__(self):
-        if self.steps < 1 or self.lr <= 0 or self.reg_weight < 0:
-            raise ValueError(
-                f"need steps >= 1, lr > 0, reg_weight >= 0; got {self.steps}, {self.lr}, {self.reg_weight}"
-            )
+        check_learning_rate(self.lr)
+        if self.steps < 1 or not 0 <= self.reg_weight < float("inf"):
+            raise ValueError(f"need steps >= 1 and a finite reg_weight >= 0; got {self.steps}, {self.reg_weight}")
         if self.sink < 0 or self.recent < 1:
             raise ValueError(f"need sink >= 0 and recent >= 1; got sink {self.sink}, recent {self.recent}")
         if not 0.0 <= self.init_gate <= 1.0:
@@ -423,10 +423,6 @@ def train_duo_gates(
     out.mkdir(parents=True, exist_ok=True)
     passkey_sample(model.tokenizer, dataclasses.replace(config, max_len=config.min_len), config.seed, 0)  # fails early
     record = {"method": "duo", "model": model.name, **dataclasses.asdict(config)}
-    run_file = out / RUN_JSON
-    if run_file.is_file() and json.loads(run_file.read_text()) != record:
-        raise ValueError(f"{out} holds a DuoAttention run with other settings ({run_file}); use another --out")
-    run_file.write_text(json.dumps(record, indent=1))
     layers, kv_heads = model.config.num_layers, model.config.num_kv_heads
     gates = {"gates": jnp.full((layers, kv_heads), config.init_gate, jnp.float32)}
     pad = model.tokenizer.padding_id()
@@ -449,6 +445,9 @@ def train_duo_gates(
             description="train-gates duo",
         ),
         out,
+        record=record,
+        record_file=RUN_JSON,
+        fixed=set(record) - RESUMABLE,
     )
     trained = np.asarray(result.params["gates"], np.float64)
     write_gates_tsv(out / GATES_TSV, trained)

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 from pathlib import Path
 
@@ -43,9 +44,11 @@ from kvjax.policies.locret.heads import (
     retaining_head_scores,
     save_retaining_heads,
 )
-from kvjax.train.loop import LoopConfig, TrainResult, train
+from kvjax.train.loop import LoopConfig, TrainResult, check_learning_rate, train
 
 RUN_JSON = "locret_run.json"
+# Settings a resumed run may change (each change recorded in RUN_JSON); any other change is refused.
+RESUMABLE = frozenset({"lr", "warmup", "b1", "b2", "weight_decay", "clip", "steps", "checkpoint_every", "chunk"})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,9 +76,13 @@ class LocretHeadConfig:
     def __post_init__(self):
         if self.steps < 1 or not 0 <= self.warmup <= self.steps:
             raise ValueError(f"need steps >= 1 and 0 <= warmup <= steps; got steps {self.steps}, warmup {self.warmup}")
-        if self.lr <= 0 or self.clip <= 0 or self.smoothness < 0 or self.weight_decay < 0:
+        check_learning_rate(self.lr)
+        finite = [self.clip, self.smoothness, self.weight_decay, self.b1, self.b2]
+        if not all(math.isfinite(x) for x in finite) or not (0 <= self.b1 < 1 and 0 <= self.b2 < 1):
+            raise ValueError(f"need finite clip, smoothness, weight_decay and b1, b2 in [0, 1); got {finite}")
+        if self.clip <= 0 or self.smoothness < 0 or self.weight_decay < 0:
             raise ValueError(
-                f"need lr > 0, clip > 0, smoothness >= 0, weight_decay >= 0; got {self.lr}, {self.clip}, "
+                f"need clip > 0, smoothness >= 0, weight_decay >= 0; got {self.clip}, "
                 f"{self.smoothness}, {self.weight_decay}"
             )
         if self.hidden < 1:
@@ -283,10 +290,6 @@ def train_locret_heads(
     out.mkdir(parents=True, exist_ok=True)
     record = {"method": "locret", "model": model.name, **dataclasses.asdict(config)}
     record["tasks"] = list(config.tasks)
-    run_file = out / RUN_JSON
-    if run_file.is_file() and json.loads(run_file.read_text()) != record:
-        raise ValueError(f"{out} holds a Locret run with other settings ({run_file}); use another --out")
-    run_file.write_text(json.dumps(record, indent=1))
     heads = random_retaining_heads(model.config, config.hidden, config.seed)
     pad = model.tokenizer.padding_id()
     params = model.params
@@ -308,8 +311,12 @@ def train_locret_heads(
             description="train-gates locret",
         ),
         out,
+        record=record,
+        record_file=RUN_JSON,
+        fixed=set(record) - RESUMABLE,
     )
     trained = {k: np.asarray(v, np.float32) for k, v in result.params.items()}
+    record = json.loads((out / RUN_JSON).read_text())  # with what each resume changed
     last = result.history[-1]["loss"] if result.history else None
     save_retaining_heads(
         out, trained, model.config, {"model": model.name, "step": result.step, "final_loss": last, "training": record}
