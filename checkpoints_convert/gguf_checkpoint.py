@@ -15,7 +15,7 @@ import numpy as np
 
 from checkpoints_convert.convert import _DTYPES, ConversionError, _nest
 from checkpoints_convert.weight_map import hf_targets
-from kvjax.checkpoint import save_checkpoint
+from kvjax.checkpoint import check_output_dir, save_checkpoint
 from kvjax.config import ModelConfig, RopeConfig, UnsupportedModelError
 
 GGUF_MAGIC = b"GGUF"
@@ -397,8 +397,10 @@ def convert_gguf(gguf_path, out_dir, dtype: str | None = None, progress: bool = 
     from tqdm import tqdm
 
     path, out_dir = Path(gguf_path), Path(out_dir)
-    if out_dir.exists():
-        raise ConversionError(f"{out_dir} already exists; refusing to overwrite it")
+    try:
+        check_output_dir(out_dir)  # before any tensor is read
+    except OSError as err:
+        raise ConversionError(str(err)) from None
     if not path.is_file():
         raise ConversionError(f"{path} is not a file")
     dtype = dtype or "float32"
@@ -414,15 +416,19 @@ def convert_gguf(gguf_path, out_dir, dtype: str | None = None, progress: bool = 
     with tempfile.TemporaryDirectory(prefix="kvjax-gguf-tokenizer-") as tmp:
         tokenizer_files = write_gguf_tokenizer(reader, path, Path(tmp))  # its errors before the long part
         arrays: dict[tuple, np.ndarray] = {}
-        for t in tqdm(reader.tensors, desc="dequantizing", unit="tensor", disable=not progress):
-            w = _dequantized(t)
-            if t.name.endswith("attn_q.weight"):
-                w = unpermute_rows(w, config.num_heads)
-            elif t.name.endswith("attn_k.weight"):
-                w = unpermute_rows(w, config.num_kv_heads)
-            for target, value in hf_targets(config, _hf_name(t.name), w):
-                arrays[target] = np.ascontiguousarray(value, dtype=storage)
-            del w
+        bar = tqdm(reader.tensors, desc="dequantizing", unit="tensor", disable=not progress)
+        try:  # closed before an error propagates, so its last redraw cannot follow the message
+            for t in bar:
+                w = _dequantized(t)
+                if t.name.endswith("attn_q.weight"):
+                    w = unpermute_rows(w, config.num_heads)
+                elif t.name.endswith("attn_k.weight"):
+                    w = unpermute_rows(w, config.num_kv_heads)
+                for target, value in hf_targets(config, _hf_name(t.name), w):
+                    arrays[target] = np.ascontiguousarray(value, dtype=storage)
+                del w
+        finally:
+            bar.close()
         return save_checkpoint(
             out_dir,
             config,

@@ -23,6 +23,25 @@ _DTYPES = {
 }
 
 
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _check_entry(file: str, name: str, entry) -> None:
+    """One header entry: {"dtype": a known dtype, "shape": [n, ...], "data_offsets": [begin, end]}."""
+    if not isinstance(entry, dict):
+        raise ValueError(f"{file}: tensor {name!r} is described by a {type(entry).__name__}, not an object")
+    if not isinstance(entry.get("dtype"), str) or entry["dtype"] not in _DTYPES:
+        raise ValueError(f"{file}: tensor {name!r} has unsupported dtype {entry.get('dtype')!r}")
+    shape, offsets = entry.get("shape"), entry.get("data_offsets")
+    if not isinstance(shape, list) or not all(_is_int(n) and n >= 0 for n in shape):
+        raise ValueError(f"{file}: tensor {name!r} has no valid shape (a list of sizes); got {shape!r}")
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_int(n) for n in offsets)):
+        raise ValueError(f"{file}: tensor {name!r} has no valid data_offsets ([begin, end]); got {offsets!r}")
+    if not 0 <= offsets[0] <= offsets[1]:
+        raise ValueError(f"{file}: tensor {name!r} has data_offsets {offsets} out of order")
+
+
 class SafetensorsFile:
     """Index of one file's tensors (name -> dtype, shape, byte range) over a read-only memory map."""
 
@@ -40,12 +59,15 @@ class SafetensorsFile:
                 header = json.loads(f.read(header_len))
             except (UnicodeDecodeError, json.JSONDecodeError) as err:
                 raise ValueError(f"{self.path.name}: corrupted safetensors header ({err})") from err
+        if not isinstance(header, dict):
+            raise ValueError(
+                f"{self.path.name}: the safetensors header must be a JSON object; got a {type(header).__name__}"
+            )
         header.pop("__metadata__", None)
         self._data_start = 8 + header_len
         self._entries = header
         for name, entry in header.items():
-            if entry.get("dtype") not in _DTYPES:
-                raise ValueError(f"{self.path.name}: tensor {name!r} has unsupported dtype {entry.get('dtype')}")
+            _check_entry(self.path.name, name, entry)
             begin, end = entry["data_offsets"]
             expected = int(np.prod(entry["shape"], dtype=np.int64)) * np.dtype(_DTYPES[entry["dtype"]]).itemsize
             if end - begin != expected or self._data_start + end > size:

@@ -73,3 +73,42 @@ def hf_targets(cfg: ModelConfig, name: str, w: np.ndarray) -> Iterator[Target]:
         yield from _layer_targets(cfg, int(match.group(1)), match.group(2), w)
     else:
         raise KeyError(name)
+
+
+def hf_shape(cfg: ModelConfig, name: str) -> tuple[int, ...] | None:
+    """The shape a Hugging Face tensor of this name has in a checkpoint of `cfg` (None: a name kvjax does
+    not know, left to `hf_targets`). Checked before any reshaping, so a wrong shape is reported as found."""
+    h, k, d, f, e, v = (
+        cfg.num_heads,
+        cfg.num_kv_heads,
+        cfg.head_dim,
+        cfg.intermediate_size,
+        cfg.hidden_size,
+        cfg.vocab_size,
+    )
+    top = {"model.embed_tokens.weight": (v, e), "model.norm.weight": (e,), "lm_head.weight": (v, e)}
+    if name in top:
+        return top[name]
+    match = _LAYER.match(name)
+    if not match or int(match.group(1)) >= cfg.num_layers:
+        return None
+    return {
+        "input_layernorm.weight": (e,),
+        "post_attention_layernorm.weight": (e,),
+        "self_attn.q_proj.weight": (h * d, e),
+        "self_attn.k_proj.weight": (k * d, e),
+        "self_attn.v_proj.weight": (k * d, e),
+        "self_attn.o_proj.weight": (e, h * d),
+        "self_attn.q_proj.bias": (h * d,),
+        "self_attn.k_proj.bias": (k * d,),
+        "self_attn.v_proj.bias": (k * d,),
+        "self_attn.o_proj.bias": (e,),
+        "self_attn.qkv_proj.weight": ((h + 2 * k) * d, e),
+        "mlp.gate_proj.weight": (f, e),
+        "mlp.up_proj.weight": (f, e),
+        "mlp.down_proj.weight": (e, f),
+        "mlp.gate_proj.bias": (f,),
+        "mlp.up_proj.bias": (f,),
+        "mlp.down_proj.bias": (e,),
+        "mlp.gate_up_proj.weight": (2 * f, e),
+    }.get(match.group(2))

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import shutil
-import tempfile
+import socket
+import sys
 from pathlib import Path
 
 import jax
@@ -13,7 +15,7 @@ import jax.numpy as jnp
 import orbax.checkpoint as ocp
 from flax import nnx
 
-from kvjax.config import ModelConfig
+from kvjax.config import ModelConfig, read_json
 from kvjax.language_model import LanguageModel, abstract_model
 from kvjax.sharding import param_shardings
 from kvjax.tokenizer import Tokenizer
@@ -33,6 +35,55 @@ def bundled_models() -> list[str]:
     return sorted(p.name for p in BUNDLED_DIR.iterdir() if (p / "kvjax.json").is_file())
 
 
+def check_output_dir(directory: str | os.PathLike) -> Path:
+    """`directory` made absolute, after checking it does not exist yet and could be created: called before
+    any long work (reading weights, training), so that a run never fails only at its end. Staging folders
+    that an interrupted earlier write to it left behind are removed here (and the removal reported)."""
+    directory = Path(directory).absolute()
+    if directory.exists() or directory.is_symlink():
+        raise FileExistsError(f"{directory} already exists; refusing to overwrite it")
+    existing = directory.parent
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise NotADirectoryError(f"cannot create {directory}: {existing} is not a directory")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise PermissionError(f"cannot create {directory}: {existing} is not writable")
+    if directory.parent.is_dir():
+        _remove_stale_staging(directory)
+    return directory
+
+
+_STAGING = ".{name}.partial-"  # + host-pid-random: where a checkpoint is written before its rename
+
+
+def _remove_stale_staging(directory: Path) -> None:
+    """Removes the staging folders a killed write to `directory` left behind (as large as a checkpoint, and
+    hidden), saying so; a staging folder of a process still running on this host is left alone, and so is
+    one from another host (it may be running there)."""
+    prefix = _STAGING.format(name=directory.name)
+    host = socket.gethostname()
+    for path in directory.parent.glob(prefix + "*"):
+        if path.is_symlink() or not path.is_dir():
+            continue
+        parts = path.name[len(prefix) :].rsplit("-", 2)  # host, pid, random; older kvjax: random only
+        if len(parts) == 3 and parts[1].isdigit() and (parts[0] != host or _running(int(parts[1]))):
+            continue
+        size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file() and not f.is_symlink())
+        shutil.rmtree(path, ignore_errors=True)
+        print(f"removed {path}: the staging folder of an interrupted write ({size / 2**20:.1f} MiB)", file=sys.stderr)
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
 def save_checkpoint(
     directory: Path,
     config: ModelConfig,
@@ -44,11 +95,11 @@ def save_checkpoint(
 
     `params` is a pure dict (`nnx.to_pure_dict`) of arrays. Nothing is left at `directory` on failure.
     """
-    directory = Path(directory).absolute()
-    if directory.exists():
-        raise FileExistsError(f"{directory} already exists; refusing to overwrite it")
+    directory = check_output_dir(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.partial-", dir=directory.parent))
+    name = f"{_STAGING.format(name=directory.name)}{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(4)}"
+    staging = directory.parent / name
+    staging.mkdir()  # under the user's umask, as the renamed checkpoint will be (mkdtemp would make it 0700)
     try:
         checkpointer = ocp.StandardCheckpointer()
         checkpointer.save(staging / "params", params)
@@ -101,8 +152,12 @@ def load(path_or_name: str | os.PathLike, dtype=jnp.bfloat16, mesh: jax.sharding
     so a model larger than one accelerator's memory loads straight onto several.
     """
     directory = resolve(path_or_name)
-    info = json.loads((directory / "kvjax.json").read_text())
-    if info.get("format") != FORMAT:
+    try:
+        info = read_json(directory / "kvjax.json")
+    except (OSError, ValueError) as err:
+        raise CheckpointError(str(err)) from err
+    if not isinstance(info, dict) or info.get("format") != FORMAT:
+        info = info if isinstance(info, dict) else {}
         raise CheckpointError(f"{directory}: unknown checkpoint format {info.get('format')!r}; expected {FORMAT}")
     try:
         config = ModelConfig.from_json((directory / "config.json").read_text())

@@ -528,7 +528,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
         args.run(args)
-    except (ValueError, FileNotFoundError, FileExistsError) as err:
+    except (ValueError, OSError) as err:  # OSError: FileNotFoundError, FileExistsError, PermissionError, ...
         print(f"kvjax {args.command}: error: {err}", file=sys.stderr)
         return 2
     return 0

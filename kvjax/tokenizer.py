@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import jinja2
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer as _HFTokenizer
+
+from kvjax.config import read_json
 
 # Files copied from a Hugging Face checkpoint next to the weights.
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
@@ -17,15 +18,30 @@ class Tokenizer:
     """Encodes and decodes text; renders chat messages with the checkpoint's own template."""
 
     def __init__(self, directory: Path):
+        """Reads the tokenizer files of `directory`; a file that cannot be used raises ValueError naming it."""
         directory = Path(directory)
-        self._tok = _HFTokenizer.from_file(str(directory / "tokenizer.json"))
+        try:
+            self._tok = _HFTokenizer.from_file(str(directory / "tokenizer.json"))
+        except Exception as err:  # tokenizers raises its own Exception type for any unreadable file
+            raise ValueError(f"{directory / 'tokenizer.json'} is not a usable tokenizer ({err})") from None
         config_file = directory / "tokenizer_config.json"
-        self.config = json.loads(config_file.read_text()) if config_file.is_file() else {}
+        self.config = read_json(config_file) if config_file.is_file() else {}
+        if not isinstance(self.config, dict):
+            raise ValueError(f"{config_file} must hold a JSON object; got a {type(self.config).__name__}")
         template_file = directory / "chat_template.jinja"
         template = template_file.read_text() if template_file.is_file() else self.config.get("chat_template")
         if isinstance(template, list):  # [{"name": "default", "template": ...}, ...]
-            template = next((t["template"] for t in template if t.get("name") == "default"), None)
+            template = next(
+                (t.get("template") for t in template if isinstance(t, dict) and t.get("name") == "default"), None
+            )
+        if template is not None and not isinstance(template, str):
+            raise ValueError(f"{directory}: the chat template must be a string; got {type(template).__name__}")
         self.chat_template: str | None = template
+        if template:
+            try:
+                self._environment().parse(template)
+            except jinja2.TemplateError as err:
+                raise ValueError(f"{directory}: the chat template does not parse ({err})") from None
 
     @property
     def vocab_size(self) -> int:
@@ -56,18 +72,29 @@ class Tokenizer:
         """The prompt text for a conversation, rendered in a sandbox as transformers does."""
         if not self.chat_template:
             raise ValueError("this checkpoint's tokenizer has no chat template")
+        try:
+            return (
+                self._environment()
+                .from_string(self.chat_template)
+                .render(
+                    messages=messages,
+                    add_generation_prompt=add_generation_prompt,
+                    bos_token=self._special("bos_token") or "",
+                    eos_token=self._special("eos_token") or "",
+                )
+            )
+        except jinja2.TemplateError as err:  # raise_exception(...) in the template, or a template error
+            raise ValueError(f"the checkpoint's chat template refused these messages: {err}") from None
+
+    @staticmethod
+    def _environment() -> ImmutableSandboxedEnvironment:
         env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
 
         def raise_exception(message):
             raise jinja2.exceptions.TemplateError(message)
 
         env.globals["raise_exception"] = raise_exception
-        return env.from_string(self.chat_template).render(
-            messages=messages,
-            add_generation_prompt=add_generation_prompt,
-            bos_token=self._special("bos_token") or "",
-            eos_token=self._special("eos_token") or "",
-        )
+        return env
 
     def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
         """Template-rendered conversation to ids; the template already holds the special tokens."""

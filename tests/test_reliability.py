@@ -5,6 +5,9 @@ inputs."""
 from __future__ import annotations
 
 import json
+import re
+import shutil
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -87,3 +90,213 @@ def test_a_nan_stopped_run_keeps_a_finite_checkpoint_and_resumes_with_a_sane_lr(
     for bad in (0, -1e-3, float("nan"), float("inf"), "1e-3", True):
         with pytest.raises(ValueError, match="learning rate"):
             check_learning_rate(bad)
+
+
+# ------------------------------------------------------------------------------------------------
+# Conversion: a tiny Hugging Face folder written by hand (no transformers, no network)
+# ------------------------------------------------------------------------------------------------
+
+HF_CONFIG = {
+    "architectures": ["LlamaForCausalLM"],
+    "model_type": "llama",
+    "vocab_size": 259,
+    "hidden_size": 16,
+    "intermediate_size": 32,
+    "num_hidden_layers": 1,
+    "num_attention_heads": 2,
+    "num_key_value_heads": 1,
+    "head_dim": 8,
+    "max_position_embeddings": 256,
+    "rms_norm_eps": 1e-5,
+    "rope_theta": 10000.0,
+    "tie_word_embeddings": True,
+    "torch_dtype": "float32",
+}
+
+
+def write_safetensors(path, tensors: dict[str, np.ndarray], header: dict | list | None = None) -> None:
+    """A .safetensors file; `header` replaces the one the tensors imply (to write malformed files)."""
+    import struct
+
+    entries, offset, blobs = {}, 0, []
+    for name, array in tensors.items():
+        data = np.ascontiguousarray(array, np.float32).tobytes()
+        entries[name] = {"dtype": "F32", "shape": list(array.shape), "data_offsets": [offset, offset + len(data)]}
+        offset += len(data)
+        blobs.append(data)
+    raw = json.dumps(entries if header is None else header).encode()
+    path.write_bytes(struct.pack("<Q", len(raw)) + raw + b"".join(blobs))
+
+
+def hf_tensors(config: dict = HF_CONFIG) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(0)
+    v, e, f = config["vocab_size"], config["hidden_size"], config["intermediate_size"]
+    h, k, d = config["num_attention_heads"], config["num_key_value_heads"], config["head_dim"]
+    shapes = {
+        "model.embed_tokens.weight": (v, e),
+        "model.norm.weight": (e,),
+        "model.layers.0.input_layernorm.weight": (e,),
+        "model.layers.0.post_attention_layernorm.weight": (e,),
+        "model.layers.0.self_attn.q_proj.weight": (h * d, e),
+        "model.layers.0.self_attn.k_proj.weight": (k * d, e),
+        "model.layers.0.self_attn.v_proj.weight": (k * d, e),
+        "model.layers.0.self_attn.o_proj.weight": (e, h * d),
+        "model.layers.0.mlp.gate_proj.weight": (f, e),
+        "model.layers.0.mlp.up_proj.weight": (f, e),
+        "model.layers.0.mlp.down_proj.weight": (e, f),
+    }
+    return {name: 0.1 * rng.standard_normal(shape).astype(np.float32) for name, shape in shapes.items()}
+
+
+def write_hf_dir(path, config: dict | list | None = None, tensors: dict | None = None):
+    """A convertible Hugging Face folder: config.json, model.safetensors, the byte tokenizer."""
+    from kvjax.train.byte_tokenizer import write_byte_tokenizer
+
+    path.mkdir(parents=True)
+    (path / "config.json").write_text(json.dumps(HF_CONFIG if config is None else config))
+    write_safetensors(path / "model.safetensors", hf_tensors() if tensors is None else tensors)
+    write_byte_tokenizer(path)
+    return path
+
+
+def convert_cli(capsys, *argv) -> tuple[int, str]:
+    """(exit status, stderr) of `kvjax convert ARGV`."""
+    from kvjax.cli import main
+
+    capsys.readouterr()
+    code = main(["convert", *map(str, argv)])
+    return code, capsys.readouterr().err
+
+
+def test_convert_failures_are_one_line_errors_naming_the_problem(tmp_path, capsys, monkeypatch):
+    good = write_hf_dir(tmp_path / "good")
+    cases = {  # what to break -> what the message must name
+        "header_list": (lambda d: write_safetensors(d / "model.safetensors", {}, header=[1, 2]), "JSON object"),
+        "no_offsets": (
+            lambda d: write_safetensors(d / "model.safetensors", {}, header={"w": {"dtype": "F32", "shape": [2]}}),
+            "data_offsets",
+        ),
+        "hidden_str": (lambda d: _edit_config(d, hidden_size="32"), "hidden_size must be an integer"),
+        "heads_zero": (lambda d: _edit_config(d, num_attention_heads=0), "num_attention_heads must be an integer >= 1"),
+        "config_list": (lambda d: (d / "config.json").write_text("[1, 2]"), "JSON object"),
+        "config_bad_json": (lambda d: (d / "config.json").write_text("{"), r"config\.json is not valid JSON"),
+        "index_bad_json": (
+            lambda d: (d / "model.safetensors.index.json").write_text("{nope"),
+            r"model\.safetensors\.index\.json is not valid JSON",
+        ),
+        "rope_string": (lambda d: _edit_config(d, rope_scaling="linear"), "rope_scaling must be an object"),
+        "garbage_tokenizer": (lambda d: (d / "tokenizer.json").write_text('{"model": 3}'), "not a usable tokenizer"),
+        "bad_template": (
+            lambda d: _edit_json(d / "tokenizer_config.json", chat_template="{% if %}"),
+            "chat template does not parse",
+        ),
+        "transposed_head": (
+            lambda d: write_safetensors(
+                d / "model.safetensors", {**hf_tensors(), "model.embed_tokens.weight": np.zeros((16, 259))}
+            ),
+            r"'model\.embed_tokens\.weight'.*shape \(16, 259\); the config implies \(259, 16\)",
+        ),
+    }
+    for name, (damage, message) in cases.items():
+        source = shutil.copytree(good, tmp_path / name)
+        damage(source)
+        code, err = convert_cli(capsys, source, tmp_path / f"{name}-out")
+        lines = err.strip().splitlines()
+        assert code == 2 and re.search(message, lines[-1]), (name, err)
+        assert lines[-1].startswith("kvjax convert: error:") and "Traceback" not in err, (name, err)
+        assert not (tmp_path / f"{name}-out").exists()
+    # An output that cannot be written is refused before any weight is read.
+    (tmp_path / "a_file").write_text("")
+    read = []
+    monkeypatch.setattr(sys.modules["checkpoints_convert.convert"], "_weight_files", lambda d: read.append(d))
+    code, err = convert_cli(capsys, good, tmp_path / "a_file" / "out")
+    assert code == 2 and "not a directory" in err and not read
+    monkeypatch.setattr("os.access", lambda path, mode: False)
+    code, err = convert_cli(capsys, good, tmp_path / "new" / "out")
+    assert code == 2 and "not writable" in err and not read
+    monkeypatch.undo()
+    # With the progress bar on, the error is the last line printed (the bar does not redraw after it).
+    from kvjax.cli import main
+
+    broken = shutil.copytree(good, tmp_path / "late")
+    write_safetensors(broken / "model.safetensors", {**hf_tensors(), "model.layers.0.extra": np.zeros(2)})
+    capsys.readouterr()
+    assert main(["convert", str(broken), str(tmp_path / "late-out")]) == 2
+    assert re.match(r"kvjax convert: error: unexpected tensor", capsys.readouterr().err.strip().splitlines()[-1])
+
+
+def test_chat_template_raise_exception_is_a_clear_error(tmp_path, capsys):
+    from kvjax.tokenizer import Tokenizer
+
+    source = write_hf_dir(tmp_path / "hf")
+    _edit_json(source / "tokenizer_config.json", chat_template="{{ raise_exception('only user turns, please') }}")
+    with pytest.raises(ValueError, match="chat template refused these messages: only user turns, please"):
+        Tokenizer(source).encode_chat([{"role": "user", "content": "hi"}])
+
+
+def _edit_json(path, **changes) -> None:
+    data = json.loads(path.read_text())
+    data.update(changes)
+    path.write_text(json.dumps(data))
+
+
+def _edit_config(hf_dir, **changes) -> None:
+    _edit_json(hf_dir / "config.json", **changes)
+
+
+def test_nothing_is_read_from_outside_the_source_folder(tmp_path, capsys):
+    outside = tmp_path / "outside.safetensors"
+    write_safetensors(outside, hf_tensors())
+    good = write_hf_dir(tmp_path / "good")
+    for shard in ("../outside.safetensors", str(outside), "/etc/passwd"):
+        source = shutil.copytree(good, tmp_path / f"index{len(shard)}")
+        (source / "model.safetensors").unlink()
+        weight_map = {name: shard for name in hf_tensors()}
+        (source / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+        code, err = convert_cli(capsys, source, tmp_path / "out")
+        assert code == 2 and "outside" in err and "refusing to read it" in err, err
+    # A tokenizer file (or a weight file) that links outside the folder is refused...
+    secret = tmp_path / "secret.txt"
+    secret.write_text("root:x:0:0")
+    for name in ("tokenizer_config.json", "model.safetensors"):
+        source = shutil.copytree(good, tmp_path / f"link-{name}")
+        (source / name).unlink()
+        (source / name).symlink_to(secret)
+        code, err = convert_cli(capsys, source, tmp_path / "out")
+        assert code == 2 and f"{name} is a link to {secret}" in err and "root:x" not in err, err
+    # ... but a Hugging Face cache's snapshots/REV/FILE -> ../../blobs/HASH is the normal layout.
+    repo = tmp_path / "models--org--tiny"
+    snapshot = repo / "snapshots" / "abc123"
+    snapshot.mkdir(parents=True)
+    (repo / "blobs").mkdir()
+    for file in good.iterdir():
+        blob = repo / "blobs" / f"hash-{file.name}"
+        shutil.copyfile(file, blob)
+        (snapshot / file.name).symlink_to(f"../../blobs/{blob.name}")
+    code, err = convert_cli(capsys, snapshot, tmp_path / "from-cache")
+    assert code == 0, err
+    # The converted folder gets the user's umask, not mkdtemp's 0700.
+    import os
+
+    umask = os.umask(0o022)
+    try:
+        assert convert_cli(capsys, good, tmp_path / "shared")[0] == 0
+    finally:
+        os.umask(umask)
+    assert (tmp_path / "shared").stat().st_mode & 0o777 == 0o755
+    assert (tmp_path / "shared" / "config.json").stat().st_mode & 0o777 == 0o644
+
+
+def test_a_killed_conversion_leaves_nothing_that_a_rerun_does_not_remove(tmp_path, capsys):
+    import os
+    import socket
+
+    good = write_hf_dir(tmp_path / "hf")
+    stale = [tmp_path / ".out.partial-k2j4_x9a", tmp_path / f".out.partial-{socket.gethostname()}-999999999-ab12"]
+    running = tmp_path / f".out.partial-{socket.gethostname()}-{os.getpid()}-cd34"  # still being written
+    for folder in (*stale, running):
+        (folder / "params").mkdir(parents=True)
+        (folder / "params" / "blob").write_bytes(b"\0" * 4096)
+    code, err = convert_cli(capsys, good, tmp_path / "out")
+    assert code == 0 and not any(p.exists() for p in stale) and running.is_dir()
+    assert all(f"removed {p}: the staging folder of an interrupted write" in err for p in stale)
