@@ -116,7 +116,30 @@ def _lengths(text: str) -> tuple[int, ...]:
     return tuple(parse_length(x) for x in text.split(",") if x.strip())
 
 
+def _check_out(out: str, results: tuple[str, ...], overwrite: bool) -> None:
+    """Refuses, before any work, an --out that is a file, an unwritable place, or a folder already holding
+    `results` (unless --overwrite): a finished run must never fail at its end or silently replace results."""
+    import os
+    from pathlib import Path
+
+    path = Path(out)
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"--out {out} is a file, not a folder for the results")
+    held = [name for name in results if (path / name).exists()]
+    if held and not overwrite:
+        raise FileExistsError(
+            f"--out {out} already holds results ({', '.join(held)}); pass --overwrite to replace them "
+            "or choose another --out"
+        )
+    existing = path
+    while not existing.exists():  # the nearest folder that exists is where --out gets created
+        existing = existing.parent
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(f"--out {out}: cannot write under {existing}")
+
+
 def _eval(args) -> None:
+    _check_out(args.out, ("results.json", "results.csv", "samples.json"), args.overwrite)
     from kvjax.eval.harness import EvalConfig, format_table, run_eval, write_results
 
     config = EvalConfig(
@@ -139,6 +162,7 @@ def _eval(args) -> None:
 
 
 def _bench(args) -> None:
+    _check_out(args.out, ("bench.json",), args.overwrite)
     from kvjax.eval.harness import format_table
     from kvjax.eval.speed import BENCH_COLUMNS, BenchConfig, run_bench, write_bench
 
@@ -385,9 +409,13 @@ def parser() -> argparse.ArgumentParser:
     )
     ev.add_argument("--max-new-tokens", type=int, default=None, help="default: each task's own")
     ev.add_argument(
-        "--batch-size", type=int, default=None, help="prompts per batch (default: as many as half the free memory holds)"
+        "--batch-size",
+        type=int,
+        default=None,
+        help="prompts per batch (default: as many as half the free memory holds)",
     )
     ev.add_argument("--out", default="kvjax-eval", help="folder for results.json, results.csv and plots")
+    ev.add_argument("--overwrite", action="store_true", help="replace the results already in --out")
     ev.add_argument("--overwrite", action="store_true", help="replace the results already in --out")
     ev.add_argument("--no-timing", action="store_true", help="skip the separate prefill/decode timing runs")
     ev.add_argument(
@@ -407,6 +435,7 @@ def parser() -> argparse.ArgumentParser:
     bench.add_argument("--new-tokens", type=int, default=32, help="decode steps timed per run")
     bench.add_argument("--repeats", type=int, default=3, help="timed runs after the compiling one (median reported)")
     bench.add_argument("--out", default="kvjax-bench", help="folder for bench.json and bench.png")
+    bench.add_argument("--overwrite", action="store_true", help="replace the results already in --out")
     bench.set_defaults(run=_bench)
 
     tr = sub.add_parser("train-lm", help="train a small long-context model on the tasks plus plain text")

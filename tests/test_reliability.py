@@ -300,3 +300,22 @@ def test_a_killed_conversion_leaves_nothing_that_a_rerun_does_not_remove(tmp_pat
     code, err = convert_cli(capsys, good, tmp_path / "out")
     assert code == 0 and not any(p.exists() for p in stale) and running.is_dir()
     assert all(f"removed {p}: the staging folder of an interrupted write" in err for p in stale)
+
+
+def test_eval_and_bench_check_out_before_any_work(tmp_path, capsys):
+    from kvjax.cli import main
+
+    a_file = tmp_path / "results.txt"
+    a_file.write_text("")
+    done = tmp_path / "done"
+    done.mkdir()
+    for command, result in (("eval", "results.json"), ("bench", "bench.json")):
+        (done / result).write_text("[]")
+        base = [command, "--model", str(tmp_path / "no-model"), "--no-progress"]  # any work would fail on this
+        for out, message in ((a_file, "is a file, not a folder"), (done, f"already holds results \\({result}")):
+            capsys.readouterr()
+            assert main([*base, "--out", str(out)]) == 2
+            assert re.search(message, capsys.readouterr().err)
+        assert main([*base, "--out", str(done), "--overwrite"]) == 2  # gets past the check, to the model
+        assert "no kvjax checkpoint" in capsys.readouterr().err
+        assert (done / result).read_text() == "[]"
