@@ -25,16 +25,50 @@ DEFAULT_CHUNK = 512
 _BUCKET = 64  # prompt lengths are padded up to a multiple of this so nearby lengths share a compile
 
 
-def batch_prompts(tokens) -> tuple[np.ndarray, np.ndarray]:
-    """int32[B, T] right-padded tokens and int32[B] lengths from an array [B, T] / [T] or a ragged list."""
-    if isinstance(tokens, (list, tuple)) and tokens and isinstance(tokens[0], (list, tuple, np.ndarray)):
-        lengths = np.array([len(t) for t in tokens], np.int32)
-        out = np.zeros((len(tokens), max(lengths)), np.int32)
-        for row, t in zip(out, tokens):
+def check_count(name: str, value, minimum: int | None = 0) -> int:
+    """`value` as an int, when it is an integer (not a bool, not a float such as 2.5) of at least `minimum`."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+        raise ValueError(f"{name} must be an integer; got {value!r} ({type(value).__name__})")
+    if minimum is not None and value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}; got {value}")
+    return int(value)
+
+
+def token_ids(tokens, vocab_size: int | None, what: str = "token ids") -> np.ndarray:
+    """`tokens` as an int32 array after checking they are integers in [0, vocab_size): floats, bools and
+    out-of-range ids (which the embedding lookup would otherwise clamp silently) raise ValueError.
+    A jax.Array is read back to the host for the check."""
+    try:
+        array = np.asarray(tokens)
+    except ValueError as err:  # ragged nesting
+        raise ValueError(f"{what} must be a rectangular array of integers ({err})") from None
+    if array.dtype == object or array.dtype.kind not in "iu":
+        if array.size == 0 and array.dtype.kind == "f":  # np.asarray([]) is float64
+            array = array.astype(np.int32)
+        else:
+            raise ValueError(f"{what} must be integers; got dtype {array.dtype} (floats and bools are not token ids)")
+    if vocab_size is not None and array.size:
+        low, high = int(array.min()), int(array.max())
+        if low < 0 or high >= vocab_size:
+            bad = low if low < 0 else high
+            raise ValueError(f"{what} must lie in [0, {vocab_size}) (the model's vocabulary); got {bad}")
+    return array.astype(np.int32)
+
+
+def batch_prompts(tokens, vocab_size: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """int32[B, T] right-padded tokens and int32[B] lengths from an array [B, T] / [T] or a ragged list;
+    with `vocab_size`, every id must lie in [0, vocab_size) (`token_ids`)."""
+    if isinstance(tokens, (list, tuple)) and tokens and isinstance(tokens[0], (list, tuple, np.ndarray, jax.Array)):
+        rows = [token_ids(t, vocab_size, "prompt token ids") for t in tokens]
+        if any(row.ndim != 1 for row in rows):
+            raise ValueError(f"a ragged batch is a list of 1-D prompts; got shapes {[row.shape for row in rows]}")
+        lengths = np.array([len(t) for t in rows], np.int32)
+        out = np.zeros((len(rows), max(lengths)), np.int32)
+        for row, t in zip(out, rows):
             row[: len(t)] = t
         tokens = out
     else:
-        tokens = np.asarray(tokens, np.int32)
+        tokens = token_ids(tokens, vocab_size, "prompt token ids")
         tokens = tokens[None] if tokens.ndim == 1 else tokens
         if tokens.ndim != 2:
             raise ValueError(f"tokens must be int32[B, T] or [T]; got shape {tokens.shape}")
@@ -73,10 +107,12 @@ def _logits(graphdef, params, tokens):
 @on_model_mesh
 def logits(m: LanguageModel, tokens) -> jax.Array:
     """float32[B, T, V] logits of a full causal forward over int32[B, T] tokens (no cache)."""
-    tokens = jnp.asarray(tokens, jnp.int32)
+    tokens = token_ids(tokens, m.config.vocab_size)
     tokens = tokens[None] if tokens.ndim == 1 else tokens
+    if tokens.ndim != 2 or tokens.shape[1] < 1:
+        raise ValueError(f"tokens must be int32[B, T] or [T] with T >= 1; got shape {tokens.shape}")
     _check_context(m, tokens.shape[1])
-    return _logits(m.graphdef, m.params, tokens)
+    return _logits(m.graphdef, m.params, jnp.asarray(tokens))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -138,10 +174,10 @@ def _prefill(
     return constrain_state(state), model.logits(last_hidden)
 
 
-def _prompt_batch(tokens, lengths) -> tuple[np.ndarray, np.ndarray]:
-    """Right-padded int32[B, T] prompts and validated int32[B] lengths."""
-    tokens, given = batch_prompts(tokens)
-    lengths = given if lengths is None else np.asarray(lengths, np.int32)
+def _prompt_batch(tokens, lengths, vocab_size: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Right-padded int32[B, T] prompts (ids checked against `vocab_size`) and validated int32[B] lengths."""
+    tokens, given = batch_prompts(tokens, vocab_size)
+    lengths = given if lengths is None else token_ids(lengths, None, "lengths")
     if lengths.shape != (tokens.shape[0],) or lengths.min() < 1 or lengths.max() > tokens.shape[1]:
         raise ValueError(f"lengths must be int32[B] within [1, {tokens.shape[1]}]; got {lengths}")
     return tokens, lengths
@@ -190,8 +226,11 @@ def prefill(
     `max_new_tokens` reserves room for that many decode steps in policies whose size grows.
     `attention_impl` and `scan_layers`: how it runs (`Execution`).
     """
+    max_new_tokens = check_count("max_new_tokens", max_new_tokens)
+    chunk_size = check_count("chunk_size", chunk_size, 1)
     run = Execution(attention_impl, scan_layers)
-    state, _ = _run_prefill(m, *_prompt_batch(tokens, lengths), policy, chunk_size, max_new_tokens, run)
+    prompts = _prompt_batch(tokens, lengths, m.config.vocab_size)
+    state, _ = _run_prefill(m, *prompts, policy, chunk_size, max_new_tokens, run)
     return state
 
 
@@ -217,6 +256,16 @@ def _forward_token(model, policy: Policy, state: KVState, token: jax.Array, run:
     return model.logits(hidden[:, 0]), constrain_state(new_state)
 
 
+def _step_tokens(m: LanguageModel, state: KVState, token) -> jax.Array:
+    """int32[B] tokens for one decode step of `state`, checked: integers in [0, vocab), one per row.
+    A token array on the device is read back for the check (one host sync per call)."""
+    ids = token_ids(token, m.config.vocab_size, "decode token ids")
+    ids = ids.reshape(1) if ids.ndim == 0 else ids
+    if ids.shape != (state.batch_size,):
+        raise ValueError(f"decode takes one token per sequence, int32[{state.batch_size}]; got shape {ids.shape}")
+    return jnp.asarray(ids)
+
+
 @functools.partial(jax.jit, static_argnames=("graphdef", "policy", "run"), donate_argnames=("state",))
 def _decode_step(graphdef, params, policy_params, state, token, *, policy, run):
     return _forward_token(nnx.merge(graphdef, params), bind_params(policy, policy_params), state, token, run)
@@ -235,9 +284,8 @@ def decode_step(
     """(float32[B, V] logits, new state) after feeding int32[B] tokens; the old state is donated."""
     run = Execution(attention_impl, scan_layers)
     policy, policy_params = split_params(_checked(m, policy))
-    return _decode_step(
-        m.graphdef, m.params, policy_params, state, jnp.asarray(token, jnp.int32), policy=policy, run=run
-    )
+    token = _step_tokens(m, state, token)
+    return _decode_step(m.graphdef, m.params, policy_params, state, token, policy=policy, run=run)
 
 
 @struct.dataclass(frozen=True)
@@ -324,12 +372,12 @@ def greedy_decode(
 ) -> jax.Array:
     """int32[B, steps]: greedy tokens after feeding int32[B] `token`, by generate's jitted decode loop
     with no EOS stop (so benchmarks time exactly `steps` steps); the state is donated."""
-    if steps < 1:
-        raise ValueError(f"steps must be >= 1; got {steps}")
+    steps = check_count("steps", steps, 1)
+    token = _step_tokens(m, state, token)
     run = Execution(attention_impl, scan_layers)
     policy, policy_params = split_params(_checked(m, policy))
     _check_context(m, int(jnp.max(state.length)) + steps)
-    loop = _open_loop(state, jnp.asarray(token, jnp.int32), steps)
+    loop = _open_loop(state, token, steps)
     no_eos, no_stop = jnp.asarray([-1], jnp.int32), jnp.int32(np.iinfo(np.int32).max)
     sampling = SamplingParams.create(loop.last.shape[0])
     return _decode(
@@ -368,10 +416,11 @@ def generate(
     `eos_token_id=None` uses the model's EOS ids; `()` disables stopping. `attention_impl` and
     `scan_layers`: how it runs (`Execution`).
     """
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be >= 1; got {max_new_tokens}")
+    max_new_tokens = check_count("max_new_tokens", max_new_tokens, 1)
+    chunk_size = check_count("chunk_size", chunk_size, 1)
+    seed = check_count("seed", seed, None)
     policy = _checked(m, policy)
-    prompts, lengths = _prompt_batch(tokens, lengths)
+    prompts, lengths = _prompt_batch(tokens, lengths, m.config.vocab_size)
     run = Execution(attention_impl, scan_layers)
     kv, logits = _run_prefill(m, prompts, lengths, policy, chunk_size, max_new_tokens, run)
     static_policy, policy_params = split_params(policy)

@@ -319,3 +319,109 @@ def test_eval_and_bench_check_out_before_any_work(tmp_path, capsys):
         assert main([*base, "--out", str(done), "--overwrite"]) == 2  # gets past the check, to the model
         assert "no kvjax checkpoint" in capsys.readouterr().err
         assert (done / result).read_text() == "[]"
+
+
+# ------------------------------------------------------------------------------------------------
+# Silently wrong results: token ids and counts
+# ------------------------------------------------------------------------------------------------
+
+
+def test_token_ids_and_counts_are_checked_on_every_path(tiny_model):
+    import kvjax
+
+    m, vocab = tiny_model, tiny_model.config.vocab_size
+    paths = {
+        "logits": lambda t: kvjax.logits(m, t),
+        "prefill": lambda t: kvjax.prefill(m, t),
+        "generate": lambda t: kvjax.generate(m, t, 2),
+    }
+    bad = {
+        "negative": ([[1, 2, -1]], r"must lie in \[0, 256\).*got -1"),
+        "too large": ([[1, 2, vocab]], r"must lie in \[0, 256\).*got 256"),
+        "floats": (np.array([[1.0, 2.0]]), "must be integers; got dtype float64"),
+        "bools": ([[True, False]], "must be integers; got dtype bool"),
+        "ragged floats": ([[1, 2], [3.5]], "integers"),
+    }
+    for path, run in paths.items():
+        for case, (tokens, message) in bad.items():
+            with pytest.raises(ValueError, match=message):
+                run(tokens)
+                pytest.fail(f"{path} took {case} token ids")
+    state = kvjax.prefill(m, [[1, 2, 3]], max_new_tokens=4)
+    for token, message in (
+        ([vocab + 3], "decode token ids must lie in"),
+        ([1.5], "must be integers"),
+        ([1, 2], "one token per sequence"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            kvjax.decode_step(m, state, token)
+    for count in (2.5, "3", True, np.float32(4)):
+        with pytest.raises(ValueError, match=r"max_new_tokens must be an integer"):
+            kvjax.generate(m, [[1, 2]], count)
+        with pytest.raises(ValueError, match=r"max_new_tokens must be an integer"):
+            kvjax.prefill(m, [[1, 2]], max_new_tokens=count)
+    with pytest.raises(ValueError, match="steps must be an integer"):
+        from kvjax.inference import greedy_decode
+
+        greedy_decode(m, state, [1], 2.0)
+    # Integers of any width are fine, and so is a device array of them.
+    out = kvjax.generate(m, np.array([[1, 2, 3]], np.int64), np.int64(2))
+    logits, state = kvjax.decode_step(m, state, out[:, 0])
+    assert logits.shape == (1, vocab)
+
+
+def test_malformed_inputs_fail_cleanly_or_work(tiny_model, tmp_path, capsys):
+    """A seeded property test (hypothesis is not installed): random malformed configs, safetensors headers and
+    token arrays each end in a clean ValueError, or in a correct result."""
+    import kvjax
+    from checkpoints_convert.safetensors_file import SafetensorsFile
+    from kvjax.config import ModelConfig, config_from_hf
+
+    rng = np.random.default_rng(45)
+    junk = [None, 0, -1, 1, 2, 3.5, float("nan"), float("inf"), "32", "", [], [1], {}, {"a": 1}, True, 10**12]
+
+    def mutate(value):
+        return junk[rng.integers(len(junk))] if rng.random() < 0.7 else value
+
+    for _ in range(300):  # configs
+        config = {k: mutate(v) if rng.random() < 0.3 else v for k, v in HF_CONFIG.items()}
+        if rng.random() < 0.3:
+            config["rope_scaling"] = mutate({"rope_type": "linear", "factor": 2.0})
+        if rng.random() < 0.05:
+            config = mutate(config)
+        try:
+            assert isinstance(config_from_hf(config), ModelConfig)
+        except ValueError:
+            pass
+    good = write_hf_dir(tmp_path / "hf")
+    for i in range(12):  # whole conversions from the command line: converted, or one `kvjax convert: error:` line
+        source = shutil.copytree(good, tmp_path / f"c{i}")
+        key = list(HF_CONFIG)[rng.integers(len(HF_CONFIG))]
+        _edit_config(source, **{key: mutate(HF_CONFIG[key])})
+        code, err = convert_cli(capsys, source, tmp_path / f"c{i}-out")
+        assert code == 0 or (code == 2 and err.strip().splitlines()[-1].startswith("kvjax convert: error:")), err
+    entry = {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}
+    for i in range(200):  # safetensors headers
+        header = {"w": {k: mutate(v) if rng.random() < 0.5 else v for k, v in entry.items()}}
+        header = mutate(header) if rng.random() < 0.1 else header
+        path = tmp_path / f"h{i}.safetensors"
+        write_safetensors(path, {}, header=header)
+        with open(path, "ab") as f:
+            f.write(np.arange(2, dtype=np.float32).tobytes())
+        try:
+            file = SafetensorsFile(path)
+            assert file.names() in ([], ["w"])  # a header may also be a valid empty one
+            if file.names():
+                np.testing.assert_array_equal(file.read("w"), [0.0, 1.0])
+        except ValueError:
+            pass
+    vocab = tiny_model.config.vocab_size
+    for _ in range(40):  # token arrays (a few shapes, so a few compiles)
+        dtype = [np.int32, np.int64, np.uint8, np.float32, np.bool_][rng.integers(5)]
+        tokens = rng.integers(-2, vocab + 2, size=(1, int(rng.integers(2, 4)))).astype(dtype)
+        valid = np.issubdtype(dtype, np.integer) and tokens.min() >= 0 and tokens.max() < vocab
+        try:
+            out = kvjax.logits(tiny_model, tokens)
+            assert valid and out.shape == (*tokens.shape, vocab)
+        except ValueError:
+            assert not valid
