@@ -66,6 +66,13 @@ class DataConfig:
 
     def __post_init__(self):
         shares = (self.text_fraction, self.copy_fraction, self.drill_fraction)
+        if not all(math.isfinite(x) for x in (*shares, self.prompt_loss_weight)) or self.prompt_loss_weight < 0:
+            raise ValueError(
+                f"the row shares and prompt_loss_weight must be finite, the weight >= 0; got {shares}, "
+                f"{self.prompt_loss_weight}"
+            )
+        if self.batch_size < 1 or self.min_len < 0:
+            raise ValueError(f"batch_size must be >= 1 and min_len >= 0; got {self.batch_size}, {self.min_len}")
         if min(shares) < 0.0 or sum(shares) > 1.0:
             raise ValueError(
                 f"text_fraction ({self.text_fraction}), copy_fraction ({self.copy_fraction}) and drill_fraction "
