@@ -140,7 +140,8 @@ def _check_out(out: str, results: tuple[str, ...], overwrite: bool) -> None:
 
 def _eval(args) -> None:
     _check_out(args.out, ("results.json", "results.csv", "samples.json"), args.overwrite)
-    from kvjax.eval.harness import EvalConfig, format_table, run_eval, write_results
+    from kvjax.eval.harness import EvalConfig, run_eval
+    from kvjax.eval.results import format_table, run_metadata, write_results
 
     config = EvalConfig(
         tasks=tuple(t.strip() for t in args.tasks.split(",") if t.strip()),
@@ -157,13 +158,13 @@ def _eval(args) -> None:
     m, runs = _model_and_runs(args)
     rows, samples = run_eval(m, runs, config, progress=not args.no_progress)
     print(format_table(rows))
-    for path in write_results(rows, samples, args.out):
+    for path in write_results(rows, samples, args.out, run_metadata(m.name, m.dtype)):
         print(f"wrote {path}")
 
 
 def _bench(args) -> None:
     _check_out(args.out, ("bench.json",), args.overwrite)
-    from kvjax.eval.harness import format_table
+    from kvjax.eval.results import format_table
     from kvjax.eval.speed import BENCH_COLUMNS, BenchConfig, run_bench, write_bench
 
     config = BenchConfig(
@@ -415,7 +416,6 @@ def parser() -> argparse.ArgumentParser:
         help="prompts per batch (default: as many as half the free memory holds)",
     )
     ev.add_argument("--out", default="kvjax-eval", help="folder for results.json, results.csv and plots")
-    ev.add_argument("--overwrite", action="store_true", help="replace the results already in --out")
     ev.add_argument("--overwrite", action="store_true", help="replace the results already in --out")
     ev.add_argument("--no-timing", action="store_true", help="skip the separate prefill/decode timing runs")
     ev.add_argument(

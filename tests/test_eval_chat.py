@@ -8,7 +8,8 @@ import pytest
 from flax import nnx
 
 import kvjax
-from kvjax.eval.harness import EvalConfig, format_table, run_eval
+from kvjax.eval.harness import EvalConfig, run_eval
+from kvjax.eval.results import format_table
 
 
 @pytest.fixture(scope="module")

@@ -8,6 +8,7 @@ import json
 
 import jax.numpy as jnp
 import pytest
+import yaml
 from flax import nnx
 
 import kvjax
@@ -118,18 +119,21 @@ def test_kvjax_eval_writes_results_csv_and_plots(tiny_checkpoint, tmp_path, caps
     )
     printed = capsys.readouterr().out
     assert rc == 0, printed
-    assert "streaming@96" in printed and "compression" in printed
-    rows = json.loads((out / "results.json").read_text())
+    assert "streaming@96" in printed and "kv_reduction" in printed
+    results = json.loads((out / "results.json").read_text())
+    meta, rows = results["metadata"], results["rows"]
+    assert meta["model"] == "model" and meta["dtype"] == "float32" and meta["backend"] == "cpu"
+    assert meta["command"].startswith("kvjax ") and meta["jax"] and meta["date"].endswith("+00:00")
     assert [r["policy"] for r in rows] == ["full", "streaming@96", "duoattention@96"]
     for r in rows:
         assert {"policy", "task", "length", "accuracy", "kv_bytes"} <= set(r)
         assert r["task"] == "niah_single" and r["length"] == 512 and 0.0 <= r["accuracy"] <= 1.0
         assert r["prefill_ms"] > 0 and r["decode_ms_per_token"] > 0
     full, streaming, duo = rows
-    assert full["compression_ratio"] == 1.0 and streaming["kv_bytes"] < full["kv_bytes"]
-    assert streaming["compression_ratio"] > 3  # 96 slots (+ spare, rounding) instead of ~512 + answer
+    assert full["kv_reduction_x"] == 1.0 and streaming["kv_bytes"] < full["kv_bytes"]
+    assert streaming["kv_reduction_x"] > 3  # 96 slots (+ spare, rounding) instead of ~512 + answer
     assert "retrieval_heads=((0,),), sink=64, recent=32" in duo["policy_repr"]  # the gates' split, the budget
-    assert 1.3 < duo["compression_ratio"] < 2  # one head of two keeps everything, the other 96 slots
+    assert 1.3 < duo["kv_reduction_x"] < 2  # one head of two keeps everything, the other 96 slots
     with open(out / "results.csv") as f:
         table = list(csv.DictReader(f))
     assert [t["policy"] for t in table] == ["full", "streaming@96", "duoattention@96"]
@@ -139,10 +143,19 @@ def test_kvjax_eval_writes_results_csv_and_plots(tiny_checkpoint, tmp_path, caps
     pngs = sorted(p.name for p in out.glob("*.png"))
     assert pngs == [
         "accuracy_vs_compression.png",
-        "heatmap_duoattention_96.png",
-        "heatmap_full.png",
-        "heatmap_streaming_96.png",
+        "heatmap_duoattention_96__niah_single.png",
+        "heatmap_full__niah_single.png",
+        "heatmap_streaming_96__niah_single.png",
     ]
+    run = out / "runs" / "niah_single__model__streaming_96"  # kvpress's leaderboard layout
+    assert sorted(p.name for p in run.iterdir()) == ["config.yaml", "metrics.json", "predictions.csv"]
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    assert config["budget"] == 96 and config["lengths"] == [512] and config["commit"] == meta["commit"]
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["niah_single"]["512"]["string_match_all"] == streaming["accuracy"]
+    with open(run / "predictions.csv") as f:
+        predictions = list(csv.DictReader(f))
+    assert [p["prediction"] for p in predictions] == [s["prediction"] for s in samples if s["policy"] == "streaming@96"]
     for name in pngs:
         assert matplotlib.image.imread(out / name).ndim == 3
 

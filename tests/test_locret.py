@@ -367,10 +367,10 @@ def test_eval_runs_locret_with_trained_heads(byte_model, trained, tmp_path, caps
     )
     printed = capsys.readouterr().out
     assert rc == 0, printed
-    (row,) = json.loads((tmp_path / "eval" / "results.json").read_text())
+    (row,) = json.loads((tmp_path / "eval" / "results.json").read_text())["rows"]
     assert row["policy"] == "locret@96"
     assert "budget_tokens=48, stabilizers=24, local_len=48, activation='silu')" in row["policy_repr"]
-    assert row["compression_ratio"] > 3  # 96 (+1, rounded) slots instead of the ~400-token prompt plus the answer
+    assert row["kv_reduction_x"] > 3  # 96 (+1, rounded) slots instead of the ~400-token prompt plus the answer
 
 
 @pytest.mark.slow

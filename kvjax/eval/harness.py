@@ -7,16 +7,13 @@ KIVI, CSKV) run once at their settings.
 from __future__ import annotations
 
 import ast
-import csv
 import dataclasses
 import inspect
-import json
 import math
 import os
 import re
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 import jax
@@ -322,7 +319,7 @@ def run_eval(
                         continue
                     row["chat"] = chat
                     row["full_kv_bytes"] = int(full_bytes)
-                    row["compression_ratio"] = float(full_bytes / row["kv_bytes"]) if row["kv_bytes"] else float("nan")
+                    row["kv_reduction_x"] = float(full_bytes / row["kv_bytes"]) if row["kv_bytes"] else float("nan")
                     rows.append(row)
                     sample_rows += per_sample
     finally:
@@ -389,125 +386,3 @@ def _evaluate(
         "decode_ms_per_token": float(np.mean(decode_s) * 1e3) if decode_s else None,
     }
     return row, per_sample
-
-
-EVAL_COLUMNS = (
-    ("task", "task"),
-    ("length", "length"),
-    ("policy", "policy"),
-    ("accuracy", "accuracy"),
-    ("digits", "digits"),
-    ("kv_bytes", "kv_bytes/seq"),
-    ("compression_ratio", "compression"),
-    ("prefill_ms", "prefill_ms"),
-    ("decode_ms_per_token", "decode_ms/tok"),
-)
-
-
-def format_table(rows: list[dict], columns: tuple[tuple[str, str], ...] = EVAL_COLUMNS) -> str:
-    """A plain-text table of the rows' (key, header) columns: text left-aligned, numbers right-aligned."""
-
-    def cell(value):
-        if value is None:
-            return "-"
-        if isinstance(value, float):
-            return f"{value:.3f}" if abs(value) < 100 else f"{value:.0f}"
-        return str(value)
-
-    header = [h for _, h in columns]
-    body = [[cell(r.get(key)) for key, _ in columns] for r in rows]
-    text = [any(isinstance(r.get(key), str) for r in rows) for key, _ in columns]
-    widths = [max(len(h), *(len(b[i]) for b in body)) if body else len(h) for i, h in enumerate(header)]
-    line = lambda cells: "  ".join(c.ljust(w) if t else c.rjust(w) for c, w, t in zip(cells, widths, text))  # noqa: E731
-    return "\n".join([line(header), line(["-" * w for w in widths])] + [line(b) for b in body])
-
-
-def _safe(label: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.@-]+", "_", label).replace("@", "_")
-
-
-def plot_heatmaps(sample_rows: list[dict], out_dir: Path, bins: int = 10) -> list[Path]:
-    """Per policy, mean score by needle depth (rows, binned) and length (columns): heatmap_<policy>.png."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    paths = []
-    for label in dict.fromkeys(r["policy"] for r in sample_rows):
-        mine = [r for r in sample_rows if r["policy"] == label]
-        lengths = sorted({r["length"] for r in mine})
-        per_cell = max(sum(r["length"] == n and r["task"] == mine[0]["task"] for r in mine) for n in lengths)
-        n_bins = max(1, min(bins, per_cell))  # samples spread their depths evenly: one bin each, at most `bins`
-        total, count = np.zeros((n_bins, len(lengths))), np.zeros((n_bins, len(lengths)))
-        for r in mine:
-            b = min(int(r["depth"] * n_bins), n_bins - 1)
-            total[b, lengths.index(r["length"])] += r["score"]
-            count[b, lengths.index(r["length"])] += 1
-        grid = np.where(count > 0, total / np.maximum(count, 1), np.nan)
-        fig, ax = plt.subplots(figsize=(3.2 + 0.9 * len(lengths), 1.8 + 0.35 * n_bins))
-        image = ax.imshow(grid, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto", origin="upper")
-        ax.set_xticks(range(len(lengths)), [str(n) for n in lengths])
-        ax.set_yticks(range(n_bins), [f"{100 * (i + 0.5) / n_bins:.0f}%" for i in range(n_bins)])
-        ax.set_xlabel("prompt length (tokens)")
-        ax.set_ylabel("needle depth")
-        ax.set_title(f"{label}\naccuracy by needle depth and length", fontsize=10)
-        for (i, j), v in np.ndenumerate(grid):
-            if not np.isnan(v):
-                ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=7)
-        fig.colorbar(image, ax=ax, fraction=0.046)
-        fig.tight_layout()
-        path = out_dir / f"heatmap_{_safe(label)}.png"
-        fig.savefig(path, dpi=100)
-        plt.close(fig)
-        paths.append(path)
-    return paths
-
-
-def plot_accuracy_vs_compression(rows: list[dict], path: Path) -> Path:
-    """Mean accuracy (over tasks and lengths) against compression ratio, one line per policy over budgets."""
-    import matplotlib
-    import matplotlib.ticker
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for name in dict.fromkeys(r["policy_name"] for r in rows):
-        points = {}
-        for r in rows:
-            if r["policy_name"] == name:
-                points.setdefault(r["policy"], []).append((r["compression_ratio"], r["accuracy"]))
-        xy = sorted((float(np.mean([p[0] for p in v])), float(np.mean([p[1] for p in v]))) for v in points.values())
-        ax.plot([p[0] for p in xy], [p[1] for p in xy], marker="o", label=name)
-    ax.set_xscale("log")
-    ax.xaxis.set_major_locator(matplotlib.ticker.LogLocator(base=10, subs=(1, 2, 5)))  # 1x 2x 5x 10x ...
-    ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda x, _: f"{x:g}x"))
-    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
-    ax.set_xlabel("KV compression ratio vs Full (x)")
-    ax.set_ylabel("accuracy")
-    ax.set_ylim(-0.05, 1.05)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return Path(path)
-
-
-def write_results(rows: list[dict], sample_rows: list[dict], out_dir: str | Path, plots: bool = True) -> list[Path]:
-    """results.json (rows), results.csv, samples.json (per-prompt predictions) and the PNG plots."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps(rows, indent=1))
-    (out / "samples.json").write_text(json.dumps(sample_rows, indent=1))
-    columns = list(dict.fromkeys(k for r in rows for k in r))
-    with open(out / "results.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=columns)
-        writer.writeheader()
-        writer.writerows(rows)
-    paths = [out / "results.json", out / "results.csv", out / "samples.json"]
-    if plots and rows:
-        paths += plot_heatmaps(sample_rows, out)
-        paths.append(plot_accuracy_vs_compression(rows, out / "accuracy_vs_compression.png"))
-    return paths
