@@ -4,11 +4,12 @@ from kvjax import policies
 from kvjax.checkpoint import CheckpointError, bundled_models, load
 from kvjax.config import ModelConfig, RopeConfig, UnsupportedModelError
 from kvjax.inference import decode_step, generate, logits, prefill
-from kvjax.kv_state import KVSegment, KVState, kv_bytes
+from kvjax.kv_state import EvictionSegment, KVSegment, KVState, kv_bytes
 from kvjax.language_model import LanguageModel, init_model
 
 __all__ = [
     "CheckpointError",
+    "EvictionSegment",
     "KVSegment",
     "KVState",
     "LanguageModel",

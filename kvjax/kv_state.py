@@ -42,8 +42,6 @@ class KVSegment:
     v: jax.Array  # [B, Hs, C, D]
     pos: jax.Array  # int32[B, Hs, C]
     heads: tuple[int, ...] = struct.field(pytree_node=False)  # the layer's KV-head indices stored here
-    score: jax.Array | None = None  # float32[B, Hs, C]: a policy's running per-entry statistic
-    budget: int | None = struct.field(pytree_node=False, default=None)  # entries kept; None = all
 
     @property
     def capacity(self) -> int:
@@ -51,6 +49,27 @@ class KVSegment:
 
     def valid(self) -> jax.Array:
         return self.pos >= 0  # bool[B, Hs, C]
+
+    def plain(self) -> KVSegment:
+        """Just the entries (k, v, pos, heads), as a `KVSegment`, whatever else this segment carries."""
+        return KVSegment(k=self.k, v=self.v, pos=self.pos, heads=self.heads)
+
+
+@struct.dataclass(frozen=True)
+class EvictionSegment(KVSegment):
+    """A segment a policy keeps to `budget` entries per row by a priority (token eviction, and the
+    streaming heads of DuoAttention and RazorAttention); a segment that keeps everything it is given
+    is a plain `KVSegment`, so `isinstance(seg, EvictionSegment)` tells the two apart.
+
+    `score` is the policy's running per-entry statistic (H2O's accumulated attention, SnapKV's votes,
+    Locret's predicted scores), or None for policies that rank entries from what a segment already
+    holds (StreamingLLM's positions, Knorm's keys): they carry no buffer, so `kv_bytes` counts none.
+    It is optional rather than a further subclass because one code path (`TokenEviction`) serves
+    both kinds, which `Policy.scored()` tells apart.
+    """
+
+    budget: int = struct.field(pytree_node=False)  # entries kept per (sequence, head)
+    score: jax.Array | None = None  # float32[B, Hs, C], written and moved with the entries
 
 
 @struct.dataclass(frozen=True)
@@ -79,16 +98,18 @@ def empty_segment(
     scored: bool = False,
     budget: int | None = None,
 ) -> KVSegment:
-    """A segment with every slot empty (with a zeroed score buffer when the policy keeps one)."""
+    """A segment with every slot empty: a `KVSegment`, or with a `budget` an `EvictionSegment` (with a
+    zeroed score buffer when `scored`)."""
     shape = (batch, len(heads), capacity, head_dim)
-    return KVSegment(
-        k=jnp.zeros(shape, dtype),
-        v=jnp.zeros(shape, dtype),
-        pos=jnp.full(shape[:3], -1, jnp.int32),
-        heads=heads,
-        score=jnp.zeros(shape[:3], jnp.float32) if scored else None,
-        budget=budget,
+    segment = KVSegment(
+        k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype), pos=jnp.full(shape[:3], -1, jnp.int32), heads=heads
     )
+    if budget is None:
+        if scored:
+            raise ValueError("a score buffer belongs to a segment kept to a budget; got scored=True without one")
+        return segment
+    score = jnp.zeros(shape[:3], jnp.float32) if scored else None
+    return EvictionSegment(k=segment.k, v=segment.v, pos=segment.pos, heads=heads, budget=budget, score=score)
 
 
 def write_entries(
@@ -102,7 +123,8 @@ def write_entries(
     """Writes T new entries per sequence into consecutive slots [start, start + T) of each head.
 
     k, v: [B, T, Hs, D]; pos: int32[B, T] (-1 for padding); start: int32[B] or int32[B, Hs].
-    New entries start with score 0, or with `score` float32[B, T, Hs] (e.g. Locret's predicted scores).
+    An `EvictionSegment`'s new entries start with score 0, or with `score` float32[B, T, Hs] (e.g.
+    Locret's predicted scores); `score` is ignored for segments without a score buffer.
     """
     b, t, hs, _ = k.shape
     start = jnp.broadcast_to(start[:, None] if start.ndim == 1 else start, (b, hs))  # [B, Hs]
@@ -112,14 +134,15 @@ def write_entries(
 
     per_row = jax.vmap(jax.vmap(one))
     pos = jnp.broadcast_to(pos[:, None, :], (b, hs, t))  # [B, Hs, T]
-    return segment.replace(
+    written = dict(
         k=per_row(segment.k, k.swapaxes(1, 2), start),
         v=per_row(segment.v, v.swapaxes(1, 2), start),
         pos=per_row(segment.pos, pos, start),
-        score=None
-        if segment.score is None
-        else per_row(segment.score, jnp.zeros((b, hs, t)) if score is None else score.swapaxes(1, 2), start),
     )
+    if _has_score(segment):
+        new = jnp.zeros((b, hs, t)) if score is None else score.swapaxes(1, 2)
+        written["score"] = per_row(segment.score, new, start)
+    return segment.replace(**written)
 
 
 def write_free_slot(
@@ -132,6 +155,10 @@ def write_free_slot(
     """
     slot = jnp.argmax(segment.pos < 0, axis=-1).astype(jnp.int32)  # [B, Hs]
     return write_entries(segment, k, v, pos, slot, score)
+
+
+def _has_score(segment: KVSegment) -> bool:
+    return isinstance(segment, EvictionSegment) and segment.score is not None
 
 
 def count(segment: KVSegment) -> jax.Array:
@@ -154,12 +181,14 @@ def keep_top(segment: KVSegment, priority: jax.Array, keep: int, capacity: int) 
         picked = jnp.take_along_axis(x, idx.reshape(idx.shape + (1,) * (x.ndim - 3)), axis=2)
         return jnp.pad(picked, widths + ((0, 0),) * (x.ndim - 3))
 
-    return segment.replace(
+    kept = dict(
         k=gather(segment.k),
         v=gather(segment.v),
         pos=jnp.pad(jnp.take_along_axis(top_pos, order, axis=-1), widths, constant_values=-1),
-        score=None if segment.score is None else gather(segment.score),
     )
+    if _has_score(segment):
+        kept["score"] = gather(segment.score)
+    return segment.replace(**kept)
 
 
 def dropped_by_keep_top(segment: KVSegment, priority: jax.Array, keep: int) -> jax.Array:

@@ -198,7 +198,7 @@ def test_compensation_token_matches_its_closed_form():
     dropped_k, dropped_v = rng.normal(size=(b, h, 5, d)), rng.normal(size=(b, h, 5, d))
     n_d = np.array([[5, 2, 0], [1, 5, 3]], np.float32)  # how many of the 5 each row dropped
     live = np.arange(5) < n_d[..., None]  # [B, H, 5]
-    seg = compensated(empty_segment(b, (0, 1, 2), c, d, jnp.float32))
+    seg = compensated(empty_segment(b, (0, 1, 2), c, d, jnp.float32, budget=c))
     pos = np.tile(np.arange(100, 100 + c), (b, h, 1))
     pos[0, 1, -1] = -1  # an empty slot
     seg = seg.replace(

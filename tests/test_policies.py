@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import kvjax
-from kvjax.kv_state import count, empty_segment, keep_top
+from kvjax.kv_state import EvictionSegment, KVSegment, count, empty_segment, keep_top
 from kvjax.policies import A2SF, H2O, TOVA, VATP, AdaKV, Full, Knorm, PyramidKV, SnapKV, StreamingLLM
 from kvjax.policies.snapkv import pool_1d
 from tests.support.jaxprs import pallas_calls, pallas_grids
@@ -120,7 +120,7 @@ def test_decoding_over_a_compressed_prompt_sees_exactly_the_kept_tokens(tiny_mod
 
 
 def test_keep_top_on_a_hand_built_pattern():
-    seg = empty_segment(1, (0, 1), 8, 2, jnp.float32, scored=True)
+    seg = empty_segment(1, (0, 1), 8, 2, jnp.float32, scored=True, budget=3)
     seg = seg.replace(pos=jnp.array([[[0, 1, 2, 3, 4, 5, -1, -1], [5, 3, 1, 0, 2, 4, -1, -1]]], jnp.int32))
     priority = jnp.array([[[0.1, 0.9, 0.3, jnp.inf, 0.2, 0.5, 9.0, 9.0], [1, 2, 3, 4, 5, 6, 7, 8]]], jnp.float32)
     out = keep_top(seg, priority, keep=3, capacity=5)
@@ -185,6 +185,30 @@ def test_budget_covering_the_context_equals_full(tiny_model, policy):
         ref_logits, ref = kvjax.decode_step(m, ref, tokens[:, t])
         got_logits, got = kvjax.decode_step(m, got, tokens[:, t], policy)
         np.testing.assert_allclose(np.asarray(got_logits), np.asarray(ref_logits), atol=1e-5, rtol=0)
+
+
+def test_only_segments_kept_to_a_budget_carry_budget_and_score(tiny_model):
+    """Full's segments are plain `KVSegment`s (no budget, no score); an eviction policy's carry its
+    budget, and a score buffer only when the policy keeps a running statistic."""
+    m = tiny_model
+    tokens = random_tokens(6, (1, 96), m.config.vocab_size)
+    full = kvjax.prefill(m, tokens, max_new_tokens=4, chunk_size=32)
+    for seg in (s for layer in full.layers for s in layer):
+        assert type(seg) is KVSegment
+        assert not hasattr(seg, "budget") and not hasattr(seg, "score")
+    for policy, scored in ((H2O(heavy=16, window=8), True), (StreamingLLM(sink=4, window=20), False)):
+        state = kvjax.prefill(m, tokens, policy, max_new_tokens=4, chunk_size=32)
+        _, state = kvjax.decode_step(m, state, tokens[:, -1], policy)
+        for layer, segments in enumerate(state.layers):
+            (seg,) = segments
+            assert type(seg) is EvictionSegment and seg.budget == policy.budget(m.config, layer)
+            assert (seg.score is not None) == scored
+            if scored:
+                assert seg.score.shape == seg.pos.shape and seg.score.dtype == jnp.float32
+    with pytest.raises(ValueError, match="budget"):
+        empty_segment(1, (0,), 16, 2, jnp.float32, scored=True)
+    plain = empty_segment(1, (0,), 16, 2, jnp.float32, scored=True, budget=8).plain()
+    assert type(plain) is KVSegment and len(jax.tree_util.tree_leaves(plain)) == 3
 
 
 def test_compressed_states_hold_fewer_bytes(tiny_model):

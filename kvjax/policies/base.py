@@ -21,7 +21,7 @@ class SegmentSpec:
 
     heads: tuple[int, ...]
     capacity: int
-    budget: int | None = None  # None: everything written is kept
+    budget: int | None = None  # None: everything written is kept (a `KVSegment`); else an `EvictionSegment`
 
 
 Layout = tuple[tuple[SegmentSpec, ...], ...]  # per layer, its segments
@@ -86,7 +86,7 @@ class Policy(abc.ABC):
         return state
 
     def scored(self) -> bool:
-        """Whether segments carry a per-entry score buffer."""
+        """Whether its `EvictionSegment`s carry a per-entry score buffer (segments with a budget only)."""
         return False
 
     def check_model(self, config: ModelConfig) -> None:

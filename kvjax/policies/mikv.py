@@ -25,7 +25,7 @@ from flax import struct
 from kvjax.attention import attend_with_probs, reference_attention
 from kvjax.config import ModelConfig
 from kvjax.kv_state import (
-    KVSegment,
+    EvictionSegment,
     KVState,
     count,
     dropped_by_keep_top,
@@ -74,7 +74,7 @@ class LowPrecisionEntries:
 class MixedSegment:
     """A layer's entries for a set of KV heads: the base's full-precision buffer and the demoted ones."""
 
-    high: KVSegment  # the base's segment (budget, scores), full precision
+    high: EvictionSegment  # the base's segment (budget, scores), full precision
     low: LowPrecisionEntries
 
     @property
@@ -114,7 +114,7 @@ def resize_low(low: LowPrecisionEntries, capacity: int) -> LowPrecisionEntries:
     return jax.tree.map(fit, low).replace(pos=fit(low.pos, -1))
 
 
-def demote(low: LowPrecisionEntries, high: KVSegment, dropped: jax.Array, most: int) -> LowPrecisionEntries:
+def demote(low: LowPrecisionEntries, high: EvictionSegment, dropped: jax.Array, most: int) -> LowPrecisionEntries:
     """Quantizes the high entries flagged in `dropped` bool[B, Hs, Ch] (at most `most` per row) and
     appends them, in position order, after each row's low-precision entries."""
     order = jnp.argsort(jnp.where(dropped, high.pos, jnp.iinfo(jnp.int32).max), axis=-1)[..., :most]  # [B, Hs, M]
@@ -187,7 +187,7 @@ class MiKV(Policy):
             )
         state = self.base.allocate(config, batch, prompt_len, max_new_tokens, chunk, dtype)
 
-        def mixed(seg: KVSegment) -> MixedSegment:
+        def mixed(seg: EvictionSegment) -> MixedSegment:
             most = max(seg.capacity - seg.budget, 0)  # demoted per chunk at most
             capacity = self.low_capacity(seg.budget, prompt_len, 0, most)
             low = empty_low(batch, len(seg.heads), capacity, config.head_dim, self.bits, self.group)

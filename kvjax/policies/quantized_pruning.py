@@ -21,7 +21,7 @@ import numpy as np
 
 from kvjax.attention import attend_quantized, reference_attention
 from kvjax.config import ModelConfig
-from kvjax.kv_state import KVSegment, KVState, kv_bytes, round_capacity, write_entries
+from kvjax.kv_state import EvictionSegment, KVState, kv_bytes, round_capacity, write_entries
 from kvjax.layer_step import Prefill
 from kvjax.policies.base import Layout, Policy
 from kvjax.policies.kivi import KIVI
@@ -92,10 +92,10 @@ class QuantizedPruning(Policy):
         )
         return state.replace(layers=layers)
 
-    def _quantize_kept(self, seg: KVSegment, prompt_len: int, max_new_tokens: int) -> QuantizedSegment:
+    def _quantize_kept(self, seg: EvictionSegment, prompt_len: int, max_new_tokens: int) -> QuantizedSegment:
         """A finalized base segment (kept entries a valid prefix in position order, the same count
         for every head) as a slab of its oldest whole groups beyond the last R, plus the window."""
-        kept = min(seg.budget if seg.budget is not None else seg.capacity, prompt_len)
+        kept = min(seg.budget, prompt_len)
         slab_capacity, window_capacity = self.kivi().capacities(kept, max_new_tokens)
         batch, heads, _, head_dim = seg.k.shape
         empty = empty_quantized_segment(
@@ -104,7 +104,7 @@ class QuantizedPruning(Policy):
         everything = QuantizedSegment(
             slab=empty.slab,
             slab_length=empty.slab_length,
-            window=seg.replace(score=None, budget=None),  # all kept entries, exact, for now
+            window=seg.plain(),  # all kept entries, exact, for now
             slab_pos=jnp.full((batch, heads, slab_capacity), -1, jnp.int32),
         )
         return flush_window(everything, self.residual, window_capacity)

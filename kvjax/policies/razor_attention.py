@@ -25,7 +25,7 @@ from kvjax.attention import decode_with_lse, visibility_mask
 from kvjax.cached_attention import write_in_place_then_attend
 from kvjax.config import ModelConfig
 from kvjax.kv_state import (
-    KVSegment,
+    EvictionSegment,
     KVState,
     count,
     dropped_by_keep_top,
@@ -44,7 +44,7 @@ _MASKED = float(jnp.finfo(jnp.float32).min)
 
 
 @struct.dataclass(frozen=True)
-class CompensatedSegment(KVSegment):
+class CompensatedSegment(EvictionSegment):
     """A sink+recent segment plus, per (sequence, head), the running sums of what it evicted."""
 
     k_dropped: jax.Array | None = None  # float32[B, Hs, D]: sum of evicted keys
@@ -52,10 +52,10 @@ class CompensatedSegment(KVSegment):
     n_dropped: jax.Array | None = None  # float32[B, Hs]: how many were evicted
 
 
-def compensated(segment: KVSegment) -> CompensatedSegment:
+def compensated(segment: EvictionSegment) -> CompensatedSegment:
     """The segment with empty compensation sums."""
     b, hs, _, d = segment.k.shape
-    fields = {f.name: getattr(segment, f.name) for f in dataclasses.fields(KVSegment)}
+    fields = {f.name: getattr(segment, f.name) for f in dataclasses.fields(EvictionSegment)}
     return CompensatedSegment(
         **fields,
         k_dropped=jnp.zeros((b, hs, d), jnp.float32),
@@ -164,14 +164,16 @@ class RazorAttention(Policy):
 
     def allocate(self, config, batch, prompt_len, max_new_tokens, chunk, dtype) -> KVState:
         state = super().allocate(config, batch, prompt_len, max_new_tokens, chunk, dtype)
-        layers = tuple(tuple(s if s.budget is None else compensated(s) for s in layer) for layer in state.layers)
+        layers = tuple(
+            tuple(compensated(s) if isinstance(s, EvictionSegment) else s for s in layer) for layer in state.layers
+        )
         return state.replace(layers=layers)
 
     def _priority(self, segment):
         return sink_recent_priority(segment, self.sink)
 
     def segment_step(self, ctx, segment, x, phase):
-        if segment.budget is None:  # retrieval heads: slot = position, as Full
+        if not isinstance(segment, EvictionSegment):  # retrieval heads: slot = position, as Full
             return write_in_place_then_attend(ctx, segment, x)
         if isinstance(phase, Decode):  # fill a free slot, attend, evict one
             seg = write_free_slot(segment, x.k, x.v, x.new_pos)
@@ -200,7 +202,7 @@ class RazorAttention(Policy):
         """Non-retrieval buffers shrink to sink + recent + one spare slot; what leaves is compensated."""
 
         def resize(seg):
-            if seg.budget is None:
+            if not isinstance(seg, EvictionSegment):  # retrieval heads
                 return seg
             capacity = round_capacity(min(seg.budget, prompt_len + max_new_tokens) + 1)  # as StreamingLLM
             return compress(seg, self._priority(seg), seg.budget, capacity)

@@ -29,7 +29,7 @@ from flax import struct
 
 from kvjax.attention import visible_softmax
 from kvjax.config import ModelConfig
-from kvjax.kv_state import KVSegment, KVState, count, round_capacity, write_free_slot
+from kvjax.kv_state import EvictionSegment, KVSegment, KVState, count, round_capacity, write_free_slot
 from kvjax.layer_step import Decode, take_heads
 from kvjax.policies.base import Layout, Policy
 from kvjax.policies.full import Full
@@ -160,7 +160,7 @@ class ThinK(Policy):
 
         q_sum_sq: float32[B, Hs, D]; queries: int32[B], the observed queries per KV head.
         """
-        kept_max = min(prompt_len if seg.budget is None else seg.budget, prompt_len)
+        kept_max = min(seg.budget if isinstance(seg, EvictionSegment) else prompt_len, prompt_len)
         n = count(seg)  # [B, Hs]
         valid = seg.pos >= 0  # [B, Hs, C]
         k32 = jnp.where(valid[..., None], seg.k.astype(jnp.float32), 0.0)
@@ -173,12 +173,11 @@ class ThinK(Policy):
         thin_n = jnp.maximum(n - self.recent, 0)  # [B, Hs] entries whose keys are thinned
         thin_cap = round_capacity(max(kept_max - self.recent, 0))
         in_thin = jnp.arange(thin_cap) < thin_n[..., None]  # [B, Hs, Ct]
-        thin = seg.replace(
+        thin = KVSegment(
             k=jnp.take_along_axis(seg.k[:, :, :thin_cap], channels[:, :, None, :], axis=3),  # [B, Hs, Ct, Dk]
             v=seg.v[:, :, :thin_cap],
             pos=jnp.where(in_thin, seg.pos[:, :, :thin_cap], -1),
-            score=None,
-            budget=None,
+            heads=seg.heads,
         )
         full_cap = round_capacity(min(self.recent, kept_max) + max_new_tokens)
         slot = jnp.arange(full_cap)  # [Cf]
@@ -188,9 +187,7 @@ class ThinK(Policy):
         def gather(x):  # [B, Hs, C, ...] -> [B, Hs, Cf, ...]
             return jnp.take_along_axis(x, src.reshape(src.shape + (1,) * (x.ndim - 3)), axis=2)
 
-        full = seg.replace(
-            k=gather(seg.k), v=gather(seg.v), pos=jnp.where(in_full, gather(seg.pos), -1), score=None, budget=None
-        )
+        full = KVSegment(k=gather(seg.k), v=gather(seg.v), pos=jnp.where(in_full, gather(seg.pos), -1), heads=seg.heads)
         return ThinKSegment(thin=thin, channels=channels, full=full)
 
 

@@ -21,6 +21,7 @@ import jax.numpy as jnp
 from kvjax.attention import attend, attend_with_probs, attention_probs
 from kvjax.config import ModelConfig
 from kvjax.kv_state import (
+    EvictionSegment,
     KVSegment,
     KVState,
     count,
@@ -49,7 +50,8 @@ def newest(segment: KVSegment) -> jax.Array:
 
 @dataclasses.dataclass(frozen=True)
 class TokenEviction(Policy, abc.ABC):
-    """Keeps, per (layer, sequence, KV head), the `budget` entries of highest priority."""
+    """Keeps, per (layer, sequence, KV head), the `budget` entries of highest priority. Its segments are
+    `EvictionSegment`s, with a score buffer when `scored()`."""
 
     evict_while_prefilling = True  # False: score the whole prompt, compress once at its end
     evict_while_decoding = True  # False: decoding appends without eviction (prompt compression only)
@@ -59,10 +61,12 @@ class TokenEviction(Policy, abc.ABC):
         """Tokens kept per KV head in `layer`."""
 
     @abc.abstractmethod
-    def priority(self, segment: KVSegment) -> jax.Array:
+    def priority(self, segment: EvictionSegment) -> jax.Array:
         """float32[B, Hs, C]: higher is kept; +inf is never evicted."""
 
-    def observe(self, segment: KVSegment, probs: jax.Array, new_pos: jax.Array, prompt_lengths) -> jax.Array | None:
+    def observe(
+        self, segment: EvictionSegment, probs: jax.Array, new_pos: jax.Array, prompt_lengths
+    ) -> jax.Array | None:
         """The segment's new score buffer after a step whose attention weights are `probs`."""
         return segment.score
 
@@ -129,7 +133,7 @@ class TokenEviction(Policy, abc.ABC):
     def finalize(self, config: ModelConfig, state: KVState, prompt_len: int, max_new_tokens: int) -> KVState:
         """Compresses the prompt to each segment's budget and resizes buffers for decoding."""
 
-        def resize(seg: KVSegment) -> KVSegment:
+        def resize(seg: EvictionSegment) -> EvictionSegment:
             if self.evict_while_decoding:  # one spare slot for each arriving token
                 capacity = min(seg.budget, prompt_len + max_new_tokens) + 1
             else:  # prompt compressed once; decoding appends

@@ -27,7 +27,7 @@ import numpy as np
 
 from kvjax.cached_attention import write_in_place_then_attend
 from kvjax.config import ModelConfig
-from kvjax.kv_state import KVSegment, KVState
+from kvjax.kv_state import EvictionSegment, KVSegment, KVState
 from kvjax.policies.base import Layout, Policy, SegmentSpec
 from kvjax.policies.full import Full
 from kvjax.policies.streaming_llm import StreamingLLM
@@ -178,7 +178,7 @@ class DuoAttention(Policy):
         return StreamingLLM(sink=self.sink, window=self.recent)
 
     def segment_step(self, ctx, segment, x, phase):
-        if segment.budget is None:  # retrieval heads: slot = position, as Full
+        if not isinstance(segment, EvictionSegment):  # retrieval heads: slot = position, as Full
             return write_in_place_then_attend(ctx, segment, x)
         return self.streaming().segment_step(ctx, segment, x, phase)  # streaming heads: StreamingLLM's step
 
@@ -186,7 +186,7 @@ class DuoAttention(Policy):
         """Streaming buffers shrink as StreamingLLM's (sink + recent + a spare slot); retrieval ones stay."""
 
         def resize(seg: KVSegment) -> KVSegment:
-            if seg.budget is None:
+            if not isinstance(seg, EvictionSegment):  # retrieval heads
                 return seg
             alone = state.replace(layers=((seg,),))
             return self.streaming().finalize(config, alone, prompt_len, max_new_tokens).layers[0][0]

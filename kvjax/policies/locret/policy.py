@@ -27,7 +27,7 @@ from flax import nnx
 
 from kvjax.attention import attend
 from kvjax.config import ModelConfig
-from kvjax.kv_state import KVSegment, count, evict_lowest, keep_top, write_entries, write_free_slot
+from kvjax.kv_state import EvictionSegment, count, evict_lowest, keep_top, write_entries, write_free_slot
 from kvjax.language_model import LanguageModel
 from kvjax.layer_step import Decode, LayerContext, StepInputs
 from kvjax.policies.locret.heads import (
@@ -123,7 +123,9 @@ class Locret(TokenEviction):
         """Scores the step's tokens once for the layer, then each segment writes, attends and evicts."""
         return super().step(ctx, segments, dataclasses.replace(x, score=self.scores(ctx, x)), phase)
 
-    def keep_after_chunk(self, segment: KVSegment, q_pos: jax.Array, prompt_lengths: jax.Array) -> KVSegment:
+    def keep_after_chunk(
+        self, segment: EvictionSegment, q_pos: jax.Array, prompt_lengths: jax.Array
+    ) -> EvictionSegment:
         """The paper's rule after a prefill chunk: local prompt tokens stay; of the others, the top
         `budget_tokens` by score, the `stabilizers` most recent counting as maximal until the row's
         prefix (everything before its local tokens) is complete. q_pos: int32[B, T]; prompt_lengths int32[B]."""
