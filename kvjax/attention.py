@@ -17,7 +17,8 @@ from pallas_kernels.lowering import NAMES, Lowering, check_name
 from pallas_kernels.quantized_decode_attention import QuantizedDecodeConfig, quantized_decode_attention
 
 # How attention runs: the kernels' one vocabulary (`pallas_kernels.lowering`). "auto": the Pallas
-# kernels on GPU and TPU, the jnp reference on CPU; "reference": always jnp; "tpu", "gpu",
+# kernels on GPU and TPU, the jnp reference on CPU and on GPUs below compute capability 8.0 (a T4:
+# `lowering.gpu_runs_kernels`); "reference": always jnp; "tpu", "gpu",
 # "mosaic_gpu": that lowering of each kernel; "tpu-interpret" / "gpu-interpret": the kernels'
 # interpreters on CPU (how tests exercise the kernel paths without an accelerator). Wherever a
 # kernel cannot take a call (its config's `for_shape` says None), the reference runs instead.

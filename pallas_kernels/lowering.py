@@ -2,6 +2,8 @@
 (`implementation=`) and kvjax (`attention_impl=`): `NAMES`, parsed into a `Lowering`.
 
   "auto"            from `jax.default_backend()`: the GPU or TPU kernels, the jnp reference on CPU
+                    and on GPUs below compute capability 8.0 (e.g. a T4), where the kernels
+                    do not lower (`MIN_GPU_COMPUTE_CAPABILITY`)
   "reference"       the jnp reference
   "tpu"             Mosaic TPU
   "gpu"             generic Pallas on the Triton backend
@@ -21,6 +23,9 @@ PLATFORMS = ("tpu", "gpu", "mosaic_gpu", "reference")
 WITHOUT_MOSAIC_GPU = ("tpu", "gpu", "reference")  # kernels that have no Hopper lowering
 NAMES = ("auto", "reference", "tpu", "gpu", "mosaic_gpu", "tpu-interpret", "gpu-interpret")
 _INTERPRET = "-interpret"
+# The oldest GPU generation the Pallas GPU kernels target (Ampere). On older GPUs (Volta, the T4's Turing)
+# Triton cannot compile them (no bf16 tensor-core dots below sm_80), so "auto" runs the jnp reference there.
+MIN_GPU_COMPUTE_CAPABILITY = (8, 0)
 _NO_MOSAIC_GPU_INTERPRETER = (
     "the Mosaic GPU kernels cannot run interpreted here: JAX 0.10's GPU interpreter lacks their "
     "transposed and register-operand wgmma (the test suite adds them: tests/mosaic_gpu_interpreter.py)"
@@ -53,6 +58,8 @@ class Lowering:
         check_name(name, what)
         if name == "auto":
             backend = jax.default_backend()
+            if backend == "gpu" and not gpu_runs_kernels():
+                return cls("reference")
             return cls(backend if backend in ("gpu", "tpu") else "reference")
         return cls(name.removesuffix(_INTERPRET), name.endswith(_INTERPRET))
 
@@ -60,6 +67,26 @@ class Lowering:
     def name(self) -> str:
         """This lowering's name in `NAMES`."""
         return self.platform + (_INTERPRET if self.interpret else "")
+
+
+def gpu_compute_capability() -> tuple[int, int] | None:
+    """The default device's CUDA compute capability as (major, minor), or None where it has none
+    (not a GPU, a ROCm GPU, or a device that does not report it)."""
+    device = jax.devices()[0]
+    text = str(getattr(device, "compute_capability", "") or "") if device.platform == "gpu" else ""
+    try:
+        major, minor = (int(x) for x in text.split(".")[:2])
+    except ValueError:
+        return None
+    return major, minor
+
+
+def gpu_runs_kernels() -> bool:
+    """Whether "auto" may pick the Pallas GPU kernels: True unless the default GPU reports a compute
+    capability below `MIN_GPU_COMPUTE_CAPABILITY` (then "auto" falls back to the jnp reference;
+    naming "gpu" still forces the kernels)."""
+    capability = gpu_compute_capability()
+    return capability is None or capability >= MIN_GPU_COMPUTE_CAPABILITY
 
 
 def check_name(name: object, what: str = "lowering") -> None:
