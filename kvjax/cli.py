@@ -163,12 +163,14 @@ def _eval(args) -> None:
 
 
 def _bench(args) -> None:
+    if args.against:
+        return _bench_against(args)
     _check_out(args.out, ("bench.json",), args.overwrite)
     from kvjax.eval.results import format_table
     from kvjax.eval.speed import BENCH_COLUMNS, BenchConfig, run_bench, write_bench
 
     config = BenchConfig(
-        lengths=_lengths(args.lengths),
+        lengths=_lengths(args.lengths or "2k,8k"),
         batch_size=args.batch_size,
         new_tokens=args.new_tokens,
         repeats=args.repeats,
@@ -183,6 +185,40 @@ def _bench(args) -> None:
     )
     print(format_table(report["rows"], BENCH_COLUMNS))
     for path in write_bench(report, args.out):
+        print(f"wrote {path}")
+
+
+def _bench_against(args) -> None:
+    """`kvjax bench --against`: kvjax against transformers' generate and kvpress's presses (`kvjax.eval.peer_bench`)."""
+    _check_out(args.out, ("peer.json",), args.overwrite)
+    import jax.numpy as jnp
+
+    from kvjax.checkpoint import load
+    from kvjax.eval import peer_bench
+
+    against = tuple(x.strip().lower() for x in args.against.split(",") if x.strip())
+    peer_bench.check_against(against)  # names and installed libraries, before the model loads
+    m = load(args.model or _default_model(), dtype=jnp.dtype(args.dtype))
+    config = peer_bench.PeerBenchConfig(
+        against=against,
+        lengths=peer_bench.parse_lengths(
+            args.lengths or "1k,4k,max", m.config.max_position_embeddings, args.new_tokens
+        ),
+        batch_sizes=tuple(int(b) for b in args.batch_sizes.split(",") if b.strip()),
+        new_tokens=args.new_tokens,
+        repeats=args.repeats,
+        chunk_size=args.chunk_size,
+        keep=args.keep,
+        presses=tuple(p.strip() for p in args.presses.split(",") if p.strip()),
+        hf_cache=args.hf_cache,
+        scan_layers=args.scan_layers,
+        max_batch_tokens=args.max_batch_tokens,
+        bandwidth_mb=args.bandwidth_mb,
+        seed=args.seed,
+    )
+    report = peer_bench.run_peer_bench(m, config, log=(lambda _: None) if args.no_progress else print)
+    print(peer_bench.format_peer_table(report["rows"]))
+    for path in peer_bench.write_peer_bench(report, args.out):
         print(f"wrote {path}")
 
 
@@ -436,7 +472,29 @@ def parser() -> argparse.ArgumentParser:
     bench.add_argument("--repeats", type=int, default=3, help="timed runs after the compiling one (median reported)")
     bench.add_argument("--out", default="kvjax-bench", help="folder for bench.json and bench.png")
     bench.add_argument("--overwrite", action="store_true", help="replace the results already in --out")
-    bench.set_defaults(run=_bench)
+    peers = bench.add_argument_group(
+        "against peers", "--against times kvjax against other libraries on this machine (needs the [compare] extra)"
+    )
+    peers.add_argument(
+        "--against",
+        default=None,
+        help="transformers (kvjax Full vs transformers' generate), kvpress (--presses vs kvpress's), or both, "
+        "comma-separated; writes peer.json and peer.png (default lengths 1k,4k,max: max = context - new tokens)",
+    )
+    peers.add_argument("--batch-sizes", default="1,8", help="comma-separated batch sizes of --against")
+    peers.add_argument("--keep", type=float, default=0.25, help="share of the prompt the compressed methods keep")
+    peers.add_argument("--presses", default="snapkv,streaming", help="methods compared with kvpress")
+    peers.add_argument(
+        "--hf-cache", default="static", choices=["static", "dynamic"], help="transformers' cache for Full"
+    )
+    peers.add_argument(
+        "--scan-layers", action=argparse.BooleanOptionalAction, default=True, help="kvjax's layer scan (Execution)"
+    )
+    peers.add_argument(
+        "--max-batch-tokens", type=int, default=None, help="skip (and list) cells whose batch x length exceeds this"
+    )
+    peers.add_argument("--bandwidth-mb", type=int, default=512, help="array size of the memory bandwidth measurement")
+    bench.set_defaults(run=_bench, lengths=None)
 
     tr = sub.add_parser("train-lm", help="train a small long-context model on the tasks plus plain text")
     tr.add_argument("--out", required=True, help="where the kvjax checkpoint is written (must not exist)")

@@ -261,3 +261,121 @@ def test_decode_profile_attributes_each_token_s_device_time(tiny_model, monkeypa
     assert {o["calls_per_step"] for o in ops} == {1.0, (steps + 1) / steps, 1 / steps}
     per_token = [o for o in ops if o["calls_per_step"] == 1.0]
     assert len(per_token) >= 2 * tiny_model.config.num_layers  # each layer's own ops
+
+
+def _peer_config(**kw):
+    from kvjax.eval.peer_bench import PeerBenchConfig
+
+    return PeerBenchConfig(**{"new_tokens": 3, "repeats": 1, "bandwidth_mb": 8, **kw})
+
+
+def _check_side(side: dict, batch: int, length: int, param_bytes: int, bandwidth: float):
+    assert len(side["prefill_s_repeats"]) == len(side["decode_s_per_token_repeats"]) == 1
+    assert side["prefill_s"] == pytest.approx(np.median(side["prefill_s_repeats"]))
+    assert side["decode_ms_per_token"] == pytest.approx(1e3 * np.median(side["decode_s_per_token_repeats"]))
+    assert side["prefill_tokens_per_s"] == pytest.approx(batch * length / side["prefill_s"])
+    assert side["decode_tokens_per_s"] == pytest.approx(1e3 * batch / side["decode_ms_per_token"])
+    assert side["kv_bytes"] > 0 and side["decode_bytes_per_step"] == param_bytes + side["kv_bytes"]
+    assert side["roofline_fraction"] == pytest.approx(side["decode_gb_per_s"] / bandwidth)
+
+
+def test_bench_against_transformers_writes_the_peer_report(tmp_path, capsys):
+    """`kvjax bench --against transformers` on the bundled model: the JSON's schema (no timing asserted), the
+    transformers copy of the weights giving kvjax's logits, skipped cells listed, and the plot."""
+    pytest.importorskip("torch", reason="the transformers comparison needs torch (the [compare] extra)")
+    pytest.importorskip("transformers", reason="the transformers comparison needs transformers (the [compare] extra)")
+    import matplotlib.image
+
+    from kvjax.cli import main
+
+    out = tmp_path / "peer"
+    argv = ["bench", "--against", "transformers", "--model", "needle-llama", "--lengths", "192,256"]
+    argv += ["--batch-sizes", "1,2", "--max-batch-tokens", "400", "--new-tokens", "3", "--repeats", "1"]
+    argv += ["--dtype", "float32", "--bandwidth-mb", "8", "--out", str(out), "--no-progress"]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "prefill x" in printed and "transformers" in printed
+    report = json.loads((out / "peer.json").read_text())
+    assert set(report["versions"]) >= {"jax", "jaxlib", "torch", "transformers", "kvpress"}
+    assert report["versions"]["kvpress"] is None or "kvpress" in report["versions"]
+    assert report["dtype"] == "float32" and report["cpu_count"] >= 1 and len(report["loadavg"]) == 3
+    assert report["cells_run"] == [[192, 1], [192, 2], [256, 1]] and report["cells_skipped"] == [[256, 2]]
+    bandwidth = report["bandwidth"]
+    assert bandwidth["one_core_gb_s"] > 0 and bandwidth["all_cores_gb_s"] == max(bandwidth["all_cores_repeats_gb_s"])
+    assert report["roofline_bandwidth_gb_s"] == bandwidth["all_cores_gb_s"]
+    assert report["parity"]["max_abs_logit_diff"] < 1e-4 and report["parity"]["argmax_agreement"] == 1.0
+    param_bytes = report["shapes"]["param_bytes"]
+    assert param_bytes == sum(
+        x.size * 4 for x in jax.tree.leaves(kvjax.load("needle-llama", jnp.float32).params)
+    )  # untied: lm_head counted
+    rows = report["rows"]
+    assert [(r["method"], r["peer"], r["length"], r["batch_size"]) for r in rows] == [
+        ("full", "transformers", 192, 1),
+        ("full", "transformers", 192, 2),
+        ("full", "transformers", 256, 1),
+    ]
+    for r in rows:
+        for side in (r["kvjax"], r["peer_result"]):
+            _check_side(side, r["batch_size"], r["length"], param_bytes, report["roofline_bandwidth_gb_s"])
+        ours, peer = r["kvjax"], r["peer_result"]
+        assert r["prefill_ratio"] == pytest.approx(ours["prefill_tokens_per_s"] / peer["prefill_tokens_per_s"])
+        assert r["decode_ratio"] == pytest.approx(ours["decode_tokens_per_s"] / peer["decode_tokens_per_s"])
+        assert r["peer_cache"] == "static" and len(r["loadavg_before"]) == len(r["loadavg_after"]) == 3
+        # transformers' static cache holds prompt + new - 1 (the last token is never fed); kvjax's state holds
+        # room for all new tokens, rounded up, and positions
+        per_token = 2 * 3 * 2 * 32 * 4  # K and V, layers, KV heads, head dim, float32
+        assert peer["kv_bytes"] == r["batch_size"] * (r["length"] + 2) * per_token
+        assert peer["kv_bytes"] < ours["kv_bytes"] < 1.2 * peer["kv_bytes"]
+    targets = report["targets"]
+    assert set(targets["prefill_ratio_vs_transformers (target >= 1.5)"]) == {"192x1", "192x2", "256x1"}
+    assert targets["snapkv_4k_batch8_speedup_fraction (target >= 0.8)"] is None
+    assert matplotlib.image.imread(out / "peer.png").ndim == 3
+
+
+def test_bench_against_kvpress_compares_the_same_presses(tiny_model):
+    """SnapKV and StreamingLLM against kvpress's presses at the same kept share: both sides' caches shrink
+    to it, and each compressed row carries kvjax's decode speedup over Full against what its bytes allow."""
+    pytest.importorskip("kvpress", reason="kvpress is not installed (it pins transformers<5.3: its own venv)")
+    from kvjax.eval.peer_bench import run_peer_bench
+
+    config = _peer_config(against=("kvpress",), lengths=(512,), batch_sizes=(2,), keep=0.25)
+    report = run_peer_bench(tiny_model, config, log=lambda _: None)
+    rows = report["rows"]
+    assert [(r["method"], r["peer"]) for r in rows] == [("snapkv", "kvpress"), ("streaming", "kvpress")]
+    for r in rows:
+        assert r["peer_cache"] == "dynamic" and "compression_ratio=0.75" in r["peer_method"]
+        assert r["peer_result"]["kv_bytes"] == 2 * 128 * 2 * 2 * 2 * 16 * 4  # 128 of 512 tokens kept
+        assert r["kvjax"]["kv_bytes"] < r["kvjax_full_kv_bytes"] / 3
+        assert r["decode_speedup_bytes_allow"] == pytest.approx(
+            (report["shapes"]["param_bytes"] + r["kvjax_full_kv_bytes"]) / r["kvjax"]["decode_bytes_per_step"]
+        )
+
+
+def test_bench_against_names_the_extra_when_a_peer_is_missing(monkeypatch, capsys):
+    """Without torch (CI installs `.[test]`, a user may not have it) the comparison fails in one line naming the
+    extra, before any model loads; unknown peers are refused."""
+    from kvjax.cli import main
+
+    monkeypatch.setitem(sys.modules, "torch", None)  # import torch -> ImportError
+    assert main(["bench", "--against", "transformers", "--model", "no-such-model"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "needs torch" in err and '".[compare]"' in err
+    assert main(["bench", "--against", "vllm"]) == 2
+    assert "--against takes transformers, kvpress" in capsys.readouterr().err
+
+
+def test_peer_bench_lengths_and_cells():
+    from kvjax.eval.peer_bench import PeerBenchConfig, memory_bandwidth, parse_lengths
+
+    assert parse_lengths("1k, 4k,max", 8192, 32) == (1024, 4096, 8160)
+    config = PeerBenchConfig(lengths=(1024, 4096, 8160), batch_sizes=(1, 8), max_batch_tokens=32768)
+    assert config.cells() == (
+        [(1024, 1), (1024, 8), (4096, 1), (4096, 8), (8160, 1)],
+        [(8160, 8)],
+    )
+    with pytest.raises(ValueError, match="keep"):
+        PeerBenchConfig(keep=1.0)
+    with pytest.raises(ValueError, match="against takes"):
+        PeerBenchConfig(against=("vllm",))
+    got = memory_bandwidth(4, repeats=2, threads=2)
+    assert got["threads"] == 2 and len(got["one_core_repeats_gb_s"]) == 2 and got["one_core_gb_s"] > 0
