@@ -52,7 +52,33 @@ class Tokenizer:
         return value.get("content") if isinstance(value, dict) else value
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        if not isinstance(text, str):
+            raise ValueError(f"encode takes a string; got {type(text).__name__}")
         return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
+
+    def __call__(self, text: str | list[str], add_special_tokens: bool = True) -> dict[str, list]:
+        """{"input_ids": ids} for a string, or a list of id lists for a list of strings (as transformers)."""
+        if isinstance(text, str):
+            return {"input_ids": self.encode(text, add_special_tokens)}
+        if not isinstance(text, (list, tuple)) or not all(isinstance(t, str) for t in text):
+            raise ValueError("a tokenizer takes a string or a list of strings")
+        return {"input_ids": [e.ids for e in self._tok.encode_batch(list(text), add_special_tokens=add_special_tokens)]}
+
+    def _special_id(self, key: str) -> int | None:
+        name = self._special(key)
+        return None if name is None else self.token_id(name)
+
+    @property
+    def bos_token_id(self) -> int | None:
+        return self._special_id("bos_token")
+
+    @property
+    def eos_token_id(self) -> int | None:
+        return self._special_id("eos_token")
+
+    @property
+    def pad_token_id(self) -> int | None:
+        return self._special_id("pad_token")
 
     def decode(self, ids, skip_special_tokens: bool = True) -> str:
         return self._tok.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
@@ -68,8 +94,13 @@ class Tokenizer:
                 return self.token_id(name)
         return 0
 
-    def apply_chat_template(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
-        """The prompt text for a conversation, rendered in a sandbox as transformers does."""
+    def apply_chat_template(
+        self, messages: list[dict[str, str]], add_generation_prompt: bool = True, tokenize: bool = False
+    ) -> str | list[int]:
+        """The prompt text for a conversation (its ids when `tokenize`), rendered in a sandbox as
+        transformers does."""
+        if tokenize:
+            return self.encode(self.apply_chat_template(messages, add_generation_prompt), add_special_tokens=False)
         if not self.chat_template:
             raise ValueError("this checkpoint's tokenizer has no chat template")
         try:
@@ -98,4 +129,4 @@ class Tokenizer:
 
     def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
         """Template-rendered conversation to ids; the template already holds the special tokens."""
-        return self.encode(self.apply_chat_template(messages), add_special_tokens=False)
+        return self.apply_chat_template(messages, tokenize=True)

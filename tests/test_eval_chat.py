@@ -3,29 +3,17 @@ by exact match and by digit_match."""
 
 from __future__ import annotations
 
-import jax.numpy as jnp
 import pytest
-from flax import nnx
 
 import kvjax
 from kvjax.eval.harness import EvalConfig, run_eval
 from kvjax.eval.results import format_table
+from tests.support.chat_model import build_chat_model
 
 
 @pytest.fixture(scope="module")
 def chat_model(tmp_path_factory):
-    """A random 1-layer Llama over the tiny checkpoints' BPE tokenizer (template <s><|user|>...</s><|assistant|>)."""
-    from checkpoints_convert.tiny_checkpoints import build_tokenizer
-    from kvjax.checkpoint import load, save_checkpoint
-    from kvjax.train.lm import ModelSize, model_config
-
-    root = tmp_path_factory.mktemp("chat-model")
-    vocab = build_tokenizer(root)
-    files = {name: root / name for name in ("tokenizer.json", "tokenizer_config.json")}
-    size = ModelSize(layers=1, hidden=64, heads=4, kv_heads=2, head_dim=16, intermediate=128, max_positions=1024)
-    m = kvjax.init_model(model_config(size, vocab, 0, 1, 2), seed=0, dtype=jnp.float32)
-    path = save_checkpoint(root / "model", m.config, nnx.to_pure_dict(m.params), files, {"note": "random"})
-    return load(path, dtype=jnp.float32)
+    return build_chat_model(tmp_path_factory.mktemp("chat-model"))
 
 
 def _run(m, monkeypatch, chat):
