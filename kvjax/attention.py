@@ -6,6 +6,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+from einops import rearrange
 
 from kvjax.sharding import per_device
 from pallas_kernels import kv_quant
@@ -81,13 +82,12 @@ def split_query_chunks(chunk: int, *xs: jax.Array) -> tuple[jax.Array, ...]:
     c = min(chunk, t)
     if t % c:
         raise ValueError(f"query length {t} is not a multiple of the attention chunk {c}; pad the sequence")
-    return tuple(x.reshape(b, t // c, c, *x.shape[2:]).swapaxes(0, 1) for x in xs)
+    return tuple(rearrange(x, "b (n c) ... -> n b c ...", c=c) for x in xs)
 
 
 def join_query_chunks(x: jax.Array) -> jax.Array:
     """[N, B, C, ...] chunks back to [B, N * C, ...]."""
-    n, b, c = x.shape[:3]
-    return x.swapaxes(0, 1).reshape(b, n * c, *x.shape[3:])
+    return rearrange(x, "n b c ... -> b (n c) ...")
 
 
 def check_impl(impl: str) -> None:
@@ -169,9 +169,10 @@ def decode_with_lse(
         return_lse=True,
     )
     out, lse = per_device(decode, b, kv_heads, (1, 1, 1, 1), (1, 1))(
-        q.reshape(b, kv_heads * group, d), k, v, lengths
+        rearrange(q, "b 1 k g d -> b (k g) d"), k, v, lengths
     )  # [B, H, D], [B, H]
-    return out.reshape(q.shape).astype(v.dtype), lse.reshape(q.shape[:-1])
+    out = rearrange(out, "b (k g) d -> b 1 k g d", k=kv_heads)
+    return out.astype(v.dtype), rearrange(lse, "b (k g) -> b 1 k g", k=kv_heads)
 
 
 def attend_pages(
@@ -222,9 +223,9 @@ def attend_pages(
 
     masks = () if slot_mask is None else (slot_mask,)
     out = per_device(decode, b, kv_heads, (1,) * (5 + len(masks)), 1)(
-        q.reshape(b, kv_heads * group, d), k, v, lengths, table, *masks
+        rearrange(q, "b 1 k g d -> b (k g) d"), k, v, lengths, table, *masks
     )  # [B, H, D]
-    return out.reshape(q.shape).astype(v.dtype)
+    return rearrange(out, "b (k g) d -> b 1 k g d", k=kv_heads).astype(v.dtype)
 
 
 def _prefill_chunk(
@@ -249,7 +250,7 @@ def _prefill_chunk(
     b, t, kv_heads, group, d = q.shape
     lengths = jnp.sum(k_pos[:, 0] >= 0, axis=-1, dtype=jnp.int32)  # [B]: heads share positions
     mask = DenseCausal() if window is None else SinkLocal(0, window)
-    q_heads = q.reshape(b, t, kv_heads * group, d).swapaxes(1, 2)  # [B, H, T, D]
+    q_heads = rearrange(q, "b t k g d -> b (k g) t d")
 
     def prefill(q_heads, k, v, lengths, q_offset):
         return block_sparse_prefill(
@@ -268,7 +269,7 @@ def _prefill_chunk(
     out = per_device(prefill, b, kv_heads, (1, 1, 1, None, None), 1)(
         q_heads, k, v, lengths, q_pos[:, 0]
     )  # [B, H, T, D]
-    return out.swapaxes(1, 2).reshape(q.shape).astype(v.dtype)
+    return rearrange(out, "b (k g) t d -> b t k g d", k=kv_heads).astype(v.dtype)
 
 
 def attend_with_probs(
@@ -331,6 +332,6 @@ def _quantized_decode(q, slab, slab_length, k_win, v_win, win_pos, scale, impl) 
         k_win, v_win = jnp.pad(k_win, pad), jnp.pad(v_win, pad)
     decode = functools.partial(quantized_decode_attention, sm_scale=scale, config=config, implementation=impl)
     out = per_device(decode, b, kh, (2, 1, None, 1, 1, None), 2)(
-        q.reshape(b, t, kh * g, d), slab, slab_length, k_win, v_win, win_length
+        rearrange(q, "b t k g d -> b t (k g) d"), slab, slab_length, k_win, v_win, win_length
     )  # [B, 1, H, D]
-    return out.reshape(b, t, kh, g, d)
+    return rearrange(out, "b t (k g) d -> b t k g d", k=kh)

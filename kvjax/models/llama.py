@@ -12,6 +12,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+from einops import rearrange
 from flax import nnx, struct
 
 from kvjax.attention import attend
@@ -91,14 +92,14 @@ class Attention(nnx.Module):
         b, t, _ = x.shape
         q_raw, k_raw, v = self.project(x)
         q, k = apply_rope(q_raw, *rope), apply_rope(k_raw, *rope)
-        grouped = (b, t, cfg.num_kv_heads, cfg.group_size, cfg.head_dim)
+        grouped = "b t (k g) d -> b t k g d"  # query head h = k * G + g attends with KV head k
         new_pos = jnp.where(valid, positions, -1)  # [B, T]
         if layer_fn is None:
             k_pos = jnp.broadcast_to(new_pos[:, None, :], (b, cfg.num_kv_heads, t))  # [B, K, T]
             out = attend(
-                q.reshape(grouped),
-                k.swapaxes(1, 2),
-                v.swapaxes(1, 2),
+                rearrange(q, grouped, k=cfg.num_kv_heads),
+                rearrange(k, "b t k d -> b k t d"),
+                rearrange(v, "b t k d -> b k t d"),
                 k_pos,
                 positions,
                 ctx.window,
@@ -107,16 +108,16 @@ class Attention(nnx.Module):
             )
         else:
             inputs = StepInputs(
-                q=q.reshape(grouped),
+                q=rearrange(q, grouped, k=cfg.num_kv_heads),
                 k=k,
                 v=v,
-                q_raw=q_raw.reshape(grouped),
+                q_raw=rearrange(q_raw, grouped, k=cfg.num_kv_heads),
                 k_raw=k_raw,
                 q_pos=positions,
                 new_pos=new_pos,
             )
             out, segments, shared = layer_fn(ctx, segments, shared, inputs)
-        out = jnp.einsum("bthd,hde->bte", out.reshape(b, t, cfg.num_heads, cfg.head_dim), self.o_proj[...])
+        out = jnp.einsum("bthd,hde->bte", rearrange(out, "b t k g d -> b t (k g) d"), self.o_proj[...])
         if cfg.o_bias:
             out = out + self.o_bias[...]
         return out, segments, shared
