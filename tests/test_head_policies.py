@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -138,13 +139,15 @@ def _quantile_rule(gates: np.ndarray, sparsity: float) -> list[list[int]]:
 def test_official_llama31_pattern_gives_the_quantile_head_set(sparsity):
     gates = np.loadtxt(LLAMA31_TSV, delimiter="\t")
     assert gates.shape == (32, 8)
-    policy = DuoAttention.from_tsv(LLAMA31_TSV, sparsity=sparsity)
-    assert [list(h) for h in policy.retrieval_heads] == _quantile_rule(gates, sparsity)
-    n = sum(map(len, policy.retrieval_heads))
+    every_tie = DuoAttention.from_tsv(LLAMA31_TSV, sparsity=sparsity, break_ties=False)
+    assert [list(h) for h in every_tie.retrieval_heads] == _quantile_rule(gates, sparsity)
+    n = sum(map(len, every_tie.retrieval_heads))
     assert n >= 256 - math.ceil(sparsity * 255)  # ties at the threshold are all kept
-    exact = DuoAttention.from_tsv(LLAMA31_TSV, sparsity=sparsity, break_ties=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # ties decide at some sparsities (tests/test_authors_rules.py)
+        exact = DuoAttention.from_tsv(LLAMA31_TSV, sparsity=sparsity)
     assert sum(map(len, exact.retrieval_heads)) == 256 - math.ceil(sparsity * 255)  # the authors' count
-    assert all(set(e) <= set(p) for e, p in zip(exact.retrieval_heads, policy.retrieval_heads))
+    assert all(set(e) <= set(p) for e, p in zip(exact.retrieval_heads, every_tie.retrieval_heads))
 
 
 def test_gate_file_round_trip(tmp_path):

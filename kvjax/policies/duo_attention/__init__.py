@@ -8,6 +8,7 @@ from kvjax.policies.duo_attention.policy import (
     HeadSets,
     quantile_head_sets,
     read_gates_tsv,
+    read_pattern_config,
     split_layout,
     write_gates_tsv,
 )
@@ -34,6 +35,7 @@ __all__ = [
     "pattern_file",
     "quantile_head_sets",
     "read_gates_tsv",
+    "read_pattern_config",
     "released_patterns",
     "split_layout",
     "write_gates_tsv",

@@ -18,8 +18,11 @@ prefilling (sink + recent, compressed after each chunk) and keep the reference t
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import os
+import warnings
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -56,15 +59,16 @@ def write_gates_tsv(path: str | os.PathLike, gates) -> None:
     np.savetxt(path, gates, delimiter="\t")
 
 
-def quantile_head_sets(gates, sparsity: float, break_ties: bool = False) -> HeadSets:
-    """Per layer, the retrieval KV heads by DuoAttention's deployment rule.
+def quantile_head_sets(gates, sparsity: float, break_ties: bool = True) -> HeadSets:
+    """Per layer, the retrieval KV heads by DuoAttention's deployment rule (`sparsify_attention_heads`).
 
     Gates are clipped to [0, 1] (as `load_attn_pattern`); `threshold = np.quantile(gates, sparsity)`
     with numpy's default linear interpolation; retrieval iff `gate >= threshold`; sparsity >= 1 ->
-    none, <= 0 -> all. The authors break ties by adding U(0, 1e-6) noise first (random); kvjax is
-    deterministic: by default every head tied at the threshold stays a retrieval head (never fewer
-    than the authors' count); `break_ties=True` keeps exactly the authors' count,
-    `N - ceil(sparsity * (N - 1))` heads, preferring the earlier (layer, head) among equal gates.
+    none, <= 0 -> all. The authors first add U(0, 1e-6) noise, so the gates are distinct and exactly
+    `N - ceil(sparsity * (N - 1))` of the N heads stay retrieval heads; kvjax keeps that count, breaking
+    ties deterministically (the earlier (layer, head) among equal gates stays a retrieval head) where the
+    authors' noise breaks them at random, and warns when ties decide. `break_ties=False` keeps every head
+    tied at the threshold instead (more retrieval heads than asked; bf16 gates clipped to 1 tie widely).
     """
     gates = np.clip(np.asarray(gates, np.float64), 0.0, 1.0)
     if gates.ndim != 2:
@@ -76,14 +80,46 @@ def quantile_head_sets(gates, sparsity: float, break_ties: bool = False) -> Head
     elif sparsity <= 0:
         keep = np.ones(gates.shape, bool)
     elif break_ties:
-        n = gates.size - math.ceil(sparsity * (gates.size - 1))
-        order = np.argsort(-gates.reshape(-1), kind="stable")[:n]  # highest first, ties by index
-        keep = np.zeros(gates.size, bool)
-        keep[order] = True
+        flat = gates.reshape(-1)
+        n = flat.size - math.ceil(sparsity * (flat.size - 1))  # the authors' count of retrieval heads
+        order = np.argsort(-flat, kind="stable")  # highest first, ties by (layer, head)
+        if 0 < n < flat.size and flat[order[n - 1]] == flat[order[n]]:
+            tied = int(np.sum(flat == flat[order[n]]))
+            warnings.warn(
+                f"DuoAttention: {tied} heads share the gate {flat[order[n]]:g} at the sparsity {sparsity} cut; "
+                f"ties decide which of them stream (kvjax keeps the earlier (layer, head), the authors pick at random)",
+                stacklevel=2,
+            )
+        keep = np.zeros(flat.size, bool)
+        keep[order[:n]] = True
         keep = keep.reshape(gates.shape)
     else:
         keep = gates >= np.quantile(gates, sparsity)
     return tuple(tuple(int(h) for h in np.flatnonzero(row)) for row in keep)
+
+
+PATTERN_CONFIG = "config.json"  # DuoAttention's training config beside its full_attention_heads.tsv
+
+
+def read_pattern_config(tsv: str | os.PathLike) -> dict:
+    """The settings stored beside a gate file: from DuoAttention's `config.json` (`sink_size`,
+    `recent_size`, `sparsity`) or kvjax's `duo_gates.json` (`sink`, `recent`), as {"sink", "recent",
+    "sparsity"} with the keys the file sets; {} when there is neither."""
+    folder = Path(tsv).parent
+    for name, keys in (
+        (PATTERN_CONFIG, ("sink_size", "recent_size", "sparsity")),
+        ("duo_gates.json", ("sink", "recent", "sparsity")),
+    ):
+        path = folder / name
+        if not path.is_file():
+            continue
+        try:
+            raw = json.loads(path.read_text())
+        except (OSError, ValueError) as err:
+            raise ValueError(f"{path}: unreadable ({type(err).__name__}: {err})") from err
+        found = {ours: raw.get(theirs) for ours, theirs in zip(("sink", "recent", "sparsity"), keys)}
+        return {k: v for k, v in found.items() if v is not None}
+    return {}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -155,17 +191,31 @@ class DuoAttention(Policy):
 
     @classmethod
     def from_gates(
-        cls, gates, sparsity: float = 0.5, sink: int = 64, recent: int = 256, break_ties: bool = False
+        cls, gates, sparsity: float = 0.5, sink: int = 64, recent: int = 256, break_ties: bool = True
     ) -> DuoAttention:
         """Head split from gates float[L, Hkv] by the quantile rule (sparsity 0.5 GQA, 0.75 MHA)."""
         return cls(quantile_head_sets(gates, sparsity, break_ties), sink, recent)
 
     @classmethod
     def from_tsv(
-        cls, path: str | os.PathLike, sparsity: float = 0.5, sink: int = 64, recent: int = 256, break_ties: bool = False
+        cls,
+        path: str | os.PathLike,
+        sparsity: float | None = None,
+        sink: int | None = None,
+        recent: int | None = None,
+        break_ties: bool = True,
     ) -> DuoAttention:
-        """Head split from a `full_attention_heads.tsv` (DuoAttention's release or kvjax's gate file)."""
-        return cls.from_gates(read_gates_tsv(path), sparsity, sink, recent, break_ties)
+        """Head split from a `full_attention_heads.tsv` (DuoAttention's release or kvjax's gate file). Settings
+        left None come from the config beside it (`read_pattern_config`: the authors' `load_attn_pattern`
+        reads sink_size 128 and recent_size 256 there), else sparsity 0.5, sink 64, recent 256."""
+        stored = read_pattern_config(path)
+        return cls.from_gates(
+            read_gates_tsv(path),
+            stored.get("sparsity", 0.5) if sparsity is None else sparsity,
+            stored.get("sink", 64) if sink is None else sink,
+            stored.get("recent", 256) if recent is None else recent,
+            break_ties,
+        )
 
     def retrieval_fraction(self, num_kv_heads: int) -> float:
         return sum(map(len, self.retrieval_heads)) / (num_kv_heads * len(self.retrieval_heads))

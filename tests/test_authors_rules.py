@@ -1,0 +1,82 @@
+"""Each method against its authors' code, rule by rule (issue 46): the authors' formula written out in numpy
+here, kvjax's policy beside it. Fast: no model, or the tiny one."""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import numpy as np
+import pytest
+
+from kvjax.policies import DuoAttention
+from kvjax.policies.duo_attention import pattern_file, quantile_head_sets, read_gates_tsv, released_patterns
+
+# ------------------------------------------------------------------------------------------------
+# DuoAttention: the authors' `sparsify_attention_heads` and `load_attn_pattern`
+# ------------------------------------------------------------------------------------------------
+
+
+def _authors_sparsify(gates: np.ndarray, sparsity: float, seed: int) -> np.ndarray:
+    """duo_attn.utils.sparsify_attention_heads (mit-han-lab/duo-attention), written out: U(0, 1e-6) noise
+    breaks ties, then retrieval iff gate >= quantile(gates, sparsity). bool[L, Hkv]."""
+    noisy = np.clip(gates, 0, 1) + np.random.default_rng(seed).uniform(0, 1e-6, gates.shape)
+    return noisy >= np.quantile(noisy, sparsity)
+
+
+def _as_mask(sets, shape) -> np.ndarray:
+    mask = np.zeros(shape, bool)
+    for layer, heads in enumerate(sets):
+        mask[layer, list(heads)] = True
+    return mask
+
+
+@pytest.mark.parametrize("sparsity", [0.25, 0.5, 0.75])
+@pytest.mark.parametrize("model", released_patterns())
+def test_duo_head_sets_meet_the_authors_count_on_every_shipped_pattern(model, sparsity):
+    """The authors' noisy quantile keeps exactly N - ceil(s (N - 1)) retrieval heads; kvjax keeps the same
+    count and the same heads, up to which of the heads within the noise (1e-6) of the cut stream: the
+    authors' noise decides that at random. Before issue 46, ties kept every tied head: Llama-2-7B-32K at 0.25 streamed none."""
+    gates = np.clip(read_gates_tsv(pattern_file(model)), 0, 1)
+    n = gates.size - math.ceil(sparsity * (gates.size - 1))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ours = _as_mask(quantile_head_sets(gates, sparsity), gates.shape)
+    assert ours.sum() == n
+    cut = np.sort(gates.reshape(-1))[::-1][n - 1]  # the gate value at the cut
+    for seed in range(3):
+        theirs = _authors_sparsify(gates, sparsity, seed)
+        assert theirs.sum() == n
+        assert np.all(np.abs(gates[ours != theirs] - cut) < 1e-6)  # only heads the noise can reorder differ
+
+
+def test_duo_warns_when_ties_decide_and_not_otherwise():
+    gates = read_gates_tsv(pattern_file("Llama-2-7B-32K-Instruct"))
+    with pytest.warns(UserWarning, match="ties decide"):
+        sets = quantile_head_sets(gates, 0.25)
+    assert sum(map(len, sets)) == 768  # 256 of 1024 heads stream, not 0
+    distinct = np.random.default_rng(0).uniform(0, 1, (4, 8))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert sum(map(len, quantile_head_sets(distinct, 0.5))) == 32 - math.ceil(0.5 * 31)
+    every_tie = quantile_head_sets(gates, 0.25, break_ties=False)  # the old rule, still available
+    assert sum(map(len, every_tie)) == 1024
+
+
+def test_duo_from_tsv_reads_the_config_beside_it(tmp_path):
+    """`load_attn_pattern` reads sink_size and recent_size from config.json beside the gates (128 and 256 in
+    every release); arguments given explicitly still win, and a folder without a config keeps the defaults."""
+    for model in released_patterns():
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            policy = DuoAttention.from_tsv(pattern_file(model), sparsity=0.5)
+        assert (policy.sink, policy.recent) == (128, 256), model
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert DuoAttention.from_tsv(pattern_file(released_patterns()[0]), 0.5, sink=64).sink == 64
+    gates = np.random.default_rng(1).uniform(0, 1, (2, 4))
+    np.savetxt(tmp_path / "full_attention_heads.tsv", gates, delimiter="\t")
+    assert DuoAttention.from_tsv(tmp_path / "full_attention_heads.tsv") == DuoAttention.from_gates(gates, 0.5, 64, 256)
+    (tmp_path / "config.json").write_text('{"sink_size": 16, "recent_size": 48, "sparsity": 0.75}')
+    stored = DuoAttention.from_tsv(tmp_path / "full_attention_heads.tsv")
+    assert stored == DuoAttention.from_gates(gates, 0.75, 16, 48)
