@@ -132,29 +132,52 @@ def test_pyramidkv_layer_budgets_selection_and_bytes(tiny_model):
     assert kvjax.kv_bytes(state) == slots * per_slot + 2 * 4
 
 
-def test_adakv_pools_heads_with_floors(tiny_model):
+def _authors_adakv(pooled: np.ndarray, selected: int, alpha: float) -> list[set[int]]:
+    """FFY0/AdaKV `AdaptiveSnapKVCluster.update_kv_gqa`, written out for one sequence: pooled [K, T - W]
+    scores; the top selected x K of all heads give each head its count c_h, and head h keeps its top
+    round((1 - alpha) c_h + int(alpha selected)) (float32, round half to even, as torch)."""
+    kh, n = pooled.shape
+    order = np.argsort(-pooled.reshape(-1), kind="stable")[: selected * kh]
+    c = np.bincount(order // n, minlength=kh)
+    caps = np.round(c.astype(np.float32) * np.float32(1 - alpha) + int(selected * alpha)).astype(int)
+    return [top(p, cap) for p, cap in zip(pooled, caps)]
+
+
+def _kvpress_adakv(pooled: np.ndarray, budget: int, window: int, alpha: float) -> list[set[int]]:
+    """kvpress `AdaKVPress` over SnapKV's scores (the window scored highest), for one sequence: each head's
+    top max(1, int(alpha budget)) forced, then the top budget x K of all heads."""
+    kh, n = pooled.shape
+    scores = np.concatenate([pooled, np.full((kh, window), pooled.max() + 1)], axis=1)  # [K, T]
+    safe = max(1, int(budget * alpha))
+    for h in range(kh):
+        scores[h, np.argsort(-scores[h], kind="stable")[:safe]] = np.finfo(np.float64).max
+    keep = np.argsort(-scores.reshape(-1), kind="stable")[: budget * kh]
+    return [{int(i) % (n + window) for i in keep if i // (n + window) == h} for h in range(kh)]
+
+
+@pytest.mark.parametrize("safeguard", ["authors", "kvpress"])
+def test_adakv_splits_the_layer_budget_by_its_safeguard(tiny_model, safeguard):
     m, budget, window, alpha = tiny_model, 40, 8, 0.2
     tokens, qkv = _layers(m, 2, 2, 256)
-    policy = AdaKV(SnapKV(budget_tokens=budget, window=window, kernel=5), alpha=alpha)
+    policy = AdaKV(SnapKV(budget_tokens=budget, window=window, kernel=5, pooling="avg"), alpha, safeguard)
     state = kvjax.prefill(m, tokens, policy, chunk_size=64)
-    kh, floor = m.config.num_kv_heads, int(alpha * (budget - window))
+    kh, recent = m.config.num_kv_heads, set(range(256 - window, 256))
     for layer, (q, k, _) in enumerate(qkv):
         pooled = _snapkv_votes(q, k, m.config.group_size, window, 5)  # [B, K, T - W]
-        expected = []
-        for seq in pooled:
-            forced = [top(p, floor) for p in seq]
-            rest = [(-p[i], h, i) for h, p in enumerate(seq) for i in range(len(p)) if i not in forced[h]]
-            chosen = sorted(rest)[: (budget - window - floor) * kh]
-            expected.append(
-                [forced[h] | {i for _, g, i in chosen if g == h} | set(range(256 - window, 256)) for h in range(kh)]
-            )
+        if safeguard == "authors":
+            expected = [[h | recent for h in _authors_adakv(seq, budget - window, alpha)] for seq in pooled]
+        else:
+            expected = [_kvpress_adakv(seq, budget, window, alpha) for seq in pooled]
         got = kept(state, layer)
         assert got == expected
-        for seq in got:
-            assert all(len(h) >= window + floor for h in seq) and sum(map(len, seq)) == budget * kh
         assert len({len(h) for seq in got for h in seq}) > 1  # budgets really differ between heads
+        if safeguard == "kvpress":
+            assert all(sum(map(len, seq)) == budget * kh for seq in got)
+        else:  # S x K selected, give or take the rounding of each head's share
+            assert all(abs(sum(map(len, seq)) - budget * kh) <= kh // 2 for seq in got)
     c = m.config  # one pool per layer: k, v float32 + pos, head int32 per slot, plus length int32[B]
-    assert kvjax.kv_bytes(state) == c.num_layers * 2 * budget * kh * (2 * c.head_dim * 4 + 8) + 2 * 4
+    slots = 2 * (budget * kh + (kh // 2 if safeguard == "authors" else 0))
+    assert kvjax.kv_bytes(state) == c.num_layers * slots * (2 * c.head_dim * 4 + 8) + 2 * 4
 
 
 # ------------------------------------------------------------------------------------------------
@@ -245,10 +268,11 @@ def test_adakv_over_pyramidkv_appends_one_entry_per_head(tiny_model):
     policy = AdaKV(PyramidKV(budget_tokens=40, window=8, kernel=5, beta=4))
     state = kvjax.prefill(m, tokens, policy, max_new_tokens=5, chunk_size=64)
     assert policy.base.layer_budgets(2) == (64, 16)  # S = 32: bottom 56 + 8, top 8 + 8
-    # Sized by the layer total (budget x Hkv) plus one slot per head per decode token.
-    assert [layer[0].capacity for layer in state.layers] == [64 * 2 + 2 * 5, 16 * 2 + 2 * 5]
+    # Sized by the layer total (budget x Hkv, + Hkv // 2 for the rounding) plus one slot per head per decode token.
+    assert [layer[0].capacity for layer in state.layers] == [64 * 2 + 1 + 2 * 5, 16 * 2 + 1 + 2 * 5]
     before = [np.asarray(layer[0].counts()) for layer in state.layers]
-    assert [int(n.sum()) for n in before] == [2 * 64 * 2, 2 * 16 * 2]
+    for n, budget in zip(before, (64, 16)):  # budget x Hkv per sequence, give or take the safeguard's rounding
+        assert np.all(np.abs(n.sum(-1) - budget * 2) <= 2)
     _, state = kvjax.decode_step(m, state, tokens[:, 0], policy)
     for layer, n in zip(state.layers, before):
         np.testing.assert_array_equal(np.asarray(layer[0].counts()), n + 1)

@@ -1,15 +1,22 @@
 """AdaKV (Feng et al., 2024): head-wise budgets, chosen jointly over a layer's KV heads.
 
 A wrapper over a prompt-compressing scoring policy (SnapKV, PyramidKV, Knorm): the base policy
-prefills and scores exactly as it would alone; at the end of the prompt, per layer, every head
-keeps its protected entries (priority +inf, e.g. SnapKV's observation window) plus its top
-floor(alpha * (budget - protected)) entries (the paper's safeguard), and the rest of the layer's
-budget * Hkv slots go to the highest priorities of all heads pooled. Heads thus keep different
-counts, and the layer's storage is one `PooledSegment` sized by the layer total, budget * Hkv
-(+ Hkv per decode token), never budget * max(count): each slot records its owning head. Entries
-are ordered by (head, position) after the prompt, so each head's entries are a contiguous range a
-ragged kernel can read on its own; the jnp reference attends over the pool with the other heads'
-entries masked (exact, memory-exact, compute x Hkv). Decoding appends one entry per head.
+prefills and scores exactly as it would alone; at the end of the prompt, per layer, every head keeps
+its protected entries (priority +inf, e.g. SnapKV's observation window) and a share of the layer's
+selected budget S = budget - protected per head, by one of two safeguards:
+- "authors" (FFY0/AdaKV, `AdaptiveSnapKVCluster.update_kv_gqa`, the default): the top S x Hkv scores
+  of all heads pooled give each head its share c_h; head h then keeps its own top
+  round((1 - alpha) c_h + int(alpha S)) entries (torch's float32 arithmetic and round-half-even), so
+  the layer holds about S x Hkv, up to Hkv // 2 more from the rounding;
+- "kvpress" (NVIDIA kvpress's `AdaKVPress`): every head first keeps its top max(1, int(alpha x budget))
+  entries (protected ones included), then the layer's top budget x Hkv priorities of all heads pooled.
+Heads thus keep different counts, and the layer's storage is one `PooledSegment` sized by the layer
+total, budget * Hkv (+ Hkv // 2, + Hkv per decode token), never budget * max(count): each slot
+records its owning head. Entries are ordered by (head, position) after the prompt, so each head's
+entries are a contiguous range a ragged kernel can read on its own; the jnp reference attends over
+the pool with the other heads' entries masked (exact, memory-exact, compute x Hkv). Decoding appends
+one entry per head. A budget at least as large as a head's entries keeps them all (the authors'
+code compresses when the budget equals the prompt: kvjax's rule that such a budget equals Full wins).
 """
 
 from __future__ import annotations
@@ -57,13 +64,18 @@ def _ranks(priority: jax.Array) -> jax.Array:
     return jnp.argsort(order, axis=-1, stable=True).astype(jnp.int32)
 
 
+SAFEGUARDS = ("authors", "kvpress")
+
+
 @dataclasses.dataclass(frozen=True)
 class AdaKV(Policy):
-    """Scores entries with `base`'s priority; each layer keeps its top budget x Hkv over all heads
-    pooled, with at least alpha x (budget - protected) per head. Prompt compression; decode appends."""
+    """Scores entries with `base`'s priority; each layer splits budget x Hkv between its heads by the
+    pooled scores, with the `safeguard` floor of `alpha` per head (the authors' rule by default, or
+    kvpress's). Prompt compression; decoding appends."""
 
     base: TokenEviction = dataclasses.field(default_factory=lambda: _default_base())
-    alpha: float = 0.2  # the paper's safeguard floor
+    alpha: float = 0.2  # the safeguard share: the authors' LongBench runs with GQA use 0.2, as kvpress
+    safeguard: str = "authors"  # "authors" (FFY0/AdaKV) or "kvpress" (AdaKVPress)
 
     def __post_init__(self):
         if not isinstance(self.base, TokenEviction):
@@ -75,6 +87,8 @@ class AdaKV(Policy):
             )
         if not 0.0 <= self.alpha <= 1.0:
             raise ValueError(f"AdaKV alpha must be in [0, 1]; got {self.alpha}")
+        if self.safeguard not in SAFEGUARDS:
+            raise ValueError(f"AdaKV safeguard must be one of {SAFEGUARDS}; got {self.safeguard!r}")
 
     def with_budget(self, tokens):
         """The base policy's budget."""
@@ -107,22 +121,41 @@ class AdaKV(Policy):
             layers.append((self._pool(segments[0], budget, prompt_len, max_new_tokens),))
         return state.replace(layers=tuple(layers))
 
+    def kept(self, priority: jax.Array, budget: int) -> jax.Array:
+        """bool[B, K, C]: the entries a layer keeps, from the base's priorities float32[B, K, C] (+inf
+        protected, -inf empty) and the per-head `budget`, by the `safeguard` rule."""
+        b, kh, c = priority.shape
+        held = priority > -jnp.inf
+        protected = priority == jnp.inf
+        rank = _ranks(priority)  # [B, K, C] within each head, protected first
+        if self.safeguard == "kvpress":
+            safe = max(1, int(budget * self.alpha)) if self.alpha > 0 else 0  # AdaKVPress's n_safe
+            forced = jnp.where((rank < safe) & held, jnp.inf, priority).reshape(b, kh * c)
+            pooled = _ranks(forced) < kh * budget  # [B, K*C]: the layer's top budget x Hkv
+            return pooled.reshape(b, kh, c) & held
+        candidate = held & ~protected
+        selected = jnp.maximum(budget - jnp.sum(protected, axis=-1), 0)  # [B, K]: S per head
+        share = _ranks(jnp.where(candidate, priority, -jnp.inf).reshape(b, kh * c)) < jnp.sum(selected, -1)[:, None]
+        c_h = jnp.sum(share.reshape(b, kh, c) & candidate, axis=-1)  # [B, K]: each head's share of the pool
+        floor = jnp.asarray([int(s * self.alpha) for s in range(budget + 1)], jnp.float32)[selected]  # int(alpha S)
+        cap = jnp.round(c_h.astype(jnp.float32) * jnp.float32(1 - self.alpha) + floor).astype(jnp.int32)
+        cap = jnp.where(jnp.sum(candidate, axis=-1) <= selected, c, cap)  # the budget covers the head: keep all
+        return held & (protected | (rank - jnp.sum(protected, axis=-1, keepdims=True) < cap[..., None]))
+
     def _pool(self, seg, budget: int, prompt_len: int, max_new_tokens: int) -> PooledSegment:
-        """The layer's top min(budget, prompt) x Hkv entries, floors respected, in (head, pos) order."""
+        """The layer's kept entries (`kept`), in (head, pos) order, in min(budget, prompt) x Hkv slots
+        (+ Hkv // 2 for the authors' rounding) and one slot per head per decode token."""
         b, kh, c, d = seg.k.shape
-        total = min(budget, prompt_len) * kh
+        total = min(budget, prompt_len) * kh + (kh // 2 if self.safeguard == "authors" else 0)
         priority = jnp.where(seg.pos >= 0, self.base.priority(seg), -jnp.inf)  # [B, K, C]
-        protected = jnp.sum(priority == jnp.inf, axis=-1, dtype=jnp.int32)  # [B, K]
-        floor = jnp.floor(self.alpha * jnp.maximum(budget - protected, 0)).astype(jnp.int32)  # [B, K]
-        forced = (_ranks(priority) < (protected + floor)[..., None]) & (priority > -jnp.inf)
-        pooled = jnp.where(forced, jnp.inf, priority).reshape(b, kh * c)  # [B, K*C]
-        top_val, idx = jax.lax.top_k(pooled, total)  # [B, total]
-        held = top_val > -jnp.inf
-        owner = idx // c  # [B, total]
-        pos = jnp.where(held, jnp.take_along_axis(seg.pos.reshape(b, kh * c), idx, axis=-1), -1)
-        key = jnp.where(held, owner * prompt_len + pos, jnp.iinfo(jnp.int32).max)  # (head, position)
-        order = jnp.argsort(key, axis=-1)
-        idx, owner, pos = (jnp.take_along_axis(x, order, axis=-1) for x in (idx, owner, pos))
+        keep = self.kept(priority, budget).reshape(b, kh * c)
+        owner = jnp.broadcast_to(jnp.arange(kh * c) // c, (b, kh * c))
+        pos_all = seg.pos.reshape(b, kh * c)
+        key = jnp.where(keep, owner * prompt_len + pos_all, jnp.iinfo(jnp.int32).max)  # (head, position)
+        idx = jnp.argsort(key, axis=-1)[:, :total]  # [B, total]: kept entries first, in (head, pos) order
+        held = jnp.take_along_axis(keep, idx, axis=-1)
+        owner = idx // c
+        pos = jnp.where(held, jnp.take_along_axis(pos_all, idx, axis=-1), -1)
         pad = kh * max_new_tokens  # one slot per head per decode token
 
         def gather(x):  # [B, K, C, D] -> [B, total + pad, D]
