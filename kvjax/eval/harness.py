@@ -186,6 +186,7 @@ class EvalConfig:
     chunk_size: int = 512
     timing: bool = True  # time the prompt and the decode steps separately (each batch again, compiled first)
     chat: bool | None = None  # prompts through the chat template, answer prefix pre-filled; None: when it has one
+    attention_impl: str = "auto"  # how attention runs (kvjax.inference.Execution); "reference" forces the jnp path
 
     def __post_init__(self):
         if self.samples < 1 or (self.batch_size or 1) < 1 or not self.lengths or not self.tasks:
@@ -252,12 +253,15 @@ def _timed(fn):
     return out, time.perf_counter() - start
 
 
-def _time_prefill_and_decode(m: LanguageModel, ids: list[list[int]], policy: Policy, chunk: int, first, new: int):
+def _time_prefill_and_decode(
+    m: LanguageModel, ids: list[list[int]], policy: Policy, chunk: int, first, new: int, impl: str = "auto"
+):
     """(seconds for the prompt, seconds per decoded token), both already compiled by the `generate` that
     just ran at these shapes. The decode is generate's own jitted loop (greedy, no EOS stop) fed its
     first token `first` int32[B] for `new` steps, so no per-token Python dispatch is timed."""
-    state, t_prefill = _timed(lambda: kvjax.prefill(m, ids, policy, chunk_size=chunk, max_new_tokens=new))
-    _, t_decode = _timed(lambda: greedy_decode(m, state, first, new, policy))
+    run = dict(attention_impl=impl)
+    state, t_prefill = _timed(lambda: kvjax.prefill(m, ids, policy, chunk_size=chunk, max_new_tokens=new, **run))
+    _, t_decode = _timed(lambda: greedy_decode(m, state, first, new, policy, **run))
     return t_prefill, t_decode / new
 
 
@@ -342,10 +346,16 @@ def _evaluate(
     predictions, bytes_, prefill_s, decode_s = {}, [], [], []
     for idx, real in batches:
         ids = [encoded[i] for i in idx]
-        out = np.asarray(kvjax.generate(m, ids, new, policy=run.policy, chunk_size=config.chunk_size))
+        out = np.asarray(
+            kvjax.generate(
+                m, ids, new, policy=run.policy, chunk_size=config.chunk_size, attention_impl=config.attention_impl
+            )
+        )
         bytes_.append(_bytes_per_sequence(m, ids, run.policy, config.chunk_size, new))
         if config.timing:
-            t_prefill, t_token = _time_prefill_and_decode(m, ids, run.policy, config.chunk_size, out[:, 0], new)
+            t_prefill, t_token = _time_prefill_and_decode(
+                m, ids, run.policy, config.chunk_size, out[:, 0], new, config.attention_impl
+            )
             prefill_s.append(t_prefill)
             decode_s.append(t_token)
         predictions.update(zip(idx[:real], _predictions(m, out[:real])))

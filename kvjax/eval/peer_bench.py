@@ -91,6 +91,7 @@ class PeerBenchConfig:
     snapkv_kernel: int = 5
     sink: int = 4  # StreamingLLMPress's n_sink
     scan_layers: bool = True  # kvjax's Execution
+    attention_impl: str = "auto"  # kvjax's Execution: how attention runs ("reference" forces the jnp path)
     max_batch_tokens: int | None = None
     bandwidth_mb: int = 512
     seed: int = 0
@@ -293,7 +294,7 @@ class Side:
 def time_kvjax(m: LanguageModel, policy, prompts: np.ndarray, config: PeerBenchConfig) -> Side:
     """kvjax `prefill` of int32[B, T] prompts, then `new_tokens` greedy steps of generate's decode loop;
     one compiling run, then `repeats` timed ones."""
-    run = dict(scan_layers=config.scan_layers)
+    run = dict(scan_layers=config.scan_layers, attention_impl=config.attention_impl)
     prefill_s, decode_s, size = [], [], 0
     for repeat in range(config.repeats + 1):
         start = time.perf_counter()

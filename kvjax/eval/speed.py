@@ -36,6 +36,7 @@ class BenchConfig:
     repeats: int = 3  # timed runs after the compiling one
     chunk_size: int = 512
     seed: int = 0
+    attention_impl: str = "auto"  # how attention runs (kvjax.inference.Execution); "reference" forces the jnp path
 
     def __post_init__(self):
         if not self.lengths or min(self.lengths) < 1:
@@ -63,12 +64,21 @@ def measure(m: LanguageModel, policy, prompts: np.ndarray, config: BenchConfig) 
     for repeat in range(config.repeats + 1):
         start = time.perf_counter()
         state = jax.block_until_ready(
-            kvjax.prefill(m, prompts, policy, chunk_size=config.chunk_size, max_new_tokens=config.new_tokens)
+            kvjax.prefill(
+                m,
+                prompts,
+                policy,
+                chunk_size=config.chunk_size,
+                max_new_tokens=config.new_tokens,
+                attention_impl=config.attention_impl,
+            )
         )
         prefilled = time.perf_counter()
         kv_bytes, per_device = kvjax.kv_bytes(state), device_kv_bytes(state)
         decode_start = time.perf_counter()
-        jax.block_until_ready(greedy_decode(m, state, first, config.new_tokens, policy))
+        jax.block_until_ready(
+            greedy_decode(m, state, first, config.new_tokens, policy, attention_impl=config.attention_impl)
+        )
         if repeat:  # the first run compiles
             prefill_s.append(prefilled - start)
             decode_s.append((time.perf_counter() - decode_start) / config.new_tokens)
@@ -151,6 +161,7 @@ def run_bench(
         "model": m.name or None,
         "dtype": str(m.dtype),
         "mesh": None if m.mesh is None else dict(m.mesh.shape),
+        "attention_impl": config.attention_impl,
         "shapes": {
             "layers": c.num_layers,
             "heads": c.num_heads,
