@@ -9,7 +9,7 @@ import warnings
 import numpy as np
 import pytest
 
-from kvjax.policies import DuoAttention
+from kvjax.policies import AdaKV, DuoAttention, QuantizedPruning, SnapKV, ThinK
 from kvjax.policies.duo_attention import pattern_file, quantile_head_sets, read_gates_tsv, released_patterns
 
 # ------------------------------------------------------------------------------------------------
@@ -80,3 +80,12 @@ def test_duo_from_tsv_reads_the_config_beside_it(tmp_path):
     (tmp_path / "config.json").write_text('{"sink_size": 16, "recent_size": 48, "sparsity": 0.75}')
     stored = DuoAttention.from_tsv(tmp_path / "full_attention_heads.tsv")
     assert stored == DuoAttention.from_gates(gates, 0.75, 16, 48)
+
+
+def test_wrappers_refuse_a_base_that_selects_per_query_head():
+    """SnapKV(per_query_head=True) keeps one set per query head; the wrappers pool, thin or quantize one set
+    per KV head."""
+    base = SnapKV(per_query_head=True)
+    for wrap in (AdaKV, ThinK, QuantizedPruning):
+        with pytest.raises(ValueError, match="per query head"):
+            wrap(base)

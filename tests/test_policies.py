@@ -66,27 +66,89 @@ def test_h2o_keeps_exactly_the_heavy_hitters(tiny_model):
         )
 
 
-def _reference_snapkv(m, tokens, budget, window, kernel, layer):
+def _reference_snapkv(m, tokens, budget, window, kernel, layer, pooling="avg", per_query_head=False):
+    """FasterDecoding/SnapKV `SnapKVCluster.update_kv`: the window's summed votes, pooled, top budget - window
+    plus the window; per KV head with the GQA group's mean (kvjax's default), or per query head (the
+    authors' repeat_kv) with `per_query_head`."""
     q, k, _ = layer_queries_keys(m, tokens)[layer]
     t = tokens.shape[1]
-    probs = causal_probs(q, k, m.config.group_size).mean(axis=2)  # [B, K, T, T]
-    votes = probs[:, :, t - window :, : t - window].sum(axis=2)  # [B, K, T - window]
-    padded = np.pad(votes, ((0, 0), (0, 0), (kernel // 2, kernel // 2)))
-    pooled = np.stack([padded[..., i : i + t - window] for i in range(kernel)]).mean(0)
+    probs = causal_probs(q, k, m.config.group_size)  # [B, K, G, T, T]
+    b, kh, g = probs.shape[:3]
+    probs = probs.reshape(b, kh * g, t, t) if per_query_head else probs.mean(axis=2)  # [B, heads, T, T]
+    votes = probs[:, :, t - window :, : t - window].sum(axis=2)  # [B, heads, T - window]
+    fill = -np.inf if pooling == "max" else 0.0
+    padded = np.pad(votes, ((0, 0), (0, 0), (kernel // 2, kernel // 2)), constant_values=fill)
+    windows = np.stack([padded[..., i : i + t - window] for i in range(kernel)])
+    pooled = windows.max(0) if pooling == "max" else windows.mean(0)
     keep = budget - window
     return [
         [set(np.argsort(-p, kind="stable")[:keep].tolist()) | set(range(t - window, t)) for p in seq] for seq in pooled
     ]
 
 
-@pytest.mark.parametrize("chunk", [256, 64])
-def test_snapkv_keeps_exactly_the_observation_windows_choice(tiny_model, chunk):
+@pytest.mark.parametrize("chunk, pooling", [(256, "avg"), (64, "avg"), (64, "max")])
+def test_snapkv_keeps_exactly_the_observation_windows_choice(tiny_model, chunk, pooling):
     """Chunked prefill gives the same choice: the window's votes are softmax over the whole prompt."""
     m = tiny_model
     tokens = random_tokens(2, (2, 256), m.config.vocab_size)
-    state = kvjax.prefill(m, tokens, SnapKV(budget_tokens=72, window=16, kernel=5), chunk_size=chunk)
+    policy = SnapKV(budget_tokens=72, window=16, kernel=5, pooling=pooling)
+    state = kvjax.prefill(m, tokens, policy, chunk_size=chunk)
     for layer in range(m.config.num_layers):
-        assert kept_positions(state, layer) == _reference_snapkv(m, tokens, 72, 16, 5, layer)
+        assert kept_positions(state, layer) == _reference_snapkv(m, tokens, 72, 16, 5, layer, pooling)
+
+
+def test_snapkv_defaults_are_the_authors_longbench_config():
+    """FasterDecoding/SnapKV's released LongBench configs: window 32, kernel 7, max pooling."""
+    policy = SnapKV()
+    assert (policy.window, policy.kernel, policy.pooling, policy.per_query_head) == (32, 7, "max", False)
+
+
+def test_snapkv_per_query_head_selects_as_the_authors_and_stores_the_group(tiny_model):
+    """`per_query_head=True` is the authors' repeat_kv selection: one kept set per query head (vs one per KV
+    head from the group's mean), G = H / Hkv times the entries; decoding then sees exactly each query
+    head's own kept prompt positions."""
+    m, prompt = tiny_model, 128
+    tokens = random_tokens(5, (2, prompt + 4), m.config.vocab_size)
+    policy = SnapKV(budget_tokens=40, window=8, kernel=5, per_query_head=True)
+    state = kvjax.prefill(m, tokens[:, :prompt], policy, max_new_tokens=4, chunk_size=64)
+    for layer in range(m.config.num_layers):
+        assert kept_positions(state, layer) == _reference_snapkv(m, tokens[:, :prompt], 40, 8, 5, layer, "max", True)
+    grouped = kvjax.prefill(m, tokens[:, :prompt], dataclasses.replace(policy, per_query_head=False), max_new_tokens=4)
+    ratio = (kvjax.kv_bytes(state) - 8) / (kvjax.kv_bytes(grouped) - 8)  # less length int32[B]
+    assert ratio == m.config.group_size
+    logits, state = kvjax.decode_step(m, state, tokens[:, prompt], policy)
+    ref, _ = _per_query_head_decode_reference(m, tokens[:, : prompt + 1], state)
+    np.testing.assert_allclose(np.asarray(logits), ref, atol=2e-4, rtol=0)
+
+
+def _per_query_head_decode_reference(m, tokens, state):
+    """Logits of the last token when each query head of each layer sees only the positions its own row of
+    `state` holds (plus itself): a dense numpy forward with per-query-head masks."""
+    from kvjax.rope import apply_rope, rope_tables
+
+    model, cfg = m.module(), m.config
+    b, t = tokens.shape
+    positions = jnp.broadcast_to(jnp.arange(t), (b, t))
+    rope = rope_tables(cfg.rope, cfg.head_dim, positions, jnp.int32(t))
+    x = np.asarray(model.embed[...][tokens], np.float64)
+    for block, layer in zip(model.blocks, state.layers):
+        pos = np.asarray(layer[0].pos)  # [B, H, C]
+        visible = (pos[..., None] == np.arange(t)).any(-2)  # [B, H, T]: what each query head holds
+        visible[..., t - 1] = True
+        q, k, v = block.attn.project(block.input_norm(jnp.asarray(x, jnp.float32)))
+        q, k = np.asarray(apply_rope(q, *rope), np.float64), np.asarray(apply_rope(k, *rope), np.float64)
+        k, v = np.repeat(k, cfg.group_size, axis=2), np.repeat(np.asarray(v, np.float64), cfg.group_size, axis=2)
+        logits = np.einsum("bthd,bshd->bhts", q, k) / np.sqrt(cfg.head_dim)  # the prompt: exact, causal
+        mask = np.broadcast_to(np.tril(np.ones((t, t), bool)), logits.shape).copy()
+        mask[:, :, -1] = visible  # the new token: each query head's own kept positions
+        logits = np.where(mask, logits, -np.inf)
+        p = np.exp(logits - logits.max(-1, keepdims=True))
+        p /= p.sum(-1, keepdims=True)
+        heads = np.einsum("bhts,bshd->bthd", p, v)
+        x = x + np.einsum("bthd,hde->bte", heads, np.asarray(block.attn.o_proj[...], np.float64))
+        x = x + np.asarray(block.mlp(block.post_attention_norm(jnp.asarray(x, jnp.float32))), np.float64)
+    hidden = model.final_norm(jnp.asarray(x[:, -1:], jnp.float32))
+    return np.asarray(model.logits(hidden), np.float64)[:, 0], None
 
 
 def test_snapkv_ragged_rows_vote_with_their_own_windows_across_chunks(tiny_model):
@@ -94,7 +156,8 @@ def test_snapkv_ragged_rows_vote_with_their_own_windows_across_chunks(tiny_model
     wherever the chunks cut them (row 1's window, 184-199, spans two chunks of 64)."""
     m, lengths = tiny_model, [256, 200]
     tokens = random_tokens(4, (2, 256), m.config.vocab_size)
-    state = kvjax.prefill(m, tokens, SnapKV(budget_tokens=72, window=16, kernel=5), chunk_size=64, lengths=lengths)
+    policy = SnapKV(budget_tokens=72, window=16, kernel=5, pooling="avg")
+    state = kvjax.prefill(m, tokens, policy, chunk_size=64, lengths=lengths)
     for layer in range(m.config.num_layers):
         got = kept_positions(state, layer)
         for row, n in enumerate(lengths):

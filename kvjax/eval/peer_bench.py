@@ -389,8 +389,8 @@ def _methods(config: PeerBenchConfig, length: int) -> list[dict]:
         kept = int(length * (1 - ratio))  # kvpress's compute_n_kept
         for name in config.presses:
             if name == "snapkv":
-                policy = kvjax.policies.SnapKV(
-                    budget_tokens=kept, window=config.snapkv_window, kernel=config.snapkv_kernel
+                policy = kvjax.policies.SnapKV(  # SnapKVPress pools by average (kvjax's default is the authors' max)
+                    budget_tokens=kept, window=config.snapkv_window, kernel=config.snapkv_kernel, pooling="avg"
                 )
                 press = kvpress.SnapKVPress(
                     compression_ratio=ratio, window_size=config.snapkv_window, kernel_size=config.snapkv_kernel

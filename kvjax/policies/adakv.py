@@ -85,6 +85,8 @@ class AdaKV(Policy):
                 f"AdaKV needs a base that compresses the prompt once (no eviction while prefilling "
                 f"or decoding); {type(self.base).__name__} evicts as it goes"
             )
+        if getattr(self.base, "per_query_head", False):
+            raise ValueError("AdaKV pools one entry set per KV head; its base cannot select per query head")
         if not 0.0 <= self.alpha <= 1.0:
             raise ValueError(f"AdaKV alpha must be in [0, 1]; got {self.alpha}")
         if self.safeguard not in SAFEGUARDS:

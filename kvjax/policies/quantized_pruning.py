@@ -54,6 +54,10 @@ class QuantizedPruning(Policy):
                     else "is not a TokenEviction policy"
                 )
             )
+        if getattr(self.base, "per_query_head", False):
+            raise ValueError(
+                "QuantizedPruning quantizes one entry set per KV head; its base cannot select per query head"
+            )
         self.kivi()  # validates bits, group and residual exactly as KIVI does
 
     def with_budget(self, tokens):

@@ -7,6 +7,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
+from kvjax.layer_step import StepInputs
 from kvjax.policies.token_eviction import TokenEviction, group_mean, newest
 
 
@@ -22,16 +23,35 @@ def pool_1d(x: jax.Array, kernel: int, kind: str) -> jax.Array:
     return jax.lax.reduce_window(x, 0.0, jax.lax.add, window, ones, padding) / kernel
 
 
+def query_head_inputs(x: StepInputs) -> StepInputs:
+    """The step's inputs with each query head as its own KV head: q [B, T, K*G, 1, D], k and v repeated
+    G times along the heads (query head k*G + g reads KV head k), as the authors' `repeat_kv`."""
+    b, t, kh, g, d = x.q.shape
+    flat = lambda q: None if q is None else q.reshape(b, t, kh * g, 1, d)  # noqa: E731
+    rep = lambda a: None if a is None else jnp.repeat(a, g, axis=2)  # noqa: E731
+    return dataclasses.replace(
+        x, q=flat(x.q), q_raw=flat(x.q_raw), k=rep(x.k), k_raw=rep(x.k_raw), v=rep(x.v), score=rep(x.score)
+    )
+
+
 @dataclasses.dataclass(frozen=True)
 class SnapKV(TokenEviction):
     """Scores prompt tokens by the attention of the last `window` prompt queries (softmax over the
     whole prompt, summed over those queries, averaged over the GQA group), smoothed by 1-D pooling;
-    keeps the top `budget - window` plus the window. Compresses the prompt only: decoding appends."""
+    keeps the top `budget - window` plus the window. Compresses the prompt only: decoding appends.
+
+    Defaults are the authors' released LongBench configs (FasterDecoding/SnapKV
+    `ablation_c*_w32_k7_maxpool.json`: window 32, kernel 7, max pooling). The authors repeat K/V to
+    the query heads and select per query head; kvjax averages each GQA group's votes and keeps one set
+    per KV head (as kvpress and the AdaKV authors' GQA mode), and `per_query_head=True` selects per
+    query head as the authors do, storing num_heads / num_kv_heads times the entries.
+    """
 
     budget_tokens: int = 1024
     window: int = 32
     kernel: int = 7
-    pooling: str = "avg"
+    pooling: str = "max"
+    per_query_head: bool = False
 
     evict_while_prefilling = False
     evict_while_decoding = False
@@ -45,6 +65,23 @@ class SnapKV(TokenEviction):
             raise ValueError(f"SnapKV pooling kernel must be odd and positive; got {self.kernel}")
         if self.pooling not in ("avg", "max"):
             raise ValueError(f"SnapKV pooling must be 'avg' or 'max'; got {self.pooling!r}")
+
+    def layout(self, config, prompt_len, max_new_tokens, chunk):
+        """TokenEviction's layout; with `per_query_head`, one row per query head (the authors' repeated K/V)."""
+        layout = super().layout(config, prompt_len, max_new_tokens, chunk)
+        if not self.per_query_head:
+            return layout
+        heads = tuple(range(config.num_heads))
+        return tuple(tuple(dataclasses.replace(spec, heads=heads) for spec in layer) for layer in layout)
+
+    def step(self, ctx, segments, x, phase):
+        """With `per_query_head`, every query head is its own KV head (K/V repeated over the group)."""
+        if not self.per_query_head:
+            return super().step(ctx, segments, x, phase)
+        g = x.q.shape[3]
+        out, segments = super().step(ctx, segments, query_head_inputs(x), phase)
+        b, t, h, _, d = out.shape
+        return out.reshape(b, t, h // g, g, d), segments
 
     def with_budget(self, tokens):
         """`budget_tokens` = tokens; an observation window at least as large shrinks to tokens // 2."""

@@ -85,6 +85,8 @@ class ThinK(Policy):
                     else "is neither"
                 )
             )
+        if getattr(self.base, "per_query_head", False):
+            raise ValueError("ThinK thins one entry set per KV head; its base cannot select per query head")
         if not 0.0 <= self.ratio < 1.0:
             raise ValueError(f"ThinK ratio (the share of key channels dropped) must be in [0, 1); got {self.ratio}")
         if self.observe < 1 or self.recent < 0:
