@@ -114,7 +114,7 @@ def test_pyramidkv_layer_budgets_selection_and_bytes(tiny_model):
     # top = 120 // 20 = 6, bottom = 240 - 6 = 234, step = 228 // 31 = 7.
     budgets = PyramidKV(budget_tokens=128, window=8).layer_budgets(32)
     assert budgets[0] == 242 and budgets[-1] == 25 and all(a - b == 7 for a, b in zip(budgets, budgets[1:]))
-    policy = PyramidKV(budget_tokens=72, window=16, kernel=5, beta=4)  # S = 56: 98 + 16, 14 + 16
+    policy = PyramidKV(budget_tokens=72, window=16, kernel=5, pooling="avg", beta=4)  # S = 56: 98 + 16, 14 + 16
     assert policy.layer_budgets(2) == (114, 30)
     tokens, qkv = _layers(m, 2, 2, 256)
     state = kvjax.prefill(m, tokens, policy, chunk_size=64)
@@ -130,6 +130,50 @@ def test_pyramidkv_layer_budgets_selection_and_bytes(tiny_model):
     per_slot = 2 * c.head_dim * 4 + 4 + 4
     slots = sum(2 * c.num_kv_heads * round_capacity(b) for b in (114, 30))
     assert kvjax.kv_bytes(state) == slots * per_slot + 2 * 4
+
+
+def _authors_pyramid_budget(budget: int, window: int, beta: int, layers: int, layer: int, n: int) -> int:
+    """Zefan-Cai/KVCache-Factory `PyramidKVCluster.update_kv`, written out: tokens a layer keeps of an
+    n-token prompt (window included)."""
+    min_num = (budget - window) // beta
+    max_num = (budget - window) * 2 - min_num
+    if max_num >= n - window:
+        max_num = n - window
+        min_num = (budget - window) * 2 - max_num
+    steps = (max_num - min_num) // (layers - 1)
+    if n < budget:
+        return n
+    if n < (budget - window) * 2:
+        return budget
+    return max_num - layer * steps + window
+
+
+@pytest.mark.parametrize("lengths", [(120, 100), (112, 64)])
+def test_pyramidkv_follows_the_authors_rule_for_each_prompt_length(tiny_model, lengths):
+    """Prompts shorter than the budget keep everything, shorter than 2 x (budget - window) keep SnapKV's
+    budget in every layer, and near 2 x (budget - window) the bottom layer shrinks to the prompt: each row
+    of a ragged batch by its own length (budget 72, window 16, beta 4: S = 56)."""
+    m = tiny_model
+    policy = PyramidKV(budget_tokens=72, window=16, kernel=5, pooling="avg", beta=4)
+    tokens = random_tokens(11, (2, max(lengths)), m.config.vocab_size)
+    state = kvjax.prefill(m, tokens, policy, chunk_size=64, lengths=list(lengths))
+    for row, n in enumerate(lengths):
+        qkv = layer_queries_keys(m, tokens[row : row + 1, :n])
+        for layer, (q, k, _) in enumerate(qkv):
+            keep = _authors_pyramid_budget(72, 16, 4, 2, layer, n)
+            if keep >= n:
+                expected = set(range(n))
+            else:
+                pooled = _snapkv_votes(q, k, m.config.group_size, 16, 5)[0]  # [K, n - 16]
+                expected = [top(p, keep - 16) | set(range(n - 16, n)) for p in pooled]
+            got = kept(state, layer)[row]
+            assert got == (expected if isinstance(expected, list) else [expected] * len(got)), (n, layer)
+
+
+def test_pyramidkv_defaults_are_the_authors_longbench_run():
+    """KVCache-Factory's run_longbench.py: window 8, kernel 7, max pooling; beta 20."""
+    policy = PyramidKV()
+    assert (policy.window, policy.kernel, policy.pooling, policy.beta) == (8, 7, "max", 20)
 
 
 def _authors_adakv(pooled: np.ndarray, selected: int, alpha: float) -> list[set[int]]:
@@ -265,7 +309,7 @@ def test_a2sf_with_lambda_one_is_h2o(tiny_model):
 def test_adakv_over_pyramidkv_appends_one_entry_per_head(tiny_model):
     m = tiny_model
     tokens = random_tokens(8, (2, 128), m.config.vocab_size)
-    policy = AdaKV(PyramidKV(budget_tokens=40, window=8, kernel=5, beta=4))
+    policy = AdaKV(PyramidKV(budget_tokens=40, window=8, kernel=5, pooling="avg", beta=4))
     state = kvjax.prefill(m, tokens, policy, max_new_tokens=5, chunk_size=64)
     assert policy.base.layer_budgets(2) == (64, 16)  # S = 32: bottom 56 + 8, top 8 + 8
     # Sized by the layer total (budget x Hkv, + Hkv // 2 for the rounding) plus one slot per head per decode token.
