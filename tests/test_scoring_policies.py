@@ -93,10 +93,25 @@ def test_knorm_keeps_the_lowest_key_norms(tiny_model, chunk):
     """Prompt-only compression: the prompt runs exactly, so chunking changes nothing."""
     m = tiny_model
     tokens, qkv = _layers(m, 3, 2, 192)
-    state = kvjax.prefill(m, tokens, Knorm(budget_tokens=50), chunk_size=chunk)
+    state = kvjax.prefill(m, tokens, Knorm(budget_tokens=50, skip_layers=()), chunk_size=chunk)
     for layer, (_, k, _) in enumerate(qkv):
         norms = np.linalg.norm(k.astype(np.float64), axis=-1).transpose(0, 2, 1)  # [B, K, T]
         assert kept(state, layer) == [[top(-n, 50) for n in seq] for seq in norms]
+
+
+def test_knorm_skips_the_layers_its_authors_skip(tiny_model):
+    """The authors compress every layer but 0 and 1 (the default); a skipped layer keeps the whole prompt."""
+    assert Knorm().skip_layers == (0, 1) and Knorm(skip_layers=[1, 0, 1]).skip_layers == (0, 1)
+    m = tiny_model
+    tokens, qkv = _layers(m, 3, 2, 192)
+    state = kvjax.prefill(m, tokens, Knorm(budget_tokens=50, skip_layers=(0,)), max_new_tokens=2, chunk_size=64)
+    assert kept(state, 0) == [[set(range(192))] * m.config.num_kv_heads] * 2
+    norms = np.linalg.norm(qkv[1][1].astype(np.float64), axis=-1).transpose(0, 2, 1)  # [B, K, T]
+    assert kept(state, 1) == [[top(-n, 50) for n in seq] for seq in norms]
+    _, state = kvjax.decode_step(m, state, tokens[:, 0], Knorm(budget_tokens=50, skip_layers=(0,)))
+    assert int(count(state.layers[0][0]).min()) == 193
+    with pytest.raises(ValueError, match="skip_layers"):
+        Knorm(skip_layers=(-1,))
 
 
 def _snapkv_votes(q, k, group, window, kernel):

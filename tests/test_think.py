@@ -40,10 +40,10 @@ def runs(model):
     policies = {
         "full": Full(),
         "snapkv": SnapKV(128, window=32),
-        "knorm": Knorm(300),
+        "knorm": Knorm(300, skip_layers=()),
         "think_full": ThinK(Full()),
         "think_snapkv": ThinK(SnapKV(128, window=32)),
-        "think_knorm": ThinK(Knorm(300)),
+        "think_knorm": ThinK(Knorm(300, skip_layers=())),
         "think_full_0": ThinK(Full(), ratio=0.0),
         "think_snapkv_0": ThinK(SnapKV(128, window=32), ratio=0.0),
     }

@@ -127,6 +127,7 @@ class AdaKV(Policy):
         """bool[B, K, C]: the entries a layer keeps, from the base's priorities float32[B, K, C] (+inf
         protected, -inf empty) and the per-head `budget`, by the `safeguard` rule."""
         b, kh, c = priority.shape
+        budget = min(budget, c)  # a layer that keeps everything (Knorm's skipped layers)
         held = priority > -jnp.inf
         protected = priority == jnp.inf
         rank = _ranks(priority)  # [B, K, C] within each head, protected first
