@@ -68,14 +68,20 @@ def test_a2sf_one_chunk_keeps_the_decayed_heavy_hitters(tiny_model):
         )
 
 
-def test_vatp_one_chunk_weighs_attention_by_value_norm(tiny_model):
+@pytest.mark.parametrize("sink", [4, 0])
+def test_vatp_one_chunk_weighs_attention_by_value_norm_and_keeps_the_sinks(tiny_model, sink):
+    """guozhiyu/vatp: score = accumulated attention x L1 norm of the value, the first `sink_len` tokens
+    pinned at the largest score (so they fill part of the heavy budget), plus the recent window."""
     m = tiny_model
     tokens, qkv = _layers(m, 1, 2, 192)
-    state = kvjax.prefill(m, tokens, VATP(heavy=40, window=24), chunk_size=256)
+    state = kvjax.prefill(m, tokens, VATP(heavy=40, window=24, sink=sink), chunk_size=256)
     for layer, (q, k, v) in enumerate(qkv):
         attention = causal_probs(q, k, m.config.group_size).mean(axis=2).sum(axis=2)  # [B, K, T]
         v_l1 = np.abs(v.astype(np.float64)).sum(-1).transpose(0, 2, 1)  # [B, K, T]
-        assert kept(state, layer) == heavy_plus_window(attention * v_l1, 40, 24)
+        scores = attention * v_l1
+        scores[..., :sink] = np.finfo(np.float64).max
+        assert kept(state, layer) == heavy_plus_window(scores, 40, 24)
+    assert VATP().sink == 4 and VATP().with_budget(6) == VATP(heavy=3, window=3, sink=3)
 
 
 def test_tova_one_chunk_keeps_the_last_querys_choice_for_every_head(tiny_model):
