@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
 import math
 from collections.abc import Sequence
 
@@ -201,6 +202,67 @@ def _run_prefill(m, tokens: np.ndarray, lengths: np.ndarray, policy, chunk_size,
     )
 
 
+@dataclasses.dataclass(frozen=True)
+class StateOrigin:
+    """What made a KV state, carried as its static `origin` (hashable, no arrays): the policy and model
+    fingerprints decoding compares with its own, and the decode steps the state still has room for
+    (None: unbounded, for policies that evict as they go). Kept out of the jitted functions' arguments,
+    so a step's smaller `room` never recompiles, and checked in Python, so no step waits on the device."""
+
+    policy: str  # repr of the policy without its params
+    model: str  # `model_fingerprint`
+    max_new_tokens: int  # the room `prefill` reserved
+    room: int | None
+
+
+def model_fingerprint(m: LanguageModel) -> str:
+    """The model a state belongs to, as a readable string: its name, shapes and dtype."""
+    c = m.config
+    shapes = f"{c.family}, {c.num_layers} layers, {c.num_kv_heads} KV heads of {c.head_dim}, vocabulary {c.vocab_size}"
+    digest = hashlib.sha1(repr(c).encode()).hexdigest()[:8]
+    return f"{m.name or 'an unnamed model'} ({shapes}, {jnp.dtype(m.dtype).name}, config {digest})"
+
+
+def _attach_origin(m: LanguageModel, state: KVState, policy: Policy, prompt_len: int, max_new_tokens: int):
+    static, _ = split_params(policy)
+    room = policy.decode_room(m.config, prompt_len, max_new_tokens)
+    return state.replace(origin=StateOrigin(repr(static), model_fingerprint(m), max_new_tokens, room))
+
+
+def _check_origin(m: LanguageModel, state: KVState, policy: Policy, steps: int) -> None:
+    """Refuses to decode `steps` tokens into `state` with another policy or model than made it, or past
+    the room it was prefilled with (a step there would overwrite an entry it keeps). States built by hand
+    carry no origin and are not checked."""
+    origin = getattr(state, "origin", None)
+    if origin is None:
+        return
+    static, _ = split_params(policy)
+    if repr(static) != origin.policy:
+        raise ValueError(
+            f"this KV state was made by {origin.policy} and cannot be decoded with {static!r} (its buffers and "
+            "scores follow its own policy); pass the policy that prefilled it"
+        )
+    if model_fingerprint(m) != origin.model:
+        raise ValueError(
+            f"this KV state was made by {origin.model} and cannot be decoded with {model_fingerprint(m)}; "
+            "decode it with the model that prefilled it"
+        )
+    if origin.room is not None and steps > origin.room:
+        raise ValueError(
+            f"this KV state has room for {origin.room} more decode step(s) (prefilled with "
+            f"max_new_tokens={origin.max_new_tokens}); {steps} more would overwrite entries {origin.policy} "
+            f"keeps. Prefill with a larger max_new_tokens"
+        )
+
+
+def _decoded(state: KVState, steps: int) -> KVState:
+    """`state` after `steps` decode steps: its origin's room shrinks by as many."""
+    origin = getattr(state, "origin", None)
+    if origin is None or origin.room is None:
+        return state
+    return state.replace(origin=dataclasses.replace(origin, room=origin.room - steps))
+
+
 def _checked(m: LanguageModel, policy: Policy | None) -> Policy:
     """The policy to run (Full when None), after it confirms it fits the model."""
     policy = policy or Full()
@@ -229,9 +291,11 @@ def prefill(
     max_new_tokens = check_count("max_new_tokens", max_new_tokens)
     chunk_size = check_count("chunk_size", chunk_size, 1)
     run = Execution(attention_impl, scan_layers)
-    prompts = _prompt_batch(tokens, lengths, m.config.vocab_size)
-    state, _ = _run_prefill(m, *prompts, policy, chunk_size, max_new_tokens, run)
-    return state
+    policy = _checked(m, policy)
+    prompts, lengths = _prompt_batch(tokens, lengths, m.config.vocab_size)
+    state, _ = _run_prefill(m, prompts, lengths, policy, chunk_size, max_new_tokens, run)
+    padded = _chunking(prompts.shape[1], chunk_size)[1]  # the prompt length the policy's layout saw
+    return _attach_origin(m, state, policy, padded, max_new_tokens)
 
 
 def _forward_token(model, policy: Policy, state: KVState, token: jax.Array, run: Execution, stack=None):
@@ -281,11 +345,18 @@ def decode_step(
     attention_impl: str = "auto",
     scan_layers: bool = True,
 ):
-    """(float32[B, V] logits, new state) after feeding int32[B] tokens; the old state is donated."""
+    """(float32[B, V] logits, new state) after feeding int32[B] tokens; the old state is donated.
+
+    Refuses a state made by another policy or model, and a step past the room the state was prefilled
+    with (`prefill(..., max_new_tokens=)`), which would overwrite an entry the policy keeps."""
     run = Execution(attention_impl, scan_layers)
-    policy, policy_params = split_params(_checked(m, policy))
+    policy = _checked(m, policy)
+    _check_origin(m, state, policy, 1)
+    static_policy, policy_params = split_params(policy)
     token = _step_tokens(m, state, token)
-    return _decode_step(m.graphdef, m.params, policy_params, state, token, policy=policy, run=run)
+    origin, state = state.origin, state.replace(origin=None)  # static: kept out of the jit cache key
+    logits, state = _decode_step(m.graphdef, m.params, policy_params, state, token, policy=static_policy, run=run)
+    return logits, _decoded(state.replace(origin=origin), 1)
 
 
 @struct.dataclass(frozen=True)
@@ -375,9 +446,11 @@ def greedy_decode(
     steps = check_count("steps", steps, 1)
     token = _step_tokens(m, state, token)
     run = Execution(attention_impl, scan_layers)
-    policy, policy_params = split_params(_checked(m, policy))
+    policy = _checked(m, policy)
+    _check_origin(m, state, policy, steps)
+    policy, policy_params = split_params(policy)
     _check_context(m, int(jnp.max(state.length)) + steps)
-    loop = _open_loop(state, token, steps)
+    loop = _open_loop(state.replace(origin=None), token, steps)
     no_eos, no_stop = jnp.asarray([-1], jnp.int32), jnp.int32(np.iinfo(np.int32).max)
     sampling = SamplingParams.create(loop.last.shape[0])
     return _decode(

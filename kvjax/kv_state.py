@@ -83,6 +83,9 @@ class KVState:
     layers: tuple[tuple[Any, ...], ...]
     length: jax.Array  # int32[B]: tokens seen so far, i.e. the position of the next token
     shared: Any = None  # pytree the policy carries from layer to layer (Policy.layer_step); None for most
+    # Static, hashable: which policy and model made the state and how many decode steps it has room for
+    # (kvjax.inference.StateOrigin, set by `prefill`), so decoding can refuse what would go silently wrong.
+    origin: Any = struct.field(pytree_node=False, default=None)
 
     @property
     def batch_size(self) -> int:

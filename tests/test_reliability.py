@@ -425,3 +425,71 @@ def test_malformed_inputs_fail_cleanly_or_work(tiny_model, tmp_path, capsys):
             assert valid and out.shape == (*tokens.shape, vocab)
         except ValueError:
             assert not valid
+
+
+# ------------------------------------------------------------------------------------------------
+# Silently wrong results: decoding a state past its room, or with another policy or model
+# ------------------------------------------------------------------------------------------------
+
+
+def test_decoding_past_a_states_room_is_refused_or_evicts(tiny_model):
+    import kvjax
+    from kvjax.inference import greedy_decode
+    from kvjax.policies import H2O, Full, SnapKV, StreamingLLM
+
+    m = tiny_model
+    prompt = np.arange(1, 40)[None]
+    for policy in (Full(), SnapKV(budget_tokens=16, window=4)):
+        state = kvjax.prefill(m, prompt, policy, max_new_tokens=2)
+        room = state.origin.room  # at least the 2 reserved; Full's slot = position buffer rounds up to more
+        assert room >= 2 and (room == 2) == isinstance(policy, SnapKV)
+        for _ in range(room):
+            _, state = kvjax.decode_step(m, state, [5], policy)
+        with pytest.raises(ValueError, match=r"room for 0 more decode step.*max_new_tokens=2.*larger max_new_tokens"):
+            kvjax.decode_step(m, state, [5], policy)
+        with pytest.raises(ValueError, match=rf"room for {room} more.*{room + 1} more would overwrite"):
+            greedy_decode(m, kvjax.prefill(m, prompt, policy, max_new_tokens=2), [5], room + 1, policy)
+    # A policy that evicts as it decodes never runs out of room; where its budget covers the prompt and the
+    # reserve it cannot evict, and only the reserve is accepted.
+    state = kvjax.prefill(m, prompt, StreamingLLM(sink=4, window=12), max_new_tokens=0)
+    for _ in range(20):
+        _, state = kvjax.decode_step(m, state, [5], StreamingLLM(sink=4, window=12))
+    assert int(state.length[0]) == 59 and state.origin.room is None
+    big = H2O(heavy=256, window=256)
+    with pytest.raises(ValueError, match="room for 0 more"):
+        kvjax.decode_step(m, kvjax.prefill(m, prompt, big), [5], big)
+    # Within its room, the checked path decodes what the full forward computes, without recompiling per step.
+    tokens = np.arange(1, 50)[None]
+    full = np.asarray(kvjax.logits(m, tokens))
+    state = kvjax.prefill(m, tokens[:, :40], max_new_tokens=9)
+    for t in range(40, 49):
+        logits, state = kvjax.decode_step(m, state, tokens[:, t])
+        np.testing.assert_allclose(np.asarray(logits)[0], full[0, t], atol=1e-5)
+    assert kvjax.inference._decode_step._cache_size() <= 3
+
+
+def test_a_state_is_decoded_only_by_the_policy_and_model_that_made_it(tiny_model):
+    import dataclasses
+
+    import kvjax
+    from kvjax.policies import H2O, SnapKV
+
+    m = tiny_model
+    state = kvjax.prefill(m, np.arange(1, 40)[None], H2O(heavy=8, window=8), max_new_tokens=4)
+    for other, message in (
+        (SnapKV(budget_tokens=16, window=4), r"made by H2O\(.*heavy=8, window=8\).*cannot be decoded with SnapKV"),
+        (None, r"made by H2O.*cannot be decoded with Full\("),
+        (H2O(heavy=8, window=16), r"made by H2O\(.*window=8\).*cannot be decoded with H2O\(.*window=16\)"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            kvjax.decode_step(m, state, [5], other)
+    wider = kvjax.init_model(dataclasses.replace(m.config, num_layers=3), dtype=jnp.float32)
+    for model, message in (
+        (wider, "3 layers"),
+        (m.astype(jnp.bfloat16), "bfloat16"),
+        (dataclasses.replace(m, name="x"), "x \\("),
+    ):
+        with pytest.raises(ValueError, match=f"made by an unnamed model .*cannot be decoded with .*{message}"):
+            kvjax.decode_step(model, state, [5], H2O(heavy=8, window=8))
+    logits, state = kvjax.decode_step(m, state, [5], H2O(heavy=8, window=8))  # the pair that made it
+    assert logits.shape == (1, m.config.vocab_size)

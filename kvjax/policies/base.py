@@ -89,6 +89,12 @@ class Policy(abc.ABC):
         """Whether its `EvictionSegment`s carry a per-entry score buffer (segments with a budget only)."""
         return False
 
+    def decode_room(self, config: ModelConfig, prompt_len: int, max_new_tokens: int) -> int | None:
+        """How many decode steps a state prefilled with room for `max_new_tokens` takes before a step would
+        have to overwrite an entry the policy keeps, or None when decoding never runs out (the policy evicts
+        as it goes). `decode_step` refuses a step past it. Default: exactly the room reserved."""
+        return max_new_tokens
+
     def check_model(self, config: ModelConfig) -> None:
         """Raises ValueError when this policy cannot run on a model of `config` (e.g. learned
         parameters of other shapes)."""

@@ -129,6 +129,10 @@ class CSKV(Policy):
         heads = tuple(range(config.num_kv_heads))
         return ((SegmentSpec(heads, round_capacity(prompt_len)),),) * config.num_layers
 
+    def decode_room(self, config: ModelConfig, prompt_len: int, max_new_tokens: int) -> int:
+        """Feature slots are slot = position (`finalize`): every slot the capacity rounds up to holds a token."""
+        return round_capacity(prompt_len + max_new_tokens) - prompt_len
+
     def segment_step(self, ctx, segment, x, phase):
         if not isinstance(segment, LowRankSegment):  # prefill
             return write_in_place_then_attend(ctx, segment, x)

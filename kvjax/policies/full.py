@@ -17,5 +17,9 @@ class Full(Policy):
         heads = tuple(range(config.num_kv_heads))
         return ((SegmentSpec(heads, position_capacity(prompt_len + max_new_tokens)),),) * config.num_layers
 
+    def decode_room(self, config, prompt_len: int, max_new_tokens: int) -> int:
+        """Slot = position: every slot the capacity rounds up to holds a further token."""
+        return position_capacity(prompt_len + max_new_tokens) - prompt_len
+
     def segment_step(self, ctx, segment, x, phase):
         return write_in_place_then_attend(ctx, segment, x)

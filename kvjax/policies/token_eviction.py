@@ -130,6 +130,15 @@ class TokenEviction(Policy, abc.ABC):
             seg = keep_top(seg, self.priority(seg), seg.budget, seg.capacity)
         return out, seg
 
+    def decode_room(self, config: ModelConfig, prompt_len: int, max_new_tokens: int) -> int | None:
+        """Unbounded when every layer evicts while decoding into a buffer of budget + 1 slots (`finalize`);
+        a budget that covers the prompt and the reserved tokens leaves exactly that reserve."""
+        if self.evict_while_decoding and all(
+            self.budget(config, layer) < prompt_len + max_new_tokens for layer in range(config.num_layers)
+        ):
+            return None
+        return max_new_tokens
+
     def finalize(self, config: ModelConfig, state: KVState, prompt_len: int, max_new_tokens: int) -> KVState:
         """Compresses the prompt to each segment's budget and resizes buffers for decoding."""
 
