@@ -83,6 +83,35 @@ def test_decode_attends_exactly_over_the_top_pages(impl, window):
             np.testing.assert_array_equal(np.asarray(new_seg.k_max[i, j]), hi)
 
 
+@pytest.mark.parametrize("budget", [16, 48])
+def test_decode_reads_the_current_page_and_at_least_three(budget):
+    """The authors' kernel always reads the last page (the one the query lands in) and their evaluation reads
+    max(3, budget // page) pages: a one-page budget reads 3, the current page among them even where its
+    bound ranks low."""
+    case = DecodeCase.random(7, held=(150, 93, 40, 130))
+    lo, hi = case.bounds()
+    seg = PagedSegment(kv=case.segment(), k_min=jnp.asarray(lo), k_max=jnp.asarray(hi))
+    policy = Quest(budget_tokens=budget, page=PAGE)
+    assert policy.pages_read == 3
+    scale = case.q.shape[-1] ** -0.5
+    out, _ = case.step(policy, seg, None, scale, "reference")
+    b, _, h, _, _ = case.q.shape
+    forced = 0
+    for i in range(b):
+        for j in range(h):
+            k, v, pos = case.row(i, j)
+            chosen = quest_pages(case.q[i, 0, j], k, pos, case.held[i], 3, None)
+            assert len(chosen) == 3 and case.held[i] // PAGE in chosen
+            lo_ij, hi_ij = page_bounds(k, pos)
+            q = case.q[i, 0, j]
+            bound = np.maximum(q[:, None] * hi_ij[None], q[:, None] * lo_ij[None]).sum(-1).mean(0)  # [P]
+            bound = np.where(np.arange(len(bound)) <= case.held[i] // PAGE, bound, -np.inf)
+            forced += case.held[i] // PAGE not in np.argsort(-bound)[:3]  # the bound alone would skip it
+            attended = on_pages(chosen, len(pos)) & visible_slots(pos, case.held[i], None)
+            np.testing.assert_allclose(out[i, 0, j], attend(case.q[i, 0, j], k, v, attended, scale), atol=2e-6)
+    assert forced > 0  # the rule was exercised
+
+
 def test_budget_covering_every_page_is_full_attention_and_a_small_one_is_not(runs):
     _, results = runs
     full, every, sparse = results["full"][0], results["every_page"][0], results["sparse"][0]

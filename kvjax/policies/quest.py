@@ -7,8 +7,9 @@ the bounds of the page it lands in. A query q bounds any logit in a page by
 
     U = sum_d max(q_d * M_d, q_d * m_d)
 
-and attends exactly over the top pages by U among those it can see (a sliding window hides whole pages
-from the choice). With GQA a KV head's choice averages U over its query heads, so the group shares one
+and attends exactly over the page it lands in plus the top pages by U among the others it can see (a
+sliding window hides whole pages from the choice), at least 3 pages in all: the authors' kernel always
+reads the last page, and their evaluation reads max(3, budget // page) pages. With GQA a KV head's choice averages U over its query heads, so the group shares one
 set of pages: the block-sparse decode kernel then reads each of them once. The authors' models are MHA,
 where that average is over one head. The first `dense_layers` layers attend fully, as in the authors'
 evaluation, and the prompt itself is attended fully (Quest selects during decoding only).
@@ -33,6 +34,7 @@ from kvjax.policies.base import Layout, Policy, SegmentSpec
 from pallas_kernels.block_masks import DecodeBlockTable, decode_table_top_k, page_key_bounds, page_scores
 
 _SMALLEST_PAGE = 16  # the decode kernels' smallest block (Triton's dot needs 16 rows)
+MIN_PAGES = 3  # the authors' evaluation reads max(3, token_budget // page_size) pages
 
 
 @struct.dataclass(frozen=True)
@@ -78,8 +80,9 @@ class Quest(Policy):
 
     @property
     def pages_read(self) -> int:
-        """Pages each sparse layer's decode query reads per KV head."""
-        return self.budget_tokens // self.page
+        """Pages each sparse layer's decode query reads per KV head (the current one included): at least
+        MIN_PAGES, as the authors' max(3, token_budget // page_size)."""
+        return max(MIN_PAGES, self.budget_tokens // self.page)
 
     def layout(self, config: ModelConfig, prompt_len: int, max_new_tokens: int, chunk: int) -> Layout:
         """Full's layout in whole pages."""
@@ -129,8 +132,8 @@ class Quest(Policy):
     def choose_pages(
         self, q: jax.Array, seg: PagedSegment, q_pos: jax.Array, window: int | None, scale: float
     ) -> DecodeBlockTable:
-        """The pages one decode query reads per KV head: the `pages_read` best by the Quest bound among
-        the pages holding a key it may see (the bound's order does not depend on `scale`).
+        """The pages one decode query reads per KV head: its own page and the `pages_read` - 1 best by the
+        Quest bound among the other pages holding a key it may see (the order does not depend on `scale`).
         q: [B, 1, Hs, G, D]; q_pos: int32[B, 1]."""
         b, _, hs, g, d = q.shape
         first = jnp.arange(seg.k_min.shape[2]) * self.page  # [P] each page's first slot (= position)
@@ -139,5 +142,7 @@ class Quest(Policy):
         if window is not None:
             visible &= first + self.page - 1 > last - window
         scores = page_scores(q.reshape(b, hs * g, d), seg.k_min, seg.k_max)  # [B, Hs, P]
+        current = jnp.arange(seg.k_min.shape[2]) == q_pos[:, :1, None] // self.page  # [B, 1, P]: the query's page
+        scores = jnp.where(current, jnp.inf, scores)  # always read, as the authors' kernel reads the last page
         visible = jnp.broadcast_to(visible, scores.shape)
         return decode_table_top_k(scores, visible, top_k=self.pages_read, block_size=self.page)

@@ -32,7 +32,9 @@ def visible_slots(pos: np.ndarray, position: int, window: int | None) -> np.ndar
 def quest_pages(
     q: np.ndarray, k: np.ndarray, pos: np.ndarray, position: int, pages_read: int, window: int | None
 ) -> np.ndarray:
-    """The pages (best first) a query group q [G, D] reads from a row k [C, D]: the pages_read visible
+    """The pages a query group q [G, D] at `position` reads from a row k [C, D], as the authors' Quest
+    kernel (mit-han-lab/Quest: the last page always, plus the best of the others, at least 3 pages in
+    all as in their evaluation's max(3, budget // page)): the current page first, then the visible
     pages with the largest mean-over-G bound sum_d max(q_d M_d, q_d m_d)."""
     lo, hi = page_bounds(k, pos)
     first = np.arange(len(lo)) * PAGE
@@ -41,8 +43,9 @@ def quest_pages(
         visible_page &= first + PAGE - 1 > position - window
     bound = np.maximum(q[:, None] * hi[None], q[:, None] * lo[None]).sum(-1).mean(0)  # [P]
     bound = np.where(visible_page, bound, -np.inf)
-    chosen = np.argsort(-bound, kind="stable")[:pages_read]
-    return chosen[np.isfinite(bound[chosen])]
+    bound[position // PAGE] = np.inf  # the current page
+    chosen = np.argsort(-bound, kind="stable")[: max(3, pages_read)]
+    return chosen[np.isfinite(bound[chosen]) | (chosen == position // PAGE)]
 
 
 def attend(q: np.ndarray, k: np.ndarray, v: np.ndarray, attended: np.ndarray, scale: float) -> np.ndarray:
