@@ -104,7 +104,7 @@ class Phase:
 
 
 def parse_curriculum(spec: str) -> tuple[Phase, ...]:
-    """'128x32:900=copy,1024x8:300@8192' -> phases (SEQxBATCH:STEPS[@POSITION_SPAN][=copy], in training
+    """'128x32:900=copy,1024x8:300@8192' -> phases (`SEQxBATCH:STEPS[@POSITION_SPAN][=copy]`, in training
     order); '=copy' makes every row of the phase a copy row."""
     phases = []
     for part in (p.strip() for p in spec.split(",") if p.strip()):
