@@ -359,7 +359,8 @@ def _train_lm(args) -> None:
             stop_at=args.stop_at,
         )
     except NonFiniteLossError as err:
-        raise ValueError(f"{err} For example: the same command with --lr {args.lr / 10:g}.") from err
+        lower = min(args.lr / 10, parser().parse_args(["train-lm", "--out", "x"]).lr)  # at most the default
+        raise ValueError(f"{err} For example: the same command with --lr {lower:g}.") from err
     if out is None:
         work = args.work_dir or f"{args.out}.train"
         print(
@@ -417,7 +418,8 @@ def _train_gates(args) -> None:
     try:
         _, result = train_fn(m, args.out, config, progress=not args.no_progress)
     except NonFiniteLossError as err:
-        raise ValueError(f"{err} For example: the same command with --lr {config.lr / 10:g}.") from err
+        lower = min(config.lr / 10, type(config)().lr)  # at most the method's default
+        raise ValueError(f"{err} For example: the same command with --lr {lower:g}.") from err
     last = result.history[-1]["loss"] if result.history else float("nan")
     print(f"wrote {args.out}/{written} (step {result.step}, loss {last:.6f})")
 

@@ -145,11 +145,13 @@ def plot_loss_curve(history, path: Path, title: str = "training loss") -> Path:
     return Path(path)
 
 
-def _record_run(path: Path, record: dict, fixed: Collection[str], resumed_at: int | None) -> str | None:
+def _record_run(
+    path: Path, record: dict, fixed: Collection[str], resumed_at: int | None, write: bool = True
+) -> str | None:
     """Writes a run's settings to `path`. When the run resumes a checkpoint made under other settings, it
     refuses if any of the `fixed` ones changed, and otherwise keeps both: the file then holds the current
     settings plus, under "resumes", each resume's step and every changed value as [old, new] (a command
-    included). Returns a note for the user about such a change, else None."""
+    included). Returns a note for the user about such a change, else None. `write=False` only checks."""
     record = json.loads(json.dumps(record))  # as stored: tuples become lists
     old = None
     if path.is_file():
@@ -158,12 +160,14 @@ def _record_run(path: Path, record: dict, fixed: Collection[str], resumed_at: in
         except ValueError as err:
             raise ValueError(f"{path} is not valid JSON ({err}); move it away to start a new record") from None
     if resumed_at is None or not isinstance(old, dict):
-        _write_json(path, record)
+        if write:
+            _write_json(path, record)
         return None
     resumes = old.pop("resumes", [])
     changed = {k: [old.get(k), record.get(k)] for k in sorted(set(old) | set(record)) if old.get(k) != record.get(k)}
     if not changed:
-        _write_json(path, {**record, "resumes": resumes} if resumes else record)
+        if write:
+            _write_json(path, {**record, "resumes": resumes} if resumes else record)
         return None
     refused = [k for k in changed if k in fixed]
     if refused:
@@ -172,6 +176,8 @@ def _record_run(path: Path, record: dict, fixed: Collection[str], resumed_at: in
             f"{path.parent} holds a run (checkpoint {resumed_at}) with other settings than these ({detail}), "
             f"which a resume cannot change; use another output folder or the recorded settings ({path})"
         )
+    if not write:
+        return None
     _write_json(path, {**record, "resumes": resumes + [{"step": resumed_at, "changed": changed}]})
     return (
         f"resuming at step {resumed_at} with changed settings ({', '.join(changed)}); the old and new values "
@@ -249,6 +255,8 @@ def train(
                 max_to_keep=config.max_checkpoints, create=True, enable_async_checkpointing=False
             ),
         )
+        if record is not None and config.resume:  # a change that cannot apply, named before orbax trips on it
+            _record_run(out / record_file, record, fixed, manager.latest_step(), write=False)
         if config.resume and manager.latest_step() is not None:
             target = jax.tree.map(ocp.utils.to_shape_dtype_struct, {"params": params, "opt_state": opt_state})
             try:
