@@ -9,8 +9,10 @@ import warnings
 import numpy as np
 import pytest
 
-from kvjax.policies import AdaKV, DuoAttention, QuantizedPruning, SnapKV, ThinK
+import kvjax
+from kvjax.policies import AdaKV, DuoAttention, QuantizedPruning, RazorAttention, SnapKV, ThinK
 from kvjax.policies.duo_attention import pattern_file, quantile_head_sets, read_gates_tsv, released_patterns
+from tests.support.random_data import random_tokens
 
 # ------------------------------------------------------------------------------------------------
 # DuoAttention: the authors' `sparsify_attention_heads` and `load_attn_pattern`
@@ -89,3 +91,35 @@ def test_wrappers_refuse_a_base_that_selects_per_query_head():
     for wrap in (AdaKV, ThinK, QuantizedPruning):
         with pytest.raises(ValueError, match="per query head"):
             wrap(base)
+
+
+# ------------------------------------------------------------------------------------------------
+# RazorAttention: the paper's buffer, L = max(S0, N / C)
+# ------------------------------------------------------------------------------------------------
+
+
+def test_razor_buffer_is_the_papers_max_of_floor_and_share(tiny_model):
+    """Algorithm 1 of the paper: a non-retrieval head keeps its N0 sink tokens and the latest
+    L = max(S0, N / C) of an N-token prompt (S0 = 4000, C = 5 by default), each row by its own N; the
+    window then slides while decoding, every evicted token folded into the compensation token."""
+    assert RazorAttention(((),)).buffer(100_000) == 20_000 and RazorAttention(((),)).buffer(1000) == 4000
+    assert RazorAttention(((),), recent=256).buffer(100_000) == 256  # a fixed buffer stays available
+    m = tiny_model
+    policy = RazorAttention(((),) * 2, sink=4, buffer_floor=16, buffer_ratio=4)
+    tokens = random_tokens(3, (2, 203), m.config.vocab_size)
+    lengths = [200, 40]
+    state = kvjax.prefill(m, tokens[:, :200], policy, lengths=lengths, max_new_tokens=3, chunk_size=64)
+    buffers = [max(16, n // 4) for n in lengths]  # 50 and 16
+    for layer in state.layers:
+        (seg,) = layer
+        for row, (n, buffer) in enumerate(zip(lengths, buffers)):
+            pos = np.asarray(seg.pos[row])
+            for h in range(pos.shape[0]):
+                assert set(pos[h][pos[h] >= 0].tolist()) == set(range(4)) | set(range(n - buffer, n))
+            np.testing.assert_array_equal(np.asarray(seg.n_dropped[row]), n - 4 - buffer)
+    for t in range(3):  # row 0 decodes positions 200-202, row 1 positions 40-42
+        step = np.array([tokens[0, 200 + t], tokens[1, 40 + t]])
+        _, state = kvjax.decode_step(m, state, step, policy)
+    for row, (n, buffer) in enumerate(zip(lengths, buffers)):
+        pos = np.asarray(state.layers[1][0].pos[row, 0])
+        assert set(pos[pos >= 0].tolist()) == set(range(4)) | set(range(n + 3 - buffer, n + 3))

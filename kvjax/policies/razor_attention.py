@@ -50,6 +50,7 @@ class CompensatedSegment(EvictionSegment):
     k_dropped: jax.Array | None = None  # float32[B, Hs, D]: sum of evicted keys
     v_dropped: jax.Array | None = None  # float32[B, Hs, D]: sum of evicted values
     n_dropped: jax.Array | None = None  # float32[B, Hs]: how many were evicted
+    keep: jax.Array | None = None  # int32[B]: entries each row keeps (sink + L), set by the first prefill chunk
 
 
 def compensated(segment: EvictionSegment) -> CompensatedSegment:
@@ -61,6 +62,7 @@ def compensated(segment: EvictionSegment) -> CompensatedSegment:
         k_dropped=jnp.zeros((b, hs, d), jnp.float32),
         v_dropped=jnp.zeros((b, hs, d), jnp.float32),
         n_dropped=jnp.zeros((b, hs), jnp.float32),
+        keep=jnp.full((b,), segment.budget, jnp.int32),
     )
 
 
@@ -75,14 +77,18 @@ def absorb(segment: CompensatedSegment, dropped: jax.Array) -> CompensatedSegmen
 
 
 def compress(segment: CompensatedSegment, priority: jax.Array, keep: int, capacity: int) -> CompensatedSegment:
-    """`keep_top`, with every entry it discards folded into the compensation token first."""
+    """`keep_top` of each row's `segment.keep` entries (at most `keep`), with every entry it discards
+    folded into the compensation token first."""
+    held = jnp.where(segment.pos >= 0, priority, -jnp.inf)
+    rank = jnp.argsort(jnp.argsort(-held, axis=-1, stable=True), axis=-1, stable=True)  # [B, Hs, C]
+    priority = jnp.where(rank < segment.keep[:, None, None], held, -jnp.inf)  # the row's own buffer
     segment = absorb(segment, dropped_by_keep_top(segment, priority, keep))
     return keep_top(segment, priority, keep, capacity)
 
 
 def evict_one(segment: CompensatedSegment, priority: jax.Array) -> CompensatedSegment:
-    """`evict_lowest` (one entry per over-budget row), folding the victim into the compensation."""
-    victim = lowest_over_budget(segment, priority, segment.budget)  # [B, Hs, C]
+    """`evict_lowest` (one entry per row over its `keep`), folding the victim into the compensation."""
+    victim = lowest_over_budget(segment, priority, segment.keep[:, None])  # [B, Hs, C]
     return absorb(segment, victim).replace(pos=jnp.where(victim, -1, segment.pos))
 
 
@@ -140,27 +146,46 @@ def fold_compensation(
 
 @dataclasses.dataclass(frozen=True)
 class RazorAttention(Policy):
-    """Retrieval KV heads keep everything; the rest keep `sink` + `recent` + one compensation token."""
+    """Retrieval KV heads keep everything; the rest keep `sink` + L recent tokens + one compensation
+    token, L = max(buffer_floor, N // buffer_ratio) for an N-token prompt (the paper's), or `recent`."""
 
     retrieval_heads: HeadSets  # per layer, the KV heads that keep everything
-    sink: int = 4
-    recent: int = 256
+    sink: int = 4  # N0
+    recent: int | None = None  # a fixed buffer L; None: the paper's max(S0, N / C)
     compensate: bool = True  # False: plain sink + recent for non-retrieval heads (ablation)
+    buffer_floor: int = 4000  # S0
+    buffer_ratio: float = 5.0  # C
 
     def __post_init__(self):
-        if self.sink < 0 or self.recent < 1:
+        if self.sink < 0 or (self.recent is not None and self.recent < 1):
             raise ValueError(f"RazorAttention needs sink >= 0 and recent >= 1; got {self.sink}, {self.recent}")
+        if self.buffer_floor < 1 or not self.buffer_ratio >= 1:
+            raise ValueError(
+                f"RazorAttention needs buffer_floor >= 1 and buffer_ratio >= 1; got {self.buffer_floor}, "
+                f"{self.buffer_ratio}"
+            )
         object.__setattr__(self, "retrieval_heads", _normalise(self.retrieval_heads))
 
     def with_budget(self, tokens):
-        """Streaming heads keep `tokens`: the sink stays, `recent` takes the rest (retrieval heads keep all)."""
+        """Streaming heads keep `tokens`: the sink stays, a fixed `recent` takes the rest (retrieval heads keep all)."""
         super().with_budget(tokens)
         if tokens <= self.sink:
             raise ValueError(f"{type(self).__name__}: a budget of {tokens} tokens must exceed the sink ({self.sink})")
         return dataclasses.replace(self, recent=tokens - self.sink)
 
+    def buffer(self, prompt_len):
+        """L, the recent tokens a non-retrieval head keeps for a prompt of `prompt_len` tokens (an int or
+        int32 array): `recent`, or max(buffer_floor, prompt_len // buffer_ratio)."""
+        if self.recent is not None:
+            return self.recent if isinstance(prompt_len, int) else jnp.full_like(prompt_len, self.recent)
+        if isinstance(prompt_len, int):
+            return max(self.buffer_floor, int(prompt_len // self.buffer_ratio))
+        scaled = jnp.floor(prompt_len.astype(jnp.float32) / jnp.float32(self.buffer_ratio)).astype(jnp.int32)
+        return jnp.maximum(self.buffer_floor, scaled)
+
     def layout(self, config: ModelConfig, prompt_len, max_new_tokens, chunk) -> Layout:
-        return split_layout(config, self.retrieval_heads, self.sink + self.recent, prompt_len, max_new_tokens, chunk)
+        keep = self.sink + self.buffer(prompt_len)  # the longest row's (padded) prompt bounds every row's
+        return split_layout(config, self.retrieval_heads, keep, prompt_len, max_new_tokens, chunk)
 
     def allocate(self, config, batch, prompt_len, max_new_tokens, chunk, dtype) -> KVState:
         state = super().allocate(config, batch, prompt_len, max_new_tokens, chunk, dtype)
@@ -181,10 +206,11 @@ class RazorAttention(Policy):
             seg = (
                 evict_one(seg, self._priority(seg))
                 if self.compensate
-                else evict_lowest(seg, self._priority(seg), seg.budget)
+                else evict_lowest(seg, self._priority(seg), seg.keep[:, None])
             )
             return out, seg
-        seg = write_entries(segment, x.k, x.v, x.new_pos, count(segment))  # prefill: append, attend, keep
+        keep = jnp.minimum(self.sink + self.buffer(phase.prompt_lengths), segment.budget)  # [B] each row's own
+        seg = write_entries(segment.replace(keep=keep), x.k, x.v, x.new_pos, count(segment))  # append, attend, keep
         out = self._attend(ctx, x.q, seg, x.q_pos)  # sink + recent
         if seg.budget < seg.capacity:
             seg = compress(seg, self._priority(seg), seg.budget, seg.capacity)
