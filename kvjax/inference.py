@@ -90,8 +90,13 @@ def _chunking(prompt_len: int, chunk_size: int) -> tuple[int, int]:
     return chunk, chunk * math.ceil(prompt_len / chunk)
 
 
-def _check_context(m: LanguageModel, total: int):
+def _check_context(m: LanguageModel, total: int, policy: Policy | None = None, chunk: int = 1):
+    """Refuses `total` tokens past the model's context, unless `policy` keeps RoPE positions below a
+    bound whatever the length (`Policy.position_limit`: StreamingLLM's position shift), which then counts."""
     limit = m.config.max_position_embeddings
+    bound = None if policy is None else policy.position_limit(chunk)
+    if bound is not None:
+        total = min(total, bound)
     if total > limit:
         raise ValueError(f"prompt plus new tokens ({total}) is longer than the model's context ({limit} positions)")
 
@@ -185,8 +190,8 @@ def _prompt_batch(tokens, lengths, vocab_size: int | None = None) -> tuple[np.nd
 
 
 def _run_prefill(m, tokens: np.ndarray, lengths: np.ndarray, policy, chunk_size, max_new_tokens, run: Execution):
-    _check_context(m, int(lengths.max()) + max_new_tokens)
     chunk, padded = _chunking(tokens.shape[1], chunk_size)
+    _check_context(m, int(lengths.max()) + max_new_tokens, policy, chunk)
     tokens = np.pad(tokens, ((0, 0), (0, padded - tokens.shape[1])))
     policy, policy_params = split_params(_checked(m, policy))
     return _prefill(
@@ -449,7 +454,7 @@ def greedy_decode(
     policy = _checked(m, policy)
     _check_origin(m, state, policy, steps)
     policy, policy_params = split_params(policy)
-    _check_context(m, int(jnp.max(state.length)) + steps)
+    _check_context(m, int(jnp.max(state.length)) + steps, policy)
     loop = _open_loop(state.replace(origin=None), token, steps)
     no_eos, no_stop = jnp.asarray([-1], jnp.int32), jnp.int32(np.iinfo(np.int32).max)
     sampling = SamplingParams.create(loop.last.shape[0])
@@ -504,7 +509,8 @@ def generate(
     pad = m.config.pad_token_id if m.config.pad_token_id is not None else int(eos[0]) if eos[0] >= 0 else 0
     sampling = SamplingParams.create(batch, temperature, top_k, top_p)
     eos, pad = jnp.asarray(eos), jnp.int32(pad)
-    switch = _rope_switch_length(m)
+    # A policy that keeps RoPE positions inside its cache (`position_limit`) never crosses LongRoPE's switch.
+    switch = _rope_switch_length(m) if policy.position_limit(1) is None else np.iinfo(np.int32).max
     stop = switch if int(lengths.max()) <= switch else np.iinfo(np.int32).max
     loop = _start_loop(
         kv,

@@ -3,14 +3,17 @@ here, kvjax's policy beside it. Fast: no model, or the tiny one."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import warnings
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
 import kvjax
-from kvjax.policies import AdaKV, DuoAttention, QuantizedPruning, RazorAttention, SnapKV, ThinK
+from kvjax.policies import AdaKV, DuoAttention, Full, QuantizedPruning, RazorAttention, SnapKV, StreamingLLM, ThinK
 from kvjax.policies.duo_attention import pattern_file, quantile_head_sets, read_gates_tsv, released_patterns
 from tests.support.random_data import random_tokens
 
@@ -123,3 +126,56 @@ def test_razor_buffer_is_the_papers_max_of_floor_and_share(tiny_model):
     for row, (n, buffer) in enumerate(zip(lengths, buffers)):
         pos = np.asarray(state.layers[1][0].pos[row, 0])
         assert set(pos[pos >= 0].tolist()) == set(range(4)) | set(range(n + 3 - buffer, n + 3))
+
+
+# ------------------------------------------------------------------------------------------------
+# StreamingLLM: the authors' position shift (streaming_llm/pos_shift)
+# ------------------------------------------------------------------------------------------------
+
+
+def _short_context(m, layers: int, context: int):
+    """The tiny model cut to its first `layers` layers, with a `context`-token context."""
+    from kvjax import init_model
+
+    config = dataclasses.replace(m.config, num_layers=layers, max_position_embeddings=context)
+    return init_model(config, seed=0, dtype=jnp.float32)
+
+
+def test_streaming_position_shift_rotates_keys_at_their_place_in_the_cache(tiny_model):
+    """The authors' pos-shift attention: cached keys stored before RoPE and rotated at their index in the
+    cache, the query at its own. In a one-layer model a cached key and value depend on their token only,
+    so a decode step must equal a full causal forward of just the tokens the step sees (sinks + window +
+    itself) at positions 0, 1, ...: checked up to 4.5x the model's 64-token context."""
+    m = _short_context(tiny_model, 1, 64)
+    policy = StreamingLLM(sink=4, window=28)
+    tokens = random_tokens(5, (1, 300), m.config.vocab_size)
+    state = kvjax.prefill(m, tokens[:, :20], policy)
+    for t in range(20, 300):
+        logits, state = kvjax.decode_step(m, state, tokens[:, t], policy)
+        if t % 40 == 0 or t == 299:
+            seen = np.concatenate([tokens[0, :4], tokens[0, t - 28 : t + 1]])  # the cache before eviction, + itself
+            ref = np.asarray(kvjax.logits(m, seen[None]))[0, -1]
+            np.testing.assert_allclose(np.asarray(logits)[0], ref, atol=1e-4, rtol=0)
+
+
+def test_streaming_position_shift_decodes_past_the_context(tiny_model):
+    """With the position shift, RoPE never sees a position beyond budget + one chunk, so generate runs for
+    4x the model's context (64 tokens), its logits as spread at the end as at the start; without it the
+    context check refuses, as for any policy that rotates at original positions."""
+    m = _short_context(tiny_model, 2, 64)
+    prompt = random_tokens(6, (1, 40), m.config.vocab_size)
+    shifted = StreamingLLM(sink=4, window=20)  # positions below 24 + one 32-token chunk < 64
+    out = np.asarray(kvjax.generate(m, prompt, 256, shifted, eos_token_id=(), chunk_size=32))
+    assert out.shape == (1, 256)
+    state = kvjax.prefill(m, prompt, shifted, max_new_tokens=256, chunk_size=32)
+    entropy = []
+    for t in range(256):
+        logits, state = kvjax.decode_step(m, state, out[:, t], shifted)
+        p = jax.nn.softmax(np.asarray(logits, np.float64)[0])
+        entropy.append(float(-(p * np.log(p)).sum()))
+    early, late = np.array(entropy[:24]), np.array(entropy[-64:])
+    assert np.all(np.isfinite(late)) and late.min() > 0.5 * early.min() and late.max() < 2 * early.max()
+    with pytest.raises(ValueError, match="context"):
+        kvjax.generate(m, prompt, 256, dataclasses.replace(shifted, position_shift=False), chunk_size=32)
+    with pytest.raises(ValueError, match="context"):
+        kvjax.generate(m, prompt, 256, Full(), chunk_size=32)

@@ -71,7 +71,7 @@ def test_duo_all_retrieval_equals_full(tiny_model):
 def test_duo_all_streaming_equals_streaming_llm(tiny_model):
     m = tiny_model
     tokens = random_tokens(11, (2, 140), m.config.vocab_size)
-    ref, ref_state = decode_logits(m, StreamingLLM(sink=4, window=28), tokens, 100)
+    ref, ref_state = decode_logits(m, StreamingLLM(sink=4, window=28, position_shift=False), tokens, 100)
     got, state = decode_logits(m, DuoAttention(((),) * m.config.num_layers, sink=4, recent=28), tokens, 100)
     np.testing.assert_allclose(got, ref, atol=1e-5, rtol=0)
     for layer in range(m.config.num_layers):
@@ -278,7 +278,7 @@ def test_razor_limits(tiny_model):
     full, _ = decode_logits(m, Full(), tokens, 90)
     razor_full, _ = decode_logits(m, RazorAttention(((0, 1),) * 2, sink=4, recent=16), tokens, 90)
     np.testing.assert_allclose(razor_full, full, atol=1e-5, rtol=0)
-    streaming, _ = decode_logits(m, StreamingLLM(sink=4, window=16), tokens, 90)
+    streaming, _ = decode_logits(m, StreamingLLM(sink=4, window=16, position_shift=False), tokens, 90)
     plain, _ = decode_logits(m, RazorAttention(((),) * 2, sink=4, recent=16, compensate=False), tokens, 90)
     np.testing.assert_allclose(plain, streaming, atol=1e-5, rtol=0)
     razor, _ = decode_logits(m, RazorAttention(((),) * 2, sink=4, recent=16), tokens, 90)

@@ -85,6 +85,13 @@ class Policy(abc.ABC):
         """The state decoding starts from, after the last prefill chunk (e.g. the prompt compressed)."""
         return state
 
+    def position_limit(self, chunk: int) -> int | None:
+        """None when attention rotates each token at its own position, so the model's context bounds the
+        sequence (the default); else the RoPE positions this policy ever uses while prefilling in chunks
+        of `chunk` tokens and decoding, however long the sequence (StreamingLLM's position shift), which
+        then replaces the sequence's length in the context check."""
+        return None
+
     def scored(self) -> bool:
         """Whether its `EvictionSegment`s carry a per-entry score buffer (segments with a budget only)."""
         return False

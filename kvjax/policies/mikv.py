@@ -159,6 +159,8 @@ class MiKV(Policy):
             )
         kv_quant.check_bits(self.bits)
         kv_quant.check_group_size(self.group, self.bits)
+        if getattr(self.base, "position_shift", False):  # demoted entries keep their own positions
+            object.__setattr__(self, "base", dataclasses.replace(self.base, position_shift=False))
 
     def with_budget(self, tokens):
         """The base policy's budget."""

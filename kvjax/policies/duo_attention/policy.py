@@ -224,8 +224,9 @@ class DuoAttention(Policy):
         return split_layout(config, self.retrieval_heads, self.sink + self.recent, prompt_len, max_new_tokens, chunk)
 
     def streaming(self) -> StreamingLLM:
-        """The policy streaming heads follow: same sink and recent window."""
-        return StreamingLLM(sink=self.sink, window=self.recent)
+        """The policy streaming heads follow: same sink and recent window, keys at their original positions
+        (the authors' DuoAttention keeps RoPE positions; it does not shift them as StreamingLLM's do)."""
+        return StreamingLLM(sink=self.sink, window=self.recent, position_shift=False)
 
     def segment_step(self, ctx, segment, x, phase):
         if not isinstance(segment, EvictionSegment):  # retrieval heads: slot = position, as Full
