@@ -117,7 +117,10 @@ class Attention(nnx.Module):
                 new_pos=new_pos,
             )
             out, segments, shared = layer_fn(ctx, segments, shared, inputs)
-        out = jnp.einsum("bthd,hde->bte", rearrange(out, "b t k g d -> b t (k g) d"), self.o_proj[...])
+        # One contracting axis (H * D): with two, XLA's CPU dots transposed the [H, D, E] weight on every call.
+        out = jnp.einsum(
+            "btf,fe->bte", rearrange(out, "b t k g d -> b t (k g d)"), rearrange(self.o_proj[...], "h d e -> (h d) e")
+        )
         if cfg.o_bias:
             out = out + self.o_bias[...]
         return out, segments, shared
