@@ -90,6 +90,15 @@ def _chunking(prompt_len: int, chunk_size: int) -> tuple[int, int]:
     return chunk, chunk * math.ceil(prompt_len / chunk)
 
 
+def _prefill_chunk(m: LanguageModel, policy: Policy | None, shape: tuple[int, int], chunk_size: int | None) -> int:
+    """`chunk_size`, or when None the policy's choice for prompts of `shape` [B, T] (`Policy.prefill_chunk`:
+    the whole prompt for policies that evict as they prefill, as their papers score it, where it fits),
+    else DEFAULT_CHUNK."""
+    if chunk_size is not None:
+        return chunk_size
+    return (policy or Full()).prefill_chunk(m.config, shape[0], shape[1]) or DEFAULT_CHUNK
+
+
 def _check_context(m: LanguageModel, total: int, policy: Policy | None = None, chunk: int = 1):
     """Refuses `total` tokens past the model's context, unless `policy` keeps RoPE positions below a
     bound whatever the length (`Policy.position_limit`: StreamingLLM's position shift), which then counts."""
@@ -190,7 +199,7 @@ def _prompt_batch(tokens, lengths, vocab_size: int | None = None) -> tuple[np.nd
 
 
 def _run_prefill(m, tokens: np.ndarray, lengths: np.ndarray, policy, chunk_size, max_new_tokens, run: Execution):
-    chunk, padded = _chunking(tokens.shape[1], chunk_size)
+    chunk, padded = _chunking(tokens.shape[1], _prefill_chunk(m, policy, tokens.shape, chunk_size))
     _check_context(m, int(lengths.max()) + max_new_tokens, policy, chunk)
     tokens = np.pad(tokens, ((0, 0), (0, padded - tokens.shape[1])))
     policy, policy_params = split_params(_checked(m, policy))
@@ -282,22 +291,24 @@ def prefill(
     policy: Policy | None = None,
     *,
     lengths=None,
-    chunk_size: int = DEFAULT_CHUNK,
+    chunk_size: int | None = None,
     max_new_tokens: int = 0,
     attention_impl: str = "auto",
     scan_layers: bool = True,
 ) -> KVState:
-    """The (compressed) KV state after the prompt, built chunk by chunk.
+    """The (compressed) KV state after the prompt, built chunk by chunk: `chunk_size` tokens, or None for the
+    policy's own choice (`Policy.prefill_chunk`: the whole prompt for evict-as-you-go policies where it fits).
 
     `tokens` is int32[B, T] (with optional per-row `lengths` for right-padded rows) or a ragged list.
     `max_new_tokens` reserves room for that many decode steps in policies whose size grows.
     `attention_impl` and `scan_layers`: how it runs (`Execution`).
     """
     max_new_tokens = check_count("max_new_tokens", max_new_tokens)
-    chunk_size = check_count("chunk_size", chunk_size, 1)
+    chunk_size = None if chunk_size is None else check_count("chunk_size", chunk_size, 1)
     run = Execution(attention_impl, scan_layers)
     policy = _checked(m, policy)
     prompts, lengths = _prompt_batch(tokens, lengths, m.config.vocab_size)
+    chunk_size = _prefill_chunk(m, policy, prompts.shape, chunk_size)
     state, _ = _run_prefill(m, prompts, lengths, policy, chunk_size, max_new_tokens, run)
     padded = _chunking(prompts.shape[1], chunk_size)[1]  # the prompt length the policy's layout saw
     return _attach_origin(m, state, policy, padded, max_new_tokens)
@@ -483,7 +494,7 @@ def generate(
     top_p=1.0,
     seed: int = 0,
     eos_token_id: int | Sequence[int] | None = None,
-    chunk_size: int = DEFAULT_CHUNK,
+    chunk_size: int | None = None,
     attention_impl: str = "auto",
     scan_layers: bool = True,
 ) -> jax.Array:
@@ -495,7 +506,7 @@ def generate(
     `scan_layers`: how it runs (`Execution`).
     """
     max_new_tokens = check_count("max_new_tokens", max_new_tokens, 1)
-    chunk_size = check_count("chunk_size", chunk_size, 1)
+    chunk_size = None if chunk_size is None else check_count("chunk_size", chunk_size, 1)
     seed = check_count("seed", seed, None)
     policy = _checked(m, policy)
     prompts, lengths = _prompt_batch(tokens, lengths, m.config.vocab_size)

@@ -13,7 +13,19 @@ import numpy as np
 import pytest
 
 import kvjax
-from kvjax.policies import AdaKV, DuoAttention, Full, QuantizedPruning, RazorAttention, SnapKV, StreamingLLM, ThinK
+from kvjax.policies import (
+    H2O,
+    TOVA,
+    AdaKV,
+    DuoAttention,
+    Full,
+    Locret,
+    QuantizedPruning,
+    RazorAttention,
+    SnapKV,
+    StreamingLLM,
+    ThinK,
+)
 from kvjax.policies.duo_attention import pattern_file, quantile_head_sets, read_gates_tsv, released_patterns
 from tests.support.random_data import random_tokens
 
@@ -149,7 +161,7 @@ def test_streaming_position_shift_rotates_keys_at_their_place_in_the_cache(tiny_
     m = _short_context(tiny_model, 1, 64)
     policy = StreamingLLM(sink=4, window=28)
     tokens = random_tokens(5, (1, 300), m.config.vocab_size)
-    state = kvjax.prefill(m, tokens[:, :20], policy)
+    state = kvjax.prefill(m, tokens[:, :20], policy, max_new_tokens=280)
     for t in range(20, 300):
         logits, state = kvjax.decode_step(m, state, tokens[:, t], policy)
         if t % 40 == 0 or t == 299:
@@ -179,3 +191,37 @@ def test_streaming_position_shift_decodes_past_the_context(tiny_model):
         kvjax.generate(m, prompt, 256, dataclasses.replace(shifted, position_shift=False), chunk_size=32)
     with pytest.raises(ValueError, match="context"):
         kvjax.generate(m, prompt, 256, Full(), chunk_size=32)
+
+
+# ------------------------------------------------------------------------------------------------
+# chunk_size=None: evict-as-you-go policies see the whole prompt, as in their papers
+# ------------------------------------------------------------------------------------------------
+
+
+def _kept(state) -> list:
+    return [
+        np.sort(np.where(np.asarray(layer[0].pos) >= 0, np.asarray(layer[0].pos), -1), axis=-1)
+        for layer in state.layers
+    ]
+
+
+def test_chunk_size_none_prefills_evict_as_you_go_policies_in_one_chunk(tiny_model):
+    """H2O, A2SF, VATP and TOVA score the whole prompt before evicting in their papers: chunk_size=None (the
+    default) gives them one chunk, the same state as a chunk covering the prompt, where eviction after every
+    64-token chunk keeps other tokens. Prompt compressors and Locret keep the default chunk; beyond
+    ONE_CHUNK_BYTES of attention weights the default chunk runs too."""
+    m = tiny_model
+    tokens = random_tokens(1, (2, 192), m.config.vocab_size)
+    for policy in (H2O(heavy=40, window=24), TOVA(budget_tokens=50), StreamingLLM(sink=4, window=60)):
+        default = kvjax.prefill(m, tokens, policy)
+        one = kvjax.prefill(m, tokens, policy, chunk_size=192)
+        for a, b in zip(_kept(default), _kept(one)):
+            np.testing.assert_array_equal(a, b)
+        if not isinstance(policy, StreamingLLM):  # the window keeps the same tokens whatever the chunk
+            chunked = kvjax.prefill(m, tokens, policy, chunk_size=64)
+            assert any(not np.array_equal(a, b) for a, b in zip(_kept(chunked), _kept(one)))
+    config = m.config
+    assert H2O().prefill_chunk(config, 1, 1000) == 1000 and StreamingLLM().prefill_chunk(config, 2, 4096) == 4096
+    assert H2O().prefill_chunk(config, 64, 65536) is None  # 64 x 4 heads x 64K x 65K float32: the default chunk
+    assert SnapKV().prefill_chunk(config, 1, 1000) is None and Locret().prefill_chunk(config, 1, 1000) is None
+    assert DuoAttention(((0,), (1,))).prefill_chunk(config, 1, 1000) is None

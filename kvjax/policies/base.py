@@ -85,6 +85,11 @@ class Policy(abc.ABC):
         """The state decoding starts from, after the last prefill chunk (e.g. the prompt compressed)."""
         return state
 
+    def prefill_chunk(self, config: ModelConfig, batch: int, prompt_len: int) -> int | None:
+        """The prefill chunk when the caller passes chunk_size=None: None for kvjax's default (512 tokens);
+        policies that evict as they prefill take the whole prompt (`TokenEviction`)."""
+        return None
+
     def position_limit(self, chunk: int) -> int | None:
         """None when attention rotates each token at its own position, so the model's context bounds the
         sequence (the default); else the RoPE positions this policy ever uses while prefilling in chunks

@@ -34,6 +34,8 @@ from kvjax.kv_state import (
 from kvjax.layer_step import Decode
 from kvjax.policies.base import Layout, Policy, SegmentSpec
 
+ONE_CHUNK_BYTES = 1 << 30  # attention weights of one prefill chunk, per layer, that chunk_size=None allows
+
 
 def group_mean(probs: jax.Array, new_pos: jax.Array) -> jax.Array:
     """float32[B, K, T, C]: attention averaged over each KV head's query group, padding queries zeroed.
@@ -79,6 +81,19 @@ class TokenEviction(Policy, abc.ABC):
         none), or None for all of them. Naming them lets the chunk attend by the plain path (a kernel on
         an accelerator) and keeps the weights W x C instead of T x C: SnapKV's window, TOVA's last query."""
         return None
+
+    def prefill_chunk(self, config: ModelConfig, batch: int, prompt_len: int) -> int | None:
+        """For chunk_size=None. A policy that evicts as it prefills sees the whole prompt before it evicts
+        in its paper (H2O, A2SF, VATP and TOVA score the prompt's attention, StreamingLLM keeps its window),
+        which one chunk reproduces; eviction after every 512-token chunk departs from it (TOVA keeps half
+        another set at chunk 128). One chunk costs its attention weights, batch x heads x T x (budget + T)
+        float32 per layer: beyond ONE_CHUNK_BYTES the default chunks run instead. Prompt compressors
+        (SnapKV, ...) score the same whatever the chunk, so they keep the default."""
+        if not self.evict_while_prefilling:
+            return None
+        budget = max(self.budget(config, layer) for layer in range(config.num_layers))
+        weights = 4 * batch * config.num_heads * prompt_len * (min(budget, prompt_len) + prompt_len)
+        return prompt_len if weights <= ONE_CHUNK_BYTES else None
 
     def layout(self, config: ModelConfig, prompt_len: int, max_new_tokens: int, chunk: int) -> Layout:
         heads = tuple(range(config.num_kv_heads))

@@ -109,6 +109,10 @@ class Locret(TokenEviction):
     def budget(self, config, layer):
         return self.budget_tokens + self.local_len
 
+    def prefill_chunk(self, config, batch, prompt_len):
+        """Locret prefills chunk by chunk by design (its stabilizers bridge the chunks): the default chunk."""
+        return None
+
     def priority(self, segment):
         """Decode (and finalize): the predicted score; the `local_len` most recent tokens are never evicted."""
         return jnp.where(segment.pos > newest(segment) - self.local_len, jnp.inf, segment.score)
