@@ -6,6 +6,7 @@ from kvjax.config import ModelConfig, RopeConfig, UnsupportedModelError
 from kvjax.inference import decode_step, generate, logits, prefill
 from kvjax.kv_state import EvictionSegment, KVSegment, KVState, kv_bytes
 from kvjax.language_model import LanguageModel, init_model
+from kvjax.pipeline import Pipeline, pipeline
 
 __all__ = [
     "CheckpointError",
@@ -14,6 +15,7 @@ __all__ = [
     "KVState",
     "LanguageModel",
     "ModelConfig",
+    "Pipeline",
     "RopeConfig",
     "UnsupportedModelError",
     "bundled_models",
@@ -23,6 +25,7 @@ __all__ = [
     "kv_bytes",
     "load",
     "logits",
+    "pipeline",
     "policies",
     "prefill",
 ]

@@ -151,6 +151,7 @@ def _model_and_runs(args) -> tuple:
         )
     specs = [PolicySpec.parse(text) for text in split_top_level(args.policies)]
     budgets = [parse_length(b) for b in args.budgets.split(",") if b.strip()] if args.budgets else []
+    ratios = [_ratio(r) for r in args.compression_ratios.split(",") if r.strip()] if args.compression_ratios else []
     files = {}
     for item in args.policy_file:
         name, sep, path = item.partition("=")
@@ -163,7 +164,14 @@ def _model_and_runs(args) -> tuple:
             raise ValueError(f"policy {spec.name} is built from {needed}; pass --policy-file {spec.name}=PATH")
     mesh = _mesh(args.mesh) if args.mesh else None
     m = load(args.model or _default_model(), dtype=jnp.dtype(args.dtype), mesh=mesh)
-    return m, resolve_policies(specs, budgets, config=m.config, files=files)
+    return m, resolve_policies(specs, budgets, ratios=ratios, config=m.config, files=files)
+
+
+def _ratio(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise ValueError(f"--compression-ratio takes fractions removed such as 0.5; got {text!r}") from None
 
 
 def _mesh(text: str):
@@ -223,12 +231,13 @@ def _eval(args) -> None:
         chunk_size=args.chunk_size,
         timing=not args.no_timing,
         chat=args.chat,
+        query_aware=args.query_aware,
         attention_impl=args.attention_impl,
     )
     m, runs = _model_and_runs(args)
     rows, samples = run_eval(m, runs, config, progress=not args.no_progress, log=_log)
     print(format_table(rows))
-    for path in write_results(rows, samples, args.out, run_metadata(m.name, m.dtype)):
+    for path in write_results(rows, samples, args.out, run_metadata(m.name, m.dtype, args.argv)):
         _log(f"wrote {path}")
 
 
@@ -441,6 +450,13 @@ def _policy_options(p: argparse.ArgumentParser, many: bool) -> None:
             default="",
             help=f"comma-separated token budgets per KV head (e.g. 128,256,1k), {budget_help}; default: none",
         )
+        p.add_argument(
+            "--compression-ratio",
+            dest="compression_ratios",
+            default="",
+            help="comma-separated fractions of the prompt's entries removed (kvpress's compression_ratio, e.g. "
+            "0.5,0.75), resolved against each prompt onto each policy's budget; default: none",
+        )
     else:
         p.add_argument(
             "--policy",
@@ -454,6 +470,12 @@ def _policy_options(p: argparse.ArgumentParser, many: bool) -> None:
             dest="budgets",
             default="",
             help=f"token budget per KV head (e.g. 1k), {budget_help}; default: none",
+        )
+        p.add_argument(
+            "--compression-ratio",
+            dest="compression_ratios",
+            default="",
+            help="the fraction of the prompt's entries removed (kvpress's compression_ratio), onto the policy's budget",
         )
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"], help="model and KV cache dtype")
     p.add_argument(
@@ -570,6 +592,12 @@ def parser() -> argparse.ArgumentParser:
         default=None,
         help="prompts through the model's chat template with the answer's start pre-filled "
         "(default: when its tokenizer has a template)",
+    )
+    ev.add_argument(
+        "--query-aware",
+        action="store_true",
+        help="compress context and question together (default: the context alone, then the question is fed "
+        "on top of the compressed cache, as a cache serving many questions must work)",
     )
     ev.set_defaults(run=_eval)
 
@@ -740,6 +768,7 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    args.argv = ["kvjax", *(sys.argv[1:] if argv is None else argv)]  # recorded with the results
     try:
         args.run(args)
     except (ValueError, OSError) as err:  # OSError: FileNotFoundError, FileExistsError, PermissionError, ...

@@ -24,6 +24,7 @@ from kvjax.sharding import constrain_state, on_model_mesh
 
 DEFAULT_CHUNK = 512
 _BUCKET = 64  # prompt lengths are padded up to a multiple of this so nearby lengths share a compile
+_CONTINUE_BUCKET = 8  # the same for tokens continuing a state (each padded position costs a decode step)
 
 
 def check_count(name: str, value, minimum: int | None = 0) -> int:
@@ -227,6 +228,7 @@ class StateOrigin:
     model: str  # `model_fingerprint`
     max_new_tokens: int  # the room `prefill` reserved
     room: int | None
+    prompt_len: int = 0  # the longest prompt, which a `compression_ratio` was resolved against
 
 
 def model_fingerprint(m: LanguageModel) -> str:
@@ -237,10 +239,26 @@ def model_fingerprint(m: LanguageModel) -> str:
     return f"{m.name or 'an unnamed model'} ({shapes}, {jnp.dtype(m.dtype).name}, config {digest})"
 
 
-def _attach_origin(m: LanguageModel, state: KVState, policy: Policy, prompt_len: int, max_new_tokens: int):
+def _attach_origin(
+    m: LanguageModel, state: KVState, policy: Policy, prompt_len: int, max_new_tokens: int, longest: int
+):
     static, _ = split_params(policy)
     room = policy.decode_room(m.config, prompt_len, max_new_tokens)
-    return state.replace(origin=StateOrigin(repr(static), model_fingerprint(m), max_new_tokens, room))
+    return state.replace(origin=StateOrigin(repr(static), model_fingerprint(m), max_new_tokens, room, longest))
+
+
+def _for_state(m: LanguageModel, state: KVState, policy: Policy | None) -> Policy:
+    """The policy that continues `state`: checked against the model, a `compression_ratio` resolved
+    against the prompt the state was prefilled with (as prefill resolved it)."""
+    policy = _checked(m, policy)
+    if policy.resolved:
+        return policy
+    origin = getattr(state, "origin", None)
+    if origin is None:
+        raise ValueError(
+            "this state carries no prompt length to resolve compression_ratio against; pass policy.resolve(n)"
+        )
+    return policy.resolve(origin.prompt_len)
 
 
 def _check_origin(m: LanguageModel, state: KVState, policy: Policy, steps: int) -> None:
@@ -293,6 +311,7 @@ def prefill(
     lengths=None,
     chunk_size: int | None = None,
     max_new_tokens: int = 0,
+    state: KVState | None = None,
     attention_impl: str = "auto",
     scan_layers: bool = True,
 ) -> KVState:
@@ -300,18 +319,82 @@ def prefill(
     policy's own choice (`Policy.prefill_chunk`: the whole prompt for evict-as-you-go policies where it fits).
 
     `tokens` is int32[B, T] (with optional per-row `lengths` for right-padded rows) or a ragged list.
-    `max_new_tokens` reserves room for that many decode steps in policies whose size grows.
+    `max_new_tokens` reserves room for that many decode steps in policies whose size grows. A policy's
+    `compression_ratio` is resolved against the longest prompt. With `state`, the tokens continue it
+    instead (row b of tokens after row b of the state, fed as decode steps, so the policy treats them as
+    it treats decoding): they use the room its prefill reserved, and the state is donated.
     `attention_impl` and `scan_layers`: how it runs (`Execution`).
     """
     max_new_tokens = check_count("max_new_tokens", max_new_tokens)
     chunk_size = None if chunk_size is None else check_count("chunk_size", chunk_size, 1)
     run = Execution(attention_impl, scan_layers)
-    policy = _checked(m, policy)
     prompts, lengths = _prompt_batch(tokens, lengths, m.config.vocab_size)
+    if state is not None:
+        if max_new_tokens:
+            raise ValueError(
+                "max_new_tokens sizes a new state; a continued state keeps the room its first prefill reserved"
+            )
+        return _run_continue(m, state, prompts, lengths, policy, run)[0]
+    policy = _checked(m, policy).resolve(int(lengths.max()))
     chunk_size = _prefill_chunk(m, policy, prompts.shape, chunk_size)
     state, _ = _run_prefill(m, prompts, lengths, policy, chunk_size, max_new_tokens, run)
     padded = _chunking(prompts.shape[1], chunk_size)[1]  # the prompt length the policy's layout saw
-    return _attach_origin(m, state, policy, padded, max_new_tokens)
+    return _attach_origin(m, state, policy, padded, max_new_tokens, int(lengths.max()))
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "policy", "run", "ragged"), donate_argnames=("state",))
+def _continue(graphdef, params, policy_params, state, tokens, lengths, *, policy, run, ragged: bool):
+    """Feeds int32[B, T] tokens (row b's first lengths[b]) into `state` one position at a time, as decode
+    steps; returns the state and float32[B, V] logits after each row's last token."""
+    model = nnx.merge(graphdef, params)
+    policy = bind_params(policy, policy_params)
+    stack = model.layer_stack(state.layers, run.scan_layers)
+    b = tokens.shape[0]
+
+    def step(carry, inputs):
+        kv, last_logits = carry
+        token, t = inputs  # [B], scalar
+        logits, new = _forward_token(model, policy, kv, token, run, stack)
+        active = t < lengths  # [B]: rows whose tokens run this far
+        if ragged:  # a finished row keeps its state
+            new = jax.tree.map(lambda n, o: jnp.where(active.reshape((b,) + (1,) * (n.ndim - 1)), n, o), new, kv)
+        return (new, jnp.where(active[:, None], logits, last_logits)), None
+
+    init = (state, jnp.zeros((b, model.config.vocab_size), jnp.float32))
+    steps = jnp.arange(tokens.shape[1], dtype=jnp.int32)  # [T]
+    (state, logits), _ = jax.lax.scan(step, init, (tokens.swapaxes(0, 1), steps))
+    return state, logits
+
+
+def _run_continue(m, state: KVState, tokens: np.ndarray, lengths: np.ndarray, policy, run: Execution):
+    """(state continued by the tokens, logits after each row's last), with the checks of a decode step."""
+    if tokens.shape[0] != state.batch_size:
+        raise ValueError(
+            f"continuing a state of {state.batch_size} sequence(s) takes one row per sequence; got {tokens.shape[0]}"
+        )
+    policy = _for_state(m, state, policy)
+    steps = int(lengths.max())
+    _check_origin(m, state, policy, steps)
+    _check_context(m, int(jnp.max(state.length)) + steps, policy, int(tokens.shape[1]))
+    width = -(-tokens.shape[1] // _CONTINUE_BUCKET) * _CONTINUE_BUCKET  # nearby lengths share a compile
+    tokens = np.pad(tokens, ((0, 0), (0, width - tokens.shape[1])))
+    ragged = bool(lengths.min() < width)
+    if ragged and any(leaf.shape[:1] != (state.batch_size,) for leaf in jax.tree.leaves(state)):
+        raise ValueError("rows of different lengths need a state whose every array is per sequence")
+    static_policy, policy_params = split_params(policy)
+    origin = state.origin
+    kv, logits = _continue(
+        m.graphdef,
+        m.params,
+        policy_params,
+        state.replace(origin=None),
+        jnp.asarray(tokens),
+        jnp.asarray(lengths),
+        policy=static_policy,
+        run=run,
+        ragged=ragged,
+    )
+    return _decoded(kv.replace(origin=origin), steps), logits
 
 
 def _forward_token(model, policy: Policy, state: KVState, token: jax.Array, run: Execution, stack=None):
@@ -366,7 +449,7 @@ def decode_step(
     Refuses a state made by another policy or model, and a step past the room the state was prefilled
     with (`prefill(..., max_new_tokens=)`), which would overwrite an entry the policy keeps."""
     run = Execution(attention_impl, scan_layers)
-    policy = _checked(m, policy)
+    policy = _for_state(m, state, policy)
     _check_origin(m, state, policy, 1)
     static_policy, policy_params = split_params(policy)
     token = _step_tokens(m, state, token)
@@ -462,7 +545,7 @@ def greedy_decode(
     steps = check_count("steps", steps, 1)
     token = _step_tokens(m, state, token)
     run = Execution(attention_impl, scan_layers)
-    policy = _checked(m, policy)
+    policy = _for_state(m, state, policy)
     _check_origin(m, state, policy, steps)
     policy, policy_params = split_params(policy)
     _check_context(m, int(jnp.max(state.length)) + steps, policy)
@@ -495,6 +578,7 @@ def generate(
     seed: int = 0,
     eos_token_id: int | Sequence[int] | None = None,
     chunk_size: int | None = None,
+    state: KVState | None = None,
     attention_impl: str = "auto",
     scan_layers: bool = True,
 ) -> jax.Array:
@@ -502,16 +586,25 @@ def generate(
 
     Prefill in chunks, then a jitted `lax.while_loop` decode over the donated state. Sampling
     settings and the seed are arrays: changing them (or the prompt contents) does not recompile.
-    `eos_token_id=None` uses the model's EOS ids; `()` disables stopping. `attention_impl` and
-    `scan_layers`: how it runs (`Execution`).
+    `eos_token_id=None` uses the model's EOS ids; `()` disables stopping. With `state`, the tokens
+    continue that state (`prefill(..., state=)`, donated) instead of starting one: ask a compressed
+    context a question. `attention_impl` and `scan_layers`: how it runs (`Execution`).
     """
     max_new_tokens = check_count("max_new_tokens", max_new_tokens, 1)
     chunk_size = None if chunk_size is None else check_count("chunk_size", chunk_size, 1)
     seed = check_count("seed", seed, None)
-    policy = _checked(m, policy)
     prompts, lengths = _prompt_batch(tokens, lengths, m.config.vocab_size)
     run = Execution(attention_impl, scan_layers)
-    kv, logits = _run_prefill(m, prompts, lengths, policy, chunk_size, max_new_tokens, run)
+    if state is not None:
+        policy = _for_state(m, state, policy)
+        _check_origin(m, state, policy, int(lengths.max()) + max_new_tokens - 1)  # the answer fits as well
+        if int(jnp.max(state.length)) + int(lengths.max()) + max_new_tokens > _rope_switch_length(m):
+            raise ValueError("a continued state cannot cross LongRoPE's switch, which re-prefills the whole history")
+        kv, logits = _run_continue(m, state, prompts, lengths, policy, run)
+        kv = kv.replace(origin=None)
+    else:
+        policy = _checked(m, policy).resolve(int(lengths.max()))
+        kv, logits = _run_prefill(m, prompts, lengths, policy, chunk_size, max_new_tokens, run)
     static_policy, policy_params = split_params(policy)
     decode = functools.partial(_decode, m.graphdef, m.params, policy_params, policy=static_policy, run=run)
     batch = logits.shape[0]
@@ -522,7 +615,7 @@ def generate(
     eos, pad = jnp.asarray(eos), jnp.int32(pad)
     # A policy that keeps RoPE positions inside its cache (`position_limit`) never crosses LongRoPE's switch.
     switch = _rope_switch_length(m) if policy.position_limit(1) is None else np.iinfo(np.int32).max
-    stop = switch if int(lengths.max()) <= switch else np.iinfo(np.int32).max
+    stop = switch if state is None and int(lengths.max()) <= switch else np.iinfo(np.int32).max
     loop = _start_loop(
         kv,
         logits,

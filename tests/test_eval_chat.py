@@ -25,7 +25,9 @@ def _run(m, monkeypatch, chat):
         return generate(model, ids, *args, **kwargs)
 
     monkeypatch.setattr(kvjax, "generate", spy)
-    config = EvalConfig(tasks=("passkey",), lengths=(300,), samples=2, timing=False, chat=chat, max_new_tokens=4)
+    config = EvalConfig(
+        tasks=("passkey",), lengths=(300,), samples=2, timing=False, chat=chat, max_new_tokens=4, query_aware=True
+    )  # the whole prompt in one generate call
     rows, samples = run_eval(m, [kvjax.policies.Full()], config, progress=False)
     return rows, samples, seen
 

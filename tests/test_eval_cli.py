@@ -7,6 +7,7 @@ import dataclasses
 import json
 
 import jax.numpy as jnp
+import numpy as np
 import pytest
 import yaml
 from flax import nnx
@@ -79,7 +80,9 @@ def test_budgets_map_onto_each_policy():
     assert [r.label for r in runs] == ["full", "streaming@64", "streaming@128", "kivi(bits=2)"]
     assert [r.budget for r in runs] == [None, 64, 128, None]
     assert runs[3].policy == P.KIVI(bits=2)
-    assert messages == ["kivi(bits=2): no token budget to set; --budgets ignored, running its settings"]
+    assert messages == [
+        "kivi(bits=2): no token budget to set; --budgets/--compression-ratio ignored, running its settings"
+    ]
     assert parse_length("2k") == 2048 and parse_length("1.5k") == 1536 and parse_length("300") == 300
     with pytest.raises(ValueError, match="bad length"):
         parse_length("lots")
@@ -282,3 +285,29 @@ def test_default_batch_size_follows_free_memory():
     assert batch_size_for_memory(config, 2048, 16, 512, 4, free=10**12 // 4) in range(one // 4 - 1, one // 4 + 2)
     assert batch_size_for_memory(config, 8192, 16, 512, 4, free=10**12) < one  # longer prompts: fewer
     assert batch_size_for_memory(config, 2048, 16, 512, 4, free=1) == 1  # never zero
+
+
+def test_eval_compresses_the_context_without_the_question_unless_asked(tiny_checkpoint):
+    from kvjax.checkpoint import load
+    from kvjax.eval.harness import split_prompt
+    from kvjax.eval.tasks import get_task, make_samples
+
+    m = load(tiny_checkpoint, dtype=jnp.float32)
+    sample = make_samples(get_task("niah_single"), m.tokenizer, 300, 1)[0]
+    context, question = split_prompt(m.tokenizer, sample, query_aware=False)
+    assert m.tokenizer.decode(question).startswith(sample.question)  # the question comes after
+    assert sample.question.strip() not in m.tokenizer.decode(context)
+    assert split_prompt(m.tokenizer, sample, query_aware=True) == (m.tokenizer.encode(sample.prompt), [])
+    policies = {"snapkv": kvjax.policies.SnapKV(budget_tokens=64, window=8)}
+    config = EvalConfig(tasks=("niah_single",), lengths=(300,), samples=2, timing=False)
+    rows, samples = run_eval(m, policies, config, progress=False)
+    by_hand = []
+    for s in make_samples(get_task("niah_single"), m.tokenizer, 300, 2):
+        c, q = split_prompt(m.tokenizer, s, query_aware=False)
+        state = kvjax.prefill(m, [c], policies["snapkv"], max_new_tokens=len(q) + 16)
+        out = np.asarray(kvjax.generate(m, [q], 16, policies["snapkv"], state=state))[0].tolist()
+        eos = set(m.config.eos_token_ids)
+        by_hand.append(m.tokenizer.decode(out[: next((i for i, t in enumerate(out) if t in eos), 16)]))
+    assert [s["prediction"] for s in samples] == by_hand and rows[0]["query_aware"] is False
+    aware, _ = run_eval(m, policies, dataclasses.replace(config, query_aware=True), progress=False)
+    assert aware[0]["query_aware"] is True and aware[0]["kv_bytes"] < rows[0]["kv_bytes"]  # no room for a question

@@ -27,7 +27,7 @@ from kvjax.eval.prompting import encode_prompt, resolve_chat
 from kvjax.eval.tasks import Sample, default_tasks, digit_match, get_task, make_samples, string_match_all
 from kvjax.inference import greedy_decode
 from kvjax.language_model import LanguageModel
-from kvjax.policies import Policy
+from kvjax.policies import Full, Policy
 
 
 def policy_classes() -> dict[str, type]:
@@ -115,6 +115,7 @@ class PolicyRun:
     name: str
     budget: int | None
     policy: Policy
+    compression_ratio: float | None = None
 
 
 def resolve_policies(
@@ -122,22 +123,32 @@ def resolve_policies(
     budgets: Sequence[int] = (),
     log: Callable[[str], None] = print,
     *,
+    ratios: Sequence[float] = (),
     config: ModelConfig | None = None,
     files: Mapping[str, str] | None = None,
 ) -> list[PolicyRun]:
-    """Policy runs from specs (`build_policy`): one per budget for policies with a token budget
-    (`Policy.with_budget`), one at their settings otherwise."""
+    """Policy runs from specs (`build_policy`): for a policy with a token budget (`Policy.with_budget`)
+    one per budget (label `name@256`) and one per compression ratio (`name@r0.5`, resolved against each
+    prompt); one at its settings otherwise."""
+    for ratio in ratios:
+        if not 0 <= ratio < 1:
+            raise ValueError(f"a compression ratio is the fraction of entries removed, in [0, 1); got {ratio}")
     runs = []
     for spec in specs:
         spec = PolicySpec.parse(spec) if isinstance(spec, str) else spec
         base = build_policy(spec, config, files)
         mapped = [(b, base.with_budget(b)) for b in budgets]
-        if not mapped or mapped[0][1] is None:
-            if mapped and spec.name != "full":
-                log(f"{spec.label}: no token budget to set; --budgets ignored, running its settings")
+        if base.with_budget(1 << 16) is None or not (budgets or ratios):  # a large budget any policy takes
+            if (budgets or ratios) and spec.name != "full":
+                log(
+                    f"{spec.label}: no token budget to set; --budgets/--compression-ratio ignored, running its settings"
+                )
             runs.append(PolicyRun(spec.label, spec.name, None, base))
-        else:
-            runs += [PolicyRun(f"{spec.label}@{b}", spec.name, b, p) for b, p in mapped]
+            continue
+        runs += [PolicyRun(f"{spec.label}@{b}", spec.name, b, p) for b, p in mapped]
+        for ratio in ratios:
+            policy = dataclasses.replace(base, compression_ratio=ratio)
+            runs.append(PolicyRun(f"{spec.label}@r{ratio:g}", spec.name, None, policy, ratio))
     if not runs:
         raise ValueError("no policy to run")
     return runs
@@ -186,6 +197,7 @@ class EvalConfig:
     chunk_size: int = 512
     timing: bool = True  # time the prompt and the decode steps separately (each batch again, compiled first)
     chat: bool | None = None  # prompts through the chat template, answer prefix pre-filled; None: when it has one
+    query_aware: bool = False  # compress context and question together (else the context alone, then ask)
     attention_impl: str = "auto"  # how attention runs (kvjax.inference.Execution); "reference" forces the jnp path
 
     def __post_init__(self):
@@ -232,6 +244,17 @@ def batch_size_for_memory(
     return max(1, (free // 2) // (cache + weights + hidden))
 
 
+def split_prompt(tokenizer, sample: Sample, query_aware: bool) -> tuple[list[int], list[int]]:
+    """(ids compressed, ids fed after compression): the whole prompt and nothing when `query_aware`,
+    else the prompt cut where its question starts, so the policy compresses the context without knowing
+    the question (kvpress's default), and the question, generation prompt and answer prefix follow."""
+    if query_aware:
+        return encode_prompt(tokenizer, sample.prompt, sample.chat), []
+    at = sample.prompt.rindex(sample.question)
+    tail = tokenizer.encode(sample.prompt[at:], add_special_tokens=False)
+    return encode_prompt(tokenizer, sample.prompt[:at], sample.chat), tail
+
+
 def _predictions(m: LanguageModel, out: np.ndarray) -> list[str]:
     eos = set(m.config.eos_token_ids)
     texts = []
@@ -241,10 +264,29 @@ def _predictions(m: LanguageModel, out: np.ndarray) -> list[str]:
     return texts
 
 
-def _bytes_per_sequence(m: LanguageModel, ids: list[list[int]], policy: Policy, chunk: int, new: int) -> float:
-    """Device bytes of the state after the prompt, from abstract shapes (nothing is allocated)."""
-    state = jax.eval_shape(lambda: kvjax.prefill(m, ids, policy, chunk_size=chunk, max_new_tokens=new))
-    return kvjax.kv_bytes(state) / len(ids)
+def _room(prompts: list[tuple[list[int], list[int]]], new: int) -> int:
+    """Decode steps a compressed context must hold: the longest question fed after it, then the answer,
+    rounded up to a multiple of 16 so batches whose questions differ by a token share a compile."""
+    return -(-(max(len(q) for _, q in prompts) + new) // 16) * 16
+
+
+def _bytes_per_sequence(m: LanguageModel, prompts, policy: Policy, chunk: int, new: int) -> float:
+    """Device bytes of the state after the compressed part of the prompts (with room for the rest and the
+    answer), from abstract shapes (nothing is allocated)."""
+    contexts, room = [c for c, _ in prompts], _room(prompts, new)
+    state = jax.eval_shape(lambda: kvjax.prefill(m, contexts, policy, chunk_size=chunk, max_new_tokens=room))
+    return kvjax.kv_bytes(state) / len(prompts)
+
+
+def _answer(m: LanguageModel, prompts, policy: Policy, config: EvalConfig, new: int) -> np.ndarray:
+    """int32[B, new]: greedy answers. A prompt is (compressed ids, ids asked after): with nothing after, one
+    generate; else the contexts prefilled and compressed, then the rest fed on top and decoded."""
+    contexts, asked = [c for c, _ in prompts], [q for _, q in prompts]
+    run = {"chunk_size": config.chunk_size, "attention_impl": config.attention_impl}
+    if not asked[0]:
+        return np.asarray(kvjax.generate(m, contexts, new, policy, **run))
+    state = kvjax.prefill(m, contexts, policy, max_new_tokens=_room(prompts, new), **run)
+    return np.asarray(kvjax.generate(m, asked, new, policy, state=state, attention_impl=config.attention_impl))
 
 
 def _timed(fn):
@@ -300,14 +342,15 @@ def run_eval(
             new = config.max_new_tokens or task.max_new_tokens
             for length in config.lengths:
                 samples = make_samples(task, m.tokenizer, length, config.samples, config.seed, chat=chat)
-                encoded = [encode_prompt(m.tokenizer, s.prompt, s.chat) for s in samples]
+                encoded = [split_prompt(m.tokenizer, s, config.query_aware) for s in samples]
+                totals = [len(c) + len(q) for c, q in encoded]
                 batch_size = config.batch_size or batch_size_for_memory(
-                    m.config, max(map(len, encoded)), new, config.chunk_size, m.dtype.itemsize, free_memory_bytes()
+                    m.config, max(totals), new, config.chunk_size, m.dtype.itemsize, free_memory_bytes()
                 )
-                batches = plan_batches([len(ids) for ids in encoded], batch_size)
+                batches = plan_batches(totals, batch_size)
                 full_bytes = np.mean(
                     [
-                        _bytes_per_sequence(m, [encoded[i] for i in idx], kvjax.policies.Full(), config.chunk_size, new)
+                        _bytes_per_sequence(m, [encoded[i] for i in idx], Full(), config.chunk_size, new)
                         for idx, _ in batches
                     ]
                 )
@@ -337,7 +380,7 @@ def _evaluate(
     task: str,
     length: int,
     samples: list[Sample],
-    encoded: list[list[int]],
+    encoded: list[tuple[list[int], list[int]]],
     batches: list[tuple[list[int], int]],
     new: int,
     config: EvalConfig,
@@ -345,16 +388,13 @@ def _evaluate(
 ) -> tuple[dict, list[dict]]:
     predictions, bytes_, prefill_s, decode_s = {}, [], [], []
     for idx, real in batches:
-        ids = [encoded[i] for i in idx]
-        out = np.asarray(
-            kvjax.generate(
-                m, ids, new, policy=run.policy, chunk_size=config.chunk_size, attention_impl=config.attention_impl
-            )
-        )
-        bytes_.append(_bytes_per_sequence(m, ids, run.policy, config.chunk_size, new))
-        if config.timing:
+        prompts = [encoded[i] for i in idx]
+        out = _answer(m, prompts, run.policy, config, new)
+        bytes_.append(_bytes_per_sequence(m, prompts, run.policy, config.chunk_size, new))
+        if config.timing:  # the compressed part's prefill, then decoding
+            contexts = [c for c, _ in prompts]
             t_prefill, t_token = _time_prefill_and_decode(
-                m, ids, run.policy, config.chunk_size, out[:, 0], new, config.attention_impl
+                m, contexts, run.policy, config.chunk_size, out[:, 0], new, config.attention_impl
             )
             prefill_s.append(t_prefill)
             decode_s.append(t_token)
@@ -384,6 +424,7 @@ def _evaluate(
         "policy": run.label,
         "policy_name": run.name,
         "budget": run.budget,
+        "compression_ratio": run.compression_ratio,
         "policy_repr": repr(run.policy),
         "task": task,
         "length": length,
@@ -392,6 +433,7 @@ def _evaluate(
         "digits": float(np.mean(digits)),
         "kv_bytes": int(np.mean(bytes_)),
         "batch_size": len(batches[0][0]),
+        "query_aware": config.query_aware,
         "prefill_ms": float(np.mean(prefill_s) * 1e3) if prefill_s else None,
         "decode_ms_per_token": float(np.mean(decode_s) * 1e3) if decode_s else None,
     }

@@ -75,9 +75,9 @@ def _commit() -> str | None:
     return out.stdout.strip() or None
 
 
-def run_metadata(model_name: str, dtype, command: list[str] | None = None) -> dict:
+def run_metadata(model_name: str, dtype, command: list[str]) -> dict:
     """What a result needs to be compared with another: model, dtype, versions, device, commit, date and
-    the command that made it (this process's arguments unless given)."""
+    the command that made it."""
     import jaxlib
 
     device = jax.devices()[0]
@@ -93,7 +93,7 @@ def run_metadata(model_name: str, dtype, command: list[str] | None = None) -> di
         "device_count": jax.device_count(),
         "commit": _commit(),
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "command": " ".join(command if command is not None else ["kvjax", *sys.argv[1:]]),
+        "command": " ".join(command),
     }
 
 

@@ -145,6 +145,7 @@ class Sample:
     seed: int
     context: str = dataclasses.field(default="", repr=False)  # the haystack with needles, no template
     answer_prefix: str = ""  # the words opening the answer, the prompt's last (pre-filled when chat)
+    question: str = ""  # the question as the prompt holds it, after the context
     chat: bool = False  # rendered through the tokenizer's chat template (encode with kvjax.eval.prompting)
 
 
@@ -396,6 +397,7 @@ def make_sample(
         seed=seed,
         context=context,
         answer_prefix=draft.answer_prefix,
+        question=draft.question,
         chat=chat,
     )
 

@@ -38,6 +38,9 @@ class Policy(abc.ABC):
     """
 
     params: Any = dataclasses.field(default=None, kw_only=True, compare=False, hash=False, repr=False)
+    # The fraction of the prompt's entries to remove (kvpress's meaning), resolved against the prompt's
+    # length by `resolve` into the policy's own token budget; None: the policy's fields as they are.
+    compression_ratio: float | None = dataclasses.field(default=None, kw_only=True)
     # What a policy is built from besides its fields (for the CLI's --policy-file), or None.
     file_needed: ClassVar[str | None] = None
 
@@ -52,6 +55,37 @@ class Policy(abc.ABC):
         if tokens < 1:
             raise ValueError(f"a token budget must be positive; got {tokens}")
         return None
+
+    @property
+    def resolved(self) -> bool:
+        """Whether no `compression_ratio` waits for a prompt length, here or in a wrapped policy."""
+        inner = getattr(self, "base", None)
+        return self.compression_ratio is None and (not isinstance(inner, Policy) or inner.resolved)
+
+    def resolve(self, prompt_len: int) -> Policy:
+        """The policy that runs on a prompt of `prompt_len` tokens: with `compression_ratio` r set, this
+        policy keeping int(prompt_len * (1 - r)) tokens per KV head (at least 1; kvpress's rounding) by its
+        own `with_budget` rule; wrapped policies (a `base` field) resolve too; otherwise itself."""
+        if self.resolved:
+            return self
+        policy, inner = self, getattr(self, "base", None)
+        if isinstance(inner, Policy) and not inner.resolved:
+            policy = dataclasses.replace(policy, base=inner.resolve(prompt_len))
+        ratio = self.compression_ratio
+        if ratio is None:
+            return policy
+        if not isinstance(ratio, (int, float)) or not 0 <= ratio < 1:
+            raise ValueError(
+                f"{type(self).__name__}: compression_ratio is the fraction removed, in [0, 1); got {ratio!r}"
+            )
+        resolved = dataclasses.replace(policy, compression_ratio=None).with_budget(
+            max(1, int(prompt_len * (1 - ratio)))
+        )
+        if resolved is None:
+            raise ValueError(
+                f"{type(self).__name__} keeps no token budget, so compression_ratio does not apply; set its own fields"
+            )
+        return resolved
 
     @abc.abstractmethod
     def layout(self, config: ModelConfig, prompt_len: int, max_new_tokens: int, chunk: int) -> Layout:
@@ -114,7 +148,9 @@ class Policy(abc.ABC):
     def allocate(
         self, config: ModelConfig, batch: int, prompt_len: int, max_new_tokens: int, chunk: int, dtype
     ) -> KVState:
-        """An empty prefill state sized by `layout`."""
+        """An empty prefill state sized by `layout` (of a policy already `resolve`d)."""
+        if not self.resolved:
+            raise ValueError(f"{type(self).__name__}: resolve(prompt_len) turns compression_ratio into a budget first")
         layers = tuple(
             tuple(
                 empty_segment(batch, s.heads, s.capacity, config.head_dim, dtype, self.scored(), s.budget)
