@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 import kvjax
+from kvjax.kv_state import count
 from kvjax.policies import (
     H2O,
     TOVA,
@@ -225,3 +226,98 @@ def test_chunk_size_none_prefills_evict_as_you_go_policies_in_one_chunk(tiny_mod
     assert H2O().prefill_chunk(config, 64, 65536) is None  # 64 x 4 heads x 64K x 65K float32: the default chunk
     assert SnapKV().prefill_chunk(config, 1, 1000) is None and Locret().prefill_chunk(config, 1, 1000) is None
     assert DuoAttention(((0,), (1,))).prefill_chunk(config, 1, 1000) is None
+
+
+def test_streaming_position_shift_in_prefill_chunks(tiny_model):
+    """A chunk's queries sit after what the cache kept of the earlier chunks: in a one-layer model the last
+    prompt token's logits equal a full forward of the sinks, the window the previous chunk left, and the
+    last chunk's tokens (chunks of 32 over 100 tokens: the last chunk holds positions 96-99)."""
+    m = _short_context(tiny_model, 1, 4096)
+    policy = StreamingLLM(sink=4, window=20)
+    tokens = random_tokens(7, (1, 100), m.config.vocab_size)
+    run = kvjax.inference.Execution()
+    _, logits = kvjax.inference._run_prefill(m, tokens, np.array([100], np.int32), policy, 32, 0, run)
+    seen = np.concatenate([tokens[0, :4], tokens[0, 76:100]])
+    np.testing.assert_allclose(np.asarray(logits)[0], np.asarray(kvjax.logits(m, seen[None]))[0, -1], atol=1e-4)
+
+
+# ------------------------------------------------------------------------------------------------
+# Locret: huangyuxiang03/Locret's inference (infer.py, their modeling_llama.py)
+# ------------------------------------------------------------------------------------------------
+
+
+def test_locret_rotates_the_compressed_cache_contiguously_and_decoding_appends(tiny_model):
+    """The authors' cache holds keys before RoPE and rotates the whole compressed cache at 0, 1, ... on every
+    forward, and their decoding appends without evicting. In a one-layer, one-KV-head model a decode step
+    must then equal a full forward of the kept tokens, in order, followed by the generated ones."""
+    from kvjax import init_model
+    from kvjax.policies.locret import random_retaining_heads
+
+    config = dataclasses.replace(tiny_model.config, num_layers=1, num_kv_heads=1)
+    m = init_model(config, seed=0, dtype=jnp.float32)
+    policy = Locret(budget_tokens=24, stabilizers=8, local_len=4, params=random_retaining_heads(config, 16, seed=1))
+    assert (Locret().position_shift, Locret().decode_evicts, Locret().prefill_chunk(config, 1, 9000)) == (
+        True,
+        False,
+        3072,
+    )
+    tokens = random_tokens(8, (1, 110), m.config.vocab_size)
+    state = kvjax.prefill(m, tokens[:, :100], policy, max_new_tokens=10, chunk_size=32)
+    pos = np.asarray(state.layers[0][0].pos)[0, 0]
+    kept = sorted(pos[pos >= 0].tolist())
+    assert len(kept) == 28  # budget + local tokens: something was evicted
+    for t in range(100, 110):
+        logits, state = kvjax.decode_step(m, state, tokens[:, t], policy)
+        seen = np.concatenate([tokens[0, kept], tokens[0, 100 : t + 1]])
+        np.testing.assert_allclose(np.asarray(logits)[0], np.asarray(kvjax.logits(m, seen[None]))[0, -1], atol=1e-4)
+    assert int(count(state.layers[0][0])[0, 0]) == 38  # decoding appended all ten
+
+
+def test_locret_training_loss_is_the_authors(tiny_model):
+    """locret/train/train.py: per layer, SmoothL1 averaged over tokens, summed over KV heads and layers and
+    divided by their count, + 0.0025 x the per-layer MSE of neighbouring predictions summed over layers."""
+    from kvjax.policies.locret.training import locret_loss
+
+    rng = np.random.default_rng(0)
+    layers, t, kh = 3, 12, 2
+    pred, target = rng.normal(size=(2, layers, 1, t, kh)).astype(np.float32)
+    total, count_, smooth = 0.0, 0, 0.0
+    for s, std in zip(pred[:, 0].transpose(0, 2, 1), target[:, 0].transpose(0, 2, 1)):  # [K, T] per layer
+        d = np.abs(s - std)
+        total += np.where(d < 1, 0.5 * d * d, d - 0.5).mean(-1).sum()
+        count_ += kh
+        smooth += np.mean((s[:, :-1] - s[:, 1:]) ** 2)
+    expected = total / count_ + 0.0025 * smooth
+    got, _ = locret_loss(jnp.asarray(pred), jnp.asarray(target), jnp.ones((1, t), bool), 0.0025)
+    np.testing.assert_allclose(float(got), expected, rtol=1e-5)
+
+
+def test_locret_optimizer_is_the_authors_adamw_with_value_clipping():
+    """torch AdamW (weight decay 0.01 by default), clip_grad_value_(0.5) and transformers'
+    get_linear_schedule_with_warmup stepped after each update, as the authors train: the same parameters
+    after five steps as kvjax's optax chain."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    from kvjax.policies.locret.training import LocretHeadConfig, make_optimizer
+
+    config = LocretHeadConfig(steps=5, warmup=2, lr=0.1)
+    assert (config.weight_decay, config.clip, config.clip_by) == (0.01, 0.5, "value")
+    grads = np.random.default_rng(1).normal(scale=2.0, size=(5, 4))
+    start = np.array([1.0, -2.0, 0.5, 0.1])
+    p = torch.tensor(start, dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.AdamW([p], lr=config.lr, betas=(config.b1, config.b2))
+    sched = transformers.get_linear_schedule_with_warmup(opt, config.warmup, config.steps)
+    for g in grads:
+        p.grad = torch.tensor(g)
+        torch.nn.utils.clip_grad_value_([p], config.clip)
+        opt.step()
+        sched.step()
+    import optax
+
+    ours = jnp.asarray(start, jnp.float32)
+    tx = make_optimizer(config)
+    state = tx.init(ours)
+    for g in grads:
+        updates, state = tx.update(jnp.asarray(g, jnp.float32), state, ours)
+        ours = optax.apply_updates(ours, updates)
+    np.testing.assert_allclose(np.asarray(ours), p.detach().numpy(), rtol=1e-5, atol=1e-6)

@@ -194,8 +194,9 @@ def test_prefill_keeps_exactly_the_top_budget_of_each_chunk_rule(byte_model, hea
 
 
 def test_decode_evicts_the_lowest_score_outside_the_local_window(byte_model, heads):
+    """`decode_evicts=True` (kvjax's option; the authors' decoding appends): one eviction per token."""
     m, _ = byte_model
-    policy = _locret(heads, budget_tokens=20, stabilizers=8, local_len=4)
+    policy = _locret(heads, budget_tokens=20, stabilizers=8, local_len=4, decode_evicts=True)
     tokens = random_tokens(3, (2, 64), m.config.vocab_size)
     state = kvjax.prefill(m, tokens, policy, chunk_size=32, max_new_tokens=6)
     shapes = jax.tree.map(jnp.shape, state)
@@ -229,8 +230,9 @@ def test_kv_bytes_shrink_with_the_budget(byte_model, heads):
     ]
     sizes = [kvjax.kv_bytes(s) for s in states]
     assert full > sizes[0] > sizes[1] > sizes[2]
-    assert [s.layers[0][0].capacity for s in states] == [round_capacity(b + 16 + 1) for b in (224, 96, 32)]
-    assert sizes[2] < full / 7  # 64 slots (48 + 1, rounded) plus a float32 score each, instead of 512
+    # Decoding appends (the authors'), so the buffers are budget + local_len + the 0 reserved tokens.
+    assert [s.layers[0][0].capacity for s in states] == [round_capacity(b + 16) for b in (224, 96, 32)]
+    assert sizes[2] < full / 7  # 48 slots plus a float32 score each, instead of 512
 
 
 def test_budget_covering_the_context_equals_full(byte_model, heads):
@@ -369,8 +371,9 @@ def test_eval_runs_locret_with_trained_heads(byte_model, trained, tmp_path, caps
     assert rc == 0, printed
     (row,) = json.loads((tmp_path / "eval" / "results.json").read_text())["rows"]
     assert row["policy"] == "locret@96"
-    assert "budget_tokens=48, stabilizers=24, local_len=48, activation='silu')" in row["policy_repr"]
-    assert row["kv_reduction_x"] > 3  # 96 (+1, rounded) slots instead of the ~400-token prompt plus the answer
+    assert "budget_tokens=48, stabilizers=24, local_len=48, activation='silu'," in row["policy_repr"]
+    # 96 slots plus the answer's (decoding appends, as the authors') instead of the ~400-token prompt plus the answer
+    assert row["kv_reduction_x"] > 2.5
 
 
 @pytest.mark.slow

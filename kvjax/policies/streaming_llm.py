@@ -31,6 +31,15 @@ class UnrotatedSegment(EvictionSegment):
     rope: RopeConfig | None = struct.field(pytree_node=False, default=None)
 
 
+def unrotated(state: KVState, rope: RopeConfig) -> KVState:
+    """`state` with each `EvictionSegment` an `UnrotatedSegment` (its keys to be stored before RoPE)."""
+
+    def convert(s: EvictionSegment) -> UnrotatedSegment:
+        return UnrotatedSegment(k=s.k, v=s.v, pos=s.pos, heads=s.heads, budget=s.budget, score=s.score, rope=rope)
+
+    return state.replace(layers=tuple(tuple(convert(s) for s in layer) for layer in state.layers))
+
+
 def cache_positions(pos: jax.Array) -> jax.Array:
     """int32[B, Hs, C]: each held entry's rank in token order within its row (its position in the
     cache, 0 for the oldest), from the original positions pos int32[B, Hs, C] (-1 empty: rank unused)."""
@@ -89,12 +98,7 @@ class StreamingLLM(TokenEviction):
 
     def allocate(self, config, batch, prompt_len, max_new_tokens, chunk, dtype) -> KVState:
         state = super().allocate(config, batch, prompt_len, max_new_tokens, chunk, dtype)
-        if not self.position_shift:
-            return state
-        unrotated = lambda s: UnrotatedSegment(  # noqa: E731
-            k=s.k, v=s.v, pos=s.pos, heads=s.heads, budget=s.budget, score=s.score, rope=config.rope
-        )
-        return state.replace(layers=tuple(tuple(unrotated(s) for s in layer) for layer in state.layers))
+        return unrotated(state, config.rope) if self.position_shift else state
 
     def segment_step(self, ctx, segment, x, phase):
         """Without `position_shift`, TokenEviction's step. With it: the step's keys are stored before RoPE,

@@ -4,15 +4,22 @@ The policy carries its trained heads as `params` (fc1 float32[L, C, F], fc2 floa
 kvjax.policies.locret.heads), which the jitted prefill and decode take as traced arguments; each
 layer's step scores its tokens from the step's pre-RoPE q, k, v.
 
-Prefill (chunked, as the paper): after each chunk its entries join the layer's cache with their
-predicted scores; unless the chunk completes the prompt, the `stabilizers` most recent entries
-count as maximal; the top `budget_tokens` per (layer, sequence, KV head) survive, in position
-order. The last `local_len` prompt tokens are kept on top of the budget without eviction. The
-"last chunk" of a row is the one that holds its last token before those local ones: the paper
-feeds the local tokens after the compressed prefix, and with static per-token scores this gives
-the same kept set. Decode: each new token enters with its predicted score and, once the cache
-holds more than budget + local_len entries, the lowest-scoring entry outside the `local_len` most
-recent tokens is evicted, so the local window slides with the generated text.
+Against the authors' code (huangyuxiang03/Locret, locret/inference/infer.py and their patched
+modeling_llama.py), each rule here and whether it is theirs:
+- prefill in chunks (theirs, `chunk_size=3072`: kvjax's chunk_size=None takes it): after each chunk its
+  entries join the layer's cache with their predicted scores; unless the chunk completes the prompt, the
+  `stabilizers` most recent entries count as maximal; the top `budget_tokens` per (layer, sequence, KV
+  head) survive, in position order (theirs);
+- the last `local_len` prompt tokens are kept on top of the budget without eviction (theirs). The "last
+  chunk" of a row is the one that holds its last token before those local ones: the authors feed the
+  local tokens after the compressed prefix, which with static per-token scores keeps the same set (kvjax's
+  chunks end where the bucketed padding puts them, so a row's local tokens may share its last chunk);
+- `position_shift` (theirs, the default): their cache stores keys before RoPE and every forward rotates the
+  whole compressed cache at contiguous positions 0, 1, ... and the queries after it, so positions never
+  exceed the cache; `position_shift=False` rotates every token at its original position instead;
+- decoding appends every generated token without eviction (theirs); `decode_evicts=True` (kvjax's addition)
+  evicts, once the cache holds more than budget + local_len entries, the lowest-scoring entry outside the
+  `local_len` most recent tokens per step, so the local window slides with the generated text.
 """
 
 from __future__ import annotations
@@ -36,6 +43,7 @@ from kvjax.policies.locret.heads import (
     retaining_features,
     retaining_head_scores,
 )
+from kvjax.policies.streaming_llm import rotate_in_cache, unrotated
 from kvjax.policies.token_eviction import TokenEviction, newest
 
 _NO_HEADS = (
@@ -44,15 +52,25 @@ _NO_HEADS = (
 )
 
 
+AUTHORS_CHUNK = 3072  # the authors' prefill chunk (`generate(..., chunk_size=3072)`)
+
+
 @dataclasses.dataclass(frozen=True)
 class Locret(TokenEviction):
     """Keeps, per KV head, the `budget_tokens` entries the retaining heads score highest (the most
-    recent `stabilizers` protected between prefill chunks) plus the last `local_len` tokens."""
+    recent `stabilizers` protected between prefill chunks) plus the last `local_len` tokens; RoPE at
+    positions in the cache (`position_shift`); decoding appends unless `decode_evicts`."""
 
     budget_tokens: int = 6000
     stabilizers: int = 2500
     local_len: int = 100
     activation: str = "silu"  # the retaining heads' activation (the model's, as the authors)
+    position_shift: bool = True  # the authors' contiguous re-rotation of the compressed cache
+    decode_evicts: bool = False  # the authors' decoding appends; True evicts one per generated token
+
+    @property
+    def evict_while_decoding(self) -> bool:
+        return self.decode_evicts
 
     def __post_init__(self):
         if self.budget_tokens < 1 or self.local_len < 0:
@@ -110,8 +128,12 @@ class Locret(TokenEviction):
         return self.budget_tokens + self.local_len
 
     def prefill_chunk(self, config, batch, prompt_len):
-        """Locret prefills chunk by chunk by design (its stabilizers bridge the chunks): the default chunk."""
-        return None
+        """Locret prefills chunk by chunk by design (its stabilizers bridge the chunks): the authors' 3072."""
+        return AUTHORS_CHUNK
+
+    def allocate(self, config, batch, prompt_len, max_new_tokens, chunk, dtype):
+        state = super().allocate(config, batch, prompt_len, max_new_tokens, chunk, dtype)
+        return unrotated(state, config.rope) if self.position_shift else state
 
     def priority(self, segment):
         """Decode (and finalize): the predicted score; the `local_len` most recent tokens are never evicted."""
@@ -148,14 +170,18 @@ class Locret(TokenEviction):
         return keep_top(segment, keep, segment.budget, segment.capacity)
 
     def segment_step(self, ctx, segment, x, phase):
-        """Writes the chunk (or decode token) with its predicted scores (x.score), attends, then evicts."""
+        """Writes the chunk (or decode token) with its predicted scores (x.score), attends, then evicts.
+        With `position_shift` the keys are stored before RoPE and rotated at their positions in the cache."""
+        k = x.k_raw if self.position_shift else x.k
         if isinstance(phase, Decode):
-            seg = write_free_slot(segment, x.k, x.v, x.new_pos, x.score)
+            seg = write_free_slot(segment, k, x.v, x.new_pos, x.score)
         else:
-            seg = write_entries(segment, x.k, x.v, x.new_pos, count(segment), x.score)
-        out = attend(x.q, seg.k, seg.v, seg.pos, x.q_pos, ctx.window, ctx.scale, ctx.impl)
+            seg = write_entries(segment, k, x.v, x.new_pos, count(segment), x.score)
+        q, k = rotate_in_cache(seg, x.q_raw, x.q_pos) if self.position_shift else (x.q, seg.k)
+        out = attend(q, k, seg.v, seg.pos, x.q_pos, ctx.window, ctx.scale, ctx.impl)
         if isinstance(phase, Decode):
-            seg = evict_lowest(seg, self.priority(seg), seg.budget)
+            if self.decode_evicts:
+                seg = evict_lowest(seg, self.priority(seg), seg.budget)
         elif seg.budget < seg.capacity:
             seg = self.keep_after_chunk(seg, x.q_pos, phase.prompt_lengths)
         return out, seg

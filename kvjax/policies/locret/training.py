@@ -9,12 +9,16 @@ C = (H + 2 Hkv) D, the layout kvjax.policies.locret.heads saves and loads). Each
   query heads of its KV group;
 - features: each layer's q, k, v straight from the projections, before RoPE (what the head reads
   at inference, through the same `retaining_head_scores`);
-- loss: SmoothL1(pred, label) over the prompt tokens + `smoothness` (0.0025) x the mean squared
-  difference of neighbouring prompt tokens' predictions, averaged over layers and KV heads.
-AdamW (lr 5e-4, betas 0.9/0.95), linear warm-up over `warmup` steps (2000 of 3000, the paper's),
-then linear decay to 0 (the paper does not say what follows the warm-up; this is transformers'
-default `linear` schedule), global-norm clip 0.5, batch 1. The one generic loop
-(kvjax.train.loop.train) runs it: checkpoints, exact resume, NaN guard, progress bar, loss curve.
+- loss: SmoothL1(pred, label) over the prompt tokens, averaged over layers and KV heads, + `smoothness`
+  (0.0025) x the mean squared difference of neighbouring prompt tokens' predictions (mean over KV heads
+  and pairs) summed over layers.
+AdamW (lr 5e-4, betas 0.9/0.95, weight decay 0.01: torch's default, which the authors keep), linear
+warm-up over `warmup` steps (2000 of 3000), then linear decay to 0 (transformers'
+`get_linear_schedule_with_warmup`), each gradient element clipped to [-0.5, 0.5] (`clip_grad_value_`),
+batch 1. All of these are the authors' (huangyuxiang03/Locret, locret/train/train.py); `clip_by="norm"`
+clips the global norm instead (kvjax's earlier rule). What is kvjax's own: the data (the evaluation
+suite's tasks instead of the authors' generated set) and the labels computed here in jnp. The one generic
+loop (kvjax.train.loop.train) runs it: checkpoints, exact resume, NaN guard, progress bar, loss curve.
 
 Memory: the frozen weights travel in the batch (jit arguments, never constants); no gradient flows
 through the model, so the backward pass keeps only each layer's head input [T, C] and hidden
@@ -48,7 +52,9 @@ from kvjax.train.loop import LoopConfig, TrainResult, check_learning_rate, train
 
 RUN_JSON = "locret_run.json"
 # Settings a resumed run may change (each change recorded in RUN_JSON); any other change is refused.
-RESUMABLE = frozenset({"lr", "warmup", "b1", "b2", "weight_decay", "clip", "steps", "checkpoint_every", "chunk"})
+RESUMABLE = frozenset(
+    {"lr", "warmup", "b1", "b2", "weight_decay", "clip", "clip_by", "steps", "checkpoint_every", "chunk"}
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,8 +66,9 @@ class LocretHeadConfig:
     lr: float = 5e-4
     b1: float = 0.9
     b2: float = 0.95
-    weight_decay: float = 0.0
-    clip: float = 0.5  # global gradient norm
+    weight_decay: float = 0.01  # torch AdamW's default, which the authors keep
+    clip: float = 0.5  # the authors' clip_grad_value_: each gradient element within [-clip, clip]
+    clip_by: str = "value"  # "value" (the authors') or "norm" (the global norm, kvjax's earlier rule)
     smoothness: float = 0.0025  # weight of the neighbouring-prediction MSE
     hidden: int = 1024  # retaining head hidden size
     tasks: tuple[str, ...] = tuple(default_tasks())  # kvjax.eval.tasks names, one drawn per step
@@ -85,6 +92,8 @@ class LocretHeadConfig:
                 f"need clip > 0, smoothness >= 0, weight_decay >= 0; got {self.clip}, "
                 f"{self.smoothness}, {self.weight_decay}"
             )
+        if self.clip_by not in ("value", "norm"):
+            raise ValueError(f"clip_by must be 'value' or 'norm'; got {self.clip_by!r}")
         if self.hidden < 1:
             raise ValueError(f"hidden must be >= 1; got {self.hidden}")
         if not self.tasks:
@@ -212,7 +221,9 @@ def features_and_targets(
 
 
 def locret_loss(pred: jax.Array, target: jax.Array, prefix: jax.Array, smoothness: float) -> tuple[jax.Array, dict]:
-    """SmoothL1(pred, target) over prefix tokens + smoothness x MSE of neighbouring prefix predictions.
+    """SmoothL1(pred, target) over prefix tokens (mean over tokens, layers and KV heads) + smoothness x the
+    MSE of neighbouring prefix predictions per layer (mean over pairs and KV heads), summed over layers, as
+    the authors' `smooth_loss += mse_loss(s[:, :-1], s[:, 1:])` per layer.
 
     pred, target: float32[L, B, T, K]; prefix: bool[B, T] (real prompt tokens, the ones that get labels).
     """
@@ -223,7 +234,7 @@ def locret_loss(pred: jax.Array, target: jax.Array, prefix: jax.Array, smoothnes
     fit = jnp.sum(huber * w) / jnp.maximum(jnp.sum(w) * per_entry, 1.0)
     pair = (prefix[:, 1:] & prefix[:, :-1])[None, :, :, None].astype(jnp.float32)  # [1, B, T-1, 1]
     step = jnp.square(pred[:, :, 1:] - pred[:, :, :-1])
-    smooth = jnp.sum(step * pair) / jnp.maximum(jnp.sum(pair) * per_entry, 1.0)
+    smooth = jnp.sum(step * pair) / jnp.maximum(jnp.sum(pair) * pred.shape[-1], 1.0)  # summed over layers
     return fit + smoothness * smooth, {"smooth_l1": fit, "smoothness": smooth}
 
 
@@ -249,21 +260,22 @@ def make_loss_fn(graphdef, config: LocretHeadConfig, activation: str):
 
 
 def lr_schedule(config: LocretHeadConfig):
-    """Linear warm-up to lr over `warmup` steps, then linear decay to 0 at `steps`."""
+    """transformers' `get_linear_schedule_with_warmup`, which the authors step after every update: lr x
+    step / warmup while warming up, then lr x (steps - step) / (steps - warmup) down to 0."""
     warm, decay = max(config.warmup, 1), max(config.steps - config.warmup, 1)
 
     def schedule(step):
-        up = (step + 1) / warm
-        down = (config.steps - step) / decay
-        return config.lr * jnp.clip(jnp.minimum(up, down), 0.0, 1.0)
+        factor = jnp.where(step < config.warmup, step / warm, (config.steps - step) / decay)
+        return config.lr * jnp.clip(factor, 0.0, 1.0)
 
     return schedule
 
 
 def make_optimizer(config: LocretHeadConfig) -> optax.GradientTransformation:
-    """Global-norm clipping, then AdamW on the warm-up schedule."""
+    """Clipping (each element to [-clip, clip], the authors', or the global norm), then AdamW on the schedule."""
+    clip = optax.clip(config.clip) if config.clip_by == "value" else optax.clip_by_global_norm(config.clip)
     return optax.chain(
-        optax.clip_by_global_norm(config.clip),
+        clip,
         optax.adamw(lr_schedule(config), b1=config.b1, b2=config.b2, weight_decay=config.weight_decay),
     )
 
