@@ -97,7 +97,8 @@ def _prefill_chunk(m: LanguageModel, policy: Policy | None, shape: tuple[int, in
     else DEFAULT_CHUNK."""
     if chunk_size is not None:
         return chunk_size
-    return (policy or Full()).prefill_chunk(m.config, shape[0], shape[1]) or DEFAULT_CHUNK
+    chunk = (policy or Full()).prefill_chunk(m.config, shape[0], shape[1])
+    return DEFAULT_CHUNK if chunk is None else _BUCKET * math.ceil(chunk / _BUCKET)  # whole buckets: one chunk
 
 
 def _check_context(m: LanguageModel, total: int, policy: Policy | None = None, chunk: int = 1):
@@ -201,7 +202,7 @@ def _prompt_batch(tokens, lengths, vocab_size: int | None = None) -> tuple[np.nd
 
 def _run_prefill(m, tokens: np.ndarray, lengths: np.ndarray, policy, chunk_size, max_new_tokens, run: Execution):
     chunk, padded = _chunking(tokens.shape[1], _prefill_chunk(m, policy, tokens.shape, chunk_size))
-    _check_context(m, int(lengths.max()) + max_new_tokens, policy, chunk)
+    _check_context(m, int(lengths.max()) + max_new_tokens, policy, min(chunk, int(lengths.max())))  # real tokens
     tokens = np.pad(tokens, ((0, 0), (0, padded - tokens.shape[1])))
     policy, policy_params = split_params(_checked(m, policy))
     return _prefill(

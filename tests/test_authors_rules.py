@@ -209,13 +209,13 @@ def _kept(state) -> list:
 def test_chunk_size_none_prefills_evict_as_you_go_policies_in_one_chunk(tiny_model):
     """H2O, A2SF, VATP and TOVA score the whole prompt before evicting in their papers: chunk_size=None (the
     default) gives them one chunk, the same state as a chunk covering the prompt, where eviction after every
-    64-token chunk keeps other tokens. Prompt compressors and Locret keep the default chunk; beyond
-    ONE_CHUNK_BYTES of attention weights the default chunk runs too."""
+    64-token chunk keeps other tokens. Prompt compressors keep the default chunk, Locret its authors' 3072;
+    beyond ONE_CHUNK_BYTES of attention weights the default chunk runs too."""
     m = tiny_model
-    tokens = random_tokens(1, (2, 192), m.config.vocab_size)
+    tokens = random_tokens(1, (2, 200), m.config.vocab_size)  # padded to 256: one chunk, not 2 x 128
     for policy in (H2O(heavy=40, window=24), TOVA(budget_tokens=50), StreamingLLM(sink=4, window=60)):
         default = kvjax.prefill(m, tokens, policy)
-        one = kvjax.prefill(m, tokens, policy, chunk_size=192)
+        one = kvjax.prefill(m, tokens, policy, chunk_size=256)
         for a, b in zip(_kept(default), _kept(one)):
             np.testing.assert_array_equal(a, b)
         if not isinstance(policy, StreamingLLM):  # the window keeps the same tokens whatever the chunk
@@ -224,7 +224,7 @@ def test_chunk_size_none_prefills_evict_as_you_go_policies_in_one_chunk(tiny_mod
     config = m.config
     assert H2O().prefill_chunk(config, 1, 1000) == 1000 and StreamingLLM().prefill_chunk(config, 2, 4096) == 4096
     assert H2O().prefill_chunk(config, 64, 65536) is None  # 64 x 4 heads x 64K x 65K float32: the default chunk
-    assert SnapKV().prefill_chunk(config, 1, 1000) is None and Locret().prefill_chunk(config, 1, 1000) is None
+    assert SnapKV().prefill_chunk(config, 1, 1000) is None and Locret().prefill_chunk(config, 1, 1000) == 3072
     assert DuoAttention(((0,), (1,))).prefill_chunk(config, 1, 1000) is None
 
 
