@@ -139,16 +139,61 @@ def attend(
         contiguous positions q_pos[b, 0] + t. The kernel then skips every key block the causal
         mask (or a sliding window, through its local mask) hides. Only the policy knows its
         layout (after eviction a slot says nothing about a position), so the default is False.
-    Everything else runs the reference. The kernel gets `impl` itself, so "auto" keeps each kernel's
-    own pick (Mosaic GPU prefill on Hopper where it fits).
+    Everything else runs the reference; a slot = position chunk without a kernel runs it over only the
+    key blocks up to its last query (`causal_blocks`). The kernel gets `impl` itself, so "auto" keeps
+    each kernel's own pick (Mosaic GPU prefill on Hopper where it fits).
     """
     lowering = _lowering(impl)
     if q.shape[1] > 1 and slot_is_position:
         config = PrefillConfig.for_shape(q.shape[1], k.shape[2], q.shape[-1], lowering)
         if config is not None:
             return _prefill_chunk(q, k, v, k_pos, q_pos, window, scale, impl, config)
+        if window is None and k.shape[2] > KEY_BLOCK:
+            return causal_blocks(q, k, v, k_pos, q_pos, scale)
     decoded = decode_with_lse(q, k, v, k_pos, window, scale, impl)
     return reference_attention(q, k, v, k_pos, q_pos, window, scale) if decoded is None else decoded[0]
+
+
+KEY_BLOCK = 512  # entries per step of `causal_blocks`
+
+
+def causal_blocks(
+    q: jax.Array, k: jax.Array, v: jax.Array, k_pos: jax.Array, q_pos: jax.Array, scale: float, block: int = KEY_BLOCK
+) -> jax.Array:
+    """`reference_attention` (no window) of a chunk of queries over a slot = position cache, reading only
+    the `block`-slot blocks up to the chunk's last query, with an online softmax across them.
+
+    q: [B, T, K, G, D]; k, v: [B, K, C, D] holding each entry at slot = its position (C >= block);
+    q_pos: int32[B, T]. Returns [B, T, K, G, D]. The blocks after max(q_pos) hold nothing a query sees,
+    so a chunk at the start of a long cache costs one block instead of C / block; the last block is
+    clamped to the cache's end, its slots already read masked out.
+    """
+    b, t, kv_heads, group, d = q.shape
+    capacity = k.shape[2]
+    queries = _grouped(q)  # [B, K, G*T, D]
+    q_pos = rearrange(jnp.broadcast_to(q_pos[:, None], (b, group, t)), "b g t -> b 1 (g t) 1")  # as `_grouped`
+
+    def step(i, carry):
+        m, l, acc = carry  # running max, sum and weighted values: [B, K, G*T], [B, K, G*T], [B, K, G*T, D]
+        start = jnp.minimum(i * block, capacity - block)
+        kb, vb, pos = (jax.lax.dynamic_slice_in_dim(x, start, block, axis=2) for x in (k, v, k_pos))
+        slots = start + jnp.arange(block, dtype=jnp.int32)
+        pos = jnp.where(slots >= i * block, pos, -1)[:, :, None, :]  # [B, K, 1, block]: clamped repeats hidden
+        logits = jnp.einsum("bkqd,bkcd->bkqc", queries, kb, preferred_element_type=jnp.float32) * scale
+        logits = jnp.where((pos >= 0) & (pos <= q_pos), logits, _MASKED)
+        m_new = jnp.maximum(m, jnp.max(logits, axis=-1))
+        p = jnp.exp(logits - m_new[..., None])
+        rescale = jnp.exp(m - m_new)
+        acc = acc * rescale[..., None] + jnp.einsum(
+            "bkqc,bkcd->bkqd", p.astype(v.dtype), vb, preferred_element_type=jnp.float32
+        )
+        return m_new, l * rescale + jnp.sum(p, axis=-1), acc
+
+    rows = (b, kv_heads, group * t)
+    init = (jnp.full(rows, _MASKED, jnp.float32), jnp.zeros(rows, jnp.float32), jnp.zeros((*rows, d), jnp.float32))
+    _, l, acc = jax.lax.fori_loop(0, jnp.max(q_pos) // block + 1, step, init)
+    out = (acc / l[..., None]).astype(v.dtype)
+    return rearrange(out, "b k (g t) d -> b t k g d", g=group)
 
 
 def decode_with_lse(
