@@ -309,3 +309,16 @@ def test_tokenizer_specs_are_checked_and_a_resumed_work_dir_keeps_its_vocabulary
     write_byte_tokenizer(tmp_path / "old")  # a work dir left by a run with another tokenizer (259 ids)
     with pytest.raises(ValueError, match="another vocabulary size"):
         _tokenizer_files("bpe", tmp_path / "old")
+
+
+def test_loss_curve_is_smoothed_and_marks_the_schedule(tmp_path):
+    import matplotlib.image
+
+    from kvjax.train.loop import plot_loss_curve, smoothed
+
+    np.testing.assert_allclose(smoothed([2.0] * 10, 4), 2.0)  # bias-corrected: no ramp up from 0
+    step = smoothed([0.0] * 20 + [1.0] * 20, 4)
+    assert step[19] == 0.0 and 0.3 < step[20] < 0.5 and step[-1] > 0.99  # follows a jump within a few spans
+    history = [{"step": i + 1, "loss": 1.0 / (i + 1)} for i in range(60)]
+    path = plot_loss_curve(history, tmp_path / "curve.png", "t", ((12, "end of warm-up"), (48, "decay")))
+    assert matplotlib.image.imread(path).ndim == 3

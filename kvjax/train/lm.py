@@ -374,6 +374,18 @@ def make_loss_fn(graphdef: nnx.GraphDef):
     return loss_fn
 
 
+def schedule_marks(phases: tuple[Phase, ...], warmup: int, decay_fraction: float = 0.2) -> tuple[tuple[int, str], ...]:
+    """Where `lr_schedule` and a curriculum change, as (step, label) for the loss curve."""
+    steps = sum(p.steps for p in phases)
+    warmup = max(1, min(warmup, steps - 1))
+    decay = max(1, min(int(steps * decay_fraction), steps - warmup))
+    marks, start = [(warmup, "end of warm-up"), (steps - decay, "decay")], 0
+    for phase in phases[:-1]:
+        start += phase.steps
+        marks.append((start, f"rows of {phase.seq_len} -> next phase"))
+    return tuple(sorted(marks))
+
+
 def lr_schedule(lr: float, steps: int, warmup: int, decay_fraction: float = 0.2) -> optax.Schedule:
     """Warmup-stable-decay: linear warmup to `lr`, constant, then linear decay to lr/10 over the last
     `decay_fraction` of the steps. Held at its peak until the end is near, because induction heads
@@ -467,6 +479,7 @@ def train_lm(
         progress=progress,
         description="train-lm",
         stop_at=stop_at,
+        marks=schedule_marks(phases, warmup),
     )  # checked before anything is written
     tok_dir, files = _tokenizer_files(tokenizer, work / "tokenizer")
     tokenizer_name, tokenizer = tokenizer, Tokenizer(tok_dir)

@@ -20,6 +20,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 import orbax.checkpoint as ocp
 from tqdm.auto import tqdm
@@ -56,6 +57,7 @@ class LoopConfig:
     plot: bool = True  # write loss_curve.png at the end (needs matplotlib)
     description: str = "train"
     stop_at: int | None = None  # end this run after this step (checkpointed); a later run resumes to `steps`
+    marks: tuple[tuple[int, str], ...] = ()  # (step, label): where the schedule changes, drawn on the curve
 
     def __post_init__(self):
         if self.steps < 1 or self.checkpoint_every < 1 or self.max_checkpoints < 1:
@@ -122,8 +124,18 @@ def _write_json(path: Path, data) -> None:
     os.replace(tmp, path)
 
 
-def plot_loss_curve(history, path: Path, title: str = "training loss") -> Path:
-    """A PNG of loss against step (log-scaled when the loss spans more than a decade)."""
+def smoothed(values, span: int) -> np.ndarray:
+    """Exponential moving average with the weight of a `span`-step window, bias-corrected from the start."""
+    alpha, mean, weight, out = 2 / (span + 1), 0.0, 0.0, []
+    for v in values:
+        mean, weight = (1 - alpha) * mean + alpha * v, (1 - alpha) * weight + alpha
+        out.append(mean / weight)
+    return np.asarray(out)
+
+
+def plot_loss_curve(history, path: Path, title: str = "training loss", marks=()) -> Path:
+    """A PNG of loss against step: each step faint, a moving average over about 4% of the run (5 steps at least) bold, the
+    schedule's phases (`marks`: (step, label)) as dashed lines; log-scaled when the loss spans a decade."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -131,16 +143,22 @@ def plot_loss_curve(history, path: Path, title: str = "training loss") -> Path:
 
     steps = [h["step"] for h in history]
     losses = [h["loss"] for h in history]
-    fig, ax = plt.subplots(figsize=(6, 4))
-    ax.plot(steps, losses, lw=1)
+    span = max(5, len(losses) // 25)
+    fig, ax = plt.subplots(figsize=(6.4, 4))
+    ax.plot(steps, losses, lw=0.8, alpha=0.3, color="tab:blue", label="per step")
+    ax.plot(steps, smoothed(losses, span), lw=1.8, color="tab:blue", label=f"moving average ({span} steps)")
     if losses and min(losses) > 0 and max(losses) / min(losses) > 10:
         ax.set_yscale("log")
+    for step, label in marks:
+        ax.axvline(step, color="gray", linestyle="--", linewidth=0.8)
+        ax.annotate(label, (step, 1), xycoords=("data", "axes fraction"), rotation=90, va="top", ha="right", fontsize=7)
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
     ax.set_title(title)
     ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="upper right")
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    fig.savefig(path, dpi=120)
     plt.close(fig)
     return Path(path)
 
@@ -320,5 +338,5 @@ def train(
         if manager is not None:
             manager.close()
     if out is not None and config.plot and history:
-        plot_loss_curve(history, out / CURVE_PNG, config.description)
+        plot_loss_curve(history, out / CURVE_PNG, config.description, config.marks)
     return TrainResult(params, opt_state, max(start, config.end), tuple(history), resumed_from)

@@ -443,6 +443,7 @@ def train_duo_gates(
             progress=progress,
             plot=plot,
             description="train-gates duo",
+            marks=((config.steps // 5, "end of warm-up"), (config.steps - config.steps // 5, "decay")),
         ),
         out,
         record=record,

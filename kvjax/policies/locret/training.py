@@ -321,6 +321,7 @@ def train_locret_heads(
             progress=progress,
             plot=plot,
             description="train-gates locret",
+            marks=((config.warmup, "end of warm-up, decay"),),
         ),
         out,
         record=record,
