@@ -293,6 +293,7 @@ def _bench_against(args) -> None:
         hf_cache=args.hf_cache,
         scan_layers=args.scan_layers,
         attention_impl=args.attention_impl,
+        other_scan=args.other_scan,
         max_batch_tokens=args.max_batch_tokens,
         bandwidth_mb=args.bandwidth_mb,
         seed=args.seed,
@@ -635,6 +636,12 @@ def parser() -> argparse.ArgumentParser:
     )
     peers.add_argument(
         "--scan-layers", action=argparse.BooleanOptionalAction, default=True, help="kvjax's layer scan (Execution)"
+    )
+    peers.add_argument(
+        "--other-scan",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also time kvjax Full's decode with the other --scan-layers setting",
     )
     peers.add_argument(
         "--max-batch-tokens",

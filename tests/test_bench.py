@@ -321,6 +321,10 @@ def test_bench_against_transformers_writes_the_peer_report(tmp_path, capsys):
         assert r["prefill_ratio"] == pytest.approx(ours["prefill_tokens_per_s"] / peer["prefill_tokens_per_s"])
         assert r["decode_ratio"] == pytest.approx(ours["decode_tokens_per_s"] / peer["decode_tokens_per_s"])
         assert r["peer_cache"] == "static" and len(r["loadavg_before"]) == len(r["loadavg_after"]) == 3
+        assert r["kvjax_execution"] == {"scan_layers": True, "attention_impl": "auto"}
+        other = r["kvjax_other_scan"]  # Full's decode again with the layers unrolled
+        assert other["scan_layers"] is False and len(other["decode_s_per_token_repeats"]) == 1
+        assert other["kv_bytes"] == ours["kv_bytes"] and other["decode_tokens_per_s"] > 0
         # transformers' static cache holds prompt + new - 1 (the last token is never fed); kvjax's state holds
         # room for all new tokens, rounded up, and positions
         per_token = 2 * 3 * 2 * 32 * 4  # K and V, layers, KV heads, head dim, float32
@@ -346,6 +350,9 @@ def test_bench_against_kvpress_compares_the_same_presses(tiny_model):
         assert r["peer_cache"] == "dynamic" and "compression_ratio=0.75" in r["peer_method"]
         assert r["peer_result"]["kv_bytes"] == 2 * 128 * 2 * 2 * 2 * 16 * 4  # 128 of 512 tokens kept
         assert r["kvjax"]["kv_bytes"] < r["kvjax_full_kv_bytes"] / 3
+        assert r["decode_speedup_fraction"] == pytest.approx(
+            r["decode_speedup_vs_full"] / r["decode_speedup_bytes_allow"]
+        )
         assert r["decode_speedup_bytes_allow"] == pytest.approx(
             (report["shapes"]["param_bytes"] + r["kvjax_full_kv_bytes"]) / r["kvjax"]["decode_bytes_per_step"]
         )
