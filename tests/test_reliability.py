@@ -462,10 +462,11 @@ def test_decoding_past_a_states_room_is_refused_or_evicts(tiny_model):
     tokens = np.arange(1, 50)[None]
     full = np.asarray(kvjax.logits(m, tokens))
     state = kvjax.prefill(m, tokens[:, :40], max_new_tokens=9)
+    compiled = kvjax.inference._decode_step._cache_size()  # other tests in this worker compile their own
     for t in range(40, 49):
         logits, state = kvjax.decode_step(m, state, tokens[:, t])
         np.testing.assert_allclose(np.asarray(logits)[0], full[0, t], atol=1e-5)
-    assert kvjax.inference._decode_step._cache_size() <= 3
+    assert kvjax.inference._decode_step._cache_size() <= compiled + 1
 
 
 def test_a_state_is_decoded_only_by_the_policy_and_model_that_made_it(tiny_model):
