@@ -3,11 +3,12 @@
 kvjax Full is timed against Hugging Face transformers' `generate` (torch, same dtype, SDPA attention,
 greedy, min_new_tokens = max_new_tokens) on the same weights (the kvjax model copied into a
 `LlamaForCausalLM`), and kvjax SnapKV / StreamingLLM against NVIDIA kvpress's SnapKVPress /
-StreamingLLMPress keeping the same share of the prompt. Every cell (prompt length x batch) runs each
-side once to compile or warm up, then `repeats` timed runs; the report keeps every repeat, the
-medians and the kvjax/peer ratios. The machine's memory bandwidth (a large numpy reduction on one
-core and on all cores) is measured in the same run, and each decode is placed against the roofline:
-(parameter bytes + KV-state bytes) read per decode step over the step's time, over that bandwidth.
+StreamingLLMPress keeping the same share of the prompt. In every cell (prompt length x batch) kvjax
+runs once to compile and transformers once on a short prompt to warm up, then each side `repeats`
+timed runs; the report keeps every repeat, the medians and the kvjax/peer ratios. The machine's
+memory bandwidth (a large numpy reduction on one core and on all cores) is measured in the same
+run, and each decode is placed against the roofline: (parameter bytes + KV-state bytes) read per
+decode step over the step's time, over that bandwidth.
 
 torch and transformers (`pip install -e ".[compare]"`) and kvpress (`.[compare-kvpress]`, in a venv of its own:
 it pins transformers<5.3) are optional and imported only here.
@@ -334,7 +335,8 @@ def time_kvjax_decode(
 def time_hf(hf, prompts: np.ndarray, config: PeerBenchConfig, cache: str, press=None) -> Side:
     """transformers `generate` (greedy, exactly `new_tokens` tokens), under a kvpress `press` if given.
     A pass-through logits processor stamps the time after each forward: the first forward is the
-    prefill, the rest are decode steps. One warm-up run, then `repeats` timed ones."""
+    prefill, the rest are decode steps. A warm-up run on the prompts' first 256 tokens, then `repeats`
+    timed ones."""
     torch, transformers = require("torch"), require("transformers")
 
     class Stamps(transformers.LogitsProcessor):
@@ -349,12 +351,13 @@ def time_hf(hf, prompts: np.ndarray, config: PeerBenchConfig, cache: str, press=
     n = config.new_tokens
     prefill_s, decode_s, size = [], [], 0
     for repeat in range(config.repeats + 1):
+        run = ids if repeat else ids[:, : min(ids.shape[1], 256)]  # warm-up on a short prompt: nothing compiles
         stamps = Stamps()
         with torch.inference_mode(), press(hf) if press is not None else _nothing():
             start = time.perf_counter()
             out = hf.generate(
-                ids,
-                attention_mask=torch.ones_like(ids),
+                run,
+                attention_mask=torch.ones_like(run),
                 do_sample=False,
                 max_new_tokens=n,
                 min_new_tokens=n,
@@ -363,11 +366,11 @@ def time_hf(hf, prompts: np.ndarray, config: PeerBenchConfig, cache: str, press=
                 return_dict_in_generate=True,
                 pad_token_id=hf.config.pad_token_id,
             )
-        if len(stamps.times) != n or out.sequences.shape[1] != ids.shape[1] + n:
-            raise RuntimeError(f"transformers generated {out.sequences.shape[1] - ids.shape[1]} tokens, not {n}")
-        cache_out = out.cache if hasattr(out, "cache") else out.past_key_values  # renamed in transformers 5.2x
-        size = _cache_bytes(cache_out, config.new_tokens)
+        if len(stamps.times) != n or out.sequences.shape[1] != run.shape[1] + n:
+            raise RuntimeError(f"transformers generated {out.sequences.shape[1] - run.shape[1]} tokens, not {n}")
         if repeat:
+            cache_out = out.cache if hasattr(out, "cache") else out.past_key_values  # renamed in transformers 5.2x
+            size = _cache_bytes(cache_out, config.new_tokens)
             prefill_s.append(stamps.times[0] - start)
             decode_s.append((stamps.times[-1] - stamps.times[0]) / (n - 1))
     return Side(tuple(prefill_s), tuple(decode_s), size)
