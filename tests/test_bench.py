@@ -39,8 +39,9 @@ def test_greedy_decode_continues_exactly_as_generate(tiny_model):
     out = np.asarray(kvjax.generate(tiny_model, prompts, 9, policy, eos_token_id=()))
     state = kvjax.prefill(tiny_model, prompts, policy, max_new_tokens=9)
     np.testing.assert_array_equal(np.asarray(greedy_decode(tiny_model, state, out[:, 0], 8, policy)), out[:, 1:])
+    fixed = kvjax.policies.StreamingLLM(sink=4, window=60, position_shift=False)  # positions grow: context-bound
     with pytest.raises(ValueError, match="context"):
-        greedy_decode(tiny_model, kvjax.prefill(tiny_model, prompts, policy), out[:, 0], 4000, policy)
+        greedy_decode(tiny_model, kvjax.prefill(tiny_model, prompts, fixed), out[:, 0], 4000, fixed)
 
 
 def test_greedy_decode_reuses_generates_compiled_loop(byte_model):
