@@ -191,6 +191,18 @@ def test_pyramidkv_follows_the_authors_rule_for_each_prompt_length(tiny_model, l
             assert got == (expected if isinstance(expected, list) else [expected] * len(got)), (n, layer)
 
 
+def test_pyramidkv_ragged_rows_keep_at_most_the_longest_rows_buffer(tiny_model):
+    """The one deliberate deviation: a layer's buffer is sized for the batch's longest prompt, so a much
+    shorter row whose rule asks more (SnapKV's 72 in every layer at 100 tokens) keeps at most that buffer
+    (the 200-token row's top-layer 30) in that layer."""
+    m = tiny_model
+    policy = PyramidKV(budget_tokens=72, window=16, kernel=5, pooling="avg", beta=4)
+    tokens = random_tokens(12, (2, 200), m.config.vocab_size)
+    state = kvjax.prefill(m, tokens, policy, chunk_size=64, lengths=[200, 100])
+    held = [np.asarray(count(layer[0])) for layer in state.layers]  # [B, K] per layer
+    assert held[0].tolist() == [[114, 114], [72, 72]] and held[1].tolist() == [[30, 30], [30, 30]]
+
+
 def test_pyramidkv_defaults_are_the_authors_longbench_run():
     """KVCache-Factory's run_longbench.py: window 8, kernel 7, max pooling; beta 20."""
     policy = PyramidKV()
