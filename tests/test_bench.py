@@ -278,6 +278,7 @@ def _check_side(side: dict, batch: int, length: int, param_bytes: int, bandwidth
     assert side["decode_tokens_per_s"] == pytest.approx(1e3 * batch / side["decode_ms_per_token"])
     assert side["kv_bytes"] > 0 and side["decode_bytes_per_step"] == param_bytes + side["kv_bytes"]
     assert side["roofline_fraction"] == pytest.approx(side["decode_gb_per_s"] / bandwidth)
+    assert side["decode_gb_per_s"] == pytest.approx(side["decode_bytes_per_step"] / side["decode_ms_per_token"] / 1e6)
 
 
 def test_bench_against_transformers_writes_the_peer_report(tmp_path, capsys):
@@ -301,9 +302,11 @@ def test_bench_against_transformers_writes_the_peer_report(tmp_path, capsys):
     assert report["versions"]["kvpress"] is None or "kvpress" in report["versions"]
     assert report["dtype"] == "float32" and report["cpu_count"] >= 1 and len(report["loadavg"]) == 3
     assert report["cells_run"] == [[192, 1], [192, 2], [256, 1]] and report["cells_skipped"] == [[256, 2]]
-    bandwidth = report["bandwidth"]
-    assert bandwidth["one_core_gb_s"] > 0 and bandwidth["all_cores_gb_s"] == max(bandwidth["all_cores_repeats_gb_s"])
-    assert report["roofline_bandwidth_gb_s"] == bandwidth["all_cores_gb_s"]
+    bandwidths = report["bandwidth"]  # before the run, before each cell, after it
+    assert len(bandwidths) == 2 + len(report["cells_run"])
+    assert all(b["one_core_gb_s"] > 0 and b["all_cores_gb_s"] == max(b["all_cores_repeats_gb_s"]) for b in bandwidths)
+    assert report["roofline_bandwidth_gb_s"] == max(b["all_cores_gb_s"] for b in bandwidths)
+    assert report["one_core_bandwidth_gb_s"] == max(b["one_core_gb_s"] for b in bandwidths)
     assert report["parity"]["max_abs_logit_diff"] < 1e-4 and report["parity"]["argmax_agreement"] == 1.0
     param_bytes = report["shapes"]["param_bytes"]
     assert param_bytes == sum(
@@ -326,6 +329,7 @@ def test_bench_against_transformers_writes_the_peer_report(tmp_path, capsys):
         other = r["kvjax_other_scan"]  # Full's decode again with the layers unrolled
         assert other["scan_layers"] is False and len(other["decode_s_per_token_repeats"]) == 1
         assert other["kv_bytes"] == ours["kv_bytes"] and other["decode_tokens_per_s"] > 0
+        assert other["roofline_fraction"] == pytest.approx(other["decode_gb_per_s"] / report["roofline_bandwidth_gb_s"])
         # transformers' static cache holds prompt + new - 1 (the last token is never fed); kvjax's state holds
         # room for all new tokens, rounded up, and positions
         per_token = 2 * 3 * 2 * 32 * 4  # K and V, layers, KV heads, head dim, float32
