@@ -504,6 +504,12 @@ def _policy_options(p: argparse.ArgumentParser, many: bool) -> None:
     )
 
 
+CHUNK_HELP = (
+    "prefill chunk in tokens (default: the policy's own: the whole prompt for policies that evict as they "
+    "prefill, else 512)"
+)
+
+
 def _sweep_options(p: argparse.ArgumentParser, lengths: str | None, lengths_default: str = "") -> None:
     """The prompt lengths and run options that `eval` and `bench` share (`lengths_default` says in words what
     a None `lengths` means)."""
@@ -511,7 +517,7 @@ def _sweep_options(p: argparse.ArgumentParser, lengths: str | None, lengths_defa
     p.add_argument(
         "--lengths", default=lengths, help="comma-separated prompt lengths in tokens (e.g. 512,2k,8k)" + lengths_default
     )
-    p.add_argument("--chunk-size", type=int, default=512, help="prefill chunk in tokens")
+    p.add_argument("--chunk-size", type=int, default=None, help=CHUNK_HELP)
     p.add_argument("--seed", type=int, default=0, help="seed of the prompts")
     p.add_argument("--no-progress", action="store_true", help="no progress bar or progress lines (stderr)")
 
@@ -562,7 +568,7 @@ def parser() -> argparse.ArgumentParser:
     generate.add_argument("--top-k", type=int, default=0, help="sample from the k likeliest tokens (0: all)")
     generate.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1: all)")
     generate.add_argument("--seed", type=int, default=0, help="sampling seed")
-    generate.add_argument("--chunk-size", type=int, default=512, help="prefill chunk in tokens")
+    generate.add_argument("--chunk-size", type=int, default=None, help=CHUNK_HELP)
     generate.set_defaults(run=_generate)
 
     ev = sub.add_parser("eval", help="RULER-style accuracy and KV memory of compression policies")

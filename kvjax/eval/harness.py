@@ -194,7 +194,7 @@ class EvalConfig:
     haystack: str | None = None  # None: each task's RULER default; else noise / prose / a folder
     max_new_tokens: int | None = None  # None: each task's default
     batch_size: int | None = None  # prompts per batch; None: as many as half the free memory holds
-    chunk_size: int = 512
+    chunk_size: int | None = None  # None: the policy's own (`kvjax.prefill`)
     timing: bool = True  # time the prompt and the decode steps separately (each batch again, compiled first)
     chat: bool | None = None  # prompts through the chat template, answer prefix pre-filled; None: when it has one
     query_aware: bool = False  # compress context and question together (else the context alone, then ask)
@@ -345,7 +345,7 @@ def run_eval(
                 encoded = [split_prompt(m.tokenizer, s, config.query_aware) for s in samples]
                 totals = [len(c) + len(q) for c, q in encoded]
                 batch_size = config.batch_size or batch_size_for_memory(
-                    m.config, max(totals), new, config.chunk_size, m.dtype.itemsize, free_memory_bytes()
+                    m.config, max(totals), new, config.chunk_size or max(totals), m.dtype.itemsize, free_memory_bytes()
                 )
                 batches = plan_batches(totals, batch_size)
                 full_bytes = np.mean(

@@ -86,7 +86,7 @@ class PeerBenchConfig:
     batch_sizes: tuple[int, ...] = (1, 8)
     new_tokens: int = 32
     repeats: int = 3
-    chunk_size: int = 512
+    chunk_size: int | None = None  # None: the policy's own (`kvjax.prefill`)
     keep: float = 0.25
     presses: tuple[str, ...] = PRESSES
     hf_cache: str = "static"  # transformers' cache for Full: "static" or "dynamic" (kvpress needs dynamic)
@@ -109,7 +109,9 @@ class PeerBenchConfig:
             raise ValueError(f"need positive lengths and batch sizes; got {self.lengths}, {self.batch_sizes}")
         if self.new_tokens < 2:
             raise ValueError(f"new_tokens must be >= 2 (one prefill token, then decode); got {self.new_tokens}")
-        for name in ("repeats", "chunk_size", "bandwidth_mb"):
+        if self.chunk_size is not None and self.chunk_size < 1:
+            raise ValueError(f"chunk_size must be >= 1 or None; got {self.chunk_size}")
+        for name in ("repeats", "bandwidth_mb"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1; got {getattr(self, name)}")
         if not 0 < self.keep < 1:
@@ -471,7 +473,7 @@ def run_peer_bench(
             "transformers": f"LlamaForCausalLM with kvjax's weights, attn_implementation=sdpa, {config.hf_cache} "
             "cache, generate(do_sample=False, min_new_tokens=max_new_tokens), eager (no torch.compile)",
             "kvpress": "the press as a context manager around the same generate, dynamic cache",
-            "kvjax": f"prefill (chunk {config.chunk_size}) then generate's decode loop, scan_layers={config.scan_layers}",
+            "kvjax": f"prefill (chunk {config.chunk_size or 'policy default'}) then generate's decode loop, scan_layers={config.scan_layers}",
         },
     )
     rows = []

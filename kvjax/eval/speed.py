@@ -34,14 +34,16 @@ class BenchConfig:
     batch_size: int = 1
     new_tokens: int = 32  # decode steps timed per repeat
     repeats: int = 3  # timed runs after the compiling one
-    chunk_size: int = 512
+    chunk_size: int | None = None  # None: the policy's own (`kvjax.prefill`)
     seed: int = 0
     attention_impl: str = "auto"  # how attention runs (kvjax.inference.Execution); "reference" forces the jnp path
 
     def __post_init__(self):
         if not self.lengths or min(self.lengths) < 1:
             raise ValueError(f"need at least one positive prompt length; got {self.lengths}")
-        for name in ("batch_size", "new_tokens", "repeats", "chunk_size"):
+        if self.chunk_size is not None and self.chunk_size < 1:
+            raise ValueError(f"chunk_size must be >= 1 or None; got {self.chunk_size}")
+        for name in ("batch_size", "new_tokens", "repeats"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1; got {getattr(self, name)}")
 
