@@ -107,8 +107,8 @@ def _is_number(x: object) -> bool:
 @dataclasses.dataclass(frozen=True)
 class MiniCache(Policy):
     """From `start_layer` (None: L // 2) on, each pair of adjacent layers stores one SLERP-merged direction
-    (interpolation `t`) per prompt token and KV head with both layers' norms; the pairs whose angle is in the
-    top `gamma` of the range stay exact (at most `max_retained` of the prompt per row, a static cap)."""
+    (interpolation `t`) per prompt token and KV head with both layers' norms; the entries whose angle is in the
+    top `gamma` of their row's range stay exact (at most `max_retained` of the prompt per row, a static cap)."""
 
     start_layer: int | None = None
     t: float = 0.6
