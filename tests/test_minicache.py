@@ -174,6 +174,21 @@ def test_long_ragged_decode(model):
             assert np.all(pos[new:] == -1)
         np.testing.assert_array_equal(np.asarray(seg.k_norm), np.asarray(before.k_norm))
     np.testing.assert_array_equal(np.asarray(decoded.shared.k_dir), np.asarray(prefilled.shared.k_dir))
+    # Continuing the state with ragged rows (a question after a compressed context) writes what decode steps
+    # write: every shared array is per sequence, so finished rows keep theirs.
+    rows = [tokens[0, 40:45], tokens[1, 9:12]]
+    continued = kvjax.prefill(model, rows, policy, state=jax.tree.map(jnp.copy, prefilled))
+    state = jax.tree.map(jnp.copy, prefilled)
+    for i in range(5):
+        step = np.asarray([tokens[0, 40 + i], tokens[1, 9 + min(i, 2)]])
+        _, new_state = kvjax.decode_step(model, jax.tree.map(jnp.copy, state), step, policy)
+        keep = np.asarray([True, i < 3])
+        pick = lambda n, o: jnp.where(keep.reshape((2,) + (1,) * (n.ndim - 1)), n, o)  # noqa: E731
+        parts = jax.tree.map(pick, (new_state.layers, new_state.shared), (state.layers, state.shared))
+        state = new_state.replace(layers=parts[0], shared=parts[1])
+    for a, b in zip(jax.tree.leaves(continued.layers[3]), jax.tree.leaves(state.layers[3])):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)
+    np.testing.assert_array_equal(np.asarray(continued.length), [45, 12])
 
 
 def test_kv_bytes():
