@@ -11,6 +11,7 @@ from kvjax.policies.kivi import KIVI
 from kvjax.policies.knorm import Knorm
 from kvjax.policies.locret import Locret
 from kvjax.policies.mikv import MiKV
+from kvjax.policies.minicache import MiniCache
 from kvjax.policies.pyramidkv import PyramidKV
 from kvjax.policies.quantized_pruning import QuantizedPruning
 from kvjax.policies.quest import Quest
@@ -36,6 +37,7 @@ __all__ = [
     "Layout",
     "Locret",
     "MiKV",
+    "MiniCache",
     "Policy",
     "PyramidKV",
     "QuantizedPruning",
