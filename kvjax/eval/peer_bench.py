@@ -681,7 +681,7 @@ def plot_peer_bench(report: dict, path: Path) -> Path:
                             label=f"kvjax Full, layers {'scanned' if scanned else 'unrolled'}",
                         )
             ax.set_xscale("log", base=2)
-            ax.set_xticks(lengths, [f"{n / 1024:g}K" if n >= 1024 else str(n) for n in lengths])
+            ax.set_xticks(lengths, [f"{n // 1024}K" if n % 1024 == 0 else str(n) for n in lengths])
             ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
             ax.set_ylim(bottom=0)
             ax.grid(alpha=0.3)
@@ -696,16 +696,16 @@ def plot_peer_bench(report: dict, path: Path) -> Path:
             if lab not in labels:
                 handles.append(h)
                 labels.append(lab)
-    fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 4), fontsize=8, frameon=False)
+    fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 2 * len(batches)), fontsize=8, frameon=False)
     v = report["versions"]
     fig.suptitle(
-        f"{report.get('model') or 'model'} ({report['dtype']}) on {report['cpu_count']}-core {report['device']}: "
+        f"{report.get('model') or 'model'} ({report['dtype']}) on {report['cpu_count']}-core {report['device']}\n"
         f"jax {v['jax']}, torch {v['torch']}, transformers {v['transformers']}"
         + (f", kvpress {v['kvpress']}" if v.get("kvpress") else ""),
         fontsize=9,
     )
     fig.tight_layout(rect=(0, 0.07 + 0.03 * (len(labels) > 4), 1, 0.96))
-    fig.savefig(path, dpi=150)
+    fig.savefig(path, dpi=150, bbox_inches="tight")
     plt.close(fig)
     return Path(path)
 
