@@ -3,6 +3,7 @@ density, and the policy end to end, each against a numpy transcription of the au
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -10,9 +11,12 @@ import pytest
 import kvjax
 from kvjax.kv_state import round_capacity
 from kvjax.policies import D2O
-from kvjax.policies.d2o import D2OSegment, head_variance, layer_density, merge_evicted
+from kvjax.policies.d2o import D2OSegment, head_variance, layer_density
+from kvjax.policies.d2o import merge_evicted as eager_merge
 from tests.support.policy_reference import causal_probs, layer_queries_keys
 from tests.support.random_data import random_tokens
+
+merge_evicted = jax.jit(eager_merge, static_argnums=(3, 4, 5))  # one compile, not one per jnp op
 
 # ------------------------------------------------------------------------------------------------
 # numpy transcriptions
@@ -173,17 +177,19 @@ def test_layer_budgets_follow_the_authors_formula():
 
 
 def test_one_chunk_prefill_keeps_and_merges_as_the_authors(tiny_model):
-    """The whole prompt in one chunk: each layer's split from the numpy density of its attention, its
-    kept set (recent window, sinks, then the heaviest), and its kept keys and values merged from the
-    evicted ones with the first tau, all recomputed from the layers' own q, k, v."""
+    """The whole prompt in one chunk: each layer's split from the numpy density of its attention (per
+    query head), its kept set (recent window, sinks, then the heaviest by the GQA group's mean), and its
+    kept keys and values merged from the evicted ones with the first tau, all from the layers' q, k, v."""
     m = tiny_model
     b, t = 2, 96
     tokens = random_tokens(5, (b, t), m.config.vocab_size)
     policy = D2O(heavy=14, window=10, max_share=1.25)
     state = kvjax.prefill(m, tokens, policy, chunk_size=None)
     qkv = layer_queries_keys(m, tokens)
-    scores = np.stack([causal_probs(q, k, m.config.group_size).mean(axis=2).sum(axis=2) for q, k, _ in qkv])
-    ref_heavy, ref_recent = np_layer_budgets(scores, np.ones(scores.shape, bool), 14, 10, 1.25)
+    probs = [causal_probs(q, k, m.config.group_size) for q, k, _ in qkv]  # [B, K, G, T, T] per layer
+    per_query_head = np.stack([p.sum(axis=3).reshape(b, m.config.num_heads, t) for p in probs])  # [L, B, H, T]
+    scores = np.stack([p.mean(axis=2).sum(axis=2) for p in probs])  # [L, B, K, T]: H2O's
+    ref_heavy, ref_recent = np_layer_budgets(per_query_head, np.ones(per_query_head.shape, bool), 14, 10, 1.25)
     for layer, (_, k, v) in enumerate(qkv):
         seg = state.layers[layer][0]
         assert seg.capacity == round_capacity(int(1.25 * 14) + int(1.25 * 10) + 1)
@@ -211,6 +217,33 @@ def test_one_chunk_prefill_keeps_and_merges_as_the_authors(tiny_model):
         np.testing.assert_allclose(got_v, np.where(valid, np.take_along_axis(ref_v, at, 2), 0), atol=2e-5)
         np.testing.assert_allclose(np.asarray(seg.threshold)[:, 0], ref_tau, atol=1e-5)
         assert not np.allclose(ref_k, k.swapaxes(1, 2)), "some evicted entry should have merged"
+        assert seg.head_score is None  # the per-query-head sums end with the prompt
+    assert (ref_heavy[0] != ref_heavy[1]).any(), "the density should split the layers unevenly"
+
+
+def test_prefill_compression_moves_the_per_query_head_sums_with_their_entries():
+    """Between chunks the buffer is compressed: each kept entry's per-query-head sums travel with it."""
+    b, h, g, c, d = 2, 2, 3, 12, 4
+    rng = np.random.default_rng(3)
+    pos = np.stack([rng.permutation(c) for _ in range(b * h)]).reshape(b, h, c)
+    pos[1, :, -2:] = -1  # empty slots
+    seg = segment(rng.normal(size=(b, h, c, d)), rng.normal(size=(b, h, c, d)), [np.nan, np.nan])
+    seg = seg.replace(
+        pos=jnp.asarray(pos, jnp.int32),
+        budget=7,
+        score=jnp.asarray(rng.uniform(size=(b, h, c)), jnp.float32),
+        keep=jnp.full((b, h), 7, jnp.int32),
+        recent=jnp.full((b, h), 2, jnp.int32),
+        head_score=jnp.asarray(100.0 * pos[:, :, None, :] + np.arange(g)[:, None], jnp.float32),
+    )
+    compress = jax.jit(lambda s: D2O(heavy=5, window=2).compress(s, c, c - 7, final=False))
+    out = compress(seg)
+    kept_pos, head_score = np.asarray(out.pos), np.asarray(out.head_score)
+    assert ((kept_pos >= 0).sum(-1) == 7).all()
+    held = (kept_pos >= 0)[:, :, None, :]
+    np.testing.assert_array_equal(
+        head_score, np.where(held, 100.0 * kept_pos[:, :, None, :] + np.arange(g)[:, None], 0)
+    )
 
 
 @pytest.mark.parametrize("chunk", [None, 32])

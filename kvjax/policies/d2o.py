@@ -4,13 +4,15 @@ Two levels, as in the authors' code (AIoT-MLSys-Lab/D2O, `modeling_llama3_7b_13b
 layer split in `modeling_llama3_new.py`):
 
 - Layers. At the end of the prompt, each layer's density is measured from the attention its entries
-  received (the accumulated scores s, summed over the prompt's queries): per KV head the variance of
-  s over the held entries (ddof 1, torch's `var`), min-max normalised across the layer's heads
-  ((v - min) / (max - min + 1e-6)) and averaged: sigma_l. Denser layers (lower variance) keep more:
+  received, summed over the prompt's queries, per query head (as the authors, whose code expands GQA's
+  KV heads): the variance of these sums over the held entries (ddof 1, torch's `var`), min-max
+  normalised across the layer's query heads ((v - min) / (max - min + 1e-6)) and averaged: sigma_l.
+  Denser layers (lower variance) keep more:
       share_l = L * softmax_l(-sigma_l),  heavy_l = floor(share_l * heavy),  recent_l = floor(share_l * window),
   so the shares average 1 and the layers split L x (heavy + window) between them, per sequence.
 - Tokens. H2O's rule with each layer's own budget: the `recent_l` newest entries and the `sinks` first
-  positions are always kept, the rest ranked by accumulated attention. Each evicted entry e finds its
+  positions are always kept, the rest ranked by accumulated attention (per KV head, averaged over its
+  query group, as kvjax's H2O; the authors' expanded cache ranks per query head). Each evicted entry e finds its
   most similar kept entry c by cosine similarity of (post-RoPE) keys, u_e = max_c cos(k_e, k_c); a
   per-sequence threshold tau is the mean of u over the evicted entries at the first eviction, then
   tau <- alpha * tau + beta * mean(u) at each later one; every e with u_e >= tau is merged as the
@@ -28,10 +30,9 @@ max_share of 1 gives H2O's bytes and clips every denser-than-average layer to th
 Deviations from the authors' code, on purpose: (1) the merge decision is per (KV head, evicted entry),
 u_e >= tau; the authors compare the mean over heads of the j-th evicted entry of every head, entries
 that are different tokens in different heads; (2) every layer is compressed (their code leaves layers
-0, 1 and L - 1 whole); (3) with GQA, scores and densities are per KV head from the attention averaged
-over its query group (as kvjax's H2O), which is their per-head rule for MHA; (4) the prompt is
-compressed at its end rather than at the first decode step (whose attention their scores include),
-and a chunked prefill evicts (and merges) to the buffer after each chunk but the last.
+0, 1 and L - 1 whole); (3) the prompt is compressed at its end rather than at the first decode step
+(whose attention their scores include). A chunked prefill evicts (and merges) to the buffer after each
+chunk but the last, so its densities then come from the entries the buffer still holds.
 """
 
 from __future__ import annotations
@@ -70,18 +71,22 @@ class D2OSegment(EvictionSegment):
     threshold: jax.Array | None = None  # float32[B, Hs]: tau, equal over a sequence's heads; NaN before any eviction
     keep: jax.Array | None = None  # int32[B, Hs]: entries this layer keeps (heavy_l + recent_l), <= budget
     recent: jax.Array | None = None  # int32[B, Hs]: of them, the newest always kept
+    # float32[B, Hs, G, C]: attention received per query head, summed over the prompt (for the layer
+    # split), moved with the entries while prefilling; None once the prompt is compressed.
+    head_score: jax.Array | None = None
 
 
 def head_variance(score: jax.Array, held: jax.Array) -> jax.Array:
-    """float32[B, Hs]: the variance (ddof 1) of each row's held scores; score [B, Hs, C], held bool[B, Hs, C]."""
-    n = jnp.sum(held, axis=-1)  # [B, Hs]
+    """float32[...]: the variance (ddof 1) of each row's held scores; score [..., C], held bool broadcasting."""
+    held = jnp.broadcast_to(held, score.shape)
+    n = jnp.sum(held, axis=-1)  # [...]
     mean = jnp.sum(jnp.where(held, score, 0.0), axis=-1) / jnp.maximum(n, 1)
     return jnp.sum(jnp.where(held, (score - mean[..., None]) ** 2, 0.0), axis=-1) / jnp.maximum(n - 1, 1)
 
 
 def layer_density(variance: jax.Array) -> jax.Array:
-    """float32[B]: the authors' layer statistic, head variances [B, Hs] min-max normalised across the
-    heads and averaged (lower: attention spread more evenly, a denser layer)."""
+    """float32[B]: the authors' layer statistic, head variances [B, H] min-max normalised across the
+    (query) heads and averaged (lower: attention spread more evenly, a denser layer)."""
     lo = jnp.min(variance, axis=-1, keepdims=True)
     hi = jnp.max(variance, axis=-1, keepdims=True)
     return jnp.mean((variance - lo) / (hi - lo + SPREAD_EPS), axis=-1)
@@ -219,18 +224,27 @@ class D2O(TokenEviction):
                 threshold=jnp.full(rows, jnp.nan, jnp.float32),
                 keep=jnp.full(rows, seg.budget, jnp.int32),
                 recent=jnp.full(rows, recent, jnp.int32),
+                head_score=jnp.zeros((*rows, config.group_size, seg.capacity), jnp.float32),
             )
 
         return state.replace(layers=tuple(tuple(dynamic(s) for s in layer) for layer in state.layers))
 
-    def compress(self, segment: D2OSegment, capacity: int, most: int) -> D2OSegment:
+    def compress(self, segment: D2OSegment, capacity: int, most: int, final: bool) -> D2OSegment:
         """Keeps each row's `keep` highest-priority entries, merging the others (at most `most`, static)
-        into them, in a buffer of `capacity` slots."""
+        into them, in a buffer of `capacity` slots; `final`: the prompt's end (the per-query-head sums go)."""
         held = segment.pos >= 0
         priority = jnp.where(held, self.priority(segment), -jnp.inf)
         kept = held & (ranks(priority) < segment.keep[..., None])
         merged = merge_evicted(segment, held & ~kept, kept, most, self.alpha, self.beta)
-        return keep_top(merged, jnp.where(kept, priority, -jnp.inf), min(segment.budget, capacity), capacity)
+        keep = min(segment.budget, capacity)
+        out = keep_top(merged, jnp.where(kept, priority, -jnp.inf), keep, capacity)
+        if final:
+            return out.replace(head_score=None)
+        # keep_top's order: the kept entries by position (distinct), then empty slots
+        order = jnp.argsort(jnp.where(kept, segment.pos, jnp.iinfo(jnp.int32).max), axis=-1)[..., :keep]
+        moved = jnp.take_along_axis(segment.head_score, order[:, :, None, :], axis=-1)  # [B, Hs, G, keep]
+        moved = jnp.where(jnp.take_along_axis(kept, order, axis=-1)[:, :, None, :], moved, 0.0)
+        return out.replace(head_score=jnp.pad(moved, ((0, 0),) * 3 + ((0, capacity - keep),)))
 
     def segment_step(self, ctx, segment, x, phase):
         decoding = isinstance(phase, Decode)
@@ -240,6 +254,9 @@ class D2O(TokenEviction):
             seg = write_entries(segment, x.k, x.v, x.new_pos, count(segment))
         out, probs = attend_with_probs(x.q, seg.k, seg.v, seg.pos, x.q_pos, ctx.window, ctx.scale)
         seg = seg.replace(score=self.observe(seg, probs, x.new_pos, None))
+        if not decoding:  # per query head, padding queries excluded: [B, Hs, G, C]
+            real = (x.new_pos >= 0)[:, None, None, :, None]
+            seg = seg.replace(head_score=seg.head_score + jnp.sum(jnp.where(real, probs, 0.0), axis=3))
         if decoding:  # one entry over the row's budget: evicted, and merged if similar enough
             victim = lowest_over_budget(seg, self.priority(seg), seg.keep)  # [B, Hs, C]
             seg = merge_evicted(seg, victim, (seg.pos >= 0) & ~victim, 1, self.alpha, self.beta)
@@ -247,14 +264,19 @@ class D2O(TokenEviction):
         if seg.capacity > seg.budget:  # make room for the next chunk; after the last, `finalize` compresses
             more = jnp.max(x.q_pos) + 1 < jnp.max(phase.prompt_lengths)
             most = seg.capacity - seg.budget  # a prefill row keeps its whole buffer: `keep` = budget
-            seg = jax.lax.cond(more, lambda s: self.compress(s, s.capacity, most), lambda s: s, seg)
+            seg = jax.lax.cond(more, lambda s: self.compress(s, s.capacity, most, final=False), lambda s: s, seg)
         return out, seg
 
     def finalize(self, config, state: KVState, prompt_len: int, max_new_tokens: int) -> KVState:
         """Splits the layers' budgets by their densities, then compresses every layer to its share and
         sizes its buffer for decoding (one spare slot per arriving token)."""
         segments = [layer[0] for layer in state.layers]
-        density = jnp.stack([layer_density(head_variance(s.score, s.pos >= 0)) for s in segments])  # [L, B]
+
+        def density(s: D2OSegment) -> jax.Array:  # float32[B]
+            variance = head_variance(s.head_score, (s.pos >= 0)[:, :, None, :])  # [B, Hs, G]
+            return layer_density(variance.reshape(variance.shape[0], -1))
+
+        density = jnp.stack([density(s) for s in segments])  # [L, B]
         heavy, recent = self.layer_budgets(density)  # [L, B]
         capacity = round_capacity(min(self.budget(config, 0), prompt_len + max_new_tokens) + 1)
         layers = []
@@ -264,5 +286,5 @@ class D2O(TokenEviction):
                 keep=jnp.broadcast_to((heavy[layer] + recent[layer])[:, None], rows),
                 recent=jnp.broadcast_to(recent[layer][:, None], rows),
             )
-            layers.append((self.compress(seg, capacity, seg.capacity),))
+            layers.append((self.compress(seg, capacity, seg.capacity, final=True),))
         return state.replace(layers=tuple(layers))
