@@ -12,11 +12,12 @@ layer split in `modeling_llama3_new.py`):
   so the shares average 1 and the layers split L x (heavy + window) between them, per sequence.
 - Tokens. H2O's rule with each layer's own budget: the `recent_l` newest entries and the `sinks` first
   positions are always kept, the rest ranked by accumulated attention (per KV head, averaged over its
-  query group, as kvjax's H2O; the authors' expanded cache ranks per query head). Each evicted entry e finds its
-  most similar kept entry c by cosine similarity of (post-RoPE) keys, u_e = max_c cos(k_e, k_c); a
-  per-sequence threshold tau is the mean of u over the evicted entries at the first eviction, then
-  tau <- alpha * tau + beta * mean(u) at each later one; every e with u_e >= tau is merged as the
-  authors' code merges (torch `scatter_reduce(..., "mean", include_self=True)` of u_e-weighted entries):
+  query group, as kvjax's H2O; the authors' expanded cache ranks per query head). Each evicted entry
+  e finds its most similar kept entry c by cosine similarity of (post-RoPE) keys, u_e = max_c
+  cos(k_e, k_c); a per-sequence threshold tau is the mean of u over the evicted entries at the first
+  eviction, then tau <- alpha * tau + beta * mean(u) at each later one; every e with u_e >= tau is
+  merged as the authors' code merges (torch `scatter_reduce(..., "mean", include_self=True)` of
+  u_e-weighted entries):
       k_c <- (k_c + sum_{e -> c} u_e k_e) / (1 + |{e -> c}|),  and v_c alike with the same weights.
 
 Static shapes. The split is known only once the prompt's attention is, i.e. inside the jitted prefill,
@@ -254,13 +255,12 @@ class D2O(TokenEviction):
             seg = write_entries(segment, x.k, x.v, x.new_pos, count(segment))
         out, probs = attend_with_probs(x.q, seg.k, seg.v, seg.pos, x.q_pos, ctx.window, ctx.scale)
         seg = seg.replace(score=self.observe(seg, probs, x.new_pos, None))
-        if not decoding:  # per query head, padding queries excluded: [B, Hs, G, C]
-            real = (x.new_pos >= 0)[:, None, None, :, None]
-            seg = seg.replace(head_score=seg.head_score + jnp.sum(jnp.where(real, probs, 0.0), axis=3))
         if decoding:  # one entry over the row's budget: evicted, and merged if similar enough
             victim = lowest_over_budget(seg, self.priority(seg), seg.keep)  # [B, Hs, C]
             seg = merge_evicted(seg, victim, (seg.pos >= 0) & ~victim, 1, self.alpha, self.beta)
             return out, seg.replace(pos=jnp.where(victim, -1, seg.pos))
+        real = (x.new_pos >= 0)[:, None, None, :, None]  # per query head, padding queries excluded
+        seg = seg.replace(head_score=seg.head_score + jnp.sum(jnp.where(real, probs, 0.0), axis=3))  # [B, Hs, G, C]
         if seg.capacity > seg.budget:  # make room for the next chunk; after the last, `finalize` compresses
             more = jnp.max(x.q_pos) + 1 < jnp.max(phase.prompt_lengths)
             most = seg.capacity - seg.budget  # a prefill row keeps its whole buffer: `keep` = budget
