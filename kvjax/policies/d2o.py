@@ -261,7 +261,9 @@ class D2O(TokenEviction):
             return out, seg.replace(pos=jnp.where(victim, -1, seg.pos))
         real = (x.new_pos >= 0)[:, None, None, :, None]  # per query head, padding queries excluded
         seg = seg.replace(head_score=seg.head_score + jnp.sum(jnp.where(real, probs, 0.0), axis=3))  # [B, Hs, G, C]
-        if seg.capacity > seg.budget:  # make room for the next chunk; after the last, `finalize` compresses
+        # Make room for the next chunk (none when this one fills the buffer: the whole prompt); after the
+        # last chunk `finalize` compresses.
+        if seg.budget < seg.capacity and x.q.shape[1] < seg.capacity:
             more = jnp.max(x.q_pos) + 1 < jnp.max(phase.prompt_lengths)
             most = seg.capacity - seg.budget  # a prefill row keeps its whole buffer: `keep` = budget
             seg = jax.lax.cond(more, lambda s: self.compress(s, s.capacity, most, final=False), lambda s: s, seg)
@@ -269,22 +271,16 @@ class D2O(TokenEviction):
 
     def finalize(self, config, state: KVState, prompt_len: int, max_new_tokens: int) -> KVState:
         """Splits the layers' budgets by their densities, then compresses every layer to its share and
-        sizes its buffer for decoding (one spare slot per arriving token)."""
-        segments = [layer[0] for layer in state.layers]
-
-        def density(s: D2OSegment) -> jax.Array:  # float32[B]
-            variance = head_variance(s.head_score, (s.pos >= 0)[:, :, None, :])  # [B, Hs, G]
-            return layer_density(variance.reshape(variance.shape[0], -1))
-
-        density = jnp.stack([density(s) for s in segments])  # [L, B]
+        sizes its buffer for decoding (one spare slot per arriving token). The layers (one layout) are
+        stacked and compressed by one `lax.map` body, so compile time does not grow with depth."""
+        stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *(layer[0] for layer in state.layers))  # [L, B, Hs, ...]
+        variance = head_variance(stacked.head_score, (stacked.pos >= 0)[:, :, :, None, :])  # [L, B, Hs, G]
+        density = layer_density(variance.reshape(*variance.shape[:2], -1))  # [L, B]
         heavy, recent = self.layer_budgets(density)  # [L, B]
+        rows = stacked.pos.shape[:3]  # [L, B, Hs]
+        stacked = stacked.replace(
+            keep=jnp.broadcast_to((heavy + recent)[..., None], rows), recent=jnp.broadcast_to(recent[..., None], rows)
+        )
         capacity = round_capacity(min(self.budget(config, 0), prompt_len + max_new_tokens) + 1)
-        layers = []
-        for layer, seg in enumerate(segments):
-            rows = seg.pos.shape[:2]
-            seg = seg.replace(
-                keep=jnp.broadcast_to((heavy[layer] + recent[layer])[:, None], rows),
-                recent=jnp.broadcast_to(recent[layer][:, None], rows),
-            )
-            layers.append((self.compress(seg, capacity, seg.capacity, final=True),))
-        return state.replace(layers=tuple(layers))
+        out = jax.lax.map(lambda seg: self.compress(seg, capacity, seg.capacity, final=True), stacked)
+        return state.replace(layers=tuple((jax.tree.map(lambda x: x[i], out),) for i in range(len(state.layers))))
