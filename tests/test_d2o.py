@@ -282,6 +282,7 @@ def test_budget_covering_the_context_equals_full(tiny_model):
         np.testing.assert_allclose(np.asarray(got_logits), np.asarray(ref_logits), atol=1e-5, rtol=0)
 
 
+@pytest.mark.slow
 def test_ragged_rows_equal_their_own_runs(tiny_model):
     """Budgets and thresholds are per sequence: a row of a ragged batch ends as it would alone."""
     m = tiny_model

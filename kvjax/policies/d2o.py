@@ -26,7 +26,10 @@ max_share x (heavy + window) entries (`budget`), and the share, clipped at max_s
 sequence how many of those slots the layer keeps (`D2OSegment.keep`, `recent`): `kv_bytes` is then
 max_share x the average budget, against H2O's 1 x. The alternative, a static per-layer split fixed at
 trace time, would save those bytes but cannot follow this prompt's density, which is the method; a
-max_share of 1 gives H2O's bytes and clips every denser-than-average layer to the average.
+max_share of 1 gives H2O's bytes and clips every denser-than-average layer to the average. With H
+query heads sigma_l lies in [0, (H - 1) / H), which bounds a share by L / (1 + (L - 1) e^(-(H - 1) / H))
+(2.32 for SmolLM2-135M's 30 layers x 9 heads); its shares on 1k-token needle prompts spanned 0.85-1.18,
+so the default 1.5 does not clip there.
 
 Deviations from the authors' code, on purpose: (1) the merge decision is per (KV head, evicted entry),
 u_e >= tau; the authors compare the mean over heads of the j-th evicted entry of every head, entries
