@@ -15,7 +15,7 @@ from jax.sharding import PartitionSpec as P
 import kvjax
 from kvjax import ModelConfig, init_model
 from kvjax.checkpoint import save_checkpoint
-from kvjax.policies import CSKV, KIVI, DuoAttention, Full, SnapKV, SqueezedAttention, Twilight
+from kvjax.policies import CSKV, D2O, KIVI, DuoAttention, Full, SnapKV, SqueezedAttention, Twilight
 from kvjax.policies.cskv import LowRankSegment
 from kvjax.policies.quest import PagedSegment
 from kvjax.policies.squeezed_attention import ClusteredSegment
@@ -112,6 +112,8 @@ POLICIES = {
     "cskv": CSKV(0.5, 0.5, residual=16),
     # clusters of each KV head's context keys; decode reads the pages holding selected keys, masked per slot
     "squeezed": SqueezedAttention(recent=32),
+    # per-sequence layer shares and merge threshold: means over the KV heads split across devices
+    "d2o": D2O(heavy=16, window=8),
 }
 
 

@@ -4,6 +4,7 @@ from kvjax.policies.a2sf import A2SF
 from kvjax.policies.adakv import AdaKV
 from kvjax.policies.base import Layout, Policy, SegmentSpec
 from kvjax.policies.cskv import CSKV
+from kvjax.policies.d2o import D2O
 from kvjax.policies.duo_attention import DuoAttention
 from kvjax.policies.full import Full
 from kvjax.policies.h2o import H2O
@@ -29,6 +30,7 @@ __all__ = [
     "A2SF",
     "AdaKV",
     "CSKV",
+    "D2O",
     "DuoAttention",
     "Full",
     "H2O",
