@@ -641,13 +641,17 @@ def parser() -> argparse.ArgumentParser:
         "--hf-cache", default="static", choices=["static", "dynamic"], help="transformers' cache for Full"
     )
     peers.add_argument(
-        "--scan-layers", action=argparse.BooleanOptionalAction, default=True, help="kvjax's layer scan (Execution)"
+        "--scan-layers",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="scan kvjax's layers in prefill and decode (--no-scan-layers: unroll both; default: prefill scanned, "
+        "decode unrolled)",
     )
     peers.add_argument(
         "--other-scan",
         action=argparse.BooleanOptionalAction,
         default=True,
-        help="also time kvjax Full's decode with the other --scan-layers setting",
+        help="also time kvjax Full's decode with the layers scanned (unrolled under --scan-layers)",
     )
     peers.add_argument(
         "--max-batch-tokens",

@@ -136,14 +136,24 @@ def logits(m: LanguageModel, tokens) -> jax.Array:
 class Execution:
     """How the jitted paths run, beside what they compute: the attention implementation
     (kvjax.attention.ATTENTION_IMPLS) and whether runs of identically laid-out layers are scanned
-    (compile time independent of depth) or unrolled (no per-step stacking of the cache and weights:
-    the fastest decode where memory bandwidth rules, at a compile time that grows with depth)."""
+    (compile time independent of depth) or unrolled (each layer's cache updated in place).
+
+    `scan_layers=None` (the default) scans prefill, where compute rules and a chunk's graph is large,
+    and unrolls decode steps, which are memory-bound and small: a scanned step reads the stacked cache
+    and writes a new one, twice the bytes (2-3x slower per token at 4K-8K tokens on CPU). True or False
+    applies to both."""
 
     attention_impl: str = "auto"
-    scan_layers: bool = True
+    scan_layers: bool | None = None
 
     def __post_init__(self):
         check_impl(self.attention_impl)
+        if self.scan_layers not in (None, True, False):
+            raise ValueError(f"scan_layers must be None, True or False; got {self.scan_layers!r}")
+
+    def scans(self, decoding: bool) -> bool:
+        """Whether layer runs are scanned in a decode step (`decoding`) or a prefill chunk."""
+        return not decoding if self.scan_layers is None else self.scan_layers
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "policy", "chunk", "max_new_tokens", "run"))
@@ -156,7 +166,7 @@ def _prefill(
     b, t = tokens.shape
     state = constrain_state(policy.allocate(model.config, b, t, max_new_tokens, chunk, model.embed.dtype))
     phase = Prefill(lengths)
-    stack = model.layer_stack(state.layers, run.scan_layers)
+    stack = model.layer_stack(state.layers, run.scans(False))
     last = lengths - 1  # [B] position of each prompt's final token
     offsets = jnp.arange(chunk, dtype=jnp.int32)  # [S]
 
@@ -314,7 +324,7 @@ def prefill(
     max_new_tokens: int = 0,
     state: KVState | None = None,
     attention_impl: str = "auto",
-    scan_layers: bool = True,
+    scan_layers: bool | None = None,
 ) -> KVState:
     """The (compressed) KV state after the prompt, built chunk by chunk: `chunk_size` tokens, or None for the
     policy's own choice (`Policy.prefill_chunk`: the whole prompt for evict-as-you-go policies where it fits).
@@ -349,7 +359,7 @@ def _continue(graphdef, params, policy_params, state, tokens, lengths, *, policy
     steps; returns the state and float32[B, V] logits after each row's last token."""
     model = nnx.merge(graphdef, params)
     policy = bind_params(policy, policy_params)
-    stack = model.layer_stack(state.layers, run.scan_layers)
+    stack = model.layer_stack(state.layers, run.scans(True))
     b = tokens.shape[0]
 
     def step(carry, inputs):
@@ -414,7 +424,7 @@ def _forward_token(model, policy: Policy, state: KVState, token: jax.Array, run:
         layer_fn,
         shared=state.shared,
         attention_impl=run.attention_impl,
-        stack=stack or model.layer_stack(state.layers, run.scan_layers),
+        stack=stack or model.layer_stack(state.layers, run.scans(True)),
     )
     new_state = state.replace(layers=layers, shared=shared, length=state.length + 1)
     return model.logits(hidden[:, 0]), constrain_state(new_state)
@@ -443,7 +453,7 @@ def decode_step(
     policy: Policy | None = None,
     *,
     attention_impl: str = "auto",
-    scan_layers: bool = True,
+    scan_layers: bool | None = None,
 ):
     """(float32[B, V] logits, new state) after feeding int32[B] tokens; the old state is donated.
 
@@ -493,7 +503,7 @@ def _decode(
     """Decodes until every row is done, the output is full, or the longest row reaches `stop_length`."""
     model = nnx.merge(graphdef, params)
     policy = bind_params(policy, policy_params)
-    stack = model.layer_stack(loop.kv.layers, run.scan_layers)  # the weights stacked once, not per token
+    stack = model.layer_stack(loop.kv.layers, run.scans(True))  # the weights stacked once, not per token
     max_new_tokens = loop.tokens.shape[1]
 
     def keep_going(s: DecodeLoop):
@@ -539,7 +549,7 @@ def greedy_decode(
     policy: Policy | None = None,
     *,
     attention_impl: str = "auto",
-    scan_layers: bool = True,
+    scan_layers: bool | None = None,
 ) -> jax.Array:
     """int32[B, steps]: greedy tokens after feeding int32[B] `token`, by generate's jitted decode loop
     with no EOS stop (so benchmarks time exactly `steps` steps); the state is donated."""
@@ -581,7 +591,7 @@ def generate(
     chunk_size: int | None = None,
     state: KVState | None = None,
     attention_impl: str = "auto",
-    scan_layers: bool = True,
+    scan_layers: bool | None = None,
 ) -> jax.Array:
     """int32[B, max_new_tokens]: new tokens only; after a sequence's EOS its row holds the pad id.
 

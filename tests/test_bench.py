@@ -325,9 +325,9 @@ def test_bench_against_transformers_writes_the_peer_report(tmp_path, capsys):
         assert r["prefill_ratio"] == pytest.approx(ours["prefill_tokens_per_s"] / peer["prefill_tokens_per_s"])
         assert r["decode_ratio"] == pytest.approx(ours["decode_tokens_per_s"] / peer["decode_tokens_per_s"])
         assert r["peer_cache"] == "static" and len(r["loadavg_before"]) == len(r["loadavg_after"]) == 3
-        assert r["kvjax_execution"] == {"scan_layers": True, "attention_impl": "auto"}
-        other = r["kvjax_other_scan"]  # Full's decode again with the layers unrolled
-        assert other["scan_layers"] is False and len(other["decode_s_per_token_repeats"]) == 1
+        assert r["kvjax_execution"] == {"scan_layers": None, "attention_impl": "auto"}  # decode unrolled
+        other = r["kvjax_other_scan"]  # Full's decode again with the layers scanned
+        assert other["scan_layers"] is True and len(other["decode_s_per_token_repeats"]) == 1
         assert other["kv_bytes"] == ours["kv_bytes"] and other["decode_tokens_per_s"] > 0
         assert other["roofline_fraction"] == pytest.approx(other["decode_gb_per_s"] / report["roofline_bandwidth_gb_s"])
         # transformers' static cache holds prompt + new - 1 (the last token is never fed); kvjax's state holds

@@ -25,6 +25,29 @@ def test_prefill_then_decode_equals_full_forward(tiny_model):
     assert np.asarray(state.length).tolist() == [70, 70]
 
 
+@pytest.mark.parametrize(
+    "policy", [kvjax.policies.Full(), kvjax.policies.PyramidKV(budget_tokens=24, window=4)], ids=["full", "pyramidkv"]
+)
+def test_scanned_and_unrolled_layers_give_the_same_logits(tiny_model, policy):
+    """Every layer-scan setting (the default scans prefill and unrolls decode; True and False force one for
+    both) gives the same prefill state and decode logits; PyramidKV's per-layer budgets make one run per layer."""
+    m = tiny_model
+    tokens = random_tokens(9, (2, 60), m.config.vocab_size)
+    out = {}
+    for scan in (None, True, False):
+        state = kvjax.prefill(m, tokens[:, :48], policy, max_new_tokens=12, chunk_size=16, scan_layers=scan)
+        logits = []
+        for t in range(48, 60):
+            step, state = kvjax.decode_step(m, state, tokens[:, t], policy, scan_layers=scan)
+            logits.append(np.asarray(step))
+        out[scan] = np.stack(logits)
+    for scan in (True, False):
+        np.testing.assert_allclose(out[scan], out[None], atol=1e-5, rtol=0)
+    assert gen.Execution().scans(decoding=True) is False and gen.Execution().scans(decoding=False) is True
+    with pytest.raises(ValueError, match="scan_layers must be None, True or False"):
+        gen.Execution(scan_layers="yes")
+
+
 def test_prefill_last_logits_equal_full_forward(tiny_model):
     m = tiny_model
     tokens = random_tokens(1, (2, 90), m.config.vocab_size)

@@ -151,7 +151,7 @@ def test_unrolled_layers_decode_as_the_scanned_ones(model, runs):
     # Pair indices come from a traced layer index inside the scan and from a Python int when unrolled.
     tokens, out = runs
     state, token = out["default"][1], tokens[np.arange(2), np.asarray(LENGTHS)]
-    scanned, _ = kvjax.decode_step(model, jax.tree.map(jnp.copy, state), token, MiniCache())
+    scanned, _ = kvjax.decode_step(model, jax.tree.map(jnp.copy, state), token, MiniCache(), scan_layers=True)
     unrolled, _ = kvjax.decode_step(model, jax.tree.map(jnp.copy, state), token, MiniCache(), scan_layers=False)
     np.testing.assert_allclose(np.asarray(unrolled), np.asarray(scanned), atol=1e-5, rtol=0)
     np.testing.assert_allclose(np.asarray(scanned), out["default"][0][:, 0], atol=1e-5, rtol=0)

@@ -93,9 +93,9 @@ class PeerBenchConfig:
     snapkv_window: int = 64  # kvpress SnapKVPress's defaults, used on both sides
     snapkv_kernel: int = 5
     sink: int = 4  # StreamingLLMPress's n_sink
-    scan_layers: bool = True  # kvjax's Execution
+    scan_layers: bool | None = None  # kvjax's Execution (None: prefill scanned, decode unrolled)
     attention_impl: str = "auto"  # kvjax's Execution: how attention runs ("reference" forces the jnp path)
-    other_scan: bool = True  # also time kvjax Full's decode with the other scan_layers setting (decode only)
+    other_scan: bool = True  # also time kvjax Full's decode with the layers scanned (unrolled if scan_layers)
     max_batch_tokens: int | None = None
     bandwidth_mb: int = 512
     seed: int = 0
@@ -513,8 +513,9 @@ def run_peer_bench(
             if spec["method"] == "full":
                 full = ours
                 if config.other_scan:
-                    log(f"{length} x {batch} full: kvjax decode, scan_layers={not config.scan_layers} ...")
-                    alt = time_kvjax_decode(m, spec["policy"], prompts, config, not config.scan_layers)
+                    other = config.scan_layers is not True  # decode's other setting: scanned, or unrolled
+                    log(f"{length} x {batch} full: kvjax decode, scan_layers={other} ...")
+                    alt = time_kvjax_decode(m, spec["policy"], prompts, config, other)
                     decode = float(np.median(alt["decode_s_per_token_repeats"]))
                     read = param_bytes + alt["kv_bytes"]
                     alt.update(
