@@ -18,7 +18,6 @@ import kvjax
 from kvjax.config import ModelConfig
 from kvjax.policies import (
     A2SF,
-    CSKV,
     H2O,
     KIVI,
     TOVA,
@@ -28,6 +27,7 @@ from kvjax.policies import (
     Full,
     Knorm,
     MiKV,
+    PromptSVD,
     PyramidKV,
     QuantizedPruning,
     Quest,
@@ -67,7 +67,7 @@ POLICIES = [
     ("QuantizedPruning(SnapKV(budget_tokens=4096), bits=4)", QuantizedPruning(SnapKV(4096), 4)),
     ("ThinK(Full(), ratio=0.4)", ThinK(Full())),
     ("ThinK(SnapKV(budget_tokens=1024), ratio=0.4)", ThinK(SnapKV())),
-    ("CSKV(key_density=0.5, value_density=0.5, residual=32)", CSKV()),
+    ("PromptSVD(key_density=0.5, value_density=0.5, residual=32)", PromptSVD()),
     ("MiKV(H2O(heavy=512, window=512), bits=4)", MiKV(H2O(), 4)),
     ("MiKV(H2O(heavy=512, window=512), bits=2)", MiKV(H2O(), 2)),
     ("SqueezedAttention(clusters=5%, keep=10%): frees nothing, reads less", SqueezedAttention()),

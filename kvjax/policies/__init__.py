@@ -11,6 +11,7 @@ from kvjax.policies.kivi import KIVI
 from kvjax.policies.knorm import Knorm
 from kvjax.policies.locret import Locret
 from kvjax.policies.mikv import MiKV
+from kvjax.policies.prompt_svd import PromptSVD
 from kvjax.policies.pyramidkv import PyramidKV
 from kvjax.policies.quantized_pruning import QuantizedPruning
 from kvjax.policies.quest import Quest
@@ -37,6 +38,7 @@ __all__ = [
     "Locret",
     "MiKV",
     "Policy",
+    "PromptSVD",
     "PyramidKV",
     "QuantizedPruning",
     "Quest",
