@@ -204,6 +204,15 @@ def unrotated(k: np.ndarray, theta: float) -> np.ndarray:
     return np.concatenate([y1 * c + y2 * s, y2 * c - y1 * s], axis=-1)
 
 
+@pytest.mark.parametrize("impl", ["gpu-interpret", "tpu-interpret"])
+def test_decode_through_the_kernel_equals_the_reference(model, runs, impl):
+    tokens, policies, out = runs
+    state, policy = out["rank16"][2], policies["rank16"]
+    reference, _ = kvjax.decode_step(model, jax.tree.map(jnp.copy, state), tokens[:, 0], policy)
+    kernel, _ = kvjax.decode_step(model, jax.tree.map(jnp.copy, state), tokens[:, 0], policy, attention_impl=impl)
+    np.testing.assert_allclose(np.asarray(kernel), np.asarray(reference), atol=2e-4, rtol=0)
+
+
 def test_generate_ragged_batch_is_the_greedy_chain(model, runs):
     tokens, policies, _ = runs
     assert_generate_is_the_greedy_chain(model, policies["rank16"], tokens, LENGTHS, NEW, CHUNK, steps=3)

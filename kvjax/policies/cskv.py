@@ -18,7 +18,7 @@ by a fixed scale per channel. Fine-tuning trains `down` and `up` (A = W_k down),
 minimiser: the top right singular vectors of the calibration keys (Eckart-Young).
 
 Deviations, stated: the exact window slides one token at a time (always the last `residual`), where the
-authors' compresses a full window of 32 at once (1 to 32 exact tokens); fine-tuning takes the loss over the
+authors' code compresses a full window of 32 at once (1 to 32 exact tokens); fine-tuning takes the loss over the
 calibration tokens in closed form from their Gram matrices (full batch, Adam), where the authors run AdamW
 over minibatches of The Pile.
 
