@@ -204,6 +204,23 @@ def unrotated(k: np.ndarray, theta: float) -> np.ndarray:
     return np.concatenate([y1 * c + y2 * s, y2 * c - y1 * s], axis=-1)
 
 
+def test_one_chunk_prefill_gives_the_chunked_state(model, runs):
+    tokens, policies, out = runs
+    lengths = np.asarray(LENGTHS, np.int32)
+    whole = kvjax.prefill(
+        model, tokens[:, : lengths.max()], policies["rank16"], lengths=lengths, max_new_tokens=NEW, chunk_size=None
+    )
+    for (a,), (b,) in zip(whole.layers, out["rank16"][1].layers):  # capacities differ with the padding
+        np.testing.assert_array_equal(np.asarray(a.latent_length), np.asarray(b.latent_length))
+        for row, n in enumerate(LENGTHS):
+            for x, y in ((a.k_latent, b.k_latent), (a.v_latent, b.v_latent)):
+                np.testing.assert_allclose(np.asarray(x[row, 0, :n]), np.asarray(y[row, 0, :n]), atol=1e-4, rtol=0)
+            for win in (a.window, b.window):
+                np.testing.assert_array_equal(
+                    np.sort(np.asarray(win.pos[row, 0]))[-min(n, RESIDUAL) :], np.arange(max(n - RESIDUAL, 0), n)
+                )
+
+
 @pytest.mark.parametrize("impl", ["gpu-interpret", "tpu-interpret"])
 def test_decode_through_the_kernel_equals_the_reference(model, runs, impl):
     tokens, policies, out = runs
