@@ -1,18 +1,18 @@
 """Decode tokens/s of a Llama-3.1-8B-shaped model (random bf16 weights) against the HBM roofline, and
-Quest's and Twilight's page-selecting decode and CSKV's low-rank cache against Full's in the same run.
+Quest's and Twilight's page-selecting decode and PromptSVD's low-rank cache against Full's in the same run.
 
 Roofline time per token = (weight bytes read + KV bytes read) / bandwidth (3.1 TB/s by default, an
 H100's; see results/kernel_notes.md). Quest(budget) reads budget tokens per KV head in its sparse layers, so
 its speedup over Full grows with the context. Twilight(budget) estimates attention over those candidates
 from 4-bit keys and reads only the pages covering top_p of it; the cache here holds random keys, whose
 attention is diffuse, so it keeps most candidates: its row times the estimate's overhead at its worst.
-CSKV(density) holds density x the channels per token but rebuilds every key and value each step: its row
+PromptSVD(density) holds density x the channels per token but rebuilds every key and value each step: its row
 shows what that arithmetic costs against the bytes it saves. SqueezedAttention(keep) clusters the random
 context keys once (k-means in finalize, not timed) and each step reads the 16-slot pages holding the keys
 of the clusters its centroids select (`--squeezed-hierarchical` also times the authors' two-level lookup).
 Writes JSON with the device, shapes, times and ratios.
 Usage: python benchmarks/bench_decode.py [--contexts 8192 32768] [--quest-budgets 1024] [--twilight-budgets 8192]
-       [--cskv-densities 0.5] [--squeezed-keeps 0.1] [--squeezed-hierarchical] [--profile-top N] [--scan-layers]
+       [--prompt-svd-densities 0.5] [--squeezed-keeps 0.1] [--squeezed-hierarchical] [--profile-top N] [--scan-layers]
        [--smoke] [--out FILE]
 `--profile-top N` also traces one more decode loop per row under the profiler and adds the N operations
 and kernel kinds that take a token's device time (`op_profile.py`) as the row's "device_ops".
@@ -35,7 +35,7 @@ import kvjax
 from kvjax.config import ModelConfig
 from kvjax.inference import greedy_decode
 from kvjax.kv_state import KVSegment
-from kvjax.policies import CSKV, Full, Policy, Quest, SqueezedAttention, Twilight
+from kvjax.policies import Full, Policy, PromptSVD, Quest, SqueezedAttention, Twilight
 from model_shapes import LLAMA31_8B
 from op_profile import profile_ops
 
@@ -56,7 +56,7 @@ SMOKE = ModelConfig(
 def filled_state(
     config: ModelConfig, batch: int, context: int, room: int, dtype, policy: Policy = Full()
 ) -> kvjax.KVState:
-    """The decode state of a policy that prefills in the Full layout (Full, Quest, Twilight, CSKV, Squeezed
+    """The decode state of a policy that prefills in the Full layout (Full, Quest, Twilight, PromptSVD, Squeezed
     Attention), from `context` random entries per sequence (and random calibration queries for Squeezed
     Attention): no prefill is needed to time decode. Jitted, so every leaf is its own buffer (Squeezed
     Attention's finalize shares one threshold array between layers; a donating decode must not see it twice)."""
@@ -148,7 +148,11 @@ def main():
         help="Twilight candidate budgets (top_p 0.85) to time against Full",
     )
     parser.add_argument(
-        "--cskv-densities", type=float, nargs="*", default=[], help="CSKV key and value densities to time against Full"
+        "--prompt-svd-densities",
+        type=float,
+        nargs="*",
+        default=[],
+        help="PromptSVD key and value densities to time against Full",
     )
     parser.add_argument(
         "--squeezed-keeps",
@@ -185,7 +189,7 @@ def main():
     sparse = (
         [Quest(budget_tokens=b) for b in ([64] if args.smoke else args.quest_budgets)]
         + [Twilight(budget_tokens=b) for b in ([64] if args.smoke else args.twilight_budgets)]
-        + [CSKV(d, d) for d in ([0.5] if args.smoke else args.cskv_densities)]
+        + [PromptSVD(d, d) for d in ([0.5] if args.smoke else args.prompt_svd_densities)]
         + [
             SqueezedAttention(keep=k, hierarchical=h)
             for k in ([0.1] if args.smoke else args.squeezed_keeps)

@@ -28,6 +28,7 @@ from kvjax.policies import (
     Full,
     Knorm,
     MiKV,
+    PromptSVD,
     PyramidKV,
     QuantizedPruning,
     Quest,
@@ -38,6 +39,8 @@ from kvjax.policies import (
     ThinK,
     Twilight,
 )
+from kvjax.policies.base import bind_params, split_params
+from kvjax.policies.cskv import factor_shapes
 from model_shapes import LLAMA31_8B
 
 PROMPTS = (4096, 32768)
@@ -47,6 +50,8 @@ CHUNK = 512
 # deployment sparsity) and every 7th of the 256 heads (37, ~15%: RazorAttention's echo + induction share).
 HALF = tuple(tuple(range(4)) for _ in range(32))
 RAZOR = tuple(tuple(h for h in range(8) if (layer * 8 + h) % 7 == 0) for layer in range(32))
+# CSKV's factors at density 0.5 (512 of 1024 channels), as shapes: only their ranks shape the cache.
+CSKV_HALF = {k: jax.ShapeDtypeStruct(s, jnp.float32) for k, s in factor_shapes(LLAMA31_8B, 512, 512).items()}
 
 # (label, policy): append new policies here; every entry is measured the same way.
 POLICIES = [
@@ -67,7 +72,8 @@ POLICIES = [
     ("QuantizedPruning(SnapKV(budget_tokens=4096), bits=4)", QuantizedPruning(SnapKV(4096), 4)),
     ("ThinK(Full(), ratio=0.4)", ThinK(Full())),
     ("ThinK(SnapKV(budget_tokens=1024), ratio=0.4)", ThinK(SnapKV())),
-    ("CSKV(key_density=0.5, value_density=0.5, residual=32)", CSKV()),
+    ("CSKV(residual=32), factors of rank 512 + 512 (density 0.5)", CSKV(params=CSKV_HALF)),
+    ("PromptSVD(key_density=0.5, value_density=0.5, residual=32)", PromptSVD()),
     ("MiKV(H2O(heavy=512, window=512), bits=4)", MiKV(H2O(), 4)),
     ("MiKV(H2O(heavy=512, window=512), bits=2)", MiKV(H2O(), 2)),
     ("SqueezedAttention(clusters=5%, keep=10%): frees nothing, reads less", SqueezedAttention()),
@@ -79,11 +85,14 @@ POLICIES = [
 def state_bytes(policy, config: ModelConfig, prompt_len: int) -> tuple[int, int]:
     """(prefill-state bytes, decode-ready bytes) for one prompt of `prompt_len` tokens, batch 1."""
 
-    def build():
-        state = policy.allocate(config, 1, prompt_len, MAX_NEW, CHUNK, jnp.bfloat16)
-        return state, policy.finalize(config, state, prompt_len, MAX_NEW)
+    static, params = split_params(policy)
 
-    prefill, final = jax.eval_shape(build)
+    def build(params):  # learned parameters as abstract shapes too
+        p = bind_params(static, params)
+        state = p.allocate(config, 1, prompt_len, MAX_NEW, CHUNK, jnp.bfloat16)
+        return state, p.finalize(config, state, prompt_len, MAX_NEW)
+
+    prefill, final = jax.eval_shape(build, params)
     return kvjax.kv_bytes(prefill), kvjax.kv_bytes(final)
 
 

@@ -434,6 +434,34 @@ def _train_gates(args) -> None:
     print(f"wrote {args.out}/{written} (step {result.step}, loss {last:.6f})")
 
 
+def _fit_cskv(args) -> None:
+    import time
+
+    import jax.numpy as jnp
+
+    from kvjax.checkpoint import load
+    from kvjax.policies.cskv import fit_factors, haystack_calibration, save_factors
+
+    m = load(args.model or _default_model(), dtype=jnp.dtype(args.dtype))
+    tokens = haystack_calibration(m.tokenizer, args.samples, args.length, args.haystack, args.seed)
+    start = time.perf_counter()
+    factors = fit_factors(
+        m, tokens, args.key_density, args.value_density, method=args.method, steps=args.steps, lr=args.lr
+    )
+    seconds = time.perf_counter() - start
+    fitted = {
+        "method": args.method,
+        "steps": args.steps,
+        "lr": args.lr,
+        "calibration": f"{args.samples} x {args.length} tokens of {args.haystack} (seed {args.seed})",
+        "model": m.name,
+        "fit_seconds": round(seconds, 2),
+    }
+    path = save_factors(args.out, factors, m.config, fitted)
+    ranks = factors["k_down"].shape[-1], factors["v_down"].shape[-1]
+    print(f"wrote {path} (ranks {ranks[0]} and {ranks[1]} of {factors['k_down'].shape[1]}, fitted in {seconds:.1f} s)")
+
+
 def _policy_options(p: argparse.ArgumentParser, many: bool) -> None:
     """The model, the policies (several for eval and bench, one for generate), the files learned policies
     are built from, and the dtype: read by `_model_and_runs`."""
@@ -780,6 +808,23 @@ def parser() -> argparse.ArgumentParser:
     tg.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"], help="the frozen model's dtype")
     tg.add_argument("--no-progress", action="store_true", help="no progress bar (stderr)")
     tg.set_defaults(run=_train_gates)
+
+    fc = sub.add_parser(
+        "fit-cskv", help="fit CSKV's low-rank factors of W_k and W_v on calibration text (eval: --policy-file cskv=DIR)"
+    )
+    fc.add_argument("--model", help="checkpoint directory or bundled model name (default: bundled)")
+    fc.add_argument("--out", required=True, help="folder for cskv_factors.npz")
+    fc.add_argument("--key-density", type=float, default=0.5, help="share of the key channels kept (default 0.5)")
+    fc.add_argument("--value-density", type=float, default=0.5, help="share of the value channels kept (default 0.5)")
+    fc.add_argument("--method", default="asvd", choices=["svd", "asvd"], help="initialisation (default asvd)")
+    fc.add_argument("--steps", type=int, default=0, help="fine-tuning steps on the reconstruction loss (default 0)")
+    fc.add_argument("--lr", type=float, default=1e-3, help="fine-tuning learning rate (Adam)")
+    fc.add_argument("--samples", type=int, default=8, help="calibration rows")
+    fc.add_argument("--length", type=int, default=1024, help="tokens per calibration row")
+    fc.add_argument("--haystack", default="prose", help="calibration text: noise, prose or a folder of .txt files")
+    fc.add_argument("--seed", type=int, default=0, help="first haystack seed")
+    fc.add_argument("--dtype", default="float32", choices=["bfloat16", "float32"], help="the model's dtype")
+    fc.set_defaults(run=_fit_cskv)
     return root
 
 

@@ -90,7 +90,7 @@ def rotate_at(
     """x [B, T, N, D] rotated to positions int32[B, T], or with `inverse` rotated back (float32 in and out).
 
     The inverse undoes `apply_rope` exactly, LongRoPE's attention factor included: a cache that keeps keys
-    unrotated (CSKV's low-rank features) recovers them from the model's rotated keys and rotates them again
+    unrotated (CSKV's and PromptSVD's low-rank features) recovers them from the model's rotated keys and rotates them again
     when it attends, with the same tables both ways.
     """
     cos, sin = rope_tables(rope, head_dim, positions, seq_len)

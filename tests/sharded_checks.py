@@ -15,8 +15,8 @@ from jax.sharding import PartitionSpec as P
 import kvjax
 from kvjax import ModelConfig, init_model
 from kvjax.checkpoint import save_checkpoint
-from kvjax.policies import CSKV, D2O, KIVI, DuoAttention, Full, SnapKV, SqueezedAttention, Twilight
-from kvjax.policies.cskv import LowRankSegment
+from kvjax.policies import D2O, KIVI, DuoAttention, Full, PromptSVD, SnapKV, SqueezedAttention, Twilight
+from kvjax.policies.prompt_svd import LowRankSegment
 from kvjax.policies.quest import PagedSegment
 from kvjax.policies.squeezed_attention import ClusteredSegment
 from kvjax.quantized_segment import QuantizedSegment
@@ -109,7 +109,7 @@ POLICIES = {
     # Quest's page choice and Twilight's pruning of it: layer 1 decodes over at most 2 pages per head
     "twilight": Twilight(budget_tokens=32, top_p=0.9, dense_layers=1),
     # features shared by all KV heads (replicated over "model"), an exact window split by head
-    "cskv": CSKV(0.5, 0.5, residual=16),
+    "promptsvd": PromptSVD(0.5, 0.5, residual=16),
     # clusters of each KV head's context keys; decode reads the pages holding selected keys, masked per slot
     "squeezed": SqueezedAttention(recent=32),
     # per-sequence layer shares and merge threshold: means over the KV heads split across devices
@@ -136,7 +136,7 @@ def test_sharded_generate_and_state_match_one_device(model, sharded, prompts, na
             keys = kv.window.k if isinstance(kv, (QuantizedSegment, LowRankSegment)) else kv.k
             split = len(seg.heads) % 4 == 0
             assert keys.sharding.spec == (P("data", "model") if split else P("data")), (seg.heads, keys.sharding)
-            # CSKV's bases come from an eigensolver, whose rounding differs with the partitioning (4e-5 seen)
+            # PromptSVD's bases come from an eigensolver, whose rounding differs with the partitioning (4e-5 seen)
             atol = 2e-4 if isinstance(seg, LowRankSegment) else 1e-5
             for a, b in zip(jax.tree.leaves(seg), jax.tree.leaves(ref)):
                 np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32), atol=atol, rtol=0)

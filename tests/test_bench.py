@@ -159,7 +159,7 @@ def test_decode_roofline_script_runs_on_a_state_shaped_as_prefill_leaves_it(tiny
     assert script.time_decode(tiny_model, 2, 128, 2, 1, quest) > 0
     policies = (
         kvjax.policies.Twilight(budget_tokens=64, dense_layers=0),
-        kvjax.policies.CSKV(),
+        kvjax.policies.PromptSVD(),
         kvjax.policies.SqueezedAttention(recent=32),
         kvjax.policies.SqueezedAttention(recent=32, hierarchical=True),
     )

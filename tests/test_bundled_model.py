@@ -88,11 +88,11 @@ def test_twilight_with_every_layer_sparse_finds_the_far_needles(bundled):
     assert accuracy >= 0.9, list(zip([s.answers[0] for s in samples], texts))
 
 
-def test_cskv_keeping_half_the_channels_finds_the_far_needles(bundled):
+def test_prompt_svd_keeping_half_the_channels_finds_the_far_needles(bundled):
     # Every token but the last 32 is stored as 32 key and 32 value features instead of 2 x 64 channels, on bases
     # fitted to the prompt (keys before RoPE, rotated again when attended).
     samples = _samples(bundled, np.linspace(0.0, 0.6, len(SEEDS)))
-    accuracy, texts = _accuracy(bundled, samples, kvjax.policies.CSKV())
+    accuracy, texts = _accuracy(bundled, samples, kvjax.policies.PromptSVD())
     assert accuracy >= 0.9, list(zip([s.answers[0] for s in samples], texts))
 
 

@@ -69,7 +69,7 @@ def test_budgets_map_onto_each_policy():
     assert P.AdaKV().with_budget(128) == P.AdaKV(base=P.SnapKV(budget_tokens=128))  # a wrapper: its base's
     assert P.ThinK(base=P.Full()).with_budget(128) is None
     assert P.DuoAttention(((0, 1),)).with_budget(100) == P.DuoAttention(((0, 1),), sink=64, recent=36)
-    for policy in (P.Full(), P.KIVI(), P.CSKV(), P.SqueezedAttention()):
+    for policy in (P.Full(), P.KIVI(), P.CSKV(), P.PromptSVD(), P.SqueezedAttention()):
         assert policy.with_budget(256) is None
     with pytest.raises(ValueError, match="sink"):
         P.StreamingLLM().with_budget(4)

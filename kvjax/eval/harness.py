@@ -1,7 +1,7 @@
 """The evaluation harness behind `kvjax eval`: every policy x budget on every task x length, scored as RULER does.
 
 Each policy maps a token budget onto its own fields (`Policy.with_budget`); policies without one (Full,
-KIVI, CSKV) run once at their settings.
+KIVI, CSKV, PromptSVD) run once at their settings.
 """
 
 from __future__ import annotations

@@ -13,6 +13,7 @@ from kvjax.policies.knorm import Knorm
 from kvjax.policies.locret import Locret
 from kvjax.policies.mikv import MiKV
 from kvjax.policies.minicache import MiniCache
+from kvjax.policies.prompt_svd import PromptSVD
 from kvjax.policies.pyramidkv import PyramidKV
 from kvjax.policies.quantized_pruning import QuantizedPruning
 from kvjax.policies.quest import Quest
@@ -41,6 +42,7 @@ __all__ = [
     "MiKV",
     "MiniCache",
     "Policy",
+    "PromptSVD",
     "PyramidKV",
     "QuantizedPruning",
     "Quest",
