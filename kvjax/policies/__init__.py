@@ -11,6 +11,7 @@ from kvjax.policies.h2o import H2O
 from kvjax.policies.kivi import KIVI
 from kvjax.policies.knorm import Knorm
 from kvjax.policies.locret import Locret
+from kvjax.policies.lserve import LServe
 from kvjax.policies.mikv import MiKV
 from kvjax.policies.minicache import MiniCache
 from kvjax.policies.prompt_svd import PromptSVD
@@ -38,6 +39,7 @@ __all__ = [
     "KIVI",
     "Knorm",
     "Layout",
+    "LServe",
     "Locret",
     "MiKV",
     "MiniCache",
