@@ -207,6 +207,25 @@ def test_every_head_retrieving_with_a_budget_covering_everything_is_full(model, 
     assert int(np.max(np.asarray(retrieval.counts))) <= SPARSE.pages_read  # past the dense start
 
 
+def test_streaming_heads_see_sink_plus_prefill_local_while_prefilling_then_keep_sink_plus_local(model, tokens):
+    # Every head streaming. With prefill_local covering the prompt (the authors' 8192 at short prompts) the
+    # prompt's keys and values are Full's in every layer; a shorter prefill window changes the later layers'.
+    prompts, lengths = tokens[:, : max(LENGTHS)], np.asarray(LENGTHS, np.int32)
+    full = kvjax.prefill(model, prompts, Full(), lengths=lengths, chunk_size=CHUNK)
+    for prefill_local, same in ((512, True), (64, False)):
+        policy = LServe(((), ()), sink=4, local=32, prefill_local=prefill_local)
+        state = kvjax.prefill(model, prompts, policy, lengths=lengths, chunk_size=CHUNK)
+        for layer, (ref,) in enumerate(full.layers):
+            (seg,) = state.layers[layer]
+            for b, n in enumerate(LENGTHS):
+                pos = np.asarray(seg.pos[b, 0])
+                kept = np.sort(pos[pos >= 0])
+                np.testing.assert_array_equal(kept, np.union1d(np.arange(min(4, n)), np.arange(max(n - 32, 0), n)))
+                order = pos >= 0
+                diff = np.abs(np.asarray(seg.k[b][:, order]) - np.asarray(ref.k[b][:, pos[order]])).max()
+                assert (diff < 1e-5) if same or layer == 0 or n <= 68 else (diff > 1e-3)
+
+
 def test_generate_ragged_batch_is_the_greedy_chain(model, tokens):
     assert_generate_is_the_greedy_chain(model, SPARSE, tokens, LENGTHS, 8, CHUNK, steps=SPARSE.reuse + 2)
 
