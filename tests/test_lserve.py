@@ -143,7 +143,7 @@ def test_a_page_scores_by_its_best_logical_page_not_by_its_own_bounds():
     policy = LServe(((0,),), token_budget=128)
     seg = segment_of(k[None, None], k[None, None], pos[None, None], policy)
     zero = np.zeros((1, 1, 1, d), np.float32)
-    _, seg = decode_one(policy, seg, q, zero, zero, jnp.asarray([[position]], jnp.int32))
+    _, seg = jax.jit(lambda *a: decode_one(policy, *a))(seg, q, zero, zero, jnp.asarray([[position]], jnp.int32))
     want = lserve_pages(q[0, 0, 0], k, pos, position, page=64, logical=16, budget=128)
     np.testing.assert_array_equal(want, [2, 5, 7])
     np.testing.assert_array_equal(np.asarray(seg.pages[0, 0, : int(seg.counts[0, 0])]), want)
@@ -289,6 +289,7 @@ def test_with_budget_reads_whole_pages():
         {"token_budget": 100},
         {"token_budget": 0},
         {"reuse": 0},
+        {"reuse": 65},
         {"local": 0},
         {"prefill_local": 100},
         {"sink": -1},

@@ -115,8 +115,8 @@ class LServe(Policy):
             raise ValueError(
                 f"{name} token_budget must be a positive multiple of page ({self.page}); got {self.token_budget}"
             )
-        if self.reuse < 1:
-            raise ValueError(f"{name} reuse must be >= 1; got {self.reuse}")
+        if not 1 <= self.reuse <= self.page:  # a reused selection adds only the query's own page
+            raise ValueError(f"{name} reuse must be in [1, page ({self.page})]; got {self.reuse}")
         object.__setattr__(
             self, "retrieval_heads", tuple(tuple(sorted({int(h) for h in layer})) for layer in self.retrieval_heads)
         )
