@@ -528,7 +528,7 @@ def _policy_options(p: argparse.ArgumentParser, many: bool) -> None:
         default=[],
         metavar="NAME=PATH",
         help="the file a learned policy is built from (repeatable): duoattention=full_attention_heads.tsv, "
-        "locret=DIR of retaining heads; default: none",
+        "lserve=full_attention_heads.tsv, locret=DIR of retaining heads; default: none",
     )
 
 
