@@ -44,8 +44,9 @@ from kvjax.cached_attention import write_in_place_then_attend
 from kvjax.config import ModelConfig
 from kvjax.kv_state import EvictionSegment, KVSegment, KVState, position_capacity, write_entries
 from kvjax.layer_step import Decode
-from kvjax.policies.base import Layout, Policy, SegmentSpec
+from kvjax.policies.base import Layout, Policy
 from kvjax.policies.duo_attention import HeadSets, quantile_head_sets, read_gates_tsv
+from kvjax.policies.duo_attention.policy import head_split_layout
 from kvjax.policies.streaming_llm import StreamingLLM
 from pallas_kernels.block_masks import DecodeBlockTable, page_key_bounds, page_scores
 
@@ -158,25 +159,11 @@ class LServe(Policy):
     def layout(self, config: ModelConfig, prompt_len: int, max_new_tokens: int, chunk: int) -> Layout:
         """Per layer: retrieval heads in Full's layout in whole pages; streaming heads in a buffer of sink +
         prefill_local (+ one chunk while a longer prompt streams through it)."""
-        if len(self.retrieval_heads) != config.num_layers:
-            raise ValueError(
-                f"{type(self).__name__}: retrieval heads given for {len(self.retrieval_heads)} layers; "
-                f"the model has {config.num_layers}"
-            )
         full = -(-position_capacity(prompt_len + max_new_tokens) // self.page) * self.page
         keep = self.sink + self.prefill_local
         prefill = StreamingLLM(sink=self.sink, window=self.prefill_local, position_shift=False)
         streaming = prefill.layout(config, prompt_len, max_new_tokens, chunk)[0][0].capacity
-        layers = []
-        for layer, heads in enumerate(self.retrieval_heads):
-            if any(h < 0 or h >= config.num_kv_heads for h in heads):
-                raise ValueError(f"layer {layer}: retrieval heads {heads} outside [0, {config.num_kv_heads})")
-            others = tuple(h for h in range(config.num_kv_heads) if h not in heads)
-            specs = [SegmentSpec(heads, full)] if heads else []
-            if others:
-                specs.append(SegmentSpec(others, streaming, keep))
-            layers.append(tuple(specs))
-        return tuple(layers)
+        return head_split_layout(config, self.retrieval_heads, full, streaming, keep)
 
     def finalize(self, config: ModelConfig, state: KVState, prompt_len: int, max_new_tokens: int) -> KVState:
         """Streaming buffers shrink to sink + local (+ a spare slot); retrieval buffers gain their logical

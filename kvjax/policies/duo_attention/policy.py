@@ -142,10 +142,16 @@ def split_layout(
 ) -> Layout:
     """Per layer: retrieval heads (if any) in one buffer sized as Full's, the other heads (if any) in
     a `keep`-entry buffer sized as StreamingLLM's (never more than keep + one chunk while prefilling)."""
-    if len(retrieval) != config.num_layers:
-        raise ValueError(f"retrieval heads given for {len(retrieval)} layers; the model has {config.num_layers}")
     full = Full().layout(config, prompt_len, max_new_tokens, chunk)[0][0].capacity
     streaming = StreamingLLM(sink=0, window=keep).layout(config, prompt_len, max_new_tokens, chunk)[0][0].capacity
+    return head_split_layout(config, retrieval, full, streaming, keep)
+
+
+def head_split_layout(config: ModelConfig, retrieval: HeadSets, full: int, streaming: int, keep: int) -> Layout:
+    """Per layer: retrieval heads (if any) in one `full`-slot buffer, the other heads (if any) in a
+    `streaming`-slot buffer keeping `keep` entries."""
+    if len(retrieval) != config.num_layers:
+        raise ValueError(f"retrieval heads given for {len(retrieval)} layers; the model has {config.num_layers}")
     layers = []
     for layer, heads in enumerate(retrieval):
         if any(h < 0 or h >= config.num_kv_heads for h in heads):
