@@ -28,8 +28,16 @@ ATTENTION_IMPLS = NAMES
 _MASKED = float(jnp.finfo(jnp.float32).min)  # finite, so a row with nothing visible stays NaN-free
 
 
-def visibility_mask(k_pos: jax.Array, q_pos: jax.Array, window: int | None) -> jax.Array:
-    """bool[B, K, T, C]: entry c is visible to query t when present, not in the future, in the window.
+# Segment ids of packed rows (`kvjax.packing`): (q_segments int32[B, T], k_segments int32[B, C]), a query
+# seeing only entries of its own segment; None: one sequence per row.
+SegmentIds = tuple[jax.Array, jax.Array]
+
+
+def visibility_mask(
+    k_pos: jax.Array, q_pos: jax.Array, window: int | None, segment_ids: SegmentIds | None = None
+) -> jax.Array:
+    """bool[B, K, T, C]: entry c is visible to query t when present, not in the future, in the window
+    (and, with `segment_ids`, of the query's segment: a block-diagonal causal mask over packed rows).
 
     k_pos: int32[B, K, C] (-1 = empty); q_pos: int32[B, T].
     """
@@ -38,11 +46,20 @@ def visibility_mask(k_pos: jax.Array, q_pos: jax.Array, window: int | None) -> j
     mask = (k_pos >= 0) & (k_pos <= q_pos)
     if window is not None:
         mask &= k_pos > q_pos - window
+    if segment_ids is not None:
+        q_seg, k_seg = segment_ids
+        mask &= q_seg[:, None, :, None] == k_seg[:, None, None, :]  # [B, 1, T, C]
     return mask
 
 
 def attention_probs(
-    q: jax.Array, k: jax.Array, k_pos: jax.Array, q_pos: jax.Array, window: int | None, scale: float
+    q: jax.Array,
+    k: jax.Array,
+    k_pos: jax.Array,
+    q_pos: jax.Array,
+    window: int | None,
+    scale: float,
+    segment_ids: SegmentIds | None = None,
 ) -> jax.Array:
     """float32[B, K, G, T, C] softmax weights of each query over the visible entries.
 
@@ -50,7 +67,7 @@ def attention_probs(
     """
     b, t, kv_heads, group, _ = q.shape
     logits = jnp.einsum("bkqd,bkcd->bkqc", _grouped(q), k, preferred_element_type=jnp.float32) * scale
-    return visible_softmax(logits.reshape(b, kv_heads, group, t, -1), k_pos, q_pos, window)
+    return visible_softmax(logits.reshape(b, kv_heads, group, t, -1), k_pos, q_pos, window, segment_ids)
 
 
 def _grouped(q: jax.Array) -> jax.Array:
@@ -60,9 +77,11 @@ def _grouped(q: jax.Array) -> jax.Array:
     return rearrange(q, "b t k g d -> b k (g t) d")
 
 
-def visible_softmax(logits: jax.Array, k_pos: jax.Array, q_pos: jax.Array, window: int | None) -> jax.Array:
+def visible_softmax(
+    logits: jax.Array, k_pos: jax.Array, q_pos: jax.Array, window: int | None, segment_ids: SegmentIds | None = None
+) -> jax.Array:
     """float32[B, K, G, T, C]: softmax of logits [B, K, G, T, C] over the entries each query sees."""
-    mask = visibility_mask(k_pos, q_pos, window)[:, :, None]  # [B, K, 1, T, C]
+    mask = visibility_mask(k_pos, q_pos, window, segment_ids)[:, :, None]  # [B, K, 1, T, C]
     return jax.nn.softmax(jnp.where(mask, logits, _MASKED), axis=-1)
 
 
@@ -74,12 +93,13 @@ def reference_attention(
     q_pos: jax.Array,
     window: int | None,
     scale: float,
+    segment_ids: SegmentIds | None = None,
 ) -> jax.Array:
     """Exact softmax attention in plain jnp; the ground truth of every kernel and policy test.
 
-    q: [B, T, K, G, D]; k, v: [B, K, C, D]; returns [B, T, K, G, D].
+    q: [B, T, K, G, D]; k, v: [B, K, C, D]; returns [B, T, K, G, D]. `segment_ids`: `visibility_mask`.
     """
-    return _weighted_values(attention_probs(q, k, k_pos, q_pos, window, scale), v)
+    return _weighted_values(attention_probs(q, k, k_pos, q_pos, window, scale, segment_ids), v)
 
 
 def _weighted_values(probs: jax.Array, v: jax.Array) -> jax.Array:
@@ -124,6 +144,7 @@ def attend(
     impl: str = "auto",
     *,
     slot_is_position: bool = False,
+    segment_ids: SegmentIds | None = None,
 ) -> jax.Array:
     """The one dispatch point between the jnp reference and the Pallas kernels.
 
@@ -142,8 +163,17 @@ def attend(
     Everything else runs the reference; a slot = position chunk without a kernel runs it over only the
     key blocks up to its last query (`causal_blocks`). The kernel gets `impl` itself, so "auto" keeps
     each kernel's own pick (Mosaic GPU prefill on Hopper where it fits).
+
+    `segment_ids` (packed rows, `kvjax.packing`: q_segments int32[B, T], k_segments int32[B, C]) also hides
+    every entry of another segment. No kernel takes segment ids yet, so such a call always runs the jnp
+    path, whatever `impl` names: `causal_blocks` for a slot = position chunk without a window (the packed
+    row's slot is its column), else the reference.
     """
     lowering = _lowering(impl)
+    if segment_ids is not None:
+        if q.shape[1] > 1 and slot_is_position and window is None and k.shape[2] > KEY_BLOCK:
+            return causal_blocks(q, k, v, k_pos, q_pos, scale, segment_ids=segment_ids)
+        return reference_attention(q, k, v, k_pos, q_pos, window, scale, segment_ids)
     if q.shape[1] > 1 and slot_is_position:
         config = PrefillConfig.for_shape(q.shape[1], k.shape[2], q.shape[-1], lowering)
         if config is not None:
@@ -158,7 +188,15 @@ KEY_BLOCK = 512  # entries per step of `causal_blocks`
 
 
 def causal_blocks(
-    q: jax.Array, k: jax.Array, v: jax.Array, k_pos: jax.Array, q_pos: jax.Array, scale: float, block: int = KEY_BLOCK
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    k_pos: jax.Array,
+    q_pos: jax.Array,
+    scale: float,
+    block: int = KEY_BLOCK,
+    *,
+    segment_ids: SegmentIds | None = None,
 ) -> jax.Array:
     """`reference_attention` (no window) of a chunk of queries over a slot = position cache, reading only
     the `block`-slot blocks up to the chunk's last query, with an online softmax across them.
@@ -166,12 +204,14 @@ def causal_blocks(
     q: [B, T, K, G, D]; k, v: [B, K, C, D] holding each entry at slot = its position (C >= block);
     q_pos: int32[B, T]. Returns [B, T, K, G, D]. The blocks after max(q_pos) hold nothing a query sees,
     so a chunk at the start of a long cache costs one block instead of C / block; the last block is
-    clamped to the cache's end, its slots already read masked out.
+    clamped to the cache's end, its slots already read masked out. `segment_ids`: `visibility_mask`'s.
     """
     b, t, kv_heads, group, d = q.shape
     capacity = k.shape[2]
     queries = _grouped(q)  # [B, K, G*T, D]
     q_pos = rearrange(jnp.broadcast_to(q_pos[:, None], (b, group, t)), "b g t -> b 1 (g t) 1")  # as `_grouped`
+    if segment_ids is not None:
+        q_seg = rearrange(jnp.broadcast_to(segment_ids[0][:, None], (b, group, t)), "b g t -> b 1 (g t) 1")
 
     def step(i, carry):
         m, l, acc = carry  # running max, sum and weighted values: [B, K, G*T], [B, K, G*T], [B, K, G*T, D]
@@ -180,7 +220,11 @@ def causal_blocks(
         slots = start + jnp.arange(block, dtype=jnp.int32)
         pos = jnp.where(slots >= i * block, pos, -1)[:, :, None, :]  # [B, K, 1, block]: clamped repeats hidden
         logits = jnp.einsum("bkqd,bkcd->bkqc", queries, kb, preferred_element_type=jnp.float32) * scale
-        logits = jnp.where((pos >= 0) & (pos <= q_pos), logits, _MASKED)
+        visible = (pos >= 0) & (pos <= q_pos)  # [B, K, G*T, block]
+        if segment_ids is not None:
+            k_seg = jax.lax.dynamic_slice_in_dim(segment_ids[1], start, block, axis=1)  # [B, block]
+            visible &= k_seg[:, None, None, :] == q_seg
+        logits = jnp.where(visible, logits, _MASKED)
         m_new = jnp.maximum(m, jnp.max(logits, axis=-1))
         p = jnp.exp(logits - m_new[..., None])
         rescale = jnp.exp(m - m_new)

@@ -17,6 +17,7 @@ from kvjax.attention import check_impl
 from kvjax.kv_state import KVState
 from kvjax.language_model import LanguageModel
 from kvjax.layer_step import Decode, Prefill
+from kvjax.packing import Packing, as_packing, pack, packed_rows, packed_step, unpack_state
 from kvjax.policies import Full, Policy
 from kvjax.policies.base import bind_params, split_params
 from kvjax.sampling import SamplingParams, sample
@@ -210,9 +211,20 @@ def _prompt_batch(tokens, lengths, vocab_size: int | None = None) -> tuple[np.nd
     return tokens, lengths
 
 
-def _run_prefill(m, tokens: np.ndarray, lengths: np.ndarray, policy, chunk_size, max_new_tokens, run: Execution):
+def _run_prefill(
+    m,
+    tokens: np.ndarray,
+    lengths: np.ndarray,
+    policy,
+    chunk_size,
+    max_new_tokens,
+    run: Execution,
+    packing: Packing | None = None,
+):
     chunk, padded = _chunking(tokens.shape[1], _prefill_chunk(m, policy, tokens.shape, chunk_size))
     _check_context(m, int(lengths.max()) + max_new_tokens, policy, min(chunk, int(lengths.max())))  # real tokens
+    if packing is not None:
+        return _run_packed_prefill(m, tokens, lengths, policy, chunk_size, max_new_tokens, run, packing, chunk, padded)
     tokens = np.pad(tokens, ((0, 0), (0, padded - tokens.shape[1])))
     policy, policy_params = split_params(_checked(m, policy))
     return _prefill(
@@ -223,6 +235,104 @@ def _run_prefill(m, tokens: np.ndarray, lengths: np.ndarray, policy, chunk_size,
         jnp.asarray(lengths),
         policy=policy,
         chunk=chunk,
+        max_new_tokens=max_new_tokens,
+        run=run,
+    )
+
+
+@functools.partial(
+    jax.jit, static_argnames=("graphdef", "policy", "chunk", "prompt_len", "layout_chunk", "max_new_tokens", "run")
+)
+def _packed_prefill(
+    graphdef,
+    params,
+    policy_params,
+    tokens,
+    positions,
+    segments,
+    row_of,
+    offset,
+    lengths,
+    *,
+    policy: Policy,
+    chunk: int,
+    prompt_len: int,
+    layout_chunk: int,
+    max_new_tokens: int,
+    run: Execution,
+):
+    """Prefill of packed rows (`kvjax.packing`): int32[R, W] tokens, positions and segments, in chunks of
+    `chunk` columns, into a Full state over the rows; then each prompt's entries gathered into the policy's
+    prefill state for prompts of `prompt_len` (as `_prefill` allocates it) and the policy's `finalize`.
+    row_of, offset, lengths: int32[B]. Returns the state and each prompt's last-token logits [B, V]."""
+    model = nnx.merge(graphdef, params)
+    policy = bind_params(policy, policy_params)
+    r, w = tokens.shape
+    rows = constrain_state(Full().allocate(model.config, r, w, 0, chunk, model.embed.dtype))
+    stack = model.layer_stack(rows.layers, run.scans(False))
+    capacity = rows.layers[0][0].capacity  # >= W (whole blocks from 2048 slots on)
+    slot_segments = jnp.pad(segments, ((0, 0), (0, capacity - w)), constant_values=-1)  # [R, capacity]
+    last = offset + lengths - 1  # [B] column of each prompt's final token
+    offsets = jnp.arange(chunk, dtype=jnp.int32)  # [S]
+
+    def step(carry, inputs):
+        layers, last_hidden = carry
+        chunk_tokens, chunk_positions, chunk_segments, start = inputs  # [R, S] x 3, scalar
+        columns = jnp.broadcast_to(start + offsets, (r, chunk))  # [R, S]
+        hidden, layers, _ = model(
+            chunk_tokens,
+            chunk_positions,
+            chunk_segments >= 0,
+            layers,
+            packed_step(columns, chunk_segments, slot_segments),
+            seq_len=jnp.max(lengths),  # the longest prompt, as an unpacked prefill sees it (LongRoPE)
+            attention_impl=run.attention_impl,
+            stack=stack,
+        )
+        here = (last >= start) & (last < start + chunk)  # [B] final token falls in this chunk
+        picked = hidden[row_of, jnp.clip(last - start, 0, chunk - 1)]  # [B, E]
+        return (layers, jnp.where(here[:, None], picked, last_hidden)), None
+
+    split = lambda x: x.reshape(r, w // chunk, chunk).swapaxes(0, 1)  # noqa: E731  [N, R, S]
+    starts = jnp.arange(0, w, chunk, dtype=jnp.int32)  # [N]
+    init = (rows.layers, jnp.zeros((lengths.shape[0], model.config.hidden_size), model.embed.dtype))
+    (layers, last_hidden), _ = jax.lax.scan(step, init, (split(tokens), split(positions), split(segments), starts))
+    like = policy.allocate(model.config, lengths.shape[0], prompt_len, max_new_tokens, layout_chunk, model.embed.dtype)
+    state = unpack_state(type(policy).__name__, layers, like, row_of, offset, lengths)
+    state = policy.finalize(model.config, state, prompt_len, max_new_tokens)
+    return constrain_state(state), model.logits(last_hidden)
+
+
+def _run_packed_prefill(
+    m, tokens, lengths, policy, chunk_size, max_new_tokens, run: Execution, packing: Packing, layout_chunk, padded
+):
+    """`_run_prefill` with the prompts packed (`kvjax.packing`); `layout_chunk` and `padded` are the chunk
+    and prompt length the unpacked prefill would allocate the policy's state for."""
+    policy = _checked(m, policy)
+    if not policy.prefills_in_place:
+        raise ValueError(
+            f"packing cannot run {type(policy).__name__}: its prefill does not write the prompt in place and "
+            "compress it only at the end (Policy.prefills_in_place), so packed rows cannot give it each "
+            "prompt's prefill; prefill it without packing"
+        )
+    plan = pack(lengths, packing)
+    chunk, width = _chunking(plan.row_length, DEFAULT_CHUNK if chunk_size is None else chunk_size)
+    packed, positions, segments = packed_rows(tokens, plan, width)
+    policy, policy_params = split_params(policy)
+    return _packed_prefill(
+        m.graphdef,
+        m.params,
+        policy_params,
+        jnp.asarray(packed),
+        jnp.asarray(positions),
+        jnp.asarray(segments),
+        jnp.asarray(plan.row_of),
+        jnp.asarray(plan.offset),
+        jnp.asarray(lengths),
+        policy=policy,
+        chunk=chunk,
+        prompt_len=padded,
+        layout_chunk=layout_chunk,
         max_new_tokens=max_new_tokens,
         run=run,
     )
@@ -325,6 +435,7 @@ def prefill(
     state: KVState | None = None,
     attention_impl: str = "auto",
     scan_layers: bool | None = None,
+    packing: bool | Packing | None = None,
 ) -> KVState:
     """The (compressed) KV state after the prompt, built chunk by chunk: `chunk_size` tokens, or None for the
     policy's own choice (`Policy.prefill_chunk`: the whole prompt for evict-as-you-go policies where it fits).
@@ -334,13 +445,17 @@ def prefill(
     `compression_ratio` is resolved against the longest prompt. With `state`, the tokens continue it
     instead (row b of tokens after row b of the state, fed as decode steps, so the policy treats them as
     it treats decoding): they use the room its prefill reserved, and the state is donated.
-    `attention_impl` and `scan_layers`: how it runs (`Execution`).
+    `attention_impl` and `scan_layers`: how it runs (`Execution`). `packing` (True or a
+    `kvjax.packing.Packing`) prefills a ragged batch packed into fewer rows, for the same state.
     """
     max_new_tokens = check_count("max_new_tokens", max_new_tokens)
     chunk_size = None if chunk_size is None else check_count("chunk_size", chunk_size, 1)
     run = Execution(attention_impl, scan_layers)
+    packing = as_packing(packing)
     prompts, lengths = _prompt_batch(tokens, lengths, m.config.vocab_size)
     if state is not None:
+        if packing is not None:
+            raise ValueError("packing applies to a new prefill; tokens continuing a state run as decode steps")
         if max_new_tokens:
             raise ValueError(
                 "max_new_tokens sizes a new state; a continued state keeps the room its first prefill reserved"
@@ -348,7 +463,7 @@ def prefill(
         return _run_continue(m, state, prompts, lengths, policy, run)[0]
     policy = _checked(m, policy).resolve(int(lengths.max()))
     chunk_size = _prefill_chunk(m, policy, prompts.shape, chunk_size)
-    state, _ = _run_prefill(m, prompts, lengths, policy, chunk_size, max_new_tokens, run)
+    state, _ = _run_prefill(m, prompts, lengths, policy, chunk_size, max_new_tokens, run, packing)
     padded = _chunking(prompts.shape[1], chunk_size)[1]  # the prompt length the policy's layout saw
     return _attach_origin(m, state, policy, padded, max_new_tokens, int(lengths.max()))
 
@@ -592,6 +707,7 @@ def generate(
     state: KVState | None = None,
     attention_impl: str = "auto",
     scan_layers: bool | None = None,
+    packing: bool | Packing | None = None,
 ) -> jax.Array:
     """int32[B, max_new_tokens]: new tokens only; after a sequence's EOS its row holds the pad id.
 
@@ -599,14 +715,19 @@ def generate(
     settings and the seed are arrays: changing them (or the prompt contents) does not recompile.
     `eos_token_id=None` uses the model's EOS ids; `()` disables stopping. With `state`, the tokens
     continue that state (`prefill(..., state=)`, donated) instead of starting one: ask a compressed
-    context a question. `attention_impl` and `scan_layers`: how it runs (`Execution`).
+    context a question. `attention_impl` and `scan_layers`: how it runs (`Execution`). `packing` (True
+    or a `kvjax.packing.Packing`) prefills a ragged batch packed into fewer rows: the same tokens, less
+    padding computed.
     """
     max_new_tokens = check_count("max_new_tokens", max_new_tokens, 1)
     chunk_size = None if chunk_size is None else check_count("chunk_size", chunk_size, 1)
     seed = check_count("seed", seed, None)
+    packing = as_packing(packing)
     prompts, lengths = _prompt_batch(tokens, lengths, m.config.vocab_size)
     run = Execution(attention_impl, scan_layers)
     if state is not None:
+        if packing is not None:
+            raise ValueError("packing applies to a new prefill; tokens continuing a state run as decode steps")
         policy = _for_state(m, state, policy)
         _check_origin(m, state, policy, int(lengths.max()) + max_new_tokens - 1)  # the answer fits as well
         if int(jnp.max(state.length)) + int(lengths.max()) + max_new_tokens > _rope_switch_length(m):
@@ -615,7 +736,7 @@ def generate(
         kv = kv.replace(origin=None)
     else:
         policy = _checked(m, policy).resolve(int(lengths.max()))
-        kv, logits = _run_prefill(m, prompts, lengths, policy, chunk_size, max_new_tokens, run)
+        kv, logits = _run_prefill(m, prompts, lengths, policy, chunk_size, max_new_tokens, run, packing)
     static_policy, policy_params = split_params(policy)
     decode = functools.partial(_decode, m.graphdef, m.params, policy_params, policy=static_policy, run=run)
     batch = logits.shape[0]
@@ -646,7 +767,7 @@ def generate(
         history = np.zeros((batch, prompts.shape[1] + step), np.int32)
         for row, prompt, new, n in zip(history, prompts, generated, lengths):
             row[: n + step] = np.concatenate([prompt[:n], new])
-        kv, logits = _run_prefill(m, history, lengths + step, policy, chunk_size, max_new_tokens - step, run)
+        kv, logits = _run_prefill(m, history, lengths + step, policy, chunk_size, max_new_tokens - step, run, packing)
         loop = _start_loop(kv, logits, loop.tokens, jnp.int32(step), loop.done, sampling, loop.key, eos, pad)
         no_stop = jnp.int32(np.iinfo(np.int32).max)
         loop = decode(loop, sampling, eos, pad, no_stop)

@@ -43,6 +43,9 @@ class Policy(abc.ABC):
     compression_ratio: float | None = dataclasses.field(default=None, kw_only=True)
     # What a policy is built from besides its fields (for the CLI's --policy-file), or None.
     file_needed: ClassVar[str | None] = None
+    # Whether its prefill writes every prompt entry in place (slot = position) into plain `KVSegment`s and
+    # leaves any compression to `finalize`, so a packed prefill (`kvjax.packing`) can build its state.
+    prefills_in_place: ClassVar[bool] = False
 
     @classmethod
     def from_file(cls, path: str | os.PathLike, config: ModelConfig, **options) -> Policy:

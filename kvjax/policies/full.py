@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from typing import ClassVar
 
 from kvjax.cached_attention import write_in_place_then_attend
 from kvjax.kv_state import position_capacity
@@ -12,6 +13,8 @@ from kvjax.policies.base import Layout, Policy, SegmentSpec
 @dataclasses.dataclass(frozen=True)
 class Full(Policy):
     """Keeps everything: the reference every other policy is compared with."""
+
+    prefills_in_place: ClassVar[bool] = True
 
     def layout(self, config, prompt_len: int, max_new_tokens: int, chunk: int) -> Layout:
         heads = tuple(range(config.num_kv_heads))

@@ -20,6 +20,7 @@ It saves attention reads, not memory: the bounds add 2 / page of the keys' bytes
 from __future__ import annotations
 
 import dataclasses
+from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -54,6 +55,8 @@ class PagedSegment:
 class Quest(Policy):
     """Keeps every token; each decode query attends to the `budget_tokens // page` pages of its KV head
     whose min/max key bounds allow the largest logit. Layers below `dense_layers` attend fully."""
+
+    prefills_in_place: ClassVar[bool] = True  # Full's prefill; the page bounds come in `finalize`
 
     budget_tokens: int = 1024  # tokens read per KV head and decode step: budget_tokens // page pages
     page: int = 16
