@@ -166,7 +166,7 @@ def _prefill(
     policy = bind_params(policy, policy_params)
     b, t = tokens.shape
     state = constrain_state(policy.allocate(model.config, b, t, max_new_tokens, chunk, model.embed.dtype))
-    phase = Prefill(lengths)
+    phase = Prefill(lengths, whole_prompt=t == chunk)
     stack = model.layer_stack(state.layers, run.scans(False))
     last = lengths - 1  # [B] position of each prompt's final token
     offsets = jnp.arange(chunk, dtype=jnp.int32)  # [S]

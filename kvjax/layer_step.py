@@ -17,9 +17,12 @@ import numpy as np
 
 @dataclasses.dataclass(frozen=True)
 class Prefill:
-    """Phase: a chunk of the prompt. prompt_lengths: int32[B], each whole prompt's length."""
+    """Phase: a chunk of the prompt. prompt_lengths: int32[B], each whole prompt's length. `whole_prompt`
+    (static): the chunk is the whole prompt, written into an empty state, so whatever a policy evicts
+    afterwards, its entries sit at slot = position while the chunk attends (the causal, blocked path)."""
 
     prompt_lengths: jax.Array
+    whole_prompt: bool = False
 
 
 @dataclasses.dataclass(frozen=True)

@@ -48,6 +48,24 @@ def test_scanned_and_unrolled_layers_give_the_same_logits(tiny_model, policy):
         gen.Execution(scan_layers="yes")
 
 
+@pytest.mark.parametrize("shift", [True, False], ids=["position-shift", "no-shift"])
+def test_one_chunk_eviction_prefill_attends_as_the_full_forward(tiny_model, shift):
+    """A prompt prefilled as one chunk (chunk_size=None) by a policy that evicts as it prefills attends at
+    slot = position through the causal key blocks (over 512 tokens): its last logits are the full forward's,
+    on a ragged batch, and it keeps exactly the sink and the most recent window."""
+    m, sink, window = tiny_model, 4, 100
+    tokens = random_tokens(11, (2, 700), m.config.vocab_size)
+    lengths = np.array([700, 613])
+    policy = kvjax.policies.StreamingLLM(sink=sink, window=window, position_shift=shift)
+    state, last = gen._run_prefill(m, tokens, lengths, policy, 704, 0, gen.Execution())
+    full = np.asarray(kvjax.logits(m, tokens))
+    np.testing.assert_allclose(np.asarray(last), full[[0, 1], lengths - 1], atol=1e-5, rtol=0)
+    for row, n in enumerate(lengths):
+        kept = np.asarray(state.layers[0][0].pos)[row]  # [heads, capacity]
+        expected = set(range(sink)) | set(range(n - window, n))
+        assert all(set(head[head >= 0].tolist()) == expected for head in kept)
+
+
 def test_prefill_last_logits_equal_full_forward(tiny_model):
     m = tiny_model
     tokens = random_tokens(1, (2, 90), m.config.vocab_size)

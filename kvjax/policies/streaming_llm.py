@@ -111,7 +111,8 @@ class StreamingLLM(TokenEviction):
         else:
             seg = write_entries(segment, x.k_raw, x.v, x.new_pos, count(segment))
         q, k = rotate_in_cache(seg, x.q_raw, x.q_pos)
-        out = attend(q, k, seg.v, seg.pos, x.q_pos, ctx.window, ctx.scale, ctx.impl)
+        whole = not decoding and phase.whole_prompt  # the prompt in one chunk: cache positions are positions
+        out = attend(q, k, seg.v, seg.pos, x.q_pos, ctx.window, ctx.scale, ctx.impl, slot_is_position=whole)
         if decoding:
             seg = evict_lowest(seg, self.priority(seg), seg.budget)
         elif seg.budget < seg.capacity:

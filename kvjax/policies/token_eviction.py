@@ -120,7 +120,8 @@ class TokenEviction(Policy, abc.ABC):
             out, probs = attend_with_probs(x.q, seg.k, seg.v, seg.pos, x.q_pos, ctx.window, ctx.scale)
             seg = seg.replace(score=self.observe(seg, probs, x.new_pos, prompt_lengths))
         else:
-            # A prefill that evicts nothing yet holds the prompt at slot = position (the kernel's layout).
+            # A prefill that evicts nothing yet, or whose one chunk is the whole prompt, holds the prompt at
+            # slot = position while it attends (the kernel's layout).
             out = attend(
                 x.q,
                 seg.k,
@@ -130,7 +131,7 @@ class TokenEviction(Policy, abc.ABC):
                 ctx.window,
                 ctx.scale,
                 ctx.impl,
-                slot_is_position=not decoding and not evicting,
+                slot_is_position=not decoding and (not evicting or phase.whole_prompt),
             )
         if picked is not None:  # the picked queries' weights only
             at = jnp.maximum(picked, 0)  # [B, W]
