@@ -33,6 +33,7 @@ from tests.support.quantized_fixtures import (
     head_dim_32_config,
     llama8b_cache_config,
     teacher_forced,
+    unrotated,
 )
 from tests.support.random_data import random_tokens
 
@@ -193,15 +194,6 @@ def test_the_cache_holds_every_tokens_features_and_the_last_residual_exact(model
         exact = slice(total - RESIDUAL, total)  # the window's tokens, exact; the older ones rebuilt
         np.testing.assert_array_equal(np.asarray(keys[row, :, exact]), np.asarray(full.k[row, :, exact]))
         assert np.max(np.abs(np.asarray(keys[row, :, : exact.start] - full.k[row, :, : exact.start]))) > 1e-2
-
-
-def unrotated(k: np.ndarray, theta: float) -> np.ndarray:
-    """float64[B, T, K, D] keys at positions 0..T-1 with RoPE (half-split, default schedule) undone, in numpy."""
-    d = k.shape[-1]
-    angles = np.arange(k.shape[1])[:, None] * theta ** (-np.arange(0, d, 2) / d)  # [T, D/2]
-    c, s = np.cos(angles)[None, :, None], np.sin(angles)[None, :, None]
-    y1, y2 = k[..., : d // 2], k[..., d // 2 :]
-    return np.concatenate([y1 * c + y2 * s, y2 * c - y1 * s], axis=-1)
 
 
 def test_one_chunk_prefill_gives_the_chunked_state(model, runs):

@@ -19,6 +19,7 @@ from tests.support.quantized_fixtures import (
     head_dim_32_config,
     llama8b_cache_config,
     teacher_forced,
+    unrotated,
 )
 from tests.support.random_data import random_tokens
 
@@ -38,15 +39,6 @@ def runs(model):
     tokens = random_tokens(0, (2, max(LENGTHS) + NEW), model.config.vocab_size)
     policies = {"full": Full(), "rank64": PromptSVD(1.0, 1.0, RESIDUAL), "rank16": PromptSVD(0.25, 0.5, RESIDUAL)}
     return tokens, {name: teacher_forced(model, p, tokens, LENGTHS, NEW, CHUNK) for name, p in policies.items()}
-
-
-def unrotated(k: np.ndarray, theta: float) -> np.ndarray:
-    """float64[B, T, K, D] keys at positions 0..T-1 with RoPE (half-split, default schedule) undone, in numpy."""
-    d = k.shape[-1]
-    angles = np.arange(k.shape[1])[:, None] * theta ** (-np.arange(0, d, 2) / d)  # [T, D/2]
-    c, s = np.cos(angles)[None, :, None], np.sin(angles)[None, :, None]
-    y1, y2 = k[..., : d // 2], k[..., d // 2 :]
-    return np.concatenate([y1 * c + y2 * s, y2 * c - y1 * s], axis=-1)
 
 
 def projector(basis) -> np.ndarray:

@@ -82,3 +82,12 @@ def eager_queries_and_keys(m, tokens, lengths) -> list[tuple[np.ndarray, np.ndar
 
 def rms(a, b) -> float:
     return float(np.sqrt(np.mean((a - b) ** 2)))
+
+
+def unrotated(k: np.ndarray, theta: float) -> np.ndarray:
+    """float64[B, T, K, D] keys at positions 0..T-1 with RoPE (half-split, default schedule) undone, in numpy."""
+    d = k.shape[-1]
+    angles = np.arange(k.shape[1])[:, None] * theta ** (-np.arange(0, d, 2) / d)  # [T, D/2]
+    c, s = np.cos(angles)[None, :, None], np.sin(angles)[None, :, None]
+    y1, y2 = k[..., : d // 2], k[..., d // 2 :]
+    return np.concatenate([y1 * c + y2 * s, y2 * c - y1 * s], axis=-1)
