@@ -232,6 +232,7 @@ def _eval(args) -> None:
         timing=not args.no_timing,
         chat=args.chat,
         query_aware=args.query_aware,
+        share_prefill=not args.no_shared_prefill,
         attention_impl=args.attention_impl,
     )
     m, runs = _model_and_runs(args)
@@ -633,6 +634,12 @@ def parser() -> argparse.ArgumentParser:
         action="store_true",
         help="compress context and question together (default: the context alone, then the question is fed "
         "on top of the compressed cache, as a cache serving many questions must work)",
+    )
+    ev.add_argument(
+        "--no-shared-prefill",
+        action="store_true",
+        help="prefill every policy on its own (default: policies whose prefill is Full's, such as StreamingLLM, "
+        "SnapKV and H2O at every ratio, share one forward per batch; the answers are the same)",
     )
     ev.set_defaults(run=_eval)
 

@@ -98,7 +98,7 @@ def _prefill_chunk(m: LanguageModel, policy: Policy | None, shape: tuple[int, in
     else DEFAULT_CHUNK."""
     if chunk_size is not None:
         return chunk_size
-    chunk = (policy or Full()).prefill_chunk(m.config, shape[0], shape[1])
+    chunk = (policy or Full()).prefill_chunk(m.config, shape[1])
     return DEFAULT_CHUNK if chunk is None else _BUCKET * math.ceil(chunk / _BUCKET)  # whole buckets: one chunk
 
 
@@ -157,22 +157,25 @@ class Execution:
         return not decoding if self.scan_layers is None else self.scan_layers
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "policy", "chunk", "max_new_tokens", "run"))
-def _prefill(
-    graphdef, params, policy_params, tokens, lengths, *, policy: Policy, chunk: int, max_new_tokens: int, run: Execution
+def _prefill_forward(
+    model, policies: tuple[Policy, ...], tokens, lengths, chunk: int, max_new_tokens: int, run: Execution
 ):
-    """Runs the prompt through the model chunk by chunk; returns the state and last-token logits."""
-    model = nnx.merge(graphdef, params)
-    policy = bind_params(policy, policy_params)
+    """Runs the prompts int32[B, T] through the model chunk by chunk, each layer handing the same q, k and v
+    to every policy's step; the hidden states follow the first policy's attention (the others' outputs are
+    unused, so XLA drops them). Returns each policy's finalized state and the last-token logits [B, V]."""
     b, t = tokens.shape
-    state = constrain_state(policy.allocate(model.config, b, t, max_new_tokens, chunk, model.embed.dtype))
+    states = [
+        constrain_state(p.allocate(model.config, b, t, max_new_tokens, chunk, model.embed.dtype)) for p in policies
+    ]
     phase = Prefill(lengths, whole_prompt=t == chunk)
-    stack = model.layer_stack(state.layers, run.scans(False))
+    layers = tuple(zip(*(s.layers for s in states)))  # per layer, per policy, its segments
+    stack = model.layer_stack(layers, run.scans(False))
     last = lengths - 1  # [B] position of each prompt's final token
     offsets = jnp.arange(chunk, dtype=jnp.int32)  # [S]
 
     def layer_fn(ctx, segments, shared, x):
-        return policy.layer_step(ctx, segments, shared, x, phase)
+        steps = [p.layer_step(ctx, seg, sh, x, phase) for p, seg, sh in zip(policies, segments, shared)]
+        return steps[0][0], tuple(s[1] for s in steps), tuple(s[2] for s in steps)
 
     def step(carry, inputs):
         layers, shared, last_hidden = carry
@@ -195,11 +198,35 @@ def _prefill(
 
     chunks = tokens.reshape(b, t // chunk, chunk).swapaxes(0, 1)  # [N, B, S]
     starts = jnp.arange(0, t, chunk, dtype=jnp.int32)  # [N]
-    init = (state.layers, state.shared, jnp.zeros((b, model.config.hidden_size), model.embed.dtype))
+    init = (layers, tuple(s.shared for s in states), jnp.zeros((b, model.config.hidden_size), model.embed.dtype))
     (layers, shared, last_hidden), _ = jax.lax.scan(step, init, (chunks, starts))
-    state = state.replace(layers=layers, shared=shared, length=lengths)
-    state = policy.finalize(model.config, state, t, max_new_tokens)
-    return constrain_state(state), model.logits(last_hidden)
+    out = []
+    for i, (policy, state) in enumerate(zip(policies, states)):
+        state = state.replace(layers=tuple(layer[i] for layer in layers), shared=shared[i], length=lengths)
+        out.append(constrain_state(policy.finalize(model.config, state, t, max_new_tokens)))
+    return tuple(out), model.logits(last_hidden)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "policy", "chunk", "max_new_tokens", "run"))
+def _prefill(
+    graphdef, params, policy_params, tokens, lengths, *, policy: Policy, chunk: int, max_new_tokens: int, run: Execution
+):
+    """Runs the prompt through the model chunk by chunk; returns the state and last-token logits."""
+    model = nnx.merge(graphdef, params)
+    states, logits = _prefill_forward(
+        model, (bind_params(policy, policy_params),), tokens, lengths, chunk, max_new_tokens, run
+    )
+    return states[0], logits
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "policies", "chunk", "max_new_tokens", "run"))
+def _prefill_shared(
+    graphdef, params, policy_params, tokens, lengths, *, policies: tuple, chunk: int, max_new_tokens: int, run
+):
+    """`_prefill` for several policies from one forward (`prefill_shared`): their states, the logits."""
+    model = nnx.merge(graphdef, params)
+    bound = tuple(bind_params(p, pp) for p, pp in zip(policies, policy_params))
+    return _prefill_forward(model, bound, tokens, lengths, chunk, max_new_tokens, run)
 
 
 def _prompt_batch(tokens, lengths, vocab_size: int | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -466,6 +493,88 @@ def prefill(
     state, _ = _run_prefill(m, prompts, lengths, policy, chunk_size, max_new_tokens, run, packing)
     padded = _chunking(prompts.shape[1], chunk_size)[1]  # the prompt length the policy's layout saw
     return _attach_origin(m, state, policy, padded, max_new_tokens, int(lengths.max()))
+
+
+def _shared_chunk(m: LanguageModel, policies: Sequence[Policy], width: int, chunk_size: int | None) -> int:
+    """The chunk `prefill_shared` runs resolved `policies` in over prompts `width` tokens wide: `chunk_size`,
+    else the largest of the policies' own."""
+    return max(_prefill_chunk(m, p, (1, width), chunk_size) for p in policies)
+
+
+def shares_prefill(
+    m: LanguageModel, policies: Sequence[Policy], width: int, chunk_size: int | None = None
+) -> tuple[bool, ...]:
+    """For each policy, whether it can share `prefill_shared`'s forward over prompts `width` tokens wide
+    with the others that can: it prefills as Full (`Policy.prefills_as_full`) in its own chunk and in the
+    chunk they share. A policy that cannot run on the model, or whose ratio does not resolve, cannot."""
+    resolved = []
+    for policy in policies:
+        try:
+            resolved.append(_checked(m, policy).resolve(width))
+        except ValueError:
+            resolved.append(None)
+
+    def as_full(policy: Policy, chunk_size: int) -> bool:
+        return policy.prefills_as_full(m.config, width, _chunking(width, chunk_size)[0])
+
+    own = [p is not None and as_full(p, _shared_chunk(m, [p], width, chunk_size)) for p in resolved]
+    if not any(own):
+        return tuple(own)
+    chunk = _shared_chunk(m, [p for p, ok in zip(resolved, own) if ok], width, chunk_size)
+    return tuple(ok and as_full(p, chunk) for p, ok in zip(resolved, own))
+
+
+@on_model_mesh
+def prefill_shared(
+    m: LanguageModel,
+    tokens,
+    policies: Sequence[Policy],
+    *,
+    lengths=None,
+    chunk_size: int | None = None,
+    max_new_tokens: int = 0,
+    attention_impl: str = "auto",
+    scan_layers: bool | None = None,
+) -> tuple[KVState, ...]:
+    """The states `prefill(m, tokens, p, ...)` gives for each policy p, from one forward.
+
+    A policy whose prefill attends as Full's does (`Policy.prefills_as_full`: it compresses only after
+    attending, or keeps everything) leaves every layer's hidden states as Full leaves them, so the
+    policies can share the forward: each layer hands the same q, k and v to every policy, and only the
+    policies' own writing and scoring runs once per policy (an evaluation of several policies and ratios on
+    the same prompts pays for one prefill). The chunk is `chunk_size`, else the largest of the policies' own
+    (`Policy.prefill_chunk`); each state equals its own prefill's up to float rounding. Raises ValueError
+    naming a policy that cannot share it (`shares_prefill`)."""
+    max_new_tokens = check_count("max_new_tokens", max_new_tokens)
+    chunk_size = None if chunk_size is None else check_count("chunk_size", chunk_size, 1)
+    run = Execution(attention_impl, scan_layers)
+    prompts, lengths = _prompt_batch(tokens, lengths, m.config.vocab_size)
+    if not policies:
+        raise ValueError("prefill_shared needs at least one policy")
+    longest, width = int(lengths.max()), prompts.shape[1]
+    policies = tuple(_checked(m, p).resolve(longest) for p in policies)
+    for policy, ok in zip(policies, shares_prefill(m, policies, width, chunk_size)):
+        if not ok:
+            raise ValueError(
+                f"{type(policy).__name__} does not prefill as Full does in the shared chunk "
+                "(Policy.prefills_as_full), so it cannot share the forward; prefill it on its own"
+            )
+    chunk, padded = _chunking(width, _shared_chunk(m, policies, width, chunk_size))
+    for policy in policies:
+        _check_context(m, longest + max_new_tokens, policy, min(chunk, longest))
+    statics, params = zip(*(split_params(p) for p in policies))
+    states, _ = _prefill_shared(
+        m.graphdef,
+        m.params,
+        params,
+        jnp.asarray(np.pad(prompts, ((0, 0), (0, padded - width)))),
+        jnp.asarray(lengths),
+        policies=statics,
+        chunk=chunk,
+        max_new_tokens=max_new_tokens,
+        run=run,
+    )
+    return tuple(_attach_origin(m, s, p, padded, max_new_tokens, longest) for s, p in zip(states, policies))
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "policy", "run", "ragged"), donate_argnames=("state",))

@@ -222,10 +222,10 @@ def test_chunk_size_none_prefills_evict_as_you_go_policies_in_one_chunk(tiny_mod
             chunked = kvjax.prefill(m, tokens, policy, chunk_size=64)
             assert any(not np.array_equal(a, b) for a, b in zip(_kept(chunked), _kept(one)))
     config = m.config
-    assert H2O().prefill_chunk(config, 1, 1000) == 1000 and StreamingLLM().prefill_chunk(config, 2, 4096) == 4096
-    assert H2O().prefill_chunk(config, 64, 65536) is None  # 64 x 4 heads x 64K x 65K float32: the default chunk
-    assert SnapKV().prefill_chunk(config, 1, 1000) is None and Locret().prefill_chunk(config, 1, 1000) == 3072
-    assert DuoAttention(((0,), (1,))).prefill_chunk(config, 1, 1000) is None
+    assert H2O().prefill_chunk(config, 1000) == 1000 and StreamingLLM().prefill_chunk(config, 4096) == 4096
+    assert H2O().prefill_chunk(config, 16384) is None  # 4 heads x 16K x 17K float32 > 1 GiB: the default chunk
+    assert SnapKV().prefill_chunk(config, 1000) is None and Locret().prefill_chunk(config, 1000) == 3072
+    assert DuoAttention(((0,), (1,))).prefill_chunk(config, 1000) is None
 
 
 def test_streaming_position_shift_in_prefill_chunks(tiny_model):
@@ -256,7 +256,7 @@ def test_locret_rotates_the_compressed_cache_contiguously_and_decoding_appends(t
     config = dataclasses.replace(tiny_model.config, num_layers=1, num_kv_heads=1)
     m = init_model(config, seed=0, dtype=jnp.float32)
     policy = Locret(budget_tokens=24, stabilizers=8, local_len=4, params=random_retaining_heads(config, 16, seed=1))
-    assert (Locret().position_shift, Locret().decode_evicts, Locret().prefill_chunk(config, 1, 9000)) == (
+    assert (Locret().position_shift, Locret().decode_evicts, Locret().prefill_chunk(config, 9000)) == (
         True,
         False,
         3072,

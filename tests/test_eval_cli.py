@@ -265,7 +265,9 @@ def test_batched_eval_answers_as_batch_one_with_one_compile(tiny_checkpoint):
 
     m = load(tiny_checkpoint, dtype=jnp.float32)
     policies = {"full": kvjax.policies.Full(), "snapkv": kvjax.policies.SnapKV(budget_tokens=96, window=8)}
-    config = EvalConfig(tasks=("niah_single",), lengths=(300,), samples=3, timing=False, batch_size=1)
+    config = EvalConfig(
+        tasks=("niah_single",), lengths=(300,), samples=3, timing=False, batch_size=1, share_prefill=False
+    )
     rows_1, samples_1 = run_eval(m, policies, config, progress=False)
     compiled = _prefill._cache_size()
     rows_2, samples_2 = run_eval(m, policies, dataclasses.replace(config, batch_size=2), progress=False)
@@ -275,6 +277,30 @@ def test_batched_eval_answers_as_batch_one_with_one_compile(tiny_checkpoint):
         (r["accuracy"], r["digits"], r["kv_bytes"]) for r in rows_1
     ]
     assert [r["batch_size"] for r in rows_2] == [2, 2]
+
+
+def test_policies_that_prefill_as_full_share_one_forward_with_the_same_answers(tiny_checkpoint):
+    from kvjax.checkpoint import load
+    from kvjax.inference import _prefill, _prefill_shared
+
+    m = load(tiny_checkpoint, dtype=jnp.float32)
+    policies = {
+        "full": kvjax.policies.Full(),
+        "snapkv": kvjax.policies.SnapKV(budget_tokens=96, window=8),
+        "h2o": kvjax.policies.H2O(compression_ratio=0.5),
+        "streaming": kvjax.policies.StreamingLLM(compression_ratio=0.75),
+        "kivi": kvjax.policies.KIVI(bits=2),  # quantizes as it prefills: on its own
+    }
+    config = EvalConfig(tasks=("niah_single",), lengths=(300,), samples=3, timing=False, batch_size=3)
+    rows_alone, samples_alone = run_eval(m, policies, dataclasses.replace(config, share_prefill=False), progress=False)
+    alone, shared_before = _prefill._cache_size(), _prefill_shared._cache_size()
+    rows, samples = run_eval(m, policies, config, progress=False)
+    assert _prefill_shared._cache_size() == shared_before + 1  # one forward for the four
+    assert _prefill._cache_size() == alone  # KIVI's own prefill was compiled by the run alone
+    assert [s["prediction"] for s in samples] == [s["prediction"] for s in samples_alone]
+    assert [(r["policy"], r["accuracy"], r["digits"], r["kv_bytes"]) for r in rows] == [
+        (r["policy"], r["accuracy"], r["digits"], r["kv_bytes"]) for r in rows_alone
+    ]
 
 
 def test_default_batch_size_follows_free_memory():

@@ -25,7 +25,7 @@ from kvjax.config import ModelConfig
 from kvjax.eval.haystack import haystack_from_name
 from kvjax.eval.prompting import encode_prompt, resolve_chat
 from kvjax.eval.tasks import Sample, default_tasks, digit_match, get_task, make_samples, string_match_all
-from kvjax.inference import greedy_decode
+from kvjax.inference import greedy_decode, prefill_shared, shares_prefill
 from kvjax.language_model import LanguageModel
 from kvjax.policies import Full, Policy
 
@@ -198,6 +198,7 @@ class EvalConfig:
     timing: bool = True  # time the prompt and the decode steps separately (each batch again, compiled first)
     chat: bool | None = None  # prompts through the chat template, answer prefix pre-filled; None: when it has one
     query_aware: bool = False  # compress context and question together (else the context alone, then ask)
+    share_prefill: bool = True  # policies whose prefill is Full's share one forward per batch (query-agnostic)
     attention_impl: str = "auto"  # how attention runs (kvjax.inference.Execution); "reference" forces the jnp path
 
     def __post_init__(self):
@@ -278,15 +279,54 @@ def _bytes_per_sequence(m: LanguageModel, prompts, policy: Policy, chunk: int, n
     return kvjax.kv_bytes(state) / len(prompts)
 
 
-def _answer(m: LanguageModel, prompts, policy: Policy, config: EvalConfig, new: int) -> np.ndarray:
+def _answer(m: LanguageModel, prompts, policy: Policy, config: EvalConfig, new: int, state=None) -> np.ndarray:
     """int32[B, new]: greedy answers. A prompt is (compressed ids, ids asked after): with nothing after, one
-    generate; else the contexts prefilled and compressed, then the rest fed on top and decoded."""
+    generate; else the contexts prefilled and compressed (or `state`, their prefill already made), then the
+    rest fed on top and decoded."""
     contexts, asked = [c for c, _ in prompts], [q for _, q in prompts]
     run = {"chunk_size": config.chunk_size, "attention_impl": config.attention_impl}
     if not asked[0]:
         return np.asarray(kvjax.generate(m, contexts, new, policy, **run))
-    state = kvjax.prefill(m, contexts, policy, max_new_tokens=_room(prompts, new), **run)
+    if state is None:
+        state = kvjax.prefill(m, contexts, policy, max_new_tokens=_room(prompts, new), **run)
     return np.asarray(kvjax.generate(m, asked, new, policy, state=state, attention_impl=config.attention_impl))
+
+
+def _shared_answers(
+    m: LanguageModel, runs: list[PolicyRun], encoded, batches, new: int, config: EvalConfig, full_bytes: float, bar
+) -> dict[tuple[str, int], np.ndarray]:
+    """{(label, batch): answers} for the runs that share a prefill forward on a batch (`prefill_shared`:
+    policies whose prefill is Full's, e.g. StreamingLLM, SnapKV and H2O at every ratio), as many per forward
+    as half the free memory holds prompt-sized states for. Only contexts compressed without their question
+    share: a query-aware prompt is one `generate` per policy."""
+    if config.query_aware or not config.share_prefill:
+        return {}
+    answers = {}
+    for b, (idx, _) in enumerate(batches):
+        prompts = [encoded[i] for i in idx]
+        contexts = [c for c, _ in prompts]
+        width = max(len(c) for c in contexts)
+        sharing = [
+            r for r, ok in zip(runs, shares_prefill(m, [r.policy for r in runs], width, config.chunk_size)) if ok
+        ]
+        group = max(2, int(free_memory_bytes() // (2 * full_bytes * len(prompts))))
+        for start in range(0, len(sharing) if len(sharing) > 1 else 0, group):
+            members = sharing[start : start + group]
+            bar.set_description(f"shared prefill of {len(members)} policies")
+            states = prefill_shared(
+                m,
+                contexts,
+                [r.policy for r in members],
+                chunk_size=config.chunk_size,
+                max_new_tokens=_room(prompts, new),
+                attention_impl=config.attention_impl,
+            )
+            for run, state in zip(members, states):
+                try:
+                    answers[run.label, b] = _answer(m, prompts, run.policy, config, new, state)
+                except ValueError:  # left to the run on its own, which reports it
+                    pass
+    return answers
 
 
 def _timed(fn):
@@ -354,11 +394,12 @@ def run_eval(
                         for idx, _ in batches
                     ]
                 )
+                shared = _shared_answers(m, runs, encoded, batches, new, config, full_bytes, bar)
                 for run in runs:
                     bar.set_description(f"{task.name} {length} {run.label}")
                     try:
                         row, per_sample = _evaluate(
-                            m, run, task.name, length, samples, encoded, batches, new, config, bar
+                            m, run, task.name, length, samples, encoded, batches, new, config, bar, shared
                         )
                     except ValueError as err:  # a policy that cannot run on this model: say so, go on
                         log(f"{run.label} on {task.name} at {length}: skipped; {err}")
@@ -385,11 +426,12 @@ def _evaluate(
     new: int,
     config: EvalConfig,
     bar,
+    shared: dict[tuple[str, int], np.ndarray],
 ) -> tuple[dict, list[dict]]:
     predictions, bytes_, prefill_s, decode_s = {}, [], [], []
-    for idx, real in batches:
+    for b, (idx, real) in enumerate(batches):
         prompts = [encoded[i] for i in idx]
-        out = _answer(m, prompts, run.policy, config, new)
+        out = shared[run.label, b] if (run.label, b) in shared else _answer(m, prompts, run.policy, config, new)
         bytes_.append(_bytes_per_sequence(m, prompts, run.policy, config.chunk_size, new))
         if config.timing:  # the compressed part's prefill, then decoding
             contexts = [c for c, _ in prompts]

@@ -15,7 +15,7 @@ import dataclasses
 import jax.numpy as jnp
 
 from kvjax.policies.h2o import H2O
-from kvjax.policies.token_eviction import group_mean
+from kvjax.policies.token_eviction import query_votes
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,5 +39,5 @@ class A2SF(H2O):
         later = n[:, None] - jnp.cumsum(real, axis=1, dtype=jnp.int32)  # [B, T] real queries after t
         lam = jnp.float32(self.forgetting)
         weights = jnp.where(real, lam**later, 0.0)  # [B, T]
-        added = jnp.sum(group_mean(probs, new_pos) * weights[:, None, :, None], axis=2)  # [B, K, C]
+        added = query_votes(probs, weights)  # [B, K, C]
         return (lam**n)[:, None, None] * segment.score + added

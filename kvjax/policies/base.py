@@ -122,10 +122,18 @@ class Policy(abc.ABC):
         """The state decoding starts from, after the last prefill chunk (e.g. the prompt compressed)."""
         return state
 
-    def prefill_chunk(self, config: ModelConfig, batch: int, prompt_len: int) -> int | None:
+    def prefill_chunk(self, config: ModelConfig, prompt_len: int) -> int | None:
         """The prefill chunk when the caller passes chunk_size=None: None for kvjax's default (512 tokens);
-        policies that evict as they prefill take the whole prompt (`TokenEviction`)."""
+        policies that evict as they prefill take the whole prompt (`TokenEviction`). It depends on the
+        prompt, never on the batch, so a prompt's result does not depend on the prompts batched with it."""
         return None
+
+    def prefills_as_full(self, config: ModelConfig, prompt_len: int, chunk: int) -> bool:
+        """Whether prefilling a prompt of `prompt_len` tokens in chunks of `chunk` attends as Full does (each
+        chunk to every earlier prompt token, none compressed yet) and gives the state this policy's own chunk
+        (`prefill_chunk`) gives: then its hidden states are Full's and one forward can prefill it beside
+        other such policies (`kvjax.inference.prefill_shared`). Default: `prefills_in_place`."""
+        return self.prefills_in_place
 
     def position_limit(self, chunk: int) -> int | None:
         """None when attention rotates each token at its own position, so the model's context bounds the

@@ -60,7 +60,7 @@ from kvjax.kv_state import (
 )
 from kvjax.layer_step import Decode
 from kvjax.policies.base import SegmentSpec
-from kvjax.policies.token_eviction import TokenEviction, group_mean, newest
+from kvjax.policies.token_eviction import TokenEviction, newest, query_votes
 
 SINK_PRIORITY = float(jnp.finfo(jnp.float32).max)  # above every score, below the recent window's +inf
 NORM_EPS = 1e-6  # a zero key's cosine similarity is 0, not NaN
@@ -204,7 +204,7 @@ class D2O(TokenEviction):
         return heavy, recent
 
     def observe(self, segment, probs, new_pos, prompt_lengths):
-        return segment.score + jnp.sum(group_mean(probs, new_pos), axis=2)  # H2O's: summed over queries
+        return segment.score + query_votes(probs, new_pos >= 0)  # H2O's: summed over queries
 
     def priority(self, segment):
         recent = segment.pos > newest(segment) - segment.recent[..., None]

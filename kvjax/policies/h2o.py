@@ -6,7 +6,7 @@ import dataclasses
 
 import jax.numpy as jnp
 
-from kvjax.policies.token_eviction import TokenEviction, group_mean, newest
+from kvjax.policies.token_eviction import TokenEviction, newest, query_votes
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,7 +33,7 @@ class H2O(TokenEviction):
         return self.heavy + self.window
 
     def observe(self, segment, probs, new_pos, prompt_lengths):
-        return segment.score + jnp.sum(group_mean(probs, new_pos), axis=2)  # sum over queries
+        return segment.score + query_votes(probs, new_pos >= 0)  # summed over queries
 
     def priority(self, segment):
         recent = segment.pos > newest(segment) - self.window

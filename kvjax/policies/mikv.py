@@ -177,9 +177,9 @@ class MiKV(Policy):
     def layout(self, config: ModelConfig, prompt_len: int, max_new_tokens: int, chunk: int) -> Layout:
         return self.base.layout(config, prompt_len, max_new_tokens, chunk)
 
-    def prefill_chunk(self, config: ModelConfig, batch: int, prompt_len: int) -> int | None:
+    def prefill_chunk(self, config: ModelConfig, prompt_len: int) -> int | None:
         """The base's: demotion follows its eviction."""
-        return self.base.prefill_chunk(config, batch, prompt_len)
+        return self.base.prefill_chunk(config, prompt_len)
 
     def scored(self) -> bool:
         return self.base.scored()

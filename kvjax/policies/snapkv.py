@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 
 from kvjax.layer_step import StepInputs
-from kvjax.policies.token_eviction import TokenEviction, group_mean, newest
+from kvjax.policies.token_eviction import TokenEviction, newest, query_votes
 
 
 def pool_1d(x: jax.Array, kernel: int, kind: str) -> jax.Array:
@@ -106,8 +106,7 @@ class SnapKV(TokenEviction):
 
     def observe(self, segment, probs, new_pos, prompt_lengths):
         in_window = new_pos >= (prompt_lengths - self.window)[:, None]  # [B, T] observation queries
-        votes = group_mean(probs, jnp.where(in_window, new_pos, -1))  # [B, K, T, C]
-        return segment.score + jnp.sum(votes, axis=2)
+        return segment.score + query_votes(probs, in_window & (new_pos >= 0))
 
     def priority(self, segment):
         # Slots hold the prompt in position order here, so pooling runs along positions.

@@ -2,7 +2,8 @@
 
 A subclass says how many tokens a layer keeps (`budget`), how attention updates each entry's
 running score (`observe`), and what to keep (`priority`). Budgets are buffer sizes:
-- evicting while prefilling: capacity budget + chunk; after each chunk the top `budget` survive;
+- evicting while prefilling: capacity budget + chunk (at most the prompt); after each chunk the top
+  `budget` survive;
 - compressing at the end of the prompt: capacity = prompt, then the top `budget` survive;
 - decoding: capacity budget + 1 (evict one per token) or budget + max_new_tokens (append only),
   rounded up to a multiple of 16 slots so the Pallas decode kernel can tile it.
@@ -37,12 +38,15 @@ from kvjax.policies.base import Layout, Policy, SegmentSpec
 ONE_CHUNK_BYTES = 1 << 30  # attention weights of one prefill chunk, per layer, that chunk_size=None allows
 
 
-def group_mean(probs: jax.Array, new_pos: jax.Array) -> jax.Array:
-    """float32[B, K, T, C]: attention averaged over each KV head's query group, padding queries zeroed.
+def query_votes(probs: jax.Array, weights: jax.Array) -> jax.Array:
+    """float32[B, K, C]: the attention each entry receives, summed over the step's queries with `weights`
+    and averaged over each KV head's query group.
 
-    probs: [B, K, G, T, C]; new_pos: int32[B, T] (-1 for padding).
+    probs: [B, K, G, T, C]; weights: float32[B, T] (0 for padding and for queries that do not vote). The
+    queries are contracted first, as a dot, and the small [B, K, G, C] averaged after: XLA:CPU ran a
+    reduction over G of the whole [B, K, G, T, C] ten times slower, a third of SnapKV's 4K prefill.
     """
-    return jnp.mean(probs, axis=2) * (new_pos >= 0)[:, None, :, None]
+    return jnp.mean(jnp.einsum("bkgtc,bt->bkgc", probs, weights.astype(probs.dtype)), axis=2)
 
 
 def newest(segment: KVSegment) -> jax.Array:
@@ -82,18 +86,26 @@ class TokenEviction(Policy, abc.ABC):
         an accelerator) and keeps the weights W x C instead of T x C: SnapKV's window, TOVA's last query."""
         return None
 
-    def prefill_chunk(self, config: ModelConfig, batch: int, prompt_len: int) -> int | None:
+    def prefill_chunk(self, config: ModelConfig, prompt_len: int) -> int | None:
         """For chunk_size=None. A policy that evicts as it prefills sees the whole prompt before it evicts
         in its paper (H2O, A2SF, VATP and TOVA score the prompt's attention, StreamingLLM keeps its window),
         which one chunk reproduces; eviction after every 512-token chunk departs from it (TOVA keeps half
-        another set at chunk 128). One chunk costs its attention weights, batch x heads x T x (budget + T)
-        float32 per layer: beyond ONE_CHUNK_BYTES the default chunks run instead. Prompt compressors
+        another set at chunk 128). One chunk costs its attention weights, heads x T x (budget + T) float32 per
+        sequence and layer: beyond ONE_CHUNK_BYTES the default chunks run instead. Prompt compressors
         (SnapKV, ...) score the same whatever the chunk, so they keep the default."""
         if not self.evict_while_prefilling:
             return None
         budget = max(self.budget(config, layer) for layer in range(config.num_layers))
-        weights = 4 * batch * config.num_heads * prompt_len * (min(budget, prompt_len) + prompt_len)
+        weights = 4 * config.num_heads * prompt_len * (min(budget, prompt_len) + prompt_len)
         return prompt_len if weights <= ONE_CHUNK_BYTES else None
+
+    def prefills_as_full(self, config: ModelConfig, prompt_len: int, chunk: int) -> bool:
+        """A prompt compressor always (it attends to the whole prompt, then compresses, whatever the chunk);
+        a policy that evicts as it prefills only in one chunk holding the prompt, where that is its own
+        chunk: it evicts after attending."""
+        if not self.evict_while_prefilling:
+            return True
+        return chunk >= prompt_len and self.prefill_chunk(config, prompt_len) is not None
 
     def layout(self, config: ModelConfig, prompt_len: int, max_new_tokens: int, chunk: int) -> Layout:
         heads = tuple(range(config.num_kv_heads))
@@ -103,7 +115,7 @@ class TokenEviction(Policy, abc.ABC):
             if budget < 1:
                 raise ValueError(f"{type(self).__name__}: layer {layer} budget must be >= 1; got {budget}")
             evicting = self.evict_while_prefilling and budget < prompt_len
-            layers.append((SegmentSpec(heads, budget + chunk if evicting else prompt_len, budget),))
+            layers.append((SegmentSpec(heads, min(budget + chunk, prompt_len) if evicting else prompt_len, budget),))
         return tuple(layers)
 
     def segment_step(self, ctx, segment, x, phase):

@@ -127,7 +127,7 @@ class Locret(TokenEviction):
     def budget(self, config, layer):
         return self.budget_tokens + self.local_len
 
-    def prefill_chunk(self, config, batch, prompt_len):
+    def prefill_chunk(self, config, prompt_len):
         """Locret prefills chunk by chunk by design (its stabilizers bridge the chunks): the authors' 3072."""
         return AUTHORS_CHUNK
 
