@@ -397,6 +397,26 @@ def test_slot_mask_lowers_for_hardware(implementation, platform, call):
     assert call in lowered.as_text()
 
 
+@pytest.mark.parametrize("implementation,platform,call", [("tpu", "tpu", "tpu_custom_call"), ("gpu", "cuda", "triton")])
+def test_a_tail_buffer_lowers_for_hardware(implementation, platform, call):
+    """LServe's defaults: 4 retrieval KV heads in a 4096-slot cache, 4 streaming heads in a 400-slot tail (not
+    whole 64-slot pages), one table, lower to Mosaic TPU and Triton (not run there)."""
+    q = jax.ShapeDtypeStruct((2, 32, 128), jnp.bfloat16)
+    k = jax.ShapeDtypeStruct((2, 4, 4096, 128), jnp.bfloat16)
+    tail = jax.ShapeDtypeStruct((2, 4, 400, 128), jnp.bfloat16)
+    lengths = jax.ShapeDtypeStruct((2, 8), jnp.int32)
+    blocks = jax.ShapeDtypeStruct((2, 8, 65), jnp.int32)
+    counts = jax.ShapeDtypeStruct((2, 8), jnp.int32)
+
+    def run(q, k, v, kt, vt, lengths, blocks, counts):
+        table = bm.DecodeBlockTable(blocks, counts, block_size=64)
+        config = DecodeConfig(block_size=64, num_splits=2)
+        return block_sparse_decode(q, k, v, lengths, table, config=config, implementation=implementation, tail=(kt, vt))
+
+    lowered = jax.jit(run).trace(q, k, k, tail, tail, lengths, blocks, counts).lower(lowering_platforms=(platform,))
+    assert call in lowered.as_text()
+
+
 def test_mosaic_gpu_names_what_it_cannot_take():
     q = jnp.zeros((1, 4, 64), jnp.bfloat16)
     k = jnp.zeros((1, 1, 128, 64), jnp.bfloat16)
