@@ -289,6 +289,7 @@ def attend_pages(
     scale: float,
     impl: str = "auto",
     slot_mask: jax.Array | None = None,
+    tail: tuple[jax.Array, jax.Array, jax.Array] | None = None,
 ) -> jax.Array:
     """One decode token per sequence over only the cache pages `table` lists (query-aware selection).
 
@@ -298,19 +299,31 @@ def attend_pages(
     window) mask, which measures positions by slot: only for slot = position); the reference
     attends over the same slots by masking the others. slot_mask (bool[B, K, C]) also hides single
     slots of listed pages. Returns [B, 1, K, G, D].
+
+    tail: (k, v, k_pos) of a second buffer [B, Kt, Ct, D] (entries at slots [0, count)) holding the last
+    Kt of q's KV heads, k, v and k_pos then the first K - Kt: both buffers attend in one kernel launch
+    (`block_sparse_decode`'s tail; under "mosaic_gpu", which takes none, its Triton lowering), the
+    tail's table rows listing its pages (Ct at least one page; no window, no slot_mask).
     """
+    lowering = _lowering(impl)
+    if tail is not None:
+        if window is not None or slot_mask is not None:
+            raise ValueError("attend_pages with a tail buffer takes no window and no slot_mask")
+        impl = "gpu" if lowering.platform == "mosaic_gpu" else impl
+        lowering = _lowering(impl)
     config = DecodeConfig.for_shape(
-        k.shape[2], q.shape[-1], _lowering(impl), block_size=table.block_size, slot_mask=slot_mask is not None
+        k.shape[2], q.shape[-1], lowering, block_size=table.block_size, slot_mask=slot_mask is not None
     )
     if config is None:
-        listed = decode_table_mask(table, k.shape[2])  # [B, K, C]
-        if slot_mask is not None:
-            listed &= slot_mask
-        return reference_attention(q, k, v, jnp.where(listed, k_pos, -1), q_pos, window, scale)
+        return _attend_pages_reference(q, k, v, k_pos, q_pos, table, window, scale, slot_mask, tail)
     b, _, kv_heads, group, d = q.shape
-    lengths = jnp.sum(k_pos >= 0, axis=-1, dtype=jnp.int32)  # [B, K]
+    lengths = jnp.sum(k_pos >= 0, axis=-1, dtype=jnp.int32)  # [B, K - Kt]
+    extra, head_axes = (), (1,) * (5 + (slot_mask is not None))
+    if tail is not None:  # the buffers' head counts differ: devices split the batch only
+        lengths = jnp.concatenate([lengths, jnp.sum(tail[2] >= 0, axis=-1, dtype=jnp.int32)], axis=1)  # [B, K]
+        extra, head_axes = tail[:2], (None,) * 7
 
-    def decode(q, k, v, lengths, table, *slot_mask):
+    def decode(q, k, v, lengths, table, *rest):
         return block_sparse_decode(
             q,
             k,
@@ -321,14 +334,31 @@ def attend_pages(
             sm_scale=scale,
             config=config,
             implementation=impl,
-            slot_mask=slot_mask[0] if slot_mask else None,
+            slot_mask=rest[0] if slot_mask is not None else None,
+            tail=tuple(rest) if tail is not None else None,
         )
 
     masks = () if slot_mask is None else (slot_mask,)
-    out = per_device(decode, b, kv_heads, (1,) * (5 + len(masks)), 1)(
-        rearrange(q, "b 1 k g d -> b (k g) d"), k, v, lengths, table, *masks
+    out = per_device(decode, b, kv_heads, head_axes, head_axes[0])(
+        rearrange(q, "b 1 k g d -> b (k g) d"), k, v, lengths, table, *masks, *extra
     )  # [B, H, D]
     return rearrange(out, "b (k g) d -> b 1 k g d", k=kv_heads).astype(v.dtype)
+
+
+def _attend_pages_reference(q, k, v, k_pos, q_pos, table, window, scale, slot_mask, tail) -> jax.Array:
+    """`attend_pages` in jnp: each buffer's listed slots (a tail's last page may run past its end) attended
+    by `reference_attention`."""
+    outs, start, size = [], 0, table.block_size
+    for keys, values, pos in [(k, v, k_pos)] + ([] if tail is None else [tail]):
+        n, capacity = keys.shape[1:3]
+        rows = DecodeBlockTable(table.kv_blocks[:, start : start + n], table.counts[:, start : start + n], size)
+        listed = decode_table_mask(rows, -(-capacity // size) * size)[..., :capacity]  # [B, n, C]
+        if slot_mask is not None:
+            listed &= slot_mask
+        q_part = q[:, :, start : start + n]
+        outs.append(reference_attention(q_part, keys, values, jnp.where(listed, pos, -1), q_pos, window, scale))
+        start += n
+    return jnp.concatenate(outs, axis=2)
 
 
 def _prefill_chunk(

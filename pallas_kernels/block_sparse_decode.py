@@ -9,7 +9,9 @@ Layout: q [B, H, D], k and v [B, Hkv, C, D] (H = Hkv * g, C a multiple of the bl
 lengths int32[B] or [B, Hkv]: slots [0, length) of a row are valid and the query sits at
 position length - 1 (what sink/window masks are measured from). Output [B, H, D]. An optional
 slot_mask bool[B, Hkv, C] hides single slots inside the listed blocks: selections finer than a
-block (Squeezed Attention's clusters) read only the blocks holding a visible slot, exactly.
+block (Squeezed Attention's clusters) read only the blocks holding a visible slot, exactly. An optional
+`tail` cache [B, Ht, Ct, D] of another capacity holds the last Ht KV heads (LServe's streaming heads beside
+its retrieval heads): one launch, each program reading its head's buffer.
 
 Lowerings:
   * "tpu": Mosaic TPU, grid (B, Hkv, splits). Each program's share of its table row is pipelined
@@ -108,10 +110,20 @@ class DecodeConfig:
         return None if block is None else cls(block_size=block)
 
 
-def _block_visible(kv_block, block_size, rows, sink, window, length):
-    """bool[rows, block_size]: slots before the length, in the sink or the recent window."""
-    k_pos = kv_block * block_size + jax.lax.broadcasted_iota(jnp.int32, (rows, block_size), 1)
-    return block_masks.token_visible(length - 1, k_pos, sink, window)
+def _page_start(kv_block, block_size, capacity):
+    """(first slot read, the page's own first slot) for page `kv_block` of a `capacity`-slot buffer: a
+    page running past the end of a buffer that is not whole pages (`tail`) is read ending at its end."""
+    first = kv_block * block_size
+    if capacity % block_size == 0:
+        return pl.multiple_of(first, block_size), first
+    return jnp.minimum(first, capacity - block_size), first
+
+
+def _block_visible(start, first, block_size, rows, sink, window, length):
+    """bool[rows, block_size]: slots start + i from the page's first slot `first` on (a clamped last page
+    repeats slots of the page before), before the length, in the sink or the recent window."""
+    k_pos = start + jax.lax.broadcasted_iota(jnp.int32, (rows, block_size), 1)
+    return block_masks.token_visible(length - 1, k_pos, sink, window) & (k_pos >= first)
 
 
 def _split_result(acc, l, m):
@@ -135,23 +147,35 @@ def _decode_kernel_tpu(
     window_ref,  # int32[Hkv]
     kv_blocks_ref,  # int32[1, per_split] (SMEM): this program's share of its table row
     q_ref,  # [g, D] (VMEM)
-    k_hbm,  # [B, Hkv, C, D] (HBM: blocks are copied by hand)
-    v_hbm,  # [B, Hkv, C, D]
-    *refs,  # (slot_hbm int32[B, Hkv, nb, 1, bs], if given), o_ref, lse_ref, then scratch: k_ring,
-    # v_ring [S, P, bs, D], (slot_ring int32[S, P, 1, bs]), sems DMA[2 or 3, S], m, l [g, 1], acc [g, D]
+    k_hbm,  # [B, Hk, C, D] (HBM: blocks are copied by hand)
+    v_hbm,  # [B, Hk, C, D]
+    *refs,  # (slot_hbm int32[B, Hkv, nb, 1, bs], if given; or kt_hbm, vt_hbm [B, Hkv - Hk, Ct, D], the tail), o_ref,
+    # lse_ref, then scratch: k_ring, v_ring [S, P, bs, D], (slot_ring int32[S, P, 1, bs]), sems DMA[2 or 3, S],
+    # m, l [g, 1], acc [g, D]
     sm_scale: float,
     block_size: int,
     num_kv_heads: int,
     per_split: int,
+    with_slots: bool,
+    with_tail: bool,
 ):
-    with_slots = len(refs) == 10
+    slot_hbm = slot_ring = None
+    tail = ()
     if with_slots:
         slot_hbm, o_ref, lse_ref, k_ring, v_ring, slot_ring, *scratch = refs
+    elif with_tail:
+        *tail, o_ref, lse_ref, k_ring, v_ring = refs[:6]
+        scratch = refs[6:]
     else:
-        (o_ref, lse_ref, k_ring, v_ring, *scratch), slot_hbm, slot_ring = refs, None, None
+        o_ref, lse_ref, k_ring, v_ring, *scratch = refs
     sems, m_ref, l_ref, acc_ref = scratch
     num_stages, stage_blocks = k_ring.shape[:2]
     b, h, split = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    # The buffers this head's pages are in: (k, v, its head there, capacity), each under its own condition.
+    heads = k_hbm.shape[1]
+    buffers = [(h < heads, k_hbm, v_hbm, h, k_hbm.shape[2])]
+    if with_tail:
+        buffers.append((h >= heads, *tail, h - heads, tail[0].shape[2]))
     row = b * num_kv_heads + h
     length = lengths_ref[row]
     first = split * per_split
@@ -172,25 +196,45 @@ def _decode_kernel_tpu(
 
         jax.lax.fori_loop(0, stage_blocks, body, 0)
 
-    def copies(kv_block, slot, j):
-        """The DMAs that bring cache block `kv_block` into place j of ring slot `slot`."""
-        start = pl.multiple_of(kv_block * block_size, block_size)
+    def copies(kv_block, slot, j, k_src, v_src, head, capacity):
+        """The DMAs that bring cache block `kv_block` of (k_src, v_src) into place j of ring slot `slot`."""
+        start, _ = _page_start(kv_block, block_size, capacity)
         pairs = [
-            (k_hbm.at[b, h, pl.ds(start, block_size)], k_ring.at[slot, j]),
-            (v_hbm.at[b, h, pl.ds(start, block_size)], v_ring.at[slot, j]),
+            (k_src.at[b, head, pl.ds(start, block_size)], k_ring.at[slot, j]),
+            (v_src.at[b, head, pl.ds(start, block_size)], v_ring.at[slot, j]),
         ]
         if with_slots:
             pairs.append((slot_hbm.at[b, h, kv_block], slot_ring.at[slot, j]))
         # A stage's copies share one semaphore per tensor: all are awaited before any is read.
         return [pltpu.make_async_copy(src, dst, sems.at[i, slot]) for i, (src, dst) in enumerate(pairs)]
 
+    def each_copy(method):
+        """fn(cache block, ring slot, place) calling `method` ("start" or "wait") on its copies from this
+        head's buffer."""
+
+        def fn(kv_block, slot, j):
+            for cond, *source in buffers:
+
+                def run(source=source):
+                    for c in copies(kv_block, slot, j, *source):
+                        getattr(c, method)()
+
+                pl.when(cond)(run) if with_tail else run()
+
+        return fn
+
     m_ref[...], l_ref[...], acc_ref[...] = initial_state(*acc_ref.shape)
     q = q_ref[...]  # [g, D]
+
+    capacity = buffers[0][4] if not with_tail else jnp.where(h < heads, buffers[0][4], buffers[1][4])
 
     def attend(kv_block, slot, j):
         @pl.when(kv_block * block_size < length)
         def _attend():
-            visible = _block_visible(kv_block, block_size, q.shape[0], sink_ref[h], window_ref[h], length)
+            start = jnp.minimum(kv_block * block_size, capacity - block_size)  # as `_page_start` read it
+            visible = _block_visible(
+                start, kv_block * block_size, block_size, q.shape[0], sink_ref[h], window_ref[h], length
+            )
             if with_slots:
                 visible &= slot_ring[slot, j] != 0  # [1, bs] broadcast over the group
             m_ref[...], l_ref[...], acc_ref[...] = attend_block(
@@ -200,14 +244,14 @@ def _decode_kernel_tpu(
     ring_pipeline(
         num_groups,
         num_stages,
-        start=lambda group, slot: for_each_entry(group, slot, lambda *at: [c.start() for c in copies(*at)]),
-        wait=lambda group, slot: for_each_entry(group, slot, lambda *at: [c.wait() for c in copies(*at)]),
+        start=lambda group, slot: for_each_entry(group, slot, each_copy("start")),
+        wait=lambda group, slot: for_each_entry(group, slot, each_copy("wait")),
         consume=lambda group, slot: for_each_entry(group, slot, attend),
     )
     o_ref[...], lse_ref[...] = _split_result(acc_ref[...], l_ref[...], m_ref[...])
 
 
-def _decode_tpu(qg, k, v, lengths, table, sink, window, sm_scale, num_splits, interpret, config, slot_mask):
+def _decode_tpu(qg, k, v, lengths, table, sink, window, sm_scale, num_splits, interpret, config, slot_mask, tail):
     batch, num_kv_heads, group, head_dim = qg.shape
     block_size, max_blocks = table.block_size, table.max_blocks
     per_split = pl.cdiv(max_blocks, num_splits)
@@ -231,13 +275,27 @@ def _decode_tpu(qg, k, v, lengths, table, sink, window, sm_scale, num_splits, in
         slot_inputs = (slot_mask.astype(jnp.int32).reshape(batch, num_kv_heads, -1, 1, block_size),)
         slot_specs = [hbm]
         slot_scratch = [pltpu.VMEM((*ring, 1, block_size), jnp.int32)]
+    tail = tail or ()
     kernel = functools.partial(
-        _decode_kernel_tpu, sm_scale=sm_scale, block_size=block_size, num_kv_heads=num_kv_heads, per_split=per_split
+        _decode_kernel_tpu,
+        sm_scale=sm_scale,
+        block_size=block_size,
+        num_kv_heads=num_kv_heads,
+        per_split=per_split,
+        with_slots=slot_mask is not None,
+        with_tail=bool(tail),
     )
     grid_spec = pltpu.PrefetchScalarGridSpec(
         num_scalar_prefetch=4,
         grid=(batch, num_kv_heads, num_splits),
-        in_specs=[share_spec, pl.BlockSpec((squeezed, squeezed, group, head_dim), row_map), hbm, hbm, *slot_specs],
+        in_specs=[
+            share_spec,
+            pl.BlockSpec((squeezed, squeezed, group, head_dim), row_map),
+            hbm,
+            hbm,
+            *slot_specs,
+            *(hbm for _ in tail),
+        ],
         out_specs=[
             pl.BlockSpec((squeezed, squeezed, squeezed, group, head_dim), split_map),
             pl.BlockSpec((squeezed, squeezed, squeezed, group, 1), split_map),
@@ -273,6 +331,7 @@ def _decode_tpu(qg, k, v, lengths, table, sink, window, sm_scale, num_splits, in
         k,
         v,
         *slot_inputs,
+        *tail,
     )
 
 
@@ -290,43 +349,56 @@ def _decode_kernel_gpu(
     q_ref,  # [g_pad, D]
     k_ref,  # [C, D]  this (batch, KV head)'s cache; only listed blocks are read
     v_ref,  # [C, D]
-    *refs,  # (slot_ref int32[C] this row's slot mask, if given), o_ref f32[g_pad, D], lse_ref f32[g_pad, 1]
+    *refs,  # (slot_ref int32[C] this row's slot mask, if given; or kt_ref, vt_ref [Ct, D], the tail's row), o_ref
+    # f32[g_pad, D], lse_ref f32[g_pad, 1]
     sm_scale: float,
     block_size: int,
     num_splits: int,
+    tail_from: int | None,
 ):
-    slot_ref, (o_ref, lse_ref) = (refs[0] if len(refs) == 3 else None), refs[-2:]
+    *inputs, o_ref, lse_ref = refs
+    slot_ref = inputs[0] if len(inputs) == 1 else None
     b, h, split = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     length, sink, window = lengths_ref[b, h], sink_ref[h], window_ref[h]
     rows, head_dim = q_ref.shape
     pieces = column_pieces(head_dim)  # one piece unless D is not a power of two
     q = tuple(q_ref[:, piece] for piece in pieces)  # [g_pad, w] each
 
-    def body(entry, carry):
-        kv_block = kv_blocks_ref[b, h, entry]
-        start = pl.multiple_of(kv_block * block_size, block_size)
+    def body(k_ref, v_ref):
+        capacity = k_ref.shape[0]
 
-        def attend():
-            k = tuple(k_ref[pl.ds(start, block_size), piece] for piece in pieces)  # [bs, w] each
-            v = tuple(v_ref[pl.ds(start, block_size), piece] for piece in pieces)
-            visible = _block_visible(kv_block, block_size, rows, sink, window, length)
-            if slot_ref is not None:
-                visible &= (slot_ref[pl.ds(start, block_size)] != 0)[None, :]  # [1, bs]
-            return attend_block_pieces(q, k, v, *carry, visible, sm_scale)
+        def step(entry, carry):
+            kv_block = kv_blocks_ref[b, h, entry]
+            start, first = _page_start(kv_block, block_size, capacity)
 
-        return jax.lax.cond(start < length, attend, lambda: carry)
+            def attend():
+                k = tuple(k_ref[pl.ds(start, block_size), piece] for piece in pieces)  # [bs, w] each
+                v = tuple(v_ref[pl.ds(start, block_size), piece] for piece in pieces)
+                visible = _block_visible(start, first, block_size, rows, sink, window, length)
+                if slot_ref is not None:
+                    visible &= (slot_ref[pl.ds(start, block_size)] != 0)[None, :]  # [1, bs]
+                return attend_block_pieces(q, k, v, *carry, visible, sm_scale)
+
+            return jax.lax.cond(first < length, attend, lambda: carry)
+
+        return step
 
     first, last = block_masks.split_entries(split, counts_ref[b, h], num_splits)
     init = initial_pieces(rows, [piece.stop - piece.start for piece in pieces])
-    m, l, accs = jax.lax.fori_loop(first, last, body, init)
+    if tail_from is None:
+        m, l, accs = jax.lax.fori_loop(first, last, body(k_ref, v_ref), init)
+    else:  # a head's pages are in one buffer: the other loop runs no iteration
+        in_tail = h >= tail_from
+        carry = jax.lax.fori_loop(first, jnp.where(in_tail, first, last), body(k_ref, v_ref), init)
+        m, l, accs = jax.lax.fori_loop(first, jnp.where(in_tail, last, first), body(*inputs), carry)
     for piece, acc in zip(pieces, accs):
         o_ref[:, piece], lse = _split_result(acc, l, m)
     lse_ref[...] = lse
 
 
-def _decode_gpu(qg, k, v, lengths, table, sink, window, sm_scale, num_splits, interpret, config, slot_mask):
+def _decode_gpu(qg, k, v, lengths, table, sink, window, sm_scale, num_splits, interpret, config, slot_mask, tail):
     batch, num_kv_heads, group, head_dim = qg.shape
-    capacity = k.shape[2]
+    capacity, heads = k.shape[2], k.shape[1]
     rows = max(_TRITON_MIN_ROWS, pl.next_power_of_2(group))
     qg = jnp.pad(qg, ((0, 0), (0, 0), (0, rows - group), (0, 0)))  # [B, Hkv, g_pad, D]
     squeezed = pl.Squeezed()
@@ -338,8 +410,18 @@ def _decode_gpu(qg, k, v, lengths, table, sink, window, sm_scale, num_splits, in
     if slot_mask is not None:
         slot_inputs = (slot_mask.astype(jnp.int32),)
         slot_specs = [pl.BlockSpec((squeezed, squeezed, capacity), lambda b, h, s: (b, h, 0))]
+    tail_inputs, tail_specs, row_map_k = (), [], row_map
+    if tail is not None:  # each buffer's row of the program's head, clamped into range for the other kind
+        tail_inputs = tail
+        tail_map = lambda b, h, s: (b, jnp.maximum(h - heads, 0), 0, 0)  # noqa: E731
+        tail_specs = [pl.BlockSpec((squeezed, squeezed, tail[0].shape[2], head_dim), tail_map)] * 2
+        row_map_k = lambda b, h, s: (b, jnp.minimum(h, heads - 1), 0, 0)  # noqa: E731
     kernel = functools.partial(
-        _decode_kernel_gpu, sm_scale=sm_scale, block_size=table.block_size, num_splits=num_splits
+        _decode_kernel_gpu,
+        sm_scale=sm_scale,
+        block_size=table.block_size,
+        num_splits=num_splits,
+        tail_from=None if tail is None else heads,
     )
     split_shape = (batch, num_kv_heads, num_splits, rows)
     out, lse = pl.pallas_call(
@@ -348,9 +430,10 @@ def _decode_gpu(qg, k, v, lengths, table, sink, window, sm_scale, num_splits, in
         in_specs=[
             *(whole(x) for x in scalars),
             pl.BlockSpec((squeezed, squeezed, rows, head_dim), row_map),
-            pl.BlockSpec((squeezed, squeezed, capacity, head_dim), row_map),
-            pl.BlockSpec((squeezed, squeezed, capacity, head_dim), row_map),
+            pl.BlockSpec((squeezed, squeezed, capacity, head_dim), row_map_k),
+            pl.BlockSpec((squeezed, squeezed, capacity, head_dim), row_map_k),
             *slot_specs,
+            *tail_specs,
         ],
         out_specs=[
             pl.BlockSpec((squeezed, squeezed, squeezed, rows, head_dim), split_map),
@@ -363,7 +446,7 @@ def _decode_gpu(qg, k, v, lengths, table, sink, window, sm_scale, num_splits, in
         compiler_params=pltriton.CompilerParams(num_warps=config.num_warps, num_stages=config.num_stages),
         interpret=interpret,
         name="block_sparse_decode_gpu",
-    )(*scalars, qg, k, v, *slot_inputs)
+    )(*scalars, qg, k, v, *slot_inputs, *tail_inputs)
     return out[:, :, :, :group], lse[:, :, :, :group]
 
 
@@ -386,14 +469,33 @@ def combine_splits(out: jax.Array, lse: jax.Array) -> tuple[jax.Array, jax.Array
     return jnp.sum(weight * out, axis=2) / total, lse
 
 
-def _check_inputs(q, k, v):
+def _check_inputs(q, k, v, tail=None) -> int:
+    """The call's KV heads (k's, plus the tail's) after checking the shapes."""
     if q.ndim != 3 or k.ndim != 4 or k.shape != v.shape:
         raise ValueError(f"expected q [B, H, D] and k, v [B, Hkv, C, D], got q {q.shape}, k {k.shape}, v {v.shape}")
     batch, num_heads, head_dim = q.shape
     if k.shape[0] != batch or k.shape[3] != head_dim:
         raise ValueError(f"k/v {k.shape} do not match q {q.shape} in batch or head dim")
-    if num_heads % k.shape[1]:
-        raise ValueError(f"query heads {num_heads} not a multiple of KV heads {k.shape[1]}")
+    num_kv_heads = k.shape[1]
+    if tail is not None:
+        k_tail, v_tail = tail
+        if k_tail.ndim != 4 or k_tail.shape != v_tail.shape or k_tail.shape[::3] != k.shape[::3]:
+            raise ValueError(
+                f"tail k, v must be [B, Ht, Ct, D] matching k {k.shape}; got {k_tail.shape}, {v_tail.shape}"
+            )
+        num_kv_heads += k_tail.shape[1]
+    if num_heads % num_kv_heads:
+        raise ValueError(f"query heads {num_heads} not a multiple of KV heads {num_kv_heads}")
+    return num_kv_heads
+
+
+def _check_tail(tail, table, slot_mask, block_size: int) -> None:
+    if tail is None:
+        return
+    if table is None or slot_mask is not None:
+        raise ValueError("a tail buffer needs a table and takes no slot_mask")
+    if tail[0].shape[2] < block_size:
+        raise ValueError(f"the tail's capacity {tail[0].shape[2]} is below one page ({block_size} slots)")
 
 
 def _check_slot_mask(slot_mask, k):
@@ -417,10 +519,15 @@ def _check_table(table: DecodeBlockTable, batch: int, num_kv_heads: int, capacit
         )
 
 
-def _resolve(k, lengths, table, mask, block_size):
-    """(lengths int32[B, Hkv], table, sink int32[Hkv], window int32[Hkv]) for a call."""
+def _resolve(k, lengths, table, mask, block_size, tail=None):
+    """(lengths int32[B, Hkv], table, sink int32[Hkv], window int32[Hkv]) for a call; Hkv counts the tail's
+    heads, whose lengths are clipped to the tail's capacity and whose pages it holds."""
     batch, num_kv_heads, capacity, _ = k.shape
-    lengths = jnp.clip(block_masks.decode_lengths(lengths, batch, num_kv_heads), 0, capacity)
+    limit = capacity
+    if tail is not None:
+        limit = jnp.asarray([capacity] * num_kv_heads + [tail[0].shape[2]] * tail[0].shape[1], jnp.int32)
+        num_kv_heads += tail[0].shape[1]
+    lengths = jnp.clip(block_masks.decode_lengths(lengths, batch, num_kv_heads), 0, limit)
     mask = block_masks.DenseCausal() if mask is None else mask
     sink, window = block_masks.head_sink_window(mask, num_kv_heads)
     if table is None:
@@ -447,14 +554,24 @@ def block_sparse_decode_reference(
     sm_scale: float | None = None,
     slot_mask: jax.Array | None = None,
     return_lse: bool = False,
+    tail: tuple[jax.Array, jax.Array] | None = None,
 ) -> jax.Array | tuple[jax.Array, jax.Array]:
     """Dense masked decode attention with the kernel's semantics (the ground truth).
 
     Visible slots: listed by the table (all blocks when None), below the length, inside the
     per-KV-head mask (dense when None) and set in `slot_mask` (when given). A head that sees
-    nothing outputs zeros (and a log-sum-exp of -inf).
+    nothing outputs zeros (and a log-sum-exp of -inf). `tail`: `block_sparse_decode`'s.
     """
-    _check_inputs(q, k, v)
+    _check_inputs(q, k, v, tail)
+    if tail is not None:  # both buffers zero-padded to whole pages of one capacity, the tail's heads last
+        _check_tail(tail, table, slot_mask, table.block_size)
+        lengths, table, _, _ = _resolve(k, lengths, table, mask, table.block_size, tail)
+        capacity = max(k.shape[2], -(-tail[0].shape[2] // table.block_size) * table.block_size)
+        pad = lambda x: jnp.pad(x, ((0, 0), (0, 0), (0, capacity - x.shape[2]), (0, 0)))  # noqa: E731
+        k, v = (jnp.concatenate([pad(x), pad(t)], axis=1) for x, t in zip((k, v), tail))
+        return block_sparse_decode_reference(
+            q, k, v, lengths, table, mask=mask, sm_scale=sm_scale, return_lse=return_lse
+        )
     _check_slot_mask(slot_mask, k)
     batch, num_heads, head_dim = q.shape
     _, num_kv_heads, capacity, _ = k.shape
@@ -489,6 +606,7 @@ def block_sparse_decode(
     interpret: bool | pltpu.InterpretParams = False,
     slot_mask: jax.Array | None = None,
     return_lse: bool = False,
+    tail: tuple[jax.Array, jax.Array] | None = None,
 ) -> jax.Array | tuple[jax.Array, jax.Array]:
     """Decode attention over listed cache blocks: q [B, H, D], k, v [B, Hkv, C, D] -> [B, H, D].
 
@@ -504,8 +622,15 @@ def block_sparse_decode(
     for the TPU kernel's interpreter (e.g. eager DMAs or race detection); see `lowering.resolve`.
     return_lse: also return each query head's log-sum-exp of its visible scores, float32[B, H]
     (-inf where it sees nothing), so a caller can fold in attention over keys kept elsewhere.
+    tail: (k_tail, v_tail) [B, Ht, Ct, D], a second cache holding the last Ht of the call's Hkv = Hk + Ht
+    KV heads (k, v then hold the first Hk), so heads kept in buffers of two capacities attend in one
+    launch (LServe's streaming and retrieval heads): their table rows index pages of the tail, lengths
+    count its slots. Ct need not be whole pages (a page running past it is read ending at Ct, the
+    slots repeated from the page before masked) but must hold one. Needs a table; takes no slot_mask
+    and no "mosaic_gpu".
     """
-    _check_inputs(q, k, v)
+    _check_inputs(q, k, v, tail)
+    _check_tail(tail, table, slot_mask, config.block_size)
     if not isinstance(config, DecodeConfig):
         raise ValueError(f"config must be a DecodeConfig, got {config!r}")
     if table is not None and table.block_size != config.block_size:
@@ -515,14 +640,14 @@ def block_sparse_decode(
     implementation, interpret = lowering.platform, pallas_interpret(lowering, interpret)
     if implementation == "reference":
         return block_sparse_decode_reference(
-            q, k, v, lengths, table, mask=mask, sm_scale=sm_scale, slot_mask=slot_mask, return_lse=return_lse
+            q, k, v, lengths, table, mask=mask, sm_scale=sm_scale, slot_mask=slot_mask, return_lse=return_lse, tail=tail
         )
-    if implementation == "mosaic_gpu" and slot_mask is not None:
-        raise ValueError('implementation="mosaic_gpu" takes no slot_mask; use "gpu" (Triton)')
+    if implementation == "mosaic_gpu" and (slot_mask is not None or tail is not None):
+        raise ValueError('implementation="mosaic_gpu" takes no slot_mask and no tail; use "gpu" (Triton)')
     batch, num_heads, head_dim = q.shape
-    num_kv_heads = k.shape[1]
+    num_kv_heads = k.shape[1] + (0 if tail is None else tail[0].shape[1])
     sm_scale = head_dim**-0.5 if sm_scale is None else sm_scale
-    lengths, table, sink, window = _resolve(k, lengths, table, mask, config.block_size)
+    lengths, table, sink, window = _resolve(k, lengths, table, mask, config.block_size, tail)
     num_splits = min(
         config.num_splits
         or decode_splits(batch * num_kv_heads, table.max_blocks, MIN_SPLIT_BLOCKS, gpu_processors(interpret)),
@@ -531,13 +656,13 @@ def block_sparse_decode(
     qg = q.reshape(batch, num_kv_heads, num_heads // num_kv_heads, head_dim)  # [B, Hkv, g, D]
     if implementation == "tpu":
         out, lse = _decode_tpu(
-            qg, k, v, lengths, table, sink, window, sm_scale, num_splits, interpret, config, slot_mask
+            qg, k, v, lengths, table, sink, window, sm_scale, num_splits, interpret, config, slot_mask, tail
         )
     elif implementation == "mosaic_gpu":
         out, lse = decode_mosaic_gpu(qg, k, v, lengths, table, sink, window, sm_scale, num_splits, config.num_stages)
     else:
         out, lse = _decode_gpu(
-            qg, k, v, lengths, table, sink, window, sm_scale, num_splits, interpret, config, slot_mask
+            qg, k, v, lengths, table, sink, window, sm_scale, num_splits, interpret, config, slot_mask, tail
         )
     out, lse = combine_splits(out, lse)  # [B, Hkv, g, D], [B, Hkv, g]
     out = out.reshape(q.shape).astype(q.dtype)  # [B, H, D]

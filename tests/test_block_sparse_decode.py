@@ -161,6 +161,46 @@ def test_random_table_gqa8_per_head_lengths(implementation, num_splits):
     np.testing.assert_allclose(reference_lse, _dense_lse(q, k, visible), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("implementation", [*IMPLEMENTATIONS, "reference"])
+@pytest.mark.parametrize("num_splits", [1, 2])
+def test_a_tail_buffer_of_another_capacity_in_the_same_launch(implementation, num_splits):
+    # KV heads 0-1 in a 128-slot buffer (pages of 32), heads 2-3 in a 48-slot tail: its page 1 runs past the end
+    # and is read as slots 16..47, the first half of page 0 masked. Slots never read (of unlisted pages, bar
+    # those a clamped page reads) hold NaN.
+    batch, block, d, g = 2, 32, 32, 2
+    q, k, v = _inputs(jax.random.key(5), batch, 4 * g, 2, 128, d)
+    _, kt, vt = _inputs(jax.random.key(6), batch, 2 * g, 2, 48, d)
+    lengths = np.array([[128, 70, 48, 40], [90, 1, 20, 33]])  # int32[B, Hkv]; the tail's count its own slots
+    kv_blocks = np.array([[[0, 3, 3], [1, 2, 2], [0, 1, 1], [1, 1, 1]], [[2, 2, 2], [0, 0, 0], [0, 0, 0], [0, 1, 1]]])
+    counts = np.array([[2, 2, 2, 1], [1, 1, 1, 2]])
+    listed = _listed(kv_blocks, counts, 128, block)  # [B, 4, 128]
+    read_tail = listed[:, 2:, :48] | (listed[:, 2:, 32:64].any(-1, keepdims=True) & (np.arange(48) >= 16))
+    k_bad, v_bad = _poison_unlisted(k, v, listed[:, :2])
+    kt_bad, vt_bad = _poison_unlisted(kt, vt, read_tail)
+    if implementation == "reference":  # dense: it reads every slot
+        k_bad, v_bad, kt_bad, vt_bad = k, v, kt, vt
+    table = bm.DecodeBlockTable(jnp.asarray(kv_blocks, jnp.int32), jnp.asarray(counts, jnp.int32), block_size=block)
+    out = block_sparse_decode(
+        q,
+        k_bad,
+        v_bad,
+        jnp.asarray(lengths),
+        table,
+        config=DecodeConfig(block_size=block, num_splits=num_splits),
+        implementation=implementation,
+        interpret=True,
+        tail=(kt_bad, vt_bad),
+    )
+    below = np.arange(128) < lengths[..., None]  # [B, 4, 128]
+    for part, (keys, values, heads) in enumerate(((k, v, slice(0, 2)), (kt, vt, slice(2, 4)))):
+        capacity = keys.shape[2]
+        visible = (listed & below)[:, heads, :capacity]
+        expected = _dense_decode(q[:, 2 * g * part : 2 * g * (part + 1)], keys, values, visible)
+        np.testing.assert_allclose(out[:, 2 * g * part : 2 * g * (part + 1)], expected, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="below one page"):
+        block_sparse_decode(q, k, v, 1, table, config=DecodeConfig(block_size=64), tail=(kt, vt))
+
+
 @pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
 def test_many_splits_over_a_table_wider_than_its_counts(implementation):
     """A cache allocated well past the lengths (32 table entries, 3 and 19 used) in 8 splits:
@@ -354,6 +394,26 @@ def test_slot_mask_lowers_for_hardware(implementation, platform, call):
         )
 
     lowered = jax.jit(run).trace(q, k, k, lengths, slots).lower(lowering_platforms=(platform,))
+    assert call in lowered.as_text()
+
+
+@pytest.mark.parametrize("implementation,platform,call", [("tpu", "tpu", "tpu_custom_call"), ("gpu", "cuda", "triton")])
+def test_a_tail_buffer_lowers_for_hardware(implementation, platform, call):
+    """LServe's defaults: 4 retrieval KV heads in a 4096-slot cache, 4 streaming heads in a 400-slot tail (not
+    whole 64-slot pages), one table, lower to Mosaic TPU and Triton (not run there)."""
+    q = jax.ShapeDtypeStruct((2, 32, 128), jnp.bfloat16)
+    k = jax.ShapeDtypeStruct((2, 4, 4096, 128), jnp.bfloat16)
+    tail = jax.ShapeDtypeStruct((2, 4, 400, 128), jnp.bfloat16)
+    lengths = jax.ShapeDtypeStruct((2, 8), jnp.int32)
+    blocks = jax.ShapeDtypeStruct((2, 8, 65), jnp.int32)
+    counts = jax.ShapeDtypeStruct((2, 8), jnp.int32)
+
+    def run(q, k, v, kt, vt, lengths, blocks, counts):
+        table = bm.DecodeBlockTable(blocks, counts, block_size=64)
+        config = DecodeConfig(block_size=64, num_splits=2)
+        return block_sparse_decode(q, k, v, lengths, table, config=config, implementation=implementation, tail=(kt, vt))
+
+    lowered = jax.jit(run).trace(q, k, k, tail, tail, lengths, blocks, counts).lower(lowering_platforms=(platform,))
     assert call in lowered.as_text()
 
 

@@ -5,6 +5,7 @@ batch, and kv_bytes against the analytic figure (streaming heads shrink; selecti
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import jax
@@ -18,9 +19,11 @@ from kvjax.inference import DEFAULT_CHUNK, _chunking
 from kvjax.kv_state import KVSegment, position_capacity, round_capacity
 from kvjax.layer_step import Decode, LayerContext, StepInputs
 from kvjax.policies import DuoAttention, Full, LServe
+from kvjax.policies.base import Policy
 from kvjax.policies.duo_attention import pattern_file, read_gates_tsv, released_patterns
 from kvjax.policies.lserve import SelectedPagesSegment
 from kvjax.policies.quantized_pruning import decode_state_bytes
+from tests.support.jaxprs import pallas_calls
 from tests.support.page_reference import attend, page_bounds, visible_slots
 from tests.support.quantized_fixtures import (
     assert_generate_is_the_greedy_chain,
@@ -224,6 +227,49 @@ def test_streaming_heads_see_sink_plus_prefill_local_while_prefilling_then_keep_
                 order = pos >= 0
                 diff = np.abs(np.asarray(seg.k[b][:, order]) - np.asarray(ref.k[b][:, pos[order]])).max()
                 assert (diff < 1e-5) if same or layer == 0 or n <= 68 else (diff > 1e-3)
+
+
+@dataclasses.dataclass(frozen=True)
+class TwoLaunches(LServe):
+    """LServe attending each segment on its own (`Policy.step`): the streaming and retrieval heads' calls."""
+
+    step = Policy.step
+
+
+# Streaming buffers of round(4 + 64 + 1) = 80 slots: more than a 64-token page, so decode takes the one launch.
+ONE = LServe(((0,), (1,)), sink=4, local=64, prefill_local=64, token_budget=64, reuse=4)
+
+
+@pytest.mark.parametrize("impl", ["reference", "tpu-interpret", "gpu-interpret"])
+def test_one_launch_for_all_heads_is_the_two_launches_result(model, tokens, impl):
+    # Five steps: a selection made, reused three times, made again; kv_bytes as the two-launch state's.
+    lengths = np.asarray((200, 90), np.int32)
+    two = TwoLaunches(**{f.name: getattr(ONE, f.name) for f in dataclasses.fields(LServe) if f.init})
+    logits, held = [], []
+    for policy in (ONE, two):
+        state = kvjax.prefill(model, tokens[:2, :200], policy, lengths=lengths, max_new_tokens=5, attention_impl=impl)
+        held.append(kvjax.kv_bytes(state))
+        for i in range(5):
+            out, state = kvjax.decode_step(model, state, tokens[:2, 200 + i], policy, attention_impl=impl)
+            logits.append(np.asarray(out))
+        assert kvjax.kv_bytes(state) == held[0]
+    np.testing.assert_allclose(logits[:5], logits[5:], atol=1e-5, rtol=0)
+    assert held[0] == held[1]
+
+
+@pytest.mark.parametrize("policy,per_layer", [(ONE, 1), (TwoLaunches(((0,), (1,)), sink=4, local=64), 2)])
+def test_a_decode_step_launches_one_kernel_per_layer(model, tokens, policy, per_layer):
+    lengths = np.asarray((200, 90), np.int32)
+    impl = "gpu-interpret"
+    state = kvjax.prefill(model, tokens[:2, :200], policy, lengths=lengths, max_new_tokens=2, attention_impl=impl)
+    run = kvjax.inference.Execution(impl, False)  # layers unrolled: each layer's calls appear once
+
+    def decode(s, t):
+        return kvjax.inference._decode_step(model.graphdef, model.params, None, s, t, policy=policy, run=run)
+
+    calls = pallas_calls(jax.make_jaxpr(decode)(state, jnp.asarray(tokens[:2, 200])).jaxpr)
+    assert len(calls) == per_layer * model.config.num_layers
+    assert all(call.params["name"] == "block_sparse_decode_gpu" for call in calls)
 
 
 def test_generate_ragged_batch_is_the_greedy_chain(model, tokens):

@@ -17,6 +17,16 @@ decode steps: the segment carries it with a per-sequence step counter, and decod
 reuse skip the scoring (`lax.cond`). Selection saves reads, not memory: the bounds add 2 / logical_page
 of the keys' bytes (`kvjax.kv_bytes`).
 
+A decode step of a layer holding both kinds of heads is one attention launch, as the authors' fused
+kernel: like their engine (a retrieval and a streaming cache per layer, both addressed by one kernel),
+the two buffers stay apart, so the streaming heads keep only sink + local slots, and the block-sparse
+decode kernel takes the streaming buffer as a second cache (`block_sparse_decode`'s tail) under one
+table: per retrieval head its selected pages, per streaming head every page below its count (the last
+page, the buffer not being whole pages, read ending at the buffer's end). A sliding-window model, or a
+streaming buffer smaller than one page, keeps one call per kind of head. Prefill still runs one call per
+kind (the retrieval heads' the block-sparse prefill kernel's; the streaming heads' over their compacted
+buffer).
+
 Defaults are the authors' (mit-han-lab/omniserve engine arguments and evaluation scripts): static
 sparsity 0.5, sink 128, local 256, prefill_local 8192, page 64 (the cache block), 4 logical pages per
 physical page (16 tokens), token budget 4096, selector update interval 4.
@@ -42,8 +52,17 @@ from flax import struct
 from kvjax.attention import attend_pages
 from kvjax.cached_attention import write_in_place_then_attend
 from kvjax.config import ModelConfig
-from kvjax.kv_state import EvictionSegment, KVSegment, KVState, position_capacity, write_entries
-from kvjax.layer_step import Decode
+from kvjax.kv_state import (
+    EvictionSegment,
+    KVSegment,
+    KVState,
+    count,
+    evict_lowest,
+    position_capacity,
+    write_entries,
+    write_free_slot,
+)
+from kvjax.layer_step import Decode, merge_heads
 from kvjax.policies.base import Layout, Policy
 from kvjax.policies.duo_attention import HeadSets, quantile_head_sets, read_gates_tsv
 from kvjax.policies.duo_attention.policy import head_split_layout
@@ -187,14 +206,52 @@ class LServe(Policy):
 
         return state.replace(layers=tuple(tuple(resize(s) for s in layer) for layer in state.layers))
 
+    def step(self, ctx, segments, x, phase):
+        """A decode step of a layer holding both kinds of heads: one attention launch for all of them
+        (`attend_pages` with the streaming buffer as its tail, one table: the retrieval heads' selected pages,
+        the streaming heads' pages below their count). Anything else: each segment's `segment_step`; so also a
+        sliding window (measured by slot in the kernel, which streaming slots are not) and a streaming
+        buffer smaller than one page (no whole page to read)."""
+        if not isinstance(phase, Decode) or len(segments) != 2 or ctx.window is not None:
+            return super().step(ctx, segments, x, phase)
+        retrieval, streaming = segments  # `head_split_layout`'s order
+        if streaming.capacity < self.page:
+            return super().step(ctx, segments, x, phase)
+        x_r, x_s = x.heads(retrieval.heads), x.heads(streaming.heads)
+        retrieval, table = self.decode_retrieval(ctx, retrieval, x_r)
+        streaming = write_free_slot(streaming, x_s.k, x_s.v, x_s.new_pos)  # StreamingLLM's decode write
+        held = -(-count(streaming) // self.page)  # [B, Hs]: pages holding entries, all read
+        wide = max(table.max_blocks, -(-streaming.capacity // self.page))
+        pages = jnp.minimum(jnp.arange(wide), jnp.maximum(held - 1, 0)[..., None])  # [B, Hs, wide] padded
+        edge = lambda a: jnp.pad(a, ((0, 0), (0, 0), (0, wide - a.shape[-1])), mode="edge")  # noqa: E731
+        table = DecodeBlockTable(
+            kv_blocks=jnp.concatenate([edge(table.kv_blocks), pages], axis=1),
+            counts=jnp.concatenate([table.counts, held], axis=1),
+            block_size=self.page,
+        )  # [B, Hr + Hs, wide]
+        kv = retrieval.kv
+        q = jnp.concatenate([x_r.q, x_s.q], axis=2)  # [B, 1, Hr + Hs, G, D]
+        tail = (streaming.k, streaming.v, streaming.pos)
+        out = attend_pages(q, kv.k, kv.v, kv.pos, x.q_pos, table, None, ctx.scale, ctx.impl, tail=tail)
+        streaming = evict_lowest(streaming, self.streaming().priority(streaming), streaming.budget)
+        hr = len(retrieval.heads)
+        return merge_heads([out[:, :, :hr], out[:, :, hr:]], segments, axis=2), (retrieval, streaming)
+
     def segment_step(self, ctx, segment, x, phase):
         """Streaming heads: StreamingLLM's step. Retrieval heads while prefilling: Full's (the block-sparse
-        prefill kernel); while decoding: the token written, its logical page's bounds widened, the selection
-        renewed every `reuse` steps, then attention over the selected pages (the block-sparse decode kernel)."""
+        prefill kernel); while decoding: `decode_retrieval`, then attention over the selected pages (the
+        block-sparse decode kernel)."""
         if isinstance(segment, EvictionSegment):
             return self.streaming().segment_step(ctx, segment, x, phase)
         if not isinstance(phase, Decode):
             return write_in_place_then_attend(ctx, segment, x)
+        seg, table = self.decode_retrieval(ctx, segment, x)
+        kv = seg.kv
+        return attend_pages(x.q, kv.k, kv.v, kv.pos, x.q_pos, table, ctx.window, ctx.scale, ctx.impl), seg
+
+    def decode_retrieval(self, ctx, segment: SelectedPagesSegment, x) -> tuple[SelectedPagesSegment, DecodeBlockTable]:
+        """The retrieval segment after a decode token (written, its logical page's bounds widened, the
+        selection renewed every `reuse` steps, the step counted) and the table its query reads (`read_table`)."""
         seg = self.append(segment, x.k, x.v, x.q_pos, x.new_pos)
         fresh = seg.steps % self.reuse == 0  # [B]
         pages, counts = jax.lax.cond(
@@ -203,9 +260,7 @@ class LServe(Policy):
         pages = jnp.where(fresh[:, None, None], pages, seg.pages)  # [B, Hs, W]
         counts = jnp.where(fresh[:, None], counts, seg.counts)  # [B, Hs]
         table = self.read_table(pages, counts, x.q_pos)
-        kv = seg.kv
-        out = attend_pages(x.q, kv.k, kv.v, kv.pos, x.q_pos, table, ctx.window, ctx.scale, ctx.impl)
-        return out, seg.replace(pages=pages, counts=counts, steps=seg.steps + 1)
+        return seg.replace(pages=pages, counts=counts, steps=seg.steps + 1), table
 
     def append(
         self, seg: SelectedPagesSegment, k: jax.Array, v: jax.Array, q_pos: jax.Array, new_pos: jax.Array
