@@ -197,15 +197,36 @@ def causal_blocks(
     block: int = KEY_BLOCK,
     *,
     segment_ids: SegmentIds | None = None,
-) -> jax.Array:
+    with_lse: bool = False,
+) -> jax.Array | tuple[jax.Array, jax.Array]:
     """`reference_attention` (no window) of a chunk of queries over a slot = position cache, reading only
-    the `block`-slot blocks up to the chunk's last query, with an online softmax across them.
+    the `block`-slot blocks up to each query block's last query, with an online softmax across them.
 
     q: [B, T, K, G, D]; k, v: [B, K, C, D] holding each entry at slot = its position (C >= block);
-    q_pos: int32[B, T]. Returns [B, T, K, G, D]. The blocks after max(q_pos) hold nothing a query sees,
-    so a chunk at the start of a long cache costs one block instead of C / block; the last block is
-    clamped to the cache's end, its slots already read masked out. `segment_ids`: `visibility_mask`'s.
+    q_pos: int32[B, T]. Returns [B, T, K, G, D], and with `with_lse` the float32[B, T, K, G] log-sum-exp
+    of each query's visible logits (`causal_votes` reads it). The blocks after a query block's last
+    position hold nothing it sees, so a chunk at the start of a long cache costs one block instead of
+    C / block, and a chunk of several `block`-query blocks runs one at a time, each over the key blocks
+    up to its own end (a whole prompt costs about half the T x C rectangle); the last block is clamped to
+    the cache's end, its slots already read masked out. `segment_ids`: `visibility_mask`'s.
     """
+    t = q.shape[1]
+    if t <= block or t % block:
+        out, lse = _causal_rows(q, k, v, k_pos, q_pos, scale, block, segment_ids)
+        return (out, lse) if with_lse else out
+    q_seg = () if segment_ids is None else (segment_ids[0],)
+
+    def rows(xs):
+        qb, pb, *sb = xs
+        return _causal_rows(qb, k, v, k_pos, pb, scale, block, None if segment_ids is None else (sb[0], segment_ids[1]))
+
+    out, lse = jax.lax.map(rows, split_query_chunks(block, q, q_pos, *q_seg))
+    out, lse = join_query_chunks(out), join_query_chunks(lse)
+    return (out, lse) if with_lse else out
+
+
+def _causal_rows(q, k, v, k_pos, q_pos, scale, block, segment_ids):
+    """`causal_blocks` of one query block: (out [B, T, K, G, D], lse float32[B, T, K, G])."""
     b, t, kv_heads, group, d = q.shape
     capacity = k.shape[2]
     queries = _grouped(q)  # [B, K, G*T, D]
@@ -235,9 +256,54 @@ def causal_blocks(
 
     rows = (b, kv_heads, group * t)
     init = (jnp.full(rows, _MASKED, jnp.float32), jnp.zeros(rows, jnp.float32), jnp.zeros((*rows, d), jnp.float32))
-    _, l, acc = jax.lax.fori_loop(0, jnp.max(q_pos) // block + 1, step, init)
+    m, l, acc = jax.lax.fori_loop(0, jnp.max(q_pos) // block + 1, step, init)
     out = (acc / l[..., None]).astype(v.dtype)
-    return rearrange(out, "b k (g t) d -> b t k g d", g=group)
+    lse = rearrange(m + jnp.log(l), "b k (g t) -> b t k g", g=group)
+    return rearrange(out, "b k (g t) d -> b t k g d", g=group), lse
+
+
+def causal_votes(
+    q: jax.Array,
+    k: jax.Array,
+    k_pos: jax.Array,
+    q_pos: jax.Array,
+    lse: jax.Array,
+    weights: jax.Array,
+    scale: float,
+    block: int = KEY_BLOCK,
+) -> jax.Array:
+    """float32[B, K, C]: the attention weights each entry of a slot = position cache receives, summed over the
+    queries with `weights` float32[B, T] and averaged over each KV head's query group, as
+    `query_votes(attention_probs(...), weights)` gives, without the [B, K, G, T, C] weights: each
+    `block`-query block recomputes its logits over the key blocks up to its own end and normalizes them by
+    `lse` ([B, T, K, G], from `causal_blocks`). q: [B, T, K, G, D]; k: [B, K, C, D] (C >= block)."""
+    b, t, kv_heads, group, _ = q.shape
+    capacity = k.shape[2]
+    rows = block if t > block and t % block == 0 else t
+
+    def query_block(votes, xs):
+        qb, pb, lb, wb = xs  # [B, R, K, G, D], [B, R], [B, R, K, G], [B, R]
+        queries = _grouped(qb)  # [B, K, G*R, D]
+        q_rows = rearrange(jnp.broadcast_to(pb[:, None], (b, group, rows)), "b g t -> b 1 (g t) 1")
+        lse_rows = rearrange(lb, "b t k g -> b k (g t)")[..., None]  # [B, K, G*R, 1]
+        w_rows = rearrange(jnp.broadcast_to(wb[:, None], (b, group, rows)), "b g t -> b (g t)") / group
+
+        def step(i, votes):
+            start = jnp.minimum(i * block, capacity - block)
+            kb, pos = (jax.lax.dynamic_slice_in_dim(x, start, block, axis=2) for x in (k, k_pos))
+            slots = start + jnp.arange(block, dtype=jnp.int32)
+            pos = jnp.where(slots >= i * block, pos, -1)[:, :, None, :]  # [B, K, 1, block]
+            logits = jnp.einsum("bkqd,bkcd->bkqc", queries, kb, preferred_element_type=jnp.float32) * scale
+            p = jnp.where((pos >= 0) & (pos <= q_rows), jnp.exp(logits - lse_rows), 0.0)  # [B, K, G*R, block]
+            added = jnp.einsum("bkqc,bq->bkc", p, w_rows)  # [B, K, block]
+            seen = jax.lax.dynamic_slice_in_dim(votes, start, block, axis=2)
+            return jax.lax.dynamic_update_slice_in_dim(votes, seen + added, start, axis=2)
+
+        return jax.lax.fori_loop(0, jnp.max(pb) // block + 1, step, votes), None
+
+    init = jnp.zeros((b, kv_heads, capacity), jnp.float32)
+    votes, _ = jax.lax.scan(query_block, init, split_query_chunks(rows, q, q_pos, lse, weights.astype(jnp.float32)))
+    return votes
 
 
 def decode_with_lse(

@@ -135,15 +135,7 @@ POLICIES = {
 
 
 # Full's step runs in DuoAttention's retrieval heads and under Twilight's pages; Full alone is left to the kernels test.
-# MiniCache: the tokens match, but one retained prompt entry of a merged layer (row 0, KV head 1) differs
-# from one device's: an open bug, kept visible here.
-MINICACHE_RETAINED = pytest.mark.xfail(reason="sharded MiniCache retains another prompt entry", strict=True)
-
-
-@pytest.mark.parametrize(
-    "name",
-    [pytest.param(n, marks=MINICACHE_RETAINED) if n == "minicache" else n for n in POLICIES if n != "full"],
-)
+@pytest.mark.parametrize("name", [n for n in POLICIES if n != "full"])
 def test_sharded_generate_and_state_match_one_device(model, sharded, prompts, name):
     """Same greedy tokens and the same kept entries as on one device; every KV buffer split by
     sequence over "data" and by KV head over "model" where the head count allows."""

@@ -15,7 +15,6 @@ import dataclasses
 import jax.numpy as jnp
 
 from kvjax.policies.h2o import H2O
-from kvjax.policies.token_eviction import query_votes
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,11 +32,11 @@ class A2SF(H2O):
         if not 0.0 < self.forgetting <= 1.0:
             raise ValueError(f"A2SF forgetting factor must be in (0, 1]; got {self.forgetting}")
 
-    def observe(self, segment, probs, new_pos, prompt_lengths):
+    def vote_weights(self, new_pos, prompt_lengths):
         real = new_pos >= 0  # [B, T]
-        n = jnp.sum(real, axis=1, dtype=jnp.int32)  # [B] real queries in this step
-        later = n[:, None] - jnp.cumsum(real, axis=1, dtype=jnp.int32)  # [B, T] real queries after t
-        lam = jnp.float32(self.forgetting)
-        weights = jnp.where(real, lam**later, 0.0)  # [B, T]
-        added = query_votes(probs, weights)  # [B, K, C]
-        return (lam**n)[:, None, None] * segment.score + added
+        later = jnp.sum(real, axis=1, keepdims=True) - jnp.cumsum(real, axis=1)  # [B, T] real queries after t
+        return jnp.where(real, jnp.float32(self.forgetting) ** later, 0.0)
+
+    def observe_votes(self, segment, votes, new_pos, prompt_lengths):
+        n = jnp.sum(new_pos >= 0, axis=1)  # [B] real queries in this step
+        return (jnp.float32(self.forgetting) ** n)[:, None, None] * segment.score + votes

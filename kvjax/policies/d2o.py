@@ -60,7 +60,7 @@ from kvjax.kv_state import (
 )
 from kvjax.layer_step import Decode
 from kvjax.policies.base import SegmentSpec
-from kvjax.policies.token_eviction import TokenEviction, newest, query_votes
+from kvjax.policies.token_eviction import TokenEviction, newest
 
 SINK_PRIORITY = float(jnp.finfo(jnp.float32).max)  # above every score, below the recent window's +inf
 NORM_EPS = 1e-6  # a zero key's cosine similarity is 0, not NaN
@@ -203,8 +203,8 @@ class D2O(TokenEviction):
         recent = jnp.clip(jnp.floor(share * self.window), 1, most_recent).astype(jnp.int32)
         return heavy, recent
 
-    def observe(self, segment, probs, new_pos, prompt_lengths):
-        return segment.score + query_votes(probs, new_pos >= 0)  # H2O's: summed over queries
+    def vote_weights(self, new_pos, prompt_lengths):
+        return (new_pos >= 0).astype(jnp.float32)  # H2O's: every query's attention, summed
 
     def priority(self, segment):
         recent = segment.pos > newest(segment) - segment.recent[..., None]

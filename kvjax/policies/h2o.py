@@ -6,7 +6,7 @@ import dataclasses
 
 import jax.numpy as jnp
 
-from kvjax.policies.token_eviction import TokenEviction, newest, query_votes
+from kvjax.policies.token_eviction import TokenEviction, newest
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,8 +32,8 @@ class H2O(TokenEviction):
     def budget(self, config, layer):
         return self.heavy + self.window
 
-    def observe(self, segment, probs, new_pos, prompt_lengths):
-        return segment.score + query_votes(probs, new_pos >= 0)  # summed over queries
+    def vote_weights(self, new_pos, prompt_lengths):
+        return (new_pos >= 0).astype(jnp.float32)  # every query's attention, summed
 
     def priority(self, segment):
         recent = segment.pos > newest(segment) - self.window

@@ -171,7 +171,10 @@ class MiniCache(Policy):
             valid = a.pos[:, :, :c] >= 0  # [B, K, C]
             priority = retention_priority([k_dist, v_dist], valid, self.gamma)
             top, slots = jax.lax.top_k(priority, r)  # [B, K, R]
-            kept = jnp.where(top > -jnp.inf, slots, -1).astype(jnp.int32)
+            # In position order, unused last: top_k orders ties (two entries at n = 1) as the partitioning happens to.
+            slots = jnp.sort(jnp.where(top > -jnp.inf, slots, c), axis=-1)
+            kept = jnp.where(slots < c, slots, -1).astype(jnp.int32)
+            slots = jnp.minimum(slots, c - 1)
             for layer, seg, k_norm, v_norm in (
                 (start + 2 * p, a, ka_norm, va_norm),
                 (start + 2 * p + 1, b, kb_norm, vb_norm),
@@ -191,11 +194,10 @@ class MiniCache(Policy):
 
 
 def _gather(seg: KVSegment, slots: jax.Array, kept: jax.Array) -> KVSegment:
-    """The segment's entries at `slots` int32[B, K, R] (slot = position), pos `kept` (-1: not retained)."""
+    """The segment's entries at `slots` int32[B, K, R] (slot = position), pos `kept` (-1: not retained, zeroed)."""
     idx = slots[..., None]  # [B, K, R, 1]
-    return KVSegment(
-        k=jnp.take_along_axis(seg.k, idx, axis=2), v=jnp.take_along_axis(seg.v, idx, axis=2), pos=kept, heads=seg.heads
-    )
+    pick = lambda x: jnp.where(kept[..., None] >= 0, jnp.take_along_axis(x, idx, axis=2), 0)  # noqa: E731
+    return KVSegment(k=pick(seg.k), v=pick(seg.v), pos=kept, heads=seg.heads)
 
 
 def rebuilt(seg: MergedSegment, shared: MergedPairs, layer) -> tuple[jax.Array, jax.Array, jax.Array]:

@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 
 from kvjax.layer_step import StepInputs
-from kvjax.policies.token_eviction import TokenEviction, newest, query_votes
+from kvjax.policies.token_eviction import TokenEviction, newest
 
 
 def pool_1d(x: jax.Array, kernel: int, kind: str) -> jax.Array:
@@ -104,9 +104,9 @@ class SnapKV(TokenEviction):
         at = first + window - q_pos[:, :1]  # [B, W] index in this chunk of each window position
         return jnp.where((at >= 0) & (at < q_pos.shape[1]) & (first + window >= 0), at, -1)
 
-    def observe(self, segment, probs, new_pos, prompt_lengths):
+    def vote_weights(self, new_pos, prompt_lengths):
         in_window = new_pos >= (prompt_lengths - self.window)[:, None]  # [B, T] observation queries
-        return segment.score + query_votes(probs, in_window & (new_pos >= 0))
+        return (in_window & (new_pos >= 0)).astype(jnp.float32)
 
     def priority(self, segment):
         # Slots hold the prompt in position order here, so pooling runs along positions.

@@ -19,7 +19,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from kvjax.attention import attend, attend_with_probs, attention_probs
+from kvjax.attention import KEY_BLOCK, attend, attend_with_probs, attention_probs, causal_blocks, causal_votes
 from kvjax.config import ModelConfig
 from kvjax.kv_state import (
     EvictionSegment,
@@ -73,8 +73,22 @@ class TokenEviction(Policy, abc.ABC):
     def observe(
         self, segment: EvictionSegment, probs: jax.Array, new_pos: jax.Array, prompt_lengths
     ) -> jax.Array | None:
-        """The segment's new score buffer after a step whose attention weights are `probs`."""
-        return segment.score
+        """The segment's new score buffer after a step whose attention weights are `probs` [B, Hs, G, T, C]:
+        by default `observe_votes` of the weights summed with `vote_weights` (unchanged without them)."""
+        weights = self.vote_weights(new_pos, prompt_lengths)
+        if weights is None:
+            return segment.score
+        return self.observe_votes(segment, query_votes(probs, weights), new_pos, prompt_lengths)
+
+    def vote_weights(self, new_pos: jax.Array, prompt_lengths) -> jax.Array | None:
+        """float32[B, T]: how much each query's attention counts in an entry's score, for policies whose score
+        takes the attention summed over queries (H2O, SnapKV, A2SF), or None. Such a score needs no
+        [T, C] weights: a whole-prompt chunk sums them block by block (`causal_votes`)."""
+        return None
+
+    def observe_votes(self, segment: EvictionSegment, votes: jax.Array, new_pos: jax.Array, prompt_lengths):
+        """The new score buffer from votes float32[B, Hs, C] (`query_votes` with `vote_weights`): added."""
+        return segment.score + votes
 
     def needs_attention(self, decoding: bool) -> bool:
         """Whether `observe` reads attention weights in this phase (else the plain path runs)."""
@@ -128,22 +142,21 @@ class TokenEviction(Policy, abc.ABC):
         evicting = not decoding and self.evict_while_prefilling and seg.budget < seg.capacity
         observing = self.needs_attention(decoding)
         picked = None if decoding or not observing else self.observed_queries(x.q_pos, x.new_pos, prompt_lengths)
-        if observing and picked is None:  # every query's weights
+        # A prefill that evicts nothing yet, or whose one chunk is the whole prompt, holds the prompt at
+        # slot = position while it attends (the kernel's layout).
+        in_place = not decoding and (not evicting or phase.whole_prompt)
+        weights = None if decoding or picked is not None else self.vote_weights(x.new_pos, prompt_lengths)
+        if observing and weights is not None and in_place and ctx.window is None:  # summed block by block
+            block = min(KEY_BLOCK, seg.capacity)
+            out, lse = causal_blocks(x.q, seg.k, seg.v, seg.pos, x.q_pos, ctx.scale, block, with_lse=True)
+            votes = causal_votes(x.q, seg.k, seg.pos, x.q_pos, lse, weights, ctx.scale, block)
+            seg = seg.replace(score=self.observe_votes(seg, votes, x.new_pos, prompt_lengths))
+        elif observing and picked is None:  # every query's weights
             out, probs = attend_with_probs(x.q, seg.k, seg.v, seg.pos, x.q_pos, ctx.window, ctx.scale)
             seg = seg.replace(score=self.observe(seg, probs, x.new_pos, prompt_lengths))
         else:
-            # A prefill that evicts nothing yet, or whose one chunk is the whole prompt, holds the prompt at
-            # slot = position while it attends (the kernel's layout).
             out = attend(
-                x.q,
-                seg.k,
-                seg.v,
-                seg.pos,
-                x.q_pos,
-                ctx.window,
-                ctx.scale,
-                ctx.impl,
-                slot_is_position=not decoding and (not evicting or phase.whole_prompt),
+                x.q, seg.k, seg.v, seg.pos, x.q_pos, ctx.window, ctx.scale, ctx.impl, slot_is_position=in_place
             )
         if picked is not None:  # the picked queries' weights only
             at = jnp.maximum(picked, 0)  # [B, W]
