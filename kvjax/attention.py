@@ -284,18 +284,19 @@ def causal_votes(
     def query_block(votes, xs):
         qb, pb, lb, wb = xs  # [B, R, K, G, D], [B, R], [B, R, K, G], [B, R]
         queries = _grouped(qb)  # [B, K, G*R, D]
-        q_rows = rearrange(jnp.broadcast_to(pb[:, None], (b, group, rows)), "b g t -> b 1 (g t) 1")
-        lse_rows = rearrange(lb, "b t k g -> b k (g t)")[..., None]  # [B, K, G*R, 1]
+        q_rows = rearrange(jnp.broadcast_to(pb[:, None], (b, group, rows)), "b g t -> b 1 1 (g t)")
+        lse_rows = rearrange(lb, "b t k g -> b k (g t)")[:, :, None]  # [B, K, 1, G*R]
         w_rows = rearrange(jnp.broadcast_to(wb[:, None], (b, group, rows)), "b g t -> b (g t)") / group
 
         def step(i, votes):
             start = jnp.minimum(i * block, capacity - block)
             kb, pos = (jax.lax.dynamic_slice_in_dim(x, start, block, axis=2) for x in (k, k_pos))
             slots = start + jnp.arange(block, dtype=jnp.int32)
-            pos = jnp.where(slots >= i * block, pos, -1)[:, :, None, :]  # [B, K, 1, block]
-            logits = jnp.einsum("bkqd,bkcd->bkqc", queries, kb, preferred_element_type=jnp.float32) * scale
-            p = jnp.where((pos >= 0) & (pos <= q_rows), jnp.exp(logits - lse_rows), 0.0)  # [B, K, G*R, block]
-            added = jnp.einsum("bkqc,bq->bkc", p, w_rows)  # [B, K, block]
+            pos = jnp.where(slots >= i * block, pos, -1)[..., None]  # [B, K, block, 1]
+            # Entries by queries, queries minor: the sum over queries is then a matrix-vector product.
+            logits = jnp.einsum("bkcd,bkqd->bkcq", kb, queries, preferred_element_type=jnp.float32) * scale
+            p = jnp.where((pos >= 0) & (pos <= q_rows), jnp.exp(logits - lse_rows), 0.0)  # [B, K, block, G*R]
+            added = jnp.einsum("bkcq,bq->bkc", p, w_rows)  # [B, K, block]
             seen = jax.lax.dynamic_slice_in_dim(votes, start, block, axis=2)
             return jax.lax.dynamic_update_slice_in_dim(votes, seen + added, start, axis=2)
 
