@@ -104,8 +104,9 @@ class TokenEviction(Policy, abc.ABC):
         """For chunk_size=None. A policy that evicts as it prefills sees the whole prompt before it evicts
         in its paper (H2O, A2SF, VATP and TOVA score the prompt's attention, StreamingLLM keeps its window),
         which one chunk reproduces; eviction after every 512-token chunk departs from it (TOVA keeps half
-        another set at chunk 128). One chunk costs its attention weights, heads x T x (budget + T) float32 per
-        sequence and layer: beyond ONE_CHUNK_BYTES the default chunks run instead. Prompt compressors
+        another set at chunk 128). One chunk costs, for a policy that reads every query's weights, heads x T x
+        (budget + T) float32 per sequence and layer (summed votes need far less: `causal_votes`), and the rule
+        holds for all: beyond ONE_CHUNK_BYTES the default chunks run instead. Prompt compressors
         (SnapKV, ...) score the same whatever the chunk, so they keep the default."""
         if not self.evict_while_prefilling:
             return None
