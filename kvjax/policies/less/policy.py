@@ -176,7 +176,9 @@ class LESS(Policy):
         if whole and not observing:
             out = attend(x.q, kept.k, kept.v, kept.pos, x.q_pos, ctx.window, ctx.scale, ctx.impl, slot_is_position=True)
         else:
-            fast = None if observing else decode_with_lse(x.q, kept.k, kept.v, kept.pos, ctx.window, ctx.scale, ctx.impl)
+            fast = (
+                None if observing else decode_with_lse(x.q, kept.k, kept.v, kept.pos, ctx.window, ctx.scale, ctx.impl)
+            )
             if fast is None:
                 out, lse, probs = attend_with_lse(x.q, kept.k, kept.v, kept.pos, x.q_pos, ctx.window, ctx.scale)
             else:
