@@ -846,7 +846,10 @@ def parser() -> argparse.ArgumentParser:
         "--sink", type=int, default=None, help="duo: streaming heads' sink tokens (default 128); less: Λ's sink (4)"
     )
     tg.add_argument(
-        "--recent", type=int, default=None, help="duo: streaming heads' recent tokens (default 256); less: (200)"
+        "--recent",
+        type=int,
+        default=None,
+        help="duo: streaming heads' recent tokens (default 256); less: the recent window (200)",
     )
     tg.add_argument("--rank", type=int, default=None, help="less: the state's rank (default 8)")
     tg.add_argument(
