@@ -135,8 +135,8 @@ class LESS(Policy):
     def layout(self, config: ModelConfig, prompt_len: int, max_new_tokens: int, chunk: int) -> Layout:
         return self.base.layout(config, prompt_len, max_new_tokens, chunk)
 
-    def prefill_chunk(self, config, batch, prompt_len):
-        return self.base.prefill_chunk(config, batch, prompt_len)
+    def prefill_chunk(self, config, prompt_len):
+        return self.base.prefill_chunk(config, prompt_len)
 
     def scored(self) -> bool:
         return self.base.scored()
