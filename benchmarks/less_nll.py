@@ -39,14 +39,15 @@ def rows(tokenizer, samples: int, length: int, haystack: str, seed: int) -> np.n
     return np.asarray(out, np.int32)
 
 
-def continuation_nll(m, policy, tokens: np.ndarray, prompt_len: int) -> tuple[float, int]:
-    """(mean NLL of tokens[:, prompt_len:] given everything before, kv_bytes per sequence at the end)."""
+def continuation_nll(m, policy, tokens: np.ndarray, prompt_len: int) -> tuple[np.ndarray, int]:
+    """(float64[B]: each row's mean NLL of tokens[:, prompt_len:] given everything before, kv_bytes per
+    sequence at the end)."""
     new = tokens.shape[1] - prompt_len
     state = kvjax.prefill(m, tokens[:, : prompt_len - 1], policy, max_new_tokens=new)
-    total, rows_ = 0.0, np.arange(len(tokens))
+    total, rows_ = np.zeros(len(tokens)), np.arange(len(tokens))
     for i in range(new):  # feed token prompt_len - 1 + i, score token prompt_len + i
         logits, state = kvjax.decode_step(m, state, tokens[:, prompt_len - 1 + i], policy)
-        total += float(-jnp.mean(jax.nn.log_softmax(logits, axis=-1)[rows_, tokens[:, prompt_len + i]]))
+        total -= np.asarray(jax.nn.log_softmax(logits, axis=-1)[rows_, tokens[:, prompt_len + i]], np.float64)
     return total / new, kvjax.kv_bytes(state) // len(tokens)
 
 
@@ -72,13 +73,17 @@ def main(argv=None) -> int:
     results = []
     for name, policy in policies.items():
         start = time.perf_counter()
-        nll, size = continuation_nll(m, policy, tokens, args.prompt_len)
-        results.append({"policy": name, "repr": repr(policy), "nll": nll, "ppl": float(np.exp(nll)), "kv_bytes": size})
+        per_row, size = continuation_nll(m, policy, tokens, args.prompt_len)
+        nll = float(per_row.mean())
+        results.append(
+            {"policy": name, "repr": repr(policy), "nll": nll, "ppl": float(np.exp(nll)), "kv_bytes": size}
+            | {"nll_per_row": per_row.round(4).tolist()}
+        )
         print(
             f"{name:>20}  nll {nll:.4f}  ppl {np.exp(nll):8.3f}  kv_bytes/seq {size:>9}  ({time.perf_counter() - start:.0f} s)"
         )
     if args.out:
-        record = {"argv": sys.argv, "model": args.model, "rows": results, **{k: v for k, v in vars(args).items()}}
+        record = {"argv": sys.argv, "model": args.model, "rows": results, **vars(args)}
         Path(args.out).write_text(json.dumps(record, indent=1))
     return 0
 
