@@ -252,6 +252,8 @@ def train_less(
         raise ValueError(
             f"max_len {config.max_len} exceeds the model's {model.config.max_position_embeddings} positions"
         )
+    if any(model.config.sliding_window(layer) is not None for layer in range(model.config.num_layers)):
+        raise ValueError("LESS training compares against full causal attention; this model has sliding-window layers")
     check_tasks(model.tokenizer, config)
     out = Path(out).absolute()
     out.mkdir(parents=True, exist_ok=True)
