@@ -21,6 +21,7 @@ from kvjax.policies import (
     CSKV,
     H2O,
     KIVI,
+    LESS,
     TOVA,
     VATP,
     AdaKV,
@@ -41,6 +42,7 @@ from kvjax.policies import (
 )
 from kvjax.policies.base import bind_params, split_params
 from kvjax.policies.cskv import factor_shapes
+from kvjax.policies.less.kernels import param_shapes
 from model_shapes import LLAMA31_8B
 
 PROMPTS = (4096, 32768)
@@ -52,6 +54,8 @@ HALF = tuple(tuple(range(4)) for _ in range(32))
 RAZOR = tuple(tuple(h for h in range(8) if (layer * 8 + h) % 7 == 0) for layer in range(32))
 # CSKV's factors at density 0.5 (512 of 1024 channels), as shapes: only their ranks shape the cache.
 CSKV_HALF = {k: jax.ShapeDtypeStruct(s, jnp.float32) for k, s in factor_shapes(LLAMA31_8B, 512, 512).items()}
+# LESS's params at the authors' rank 8 and hidden 512, as shapes: the rank sizes the state.
+LESS_RANK8 = {k: jax.ShapeDtypeStruct(s, jnp.float32) for k, s in param_shapes(LLAMA31_8B, 8, 512).items()}
 
 # (label, policy): append new policies here; every entry is measured the same way.
 POLICIES = [
@@ -73,6 +77,7 @@ POLICIES = [
     ("ThinK(Full(), ratio=0.4)", ThinK(Full())),
     ("ThinK(SnapKV(budget_tokens=1024), ratio=0.4)", ThinK(SnapKV())),
     ("CSKV(residual=32), factors of rank 512 + 512 (density 0.5)", CSKV(params=CSKV_HALF)),
+    ("LESS(H2O(heavy=512, window=512)), rank 8", LESS(H2O(), params=LESS_RANK8)),
     ("PromptSVD(key_density=0.5, value_density=0.5, residual=32)", PromptSVD()),
     ("MiKV(H2O(heavy=512, window=512), bits=4)", MiKV(H2O(), 4)),
     ("MiKV(H2O(heavy=512, window=512), bits=2)", MiKV(H2O(), 2)),

@@ -387,6 +387,14 @@ def _given(**options) -> dict:
     return {k: v for k, v in options.items() if v is not None}
 
 
+# The options of `train-gates` that only some methods read (the rest are shared or have defaults).
+METHOD_OPTIONS = {
+    "duo": {"sink", "recent"},
+    "locret": {"warmup", "hidden", "tasks"},
+    "less": {"hidden", "tasks", "sink", "recent", "rank", "mask", "heavy"},
+}
+
+
 def _train_gates(args) -> None:
     import jax.numpy as jnp
 
@@ -402,29 +410,46 @@ def _train_gates(args) -> None:
     shared.update(
         pad_multiple=args.pad_multiple, chunk=args.chunk, seed=args.seed, checkpoint_every=args.checkpoint_every
     )
-    locret_only = _given(warmup=args.warmup, hidden=args.hidden, tasks=args.tasks)
+    specific = _given(
+        warmup=args.warmup,
+        hidden=args.hidden,
+        tasks=args.tasks,
+        sink=args.sink,
+        recent=args.recent,
+        rank=args.rank,
+        mask=args.mask,
+        heavy=args.heavy,
+    )
+    for option in specific:
+        takes = [method for method, options in METHOD_OPTIONS.items() if option in options]
+        if args.method not in takes:
+            raise ValueError(f"--{option.replace('_', '-')} applies to --method {' and '.join(takes)} only")
+    if "tasks" in specific:
+        specific["tasks"] = _tasks(specific["tasks"])
     if args.method == "duo":
         from kvjax.policies.duo_attention.training import GATES_TSV, DuoGateConfig, train_duo_gates
 
-        if locret_only:
-            raise ValueError(f"--{', --'.join(locret_only)} apply to --method locret only")
         config = DuoGateConfig(
             **shared,
-            sink=args.sink,
-            recent=args.recent,
+            **specific,
             num_passkeys=args.passkeys,
             passkey_words=args.passkey_words,
             haystack=args.haystack,
         )
         train_fn, written = train_duo_gates, GATES_TSV
-    else:
+    elif args.method == "locret":
         from kvjax.policies.locret import HEADS_DIR
         from kvjax.policies.locret.training import LocretHeadConfig, train_locret_heads
 
-        if "tasks" in locret_only:
-            locret_only["tasks"] = _tasks(locret_only["tasks"])
-        config = LocretHeadConfig(**shared, **locret_only)
+        config = LocretHeadConfig(**shared, **specific)
         train_fn, written = train_locret_heads, HEADS_DIR
+    else:
+        from kvjax.policies.less import PARAMS_FILE
+        from kvjax.policies.less.training import LESSTrainConfig, train_less
+
+        del shared["chunk"]  # LESS attends each layer's sequence whole
+        config = LESSTrainConfig(**shared, **specific)
+        train_fn, written = train_less, PARAMS_FILE
     m = load(args.model or _default_model(), dtype=jnp.dtype(args.dtype))
     try:
         _, result = train_fn(m, args.out, config, progress=not args.no_progress)
@@ -774,37 +799,63 @@ def parser() -> argparse.ArgumentParser:
     tr.set_defaults(run=_train_lm)
 
     tg = sub.add_parser(
-        "train-gates", help="train a learned policy on a frozen model (DuoAttention gates, Locret retaining heads)"
+        "train-gates",
+        help="train a learned policy on a frozen model (DuoAttention gates, Locret retaining heads, LESS state)",
     )
     tg.add_argument(
         "--method",
         required=True,
-        choices=["duo", "locret"],
-        help="duo: DuoAttention's per-KV-head gates; locret: Locret's per-layer retaining heads",
+        choices=["duo", "locret", "less"],
+        help="duo: DuoAttention's per-KV-head gates; locret: Locret's per-layer retaining heads; "
+        "less: LESS's feature maps of the evicted entries' state",
     )
     tg.add_argument("--model", help="checkpoint directory or bundled model name (default: bundled)")
     tg.add_argument(
         "--out",
         required=True,
         help="folder for the result (duo: full_attention_heads.tsv; locret: "
-        "retaining_heads/ + .json), checkpoints and the loss curve; "
+        "retaining_heads/ + .json; less: less_state.npz), checkpoints and the loss curve; "
         "rerunning with the same folder resumes",
     )
-    tg.add_argument("--steps", type=int, default=None, help="optimizer steps (default: duo 2000, locret 3000)")
+    tg.add_argument(
+        "--steps", type=int, default=None, help="optimizer steps (default: duo 2000, locret 3000, less 2000)"
+    )
     tg.add_argument("--min-len", type=int, default=None, help="shortest sequence in tokens (default 1024)")
     tg.add_argument(
-        "--max-len", type=int, default=None, help="longest sequence in tokens (default: duo 32768, locret 8192)"
+        "--max-len",
+        type=int,
+        default=None,
+        help="longest sequence in tokens (default: duo 32768, locret 8192, less 4096)",
     )
-    tg.add_argument("--lr", type=float, default=None, help="peak learning rate (default: duo 0.02, locret 5e-4)")
+    tg.add_argument(
+        "--lr", type=float, default=None, help="peak learning rate (default: duo 0.02, locret 5e-4, less 1e-3)"
+    )
     tg.add_argument("--warmup", type=int, default=None, help="locret: linear warm-up steps (default 2000)")
-    tg.add_argument("--hidden", type=int, default=None, help="locret: retaining head hidden size (default 1024)")
+    tg.add_argument(
+        "--hidden",
+        type=int,
+        default=None,
+        help="locret: retaining head hidden size (default 1024); less: feature maps' hidden width (default 512)",
+    )
     tg.add_argument(
         "--tasks",
         default=None,
-        help=f"locret: comma-separated tasks to train on (default: all), from: {', '.join(_task_names())}",
+        help=f"locret, less: comma-separated tasks to train on (default: all), from: {', '.join(_task_names())}",
     )
-    tg.add_argument("--sink", type=int, default=128, help="duo: streaming heads' sink tokens during training")
-    tg.add_argument("--recent", type=int, default=256, help="duo: streaming heads' recent tokens during training")
+    tg.add_argument(
+        "--sink", type=int, default=None, help="duo: streaming heads' sink tokens (default 128); less: Λ's sink (4)"
+    )
+    tg.add_argument(
+        "--recent",
+        type=int,
+        default=None,
+        help="duo: streaming heads' recent tokens (default 256); less: the recent window (200)",
+    )
+    tg.add_argument("--rank", type=int, default=None, help="less: the state's rank (default 8)")
+    tg.add_argument(
+        "--mask", default=None, choices=["lambda", "h2o"], help="less: the eviction trained with (default lambda)"
+    )
+    tg.add_argument("--heavy", type=int, default=None, help="less, --mask h2o: heavy hitters kept (default 102)")
     tg.add_argument("--seed", type=int, default=0, help="initialisation and data seed")
     tg.add_argument("--passkeys", type=int, default=10, help="duo: passkeys per prompt")
     tg.add_argument("--passkey-words", type=int, default=32, help="duo: NATO-alphabet words per passkey")

@@ -10,6 +10,7 @@ from kvjax.policies.full import Full
 from kvjax.policies.h2o import H2O
 from kvjax.policies.kivi import KIVI
 from kvjax.policies.knorm import Knorm
+from kvjax.policies.less import LESS
 from kvjax.policies.locret import Locret
 from kvjax.policies.lserve import LServe
 from kvjax.policies.mikv import MiKV
@@ -39,6 +40,7 @@ __all__ = [
     "KIVI",
     "Knorm",
     "Layout",
+    "LESS",
     "LServe",
     "Locret",
     "MiKV",
