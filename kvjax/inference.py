@@ -167,12 +167,15 @@ def _prefill(
     b, t = tokens.shape
     state = constrain_state(policy.allocate(model.config, b, t, max_new_tokens, chunk, model.embed.dtype))
     phase = Prefill(lengths, whole_prompt=t == chunk)
-    stack = model.layer_stack(state.layers, run.scans(False))
+    stack = model.layer_stack(state.layers, run.scans(False), policy.prefill_tokens(model.config, t, chunk))
     last = lengths - 1  # [B] position of each prompt's final token
     offsets = jnp.arange(chunk, dtype=jnp.int32)  # [S]
 
     def layer_fn(ctx, segments, shared, x):
         return policy.layer_step(ctx, segments, shared, x, phase)
+
+    def prune(layer, n, positions, valid, shared):
+        return policy.prune(layer, n, positions, valid, shared, phase)
 
     def step(carry, inputs):
         layers, shared, last_hidden = carry
@@ -188,6 +191,7 @@ def _prefill(
             seq_len=jnp.max(lengths),  # the whole prompt's length, as a one-shot forward would see
             attention_impl=run.attention_impl,
             stack=stack,
+            prune=prune,
         )
         here = (last >= start) & (last < start + chunk)  # [B] final token falls in this chunk
         picked = jnp.take_along_axis(hidden, jnp.clip(last - start, 0, chunk - 1)[:, None, None], axis=1)
