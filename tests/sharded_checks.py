@@ -15,7 +15,8 @@ from jax.sharding import PartitionSpec as P
 import kvjax
 from kvjax import ModelConfig, init_model
 from kvjax.checkpoint import save_checkpoint
-from kvjax.policies import D2O, KIVI, DuoAttention, Full, PromptSVD, SnapKV, SqueezedAttention, Twilight
+from kvjax.policies import D2O, KIVI, DuoAttention, Full, LazyLLM, PromptSVD, SnapKV, SqueezedAttention, Twilight
+from kvjax.policies.prefill_pruning import PrefillPruning
 from kvjax.policies.prompt_svd import LowRankSegment
 from kvjax.policies.quest import PagedSegment
 from kvjax.policies.squeezed_attention import ClusteredSegment
@@ -114,6 +115,9 @@ POLICIES = {
     "squeezed": SqueezedAttention(recent=32),
     # per-sequence layer shares and merge threshold: means over the KV heads split across devices
     "d2o": D2O(heavy=16, window=8),
+    # tokens pruned between layers 0 and 1 by the last token's attention, a mean over the heads split across
+    # devices (PyramidInfer never prunes after a model's first layer, so a 2-layer model shows nothing of it)
+    "lazyllm": LazyLLM(depths=(0.5,), percentiles=(0.5,)),
 }
 
 
@@ -123,11 +127,12 @@ def test_sharded_generate_and_state_match_one_device(model, sharded, prompts, na
     """Same greedy tokens and the same kept entries as on one device; every KV buffer split by
     sequence over "data" and by KV head over "model" where the head count allows."""
     policy = POLICIES[name]
-    one = np.asarray(kvjax.generate(model, prompts, 6, policy=policy, chunk_size=64))
-    many = np.asarray(kvjax.generate(sharded, prompts, 6, policy=policy, chunk_size=64))
+    chunk = None if isinstance(policy, PrefillPruning) else 64  # pruning between layers takes the whole prompt
+    one = np.asarray(kvjax.generate(model, prompts, 6, policy=policy, chunk_size=chunk))
+    many = np.asarray(kvjax.generate(sharded, prompts, 6, policy=policy, chunk_size=chunk))
     np.testing.assert_array_equal(many, one)
-    state = kvjax.prefill(sharded, prompts, policy, chunk_size=64, max_new_tokens=6)
-    reference = kvjax.prefill(model, prompts, policy, chunk_size=64, max_new_tokens=6)
+    state = kvjax.prefill(sharded, prompts, policy, chunk_size=chunk, max_new_tokens=6)
+    reference = kvjax.prefill(model, prompts, policy, chunk_size=chunk, max_new_tokens=6)
     assert kvjax.kv_bytes(state) == kvjax.kv_bytes(reference)
     assert state.length.sharding.spec == P("data")
     for layer, ref_layer in zip(state.layers, reference.layers):

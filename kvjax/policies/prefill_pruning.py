@@ -29,6 +29,8 @@ from kvjax.kv_state import round_capacity, write_entries, write_free_slot
 from kvjax.layer_step import Decode
 from kvjax.policies.base import Layout, Policy, SegmentSpec
 
+SINK_PRIORITY = float(jnp.finfo(jnp.float32).max)  # above every score, below the window's +inf
+
 
 @struct.dataclass(frozen=True)
 class PruneScores:
@@ -134,15 +136,16 @@ class PrefillPruning(Policy, abc.ABC):
         sinks first, then by score), valid ones first in position order."""
         lengths = phase.prompt_lengths  # [B]
         window = shared.window[lengths][:, None]  # [B, 1]
-        protected = (positions >= lengths[:, None] - window) | (positions < self.sinks)
         score = shared.score[:, : positions.shape[1]]
-        priority = jnp.where(valid, jnp.where(protected, jnp.inf, score), -jnp.inf)  # [B, T_l]
+        score = jnp.where(positions < self.sinks, SINK_PRIORITY, score)
+        score = jnp.where(positions >= lengths[:, None] - window, jnp.inf, score)  # the window wins every tie
+        priority = jnp.where(valid, score, -jnp.inf)  # [B, T_l]
         top, idx = jax.lax.top_k(priority, n)  # [B, n], highest first
         keep = (jnp.arange(n) < shared.tokens[layer, lengths][:, None]) & (top > -jnp.inf)
         picked = jnp.take_along_axis(positions, idx, axis=1)
         order = jnp.argsort(jnp.where(keep, picked, jnp.iinfo(jnp.int32).max), axis=1, stable=True)
         idx, keep = jnp.take_along_axis(idx, order, axis=1), jnp.take_along_axis(keep, order, axis=1)
-        return idx, keep, shared.replace(score=pad_to(jnp.take_along_axis(score, idx, axis=1), shared.score.shape[1]))
+        return idx, keep, shared  # the scores are the next layer's to write
 
 
 def pad_to(x: jax.Array, width: int) -> jax.Array:
