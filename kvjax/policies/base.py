@@ -138,7 +138,7 @@ class Policy(abc.ABC):
     ) -> tuple[jax.Array, jax.Array, Any]:
         """The `n` of the T tokens entering `layer` that it and later layers compute (`prefill_tokens`):
         int32[B, n] indices into positions int32[B, T] / valid bool[B, T], bool[B, n] which of them stay
-        valid (a row may keep fewer), and `shared` for the n tokens (what earlier layers scored)."""
+        valid (a row may keep fewer), and the new `shared` (where the policy keeps what earlier layers scored)."""
         raise NotImplementedError(f"{type(self).__name__} prunes no tokens (its prefill_tokens is None)")
 
     def position_limit(self, chunk: int) -> int | None:

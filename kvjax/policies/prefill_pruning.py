@@ -23,12 +23,13 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from kvjax.attention import attend, attention_probs
+from kvjax.attention import attend, attention_probs, join_query_chunks, split_query_chunks
 from kvjax.config import ModelConfig
 from kvjax.kv_state import round_capacity, write_entries, write_free_slot
 from kvjax.layer_step import Decode
 from kvjax.policies.base import Layout, Policy, SegmentSpec
 
+QUERY_BLOCK = 512  # prefill queries attended together (Full's default prefill chunk)
 SINK_PRIORITY = float(jnp.finfo(jnp.float32).max)  # above every score, below the window's +inf
 
 
@@ -98,11 +99,22 @@ class PrefillPruning(Policy, abc.ABC):
         seg = write_entries(segment, x.k, x.v, x.new_pos, jnp.zeros(x.k.shape[:1], jnp.int32))  # slots [0, T_l)
         if ctx.window is not None:  # a sliding window is a span of positions, not of slots
             return attend(x.q, seg.k, seg.v, seg.pos, x.q_pos, ctx.window, ctx.scale, ctx.impl), seg
-        # Kept tokens sit in position order, valid ones first: causal in positions is causal in slots.
+        # Kept tokens sit in position order, valid ones first: causal in positions is causal in slots. Blocks
+        # of QUERY_BLOCK queries, each over the slots up to its own (the triangle, as chunked prefill reads it).
+        b, t = x.q_pos.shape
         slots = jnp.arange(seg.capacity, dtype=jnp.int32)
         k_slot = jnp.where(seg.pos >= 0, slots, -1)  # [B, Hs, C]
-        q_slot = jnp.broadcast_to(slots[: x.q.shape[1]], x.q_pos.shape)  # [B, T_l]
-        return attend(x.q, seg.k, seg.v, k_slot, q_slot, None, ctx.scale, ctx.impl, slot_is_position=True), seg
+        block = min(QUERY_BLOCK, t)
+        padded = -(-t // block) * block  # padding queries (zeros) see every entry; their outputs are dropped
+        q = jnp.pad(x.q, ((0, 0), (0, padded - t)) + ((0, 0),) * 3)
+        q_slot = jnp.broadcast_to(jnp.arange(padded, dtype=jnp.int32), (b, padded))
+        chunks = split_query_chunks(block, q, q_slot)  # [N, B, block, ...]
+
+        def one(chunk):
+            q, q_slot = chunk
+            return attend(q, seg.k, seg.v, k_slot, q_slot, None, ctx.scale, ctx.impl, slot_is_position=True)
+
+        return join_query_chunks(jax.lax.map(one, chunks))[:, :t], seg
 
     def layer_step(self, ctx, segments, shared, x, phase):
         out, segments = self.step(ctx, segments, x, phase)
