@@ -32,7 +32,7 @@ ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
 LayerFn = Callable[[LayerContext, Any, Any, StepInputs], tuple[jax.Array, Any, Any]]
 # What the model calls where a prefill drops tokens before `layer` (a policy's `Policy.prune`):
 # (layer, tokens that continue n, positions int32[B, T], valid bool[B, T], shared) ->
-# (int32[B, n] indices of the continuing tokens, bool[B, n] which of them stay valid, shared for n tokens).
+# (int32[B, n] indices of the continuing tokens, bool[B, n] which of them stay valid, the new shared).
 PruneFn = Callable[[int, int, jax.Array, jax.Array, Any], tuple[jax.Array, jax.Array, Any]]
 
 
