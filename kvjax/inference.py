@@ -169,13 +169,18 @@ def _prefill_forward(
     ]
     phase = Prefill(lengths, whole_prompt=t == chunk)
     layers = tuple(zip(*(s.layers for s in states)))  # per layer, per policy, its segments
-    stack = model.layer_stack(layers, run.scans(False))
+    # Only a policy prefilled alone prunes tokens between layers: a pruned prefill is not Full's, so it shares none.
+    stack = model.layer_stack(layers, run.scans(False), policies[0].prefill_tokens(model.config, t, chunk))
     last = lengths - 1  # [B] position of each prompt's final token
     offsets = jnp.arange(chunk, dtype=jnp.int32)  # [S]
 
     def layer_fn(ctx, segments, shared, x):
         steps = [p.layer_step(ctx, seg, sh, x, phase) for p, seg, sh in zip(policies, segments, shared)]
         return steps[0][0], tuple(s[1] for s in steps), tuple(s[2] for s in steps)
+
+    def prune(layer, n, positions, valid, shared):
+        index, kept, own = policies[0].prune(layer, n, positions, valid, shared[0], phase)
+        return index, kept, (own, *shared[1:])
 
     def step(carry, inputs):
         layers, shared, last_hidden = carry
@@ -191,6 +196,7 @@ def _prefill_forward(
             seq_len=jnp.max(lengths),  # the whole prompt's length, as a one-shot forward would see
             attention_impl=run.attention_impl,
             stack=stack,
+            prune=prune,
         )
         here = (last >= start) & (last < start + chunk)  # [B] final token falls in this chunk
         picked = jnp.take_along_axis(hidden, jnp.clip(last - start, 0, chunk - 1)[:, None, None], axis=1)

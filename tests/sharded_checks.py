@@ -20,6 +20,7 @@ from kvjax.policies import (
     KIVI,
     DuoAttention,
     Full,
+    LazyLLM,
     LServe,
     MiniCache,
     PromptSVD,
@@ -29,6 +30,7 @@ from kvjax.policies import (
 )
 from kvjax.policies.lserve import SelectedPagesSegment
 from kvjax.policies.minicache import MergedSegment
+from kvjax.policies.prefill_pruning import PrefillPruning
 from kvjax.policies.prompt_svd import LowRankSegment
 from kvjax.policies.quest import PagedSegment
 from kvjax.policies.squeezed_attention import ClusteredSegment
@@ -131,6 +133,9 @@ POLICIES = {
     "minicache": MiniCache(start_layer=0),
     # 1 retrieval and 3 streaming heads (80 slots, more than a page): one decode launch over both buffers
     "lserve": LServe(((0,), (1, 2, 3)), sink=4, local=64, prefill_local=64, token_budget=64, reuse=2),
+    # tokens pruned between layers 0 and 1 by the last token's attention, a mean over the heads split across
+    # devices (PyramidInfer never prunes after a model's first layer, so a 2-layer model shows nothing of it)
+    "lazyllm": LazyLLM(depths=(0.5,), percentiles=(0.5,)),
 }
 
 
@@ -140,11 +145,12 @@ def test_sharded_generate_and_state_match_one_device(model, sharded, prompts, na
     """Same greedy tokens and the same kept entries as on one device; every KV buffer split by
     sequence over "data" and by KV head over "model" where the head count allows."""
     policy = POLICIES[name]
-    one = np.asarray(kvjax.generate(model, prompts, 6, policy=policy, chunk_size=64))
-    many = np.asarray(kvjax.generate(sharded, prompts, 6, policy=policy, chunk_size=64))
+    chunk = None if isinstance(policy, PrefillPruning) else 64  # pruning between layers takes the whole prompt
+    one = np.asarray(kvjax.generate(model, prompts, 6, policy=policy, chunk_size=chunk))
+    many = np.asarray(kvjax.generate(sharded, prompts, 6, policy=policy, chunk_size=chunk))
     np.testing.assert_array_equal(many, one)
-    state = kvjax.prefill(sharded, prompts, policy, chunk_size=64, max_new_tokens=6)
-    reference = kvjax.prefill(model, prompts, policy, chunk_size=64, max_new_tokens=6)
+    state = kvjax.prefill(sharded, prompts, policy, chunk_size=chunk, max_new_tokens=6)
+    reference = kvjax.prefill(model, prompts, policy, chunk_size=chunk, max_new_tokens=6)
     assert kvjax.kv_bytes(state) == kvjax.kv_bytes(reference)
     assert state.length.sharding.spec == P("data")
     for layer, ref_layer in zip(state.layers, reference.layers):

@@ -30,6 +30,10 @@ ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
 # What the model calls per layer with a cache: the policy's `layer_step` for the current phase,
 # (LayerContext, layer state, shared state, StepInputs) -> (output [B, T, K, G, D], layer state, shared).
 LayerFn = Callable[[LayerContext, Any, Any, StepInputs], tuple[jax.Array, Any, Any]]
+# What the model calls where a prefill drops tokens before `layer` (a policy's `Policy.prune`):
+# (layer, tokens that continue n, positions int32[B, T], valid bool[B, T], shared) ->
+# (int32[B, n] indices of the continuing tokens, bool[B, n] which of them stay valid, the new shared).
+PruneFn = Callable[[int, int, jax.Array, jax.Array, Any], tuple[jax.Array, jax.Array, Any]]
 
 
 def _param(rngs: nnx.Rngs, shape: tuple[int, ...], dtype, fan_in: int) -> nnx.Param:
@@ -168,15 +172,19 @@ class Block(nnx.Module):
         return x + self.mlp(self.post_attention_norm(x)), segments, shared
 
 
-def layer_runs(config: ModelConfig, cache: tuple | None) -> tuple[tuple[int, int], ...]:
-    """[start, stop) ranges of consecutive layers that share a sliding window and a state layout
-    (pytree structure, static fields, leaf shapes and dtypes): each runs as one `lax.scan`."""
+def layer_runs(
+    config: ModelConfig, cache: tuple | None, tokens: tuple[int, ...] | None = None
+) -> tuple[tuple[int, int], ...]:
+    """[start, stop) ranges of consecutive layers that share a sliding window, a state layout (pytree
+    structure, static fields, leaf shapes and dtypes) and the tokens they compute (`tokens`, per layer,
+    or None: all): each runs as one `lax.scan`."""
 
     def key(i: int):
+        computed = None if tokens is None else tokens[i]
         if cache is None:
-            return config.sliding_window(i)
+            return config.sliding_window(i), computed
         leaves, treedef = jax.tree.flatten(cache[i])
-        return config.sliding_window(i), treedef, tuple((x.shape, x.dtype) for x in leaves)
+        return config.sliding_window(i), computed, treedef, tuple((x.shape, x.dtype) for x in leaves)
 
     runs, start = [], 0
     for i in range(1, config.num_layers + 1):
@@ -196,10 +204,12 @@ class LayerStack:
     one layer, its blocks' parameters stacked on a new leading axis (None for a single layer).
 
     Built once outside a loop (prefill's chunks, decode's tokens) so the stacking is not repeated per
-    step; it holds a second copy of the scanned blocks' weights while it lives."""
+    step; it holds a second copy of the scanned blocks' weights while it lives. `tokens` (static): per
+    layer, how many of the chunk's tokens it computes (`Policy.prefill_tokens`), or None: all of them."""
 
     runs: tuple[tuple[int, int], ...] = struct.field(pytree_node=False)
     params: tuple[Any, ...]
+    tokens: tuple[int, ...] | None = struct.field(pytree_node=False, default=None)
 
 
 class Transformer(nnx.Module):
@@ -215,18 +225,24 @@ class Transformer(nnx.Module):
         if not config.tie_word_embeddings:
             self.lm_head = _param(rngs, (config.hidden_size, config.vocab_size), dtype, config.hidden_size)
 
-    def layer_stack(self, cache: tuple | None, scan_layers: bool = True) -> LayerStack:
-        """The runs of layers sharing a layout in `cache` (one run per layer when `scan_layers` is False)
-        and their stacked block parameters."""
+    def layer_stack(
+        self, cache: tuple | None, scan_layers: bool = True, tokens: tuple[int, ...] | None = None
+    ) -> LayerStack:
+        """The runs of layers sharing a layout in `cache` and a count of computed `tokens` (one run per
+        layer when `scan_layers` is False) and their stacked block parameters."""
+        if tokens is not None and (
+            len(tokens) != self.config.num_layers or any(b > a for a, b in zip(tokens, tokens[1:])) or min(tokens) < 1
+        ):
+            raise ValueError(f"tokens per layer must be {self.config.num_layers} positive, non-increasing counts")
         if scan_layers:
-            runs = layer_runs(self.config, cache)
+            runs = layer_runs(self.config, cache, tokens)
         else:
             runs = tuple((i, i + 1) for i in range(self.config.num_layers))
         params = tuple(
             None if stop - start == 1 else _stack([nnx.split(self.blocks[i])[1] for i in range(start, stop)])
             for start, stop in runs
         )
-        return LayerStack(runs=runs, params=params)
+        return LayerStack(runs=runs, params=params, tokens=tokens)
 
     def __call__(
         self,
@@ -240,6 +256,7 @@ class Transformer(nnx.Module):
         seq_len: jax.Array | None = None,
         attention_impl: str = "auto",
         stack: LayerStack | None = None,
+        prune: PruneFn | None = None,
     ) -> tuple[jax.Array, tuple | None, Any]:
         """Final-normed hidden states [B, T, E] for tokens int32[B, T] at positions int32[B, T], the new
         per-layer cache and the new shared state.
@@ -250,6 +267,11 @@ class Transformer(nnx.Module):
         default the largest real position plus one, which is right for a single forward. Runs of
         identically laid-out layers run under one `lax.scan`, so compile time does not grow with
         depth; `stack` (`layer_stack`, default: built here) says which.
+
+        Where `stack.tokens` drops from one layer to the next (a prefill that prunes tokens between
+        layers), `prune` picks the n tokens that continue; their hidden states, positions (so RoPE
+        rotates each at its own) and validity are gathered, and later layers compute only those. The
+        returned hidden states are then zero at the tokens pruned before the last layer.
         """
         cfg = self.config
         stack = self.layer_stack(cache) if stack is None else stack
@@ -259,7 +281,17 @@ class Transformer(nnx.Module):
         rope = rope_tables(cfg.rope, cfg.head_dim, positions, seq_len)
         scale = cfg.head_dim**-0.5
         layers = [None] * cfg.num_layers if cache is None else list(cache)
+        b, t = tokens.shape
+        origin = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))  # [B, T_l]: each row's index in the chunk
         for (start, stop), params in zip(stack.runs, stack.params):
+            if stack.tokens is not None and stack.tokens[start] < x.shape[1]:
+                if prune is None:
+                    raise ValueError("a layer stack that drops tokens between layers needs a `prune` function")
+                idx, keep, shared = prune(start, stack.tokens[start], positions, valid, shared)  # [B, n] x 2
+                x = jnp.take_along_axis(x, idx[:, :, None], axis=1)  # [B, n, E]
+                positions, origin = (jnp.take_along_axis(a, idx, axis=1) for a in (positions, origin))
+                valid = jnp.take_along_axis(valid, idx, axis=1) & keep
+                rope = rope_tables(cfg.rope, cfg.head_dim, positions, seq_len)
             ctx = functools.partial(LayerContext, window=cfg.sliding_window(start), scale=scale, impl=attention_impl)
             if params is None:
                 x, layers[start], shared = self.blocks[start](
@@ -268,7 +300,7 @@ class Transformer(nnx.Module):
                 continue
             graphdef = nnx.split(self.blocks[start])[0]
 
-            def body(carry, xs, graphdef=graphdef, ctx=ctx):
+            def body(carry, xs, graphdef=graphdef, ctx=ctx, positions=positions, valid=valid, rope=rope):
                 h, shared = carry
                 block_params, state, index = xs
                 h, state, shared = nnx.merge(graphdef, block_params)(
@@ -281,6 +313,8 @@ class Transformer(nnx.Module):
             (x, shared), run_state = jax.lax.scan(body, (x, shared), (params, run_state, indices))
             if cache is not None:
                 layers[start:stop] = [jax.tree.map(lambda a, j=j: a[j], run_state) for j in range(stop - start)]
+        if x.shape[1] < t:  # back to the chunk's rows, zero where a token was pruned
+            x = jnp.zeros((b, t, x.shape[2]), x.dtype).at[jnp.arange(b)[:, None], origin].set(x)
         return self.final_norm(x), None if cache is None else tuple(layers), shared
 
     def logits(self, hidden: jax.Array) -> jax.Array:

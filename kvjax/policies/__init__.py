@@ -10,12 +10,14 @@ from kvjax.policies.full import Full
 from kvjax.policies.h2o import H2O
 from kvjax.policies.kivi import KIVI
 from kvjax.policies.knorm import Knorm
+from kvjax.policies.lazyllm import LazyLLM
 from kvjax.policies.less import LESS
 from kvjax.policies.locret import Locret
 from kvjax.policies.lserve import LServe
 from kvjax.policies.mikv import MiKV
 from kvjax.policies.minicache import MiniCache
 from kvjax.policies.prompt_svd import PromptSVD
+from kvjax.policies.pyramidinfer import PyramidInfer
 from kvjax.policies.pyramidkv import PyramidKV
 from kvjax.policies.quantized_pruning import QuantizedPruning
 from kvjax.policies.quest import Quest
@@ -41,12 +43,14 @@ __all__ = [
     "Knorm",
     "Layout",
     "LESS",
+    "LazyLLM",
     "LServe",
     "Locret",
     "MiKV",
     "MiniCache",
     "Policy",
     "PromptSVD",
+    "PyramidInfer",
     "PyramidKV",
     "QuantizedPruning",
     "Quest",
