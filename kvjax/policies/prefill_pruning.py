@@ -63,7 +63,7 @@ class PrefillPruning(Policy, abc.ABC):
         """Per layer, the most tokens a prompt of at most `prompt_len` tokens keeps there (the buffers)."""
         return tuple(int(n) for n in self.layer_tokens(num_layers, np.arange(1, prompt_len + 1)).max(axis=1))
 
-    def prefill_chunk(self, config: ModelConfig, batch: int, prompt_len: int) -> int:
+    def prefill_chunk(self, config: ModelConfig, prompt_len: int) -> int:
         return prompt_len
 
     def prefill_tokens(self, config: ModelConfig, prompt_len: int, chunk: int) -> tuple[int, ...]:
