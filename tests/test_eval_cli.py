@@ -289,14 +289,14 @@ def test_policies_that_prefill_as_full_share_one_forward_with_the_same_answers(t
         "snapkv": kvjax.policies.SnapKV(budget_tokens=96, window=8),
         "h2o": kvjax.policies.H2O(compression_ratio=0.5),
         "streaming": kvjax.policies.StreamingLLM(compression_ratio=0.75),
-        "kivi": kvjax.policies.KIVI(bits=2),  # quantizes as it prefills: on its own
+        "promptsvd": kvjax.policies.PromptSVD(),  # attends to low-rank keys as it prefills: on its own
     }
     config = EvalConfig(tasks=("niah_single",), lengths=(300,), samples=3, timing=False, batch_size=3)
     rows_alone, samples_alone = run_eval(m, policies, dataclasses.replace(config, share_prefill=False), progress=False)
     alone, shared_before = _prefill._cache_size(), _prefill_shared._cache_size()
     rows, samples = run_eval(m, policies, config, progress=False)
     assert _prefill_shared._cache_size() == shared_before + 1  # one forward for the four
-    assert _prefill._cache_size() == alone  # KIVI's own prefill was compiled by the run alone
+    assert _prefill._cache_size() == alone  # PromptSVD's own prefill was compiled by the run alone
     assert [s["prediction"] for s in samples] == [s["prediction"] for s in samples_alone]
     assert [(r["policy"], r["accuracy"], r["digits"], r["kv_bytes"]) for r in rows] == [
         (r["policy"], r["accuracy"], r["digits"], r["kv_bytes"]) for r in rows_alone

@@ -10,7 +10,6 @@ import kvjax
 from kvjax.inference import prefill_shared, shares_prefill
 from kvjax.policies import (
     A2SF,
-    CSKV,
     D2O,
     H2O,
     KIVI,
@@ -18,6 +17,7 @@ from kvjax.policies import (
     VATP,
     Full,
     Knorm,
+    PromptSVD,
     PyramidKV,
     Quest,
     SnapKV,
@@ -41,6 +41,7 @@ SHARING = (
     D2O(compression_ratio=0.5),
     Quest(),
     Twilight(),
+    KIVI(bits=2, group=8, residual=32),  # quantizes once the whole prompt has attended
 )
 
 
@@ -68,12 +69,13 @@ def test_each_policy_gets_the_state_and_answer_of_its_own_prefill(tiny_model):
 def test_policies_that_change_the_prefill_attention_cannot_share(tiny_model):
     m = tiny_model
     tokens = random_tokens(5, (1, 200), m.config.vocab_size)
-    # KIVI attends to its quantized entries, CSKV to low-rank ones; H2O evicting after every 64-token chunk
-    # attends to what survived the previous chunk.
-    assert shares_prefill(m, [Full(), KIVI(), CSKV(), H2O(heavy=20, window=20)], 200) == (True, False, False, True)
-    assert shares_prefill(m, [Full(), H2O(heavy=20, window=20)], 200, chunk_size=64) == (True, False)
-    with pytest.raises(ValueError, match=r"^KIVI does not prefill as Full does in the shared chunk"):
-        prefill_shared(m, tokens, [Full(), KIVI()])
+    # PromptSVD attends to low-rank keys; in 64-token chunks, H2O attends to what survived the previous chunk
+    # and KIVI to the previous chunks quantized.
+    kivi, h2o = KIVI(group=8, residual=32), H2O(heavy=20, window=20)
+    assert shares_prefill(m, [Full(), kivi, PromptSVD(), h2o], 200) == (True, True, False, True)
+    assert shares_prefill(m, [Full(), kivi, h2o], 200, chunk_size=64) == (True, False, False)
+    with pytest.raises(ValueError, match=r"^PromptSVD does not prefill as Full does in the shared chunk"):
+        prefill_shared(m, tokens, [Full(), PromptSVD()])
     with pytest.raises(ValueError, match=r"^H2O does not prefill as Full"):
         prefill_shared(m, tokens, [SnapKV(budget_tokens=64, window=8), H2O(heavy=20, window=20)], chunk_size=64)
     with pytest.raises(ValueError, match="at least one policy"):

@@ -13,7 +13,11 @@ lets values leave one by one, this layout moves both in groups of G as soon as G
 than the last R, so at least R tokens are always exact and both share one slab length.
 
 Attention: a prefill chunk attends to the dequantized slab, the window and itself (its own tokens at
-full precision), then its tokens join the window and whole groups flush. A decode token is appended
+full precision), then its tokens join the window and whole groups flush. By default (`prefill_chunk`)
+the whole prompt is one chunk where its attention weights would fit in `ONE_CHUNK_BYTES`, as the
+authors prefill (the prompt attends at full precision, then is quantized), so the prefill is Full's and
+can share its forward (`prefills_as_full`); longer prompts run 512-token chunks, each attending to the
+earlier ones dequantized. A decode token is appended
 to the window, attends through the quantized decode kernel entry (slab + window), and a group
 flushes when the window reaches R + G. Sliding-window layers are supported by the jnp reference path
 (tokens stay stored; the window only masks).
@@ -26,10 +30,12 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from kvjax.attention import attend_quantized
+from kvjax.attention import attend, attend_quantized
 from kvjax.config import ModelConfig
 from kvjax.kv_state import KVState, write_entries
+from kvjax.layer_step import Prefill
 from kvjax.policies.base import Layout, Policy, SegmentSpec
+from kvjax.policies.token_eviction import ONE_CHUNK_BYTES
 from kvjax.quantized_segment import QuantizedSegment, empty_quantized_segment, flush_window, grow_window
 from pallas_kernels import kv_quant
 
@@ -68,6 +74,15 @@ class KIVI(Policy):
         align = max(self.group, SLAB_ALIGN)
         return -(-quantized // align) * align, min(self.residual + self.group, total)
 
+    def prefill_chunk(self, config: ModelConfig, prompt_len: int) -> int | None:
+        """The whole prompt while one sequence's attention weights over it, heads x T x T float32 per layer,
+        fit in ONE_CHUNK_BYTES (the rule evicting policies follow); else the default chunks."""
+        return prompt_len if 4 * config.num_heads * prompt_len * prompt_len <= ONE_CHUNK_BYTES else None
+
+    def prefills_as_full(self, config: ModelConfig, prompt_len: int, chunk: int) -> bool:
+        """In one chunk holding the prompt, where that is its own chunk: nothing is quantized before it attends."""
+        return chunk >= prompt_len and self.prefill_chunk(config, prompt_len) is not None
+
     def layout(self, config: ModelConfig, prompt_len: int, max_new_tokens: int, chunk: int) -> Layout:
         """One segment per layer over all KV heads; its capacity counts slab and window tokens."""
         heads = tuple(range(config.num_kv_heads))
@@ -94,7 +109,10 @@ class KIVI(Policy):
         seg = grow_window(segment, held_max + t - capacity)  # room for T more without clamping
         seg = seg.replace(window=write_entries(seg.window, x.k, x.v, x.new_pos, seg.window_length()))
         w = seg.window
-        out = attend_quantized(
-            x.q, seg.slab, seg.slab_length, w.k, w.v, w.pos, x.q_pos, ctx.window, ctx.scale, ctx.impl
-        )
+        if isinstance(phase, Prefill) and phase.whole_prompt:  # nothing quantized yet: slot = position in the window
+            out = attend(x.q, w.k, w.v, w.pos, x.q_pos, ctx.window, ctx.scale, ctx.impl, slot_is_position=True)
+        else:
+            out = attend_quantized(
+                x.q, seg.slab, seg.slab_length, w.k, w.v, w.pos, x.q_pos, ctx.window, ctx.scale, ctx.impl
+            )
         return out, flush_window(seg, self.residual, capacity)
