@@ -309,8 +309,10 @@ def _shared_answers(
         sharing = [
             r for r, ok in zip(runs, shares_prefill(m, [r.policy for r in runs], width, config.chunk_size)) if ok
         ]
+        if len(sharing) < 2:
+            continue
         group = max(2, int(free_memory_bytes() // (2 * full_bytes * len(prompts))))
-        for start in range(0, len(sharing) if len(sharing) > 1 else 0, group):
+        for start in range(0, len(sharing), group):
             members = sharing[start : start + group]
             bar.set_description(f"shared prefill of {len(members)} policies")
             states = prefill_shared(

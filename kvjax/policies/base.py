@@ -137,17 +137,10 @@ class Policy(abc.ABC):
 
     def prefill_tokens(self, config: ModelConfig, prompt_len: int, chunk: int) -> tuple[int, ...] | None:
         """Per layer, how many of a prefill chunk's `chunk` tokens it computes (non-increasing, static), for
-        policies that prune tokens between layers as they prefill (PyramidInfer, LazyLLM); where the count
-        drops, the model asks `prune` which tokens continue. None (the default): every layer computes all."""
+        policies that prune tokens between layers as they prefill (PyramidInfer, LazyLLM); None (the default):
+        every layer computes all. A policy that returns counts defines `prune(layer, n, positions, valid,
+        shared, phase)`, which the model calls where the count drops (`kvjax.policies.prefill_pruning`)."""
         return None
-
-    def prune(
-        self, layer: int, n: int, positions: jax.Array, valid: jax.Array, shared: Any, phase: Phase
-    ) -> tuple[jax.Array, jax.Array, Any]:
-        """The `n` of the T tokens entering `layer` that it and later layers compute (`prefill_tokens`):
-        int32[B, n] indices into positions int32[B, T] / valid bool[B, T], bool[B, n] which of them stay
-        valid (a row may keep fewer), and the new `shared` (where the policy keeps what earlier layers scored)."""
-        raise NotImplementedError(f"{type(self).__name__} prunes no tokens (its prefill_tokens is None)")
 
     def position_limit(self, chunk: int) -> int | None:
         """None when attention rotates each token at its own position, so the model's context bounds the

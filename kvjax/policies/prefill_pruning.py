@@ -144,8 +144,10 @@ class PrefillPruning(Policy, abc.ABC):
         return jnp.einsum("bwt,bw->bt", per_query, weight)
 
     def prune(self, layer, n, positions, valid, shared, phase):
-        """The layer's `n` tokens: per row, the tokens[layer, length] highest-priority ones (the window and
-        sinks first, then by score), valid ones first in position order."""
+        """The `n` of the T tokens entering `layer` that it and later layers compute: int32[B, n] indices into
+        positions int32[B, T] / valid bool[B, T], bool[B, n] which stay valid, and the new `shared`. Per row,
+        the tokens[layer, length] highest-priority ones (the window and sinks first, then by score), valid
+        ones first in position order."""
         lengths = phase.prompt_lengths  # [B]
         window = shared.window[lengths][:, None]  # [B, 1]
         score = shared.score[:, : positions.shape[1]]

@@ -44,6 +44,15 @@ def check_learning_rate(lr, name: str = "lr") -> float:
     return float(lr)
 
 
+def check_prompt_model(model, max_len: int, prompts: str) -> None:
+    """Refuses a model without a tokenizer (the training `prompts` are text) or with fewer positions than
+    `max_len`, the longest training row."""
+    if model.tokenizer is None:
+        raise ValueError(f"model {model.name or ''} has no tokenizer; the {prompts} prompts need one")
+    if max_len > model.config.max_position_embeddings:
+        raise ValueError(f"max_len {max_len} exceeds the model's {model.config.max_position_embeddings} positions")
+
+
 @dataclasses.dataclass(frozen=True)
 class LoopConfig:
     """How long to train, how often to checkpoint, and what to show."""

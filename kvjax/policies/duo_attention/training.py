@@ -35,7 +35,7 @@ from kvjax.eval.haystack import haystack_from_name
 from kvjax.language_model import LanguageModel
 from kvjax.policies.duo_attention.policy import write_gates_tsv
 from kvjax.rope import apply_rope, rope_tables
-from kvjax.train.loop import LoopConfig, TrainResult, check_learning_rate, train
+from kvjax.train.loop import LoopConfig, TrainResult, check_learning_rate, check_prompt_model, train
 
 GATES_TSV = "full_attention_heads.tsv"
 RUN_JSON = "duo_gates.json"
@@ -413,12 +413,7 @@ def train_duo_gates(
 ) -> tuple[np.ndarray, TrainResult]:
     """Trains the gates of `model` and writes `out/full_attention_heads.tsv` (float[L, Hkv]), the loop's
     orbax checkpoints and loss curve; rerunning with the same `out` resumes the run exactly."""
-    if model.tokenizer is None:
-        raise ValueError(f"model {model.name or ''} has no tokenizer; the passkey prompts need one")
-    if config.max_len > model.config.max_position_embeddings:
-        raise ValueError(
-            f"max_len {config.max_len} exceeds the model's {model.config.max_position_embeddings} positions"
-        )
+    check_prompt_model(model, config.max_len, "passkey")
     out = Path(out).absolute()
     out.mkdir(parents=True, exist_ok=True)
     passkey_sample(model.tokenizer, dataclasses.replace(config, max_len=config.min_len), config.seed, 0)  # fails early

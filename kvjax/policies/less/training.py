@@ -41,7 +41,7 @@ from kvjax.language_model import LanguageModel
 from kvjax.policies.less.kernels import Params, init_params, join, key_features, query_features, save_less
 from kvjax.policies.less.policy import MASKED
 from kvjax.policies.locret.training import check_tasks, make_batch
-from kvjax.train.loop import LoopConfig, TrainResult, check_learning_rate, train
+from kvjax.train.loop import LoopConfig, TrainResult, check_learning_rate, check_prompt_model, train
 
 RUN_JSON = "less_run.json"
 MASKS = ("lambda", "h2o")
@@ -246,12 +246,7 @@ def train_less(
 ) -> tuple[dict[str, np.ndarray], TrainResult]:
     """Trains LESS params for `model` and writes `out/less_state.npz` (for `LESS.from_file`) with the loop's
     orbax checkpoints and loss curve; rerunning with the same `out` resumes the run exactly."""
-    if model.tokenizer is None:
-        raise ValueError(f"model {model.name or ''} has no tokenizer; the task prompts need one")
-    if config.max_len > model.config.max_position_embeddings:
-        raise ValueError(
-            f"max_len {config.max_len} exceeds the model's {model.config.max_position_embeddings} positions"
-        )
+    check_prompt_model(model, config.max_len, "task")
     if any(model.config.sliding_window(layer) is not None for layer in range(model.config.num_layers)):
         raise ValueError("LESS training compares against full causal attention; this model has sliding-window layers")
     check_tasks(model.tokenizer, config)

@@ -48,7 +48,7 @@ from kvjax.policies.locret.heads import (
     retaining_head_scores,
     save_retaining_heads,
 )
-from kvjax.train.loop import LoopConfig, TrainResult, check_learning_rate, train
+from kvjax.train.loop import LoopConfig, TrainResult, check_learning_rate, check_prompt_model, train
 
 RUN_JSON = "locret_run.json"
 # Settings a resumed run may change (each change recorded in RUN_JSON); any other change is refused.
@@ -291,12 +291,7 @@ def train_locret_heads(
     """Trains retaining heads for `model` and writes them to `out` (`retaining_heads/` and
     `retaining_heads.json`, for `Locret.from_pretrained`) with the loop's orbax
     checkpoints and loss curve; rerunning with the same `out` resumes the run exactly."""
-    if model.tokenizer is None:
-        raise ValueError(f"model {model.name or ''} has no tokenizer; the task prompts need one")
-    if config.max_len > model.config.max_position_embeddings:
-        raise ValueError(
-            f"max_len {config.max_len} exceeds the model's {model.config.max_position_embeddings} positions"
-        )
+    check_prompt_model(model, config.max_len, "task")
     check_tasks(model.tokenizer, config)
     out = Path(out).absolute()
     out.mkdir(parents=True, exist_ok=True)
