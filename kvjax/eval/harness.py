@@ -229,6 +229,19 @@ def free_memory_bytes() -> int:
     stats = jax.devices()[0].memory_stats() or {}
     if "bytes_limit" in stats:
         return int(stats["bytes_limit"] - stats.get("bytes_in_use", 0))
+    return _host_available_bytes()
+
+
+def _host_available_bytes() -> int:
+    """The kernel's MemAvailable (free plus reclaimable page cache) where /proc says it, else the
+    free pages alone, which undercount a machine whose cache holds the model's files."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
