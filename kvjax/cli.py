@@ -216,9 +216,11 @@ def _check_out(out: str, results: tuple[str, ...], overwrite: bool) -> None:
 
 
 def _eval(args) -> None:
-    _check_out(args.out, ("results.json", "results.csv", "samples.json"), args.overwrite)
+    if args.resume and args.overwrite:
+        raise ValueError("--resume extends the results in --out and --overwrite replaces them; pass one")
+    _check_out(args.out, ("results.json", "results.csv", "samples.json"), args.overwrite or args.resume)
     from kvjax.eval.harness import EvalConfig, run_eval
-    from kvjax.eval.results import format_table, run_metadata, write_results
+    from kvjax.eval.results import check_same_policies, format_table, resume_from, run_metadata, write_results
 
     config = EvalConfig(
         tasks=_tasks(args.tasks),
@@ -236,9 +238,23 @@ def _eval(args) -> None:
         attention_impl=args.attention_impl,
     )
     m, runs = _model_and_runs(args)
-    rows, samples = run_eval(m, runs, config, progress=not args.no_progress, log=_log)
+    metadata = {**run_metadata(m.name, m.dtype, args.argv), "settings": config.answer_settings()}
+    rows, samples, earlier = resume_from(args.out, metadata) if args.resume else ([], [], [])
+    check_same_policies(rows, {r.label: repr(r.policy) for r in runs})
+    if earlier:
+        metadata["earlier_runs"] = earlier
+        _log(f"resuming {args.out}: {len(rows)} cells done, skipped")
+    done = {(r["task"], r["length"], r["policy"]) for r in rows}
+
+    def save(new_rows, new_samples):
+        write_results(rows + new_rows, samples + new_samples, args.out, metadata, plots=False)
+
+    new_rows, new_samples = run_eval(
+        m, runs, config, progress=not args.no_progress, log=_log, done=done, on_group=save if args.resume else None
+    )
+    rows, samples = rows + new_rows, samples + new_samples
     print(format_table(rows))
-    for path in write_results(rows, samples, args.out, run_metadata(m.name, m.dtype, args.argv)):
+    for path in write_results(rows, samples, args.out, metadata):
         _log(f"wrote {path}")
 
 
@@ -646,6 +662,12 @@ def parser() -> argparse.ArgumentParser:
     )
     ev.add_argument("--out", default="kvjax-eval", help="folder for results.json, results.csv and plots")
     ev.add_argument("--overwrite", action="store_true", help="replace the results already in --out")
+    ev.add_argument(
+        "--resume",
+        action="store_true",
+        help="extend the results in --out (same model, dtype and settings): skip the cells it holds, save after "
+        "each (task, length), so an interrupted or growing study goes on where it stopped",
+    )
     ev.add_argument("--no-timing", action="store_true", help="skip the separate prefill/decode timing runs")
     ev.add_argument(
         "--chat",

@@ -337,3 +337,68 @@ def test_eval_compresses_the_context_without_the_question_unless_asked(tiny_chec
     assert [s["prediction"] for s in samples] == by_hand and rows[0]["query_aware"] is False
     aware, _ = run_eval(m, policies, dataclasses.replace(config, query_aware=True), progress=False)
     assert aware[0]["query_aware"] is True and aware[0]["kv_bytes"] < rows[0]["kv_bytes"]  # no room for a question
+
+
+def _eval_args(model, out, policies, tasks="niah_single", samples="2"):
+    return ["eval", "--model", str(model), "--policies", policies, "--budgets", "96", "--lengths", "512"] + [
+        "--tasks", tasks, "--samples", samples, "--dtype", "float32", "--no-timing", "--out", str(out), "--no-progress"
+    ]  # fmt: skip
+
+
+def test_resume_skips_saved_cells_and_an_interrupted_run_goes_on(tiny_checkpoint, tmp_path, monkeypatch, capsys):
+    from kvjax.cli import main
+    from kvjax.eval import harness
+
+    fresh, out = tmp_path / "fresh", tmp_path / "resumed"
+    assert main(_eval_args(tiny_checkpoint, fresh, "full,streaming", "niah_single,passkey")) == 0
+    expected = json.loads((fresh / "results.json").read_text())["rows"]
+
+    evaluate = harness._evaluate
+
+    def killed_at_passkey(m, run, task, *rest):
+        if task == "passkey":
+            raise KeyboardInterrupt
+        return evaluate(m, run, task, *rest)
+
+    monkeypatch.setattr(harness, "_evaluate", killed_at_passkey)
+    with pytest.raises(KeyboardInterrupt):
+        main(_eval_args(tiny_checkpoint, out, "full,streaming", "niah_single,passkey") + ["--resume"])
+    saved = json.loads((out / "results.json").read_text())
+    assert [(r["task"], r["policy"]) for r in saved["rows"]] == [
+        ("niah_single", "full"),
+        ("niah_single", "streaming@96"),
+    ]
+    saved["rows"][0]["accuracy"] = 0.125  # a marker: a resumed run must keep, not recompute, a saved cell
+    (out / "results.json").write_text(json.dumps(saved))
+    monkeypatch.setattr(harness, "_evaluate", evaluate)
+
+    assert main(_eval_args(tiny_checkpoint, out, "full,streaming", "niah_single,passkey") + ["--resume"]) == 0
+    results = json.loads((out / "results.json").read_text())
+    rows = results["rows"]
+    assert rows[0]["accuracy"] == 0.125 and rows[1:] == expected[1:]
+    assert len(results["metadata"]["earlier_runs"]) == 1 and "--resume" in results["metadata"]["command"]
+    fresh_samples = json.loads((fresh / "samples.json").read_text())
+    resumed_samples = json.loads((out / "samples.json").read_text())
+    assert [s["prediction"] for s in resumed_samples] == [s["prediction"] for s in fresh_samples]
+
+
+def test_resume_refuses_results_it_cannot_extend(tiny_checkpoint, tmp_path, capsys):
+    from kvjax.cli import main
+
+    out = tmp_path / "eval"
+    assert main(_eval_args(tiny_checkpoint, out, "full")) == 0
+    before = (out / "results.json").read_text()
+    assert main(_eval_args(tiny_checkpoint, out, "full", samples="3") + ["--resume"]) != 0
+    assert "its settings is" in capsys.readouterr().err
+    assert main(_eval_args(tiny_checkpoint, out, "full") + ["--resume", "--overwrite"]) != 0
+    assert "pass one" in capsys.readouterr().err
+    assert (out / "results.json").read_text() == before
+
+
+def test_resume_refuses_a_label_that_names_another_policy():
+    from kvjax.eval.results import check_same_policies
+
+    rows = [{"policy": "duoattention@96", "policy_repr": "DuoAttention(retrieval_heads=((0,),))"}]
+    check_same_policies(rows, {"duoattention@96": "DuoAttention(retrieval_heads=((0,),))", "full": "Full()"})
+    with pytest.raises(ValueError, match="duoattention@96 in the saved results"):
+        check_same_policies(rows, {"duoattention@96": "DuoAttention(retrieval_heads=((1,),))"})

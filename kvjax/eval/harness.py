@@ -13,7 +13,7 @@ import math
 import os
 import re
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -201,6 +201,12 @@ class EvalConfig:
     share_prefill: bool = True  # policies whose prefill is Full's share one forward per batch (query-agnostic)
     attention_impl: str = "auto"  # how attention runs (kvjax.inference.Execution); "reference" forces the jnp path
 
+    def answer_settings(self) -> dict:
+        """The settings a cell's answers depend on (batching and timing do not change them): two runs
+        whose settings agree may fill one table."""
+        names = ("samples", "seed", "haystack", "max_new_tokens", "chunk_size", "chat", "query_aware", "attention_impl")
+        return {name: getattr(self, name) for name in names}
+
     def __post_init__(self):
         if self.samples < 1 or (self.batch_size or 1) < 1 or not self.lengths or not self.tasks:
             raise ValueError("need samples >= 1, batch_size >= 1, and at least one task and one length")
@@ -368,10 +374,14 @@ def run_eval(
     config: EvalConfig = EvalConfig(),
     progress: bool = True,
     log: Callable[[str], None] = print,
+    done: Collection[tuple[str, int, str]] = (),
+    on_group: Callable[[list[dict], list[dict]], None] | None = None,
 ) -> tuple[list[dict], list[dict]]:
     """(rows, sample rows): one row per (task, length, policy) with accuracy (string_match_all), digits
     (digit_match), kv_bytes, compression vs Full and times; one sample row per prompt with its prediction
-    and both scores. Greedy decoding; prompts as `config.chat` resolves for the model's tokenizer."""
+    and both scores. Greedy decoding; prompts as `config.chat` resolves for the model's tokenizer.
+    Cells (task, length, policy label) in `done` are skipped; `on_group(rows, sample_rows)` receives the
+    rows so far after each (task, length), so a long run can be saved as it goes and resumed."""
     if m.tokenizer is None:
         raise ValueError(f"model {m.name or ''} has no tokenizer; the tasks are text and need one")
     chat = resolve_chat(m.tokenizer, config.chat)
@@ -396,6 +406,11 @@ def run_eval(
         for task in tasks:
             new = config.max_new_tokens or task.max_new_tokens
             for length in config.lengths:
+                todo = [r for r in runs if (task.name, length, r.label) not in done]
+                if not todo:
+                    bar.update(len(runs) * config.samples)
+                    continue
+                bar.update((len(runs) - len(todo)) * config.samples)
                 samples = make_samples(task, m.tokenizer, length, config.samples, config.seed, chat=chat)
                 encoded = [split_prompt(m.tokenizer, s, config.query_aware) for s in samples]
                 totals = [len(c) + len(q) for c, q in encoded]
@@ -409,8 +424,8 @@ def run_eval(
                         for idx, _ in batches
                     ]
                 )
-                shared = _shared_answers(m, runs, encoded, batches, new, config, full_bytes, bar)
-                for run in runs:
+                shared = _shared_answers(m, todo, encoded, batches, new, config, full_bytes, bar)
+                for run in todo:
                     bar.set_description(f"{task.name} {length} {run.label}")
                     try:
                         row, per_sample = _evaluate(
@@ -425,6 +440,8 @@ def run_eval(
                     row["kv_reduction_x"] = float(full_bytes / row["kv_bytes"]) if row["kv_bytes"] else float("nan")
                     rows.append(row)
                     sample_rows += per_sample
+                if on_group is not None:
+                    on_group(rows, sample_rows)
     finally:
         bar.close()
     return rows, sample_rows

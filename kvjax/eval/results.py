@@ -12,6 +12,7 @@ import csv
 import datetime
 import importlib.metadata
 import json
+import os
 import re
 import subprocess
 import sys
@@ -146,6 +147,46 @@ def write_run_folders(rows: list[dict], sample_rows: list[dict], out: Path, meta
     return paths
 
 
+def _write_text(path: Path, text: str) -> None:
+    """Writes `path` whole or not at all (a run killed mid-write leaves the previous file)."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def resume_from(out_dir: str | Path, metadata: dict) -> tuple[list[dict], list[dict], list[dict]]:
+    """(rows, sample rows, earlier runs) of the results in `out_dir`, for a run of `metadata` to extend: refused
+    in one line where the model, dtype or answer settings (`EvalConfig.answer_settings`) differ, since the
+    table would then mix cells that are not comparable."""
+    out = Path(out_dir)
+    try:
+        saved = json.loads((out / "results.json").read_text())
+        sample_rows = json.loads((out / "samples.json").read_text())
+    except FileNotFoundError:
+        return [], [], []
+    except (OSError, json.JSONDecodeError) as err:
+        raise ValueError(f"cannot resume from {out}: its results do not read ({err})") from err
+    before = saved.get("metadata", {})
+    for key in ("model", "dtype", "settings"):
+        if before.get(key) != metadata.get(key):
+            raise ValueError(
+                f"cannot resume from {out}: its {key} is {before.get(key)!r}, this run's is {metadata.get(key)!r}"
+            )
+    earlier = before.get("earlier_runs", []) + [{k: before.get(k) for k in ("command", "commit", "date")}]
+    cells = {(r["policy"], r["task"], r["length"]) for r in saved["rows"]}  # samples.json is written first
+    return saved["rows"], [s for s in sample_rows if (s["policy"], s["task"], s["length"]) in cells], earlier
+
+
+def check_same_policies(rows: list[dict], policies: dict[str, str]) -> None:
+    """Refuses a policy label (in `policies`, label -> repr) that `rows` hold for another policy."""
+    for r in rows:
+        if r["policy"] in policies and policies[r["policy"]] != r["policy_repr"]:
+            raise ValueError(
+                f"{r['policy']} in the saved results is {r['policy_repr']}, in this run {policies[r['policy']]}; "
+                "use another --out"
+            )
+
+
 def write_results(
     rows: list[dict], sample_rows: list[dict], out_dir: str | Path, metadata: dict, plots: bool = True
 ) -> list[Path]:
@@ -154,8 +195,8 @@ def write_results(
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps({"metadata": metadata, "rows": rows}, indent=1))
-    (out / "samples.json").write_text(json.dumps(sample_rows, indent=1))
+    _write_text(out / "samples.json", json.dumps(sample_rows, indent=1))
+    _write_text(out / "results.json", json.dumps({"metadata": metadata, "rows": rows}, indent=1))
     _write_csv(out / "results.csv", rows, dict.fromkeys(k for r in rows for k in r))
     paths = [out / "results.json", out / "results.csv", out / "samples.json"]
     paths += write_run_folders(rows, sample_rows, out, metadata)
