@@ -22,7 +22,7 @@ from kvjax.policies import H2O, LESS, SnapKV, StreamingLLM
 from kvjax.policies.less import PARAMS_FILE, init_params, load_less, save_less, zero_state_params
 from kvjax.policies.less.policy import LESSSegment
 from kvjax.policies.less.training import LESSTrainConfig, h2o_mask, make_loss_fn, train_less
-from kvjax.policies.locret.training import make_batch
+from kvjax.train.task_rows import make_batch
 from tests.support.interrupted_run import straight_and_resumed
 from tests.support.policy_reference import layer_queries_keys
 from tests.support.quantized_fixtures import teacher_forced

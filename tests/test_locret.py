@@ -28,7 +28,8 @@ from kvjax.policies.locret import (
     retaining_scores,
     save_retaining_heads,
 )
-from kvjax.policies.locret.training import LocretHeadConfig, features_and_targets, make_batch, train_locret_heads
+from kvjax.policies.locret.training import LocretHeadConfig, features_and_targets, train_locret_heads
+from kvjax.train.task_rows import make_batch
 from tests.support.interrupted_run import straight_and_resumed
 from tests.support.policy_reference import causal_probs, layer_queries_keys
 from tests.support.random_data import random_tokens

@@ -3,8 +3,8 @@
 The model is frozen; only the LESS params train (kvjax.policies.less.kernels). Each step, as the
 authors' train_kernels.py (hdong920/LESS) does layer by layer, here for every layer at once (the layers'
 params and losses are independent, so the sum trains each as alone):
-- data: one prompt of the evaluation suite followed by its answer (Locret's `make_batch`: a task drawn
-  per step, a length drawn in [min_len, max_len], right-padded to pad_multiple);
+- data: one prompt of the evaluation suite followed by its answer (kvjax.train.task_rows: a task drawn per
+  step, a length drawn in [min_len, max_len], right-padded to pad_multiple);
 - inputs: the full-attention forward of the frozen model, teacher-forced; each layer's post-RoPE q, k and v;
 - the sparse cache: the Λ mask (the authors' `get_A_mask`: query t sees the first `sink` positions and
   positions >= t - `recent`, StreamingLLM(sink, window=recent) at decode), or H2O's (`mask="h2o"`:
@@ -40,8 +40,8 @@ from kvjax.eval.tasks import default_tasks, get_task
 from kvjax.language_model import LanguageModel
 from kvjax.policies.less.kernels import Params, init_params, join, key_features, query_features, save_less
 from kvjax.policies.less.policy import MASKED
-from kvjax.policies.locret.training import check_tasks, make_batch
 from kvjax.train.loop import LoopConfig, TrainResult, check_learning_rate, check_prompt_model, train
+from kvjax.train.task_rows import check_tasks, make_batch
 
 RUN_JSON = "less_run.json"
 MASKS = ("lambda", "h2o")
@@ -66,7 +66,7 @@ class LESSTrainConfig:
     tasks: tuple[str, ...] = tuple(default_tasks())
     min_len: int = 1024
     max_len: int = 4096
-    answer_reserve: int = 64  # tokens of each sequence left for the answer (Locret's make_batch)
+    answer_reserve: int = 64  # tokens of each sequence left for the answer (kvjax.train.task_rows)
     pad_multiple: int = 1024
     seed: int = 0
     checkpoint_every: int = 100

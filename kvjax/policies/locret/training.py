@@ -2,7 +2,7 @@
 
 The model is frozen; only the retaining heads train (fc1 float32[L, C, F], fc2 float32[L, F, Hkv],
 C = (H + 2 Hkv) D, the layout kvjax.policies.locret.heads saves and loads). Each step:
-- data: one prompt of the evaluation suite (kvjax.eval.tasks.make_sample, a task drawn per step)
+- data: one prompt of the evaluation suite (kvjax.train.task_rows, a task drawn per step)
   followed by its answer tokens; the answer tokens are the "later queries";
 - labels: the model's own full causal forward, computed exactly in jnp (post-RoPE attention in
   query chunks); for each token, the largest attention any answer query gives it, max over the
@@ -40,7 +40,7 @@ import optax
 from flax import nnx
 
 from kvjax.attention import attention_probs, join_query_chunks, split_query_chunks
-from kvjax.eval.tasks import default_tasks, get_task, make_sample
+from kvjax.eval.tasks import default_tasks, get_task
 from kvjax.language_model import LanguageModel
 from kvjax.policies.locret.heads import (
     random_retaining_heads,
@@ -49,6 +49,7 @@ from kvjax.policies.locret.heads import (
     save_retaining_heads,
 )
 from kvjax.train.loop import LoopConfig, TrainResult, check_learning_rate, check_prompt_model, train
+from kvjax.train.task_rows import check_tasks, make_batch
 
 RUN_JSON = "locret_run.json"
 # Settings a resumed run may change (each change recorded in RUN_JSON); any other change is refused.
@@ -107,50 +108,6 @@ class LocretHeadConfig:
             )
         if self.chunk < 1 or self.pad_multiple < 1 or self.pad_multiple % min(self.chunk, self.pad_multiple):
             raise ValueError(f"chunk {self.chunk} must divide pad_multiple {self.pad_multiple}")
-
-
-# ------------------------------------------------------------------------------------------------
-# Data: task prompts with their answers, a pure function of (seed, step).
-# ------------------------------------------------------------------------------------------------
-
-
-def locret_sample(tokenizer, config: LocretHeadConfig, seed: int, step: int) -> tuple[np.ndarray, np.ndarray]:
-    """ids int32[N] and answer bool[N] of a step: a task prompt of at most (drawn length - answer_reserve)
-    tokens, then its answer (the sample's target text), whose tokens are the supervising queries."""
-    rng = np.random.default_rng([seed, step])
-    length = int(rng.integers(config.min_len, config.max_len + 1))
-    task = get_task(config.tasks[int(rng.integers(len(config.tasks)))])
-    sample_seed, depth = int(rng.integers(2**31)), float(rng.uniform())
-    sample = make_sample(task, tokenizer, length - config.answer_reserve, sample_seed, depth)
-    prompt = tokenizer.encode(sample.prompt)
-    answer = tokenizer.encode(sample.target, add_special_tokens=False)
-    if len(answer) > config.answer_reserve:
-        raise ValueError(
-            f"{task.name}: an answer of {len(answer)} tokens exceeds answer_reserve {config.answer_reserve}"
-        )
-    ids = np.asarray(prompt + answer, np.int32)
-    return ids, np.arange(len(ids)) >= len(prompt)
-
-
-def check_tasks(tokenizer, config: LocretHeadConfig) -> None:
-    """Raises ValueError naming the first task whose prompt cannot fit in the shortest sequence."""
-    for name in config.tasks:
-        try:
-            make_sample(get_task(name), tokenizer, config.min_len - config.answer_reserve, 0, 0.5)
-        except ValueError as err:
-            raise ValueError(f"min_len {config.min_len} is too short for task {name}: {err}") from err
-
-
-def make_batch(tokenizer, config: LocretHeadConfig, pad_id: int, seed: int, step: int) -> dict:
-    """Batch of one row, right-padded to a multiple of pad_multiple: tokens int32[1, T], valid bool[1, T],
-    answer bool[1, T]."""
-    ids, answer = locret_sample(tokenizer, config, seed, step)
-    n = len(ids)
-    t = -(-n // config.pad_multiple) * config.pad_multiple
-    tokens = np.full((1, t), pad_id, np.int32)
-    valid, answer_row = np.zeros((1, t), bool), np.zeros((1, t), bool)
-    tokens[0, :n], valid[0, :n], answer_row[0, :n] = ids, True, answer
-    return {"tokens": tokens, "valid": valid, "answer": answer_row}
 
 
 # ------------------------------------------------------------------------------------------------
