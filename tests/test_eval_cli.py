@@ -44,8 +44,11 @@ def test_policy_specs_name_a_class_and_its_fields():
     spec = PolicySpec.parse(" snapkv(window=64, pooling='max') ")
     assert spec.options == (("window", 64), ("pooling", "max")) and spec.label == "snapkv(window=64,pooling=max)"
     assert build_policy(spec) == kvjax.policies.SnapKV(window=64, pooling="max")
+    nested = build_policy("quantizedpruning(base=snapkv(window=16), bits=2)")
+    assert nested == kvjax.policies.QuantizedPruning(base=kvjax.policies.SnapKV(window=16), bits=2)
     for bad, match in (
         ("magic", "unknown policy"),
+        ("quantizedpruning(base=magic)", "unknown policy 'magic'"),
         ("snapkv(64)", "FIELD=VALUE"),
         ("snapkv(windw=3)", "windw"),
         ("snapkv(", "cannot read"),

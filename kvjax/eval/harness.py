@@ -13,6 +13,7 @@ import math
 import os
 import re
 import time
+import typing
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from typing import Any
 
@@ -101,6 +102,11 @@ def build_policy(
         return cls.from_file(path, config, **options)
     if path is not None:
         raise ValueError(f"policy {spec.name} is not built from a file; drop --policy-file {spec.name}=...")
+    hints = typing.get_type_hints(cls)
+    for key, value in options.items():  # a field holding a policy takes a spec: quantizedpruning(base=snapkv)
+        hint = hints.get(key)
+        if isinstance(value, str) and isinstance(hint, type) and issubclass(hint, Policy):
+            options[key] = build_policy(value, config, files)
     try:
         return cls(**options)
     except TypeError as err:
