@@ -383,6 +383,9 @@ def test_resume_skips_saved_cells_and_an_interrupted_run_goes_on(tiny_checkpoint
     fresh_samples = json.loads((fresh / "samples.json").read_text())
     resumed_samples = json.loads((out / "samples.json").read_text())
     assert [s["prediction"] for s in resumed_samples] == [s["prediction"] for s in fresh_samples]
+    import matplotlib.image
+
+    assert matplotlib.image.imread(out / "accuracy_by_task.png").ndim == 3  # two tasks: a panel each
 
 
 def test_resume_refuses_results_it_cannot_extend(tiny_checkpoint, tmp_path, capsys):

@@ -1,5 +1,5 @@
-"""The evaluation's figures: accuracy against KV reduction, one panel per prompt length, and accuracy by
-needle depth and length, one heatmap per (policy, task)."""
+"""The evaluation's figures: accuracy against KV reduction, one panel per prompt length (and per task), and
+accuracy by needle depth and length, one heatmap per (policy, task)."""
 
 from __future__ import annotations
 
@@ -31,67 +31,110 @@ def wilson_interval(accuracy: float, n: int, z: float = 1.96) -> tuple[float, fl
     return max(0.0, centre - half), min(1.0, centre + half)
 
 
-def plot_accuracy_vs_compression(rows: list[dict], path: Path, metadata: dict) -> Path:
-    """Accuracy (mean over the tasks) against KV reduction vs Full, one panel per prompt length, one curve
-    per policy over its budgets, a 95% Wilson band, and Full's accuracy as a dashed reference line."""
+def _styles(plt, names: list[str]) -> dict[str, dict]:
+    """A distinct colour and marker per policy name (tab10 up to 10 names, then tab20 and a marker cycle)."""
+    colours = plt.get_cmap("tab10" if len(names) <= 10 else "tab20")
+    markers = "osD^v<>ph*"
+    return {
+        name: {"color": colours(i % colours.N), "marker": markers[i % len(markers)]} for i, name in enumerate(names)
+    }
+
+
+def _accuracy_panel(ax, rows: list[dict], styles: dict[str, dict]) -> None:
+    """One panel: per policy name, accuracy (pooled over `rows`' tasks) against KV reduction over its
+    budgets, with a 95% Wilson band; Full as a dashed line. x is log-scaled with readable ticks."""
     import matplotlib.ticker
 
-    plt = _pyplot()
-    lengths = sorted({r["length"] for r in rows})
-    tasks = list(dict.fromkeys(r["task"] for r in rows))
-    fig, axes = plt.subplots(1, len(lengths), figsize=(4.2 * len(lengths) + 1.6, 3.8), sharey=True, squeeze=False)
-    colours = plt.get_cmap("tab10")
-    names = list(dict.fromkeys(r["policy_name"] for r in rows))
-    for ax, length in zip(axes[0], lengths):
-        here = [r for r in rows if r["length"] == length]
-        for i, name in enumerate(names):
-            points = {}
-            for r in here:
-                if r["policy_name"] == name:
-                    points.setdefault(r["policy"], []).append(r)
-            if not points:
-                continue
-            xs, ys, lows, highs = [], [], [], []
-            for cells in points.values():
-                n = sum(c["samples"] for c in cells)
-                acc = sum(c["accuracy"] * c["samples"] for c in cells) / n
-                low, high = wilson_interval(acc, n)
-                xs.append(float(np.mean([c["kv_reduction_x"] for c in cells])))
-                ys.append(acc)
-                lows.append(low)
-                highs.append(high)
-            order = np.argsort(xs)
-            xs, ys, lows, highs = (np.asarray(v)[order] for v in (xs, ys, lows, highs))
-            if name == "full":
-                ax.axhline(ys[0], color="black", linestyle="--", linewidth=1, label="full")
-                continue
-            ax.plot(xs, ys, marker="o", color=colours(i % 10), label=name)
-            ax.fill_between(xs, lows, highs, color=colours(i % 10), alpha=0.15, linewidth=0)
-        n_samples = here[0]["samples"] * len(tasks)
-        ax.set_title(f"{length} tokens (n = {n_samples} per point)", fontsize=9)
-        reductions = [r["kv_reduction_x"] for r in here if r["policy_name"] != "full"] or [1.0]
-        low, high = min(reductions) / 1.15, max(reductions) * 1.15
-        ax.set_xscale("log")
-        ax.set_xlim(low, high)
-        ax.set_xticks([t for t in REDUCTION_TICKS if low <= t <= high])
-        ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda x, _: f"{x:g}x"))
-        ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
-        ax.set_xlabel("KV reduction vs Full (kv_bytes)")
-        ax.set_ylim(-0.05, 1.05)
-        ax.grid(alpha=0.3)
-    axes[0][0].set_ylabel("accuracy (string match, 95% Wilson band)")
-    handles, labels = axes[0][0].get_legend_handles_labels()
-    for ax in axes[0][1:]:
+    for name, style in styles.items():
+        points = {}
+        for r in rows:
+            if r["policy_name"] == name:
+                points.setdefault(r["policy"], []).append(r)
+        if not points:
+            continue
+        xs, ys, lows, highs = [], [], [], []
+        for cells in points.values():
+            n = sum(c["samples"] for c in cells)
+            acc = sum(c["accuracy"] * c["samples"] for c in cells) / n
+            low, high = wilson_interval(acc, n)
+            xs.append(float(np.mean([c["kv_reduction_x"] for c in cells])))
+            ys.append(acc)
+            lows.append(low)
+            highs.append(high)
+        order = np.argsort(xs)
+        xs, ys, lows, highs = (np.asarray(v)[order] for v in (xs, ys, lows, highs))
+        if name == "full":
+            ax.axhline(ys[0], color="black", linestyle="--", linewidth=1, label="full")
+            continue
+        ax.plot(xs, ys, label=name, markersize=4, **style)
+        ax.fill_between(xs, lows, highs, color=style["color"], alpha=0.12, linewidth=0)
+    reductions = [r["kv_reduction_x"] for r in rows if r["policy_name"] != "full"] or [1.0]
+    low, high = min(reductions) / 1.15, max(reductions) * 1.15
+    ax.set_xscale("log")
+    ax.set_xlim(low, high)
+    ax.set_xticks([t for t in REDUCTION_TICKS if low <= t <= high])
+    ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda x, _: f"{x:g}x"))
+    ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
+    ax.set_ylim(-0.05, 1.05)
+    ax.grid(alpha=0.3)
+
+
+def _finish(plt, fig, axes, path: Path, title: str) -> Path:
+    """One legend for all panels at the right, the title, saved at `path`."""
+    handles, labels = [], []
+    for ax in axes.flat:
         for h, label in zip(*ax.get_legend_handles_labels()):
             if label not in labels:
                 handles.append(h)
                 labels.append(label)
     fig.legend(handles, labels, loc="center right", fontsize=8)
-    fig.suptitle(f"{metadata['model']} ({metadata['dtype']}), {', '.join(tasks)}; {metadata['device']}", fontsize=10)
-    fig.tight_layout(rect=(0, 0, 1 - 1.5 / fig.get_figwidth(), 1))
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout(rect=(0, 0, 1 - 1.6 / fig.get_figwidth(), 1))
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return Path(path)
+
+
+def plot_accuracy_vs_compression(rows: list[dict], path: Path, metadata: dict) -> Path:
+    """Accuracy (mean over the tasks) against KV reduction vs Full, one panel per prompt length, one curve
+    per policy over its budgets, a 95% Wilson band, and Full's accuracy as a dashed reference line."""
+    plt = _pyplot()
+    lengths = sorted({r["length"] for r in rows})
+    tasks = list(dict.fromkeys(r["task"] for r in rows))
+    fig, axes = plt.subplots(1, len(lengths), figsize=(4.2 * len(lengths) + 1.6, 3.8), sharey=True, squeeze=False)
+    styles = _styles(plt, list(dict.fromkeys(r["policy_name"] for r in rows)))
+    for ax, length in zip(axes[0], lengths):
+        here = [r for r in rows if r["length"] == length]
+        _accuracy_panel(ax, here, styles)
+        ax.set_title(f"{length} tokens (n = {here[0]['samples'] * len(tasks)} per point)", fontsize=9)
+        ax.set_xlabel("KV reduction vs Full (kv_bytes)")
+    axes[0][0].set_ylabel("accuracy (string match, 95% Wilson band)")
+    title = f"{metadata['model']} ({metadata['dtype']}), {', '.join(tasks)}; {metadata['device']}"
+    return _finish(plt, fig, axes, path, title)
+
+
+def plot_accuracy_by_task(rows: list[dict], path: Path, metadata: dict) -> Path:
+    """The same curves per task: one panel per (task, prompt length), tasks down, lengths across."""
+    plt = _pyplot()
+    lengths = sorted({r["length"] for r in rows})
+    tasks = list(dict.fromkeys(r["task"] for r in rows))
+    fig, axes = plt.subplots(
+        len(tasks), len(lengths), figsize=(3.6 * len(lengths) + 1.6, 2.7 * len(tasks)), sharey=True, squeeze=False
+    )
+    styles = _styles(plt, list(dict.fromkeys(r["policy_name"] for r in rows)))
+    for i, task in enumerate(tasks):
+        for j, length in enumerate(lengths):
+            ax = axes[i][j]
+            here = [r for r in rows if r["task"] == task and r["length"] == length]
+            if not here:
+                ax.set_axis_off()
+                continue
+            _accuracy_panel(ax, here, styles)
+            ax.set_title(f"{task}, {length} tokens (n = {here[0]['samples']})", fontsize=9)
+            if i == len(tasks) - 1:
+                ax.set_xlabel("KV reduction vs Full (kv_bytes)")
+        axes[i][0].set_ylabel("accuracy")
+    return _finish(plt, fig, axes, path, f"{metadata['model']} ({metadata['dtype']}) by task; {metadata['device']}")
 
 
 def plot_heatmaps(sample_rows: list[dict], out_dir: Path, bins: int = 10) -> list[Path]:

@@ -191,7 +191,7 @@ def write_results(
     rows: list[dict], sample_rows: list[dict], out_dir: str | Path, metadata: dict, plots: bool = True
 ) -> list[Path]:
     """results.json ({"metadata", "rows"}), results.csv, samples.json, the per-run folders and the plots."""
-    from kvjax.eval.plots import plot_accuracy_vs_compression, plot_heatmaps
+    from kvjax.eval.plots import plot_accuracy_by_task, plot_accuracy_vs_compression, plot_heatmaps
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -203,4 +203,6 @@ def write_results(
     if plots and rows:
         paths += plot_heatmaps(sample_rows, out)
         paths.append(plot_accuracy_vs_compression(rows, out / "accuracy_vs_compression.png", metadata))
+        if len({r["task"] for r in rows}) > 1:
+            paths.append(plot_accuracy_by_task(rows, out / "accuracy_by_task.png", metadata))
     return paths
