@@ -100,7 +100,7 @@ def test_attention_impl_reaches_the_api(monkeypatch, byte_checkpoint, tmp_path, 
     assert main(["generate", "--prompt", "hi", *common]) == 0
     assert seen["generate"] == "reference"
 
-    def run_eval(m, runs, config, progress, log):
+    def run_eval(m, runs, config, progress, log, **resume):
         seen["eval"] = config.attention_impl
         return [{"policy": "full", "task": "passkey", "length": 512, "accuracy": 1.0}], []
 
