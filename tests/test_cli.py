@@ -130,7 +130,7 @@ def test_packing_reaches_eval_and_bench_and_refuses_what_cannot_pack(monkeypatch
     prompt runs (run_eval and run_bench are never called)."""
     seen = {}
 
-    def run_eval(m, runs, config, progress, log):
+    def run_eval(m, runs, config, progress, log, **resume):
         seen["eval"] = config.packing
         return [{"policy": "snapkv", "task": "passkey", "length": 512, "accuracy": 1.0}], []
 
