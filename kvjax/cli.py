@@ -167,6 +167,15 @@ def _model_and_runs(args) -> tuple:
     return m, resolve_policies(specs, budgets, ratios=ratios, config=m.config, files=files)
 
 
+def _check_packing(args, runs) -> None:
+    """With --packing, refuses a policy a packed prefill cannot run, naming it, before any prompt runs."""
+    if args.packing:
+        from kvjax.inference import check_packable
+
+        for run in runs:
+            check_packable(run.policy)
+
+
 def _ratio(text: str) -> float:
     try:
         return float(text)
@@ -236,8 +245,10 @@ def _eval(args) -> None:
         query_aware=args.query_aware,
         share_prefill=not args.no_shared_prefill,
         attention_impl=args.attention_impl,
+        packing=args.packing,
     )
     m, runs = _model_and_runs(args)
+    _check_packing(args, runs)
     metadata = {**run_metadata(m.name, m.dtype, args.argv), "settings": config.answer_settings()}
     rows, samples, earlier = resume_from(args.out, metadata) if args.resume else ([], [], [])
     check_same_policies(rows, {r.label: repr(r.policy) for r in runs})
@@ -260,6 +271,8 @@ def _eval(args) -> None:
 
 def _bench(args) -> None:
     if args.against:
+        if args.packing:
+            raise ValueError("--packing applies to kvjax's own bench, not --against")
         return _bench_against(args)
     _check_out(args.out, ("bench.json",), args.overwrite)
     from kvjax.eval.results import format_table
@@ -273,8 +286,10 @@ def _bench(args) -> None:
         chunk_size=args.chunk_size,
         seed=args.seed,
         attention_impl=args.attention_impl,
+        packing=args.packing,
     )
     m, runs = _model_and_runs(args)
+    _check_packing(args, runs)
     report = run_bench(m, runs, config, progress=not args.no_progress, log=_log)
     print(
         f"{report['device']} ({report['backend']}), batch {config.batch_size}, {config.new_tokens} new tokens, "
@@ -590,6 +605,14 @@ def _sweep_options(p: argparse.ArgumentParser, lengths: str | None, lengths_defa
     p.add_argument("--chunk-size", type=int, default=None, help=CHUNK_HELP)
     p.add_argument("--seed", type=int, default=0, help="seed of the prompts")
     p.add_argument("--no-progress", action="store_true", help="no progress bar or progress lines (stderr)")
+    p.add_argument(
+        "--packing",
+        action="store_true",
+        help="prefill each batch's prompts bin-packed into fewer rows (kvjax.packing): the same results, less "
+        "padding computed; policies that cannot pack (Policy.packed_tail: H2O, TOVA, StreamingLLM, ...) are "
+        "refused before any prompt runs. eval: policies sharing a prefill forward still share it, unpacked "
+        "(unless --no-shared-prefill); bench: its prompts are one length, a row each, so this times packing's cost",
+    )
 
 
 def parser() -> argparse.ArgumentParser:

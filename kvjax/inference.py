@@ -17,7 +17,7 @@ from kvjax.attention import check_impl
 from kvjax.kv_state import KVState
 from kvjax.language_model import LanguageModel
 from kvjax.layer_step import Decode, Prefill
-from kvjax.packing import Packing, as_packing, pack, packed_rows, packed_step, unpack_state
+from kvjax.packing import Packing, Tail, as_packing, pack, packed_rows, packed_step, replay_tail, unpack_state
 from kvjax.policies import Full, Policy
 from kvjax.policies.base import bind_params, split_params
 from kvjax.sampling import SamplingParams, sample
@@ -296,12 +296,19 @@ def _packed_prefill(
 ):
     """Prefill of packed rows (`kvjax.packing`): int32[R, W] tokens, positions and segments, in chunks of
     `chunk` columns, into a Full state over the rows; then each prompt's entries gathered into the policy's
-    prefill state for prompts of `prompt_len` (as `_prefill` allocates it) and the policy's `finalize`.
-    row_of, offset, lengths: int32[B]. Returns the state and each prompt's last-token logits [B, V]."""
+    prefill state for prompts of `prompt_len` (as `_prefill` allocates it), all but its last
+    `Policy.packed_tail` tokens, which the policy's own step then takes (`replay_tail`), and the policy's
+    `finalize`. row_of, offset, lengths: int32[B]. Returns the state and each prompt's last-token logits [B, V]."""
     model = nnx.merge(graphdef, params)
     policy = bind_params(policy, policy_params)
     r, w = tokens.shape
     rows = constrain_state(Full().allocate(model.config, r, w, 0, chunk, model.embed.dtype))
+    # The tail never reaches past the padded prompt, so the policy's step writes it inside its buffers.
+    n = min(policy.packed_tail, prompt_len)
+    tail = Tail.of(row_of, offset, lengths, n) if n else None
+    if tail is not None:  # each layer also records its tail tokens' inputs
+        empty = tail.empty(model.config, model.embed.dtype)
+        rows = rows.replace(layers=tuple(layer + (empty,) for layer in rows.layers))
     stack = model.layer_stack(rows.layers, run.scans(False))
     capacity = rows.layers[0][0].capacity  # >= W (whole blocks from 2048 slots on)
     slot_segments = jnp.pad(segments, ((0, 0), (0, capacity - w)), constant_values=-1)  # [R, capacity]
@@ -317,7 +324,7 @@ def _packed_prefill(
             chunk_positions,
             chunk_segments >= 0,
             layers,
-            packed_step(columns, chunk_segments, slot_segments),
+            packed_step(columns, chunk_segments, slot_segments, tail),
             seq_len=jnp.max(lengths),  # the longest prompt, as an unpacked prefill sees it (LongRoPE)
             attention_impl=run.attention_impl,
             stack=stack,
@@ -331,9 +338,24 @@ def _packed_prefill(
     init = (rows.layers, jnp.zeros((lengths.shape[0], model.config.hidden_size), model.embed.dtype))
     (layers, last_hidden), _ = jax.lax.scan(step, init, (split(tokens), split(positions), split(segments), starts))
     like = policy.allocate(model.config, lengths.shape[0], prompt_len, max_new_tokens, layout_chunk, model.embed.dtype)
-    state = unpack_state(type(policy).__name__, layers, like, row_of, offset, lengths)
-    state = policy.finalize(model.config, state, prompt_len, max_new_tokens)
+    held = lengths if tail is None else tail.start
+    state = unpack_state(type(policy).__name__, layers, like, row_of, offset, held)
+    if tail is not None:
+        state = replay_tail(policy, model.config, state, tuple(layer[1] for layer in layers), tail, lengths)
+    state = policy.finalize(model.config, state.replace(length=lengths), prompt_len, max_new_tokens)
     return constrain_state(state), model.logits(last_hidden)
+
+
+def check_packable(policy: Policy | None) -> None:
+    """Refuses, naming it, a policy a packed prefill cannot build the state of (`Policy.packed_tail`)."""
+    policy = policy or Full()
+    if policy.packed_tail is None:
+        raise ValueError(
+            f"packing cannot run {type(policy).__name__}: its prefill does more than write each prompt in place "
+            "and score it at its end from its keys and last queries (Policy.packed_tail): it evicts, prunes or "
+            "re-encodes the prompt as it goes, or lays it out otherwise, which packed rows cannot give it per "
+            "prompt; prefill it without packing"
+        )
 
 
 def _run_packed_prefill(
@@ -342,12 +364,7 @@ def _run_packed_prefill(
     """`_run_prefill` with the prompts packed (`kvjax.packing`); `layout_chunk` and `padded` are the chunk
     and prompt length the unpacked prefill would allocate the policy's state for."""
     policy = _checked(m, policy)
-    if not policy.prefills_in_place:
-        raise ValueError(
-            f"packing cannot run {type(policy).__name__}: its prefill does not write the prompt in place and "
-            "compress it only at the end (Policy.prefills_in_place), so packed rows cannot give it each "
-            "prompt's prefill; prefill it without packing"
-        )
+    check_packable(policy)
     plan = pack(lengths, packing)
     chunk, width = _chunking(plan.row_length, DEFAULT_CHUNK if chunk_size is None else chunk_size)
     packed, positions, segments = packed_rows(tokens, plan, width)

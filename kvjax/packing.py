@@ -8,9 +8,14 @@ every prompt's keys, values and last-token logits are those of a prefill on its 
 entries are then gathered out of the packed rows into its own row of the policy's state, which
 decoding continues as after an unpacked prefill.
 
+A policy that scores the prompt at its end from its keys and its last queries (SnapKV, PyramidKV,
+AdaKV, ThinK, ...) gets each prompt's entries but its last n (`Policy.packed_tail`) unpacked, then runs
+its own prefill step once per layer on those last n tokens, whose q, k and v the packed rows recorded
+(`replay_tail`): its scores see one prompt's queries and keys only, as in an unpacked prefill.
+
 This module holds the packing (`Packing`, `pack`), the packed rows' arrays (`packed_rows`), the
-attention step over them (`packed_step`) and the unpacking (`unpack_state`); `kvjax.prefill` and
-`kvjax.generate` run them with `packing=`.
+attention step over them (`packed_step`), the unpacking (`unpack_state`) and the tail's replay
+(`replay_tail`); `kvjax.prefill` and `kvjax.generate` run them with `packing=`.
 """
 
 from __future__ import annotations
@@ -20,10 +25,12 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import struct
 
 from kvjax.attention import attend
-from kvjax.kv_state import KVSegment, KVState, write_entries
-from kvjax.layer_step import LayerContext, StepInputs
+from kvjax.kv_state import EvictionSegment, KVSegment, KVState, write_entries
+from kvjax.layer_step import LayerContext, Prefill, StepInputs
+from kvjax.policies.base import Policy
 
 FITS = ("best", "first")
 
@@ -41,10 +48,10 @@ class Packing:
 
     Packing changes how much padding prefill computes, not its result: each prompt's state and logits are
     those of the unpacked prefill (up to float rounding). It runs with policies whose prefill writes the
-    prompt in place and compresses it only at its end (`Policy.prefills_in_place`: Full, Quest, Twilight);
-    others score the prompt with the attention they compute while prefilling, which packed rows do not
-    give them per prompt, and are refused. The packed rows' attention runs the jnp path (no kernel takes
-    segment ids yet); decoding afterwards runs the `attention_impl` asked for.
+    prompt in place and compresses it only at its end, from its keys and at most its last n queries
+    (`Policy.packed_tail`: Full, Quest, Twilight, SnapKV, PyramidKV, AdaKV, Knorm, ...); policies that
+    evict, prune or re-encode the prompt while prefilling are refused. The packed rows' attention runs
+    the jnp path (no kernel takes segment ids yet); decoding afterwards runs the `attention_impl` asked for.
     """
 
     row_length: int | None = None
@@ -158,18 +165,82 @@ def packed_rows(prompts: np.ndarray, plan: PackPlan, width: int) -> tuple[np.nda
     return tokens, positions, segments
 
 
-def packed_step(columns: jax.Array, q_segments: jax.Array, k_segments: jax.Array):
+@struct.dataclass(frozen=True)
+class TailInputs:
+    """One layer's step inputs for each prompt's last n tokens, recorded from the packed rows:
+    q and q_raw [B, n, K, G, D], k, k_raw and v [B, n, K, D] (`StepInputs`'s fields of the same names)."""
+
+    q: jax.Array
+    k: jax.Array
+    v: jax.Array
+    q_raw: jax.Array
+    k_raw: jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class Tail:
+    """Where each prompt's last n tokens sit: row_of int32[B] (`PackPlan`), and per prompt and tail index,
+    columns int32[B, n] in its packed row, positions int32[B, n] and valid bool[B, n] (False past a prompt
+    shorter than n, as padding at the end of a chunk)."""
+
+    row_of: jax.Array
+    columns: jax.Array
+    positions: jax.Array
+    valid: jax.Array
+
+    @staticmethod
+    def of(row_of: jax.Array, offset: jax.Array, lengths: jax.Array, n: int) -> Tail:
+        """The last n tokens of prompts of int32[B] `lengths` at columns `offset` of rows `row_of`: positions
+        max(length - n, 0) + j, j < n, so they end at the prompt's end, or start at 0 when it is shorter."""
+        positions = jnp.maximum(lengths - n, 0)[:, None] + jnp.arange(n, dtype=jnp.int32)  # [B, n]
+        return Tail(row_of, offset[:, None] + positions, positions, positions < lengths[:, None])
+
+    @property
+    def start(self) -> jax.Array:
+        """int32[B]: each prompt's first tail position, the entries before it unpacked (`unpack_state`)."""
+        return self.positions[:, 0]
+
+    def empty(self, config, dtype) -> TailInputs:
+        """Zeroed `TailInputs` for a model of `config`."""
+        b, n = self.positions.shape
+        kh, g, d = config.num_kv_heads, config.num_heads // config.num_kv_heads, config.head_dim
+        q, k = jnp.zeros((b, n, kh, g, d), dtype), jnp.zeros((b, n, kh, d), dtype)
+        return TailInputs(q=q, k=k, v=k, q_raw=q, k_raw=k)
+
+    def record(self, recorded: TailInputs, x: StepInputs, start: jax.Array) -> TailInputs:
+        """`recorded` with the tail tokens that fall in the chunk of packed columns [start, start + S) taken
+        from its inputs `x` ([R, S, ...])."""
+        s = x.q.shape[1]
+        at = self.columns - start  # [B, n]: index in the chunk
+        here = self.valid & (at >= 0) & (at < s)
+        idx = jnp.clip(at, 0, s - 1)
+
+        def take(new, old):  # [R, S, ...] -> [B, n, ...]
+            picked = new[self.row_of[:, None], idx].astype(old.dtype)
+            return jnp.where(here.reshape(here.shape + (1,) * (old.ndim - 2)), picked, old)
+
+        return TailInputs(
+            q=take(x.q, recorded.q),
+            k=take(x.k, recorded.k),
+            v=take(x.v, recorded.v),
+            q_raw=take(x.q_raw, recorded.q_raw),
+            k_raw=take(x.k_raw, recorded.k_raw),
+        )
+
+
+def packed_step(columns: jax.Array, q_segments: jax.Array, k_segments: jax.Array, tail: Tail | None = None):
     """The layer step of a packed prefill chunk: Full's, with slot = column instead of position.
 
     columns: int32[R, S], the chunk's columns in the packed rows (consecutive); q_segments: int32[R, S]
     and k_segments: int32[R, W], the segment ids of the chunk's queries and of every slot. The chunk's
     entries are written at slot = column with pos = column (-1 for padding); a query attends to the slots
     of its own segment up to its column, which is each prompt's causal mask, while the RoPE positions
-    (applied before the step) restart at 0 for each prompt.
+    (applied before the step) restart at 0 for each prompt. With a `tail`, a layer is (segment,
+    `TailInputs`) and the step also records the inputs of the prompts' tail tokens in this chunk.
     """
 
-    def step(ctx: LayerContext, layer: tuple[KVSegment, ...], shared, x: StepInputs):
-        (seg,) = layer
+    def step(ctx: LayerContext, layer: tuple, shared, x: StepInputs):
+        seg, *recorded = layer
         seg = write_entries(seg, x.k, x.v, jnp.where(x.new_pos >= 0, columns, -1), columns[:, 0])
         out = attend(
             x.q,
@@ -183,52 +254,76 @@ def packed_step(columns: jax.Array, q_segments: jax.Array, k_segments: jax.Array
             slot_is_position=True,  # slot = column, the position `attend`'s masking and block skipping read
             segment_ids=(q_segments, k_segments),
         )
-        return out, (seg,), shared
+        if tail is not None:
+            recorded = [tail.record(recorded[0], x, columns[0, 0])]
+        return out, (seg, *recorded), shared
 
     return step
 
 
 def unpack_segment(
-    packed: KVSegment, like: KVSegment, row_of: jax.Array, offset: jax.Array, lengths: jax.Array
+    packed: KVSegment, like: KVSegment, row_of: jax.Array, offset: jax.Array, held: jax.Array
 ) -> KVSegment:
-    """`like` (a plain segment of a per-prompt state, [B, Hs, C, D]) holding each prompt's entries at slot =
-    position, gathered from the packed rows' `packed` ([R, K, W, D], slot = column); empty slots are zero
-    with pos -1. row_of, offset, lengths: int32[B] (`PackPlan`)."""
+    """`like` (a plain or eviction segment of a per-prompt state, [B, Hs, C, D]) holding each prompt's first
+    `held` entries at slot = position, gathered from the packed rows' `packed` ([R, K, W, D], slot =
+    column); other slots are zero with pos -1, a score buffer stays as it is. row_of, offset: int32[B]
+    (`PackPlan`); held: int32[B], at most each prompt's length."""
     heads = np.asarray(like.heads)
     slots = jnp.arange(like.capacity, dtype=jnp.int32)  # [C]
-    held = slots[None, :] < lengths[:, None]  # [B, C]
+    kept = slots[None, :] < held[:, None]  # [B, C]
     columns = jnp.clip(offset[:, None] + slots, 0, packed.capacity - 1)  # [B, C]
 
     def gather(x):  # [R, K, W, D] -> [B, Hs, C, D]
         rows = jnp.take(jnp.take(x, heads, axis=1), row_of, axis=0)  # [B, Hs, W, D]
         picked = jnp.take_along_axis(rows, columns[:, None, :, None], axis=2)  # [B, Hs, C, D]
-        return jnp.where(held[:, None, :, None], picked, 0).astype(like.k.dtype)
+        return jnp.where(kept[:, None, :, None], picked, 0).astype(like.k.dtype)
 
-    pos = jnp.broadcast_to(jnp.where(held, slots, -1)[:, None, :], like.pos.shape)  # [B, Hs, C]
+    pos = jnp.broadcast_to(jnp.where(kept, slots, -1)[:, None, :], like.pos.shape)  # [B, Hs, C]
     return like.replace(k=gather(packed.k), v=gather(packed.v), pos=pos)
 
 
 def unpack_state(
     policy_name: str,
-    packed: tuple[tuple[KVSegment, ...], ...],
+    packed: tuple[tuple, ...],
     like: KVState,
     row_of: jax.Array,
     offset: jax.Array,
-    lengths: jax.Array,
+    held: jax.Array,
 ) -> KVState:
-    """The per-prompt prefill state `like` (a policy's empty prefill state, plain segments only) filled
-    from the packed rows' layers, as the policy's own in-place prefill would have left it (before
-    `finalize`)."""
+    """The per-prompt prefill state `like` (a policy's empty prefill state) with each prompt's first `held`
+    int32[B] entries in its KV segments, from the packed rows' layers (each a segment first), as the
+    policy's own in-place prefill would have written them. Anything else in `like` (a policy's own
+    accumulators) stays empty: `replay_tail` fills it."""
     layers = []
     for packed_layer, layer in zip(packed, like.layers):
-        (source,) = packed_layer
+        source = packed_layer[0]
         segments = []
         for seg in layer:
-            if type(seg) is not KVSegment:
+            if isinstance(seg, KVSegment) and type(seg) not in (KVSegment, EvictionSegment):
                 raise ValueError(
                     f"packing cannot fill {policy_name}'s prefill state: it holds a {type(seg).__name__}, not "
                     "plain KV entries written in place"
                 )
-            segments.append(unpack_segment(source, seg, row_of, offset, lengths))
+            segments.append(unpack_segment(source, seg, row_of, offset, held) if isinstance(seg, KVSegment) else seg)
         layers.append(tuple(segments))
-    return like.replace(layers=tuple(layers), length=lengths)
+    return like.replace(layers=tuple(layers))
+
+
+def replay_tail(
+    policy: Policy, config, state: KVState, recorded: tuple[TailInputs, ...], tail: Tail, lengths: jax.Array
+) -> KVState:
+    """`state` (`unpack_state`'s, holding each prompt's entries before `tail.start`) after `policy`'s own
+    prefill step, layer by layer, on each prompt's tail tokens, whose inputs the packed rows recorded
+    (`recorded`, per layer): it writes their entries and whatever it scores from the prompt's last
+    queries. The steps' attention outputs are unused (the packed rows gave the hidden states), so they
+    run the jnp path. lengths: int32[B], the prompts' lengths (`Prefill.prompt_lengths`)."""
+    phase = Prefill(lengths)
+    new_pos = jnp.where(tail.valid, tail.positions, -1)
+    shared = state.shared
+    layers = []
+    for i, (layer, x) in enumerate(zip(state.layers, recorded)):
+        ctx = LayerContext(i, window=config.sliding_window(i), scale=config.head_dim**-0.5, impl="reference")
+        inputs = StepInputs(q=x.q, k=x.k, v=x.v, q_raw=x.q_raw, k_raw=x.k_raw, q_pos=tail.positions, new_pos=new_pos)
+        _, layer, shared = policy.layer_step(ctx, layer, shared, inputs, phase)
+        layers.append(layer)
+    return state.replace(layers=tuple(layers), shared=shared)

@@ -125,6 +125,37 @@ def test_attention_impl_reaches_the_api(monkeypatch, byte_checkpoint, tmp_path, 
     assert seen == {"generate": "reference", "eval": "reference", "bench": "reference"}
 
 
+def test_packing_reaches_eval_and_bench_and_refuses_what_cannot_pack(monkeypatch, byte_checkpoint, tmp_path, capsys):
+    """--packing reaches EvalConfig and BenchConfig; a policy that cannot pack is refused by name before any
+    prompt runs (run_eval and run_bench are never called)."""
+    seen = {}
+
+    def run_eval(m, runs, config, progress, log, **resume):
+        seen["eval"] = config.packing
+        return [{"policy": "snapkv", "task": "passkey", "length": 512, "accuracy": 1.0}], []
+
+    def run_bench(m, runs, config, progress, log):
+        seen["bench"] = config.packing
+        return {"device": "cpu", "backend": "cpu", "rows": [{"policy": "snapkv", "length": 512}]}
+
+    monkeypatch.setattr(kvjax.eval.harness, "run_eval", run_eval)
+    monkeypatch.setattr(kvjax.eval.results, "write_results", lambda *args: [])
+    monkeypatch.setattr(kvjax.eval.speed, "run_bench", run_bench)
+    monkeypatch.setattr(kvjax.eval.speed, "write_bench", lambda *args: [])
+    common = ["--model", str(byte_checkpoint), "--dtype", "float32", "--packing"]
+    assert main(["eval", *common, "--policies", "full,snapkv", "--tasks", "passkey", "--out", str(tmp_path / "e")]) == 0
+    assert main(["bench", *common, "--policies", "snapkv", "--out", str(tmp_path / "b")]) == 0
+    assert seen == {"eval": True, "bench": True}
+    seen.clear()
+    capsys.readouterr()
+    for command in ("eval", "bench"):
+        assert main([command, *common, "--policies", "snapkv,h2o", "--out", str(tmp_path / "x")]) == 2
+        assert "packing cannot run H2O" in capsys.readouterr().err
+    assert main(["bench", *common, "--against", "kvpress", "--out", str(tmp_path / "x")]) == 2
+    assert "--packing applies to kvjax's own bench" in capsys.readouterr().err
+    assert seen == {}
+
+
 def test_prompt_from_a_file_or_standard_input(monkeypatch, byte_checkpoint, tmp_path, capsys):
     """--prompt-file PATH and --prompt - (stdin) generate exactly what --prompt TEXT does; one final
     newline is dropped; an empty prompt and both options at once are refused."""

@@ -306,6 +306,30 @@ def test_policies_that_prefill_as_full_share_one_forward_with_the_same_answers(t
     ]
 
 
+def test_packed_eval_gives_the_same_answers(tiny_checkpoint):
+    """EvalConfig(packing=True) prefills each policy's batches packed (the packed prefill compiles), timing
+    included, and every row and sample answers as without packing."""
+    from kvjax.checkpoint import load
+    from kvjax.inference import _packed_prefill
+
+    m = load(tiny_checkpoint, dtype=jnp.float32)
+    policies = {"full": kvjax.policies.Full(), "snapkv": kvjax.policies.SnapKV(budget_tokens=96, window=8)}
+    config = EvalConfig(
+        tasks=("niah_single",), lengths=(300,), samples=3, timing=False, batch_size=3, share_prefill=False
+    )
+    rows, samples = run_eval(m, policies, config, progress=False)
+    compiled = _packed_prefill._cache_size()
+    packed_rows, packed_samples = run_eval(
+        m, policies, dataclasses.replace(config, packing=True, timing=True), progress=False
+    )
+    assert _packed_prefill._cache_size() == compiled + 4  # per policy, the answer's and the timing's (other room)
+    assert [s["prediction"] for s in packed_samples] == [s["prediction"] for s in samples]
+    assert [(r["policy"], r["accuracy"], r["digits"], r["kv_bytes"]) for r in packed_rows] == [
+        (r["policy"], r["accuracy"], r["digits"], r["kv_bytes"]) for r in rows
+    ]
+    assert all(r["prefill_ms"] > 0 for r in packed_rows)
+
+
 def test_default_batch_size_follows_free_memory():
     from kvjax.eval.harness import batch_size_for_memory
 

@@ -23,6 +23,7 @@ from kvjax.policies.base import Policy
 from kvjax.policies.duo_attention import pattern_file, read_gates_tsv, released_patterns
 from kvjax.policies.lserve import SelectedPagesSegment
 from kvjax.policies.quantized_pruning import decode_state_bytes
+from pallas_kernels import block_masks as bm
 from tests.support.jaxprs import pallas_calls
 from tests.support.page_reference import attend, page_bounds, visible_slots
 from tests.support.quantized_fixtures import (
@@ -255,6 +256,101 @@ def test_one_launch_for_all_heads_is_the_two_launches_result(model, tokens, impl
         assert kvjax.kv_bytes(state) == held[0]
     np.testing.assert_allclose(logits[:5], logits[5:], atol=1e-5, rtol=0)
     assert held[0] == held[1]
+
+
+# sink + prefill_local covers LENGTHS' padded prompt (384 at CHUNK): every layer fuses its prefill.
+FUSED = LServe(((0,), (1,)), sink=4, local=32, prefill_local=512, token_budget=64, reuse=4)
+
+
+@dataclasses.dataclass(frozen=True)
+class TwoCalls(LServe):
+    """LServe prefilling one call per kind of head whatever the prompt (each kind in its own buffer)."""
+
+    def fuses_prefill(self, config, layer, prompt_len):
+        return False
+
+
+def _fields(policy: LServe) -> dict:
+    return {f.name: getattr(policy, f.name) for f in dataclasses.fields(LServe) if f.init}
+
+
+def test_fused_prefill_is_the_two_call_prefill(model, tokens):
+    """One buffer and one launch per layer for both kinds of heads leaves the two-call prefill's state (same
+    positions, kv_bytes and structure) and its logits through decoding (fp32, 1e-5)."""
+    layout = FUSED.layout(model.config, 384, NEW, CHUNK)
+    assert all(len(layer) == 1 and layer[0].heads == (0, 1) for layer in layout)
+    two = TwoCalls(**_fields(FUSED))
+    steps = FUSED.reuse + 1  # a selection made, reused, made again
+    fused_logits, fused_state, _ = teacher_forced(model, FUSED, tokens, LENGTHS, steps, CHUNK)
+    two_logits, two_state, _ = teacher_forced(model, two, tokens, LENGTHS, steps, CHUNK)
+    np.testing.assert_allclose(fused_logits, two_logits, atol=1e-5, rtol=0)
+    assert kvjax.kv_bytes(fused_state) == kvjax.kv_bytes(two_state)
+    assert jax.tree.structure(fused_state.replace(origin=None)) == jax.tree.structure(two_state.replace(origin=None))
+    for a, b in zip(jax.tree.leaves(fused_state), jax.tree.leaves(two_state)):
+        if a.dtype == jnp.int32:  # positions, selections, counters
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    # Past sink + prefill_local the streaming heads evict while prefilling: their own buffer, two calls.
+    assert len(SPARSE.layout(model.config, 384, NEW, CHUNK)[0]) == 2
+
+
+@pytest.mark.parametrize("policy,per_layer", [(FUSED, 1), (TwoCalls(**_fields(FUSED)), 2)])
+def test_a_prefill_chunk_launches_one_kernel_per_layer(model, tokens, policy, per_layer):
+    run = kvjax.inference.Execution("gpu-interpret", False)  # layers unrolled: each layer's calls appear once
+    lengths = jnp.asarray(LENGTHS, jnp.int32)
+
+    def prefill(t):
+        return kvjax.inference._prefill(
+            model.graphdef, model.params, None, t, lengths, policy=policy, chunk=CHUNK, max_new_tokens=NEW, run=run
+        )
+
+    padded = np.pad(tokens[:, : max(LENGTHS)], ((0, 0), (0, 384 - max(LENGTHS))))  # 3 chunks
+    calls = pallas_calls(jax.make_jaxpr(prefill)(jnp.asarray(padded)).jaxpr)
+    assert len(calls) == per_layer * model.config.num_layers
+    assert all(call.params["name"] == "block_sparse_prefill_gpu" for call in calls)
+
+
+def _lambda_blocks(first: int, chunk: int, block_q: int, block_k: int, nk: int, sink: int, window: int):
+    """NumPy: per query block of a chunk of queries at positions [first, first + chunk), the key blocks holding
+    a key some query of it sees under the authors' streaming-head rule (k <= q and (k < sink or q - k <
+    window); window = every key for a retrieval head)."""
+    rows = []
+    for q0 in range(first, first + chunk, block_q):
+        q = np.arange(q0, q0 + block_q)[:, None]
+        k = np.arange(nk * block_k)[None, :]
+        seen = (k <= q) & ((k < sink) | (q - k < window))
+        rows.append(set(np.flatnonzero(seen.reshape(block_q, nk, block_k).any(axis=(0, 2))).tolist()))
+    return rows
+
+
+def test_the_fused_launchs_table_lists_each_heads_sink_and_local_blocks(model):
+    """The table a fused launch hands the kernel (dense causal, chunk mode) lists, for every head and chunk,
+    exactly the blocks of the authors' per-head rule (retrieval heads every earlier block, streaming heads
+    their sink and prefill_local blocks), a NumPy transcription, for exactly the prompts a layer fuses
+    (`fuses_prefill`): past sink + prefill_local (516 here) the rules part, and the prefill keeps two calls."""
+    block_q, block_k, chunk = 32, 32, 128
+    h, kh = model.config.num_heads, model.config.num_kv_heads
+    retrieval = FUSED.retrieval_heads[0]
+    for prompt_len in (384, 512, 640):
+        kv_len = FUSED.layout(model.config, prompt_len, NEW, chunk)[0][0].capacity  # the retrieval buffer's
+        nk = kv_len // block_k
+        offsets = np.arange(0, prompt_len, chunk, dtype=np.int32)
+        table = bm.prefill_chunk_block_table(
+            bm.DenseCausal(), jnp.asarray(offsets), num_heads=h, num_kv_heads=kh, chunk_len=chunk, kv_len=kv_len,
+            block_q=block_q, block_k=block_k,
+        )  # fmt: skip
+        kv_blocks, counts, pattern = (np.asarray(x) for x in (table.kv_blocks, table.counts, table.head_pattern))
+        agree = True
+        for b, first in enumerate(offsets):
+            for head in range(h):
+                listed = [
+                    set(kv_blocks[b, pattern[head], qb, :n].tolist()) for qb, n in enumerate(counts[b, pattern[head]])
+                ]
+                assert listed == _lambda_blocks(int(first), chunk, block_q, block_k, nk, 0, kv_len)  # causal
+                if head // (h // kh) not in retrieval:
+                    agree &= listed == _lambda_blocks(
+                        int(first), chunk, block_q, block_k, nk, FUSED.sink, FUSED.prefill_local
+                    )
+        assert agree == FUSED.fuses_prefill(model.config, 0, prompt_len), prompt_len
 
 
 @pytest.mark.parametrize("policy,per_layer", [(ONE, 1), (TwoLaunches(((0,), (1,)), sink=4, local=64), 2)])

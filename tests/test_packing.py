@@ -12,7 +12,21 @@ import kvjax
 from kvjax import inference as gen
 from kvjax.attention import attend, causal_blocks, reference_attention
 from kvjax.packing import Packing, bin_pack, pack, packed_rows
-from kvjax.policies import Full, Quest, SnapKV, Twilight
+from kvjax.policies import (
+    H2O,
+    TOVA,
+    AdaKV,
+    Full,
+    Knorm,
+    PyramidKV,
+    QuantizedPruning,
+    Quest,
+    SnapKV,
+    SqueezedAttention,
+    StreamingLLM,
+    ThinK,
+    Twilight,
+)
 from tests.support.random_data import random_tokens
 
 
@@ -168,6 +182,50 @@ def test_packed_generate_equals_unpacked(tiny_model, policy):
         np.testing.assert_array_equal(np.asarray(kvjax.generate(m, prompts, packing=packing, **kwargs)), plain)
 
 
+# Prompt compressors that score the prompt at its end from its keys and last queries (`Policy.packed_tail`).
+SCORING = {
+    "snapkv": SnapKV(budget_tokens=40, window=8),
+    "pyramidkv": PyramidKV(budget_tokens=40, window=8),
+    "adakv": AdaKV(base=SnapKV(budget_tokens=40, window=8)),
+    "knorm": Knorm(budget_tokens=40, skip_layers=()),
+    "think": ThinK(base=SnapKV(budget_tokens=40, window=8), observe=12, recent=4),
+    "quantized_pruning": QuantizedPruning(base=SnapKV(budget_tokens=40, window=8), group=16, residual=8),
+    "squeezed_attention": SqueezedAttention(recent=16),
+}
+
+
+def _positions(state: kvjax.KVState) -> list[tuple[str, np.ndarray]]:
+    """Every int32 leaf of a state (positions, owning heads, kept channels: what it kept), by its path."""
+    return [
+        (jax.tree_util.keystr(path), np.asarray(leaf))
+        for path, leaf in jax.tree_util.tree_leaves_with_path(state.replace(origin=None))
+        if leaf.dtype == jnp.int32
+    ]
+
+
+@pytest.mark.parametrize("name", SCORING)
+def test_packed_prefill_keeps_what_scoring_policies_keep_unpacked(tiny_model, name):
+    """Each prompt keeps the same positions packed as unpacked, and generates the same tokens: the policy
+    scored it from its own last queries over its own keys. A prompt shorter than the tail (5 tokens) takes
+    its whole prompt as the tail."""
+    m, policy = tiny_model, SCORING[name]
+    assert policy.packed_tail == {"knorm": 0, "think": 12, "squeezed_attention": 16}.get(name, 8)
+    prompts = _prompts(m, (33, 150, 64, 97, 5, 120, 70), seed=20)
+    batch = gen._prompt_batch(prompts, None, m.config.vocab_size)
+    run = gen.Execution()
+    state, last = gen._run_prefill(m, *batch, policy, 64, 8, run)
+    packed_state, packed_last = gen._run_prefill(m, *batch, policy, 64, 8, run, Packing())
+    assert kvjax.kv_bytes(packed_state) == kvjax.kv_bytes(state)
+    kept = _positions(state)
+    assert [path for path, _ in _positions(packed_state)] == [path for path, _ in kept]
+    for (path, want), (_, got) in zip(kept, _positions(packed_state)):
+        np.testing.assert_array_equal(got, want, err_msg=path)
+    np.testing.assert_allclose(np.asarray(packed_last), np.asarray(last), atol=1e-5, rtol=0)
+    kwargs = dict(max_new_tokens=8, policy=policy, eos_token_id=(), chunk_size=64)
+    plain = np.asarray(kvjax.generate(m, prompts, **kwargs))
+    np.testing.assert_array_equal(np.asarray(kvjax.generate(m, prompts, packing=True, **kwargs)), plain)
+
+
 @pytest.mark.parametrize(("lengths", "chunk_size"), [((60, 40, 100), 64), ((600, 400, 1000), 512)])
 def test_no_attention_crosses_a_segment(tiny_model, lengths, chunk_size):
     """Prompt 1 sits right after prompt 0 in a packed row; changing prompt 0 changes none of prompt 1's
@@ -196,8 +254,9 @@ def test_no_attention_crosses_a_segment(tiny_model, lengths, chunk_size):
 def test_packing_refuses_what_it_cannot_do(tiny_model):
     m = tiny_model
     prompts = _prompts(m, (20, 50))
-    with pytest.raises(ValueError, match="SnapKV"):
-        kvjax.generate(m, prompts, max_new_tokens=2, policy=SnapKV(budget_tokens=16, window=4), packing=True)
+    for policy in (H2O(heavy=8, window=8), TOVA(budget_tokens=16), StreamingLLM(), SnapKV(per_query_head=True)):
+        with pytest.raises(ValueError, match=f"packing cannot run {type(policy).__name__}: .* evicts, prunes"):
+            kvjax.generate(m, prompts, max_new_tokens=2, policy=policy, packing=True)
     with pytest.raises(ValueError, match="row_length \\(40\\) is shorter than the longest prompt \\(50"):
         kvjax.prefill(m, prompts, packing=Packing(row_length=40))
     with pytest.raises(ValueError, match="packing must be None, a bool"):

@@ -206,6 +206,9 @@ class EvalConfig:
     query_aware: bool = False  # compress context and question together (else the context alone, then ask)
     share_prefill: bool = True  # policies whose prefill is Full's share one forward per batch (query-agnostic)
     attention_impl: str = "auto"  # how attention runs (kvjax.inference.Execution); "reference" forces the jnp path
+    # Each policy's own prefill of a batch packed (`kvjax.packing`): the same answers, less padding computed.
+    # Policies sharing a forward (`share_prefill`) still share it, unpacked.
+    packing: bool = False
 
     def answer_settings(self) -> dict:
         """The settings a cell's answers depend on (batching and timing do not change them): two runs
@@ -309,7 +312,7 @@ def _answer(m: LanguageModel, prompts, policy: Policy, config: EvalConfig, new: 
     generate; else the contexts prefilled and compressed (or `state`, their prefill already made), then the
     rest fed on top and decoded."""
     contexts, asked = [c for c, _ in prompts], [q for _, q in prompts]
-    run = {"chunk_size": config.chunk_size, "attention_impl": config.attention_impl}
+    run = {"chunk_size": config.chunk_size, "attention_impl": config.attention_impl, "packing": config.packing}
     if not asked[0]:
         return np.asarray(kvjax.generate(m, contexts, new, policy, **run))
     if state is None:
@@ -363,13 +366,23 @@ def _timed(fn):
 
 
 def _time_prefill_and_decode(
-    m: LanguageModel, ids: list[list[int]], policy: Policy, chunk: int, first, new: int, impl: str = "auto"
+    m: LanguageModel,
+    ids: list[list[int]],
+    policy: Policy,
+    chunk: int,
+    first,
+    new: int,
+    impl: str = "auto",
+    packing: bool = False,
 ):
     """(seconds for the prompt, seconds per decoded token), both already compiled by the `generate` that
     just ran at these shapes. The decode is generate's own jitted loop (greedy, no EOS stop) fed its
-    first token `first` int32[B] for `new` steps, so no per-token Python dispatch is timed."""
+    first token `first` int32[B] for `new` steps, so no per-token Python dispatch is timed. `packing`:
+    the prompt prefilled packed (`kvjax.packing`)."""
     run = dict(attention_impl=impl)
-    state, t_prefill = _timed(lambda: kvjax.prefill(m, ids, policy, chunk_size=chunk, max_new_tokens=new, **run))
+    state, t_prefill = _timed(
+        lambda: kvjax.prefill(m, ids, policy, chunk_size=chunk, max_new_tokens=new, packing=packing, **run)
+    )
     _, t_decode = _timed(lambda: greedy_decode(m, state, first, new, policy, **run))
     return t_prefill, t_decode / new
 
@@ -474,7 +487,7 @@ def _evaluate(
         if config.timing:  # the compressed part's prefill, then decoding
             contexts = [c for c, _ in prompts]
             t_prefill, t_token = _time_prefill_and_decode(
-                m, contexts, run.policy, config.chunk_size, out[:, 0], new, config.attention_impl
+                m, contexts, run.policy, config.chunk_size, out[:, 0], new, config.attention_impl, config.packing
             )
             prefill_s.append(t_prefill)
             decode_s.append(t_token)

@@ -37,6 +37,9 @@ class BenchConfig:
     chunk_size: int | None = None  # None: the policy's own (`kvjax.prefill`)
     seed: int = 0
     attention_impl: str = "auto"  # how attention runs (kvjax.inference.Execution); "reference" forces the jnp path
+    # Prefill packed (`kvjax.packing`). The prompts are all one length, a row each: this times packing's own
+    # cost (no Pallas kernel takes its segment ids), not its saving on ragged batches.
+    packing: bool = False
 
     def __post_init__(self):
         if not self.lengths or min(self.lengths) < 1:
@@ -73,6 +76,7 @@ def measure(m: LanguageModel, policy, prompts: np.ndarray, config: BenchConfig) 
                 chunk_size=config.chunk_size,
                 max_new_tokens=config.new_tokens,
                 attention_impl=config.attention_impl,
+                packing=config.packing,
             )
         )
         prefilled = time.perf_counter()

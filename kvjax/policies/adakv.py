@@ -97,6 +97,11 @@ class AdaKV(Policy):
         base = self.base.with_budget(tokens)
         return None if base is None else dataclasses.replace(self, base=base)
 
+    @property
+    def packed_tail(self):
+        """The base's: it prefills alone; the head-wise split happens in `finalize`."""
+        return self.base.packed_tail
+
     def layout(self, config: ModelConfig, prompt_len: int, max_new_tokens: int, chunk: int) -> Layout:
         return self.base.layout(config, prompt_len, max_new_tokens, chunk)
 

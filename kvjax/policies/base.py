@@ -44,7 +44,7 @@ class Policy(abc.ABC):
     # What a policy is built from besides its fields (for the CLI's --policy-file), or None.
     file_needed: ClassVar[str | None] = None
     # Whether its prefill writes every prompt entry in place (slot = position) into plain `KVSegment`s and
-    # leaves any compression to `finalize`, so a packed prefill (`kvjax.packing`) can build its state.
+    # leaves any compression to `finalize` (then it attends as Full: `prefills_as_full`, `packed_tail`).
     prefills_in_place: ClassVar[bool] = False
 
     @classmethod
@@ -134,6 +134,18 @@ class Policy(abc.ABC):
         (`prefill_chunk`) gives: then its hidden states are Full's and one forward can prefill it beside
         other such policies (`kvjax.inference.prefill_shared`). Default: `prefills_in_place`."""
         return self.prefills_in_place
+
+    @property
+    def packed_tail(self) -> int | None:
+        """n where a packed prefill (`kvjax.packing`) builds this policy's state exactly, else None. Each
+        prompt's entries but its last n are unpacked from the packed rows into the policy's empty prefill
+        state at slot = position (a score buffer, and anything else it holds, left empty); then the policy's
+        own prefill step runs once per layer on each prompt's last n tokens, with the q, k and v the packed
+        rows computed for them, and `finalize`. That is its unpacked prefill wherever the prefill writes
+        every prompt entry in place, evicts nothing, and reads no query but each prompt's last n: 0 for
+        Full, Quest and Knorm, SnapKV's observation window. Default: 0 where `prefills_in_place`, else
+        None (policies that evict, prune or re-encode the prompt while prefilling)."""
+        return 0 if self.prefills_in_place else None
 
     def prefill_tokens(self, config: ModelConfig, prompt_len: int, chunk: int) -> tuple[int, ...] | None:
         """Per layer, how many of a prefill chunk's `chunk` tokens it computes (non-increasing, static), for

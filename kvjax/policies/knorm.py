@@ -39,6 +39,11 @@ class Knorm(TokenEviction):
             raise ValueError(f"Knorm skip_layers must be layer indices >= 0; got {self.skip_layers!r}")
         object.__setattr__(self, "skip_layers", tuple(sorted({int(layer) for layer in skip})))
 
+    @property
+    def packed_tail(self):
+        """0: the prompt is written in place and ranked by its keys alone at its end."""
+        return 0
+
     def with_budget(self, tokens):
         """`budget_tokens` = tokens."""
         super().with_budget(tokens)

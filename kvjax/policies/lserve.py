@@ -23,9 +23,16 @@ the two buffers stay apart, so the streaming heads keep only sink + local slots,
 decode kernel takes the streaming buffer as a second cache (`block_sparse_decode`'s tail) under one
 table: per retrieval head its selected pages, per streaming head every page below its count (the last
 page, the buffer not being whole pages, read ending at the buffer's end). A sliding-window model, or a
-streaming buffer smaller than one page, keeps one call per kind of head. Prefill still runs one call per
-kind (the retrieval heads' the block-sparse prefill kernel's; the streaming heads' over their compacted
-buffer).
+streaming buffer smaller than one page, keeps one call per kind of head.
+
+A prefill chunk of a layer holding both kinds is one launch too, while the streaming heads evict nothing
+(a prompt of at most sink + prefill_local tokens, the authors' 8320 by default) and the model has no
+sliding window: the layer's heads then share one slot = position buffer (`fuses_prefill`) and one call of
+the block-sparse prefill kernel. The authors' fused prefill gives streaming heads a block table of their
+sink and local blocks; while sink + prefill_local covers the prompt, those are every block up to the
+query's, the rows retrieval heads read, so the one dense table serves every head. `finalize` splits the
+buffer by kind. Longer prompts prefill one call per kind, the streaming heads over their own buffer of
+sink + prefill_local + one chunk slots, evicting after each chunk.
 
 Defaults are the authors' (mit-han-lab/omniserve engine arguments and evaluation scripts): static
 sparsity 0.5, sink 128, local 256, prefill_local 8192, page 64 (the cache block), 4 logical pages per
@@ -62,8 +69,8 @@ from kvjax.kv_state import (
     write_entries,
     write_free_slot,
 )
-from kvjax.layer_step import Decode, merge_heads
-from kvjax.policies.base import Layout, Policy
+from kvjax.layer_step import Decode, merge_heads, take_heads
+from kvjax.policies.base import Layout, Policy, SegmentSpec
 from kvjax.policies.duo_attention import HeadSets, quantile_head_sets, read_gates_tsv
 from kvjax.policies.duo_attention.policy import head_split_layout
 from kvjax.policies.streaming_llm import StreamingLLM
@@ -175,18 +182,53 @@ class LServe(Policy):
         """The rule streaming heads follow (keys at their original positions, as DuoAttention's)."""
         return StreamingLLM(sink=self.sink, window=self.local, position_shift=False)
 
+    def fuses_prefill(self, config: ModelConfig, layer: int, prompt_len: int) -> bool:
+        """Whether `layer` prefills a prompt of `prompt_len` tokens with all its KV heads in one buffer, in one
+        attention launch per chunk: it holds both kinds of heads, has no sliding window, and the streaming
+        heads evict nothing while prefilling (prompt_len <= sink + prefill_local), so every head attends to
+        every earlier token."""
+        retrieval = len(self.retrieval_heads[layer])
+        return (
+            0 < retrieval < config.num_kv_heads
+            and config.sliding_window(layer) is None
+            and prompt_len <= self.sink + self.prefill_local
+        )
+
     def layout(self, config: ModelConfig, prompt_len: int, max_new_tokens: int, chunk: int) -> Layout:
         """Per layer: retrieval heads in Full's layout in whole pages; streaming heads in a buffer of sink +
-        prefill_local (+ one chunk while a longer prompt streams through it)."""
+        prefill_local (+ one chunk while a longer prompt streams through it); where the layer `fuses_prefill`,
+        every head in the retrieval heads' layout, one buffer."""
         full = -(-position_capacity(prompt_len + max_new_tokens) // self.page) * self.page
         keep = self.sink + self.prefill_local
         prefill = StreamingLLM(sink=self.sink, window=self.prefill_local, position_shift=False)
         streaming = prefill.layout(config, prompt_len, max_new_tokens, chunk)[0][0].capacity
-        return head_split_layout(config, self.retrieval_heads, full, streaming, keep)
+        split = head_split_layout(config, self.retrieval_heads, full, streaming, keep)
+        every = tuple(range(config.num_kv_heads))
+        return tuple(
+            (SegmentSpec(every, full),) if self.fuses_prefill(config, layer, prompt_len) else specs
+            for layer, specs in enumerate(split)
+        )
+
+    def split_heads(self, seg: KVSegment, layer: int) -> tuple[KVSegment, EvictionSegment]:
+        """A fused prefill buffer (`fuses_prefill`) as the two-call prefill leaves a layer: its retrieval heads'
+        entries, and its streaming heads' as an eviction segment keeping sink + prefill_local."""
+        retrieval = self.retrieval_heads[layer]
+        streaming = tuple(h for h in seg.heads if h not in retrieval)
+
+        def pick(heads):  # the entries of `heads` (KV head ids, which index `seg.heads` = every head)
+            take = lambda x: take_heads(x, heads, 1, len(seg.heads))  # noqa: E731
+            return take(seg.k), take(seg.v), take(seg.pos)
+
+        k, v, pos = pick(retrieval)
+        kept = KVSegment(k=k, v=v, pos=pos, heads=retrieval)
+        k, v, pos = pick(streaming)
+        budget = self.sink + self.prefill_local
+        return kept, EvictionSegment(k=k, v=v, pos=pos, heads=streaming, budget=budget, score=None)
 
     def finalize(self, config: ModelConfig, state: KVState, prompt_len: int, max_new_tokens: int) -> KVState:
-        """Streaming buffers shrink to sink + local (+ a spare slot); retrieval buffers gain their logical
-        pages' bounds, an empty selection and a zero step counter."""
+        """A fused layer's buffer split by kind (`split_heads`); then streaming buffers shrink to sink + local
+        (+ a spare slot) and retrieval buffers gain their logical pages' bounds, an empty selection and a zero
+        step counter."""
         b = state.batch_size
 
         def resize(seg):
@@ -204,7 +246,11 @@ class LServe(Policy):
                 steps=jnp.zeros((b,), jnp.int32),
             )
 
-        return state.replace(layers=tuple(tuple(resize(s) for s in layer) for layer in state.layers))
+        layers = tuple(
+            self.split_heads(layer[0], i) if self.fuses_prefill(config, i, prompt_len) else layer
+            for i, layer in enumerate(state.layers)
+        )
+        return state.replace(layers=tuple(tuple(resize(s) for s in layer) for layer in layers))
 
     def step(self, ctx, segments, x, phase):
         """A decode step of a layer holding both kinds of heads: one attention launch for all of them
@@ -238,8 +284,8 @@ class LServe(Policy):
         return merge_heads([out[:, :, :hr], out[:, :, hr:]], segments, axis=2), (retrieval, streaming)
 
     def segment_step(self, ctx, segment, x, phase):
-        """Streaming heads: StreamingLLM's step. Retrieval heads while prefilling: Full's (the block-sparse
-        prefill kernel); while decoding: `decode_retrieval`, then attention over the selected pages (the
+        """Streaming heads: StreamingLLM's step. Retrieval heads while prefilling, and a fused layer's heads
+        (`fuses_prefill`): Full's (the block-sparse prefill kernel); retrieval heads while decoding: `decode_retrieval`, then attention over the selected pages (the
         block-sparse decode kernel)."""
         if isinstance(segment, EvictionSegment):
             return self.streaming().segment_step(ctx, segment, x, phase)

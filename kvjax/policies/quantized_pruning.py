@@ -71,6 +71,11 @@ class QuantizedPruning(Policy):
 
     # -- prefill: the base, unchanged ----------------------------------------------------------
 
+    @property
+    def packed_tail(self):
+        """The base's: it prefills alone; the quantization happens in `finalize`."""
+        return self.base.packed_tail
+
     def layout(self, config: ModelConfig, prompt_len: int, max_new_tokens: int, chunk: int) -> Layout:
         return self.base.layout(config, prompt_len, max_new_tokens, chunk)
 

@@ -83,6 +83,12 @@ class SnapKV(TokenEviction):
         b, t, h, _, d = out.shape
         return out.reshape(b, t, h // g, g, d), segments
 
+    @property
+    def packed_tail(self):
+        """The observation window: only its queries vote. None with `per_query_head` (its rows repeat the KV
+        heads, which packing does not unpack)."""
+        return None if self.per_query_head else self.window
+
     def with_budget(self, tokens):
         """`budget_tokens` = tokens; an observation window at least as large shrinks to tokens // 2."""
         super().with_budget(tokens)

@@ -100,6 +100,11 @@ class SqueezedAttention(Policy):
 
     # -- prefill: full attention, recording the calibration queries ---------------------------------
 
+    @property
+    def packed_tail(self):
+        """The `recent` calibration queries: the rest of its prefill is Full's."""
+        return self.recent
+
     def layout(self, config: ModelConfig, prompt_len: int, max_new_tokens: int, chunk: int) -> Layout:
         return Full().layout(config, prompt_len, max_new_tokens, chunk)
 

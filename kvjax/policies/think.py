@@ -103,6 +103,12 @@ class ThinK(Policy):
 
     # -- prefill: the base, plus the observation queries' energy ---------------------------------
 
+    @property
+    def packed_tail(self):
+        """The base's tail, at least the `observe` queries whose energy picks the channels."""
+        tail = self.base.packed_tail
+        return None if tail is None else max(tail, self.observe)
+
     def layout(self, config: ModelConfig, prompt_len: int, max_new_tokens: int, chunk: int) -> Layout:
         return self.base.layout(config, prompt_len, max_new_tokens, chunk)
 
