@@ -340,6 +340,19 @@ def test_default_batch_size_follows_free_memory():
     assert batch_size_for_memory(config, 2048, 16, 512, 4, free=1) == 1  # never zero
 
 
+def test_shared_forward_groups_follow_memory_per_policy():
+    from kvjax.eval.harness import shared_group_size
+
+    config = kvjax.load("needle-llama").config
+    slots = 2048 + 16
+    cache = config.num_layers * config.num_kv_heads * slots * (2 * config.head_dim * 4 + 4)
+    per_policy = 2 * cache + 3 * config.num_heads * 512 * slots * 4  # one sequence's states and block weights
+    assert shared_group_size(config, 2048, 16, 10, 4, free=7 * 10 * per_policy + 1) == 7
+    assert shared_group_size(config, 2048, 16, 10, 4, free=7 * 10 * per_policy - 1) == 6
+    assert shared_group_size(config, 4096, 16, 10, 4, free=7 * 10 * per_policy) < 6  # longer prompts: fewer
+    assert shared_group_size(config, 2048, 16, 10, 4, free=1) == 1  # never zero
+
+
 def test_eval_compresses_the_context_without_the_question_unless_asked(tiny_checkpoint):
     from kvjax.checkpoint import load
     from kvjax.eval.harness import split_prompt

@@ -22,6 +22,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 import kvjax
+from kvjax.attention import KEY_BLOCK
 from kvjax.config import ModelConfig
 from kvjax.eval.haystack import haystack_from_name
 from kvjax.eval.prompting import encode_prompt, resolve_chat
@@ -273,6 +274,18 @@ def batch_size_for_memory(
     return max(1, (free // 2) // (cache + weights + hidden))
 
 
+def shared_group_size(
+    config: ModelConfig, prompt_len: int, max_new_tokens: int, batch: int, itemsize: int, free: int
+) -> int:
+    """How many policies one shared prefill forward (`prefill_shared`) of `batch` prompts may carry in `free`
+    bytes: per policy and sequence, a prompt-sized cache twice (the layer scan's input and output) and one
+    query block's float32 attention weights against the prompt, held a few times over (its scores)."""
+    slots = prompt_len + max_new_tokens
+    cache = config.num_layers * config.num_kv_heads * slots * (2 * config.head_dim * itemsize + 4)
+    weights = 3 * config.num_heads * min(KEY_BLOCK, prompt_len) * slots * 4
+    return max(1, free // ((2 * cache + weights) * batch))
+
+
 def split_prompt(tokenizer, sample: Sample, query_aware: bool) -> tuple[list[int], list[int]]:
     """(ids compressed, ids fed after compression): the whole prompt and nothing when `query_aware`,
     else the prompt cut where its question starts, so the policy compresses the context without knowing
@@ -321,11 +334,11 @@ def _answer(m: LanguageModel, prompts, policy: Policy, config: EvalConfig, new: 
 
 
 def _shared_answers(
-    m: LanguageModel, runs: list[PolicyRun], encoded, batches, new: int, config: EvalConfig, full_bytes: float, bar
+    m: LanguageModel, runs: list[PolicyRun], encoded, batches, new: int, config: EvalConfig, bar
 ) -> dict[tuple[str, int], np.ndarray]:
     """{(label, batch): answers} for the runs that share a prefill forward on a batch (`prefill_shared`:
     policies whose prefill is Full's, e.g. StreamingLLM, SnapKV and H2O at every ratio), as many per forward
-    as half the free memory holds prompt-sized states for. Only contexts compressed without their question
+    as the free memory holds (`shared_group_size`). Only contexts compressed without their question
     share: a query-aware prompt is one `generate` per policy."""
     if config.query_aware or not config.share_prefill:
         return {}
@@ -339,7 +352,7 @@ def _shared_answers(
         ]
         if len(sharing) < 2:
             continue
-        group = max(2, int(free_memory_bytes() // (2 * full_bytes * len(prompts))))
+        group = shared_group_size(m.config, width, new, len(prompts), m.dtype.itemsize, free_memory_bytes())
         for start in range(0, len(sharing), group):
             members = sharing[start : start + group]
             bar.set_description(f"shared prefill of {len(members)} policies")
@@ -443,7 +456,7 @@ def run_eval(
                         for idx, _ in batches
                     ]
                 )
-                shared = _shared_answers(m, todo, encoded, batches, new, config, full_bytes, bar)
+                shared = _shared_answers(m, todo, encoded, batches, new, config, bar)
                 for run in todo:
                     bar.set_description(f"{task.name} {length} {run.label}")
                     try:
