@@ -505,8 +505,10 @@ def attend_quantized(
     window), whose own entry must be the window's last valid one, goes to the Pallas
     `quantized_decode_attention` entry (its kernel where `impl` gives one that takes the shape, else
     its reference); anything else (prefill chunks, sliding windows) runs exact attention over the
-    dequantized slab.
+    dequantized slab. An empty slab (C = 0: a layer whose budget holds no whole group) leaves the window.
     """
+    if slab.capacity == 0:
+        return reference_attention(q, k_win, v_win, win_pos, q_pos, window, scale)
     if q.shape[1] == 1 and window is None:
         return _quantized_decode(q, slab, slab_length, k_win, v_win, win_pos, scale, impl)
     b, _, kh, _, _ = q.shape

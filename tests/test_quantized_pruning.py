@@ -280,3 +280,25 @@ def test_memory_api_errors():
     with pytest.raises(ValueError, match="rejects"):  # 2% of 1K tokens (20) is below SnapKV's window
         QuantizedPruning.for_memory(_base, 0.02, 4, config=cfg, prompt_len=1024)
     assert tokens_for_memory(cfg, ratio_of_full=1.0, prompt_len=1024) == 1024  # capped at the prompt
+
+
+def test_a_layer_budget_below_one_group_leaves_an_empty_slab(tiny_model):
+    # PyramidKV's deepest layer keeps fewer entries than residual + group: its slab is empty, and decoding
+    # attends its full-precision window alone (an empty slab once crashed the decode kernel's entry).
+    policy = QuantizedPruning(PyramidKV(budget_tokens=40, window=8), group=16, residual=8)
+    prompts = [list(random_tokens(n, (n,), tiny_model.config.vocab_size)) for n in (33, 150, 5)]
+    state = kvjax.prefill(tiny_model, prompts, policy, max_new_tokens=8, chunk_size=64)
+    seg = state.layers[-1][0]
+    assert seg.slab.capacity == 0 and state.layers[0][0].slab.capacity > 0
+    out = kvjax.generate(tiny_model, prompts, 8, policy, eos_token_id=(), chunk_size=64)
+    assert np.asarray(out).shape == (3, 8)
+    b, k, w, d = seg.window.k.shape
+    q = jax.random.normal(jax.random.key(0), (b, 1, k, 2, d))
+    win_pos = seg.window.pos
+    q_pos = jnp.max(win_pos, axis=(1, 2))[:, None]  # [B, 1]: the window's newest entry is the query's own
+    for impl in ("auto", "reference"):
+        got = attend_quantized(
+            q, seg.slab, seg.slab_length, seg.window.k, seg.window.v, win_pos, q_pos, None, 0.25, impl
+        )
+        want = reference_attention(q, seg.window.k, seg.window.v, win_pos, q_pos, None, 0.25)
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-6, rtol=0)
