@@ -24,6 +24,7 @@ from kvjax.policies import (
     LServe,
     MiniCache,
     PromptSVD,
+    PyramidInfer,
     SnapKV,
     SqueezedAttention,
     Twilight,
@@ -136,6 +137,9 @@ POLICIES = {
     # tokens pruned between layers 0 and 1 by the last token's attention, a mean over the heads split across
     # devices (PyramidInfer never prunes after a model's first layer, so a 2-layer model shows nothing of it)
     "lazyllm": LazyLLM(depths=(0.5,), percentiles=(0.5,)),
+    # the generation stage: blocks of 2 generated entries judged by the head-mean attention (heads split
+    # across devices) of the queries after them; no recent window, so 3 blocks come due in 6 steps
+    "pyramidinfer": PyramidInfer(recent_ratio=0.0, gen_interval=2),
 }
 
 

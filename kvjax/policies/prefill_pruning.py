@@ -10,7 +10,8 @@ Static shapes: the model computes, per layer, the most tokens any prompt of the 
 there (`Policy.prefill_tokens`); each row keeps its own length's count and marks the rest invalid.
 Tokens are kept in position order, valid ones first, so a layer's entries fill slots [0, count) in
 position order and prefill attends causally in slot order (the blocked path / prefill kernel).
-The whole prompt is one chunk (the scores compare every token of the prompt); decoding appends.
+The whole prompt is one chunk (the scores compare every token of the prompt); decoding appends
+(PyramidInfer's generation stage compresses the generated entries too: `kvjax.policies.pyramidinfer`).
 """
 
 from __future__ import annotations
