@@ -904,3 +904,22 @@ def generate(
         no_stop = jnp.int32(np.iinfo(np.int32).max)
         loop = decode(loop, sampling, eos, pad, no_stop)
     return loop.tokens
+
+
+def release_compiled() -> None:
+    """Drops every program the jitted paths above compiled, for shapes and policies that will not come back
+    (`kvjax eval` calls it after each task and length). XLA:CPU maps each compiled program's code in a few
+    thousand memory regions, and the kernel allows 65,530 per process by default: an evaluation that kept
+    every policy's programs would stop with "Cannot allocate memory" after about thirty policies."""
+    for fn in (
+        _logits,
+        _prefill,
+        _prefill_shared,
+        _packed_prefill,
+        _continue,
+        _decode_step,
+        _start_loop,
+        _decode,
+        _open_loop,
+    ):
+        fn.clear_cache()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import json
+import os
 
 import jax.numpy as jnp
 import numpy as np
@@ -445,3 +446,24 @@ def test_resume_refuses_a_label_that_names_another_policy():
     check_same_policies(rows, {"duoattention@96": "DuoAttention(retrieval_heads=((0,),))", "full": "Full()"})
     with pytest.raises(ValueError, match="duoattention@96 in the saved results"):
         check_same_policies(rows, {"duoattention@96": "DuoAttention(retrieval_heads=((1,),))"})
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/maps"), reason="counts the process's memory mappings (Linux)")
+def test_eval_releases_each_groups_compiled_programs(tiny_checkpoint):
+    """Each compiled program holds memory mappings (65,530 per process by default): an eval must not keep
+    every (task, length, policy)'s programs, or a long study stops with 'Cannot allocate memory'."""
+    m = kvjax.load(str(tiny_checkpoint), dtype=jnp.float32)
+
+    def mappings():
+        with open("/proc/self/maps") as f:
+            return sum(1 for _ in f)
+
+    kvjax.generate(m, [[1, 2, 3]], 2)  # the imports' and the runtime's own mappings
+    before = mappings()
+    config = EvalConfig(tasks=("niah_single",), lengths=(384, 448), samples=1, timing=False)
+    policies = {"full": kvjax.policies.Full(), "streaming": kvjax.policies.StreamingLLM(sink=4, window=32)}
+    run_eval(m, {**policies, "h2o": kvjax.policies.H2O(40)}, config, progress=False)
+    grown = mappings() - before
+    kvjax.generate(m, [[1, 2, 3]], 2, kvjax.policies.StreamingLLM(sink=4, window=32))
+    one_policy = mappings() - before - grown  # what one more policy's programs hold
+    assert one_policy > 50 and grown < 2 * one_policy  # six cells compiled; at most one group's worth kept

@@ -27,7 +27,7 @@ from kvjax.config import ModelConfig
 from kvjax.eval.haystack import haystack_from_name
 from kvjax.eval.prompting import encode_prompt, resolve_chat
 from kvjax.eval.tasks import Sample, default_tasks, digit_match, get_task, make_samples, string_match_all
-from kvjax.inference import greedy_decode, prefill_shared, shares_prefill
+from kvjax.inference import greedy_decode, prefill_shared, release_compiled, shares_prefill
 from kvjax.language_model import LanguageModel
 from kvjax.policies import Full, Policy
 
@@ -474,6 +474,7 @@ def run_eval(
                     sample_rows += per_sample
                 if on_group is not None:
                     on_group(rows, sample_rows)
+                release_compiled()  # the next (task, length) compiles its own shapes
     finally:
         bar.close()
     return rows, sample_rows
