@@ -16,18 +16,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import time
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
-import jaxlib
 import numpy as np
 
 import kvjax
 from kvjax.policies import Full, LazyLLM, PyramidInfer
+from timing import environment  # benchmarks/timing.py
 
 
 def timed(fn, repeats: int) -> tuple[dict, object]:
@@ -87,12 +86,7 @@ def main() -> None:
 
     result = dict(
         benchmark="prefill pruning: prefill time and time to first token",
-        device=str(jax.devices()[0]),
-        platform=platform.platform(),
-        processor=platform.processor() or platform.machine(),
-        versions=dict(
-            jax=jax.__version__, jaxlib=jaxlib.__version__, numpy=np.__version__, python=platform.python_version()
-        ),
+        **environment(),
         model=args.model,
         dtype="float32",
         prompt_tokens=args.length,

@@ -20,18 +20,17 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import time
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
-import jaxlib
 import numpy as np
 
 import kvjax
 from kvjax.policies import Full, LazyLLM, PyramidInfer
+from timing import environment  # benchmarks/timing.py
 
 
 def timed(fn, repeats: int) -> dict:
@@ -118,12 +117,7 @@ def main() -> None:
     first_due = PyramidInfer().generation_due([n], max(args.rooms))[0]
     result = dict(
         benchmark="LazyLLM time to first token; PyramidInfer decode cache (generation stage)",
-        device=str(jax.devices()[0]),
-        platform=platform.platform(),
-        processor=platform.processor() or platform.machine(),
-        versions=dict(
-            jax=jax.__version__, jaxlib=jaxlib.__version__, numpy=np.__version__, python=platform.python_version()
-        ),
+        **environment(),
         model=args.model,
         dtype="float32",
         batch=1,

@@ -1,4 +1,5 @@
-"""Wall-clock timers the benchmark scripts share: host-dispatched calls, and calls chained on device.
+"""Wall-clock timers the benchmark scripts share (host-dispatched calls, and calls chained on device), and
+the machine and versions every result records.
 
 A decode call takes tens of microseconds on a GPU, about what the host needs to dispatch one jitted
 call, so back-to-back calls from Python can measure the host instead of the kernel. kvjax decodes
@@ -7,11 +8,14 @@ inside one jitted loop, where no host sits between steps: `chained_seconds` time
 
 from __future__ import annotations
 
+import platform
 import statistics
 import time
 from collections.abc import Callable
 
 import jax
+import jaxlib
+import numpy as np
 
 
 def median_seconds(fn: Callable, *args, repeats: int, inner: int = 1) -> float:
@@ -52,3 +56,15 @@ def chained_seconds(step: Callable, x: jax.Array, *rest, repeats: int, inner: in
     """Median over `repeats` of the time per step of `chain(step, inner)`: `inner` calls compiled
     into one executable, one host dispatch for them all (after a warm-up, compile, run)."""
     return median_seconds(chain(step, inner), x, *rest, repeats=repeats) / inner
+
+
+def environment() -> dict:
+    """Device, platform, processor and versions, for a benchmark's JSON."""
+    return dict(
+        device=str(jax.devices()[0]),
+        platform=platform.platform(),
+        processor=platform.processor() or platform.machine(),
+        versions=dict(
+            jax=jax.__version__, jaxlib=jaxlib.__version__, numpy=np.__version__, python=platform.python_version()
+        ),
+    )
