@@ -268,6 +268,7 @@ def _compiles_per_group(monkeypatch, *jitted):
     from kvjax.eval import harness
 
     seen, release = [], harness.release_compiled
+    release()  # what earlier tests compiled
 
     def recording():
         seen.append(tuple(fn._cache_size() for fn in jitted))
