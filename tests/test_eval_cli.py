@@ -438,6 +438,8 @@ def test_resume_skips_saved_cells_and_an_interrupted_run_goes_on(tiny_checkpoint
     import matplotlib.image
 
     assert matplotlib.image.imread(out / "accuracy_by_task.png").ndim == 3  # two tasks: a panel each
+    runs = sorted(p.name for p in (out / "runs").iterdir())  # the one-task folders of the killed run replaced
+    assert runs == ["niah_single_passkey__model__full", "niah_single_passkey__model__streaming_96"]
 
 
 def test_resume_refuses_results_it_cannot_extend(tiny_checkpoint, tmp_path, capsys):

@@ -14,6 +14,7 @@ import importlib.metadata
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -121,12 +122,17 @@ def _metrics(rows: list[dict]) -> dict:
 
 def write_run_folders(rows: list[dict], sample_rows: list[dict], out: Path, metadata: dict) -> list[Path]:
     """One folder per policy run, `runs/<tasks>__<model>__<policy>/`: predictions.csv, metrics.json and
-    config.yaml (the policy, its budget, the tasks and lengths, and `metadata`)."""
+    config.yaml (the policy, its budget, the tasks and lengths, and `metadata`). A folder of this model and
+    policy under another task list (written before a resumed run added tasks) is removed."""
     paths = []
     for label in dict.fromkeys(r["policy"] for r in rows):
         mine = [r for r in rows if r["policy"] == label]
         tasks = list(dict.fromkeys(r["task"] for r in mine))
-        folder = out / "runs" / safe_name(f"{'+'.join(tasks)}__{metadata['model']}__{label}")
+        suffix = "__" + safe_name(f"{metadata['model']}__{label}")
+        folder = out / "runs" / safe_name(f"{'+'.join(tasks)}{suffix}")
+        for stale in (out / "runs").glob(f"*{suffix}"):  # safe names hold no glob characters
+            if stale != folder and (stale / "config.yaml").is_file():
+                shutil.rmtree(stale)
         folder.mkdir(parents=True, exist_ok=True)
         predictions = [{**s, "answers": json.dumps(s["answers"])} for s in sample_rows if s["policy"] == label]
         _write_csv(folder / "predictions.csv", predictions, PREDICTION_COLUMNS)
