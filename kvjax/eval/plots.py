@@ -4,6 +4,7 @@ accuracy by needle depth and length, one heatmap per (policy, task)."""
 from __future__ import annotations
 
 import math
+import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -88,7 +89,7 @@ def _finish(plt, fig, axes, path: Path, title: str) -> Path:
                 handles.append(h)
                 labels.append(label)
     fig.legend(handles, labels, loc="center right", fontsize=8)
-    fig.suptitle(title, fontsize=10)
+    fig.suptitle(textwrap.fill(title, width=int(11 * fig.get_figwidth())), fontsize=10)
     fig.tight_layout(rect=(0, 0, 1 - 1.6 / fig.get_figwidth(), 1))
     fig.savefig(path, dpi=120)
     plt.close(fig)
